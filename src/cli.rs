@@ -1,0 +1,262 @@
+//! The command line: clap definitions and the dispatch from a subcommand to the library.
+//!
+//! Exit codes: 0 success, 1 some files failed (or are not stored yet), 2 usage or
+//! configuration error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::daemon::{self, Progress};
+
+/// The artifact agent: watch test output, index it, upload it durably.
+#[derive(Debug, Parser)]
+#[command(name = "panoptic-sync", version, about)]
+pub struct Cli {
+    /// Config file (default /etc/panoptic-sync/config.toml; the embedded default is used
+    /// when that file does not exist).
+    #[arg(long, global = true, env = "PANOPTIC_SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (no timestamps under journald).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: watch, index and upload until SIGTERM or SIGINT.
+    Run,
+    /// One pass: scan, upload everything pending; exit 0 only when every destination has
+    /// everything.
+    Sync,
+    /// Wait until every file present in the watched directories now is in the primary.
+    Flush {
+        /// Give up after this long (e.g. "30s", "10m").
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Wait for every destination, not only the primary.
+        #[arg(long)]
+        all_destinations: bool,
+    },
+    /// Show the index: files, and per destination pending, failing and done.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration; without --offline also contact every destination.
+    CheckConfig {
+        /// Do not contact destinations.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+}
+
+/// Load the configuration named on the command line, with relative paths made absolute.
+pub fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
+    let (mut config, _) = Config::load(cli.config.as_deref())?;
+    if let Ok(cwd) = std::env::current_dir() {
+        config.absolutize(&cwd);
+    }
+    Ok(config)
+}
+
+/// Run the parsed command; the result is the process exit code.
+pub fn execute(cli: Cli) -> ExitCode {
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("panoptic-sync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("panoptic-sync: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command, config));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("panoptic-sync: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone())?;
+            daemon::run(config, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync => {
+            let mut progress = SyncProgress::new();
+            let summary = daemon::sync(&config, &mut progress).await?;
+            for d in &summary.destinations {
+                println!(
+                    "{}: {} stored, {} missing{}",
+                    d.name,
+                    d.stored,
+                    d.missing,
+                    d.last_error
+                        .as_deref()
+                        .filter(|_| d.missing > 0)
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(if summary.complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Flush {
+            timeout,
+            all_destinations,
+        } => {
+            let s = daemon::flush(&config, timeout, all_destinations).await?;
+            for (p, e) in &s.failed {
+                eprintln!("failed: {}: {e}", p.display());
+            }
+            for p in s.waiting.iter().take(20) {
+                eprintln!("not stored yet: {}", p.display());
+            }
+            if s.waiting.len() > 20 {
+                eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
+            }
+            println!(
+                "{} files stored, {} failed, {} not stored yet",
+                s.stored,
+                s.failed.len(),
+                s.waiting.len()
+            );
+            Ok(if s.complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Status { json } => {
+            let status =
+                tokio::task::spawn_blocking(move || crate::status::read(&config)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", crate::status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { offline } => match daemon::check_config(&config, offline).await {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                println!("configuration is valid");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("panoptic-sync: {e:#}");
+                Ok(ExitCode::from(2))
+            }
+        },
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// A progress bar on a terminal, a line every few seconds otherwise.
+struct SyncProgress {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: std::time::Instant,
+}
+
+impl SyncProgress {
+    fn new() -> SyncProgress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} files",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        });
+        SyncProgress {
+            bar,
+            last_line: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Progress for SyncProgress {
+    fn update(&mut self, done: u64, total: u64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            None => {
+                if self.last_line.elapsed() >= Duration::from_secs(5) {
+                    self.last_line = std::time::Instant::now();
+                    eprintln!("synced {done} of {total} files");
+                }
+            }
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Configuration: the TOML schema of `PRODUCT.md`, its defaults and its validation.
+//!
+//! Every value is checked while it is deserialised, so a bad value is reported by the TOML
+//! parser itself with the key, line and column. The few checks that span several keys
+//! (duplicate destination names, option names that depend on the URL scheme) use the span
+//! of the offending key to name its line too. All defaults live in the `default_*` functions
+//! below and in [`EMBEDDED_DEFAULT`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// The configuration used when no config file exists: watch `./artifacts`, store to
+/// `./.panoptic-sync/store`, keep state in `./.panoptic-sync/state` (all under `cwd`).
+pub fn embedded_default(cwd: &Path) -> String {
+    let cwd = cwd.display().to_string();
+    let quoted = |p: &str| toml::Value::String(format!("{cwd}/{p}")).to_string();
+    let url = url::Url::from_directory_path(Path::new(&cwd).join(".panoptic-sync/store"))
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| format!("file://{cwd}/.panoptic-sync/store"));
+    format!(
+        "state_dir = {}\n\n[[watch]]\npath = {}\n\n[[destination]]\nname = \"local\"\nurl = {}\n",
+        quoted(".panoptic-sync/state"),
+        quoted("artifacts"),
+        toml::Value::String(url)
+    )
+}
+
+/// Default location of the config file; when it does not exist the embedded default is used.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/panoptic-sync/config.toml";
+
+/// A configuration error: the file it came from and a message naming key and line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration {source_name}: {message}")]
+pub struct ConfigError {
+    /// The file the configuration came from, or `<embedded default>`.
+    pub source_name: String,
+    /// What is wrong, with key and line.
+    pub message: String,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this machine in object keys and status objects; default: the hostname.
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
+    /// Where the SQLite index lives.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Directories to watch.
+    #[serde(default)]
+    pub watch: Vec<Watch>,
+    /// What happens to the bytes between disk and store.
+    #[serde(default)]
+    pub pipeline: Pipeline,
+    /// Where files go; the first one is the primary.
+    #[serde(default)]
+    pub destination: Vec<Spanned<Destination>>,
+}
+
+/// One `[[watch]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watch {
+    /// The root directory to watch (recursively).
+    pub path: PathBuf,
+    /// Key prefix under the destination; `{node}` expands to `node_id`. May be empty.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Globs (relative to the root) a file must match to be uploaded.
+    #[serde(default = "default_include", deserialize_with = "de_globs")]
+    pub include: Vec<String>,
+    /// Globs (relative to the root) that exclude a file.
+    #[serde(default, deserialize_with = "de_globs")]
+    pub exclude: Vec<String>,
+    /// How long a file must be quiet before it counts as complete, in milliseconds.
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+}
+
+/// The `[pipeline]` table.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// `none` (for now the only supported value; `gzip` and `zstd` come later).
+    #[serde(default, deserialize_with = "de_compression")]
+    pub compression: Compression,
+    /// Compression level.
+    #[serde(default)]
+    pub level: Option<i32>,
+    /// `none` (for now the only supported value; `aes-256-gcm` comes later).
+    #[serde(default, deserialize_with = "de_encryption")]
+    pub encryption: Encryption,
+    /// Master key file for encryption.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Earlier keys, for restoring older objects.
+    #[serde(default)]
+    pub old_key_files: Vec<PathBuf>,
+}
+
+/// Compression applied before upload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Stored as-is.
+    #[default]
+    None,
+}
+
+/// Encryption applied before upload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encryption {
+    /// Stored in the clear.
+    #[default]
+    None,
+}
+
+/// One `[[destination]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Unique name, used in status, `--dest` and the index.
+    pub name: String,
+    /// `file:///path`, `file://relative/path` or `s3://bucket/prefix`.
+    #[serde(deserialize_with = "de_url")]
+    pub url: url::Url,
+    /// Passed to the object_store builder (after its `from_env()`).
+    #[serde(default)]
+    pub options: Option<Spanned<BTreeMap<String, String>>>,
+    /// Base of public (CDN) links for `url`.
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    /// Uploads in flight to this destination.
+    #[serde(default = "default_concurrency", deserialize_with = "de_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_node_id() -> String {
+    hostname().unwrap_or_else(|| "unknown-node".to_string())
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/panoptic-sync")
+}
+fn default_prefix() -> String {
+    "{node}".to_string()
+}
+fn default_include() -> Vec<String> {
+    vec!["**/*".to_string()]
+}
+fn default_settle_ms() -> u64 {
+    2000
+}
+fn default_concurrency() -> usize {
+    16
+}
+
+/// The machine's hostname, if it can be read.
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+fn de_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let globs = Vec::<String>::deserialize(d)?;
+    for g in &globs {
+        Glob::new(g).map_err(|e| serde::de::Error::custom(format!("bad glob {g:?}: {e}")))?;
+    }
+    Ok(globs)
+}
+
+fn de_compression<'de, D: Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "none" => Ok(Compression::None),
+        v @ ("gzip" | "zstd") => Err(serde::de::Error::custom(format!(
+            "compression {v:?} is not yet supported; only \"none\" works in this version"
+        ))),
+        v => Err(serde::de::Error::custom(format!(
+            "unknown compression {v:?}; expected \"none\", \"gzip\" or \"zstd\""
+        ))),
+    }
+}
+
+fn de_encryption<'de, D: Deserializer<'de>>(d: D) -> Result<Encryption, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "none" => Ok(Encryption::None),
+        "aes-256-gcm" => Err(serde::de::Error::custom(
+            "encryption \"aes-256-gcm\" is not yet supported; only \"none\" works in this version",
+        )),
+        v => Err(serde::de::Error::custom(format!(
+            "unknown encryption {v:?}; expected \"none\" or \"aes-256-gcm\""
+        ))),
+    }
+}
+
+fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
+    let s = String::deserialize(d)?;
+    let url = url::Url::parse(&s)
+        .map_err(|e| serde::de::Error::custom(format!("bad destination url {s:?}: {e}")))?;
+    match url.scheme() {
+        "file" | "s3" | "s3a" => Ok(url),
+        "gs" | "az" | "azure" | "abfs" | "abfss" | "adl" | "https" | "http" => {
+            Err(serde::de::Error::custom(format!(
+                "destination url {s:?}: scheme {:?} is not yet supported; use file:// or s3://",
+                url.scheme()
+            )))
+        }
+        other => Err(serde::de::Error::custom(format!(
+            "destination url {s:?}: unknown scheme {other:?}; use file:// or s3://"
+        ))),
+    }
+}
+
+fn de_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 || n > 1024 {
+        return Err(serde::de::Error::custom(format!(
+            "concurrency must be between 1 and 1024, got {n}"
+        )));
+    }
+    Ok(n)
+}
+
+/// Parse a duration such as `"500ms"`, `"30s"` or `"7d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+impl Config {
+    /// Parse and validate a configuration text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError {
+            source_name: source_name.to_string(),
+            message,
+        };
+        let config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        config.validate(text).map_err(err)?;
+        Ok(config)
+    }
+
+    /// Load the config from `path`; if `path` is the default location and it does not
+    /// exist, use the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let name = path.display().to_string();
+                Ok((Config::parse(&text, &name)?, name))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                let name = "<embedded default>".to_string();
+                let cwd = std::env::current_dir().map_err(|e| ConfigError {
+                    source_name: name.clone(),
+                    message: format!("cannot read the current directory: {e}"),
+                })?;
+                Ok((Config::parse(&embedded_default(&cwd), &name)?, name))
+            }
+            Err(e) => Err(ConfigError {
+                source_name: path.display().to_string(),
+                message: format!("cannot read the file: {e}"),
+            }),
+        }
+    }
+
+    fn validate(&self, text: &str) -> Result<(), String> {
+        if self.node_id.is_empty() || self.node_id.contains('/') || self.node_id.contains('\\') {
+            return Err(format!(
+                "node_id {:?} must be non-empty and contain no slashes",
+                self.node_id
+            ));
+        }
+        if self.watch.is_empty() {
+            return Err("at least one [[watch]] table is required".into());
+        }
+        for (i, w) in self.watch.iter().enumerate() {
+            let prefix = w.prefix.replace("{node}", &self.node_id);
+            if !prefix.is_empty() && object_store::path::Path::parse(&prefix).is_err() {
+                return Err(format!(
+                    "watch[{i}].prefix {:?} is not a valid object key prefix (no empty, \".\" or \"..\" segments)",
+                    w.prefix
+                ));
+            }
+            if w.settle_ms > 24 * 3600 * 1000 {
+                return Err(format!(
+                    "watch[{i}].settle_ms {} is longer than a day",
+                    w.settle_ms
+                ));
+            }
+        }
+        if self.destination.is_empty() {
+            return Err("at least one [[destination]] table is required".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for d in &self.destination {
+            let line = line_of(text, d.span().start);
+            let dest = d.get_ref();
+            if dest.name.is_empty() || !names.insert(dest.name.clone()) {
+                return Err(format!(
+                    "destination at line {line}: name {:?} is empty or used twice",
+                    dest.name
+                ));
+            }
+            if let Some(options) = &dest.options {
+                let opt_line = line_of(text, options.span().start);
+                crate::destination::check_options(&dest.url, options.get_ref()).map_err(|e| {
+                    format!(
+                        "destination {:?}, options at line {opt_line}: {e}",
+                        dest.name
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The options of a destination (empty if none).
+    pub fn options_of(dest: &Destination) -> BTreeMap<String, String> {
+        dest.options
+            .as_ref()
+            .map(|o| o.get_ref().clone())
+            .unwrap_or_default()
+    }
+
+    /// The destinations in order; the first is the primary.
+    pub fn destinations(&self) -> impl Iterator<Item = &Destination> {
+        self.destination.iter().map(|d| d.get_ref())
+    }
+
+    /// Make relative paths (state_dir, watch roots, file:// destinations) absolute against
+    /// `base`, so a daemon that changes directory keeps working.
+    pub fn absolutize(&mut self, base: &Path) {
+        if self.state_dir.is_relative() {
+            self.state_dir = base.join(&self.state_dir);
+        }
+        for w in &mut self.watch {
+            if w.path.is_relative() {
+                w.path = base.join(&w.path);
+            }
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map(|s| s.matches('\n').count() + 1)
+        .unwrap_or(0)
+}
+
+/// Compiled include/exclude filters of one watch root.
+#[derive(Clone)]
+pub struct Filter {
+    include: GlobSet,
+    exclude: GlobSet,
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Filter")
+    }
+}
+
+impl Filter {
+    /// Compile the globs of `watch` (already checked while parsing).
+    pub fn new(watch: &Watch) -> Filter {
+        let build = |globs: &[String]| {
+            let mut b = GlobSetBuilder::new();
+            for g in globs {
+                if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
+                    b.add(g);
+                }
+            }
+            b.build().unwrap_or_else(|_| GlobSet::empty())
+        };
+        Filter {
+            include: build(&watch.include),
+            exclude: build(&watch.exclude),
+        }
+    }
+
+    /// Whether a file at `rel` (relative to the root) is to be uploaded.
+    pub fn matches(&self, rel: &Path) -> bool {
+        self.include.is_match(rel) && !self.exclude.is_match(rel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::parse(&embedded_default(Path::new("/tmp/x y")), "default").unwrap();
+        assert_eq!(c.watch[0].path, PathBuf::from("/tmp/x y/artifacts"));
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x y/.panoptic-sync/state"));
+        assert_eq!(c.destinations().count(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = "state_dir = \"/x\"\n[[watch]]\npath = \"/a\"\nbogus = 1\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("bogus") && e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_compression_is_named() {
+        let text = "[pipeline]\ncompression = \"zstd\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("not yet supported") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_option_names_line() {
+        let text = "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"p\"\nurl = \"s3://b/x\"\noptions = { regoin = \"x\" }\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("regoin") && e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn filter_excludes_tmp_everywhere() {
+        let w = Watch {
+            path: "/a".into(),
+            prefix: String::new(),
+            include: default_include(),
+            exclude: vec!["**/*.tmp".into()],
+            settle_ms: 1,
+        };
+        let f = Filter::new(&w);
+        assert!(f.matches(Path::new("a/b/c.log")));
+        assert!(f.matches(Path::new("top.log")));
+        assert!(!f.matches(Path::new("x.tmp")));
+        assert!(!f.matches(Path::new("deep/er/x.tmp")));
+    }
+}

@@ -1,0 +1,552 @@
+//! The agent's long-running parts wired together, and the commands that drive them:
+//! `run` (the daemon), `sync` (one pass) and `flush` (wait for what is on disk now).
+//!
+//! ```text
+//! watcher ─┐
+//! scanner ─┼─> ingest thread (stat, hash, index batch) ─> uploads table ─> worker per destination
+//! workers ─┘   (changed files come back)
+//! ```
+//! Shutdown is ordered: watcher and scanner stop, workers stop claiming and drain (in-flight
+//! uploads get a grace period, then are abandoned uncommitted), the ingest thread finishes its
+//! queue, and the index is closed. Everything not done is still pending in the index.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::destination::{self, Destination};
+use crate::index::{FlushState, Index, Stat};
+use crate::ingest::{Ingest, IngestStats};
+use crate::scan::{self, Feeder, Root};
+use crate::upload::{UploadStats, Worker};
+use crate::watch::WatchTask;
+
+/// How often the trees are reconciled with the index while running.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(300);
+/// Attempts per file in `sync` before it gives up on that file.
+pub const SYNC_ATTEMPTS: i64 = 3;
+
+/// An exclusive lock on the state directory: one daemon (or `sync`) per index.
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    /// Take the lock, or say who holds it.
+    pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
+        match Self::try_acquire(state_dir)? {
+            Some(l) => Ok(l),
+            None => {
+                let pid = std::fs::read_to_string(state_dir.join("lock")).unwrap_or_default();
+                anyhow::bail!(
+                    "another panoptic-sync (pid {}) is already using the state directory {}; \
+                     use `flush` to wait for it",
+                    pid.trim(),
+                    state_dir.display()
+                )
+            }
+        }
+    }
+
+    /// Take the lock if it is free.
+    pub fn try_acquire(state_dir: &Path) -> anyhow::Result<Option<StateLock>> {
+        use std::io::{Seek, Write};
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+        let path = state_dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Ok(None);
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        let _ = write!(file, "{}", std::process::id());
+        Ok(Some(StateLock { _file: file }))
+    }
+}
+
+/// The running pieces shared by `run` and `sync`.
+struct Agent {
+    index: Arc<Index>,
+    roots: Arc<Vec<Root>>,
+    feeder: Feeder,
+    ingest: Option<std::thread::JoinHandle<()>>,
+    ingest_stats: Arc<IngestStats>,
+    workers: Vec<(String, tokio::task::JoinHandle<()>, Arc<UploadStats>)>,
+    workers_cancel: CancellationToken,
+}
+
+impl Agent {
+    fn start(
+        config: &Config,
+        index: Arc<Index>,
+        max_attempts: Option<i64>,
+    ) -> anyhow::Result<Agent> {
+        let dests = destination::open_all(config)?;
+        let roots = Arc::new(Root::from_config(config));
+        let (feeder, rx, outstanding) = Feeder::new(65_536);
+        let wakes: Vec<Arc<Notify>> = dests.iter().map(|_| Arc::new(Notify::new())).collect();
+        let ingest_stats = Arc::new(IngestStats::default());
+        let ingest = Ingest {
+            index: index.clone(),
+            roots: roots.clone(),
+            dests: dests.iter().map(|d| d.name.clone()).collect(),
+            wake: wakes.clone(),
+            outstanding,
+            stats: ingest_stats.clone(),
+        };
+        let ingest = std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || ingest.run(rx))
+            .context("starting the ingest thread")?;
+        let workers_cancel = CancellationToken::new();
+        let workers = dests
+            .into_iter()
+            .zip(wakes)
+            .map(|(dest, wake)| {
+                let stats = Arc::new(UploadStats::default());
+                let name = dest.name.clone();
+                let worker = Worker {
+                    dest,
+                    index: index.clone(),
+                    wake,
+                    feeder: feeder.clone(),
+                    roots: roots.clone(),
+                    max_attempts,
+                    stats: stats.clone(),
+                    drain: Duration::from_secs(10),
+                };
+                let handle = tokio::spawn(worker.run(workers_cancel.clone()));
+                (name, handle, stats)
+            })
+            .collect();
+        Ok(Agent {
+            index,
+            roots,
+            feeder,
+            ingest: Some(ingest),
+            ingest_stats,
+            workers,
+            workers_cancel,
+        })
+    }
+
+    /// Walk every tree and drop rows of deleted files. Returns files queued for ingest.
+    async fn catch_up(&self) -> anyhow::Result<u64> {
+        let (roots, feeder, index) = (self.roots.clone(), self.feeder.clone(), self.index.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            let n = scan::walk_all(&roots, &feeder);
+            let dropped = scan::sweep_deleted(&index, &roots)?;
+            if dropped > 0 {
+                tracing::info!(
+                    dropped,
+                    "forgot files deleted from disk (their objects stay)"
+                );
+            }
+            Ok(n)
+        })
+        .await
+        .context("scan task failed")?
+    }
+
+    /// Stop workers (draining), then the ingest thread.
+    async fn stop(mut self) {
+        self.workers_cancel.cancel();
+        for (name, handle, _) in self.workers.drain(..) {
+            if let Err(e) = handle.await {
+                tracing::error!(dest = %name, error = %e, "worker ended abnormally");
+            }
+        }
+        drop(self.feeder);
+        if let Some(t) = self.ingest.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+fn open_index(config: &Config) -> anyhow::Result<Arc<Index>> {
+    Ok(Arc::new(Index::open(&config.state_dir)?))
+}
+
+/// The daemon: watch, index and upload until `shutdown` is cancelled, then drain and return.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    let index = open_index(&config)?;
+    let agent = Agent::start(&config, index, None)?;
+    let rescan = Arc::new(Notify::new());
+    let tasks_cancel = CancellationToken::new();
+
+    let watcher = WatchTask {
+        roots: agent.roots.clone(),
+        feeder: agent.feeder.clone(),
+        rescan: rescan.clone(),
+    };
+    let watch_handle = tokio::spawn(watcher.run(tasks_cancel.clone()));
+
+    let scanner = {
+        let (roots, feeder, index, cancel) = (
+            agent.roots.clone(),
+            agent.feeder.clone(),
+            agent.index.clone(),
+            tasks_cancel.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (r, f, i) = (roots.clone(), feeder.clone(), index.clone());
+                let res = tokio::task::spawn_blocking(move || {
+                    let n = scan::walk_all(&r, &f);
+                    scan::sweep_deleted(&i, &r).map(|d| (n, d))
+                })
+                .await;
+                match res {
+                    Ok(Ok((n, dropped))) => {
+                        tracing::info!(files = n, dropped, "catch-up scan done")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "catch-up scan failed")
+                    }
+                    Err(e) => tracing::error!(error = %e, "catch-up scan task failed"),
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = rescan.notified() => {}
+                    _ = tokio::time::sleep(SCAN_INTERVAL) => {}
+                }
+            }
+        })
+    };
+
+    tracing::info!(
+        node = %config.node_id,
+        index = %agent.index.path().display(),
+        roots = agent.roots.len(),
+        destinations = agent.workers.len(),
+        "panoptic-sync running"
+    );
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(60));
+    heartbeat.tick().await;
+    let mut watch_handle = watch_handle;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = &mut watch_handle => {
+                // The watcher only ends on its own when inotify cannot be used at all.
+                match res {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => anyhow::bail!("the watcher stopped unexpectedly"),
+                    Err(e) => anyhow::bail!("the watcher task failed: {e}"),
+                }
+            }
+            _ = heartbeat.tick() => log_progress(&agent),
+        }
+    }
+    tracing::info!("shutting down: finishing in-flight uploads");
+    tasks_cancel.cancel();
+    let _ = watch_handle.await;
+    let _ = scanner.await;
+    agent.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_progress(agent: &Agent) {
+    for (name, _, s) in &agent.workers {
+        tracing::info!(
+            dest = %name,
+            uploaded = s.uploaded.load(Ordering::Relaxed),
+            copied = s.copied.load(Ordering::Relaxed),
+            skipped = s.skipped.load(Ordering::Relaxed),
+            failed = s.failed.load(Ordering::Relaxed),
+            bytes = s.bytes.load(Ordering::Relaxed),
+            "progress"
+        );
+    }
+}
+
+/// What `sync` achieved, per destination.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncSummary {
+    /// Files hashed into the index in this pass.
+    pub indexed: u64,
+    /// Per destination: (name, stored this pass, still pending, permanently failed).
+    pub destinations: Vec<SyncDest>,
+}
+
+/// One destination's result of a `sync`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncDest {
+    /// Destination name.
+    pub name: String,
+    /// Files stored this pass (uploaded, copied or already there).
+    pub stored: u64,
+    /// Files still not in the destination.
+    pub missing: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+impl SyncSummary {
+    /// Whether every destination has everything.
+    pub fn complete(&self) -> bool {
+        self.destinations.iter().all(|d| d.missing == 0)
+    }
+}
+
+/// How `sync` reports progress.
+pub trait Progress: Send {
+    /// Called a few times a second with files stored so far and files to store in total.
+    fn update(&mut self, done: u64, total: u64);
+    /// Called once at the end.
+    fn finish(&mut self);
+}
+
+/// One pass: scan, upload everything pending (each file tried up to [`SYNC_ATTEMPTS`] times),
+/// and report what is still missing.
+pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Result<SyncSummary> {
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    let index = open_index(config)?;
+    {
+        let index = index.clone();
+        tokio::task::spawn_blocking(move || index.retry_now()).await??;
+    }
+    let agent = Agent::start(config, index.clone(), Some(SYNC_ATTEMPTS))?;
+    agent.catch_up().await?;
+    let names: Vec<String> = agent.workers.iter().map(|(n, _, _)| n.clone()).collect();
+    loop {
+        let outstanding = agent.feeder.outstanding();
+        let in_flight: u64 = agent
+            .workers
+            .iter()
+            .map(|(_, _, s)| s.in_flight.load(Ordering::Relaxed))
+            .sum();
+        let (i, n) = (index.clone(), names.clone());
+        let open: Vec<(u64, u64)> = tokio::task::spawn_blocking(move || {
+            n.iter()
+                .map(|d| i.pending_counts(d, SYNC_ATTEMPTS))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await??;
+        let stored: u64 = agent
+            .workers
+            .iter()
+            .map(|(_, _, s)| {
+                s.uploaded.load(Ordering::Relaxed)
+                    + s.copied.load(Ordering::Relaxed)
+                    + s.skipped.load(Ordering::Relaxed)
+            })
+            .sum();
+        let waiting: u64 = open.iter().map(|(o, _)| o).sum();
+        progress.update(stored, stored + waiting);
+        if outstanding == 0 && in_flight == 0 && waiting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    progress.finish();
+    let indexed = agent.ingest_stats.indexed.load(Ordering::Relaxed);
+    let per_dest: Vec<(String, u64)> = agent
+        .workers
+        .iter()
+        .map(|(n, _, s)| {
+            (
+                n.clone(),
+                s.uploaded.load(Ordering::Relaxed)
+                    + s.copied.load(Ordering::Relaxed)
+                    + s.skipped.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    agent.stop().await;
+    let status = {
+        let i = index.clone();
+        tokio::task::spawn_blocking(move || i.status(&names)).await??
+    };
+    Ok(SyncSummary {
+        indexed,
+        destinations: status
+            .destinations
+            .into_iter()
+            .zip(per_dest)
+            .map(|(d, (_, stored))| SyncDest {
+                name: d.name,
+                stored,
+                missing: d.pending + d.failed_permanently,
+                last_error: d.last_error,
+            })
+            .collect(),
+    })
+}
+
+/// What `flush` found.
+#[derive(Debug, Clone)]
+pub struct FlushSummary {
+    /// Files that were present at call time and are now stored.
+    pub stored: u64,
+    /// Files not stored when the time ran out.
+    pub waiting: Vec<PathBuf>,
+    /// Files that can never be stored as they are, with the reason.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+impl FlushSummary {
+    /// Whether everything is stored.
+    pub fn complete(&self) -> bool {
+        self.waiting.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// Wait until every file present in the watched trees now is in the primary (or in every
+/// destination with `all`). If no daemon is running, do the work with a `sync` first.
+pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Result<FlushSummary> {
+    let deadline = Instant::now() + timeout;
+    let roots = Root::from_config(config);
+    // Present at call time.
+    let mut present: Vec<(PathBuf, Stat)> = {
+        let roots = roots.clone();
+        tokio::task::spawn_blocking(move || list_files(&roots)).await?
+    };
+    let daemon_running = StateLock::try_acquire(&config.state_dir)?.is_none();
+    if !daemon_running {
+        tracing::info!("no daemon is running on this state directory; syncing now");
+        let mut quiet = NoProgress;
+        sync(config, &mut quiet).await?;
+    }
+    let index = open_index(config)?;
+    let dests: Vec<String> = config
+        .destinations()
+        .take(if all { usize::MAX } else { 1 })
+        .map(|d| d.name.clone())
+        .collect();
+    let mut summary = FlushSummary {
+        stored: 0,
+        waiting: Vec::new(),
+        failed: Vec::new(),
+    };
+    loop {
+        let (i, d) = (index.clone(), dests.clone());
+        let batch = std::mem::take(&mut present);
+        let (rest, stored, failed) = tokio::task::spawn_blocking(move || {
+            let mut rest = Vec::new();
+            let (mut stored, mut failed) = (0u64, Vec::new());
+            for (path, stat) in batch {
+                // A file changed since the call: wait for its new version; deleted: drop it.
+                let now = match std::fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_file() => Stat::of(&m),
+                    _ => continue,
+                };
+                let _ = stat;
+                match i.is_stored(&path, &now, &d)? {
+                    FlushState::Stored => stored += 1,
+                    FlushState::Waiting => rest.push((path, now)),
+                    FlushState::Failed(e) => failed.push((path, e)),
+                }
+            }
+            anyhow::Ok((rest, stored, failed))
+        })
+        .await??;
+        summary.stored += stored;
+        summary.failed.extend(failed);
+        present = rest;
+        if present.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            summary.waiting = present.into_iter().map(|(p, _)| p).collect();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(summary)
+}
+
+/// Every wanted regular file in the trees, with its identity. Blocking.
+fn list_files(roots: &[Root]) -> Vec<(PathBuf, Stat)> {
+    let mut out = Vec::new();
+    for root in roots.iter().filter(|r| r.path.is_dir()) {
+        for entry in walkdir::WalkDir::new(&root.path)
+            .follow_links(false)
+            .into_iter()
+            .flatten()
+        {
+            if entry.file_type().is_file()
+                && root.wants(entry.path())
+                && let Ok(m) = entry.metadata()
+            {
+                out.push((entry.into_path(), Stat::of(&m)));
+            }
+        }
+    }
+    out
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&mut self, _: u64, _: u64) {}
+    fn finish(&mut self) {}
+}
+
+/// Validate the configuration; unless `offline`, prove each destination is reachable and
+/// writable with a small probe object that is removed afterwards. Returns one line per
+/// destination; `Err` names the first destination that failed.
+pub async fn check_config(config: &Config, offline: bool) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for d in config.destinations() {
+        let dest = Destination::open(d)?;
+        if offline {
+            lines.push(format!("{}: {} (not contacted)", dest.name, dest.url));
+            continue;
+        }
+        let key = format!(
+            "_panoptic-sync/probe/{}-{}",
+            config.node_id,
+            fastrand::u64(..)
+        );
+        let path = dest.path(&key)?;
+        use object_store::ObjectStoreExt;
+        let probe = async {
+            dest.store
+                .put(
+                    &path,
+                    object_store::PutPayload::from_static(b"panoptic-sync probe"),
+                )
+                .await?;
+            dest.store.head(&path).await?;
+            dest.store.delete(&path).await
+        };
+        match tokio::time::timeout(Duration::from_secs(60), probe).await {
+            Ok(Ok(())) => lines.push(format!(
+                "{}: {} is reachable and writable",
+                dest.name, dest.url
+            )),
+            Ok(Err(e)) => anyhow::bail!(
+                "destination {:?} ({}) failed the write probe at {path}: {}",
+                dest.name,
+                dest.url,
+                destination::error_chain(&e)
+            ),
+            Err(_) => anyhow::bail!(
+                "destination {:?} ({}) did not answer the write probe within 60 s",
+                dest.name,
+                dest.url
+            ),
+        }
+    }
+    Ok(lines)
+}

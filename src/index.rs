@@ -1,0 +1,834 @@
+//! The index: a SQLite database (WAL mode) under `state_dir` that is both the record of every
+//! watched file and the durable upload queue.
+//!
+//! Tables:
+//! - `files`: one row per local file (path, size, mtime, inode, sha256, generation).
+//!   The generation grows whenever the content changes; an upload only counts if it
+//!   uploaded the generation still current ("last version wins").
+//! - `contents`: one row per distinct SHA-256 seen, with its size.
+//! - `uploads`: per file and destination, the target key, state (pending, done, failed),
+//!   attempts, next attempt time and last error. Pending rows are the queue.
+//! - `objects`: what each destination is known to hold (key → sha256), for dedup: content
+//!   already at the key is skipped, content elsewhere is copied server-side.
+//!
+//! Writes are batched into one transaction per batch; every call is blocking and meant to run
+//! on a blocking thread.
+
+use std::collections::HashSet;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Upload row states.
+pub const PENDING: i64 = 0;
+/// The current generation is in the destination.
+pub const DONE: i64 = 1;
+/// Cannot ever be uploaded as it is (e.g. a name that is not UTF-8); not retried.
+pub const FAILED: i64 = 2;
+
+/// Schema migrations; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE files (
+    id       INTEGER PRIMARY KEY,
+    path     BLOB NOT NULL UNIQUE,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode    INTEGER NOT NULL,
+    sha256   BLOB NOT NULL,
+    gen      INTEGER NOT NULL,
+    indexed_ms INTEGER NOT NULL
+);
+CREATE TABLE contents (
+    sha256   BLOB PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE uploads (
+    file_id  INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    dest     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    sha256   BLOB NOT NULL,
+    gen      INTEGER NOT NULL,
+    state    INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    permanent INTEGER NOT NULL DEFAULT 0,
+    queued_ms INTEGER NOT NULL,
+    done_ms  INTEGER,
+    method   TEXT,
+    PRIMARY KEY (file_id, dest)
+) WITHOUT ROWID;
+CREATE INDEX uploads_queue ON uploads(dest, state, next_attempt_ms);
+CREATE TABLE objects (
+    dest     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    sha256   BLOB NOT NULL,
+    size     INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    PRIMARY KEY (dest, key)
+) WITHOUT ROWID;
+CREATE INDEX objects_by_sha ON objects(dest, sha256);
+"#];
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The identity of a file's state on disk: unchanged identity means unchanged content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Inode number.
+    pub inode: u64,
+}
+
+impl Stat {
+    /// Read the identity from metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Stat {
+        use std::os::unix::fs::MetadataExt;
+        Stat {
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            inode: meta.ino(),
+        }
+    }
+}
+
+/// What the ingest stage learned about one path.
+#[derive(Debug)]
+pub enum Observation {
+    /// The path no longer holds a regular file we upload.
+    Gone(PathBuf),
+    /// The file was read and hashed.
+    Indexed {
+        /// Absolute path.
+        path: PathBuf,
+        /// Object key relative to each destination's base, or why there can be none.
+        key: Result<String, String>,
+        /// Identity at hashing time.
+        stat: Stat,
+        /// SHA-256 of the content.
+        sha256: [u8; 32],
+    },
+}
+
+/// One queued upload, claimed by a destination worker.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Row id of the file.
+    pub file_id: i64,
+    /// Generation this job uploads.
+    pub generation: i64,
+    /// Local path.
+    pub path: PathBuf,
+    /// Object key relative to the destination base.
+    pub key: String,
+    /// Expected content hash.
+    pub sha256: [u8; 32],
+    /// Expected identity on disk.
+    pub stat: Stat,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// When the file was queued (ms since epoch).
+    pub queued_ms: i64,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The content is now at the key. `method` is `upload`, `copy` or `skip`.
+    Stored {
+        /// The job.
+        job: Job,
+        /// How it got there.
+        method: &'static str,
+    },
+    /// Failed; retried after a backoff.
+    Failed {
+        /// The job.
+        job: Job,
+        /// What went wrong, naming the key.
+        error: String,
+        /// Whether retrying soon can help.
+        permanent: bool,
+    },
+    /// The file changed or vanished under us; re-indexing decides what comes next.
+    Changed {
+        /// The job.
+        job: Job,
+    },
+}
+
+/// Per-destination queue counts.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DestStatus {
+    /// Destination name.
+    pub name: String,
+    /// Files waiting (including those failing and being retried).
+    pub pending: u64,
+    /// Pending files whose last attempt failed.
+    pub failing: u64,
+    /// Files that can never be uploaded as they are (e.g. names that are not UTF-8).
+    pub failed_permanently: u64,
+    /// Files whose current version is in the destination.
+    pub done: u64,
+    /// Age of the oldest pending file, in seconds.
+    pub oldest_pending_secs: Option<u64>,
+    /// The most recent error.
+    pub last_error: Option<String>,
+}
+
+/// Whole-index counts for `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    /// Indexed files.
+    pub files: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+    /// Distinct contents.
+    pub contents: u64,
+    /// Per destination, in configured order.
+    pub destinations: Vec<DestStatus>,
+}
+
+/// The index database. One connection behind a mutex: SQLite serialises writers anyway, and
+/// every batch is a single short transaction.
+pub struct Index {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+fn bytes_path(b: Vec<u8>) -> PathBuf {
+    PathBuf::from(std::ffi::OsString::from_vec(b))
+}
+
+fn sha_from(v: Vec<u8>) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    if v.len() == 32 {
+        out.copy_from_slice(&v);
+    }
+    out
+}
+
+impl Index {
+    /// Open (creating if needed) the index in `state_dir` and bring its schema up to date.
+    pub fn open(state_dir: &Path) -> anyhow::Result<Index> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+        let path = state_dir.join("index.sqlite3");
+        let conn =
+            Connection::open(&path).with_context(|| format!("opening index {}", path.display()))?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(Duration::from_secs(30))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            Ok(())
+        };
+        setup().with_context(|| format!("configuring index {}", path.display()))?;
+        let index = Index {
+            conn: Mutex::new(conn),
+            path,
+        };
+        index.migrate()?;
+        Ok(index)
+    }
+
+    /// Where the database file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migrate(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .with_context(|| format!("reading schema version of {}", self.path.display()))?;
+        if version > MIGRATIONS.len() as i64 {
+            anyhow::bail!(
+                "index {} has schema version {version}, newer than this build knows ({}); \
+                 upgrade panoptic-sync or move the index away",
+                self.path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql).with_context(|| {
+                format!("migrating {} to version {}", self.path.display(), i + 1)
+            })?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The recorded identity and hash of `path`, if indexed.
+    pub fn lookup(&self, path: &Path) -> anyhow::Result<Option<(Stat, [u8; 32])>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT size, mtime_ns, inode, sha256 FROM files WHERE path = ?1")?;
+        let row = stmt
+            .query_row(params![path_bytes(path)], |r| {
+                Ok((
+                    Stat {
+                        size: r.get::<_, i64>(0)? as u64,
+                        mtime_ns: r.get(1)?,
+                        inode: r.get::<_, i64>(2)? as u64,
+                    },
+                    sha_from(r.get(3)?),
+                ))
+            })
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Which of `paths` are indexed with exactly the given identity (unchanged files).
+    pub fn unchanged(&self, items: &[(PathBuf, Stat)]) -> anyhow::Result<Vec<bool>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT size, mtime_ns, inode FROM files WHERE path = ?1")?;
+        let mut out = Vec::with_capacity(items.len());
+        for (p, stat) in items {
+            let known = stmt
+                .query_row(params![path_bytes(p)], |r| {
+                    Ok(Stat {
+                        size: r.get::<_, i64>(0)? as u64,
+                        mtime_ns: r.get(1)?,
+                        inode: r.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .optional()?;
+            out.push(known.as_ref() == Some(stat));
+        }
+        Ok(out)
+    }
+
+    /// Record a batch of observations in one transaction and queue uploads to `dests`.
+    /// Returns how many uploads were newly queued.
+    pub fn apply(&self, batch: &[Observation], dests: &[String]) -> anyhow::Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let mut queued = 0;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM files WHERE path = ?1")?;
+            let mut get = tx.prepare_cached("SELECT id, sha256, gen FROM files WHERE path = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO files (path, size, mtime_ns, inode, sha256, gen, indexed_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)",
+            )?;
+            let mut update = tx.prepare_cached(
+                "UPDATE files SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = ?5, gen = ?6,
+                 indexed_ms = ?7 WHERE id = ?1",
+            )?;
+            let mut content = tx.prepare_cached(
+                "INSERT OR IGNORE INTO contents (sha256, size, first_seen_ms) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut current = tx.prepare_cached(
+                "SELECT key, sha256 FROM uploads WHERE file_id = ?1 AND dest = ?2",
+            )?;
+            let mut enqueue = tx.prepare_cached(
+                "INSERT OR REPLACE INTO uploads
+                 (file_id, dest, key, sha256, gen, state, attempts, next_attempt_ms, last_error,
+                  permanent, queued_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, ?7, ?8, ?9)",
+            )?;
+            for obs in batch {
+                match obs {
+                    Observation::Gone(path) => {
+                        delete.execute(params![path_bytes(path)])?;
+                    }
+                    Observation::Indexed {
+                        path,
+                        key,
+                        stat,
+                        sha256,
+                    } => {
+                        let existing = get
+                            .query_row(params![path_bytes(path)], |r| {
+                                Ok((
+                                    r.get::<_, i64>(0)?,
+                                    sha_from(r.get(1)?),
+                                    r.get::<_, i64>(2)?,
+                                ))
+                            })
+                            .optional()?;
+                        let (id, generation, content_changed) = match existing {
+                            None => {
+                                insert.execute(params![
+                                    path_bytes(path),
+                                    stat.size as i64,
+                                    stat.mtime_ns,
+                                    stat.inode as i64,
+                                    &sha256[..],
+                                    now
+                                ])?;
+                                (tx.last_insert_rowid(), 1, true)
+                            }
+                            Some((id, old_sha, old_gen)) => {
+                                let changed = old_sha != *sha256;
+                                let generation = if changed { old_gen + 1 } else { old_gen };
+                                update.execute(params![
+                                    id,
+                                    stat.size as i64,
+                                    stat.mtime_ns,
+                                    stat.inode as i64,
+                                    &sha256[..],
+                                    generation,
+                                    now
+                                ])?;
+                                (id, generation, changed)
+                            }
+                        };
+                        content.execute(params![&sha256[..], stat.size as i64, now])?;
+                        let (key_text, state, error) = match key {
+                            Ok(k) => (k.clone(), PENDING, None),
+                            Err(e) => (
+                                String::from_utf8_lossy(path_bytes(path)).into_owned(),
+                                FAILED,
+                                Some(e.clone()),
+                            ),
+                        };
+                        for dest in dests {
+                            let cur = current
+                                .query_row(params![id, dest], |r| {
+                                    Ok((r.get::<_, String>(0)?, sha_from(r.get(1)?)))
+                                })
+                                .optional()?;
+                            // Same content at the same key: whatever state it is in still holds.
+                            if !content_changed
+                                && cur.as_ref() == Some(&(key_text.clone(), *sha256))
+                            {
+                                continue;
+                            }
+                            enqueue.execute(params![
+                                id,
+                                dest,
+                                key_text,
+                                &sha256[..],
+                                generation,
+                                state,
+                                error,
+                                (state == FAILED) as i64,
+                                now
+                            ])?;
+                            queued += 1;
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(queued)
+    }
+
+    /// Claim up to `limit` due jobs for `dest`, skipping file ids in `busy` and (for `sync`)
+    /// jobs that already failed `max_attempts` times.
+    pub fn claim(
+        &self,
+        dest: &str,
+        limit: usize,
+        busy: &HashSet<i64>,
+        max_attempts: Option<i64>,
+    ) -> anyhow::Result<Vec<Job>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f.mtime_ns, f.inode,
+                    u.attempts, u.queued_ms
+             FROM uploads u JOIN files f ON f.id = u.file_id
+             WHERE u.dest = ?1 AND u.state = 0 AND u.next_attempt_ms <= ?2 AND u.attempts < ?3
+               AND u.gen = f.gen
+             ORDER BY u.next_attempt_ms, u.queued_ms
+             LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                dest,
+                now_ms(),
+                max_attempts.unwrap_or(i64::MAX),
+                (limit + busy.len()) as i64
+            ],
+            |r| {
+                Ok(Job {
+                    file_id: r.get(0)?,
+                    generation: r.get(1)?,
+                    path: bytes_path(r.get(2)?),
+                    key: r.get(3)?,
+                    sha256: sha_from(r.get(4)?),
+                    stat: Stat {
+                        size: r.get::<_, i64>(5)? as u64,
+                        mtime_ns: r.get(6)?,
+                        inode: r.get::<_, i64>(7)? as u64,
+                    },
+                    attempts: r.get(8)?,
+                    queued_ms: r.get(9)?,
+                })
+            },
+        )?;
+        let mut jobs = Vec::with_capacity(limit);
+        for job in rows {
+            let job = job?;
+            if !busy.contains(&job.file_id) {
+                jobs.push(job);
+                if jobs.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// The hash of the object known to be at `key` in `dest`.
+    pub fn object_at(&self, dest: &str, key: &str) -> anyhow::Result<Option<[u8; 32]>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT sha256 FROM objects WHERE dest = ?1 AND key = ?2")?;
+        Ok(stmt
+            .query_row(params![dest, key], |r| Ok(sha_from(r.get(0)?)))
+            .optional()?)
+    }
+
+    /// Some key in `dest` known to hold content `sha256`, other than `not_key`.
+    pub fn object_with(
+        &self,
+        dest: &str,
+        sha256: &[u8; 32],
+        not_key: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT key FROM objects WHERE dest = ?1 AND sha256 = ?2 AND key != ?3 LIMIT 1",
+        )?;
+        Ok(stmt
+            .query_row(params![dest, &sha256[..], not_key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Forget that `dest` holds `key` (it was found missing).
+    pub fn forget_object(&self, dest: &str, key: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "DELETE FROM objects WHERE dest = ?1 AND key = ?2",
+            params![dest, key],
+        )?;
+        Ok(())
+    }
+
+    /// Record how a batch of jobs for `dest` ended, in one transaction.
+    pub fn finish(&self, dest: &str, outcomes: &[Outcome]) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        {
+            let mut done = tx.prepare_cached(
+                "UPDATE uploads SET state = 1, done_ms = ?4, method = ?5, last_error = NULL,
+                 permanent = 0 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
+            )?;
+            let mut object = tx.prepare_cached(
+                "INSERT OR REPLACE INTO objects (dest, key, sha256, size, stored_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut failed = tx.prepare_cached(
+                "UPDATE uploads SET attempts = attempts + 1, next_attempt_ms = ?4,
+                 last_error = ?5, permanent = ?6 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
+            )?;
+            let mut later = tx.prepare_cached(
+                "UPDATE uploads SET next_attempt_ms = ?4 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
+            )?;
+            for o in outcomes {
+                match o {
+                    Outcome::Stored { job, method } => {
+                        done.execute(params![job.file_id, dest, job.generation, now, method])?;
+                        object.execute(params![
+                            dest,
+                            job.key,
+                            &job.sha256[..],
+                            job.stat.size as i64,
+                            now
+                        ])?;
+                    }
+                    Outcome::Failed {
+                        job,
+                        error,
+                        permanent,
+                    } => {
+                        let delay = backoff(job.attempts + 1, *permanent);
+                        failed.execute(params![
+                            job.file_id,
+                            dest,
+                            job.generation,
+                            now + delay.as_millis() as i64,
+                            error,
+                            *permanent as i64
+                        ])?;
+                    }
+                    Outcome::Changed { job } => {
+                        // Re-indexing will bump the generation; until then, do not spin.
+                        later.execute(params![job.file_id, dest, job.generation, now + 1000])?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Counts for `status`, for the destinations named (in that order).
+    pub fn status(&self, dests: &[String]) -> anyhow::Result<Status> {
+        let conn = self.conn();
+        let (files, bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0) FROM files",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let contents: i64 = conn.query_row("SELECT count(*) FROM contents", [], |r| r.get(0))?;
+        let now = now_ms();
+        let mut out = Vec::new();
+        for name in dests {
+            let mut d = DestStatus {
+                name: name.clone(),
+                ..Default::default()
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT state, count(*), sum(last_error IS NOT NULL), min(queued_ms)
+                 FROM uploads WHERE dest = ?1 GROUP BY state",
+            )?;
+            let mut rows = stmt.query(params![name])?;
+            while let Some(r) = rows.next()? {
+                let state: i64 = r.get(0)?;
+                let n = r.get::<_, i64>(1)? as u64;
+                match state {
+                    PENDING => {
+                        d.pending = n;
+                        d.failing = r.get::<_, i64>(2)? as u64;
+                        let oldest: i64 = r.get(3)?;
+                        d.oldest_pending_secs = Some(((now - oldest).max(0) / 1000) as u64);
+                    }
+                    DONE => d.done = n,
+                    _ => d.failed_permanently = n,
+                }
+            }
+            d.last_error = conn
+                .query_row(
+                    "SELECT last_error FROM uploads WHERE dest = ?1 AND last_error IS NOT NULL
+                     ORDER BY next_attempt_ms DESC LIMIT 1",
+                    params![name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            out.push(d);
+        }
+        Ok(Status {
+            files: files as u64,
+            bytes: bytes as u64,
+            contents: contents as u64,
+            destinations: out,
+        })
+    }
+
+    /// Make every pending upload due now with a fresh attempt count (`sync` tries again).
+    pub fn retry_now(&self) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE uploads SET attempts = 0, next_attempt_ms = 0 WHERE state = 0",
+            [],
+        )?;
+        Ok(())
+    }
+
+    /// Pending uploads that can still be attempted (fewer than `max_attempts` tries), and
+    /// pending ones that cannot, for `dest`.
+    pub fn pending_counts(&self, dest: &str, max_attempts: i64) -> anyhow::Result<(u64, u64)> {
+        let conn = self.conn();
+        let (open, exhausted): (i64, i64) = conn.query_row(
+            "SELECT coalesce(sum(attempts < ?2), 0), coalesce(sum(attempts >= ?2), 0)
+             FROM uploads WHERE dest = ?1 AND state = 0",
+            params![dest, max_attempts],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((open as u64, exhausted as u64))
+    }
+
+    /// For `flush`: whether the file at `path` with identity `stat` is indexed as such and
+    /// stored in every destination in `dests`. `Err` text when it can never be (permanent).
+    pub fn is_stored(
+        &self,
+        path: &Path,
+        stat: &Stat,
+        dests: &[String],
+    ) -> anyhow::Result<FlushState> {
+        let conn = self.conn();
+        let mut file = conn
+            .prepare_cached("SELECT id, size, mtime_ns, inode, gen FROM files WHERE path = ?1")?;
+        let Some((id, known, generation)) = file
+            .query_row(params![path_bytes(path)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    Stat {
+                        size: r.get::<_, i64>(1)? as u64,
+                        mtime_ns: r.get(2)?,
+                        inode: r.get::<_, i64>(3)? as u64,
+                    },
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .optional()?
+        else {
+            return Ok(FlushState::Waiting);
+        };
+        if known != *stat {
+            return Ok(FlushState::Waiting);
+        }
+        let mut up = conn.prepare_cached(
+            "SELECT state, gen, last_error FROM uploads WHERE file_id = ?1 AND dest = ?2",
+        )?;
+        for dest in dests {
+            let row = up
+                .query_row(params![id, dest], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .optional()?;
+            match row {
+                Some((DONE, g, _)) if g == generation => {}
+                Some((FAILED, _, e)) => {
+                    return Ok(FlushState::Failed(e.unwrap_or_else(|| "failed".into())));
+                }
+                _ => return Ok(FlushState::Waiting),
+            }
+        }
+        Ok(FlushState::Stored)
+    }
+
+    /// A page of indexed paths with id greater than `after`, for the deletion sweep.
+    pub fn paths_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<(i64, PathBuf)>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT id, path FROM files WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok((r.get(0)?, bytes_path(r.get(1)?)))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Check the database file (`PRAGMA quick_check`).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let r: String = self
+            .conn()
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        anyhow::ensure!(r == "ok", "index {} is damaged: {r}", self.path.display());
+        Ok(())
+    }
+}
+
+/// What `flush` knows about one file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FlushState {
+    /// In every destination asked for.
+    Stored,
+    /// Not yet.
+    Waiting,
+    /// Never will be as it is, and why.
+    Failed(String),
+}
+
+/// Delay before retry number `attempt`: exponential from 1 s with ±25% jitter, capped at
+/// 2 minutes (10 minutes for permanent errors, which are retried slowly, not dropped).
+pub fn backoff(attempt: i64, permanent: bool) -> Duration {
+    let cap = if permanent { 600_000.0 } else { 120_000.0 };
+    let base = (1000.0 * 2f64.powi((attempt - 1).clamp(0, 20) as i32)).min(cap);
+    let jitter = 0.75 + fastrand::f64() * 0.5;
+    Duration::from_millis((base * jitter) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(path: &str, size: u64, sha: u8) -> Observation {
+        Observation::Indexed {
+            path: PathBuf::from(path),
+            key: Ok(format!("k{path}")),
+            stat: Stat {
+                size,
+                mtime_ns: 1,
+                inode: 1,
+            },
+            sha256: [sha; 32],
+        }
+    }
+
+    #[test]
+    fn generations_and_last_version_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let dests = vec!["a".to_string()];
+        assert_eq!(idx.apply(&[obs("/x", 1, 1)], &dests).unwrap(), 1);
+        let jobs = idx.claim("a", 10, &HashSet::new(), None).unwrap();
+        assert_eq!(jobs.len(), 1);
+        // The file changes while the first version is in flight.
+        idx.apply(&[obs("/x", 2, 2)], &dests).unwrap();
+        idx.finish(
+            "a",
+            &[Outcome::Stored {
+                job: jobs[0].clone(),
+                method: "upload",
+            }],
+        )
+        .unwrap();
+        // The old generation's success does not mark the new one done.
+        let jobs2 = idx.claim("a", 10, &HashSet::new(), None).unwrap();
+        assert_eq!(jobs2.len(), 1);
+        assert_eq!(jobs2[0].sha256, [2; 32]);
+        // Re-indexing the same content does not re-queue once done.
+        idx.finish(
+            "a",
+            &[Outcome::Stored {
+                job: jobs2[0].clone(),
+                method: "upload",
+            }],
+        )
+        .unwrap();
+        assert_eq!(idx.apply(&[obs("/x", 2, 2)], &dests).unwrap(), 0);
+        assert!(
+            idx.claim("a", 10, &HashSet::new(), None)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            idx.object_with("a", &[2; 32], "other").unwrap().as_deref(),
+            Some("k/x")
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert!(backoff(1, false) <= Duration::from_millis(1250));
+        assert!(backoff(30, false) <= Duration::from_secs(150));
+        assert!(backoff(30, true) >= Duration::from_secs(450));
+    }
+}

@@ -1,0 +1,219 @@
+//! The ingest stage: candidate paths (from the watcher, the scans and the upload workers) are
+//! stat'ed, compared with the index, hashed if new or changed, and recorded in batches, which
+//! queues their uploads. Runs on its own thread; hashing of a batch is spread over a few
+//! threads.
+//!
+//! A file is only recorded if it did not change while it was hashed; otherwise the change's own
+//! events (or the next scan) bring it back.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
+
+use crate::index::{Index, Observation, Stat};
+use crate::scan::{Candidate, Root};
+
+/// Most candidates handled in one transaction.
+const BATCH: usize = 4096;
+
+/// Open a file for reading without following a final symlink and without blocking on a FIFO
+/// that replaced it; then make sure it is a regular file.
+pub fn open_regular(path: &Path) -> std::io::Result<(File, std::fs::Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok((file, meta))
+}
+
+/// Hash a whole file; `None` if it changed while being read or is not a regular file.
+pub fn hash_file(path: &Path) -> std::io::Result<Option<(Stat, [u8; 32])>> {
+    let (mut file, meta) = match open_regular(path) {
+        Ok(x) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let before = Stat::of(&meta);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    let after = Stat::of(&file.metadata()?);
+    if before != after || total != before.size {
+        return Ok(None);
+    }
+    Ok(Some((before, hasher.finalize().into())))
+}
+
+/// Counters of the ingest stage.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Files hashed and recorded.
+    pub indexed: AtomicU64,
+    /// Files found unchanged (not read).
+    pub unchanged: AtomicU64,
+    /// Files that could not be read.
+    pub errors: AtomicU64,
+}
+
+/// The ingest stage's inputs and outputs.
+pub struct Ingest {
+    /// The index to record into.
+    pub index: Arc<Index>,
+    /// The watched roots.
+    pub roots: Arc<Vec<Root>>,
+    /// Destination names to queue uploads for.
+    pub dests: Vec<String>,
+    /// One per destination worker, woken whenever uploads were queued.
+    pub wake: Vec<Arc<Notify>>,
+    /// Candidates sent but not yet handled; decremented here.
+    pub outstanding: Arc<AtomicU64>,
+    /// Counters.
+    pub stats: Arc<IngestStats>,
+}
+
+impl Ingest {
+    /// Handle candidates until every sender is gone. Blocking; run on its own thread.
+    pub fn run(self, mut rx: mpsc::Receiver<Candidate>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let n = batch.len() as u64;
+            if let Err(e) = self.handle(&mut batch) {
+                // The index is unusable (disk full, read-only): retrying the same batch later
+                // is the only safe thing; the periodic scan brings these paths back.
+                tracing::error!(index = %self.index.path().display(), error = %format!("{e:#}"), "cannot record files in the index");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            batch.clear();
+            self.outstanding.fetch_sub(n, Ordering::SeqCst);
+        }
+    }
+
+    fn handle(&self, batch: &mut [Candidate]) -> anyhow::Result<()> {
+        // The last event for a path wins; handle each path once per batch.
+        let mut seen: HashMap<&Path, usize> = HashMap::new();
+        for c in batch.iter() {
+            seen.insert(&c.path, c.root);
+        }
+        let mut observations = Vec::new();
+        let mut to_hash: Vec<(PathBuf, usize)> = Vec::new();
+        for (path, root) in seen {
+            let wanted = self.roots.get(root).is_some_and(|r| r.wants(path));
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_file() && wanted => {
+                    let stat = Stat::of(&m);
+                    match self.index.lookup(path)? {
+                        Some((known, _)) if known == stat => {
+                            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => to_hash.push((path.to_path_buf(), root)),
+                    }
+                }
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => observations.push(Observation::Gone(path.to_path_buf())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    observations.push(Observation::Gone(path.to_path_buf()))
+                }
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %path.display(), error = %e, "cannot stat file");
+                }
+            }
+        }
+        observations.extend(self.hash_all(to_hash));
+        if observations.is_empty() {
+            return Ok(());
+        }
+        let queued = self.index.apply(&observations, &self.dests)?;
+        if queued > 0 {
+            self.wake.iter().for_each(|w| w.notify_one());
+        }
+        Ok(())
+    }
+
+    /// Hash files on up to four threads.
+    fn hash_all(&self, files: Vec<(PathBuf, usize)>) -> Vec<Observation> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+            .min(files.len().max(1));
+        let next = AtomicU64::new(0);
+        let results = std::sync::Mutex::new(Vec::with_capacity(files.len()));
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some((path, root)) = files.get(i) else {
+                            break;
+                        };
+                        if let Some(obs) = self.hash_one(path, &self.roots[*root]) {
+                            results.lock().unwrap_or_else(|p| p.into_inner()).push(obs);
+                        }
+                    }
+                });
+            }
+        });
+        results.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hash_one(&self, path: &Path, root: &Root) -> Option<Observation> {
+        match hash_file(path) {
+            Ok(Some((stat, sha256))) => {
+                self.stats.indexed.fetch_add(1, Ordering::Relaxed);
+                let key = root.key_for(path);
+                if let Err(e) = &key {
+                    tracing::warn!(path = %path.display(), error = %e, "file cannot be uploaded");
+                }
+                Some(Observation::Indexed {
+                    path: path.to_path_buf(),
+                    key,
+                    stat,
+                    sha256,
+                })
+            }
+            // Changed while hashing: its own events bring it back once it settles.
+            Ok(None) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(Observation::Gone(path.to_path_buf()))
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %path.display(), error = %e, "cannot read file");
+                None
+            }
+        }
+    }
+}

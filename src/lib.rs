@@ -1,0 +1,25 @@
+//! panoptic-sync: the artifact agent for test machines and CI runners.
+//!
+//! The data flows one way through these modules:
+//!
+//! 1. [`config`]: the TOML configuration, validated before any work starts.
+//! 2. [`watch`] and [`scan`]: inotify events and tree walks produce candidate paths.
+//! 3. [`ingest`]: each candidate is stat'ed, hashed if new or changed, and recorded in the
+//!    [`index`] (SQLite), which queues one upload per destination.
+//! 4. [`upload`]: a worker per [`destination`] drains its queue: skip what is already there,
+//!    copy server-side what exists under another key, upload the rest.
+//! 5. [`daemon`]: wires the parts together for `run`, `sync` and `flush`;
+//!    [`status`] reads the index.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod destination;
+pub mod index;
+pub mod ingest;
+pub mod scan;
+pub mod status;
+pub mod upload;
+pub mod watch;
+
+pub use config::{Config, ConfigError};

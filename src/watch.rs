@@ -1,0 +1,262 @@
+//! Watching: inotify (through notify) on every root, turned into candidates for the ingest stage.
+//!
+//! - close-write and rename-into-place complete a file at once; any other change makes it
+//!   complete after the root's `settle` time of quiet;
+//! - a new directory is walked as soon as it appears, so files created in it before its watch
+//!   existed are not missed;
+//! - the notify callback never blocks: a full event queue, a kernel queue overflow or an
+//!   inotify limit (ENOSPC/EMFILE) triggers a full rescan and a warning naming the sysctl;
+//! - a missing root is waited for (checked every second), and a root that is deleted and
+//!   recreated is watched again.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::scan::{self, Candidate, Feeder, Root};
+
+/// Events buffered between the notify thread and the watcher task.
+const EVENT_QUEUE: usize = 65_536;
+
+/// Runs the watcher until `cancel`; `rescan` is notified when events were lost.
+pub struct WatchTask {
+    /// The roots to watch.
+    pub roots: Arc<Vec<Root>>,
+    /// Where candidates go.
+    pub feeder: Feeder,
+    /// Asks the periodic scanner for a full rescan.
+    pub rescan: Arc<Notify>,
+}
+
+/// The advice given whenever the kernel refuses more watches or drops events.
+pub const LIMIT_ADVICE: &str = "raise the sysctls fs.inotify.max_user_watches and \
+     fs.inotify.max_user_instances (events: fs.inotify.max_queued_events); \
+     until then the tree is rescanned periodically";
+
+fn is_limit_error(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => {
+            matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EMFILE))
+        }
+        _ => false,
+    }
+}
+
+struct RootState {
+    watched: bool,
+    inode: Option<u64>,
+    warned_missing: bool,
+}
+
+impl WatchTask {
+    /// Watch until cancelled.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (tx, mut rx) = mpsc::channel::<notify::Result<Event>>(EVENT_QUEUE);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let overflow_cb = overflow.clone();
+        let mut watcher = RecommendedWatcher::new(
+            move |ev: notify::Result<Event>| {
+                // Never block the notify thread: a full queue means a rescan.
+                if tx.try_send(ev).is_err() {
+                    overflow_cb.store(true, Ordering::SeqCst);
+                }
+            },
+            notify::Config::default().with_follow_symlinks(false),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot start inotify: {e} ({LIMIT_ADVICE})"))?;
+
+        let mut states: Vec<RootState> = self
+            .roots
+            .iter()
+            .map(|_| RootState {
+                watched: false,
+                inode: None,
+                warned_missing: false,
+            })
+            .collect();
+        let mut settling: HashMap<PathBuf, (usize, Instant)> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_supervise = Instant::now() - Duration::from_secs(10);
+
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.handle(ev, &mut settling, &overflow).await;
+                }
+                _ = tick.tick() => {
+                    if overflow.swap(false, Ordering::SeqCst) {
+                        tracing::warn!(advice = LIMIT_ADVICE, "file events were lost; rescanning every watched tree");
+                        self.rescan.notify_one();
+                    }
+                    let now = Instant::now();
+                    let due: Vec<(PathBuf, usize)> = settling
+                        .iter()
+                        .filter(|(_, (root, at))| now.duration_since(*at) >= self.roots[*root].settle)
+                        .map(|(p, (root, _))| (p.clone(), *root))
+                        .collect();
+                    for (path, root) in due {
+                        settling.remove(&path);
+                        self.feeder.send(Candidate { path, root }).await;
+                    }
+                    if now.duration_since(last_supervise) >= Duration::from_secs(1) {
+                        last_supervise = now;
+                        self.supervise(&mut watcher, &mut states);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start watching roots that appeared, stop watching roots that vanished.
+    fn supervise(&self, watcher: &mut RecommendedWatcher, states: &mut [RootState]) {
+        use std::os::unix::fs::MetadataExt;
+        for (i, (root, st)) in self.roots.iter().zip(states.iter_mut()).enumerate() {
+            let meta = std::fs::symlink_metadata(&root.path)
+                .ok()
+                .filter(|m| m.is_dir());
+            let inode = meta.as_ref().map(|m| m.ino());
+            if st.watched && inode != st.inode {
+                let _ = watcher.unwatch(&root.path);
+                st.watched = false;
+                tracing::warn!(root = %root.path.display(), "watch root disappeared or was replaced");
+            }
+            if st.watched {
+                continue;
+            }
+            let Some(inode) = inode else {
+                if !st.warned_missing {
+                    st.warned_missing = true;
+                    tracing::info!(root = %root.path.display(), "watch root does not exist yet; waiting for it");
+                }
+                continue;
+            };
+            match watcher.watch(&root.path, RecursiveMode::Recursive) {
+                Ok(()) => {}
+                Err(e) if is_limit_error(&e) => {
+                    tracing::warn!(root = %root.path.display(), error = %e, advice = LIMIT_ADVICE, "inotify limit reached");
+                    self.rescan.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(root = %root.path.display(), error = %e, "cannot watch root; will retry");
+                    continue;
+                }
+            }
+            st.watched = true;
+            st.inode = Some(inode);
+            st.warned_missing = false;
+            tracing::info!(root = %root.path.display(), "watching");
+            self.walk_in_background(root.path.clone(), i);
+        }
+    }
+
+    fn walk_in_background(&self, dir: PathBuf, root: usize) {
+        let roots = self.roots.clone();
+        let feeder = self.feeder.clone();
+        tokio::task::spawn_blocking(move || scan::walk(&dir, root, &roots[root], &feeder));
+    }
+
+    fn root_of(&self, path: &Path) -> Option<usize> {
+        self.roots.iter().position(|r| r.relative(path).is_some())
+    }
+
+    async fn handle(
+        &self,
+        ev: notify::Result<Event>,
+        settling: &mut HashMap<PathBuf, (usize, Instant)>,
+        overflow: &AtomicBool,
+    ) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                if is_limit_error(&e) {
+                    tracing::warn!(error = %e, advice = LIMIT_ADVICE, "inotify limit reached");
+                } else {
+                    tracing::warn!(error = %e, "file watching error; rescanning");
+                }
+                overflow.store(true, Ordering::SeqCst);
+                return;
+            }
+        };
+        if ev.need_rescan() {
+            overflow.store(true, Ordering::SeqCst);
+            return;
+        }
+        let now = Instant::now();
+        match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                for p in ev.paths {
+                    if let Some(root) = self.root_of(&p) {
+                        settling.remove(&p);
+                        self.feeder.send(Candidate { path: p, root }).await;
+                    }
+                }
+            }
+            EventKind::Access(_) => {}
+            EventKind::Create(CreateKind::Folder) => {
+                for p in ev.paths {
+                    if let Some(root) = self.root_of(&p) {
+                        self.walk_in_background(p, root);
+                    }
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+                // The destination of a rename is complete now; for Both it is the last path.
+                if let Some(p) = ev.paths.last().cloned() {
+                    if let Some(from) = ev.paths.first().filter(|_| ev.paths.len() > 1) {
+                        settling.remove(from);
+                        if let Some(root) = self.root_of(from) {
+                            self.feeder
+                                .send(Candidate {
+                                    path: from.clone(),
+                                    root,
+                                })
+                                .await;
+                        }
+                    }
+                    if let Some(root) = self.root_of(&p) {
+                        settling.remove(&p);
+                        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                            self.walk_in_background(p, root);
+                        } else {
+                            self.feeder.send(Candidate { path: p, root }).await;
+                        }
+                    }
+                }
+            }
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => {
+                for p in ev.paths {
+                    settling.remove(&p);
+                    if let Some(root) = self.root_of(&p) {
+                        self.feeder.send(Candidate { path: p, root }).await;
+                    }
+                }
+            }
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => {
+                for p in ev.paths {
+                    let Some(root) = self.root_of(&p) else {
+                        continue;
+                    };
+                    if ev.kind == EventKind::Create(CreateKind::Any)
+                        && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
+                    {
+                        self.walk_in_background(p, root);
+                    } else {
+                        settling.insert(p, (root, now));
+                    }
+                }
+            }
+        }
+    }
+}
