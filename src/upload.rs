@@ -11,7 +11,7 @@
 //! (multipart aborted, nothing committed) and the path goes back to the ingest stage. Failures
 //! are recorded with a backoff; permanent ones (403, missing bucket) are retried slowly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,7 +83,9 @@ impl Worker {
     pub async fn run(self, cancel: CancellationToken) {
         let this = Arc::new(self);
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
-        let mut busy: HashSet<i64> = HashSet::new();
+        // In-flight jobs by file id, with their content: a second file with the same content
+        // waits until the first is stored, then becomes a server-side copy.
+        let mut busy: HashMap<i64, [u8; 32]> = HashMap::new();
         let mut finished: Vec<Outcome> = Vec::new();
         loop {
             let free = this.dest.concurrency.saturating_sub(busy.len());
@@ -91,7 +93,7 @@ impl Worker {
                 let (index, dest, busy_now, max) = (
                     this.index.clone(),
                     this.dest.name.clone(),
-                    busy.clone(),
+                    busy.keys().copied().collect::<HashSet<i64>>(),
                     this.max_attempts,
                 );
                 let claimed =
@@ -100,7 +102,10 @@ impl Worker {
                 match claimed {
                     Ok(Ok(jobs)) => {
                         for job in jobs {
-                            busy.insert(job.file_id);
+                            if busy.values().any(|sha| *sha == job.sha256) {
+                                continue;
+                            }
+                            busy.insert(job.file_id, job.sha256);
                             let w = this.clone();
                             this.stats.in_flight.fetch_add(1, Ordering::Relaxed);
                             tasks.spawn(async move { w.process(job).await });
@@ -144,7 +149,7 @@ impl Worker {
         this.record(&mut finished, &mut busy).await;
     }
 
-    async fn record(&self, finished: &mut Vec<Outcome>, busy: &mut HashSet<i64>) {
+    async fn record(&self, finished: &mut Vec<Outcome>, busy: &mut HashMap<i64, [u8; 32]>) {
         if finished.is_empty() {
             return;
         }

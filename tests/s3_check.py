@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Independent check of an S3 bucket for the tests: lists every object under a prefix with
+boto3 (not object_store), downloads it, and prints {key: sha256 hex} as JSON."""
+import hashlib
+import json
+import sys
+
+import boto3
+from botocore.config import Config
+
+endpoint, key, secret, bucket, prefix = sys.argv[1:6]
+s3 = boto3.client(
+    "s3",
+    endpoint_url=endpoint,
+    aws_access_key_id=key,
+    aws_secret_access_key=secret,
+    region_name="us-east-1",
+    config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+)
+out = {}
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for obj in page.get("Contents", []):
+        body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        out[obj["Key"]] = hashlib.sha256(body).hexdigest()
+json.dump(out, sys.stdout)

@@ -1,0 +1,388 @@
+//! Test utilities: real S3 servers (s3s-fs), temp trees, a config builder, an in-process
+//! daemon, the CLI binary, an independent S3 client (boto3) and waiting with deadlines.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use panoptic_sync::Config;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+pub const NODE: &str = "test-node";
+pub const KEY: &str = "panoptic-test-key";
+
+/// An S3 server: the shared one started by `scripts/test`, or one this process started.
+pub struct S3 {
+    pub endpoint: String,
+    pub root: PathBuf,
+    pub key: String,
+    pub secret: String,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn s3s_fs_bin() -> PathBuf {
+    if let Ok(p) = which("s3s-fs") {
+        return p;
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cargo/bin/s3s-fs");
+    assert!(
+        p.exists(),
+        "s3s-fs is not installed: run the tests with scripts/test, which installs it"
+    );
+    p
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+impl S3 {
+    /// Start a private s3s-fs on `port` and wait until it accepts connections.
+    pub fn spawn(port: u16) -> S3 {
+        Self::spawn_with_secret(port, &format!("secret-{}", fastrand::u64(..)))
+    }
+
+    /// Start a private s3s-fs on `port` with a given secret key.
+    pub fn spawn_with_secret(port: u16, secret: &str) -> S3 {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = secret.to_string();
+        let child = Command::new(s3s_fs_bin())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", KEY, "--secret-key", &secret])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        wait_for_port(port, Duration::from_secs(30));
+        S3 {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root: dir.path().to_path_buf(),
+            key: KEY.into(),
+            secret,
+            child: Some(child),
+            _dir: Some(dir),
+        }
+    }
+
+    /// Start a private s3s-fs on `port` reusing a previous server's data and secret.
+    pub fn respawn_like(other: &S3, port: u16) -> S3 {
+        let child = Command::new(s3s_fs_bin())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &other.key, "--secret-key", &other.secret])
+            .arg(&other.root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        wait_for_port(port, Duration::from_secs(30));
+        S3 {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root: other.root.clone(),
+            key: other.key.clone(),
+            secret: other.secret.clone(),
+            child: Some(child),
+            _dir: None,
+        }
+    }
+
+    /// Create a bucket (s3s-fs keeps a bucket as a directory under its root).
+    pub fn create_bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.root.join(name)).unwrap();
+    }
+
+    /// Every object under `prefix` in `bucket`, key → sha256 hex, read with boto3.
+    pub fn objects(&self, bucket: &str, prefix: &str) -> BTreeMap<String, String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_check.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args([&self.endpoint, &self.key, &self.secret, bucket, prefix])
+            .output()
+            .expect("running python3 tests/s3_check.py");
+        assert!(
+            out.status.success(),
+            "boto3 listing failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// The shared S3 server for this test binary.
+pub fn shared_s3() -> &'static S3 {
+    static S3_SERVER: OnceLock<S3> = OnceLock::new();
+    S3_SERVER.get_or_init(|| match std::env::var("PANOPTIC_TEST_S3_ENDPOINT") {
+        Ok(endpoint) => S3 {
+            endpoint,
+            root: std::env::var("PANOPTIC_TEST_S3_ROOT").unwrap().into(),
+            key: std::env::var("PANOPTIC_TEST_S3_KEY").unwrap(),
+            secret: std::env::var("PANOPTIC_TEST_S3_SECRET").unwrap(),
+            child: None,
+            _dir: None,
+        },
+        Err(_) => S3::spawn(free_port()),
+    })
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "server on port {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until `f` is true, polling; panic with `what` at the deadline.
+pub async fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn sha_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A test setup: a watched tree, a state dir, an S3 primary and a file:// backup.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub watch: PathBuf,
+    pub state: PathBuf,
+    pub nas: PathBuf,
+    pub bucket: String,
+    pub s3_endpoint: String,
+    pub s3_key: String,
+    pub s3_secret: String,
+    /// Extra TOML appended to the [[watch]] table.
+    pub watch_extra: String,
+}
+
+impl Env {
+    /// A fresh setup using the shared S3 server with a bucket of its own.
+    pub fn new() -> Env {
+        let s3 = shared_s3();
+        Self::with_s3(&s3.endpoint, &s3.key, &s3.secret, Some(s3))
+    }
+
+    /// A fresh setup against the S3 server at `endpoint` (which may not be running yet).
+    pub fn with_s3(endpoint: &str, key: &str, secret: &str, server: Option<&S3>) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let bucket = format!("b{}", fastrand::u32(..));
+        if let Some(s) = server {
+            s.create_bucket(&bucket);
+        }
+        let env = Env {
+            watch: tmp.path().join("artifacts"),
+            state: tmp.path().join("state"),
+            nas: tmp.path().join("nas"),
+            tmp,
+            bucket,
+            s3_endpoint: endpoint.into(),
+            s3_key: key.into(),
+            s3_secret: secret.into(),
+            watch_extra: String::new(),
+        };
+        std::fs::create_dir_all(&env.watch).unwrap();
+        env
+    }
+
+    pub fn config_text(&self) -> String {
+        format!(
+            r#"node_id = "{NODE}"
+state_dir = "{state}"
+
+[[watch]]
+path = "{watch}"
+prefix = "ci/{{node}}"
+exclude = ["**/*.tmp"]
+settle_ms = 300
+{extra}
+
+[[destination]]
+name = "primary"
+url = "s3://{bucket}/base"
+options = {{ endpoint = "{endpoint}", allow_http = "true", access_key_id = "{key}", secret_access_key = "{secret}", region = "us-east-1", metadata_endpoint = "http://127.0.0.1:9" }}
+
+[[destination]]
+name = "nas"
+url = "file://{nas}"
+"#,
+            state = self.state.display(),
+            watch = self.watch.display(),
+            extra = self.watch_extra,
+            bucket = self.bucket,
+            endpoint = self.s3_endpoint,
+            key = self.s3_key,
+            secret = self.s3_secret,
+            nas = self.nas.display(),
+        )
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        let p = self.tmp.path().join("config.toml");
+        std::fs::write(&p, self.config_text()).unwrap();
+        p
+    }
+
+    pub fn config(&self) -> Config {
+        Config::parse(&self.config_text(), "test config").unwrap()
+    }
+
+    /// Run the CLI binary with this setup's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env("PANOPTIC_SYNC_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    /// Start the CLI binary's `run` in the background.
+    pub fn spawn_run(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Write a file (creating directories).
+    pub fn write(&self, rel: &str, data: &[u8]) -> PathBuf {
+        let p = self.watch.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// What the destinations must hold: key (relative to the destination base) → sha256 of
+    /// every file in the tree except `*.tmp`.
+    pub fn expected(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for e in walkdir::WalkDir::new(&self.watch) {
+            let e = e.unwrap();
+            if e.file_type().is_file() && !e.path().to_string_lossy().ends_with(".tmp") {
+                let rel = e.path().strip_prefix(&self.watch).unwrap();
+                let data = std::fs::read(e.path()).unwrap();
+                out.insert(format!("ci/{NODE}/{}", rel.display()), sha_hex(&data));
+            }
+        }
+        out
+    }
+
+    /// The S3 primary's content (key relative to the base), read with boto3.
+    pub fn s3_objects(&self, s3: &S3) -> BTreeMap<String, String> {
+        s3.objects(&self.bucket, "base/")
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("base/").to_string(), v))
+            .collect()
+    }
+
+    /// The file:// backup's content (every file under it, staging files included).
+    pub fn nas_objects(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if !self.nas.exists() {
+            return out;
+        }
+        for e in walkdir::WalkDir::new(&self.nas) {
+            let e = e.unwrap();
+            if e.file_type().is_file() {
+                let rel = e.path().strip_prefix(&self.nas).unwrap();
+                out.insert(
+                    rel.display().to_string(),
+                    sha_hex(&std::fs::read(e.path()).unwrap()),
+                );
+            }
+        }
+        out
+    }
+
+    /// Status as JSON, from the CLI.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// The daemon running in-process.
+pub struct Daemon {
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Daemon {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(panoptic_sync::daemon::run(config, token.clone()));
+        Daemon { token, handle }
+    }
+
+    /// Stop it (as SIGTERM would) and return its result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("daemon did not stop within 60 s")
+            .expect("daemon task panicked")
+    }
+}
+
+/// Run `flush --all-destinations` on a blocking thread and return its output.
+pub async fn flush_all(env: &Env, timeout: &str) -> Output {
+    let cfg = env.config_path();
+    let timeout = timeout.to_string();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(cfg)
+            .args(["flush", "--all-destinations", "--timeout", &timeout])
+            .env("PANOPTIC_SYNC_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
