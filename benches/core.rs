@@ -55,7 +55,10 @@ async fn indexing() {
     .unwrap();
     let index = Arc::new(Index::open(&config.state_dir).unwrap());
     let roots = Arc::new(Root::from_config(&config));
-    for pass in ["fresh index (stat + hash + record)", "unchanged tree (stat + lookup only)"] {
+    for pass in [
+        "fresh index (stat + hash + record)",
+        "unchanged tree (stat + lookup only)",
+    ] {
         let (feeder, rx, outstanding) = Feeder::new(65_536);
         let ingest = Ingest {
             index: index.clone(),

@@ -30,6 +30,8 @@ use crate::watch::WatchTask;
 
 /// How often the trees are reconciled with the index while running.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(300);
+/// How often while inotify is degraded (watch limit reached), since events may be missing.
+pub const DEGRADED_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// Attempts per file in `sync` before it gives up on that file.
 pub const SYNC_ATTEMPTS: i64 = 3;
 
@@ -189,12 +191,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let index = open_index(&config)?;
     let agent = Agent::start(&config, index, None)?;
     let rescan = Arc::new(Notify::new());
+    let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tasks_cancel = CancellationToken::new();
 
     let watcher = WatchTask {
         roots: agent.roots.clone(),
         feeder: agent.feeder.clone(),
         rescan: rescan.clone(),
+        degraded: degraded.clone(),
     };
     let watch_handle = tokio::spawn(watcher.run(tasks_cancel.clone()));
 
@@ -222,10 +226,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                     Err(e) => tracing::error!(error = %e, "catch-up scan task failed"),
                 }
+                let interval = if degraded.load(Ordering::Relaxed) {
+                    DEGRADED_SCAN_INTERVAL
+                } else {
+                    SCAN_INTERVAL
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = rescan.notified() => {}
-                    _ = tokio::time::sleep(SCAN_INTERVAL) => {}
+                    _ = tokio::time::sleep(interval) => {}
                 }
             }
         })

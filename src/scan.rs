@@ -29,11 +29,19 @@ pub struct Root {
     pub filter: Filter,
     /// Quiet time after which a file counts as complete.
     pub settle: std::time::Duration,
+    /// Our own directories (state, file:// stores) that must never be uploaded, even when
+    /// they lie inside a watched tree.
+    pub own: Vec<PathBuf>,
 }
 
 impl Root {
     /// The roots of a configuration, in order.
     pub fn from_config(cfg: &Config) -> Vec<Root> {
+        let mut own = vec![cfg.state_dir.clone()];
+        own.extend(
+            cfg.destinations()
+                .filter_map(|d| (d.url.scheme() == "file").then(|| d.url.to_file_path().ok())?),
+        );
         cfg.watch
             .iter()
             .map(|w| Root {
@@ -41,6 +49,7 @@ impl Root {
                 prefix: w.prefix.replace("{node}", &cfg.node_id),
                 filter: Filter::new(w),
                 settle: std::time::Duration::from_millis(w.settle_ms),
+                own: own.clone(),
             })
             .collect()
     }
@@ -55,6 +64,7 @@ impl Root {
     /// Whether a file at `path` is one to upload (inside the root and matching the filters).
     pub fn wants(&self, path: &Path) -> bool {
         self.relative(path).is_some_and(|r| self.filter.matches(r))
+            && !self.own.iter().any(|o| path.starts_with(o))
     }
 
     /// The object key (relative to a destination's base) for `path`, or why there is none.
@@ -224,6 +234,7 @@ mod tests {
             prefix: prefix.into(),
             filter: Filter::new(&w),
             settle: std::time::Duration::from_millis(10),
+            own: vec!["/w/state".into()],
         }
     }
 
@@ -238,6 +249,8 @@ mod tests {
             "y [1].log"
         );
         assert!(root("").key_for(Path::new("/other/y")).is_err());
+        assert!(root("").wants(Path::new("/w/x")));
+        assert!(!root("").wants(Path::new("/w/state/index.sqlite3")));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct WatchTask {
     pub feeder: Feeder,
     /// Asks the periodic scanner for a full rescan.
     pub rescan: Arc<Notify>,
+    /// Set once an inotify limit was hit: the scanner then rescans more often.
+    pub degraded: Arc<AtomicBool>,
 }
 
 /// The advice given whenever the kernel refuses more watches or drops events.
@@ -146,6 +148,7 @@ impl WatchTask {
                 Ok(()) => {}
                 Err(e) if is_limit_error(&e) => {
                     tracing::warn!(root = %root.path.display(), error = %e, advice = LIMIT_ADVICE, "inotify limit reached");
+                    self.degraded.store(true, Ordering::SeqCst);
                     self.rescan.notify_one();
                 }
                 Err(e) => {
@@ -182,6 +185,7 @@ impl WatchTask {
             Err(e) => {
                 if is_limit_error(&e) {
                     tracing::warn!(error = %e, advice = LIMIT_ADVICE, "inotify limit reached");
+                    self.degraded.store(true, Ordering::SeqCst);
                 } else {
                     tracing::warn!(error = %e, "file watching error; rescanning");
                 }
