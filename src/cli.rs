@@ -110,7 +110,11 @@ pub fn execute(cli: Cli) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("panoptic-sync: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
+            let key_file = matches!(
+                e.downcast_ref::<crate::crypto::CryptoError>(),
+                Some(crate::crypto::CryptoError::KeyFile { .. })
+            );
+            if e.downcast_ref::<ConfigError>().is_some() || key_file {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

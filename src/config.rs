@@ -89,13 +89,13 @@ pub struct Watch {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
-    /// `none` (for now the only supported value; `gzip` and `zstd` come later).
+    /// `none`, `gzip` or `zstd`; files that do not shrink are stored as they are.
     #[serde(default, deserialize_with = "de_compression")]
     pub compression: Compression,
     /// Compression level.
     #[serde(default)]
     pub level: Option<i32>,
-    /// `none` (for now the only supported value; `aes-256-gcm` comes later).
+    /// `none` or `aes-256-gcm`.
     #[serde(default, deserialize_with = "de_encryption")]
     pub encryption: Encryption,
     /// Master key file for encryption.
@@ -112,6 +112,10 @@ pub enum Compression {
     /// Stored as-is.
     #[default]
     None,
+    /// gzip (flate2 with the zlib-rs backend); objects end in `.gz`.
+    Gzip,
+    /// zstd; objects end in `.zst`.
+    Zstd,
 }
 
 /// Encryption applied before upload.
@@ -120,6 +124,8 @@ pub enum Encryption {
     /// Stored in the clear.
     #[default]
     None,
+    /// The streaming AES-256-GCM format of `docs/FORMAT.md`; objects end in `.enc`.
+    Aes256Gcm,
 }
 
 /// One `[[destination]]` table.
@@ -185,9 +191,8 @@ fn de_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 fn de_compression<'de, D: Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
     match String::deserialize(d)?.as_str() {
         "none" => Ok(Compression::None),
-        v @ ("gzip" | "zstd") => Err(serde::de::Error::custom(format!(
-            "compression {v:?} is not yet supported; only \"none\" works in this version"
-        ))),
+        "gzip" => Ok(Compression::Gzip),
+        "zstd" => Ok(Compression::Zstd),
         v => Err(serde::de::Error::custom(format!(
             "unknown compression {v:?}; expected \"none\", \"gzip\" or \"zstd\""
         ))),
@@ -197,9 +202,7 @@ fn de_compression<'de, D: Deserializer<'de>>(d: D) -> Result<Compression, D::Err
 fn de_encryption<'de, D: Deserializer<'de>>(d: D) -> Result<Encryption, D::Error> {
     match String::deserialize(d)?.as_str() {
         "none" => Ok(Encryption::None),
-        "aes-256-gcm" => Err(serde::de::Error::custom(
-            "encryption \"aes-256-gcm\" is not yet supported; only \"none\" works in this version",
-        )),
+        "aes-256-gcm" => Ok(Encryption::Aes256Gcm),
         v => Err(serde::de::Error::custom(format!(
             "unknown encryption {v:?}; expected \"none\" or \"aes-256-gcm\""
         ))),
@@ -303,6 +306,22 @@ impl Config {
                 ));
             }
         }
+        if self.pipeline.encryption == Encryption::Aes256Gcm && self.pipeline.key_file.is_none() {
+            return Err("pipeline.key_file is required when encryption = \"aes-256-gcm\"".into());
+        }
+        if let Some(level) = self.pipeline.level {
+            let ok = match self.pipeline.compression {
+                Compression::Gzip => (0..=9).contains(&level),
+                Compression::Zstd => (1..=22).contains(&level),
+                Compression::None => true,
+            };
+            if !ok {
+                return Err(format!(
+                    "pipeline.level {level} is out of range for {:?} (gzip 0-9, zstd 1-22)",
+                    self.pipeline.compression
+                ));
+            }
+        }
         if self.destination.is_empty() {
             return Err("at least one [[destination]] table is required".into());
         }
@@ -351,6 +370,12 @@ impl Config {
         for w in &mut self.watch {
             if w.path.is_relative() {
                 w.path = base.join(&w.path);
+            }
+        }
+        let p = &mut self.pipeline;
+        for f in p.key_file.iter_mut().chain(p.old_key_files.iter_mut()) {
+            if f.is_relative() {
+                *f = base.join(&*f);
             }
         }
     }
@@ -419,13 +444,17 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_compression_is_named() {
-        let text = "[pipeline]\ncompression = \"zstd\"\n";
+    fn unknown_compression_is_named() {
+        let text = "[pipeline]\ncompression = \"lz5\"\n";
         let e = Config::parse(text, "t.toml").unwrap_err().to_string();
-        assert!(
-            e.contains("not yet supported") && e.contains("line 2"),
-            "{e}"
-        );
+        assert!(e.contains("lz5") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn encryption_needs_a_key_file() {
+        let text = "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"p\"\nurl = \"file:///x\"\n[pipeline]\nencryption = \"aes-256-gcm\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("key_file"), "{e}");
     }
 
     #[test]

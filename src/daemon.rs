@@ -100,6 +100,9 @@ impl Agent {
         max_attempts: Option<i64>,
     ) -> anyhow::Result<Agent> {
         let dests = destination::open_all(config)?;
+        let pipeline = Arc::new(crate::pipeline::Pipeline::from_config(config)?);
+        // Each multipart upload holds a few parts in memory; bound how many run at once.
+        let multipart_slots = Arc::new(tokio::sync::Semaphore::new(3));
         let roots = Arc::new(Root::from_config(config));
         let (feeder, rx, outstanding) = Feeder::new(65_536);
         let wakes: Vec<Arc<Notify>> = dests.iter().map(|_| Arc::new(Notify::new())).collect();
@@ -132,6 +135,8 @@ impl Agent {
                     max_attempts,
                     stats: stats.clone(),
                     drain: Duration::from_secs(10),
+                    pipeline: pipeline.clone(),
+                    multipart_slots: multipart_slots.clone(),
                 };
                 let handle = tokio::spawn(worker.run(workers_cancel.clone()));
                 (name, handle, stats)

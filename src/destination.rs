@@ -117,6 +117,8 @@ pub struct Destination {
     pub public_base_url: Option<String>,
     /// The URL, for messages (never holds credentials: those live in options).
     pub url: String,
+    /// Whether the store keeps object attributes (Content-Type, metadata); `file://` does not.
+    pub supports_attributes: bool,
 }
 
 impl fmt::Debug for Destination {
@@ -199,6 +201,7 @@ impl Destination {
             concurrency: cfg.concurrency,
             public_base_url: cfg.public_base_url.clone(),
             url: url.to_string(),
+            supports_attributes: url.scheme() != "file",
         })
     }
 

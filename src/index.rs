@@ -8,8 +8,9 @@
 //! - `contents`: one row per distinct SHA-256 seen, with its size.
 //! - `uploads`: per file and destination, the target key, state (pending, done, failed),
 //!   attempts, next attempt time and last error. Pending rows are the queue.
-//! - `objects`: what each destination is known to hold (key → sha256), for dedup: content
-//!   already at the key is skipped, content elsewhere is copied server-side.
+//! - `objects`: what each destination is known to hold: logical key (without pipeline
+//!   suffixes) → stored key, sha256, sizes and the pipeline identity that wrote it. For dedup:
+//!   content already at the key is skipped, content elsewhere is copied server-side.
 //!
 //! Writes are batched into one transaction per batch; every call is blocking and meant to run
 //! on a blocking thread.
@@ -67,12 +68,15 @@ CREATE INDEX uploads_queue ON uploads(dest, state, next_attempt_ms);
 CREATE TABLE objects (
     dest     TEXT NOT NULL,
     key      TEXT NOT NULL,
+    stored_key TEXT NOT NULL,
     sha256   BLOB NOT NULL,
     size     INTEGER NOT NULL,
+    stored_size INTEGER NOT NULL,
+    pipeline TEXT NOT NULL,
     stored_ms INTEGER NOT NULL,
     PRIMARY KEY (dest, key)
 ) WITHOUT ROWID;
-CREATE INDEX objects_by_sha ON objects(dest, sha256);
+CREATE INDEX objects_by_sha ON objects(dest, sha256, pipeline);
 "#];
 
 /// Milliseconds since the Unix epoch.
@@ -145,6 +149,23 @@ pub struct Job {
     pub queued_ms: i64,
 }
 
+/// An object a destination holds, as the index knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRow {
+    /// Logical key (relative to the destination base, without pipeline suffixes).
+    pub key: String,
+    /// The key it is stored under (with suffixes such as `.zst.enc`).
+    pub stored_key: String,
+    /// SHA-256 of the original content.
+    pub sha256: [u8; 32],
+    /// Original size.
+    pub size: u64,
+    /// Size of the stored object.
+    pub stored_size: u64,
+    /// Identity of the pipeline settings that wrote it.
+    pub pipeline: String,
+}
+
 /// How a job ended.
 #[derive(Debug)]
 pub enum Outcome {
@@ -154,6 +175,8 @@ pub enum Outcome {
         job: Job,
         /// How it got there.
         method: &'static str,
+        /// The object that now holds it.
+        object: ObjectRow,
     },
     /// Failed; retried after a backoff.
     Failed {
@@ -501,33 +524,50 @@ impl Index {
         Ok(jobs)
     }
 
-    /// The hash of the object known to be at `key` in `dest`.
-    pub fn object_at(&self, dest: &str, key: &str) -> anyhow::Result<Option<[u8; 32]>> {
+    /// The object known to be at logical `key` in `dest`.
+    pub fn object_at(&self, dest: &str, key: &str) -> anyhow::Result<Option<ObjectRow>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT sha256 FROM objects WHERE dest = ?1 AND key = ?2")?;
-        Ok(stmt
-            .query_row(params![dest, key], |r| Ok(sha_from(r.get(0)?)))
-            .optional()?)
+        let mut stmt = conn.prepare_cached(
+            "SELECT key, stored_key, sha256, size, stored_size, pipeline FROM objects
+             WHERE dest = ?1 AND key = ?2",
+        )?;
+        Ok(stmt.query_row(params![dest, key], object_row).optional()?)
     }
 
-    /// Some key in `dest` known to hold content `sha256`, other than `not_key`.
+    /// Some object in `dest` holding content `sha256` written by `pipeline`, other than at
+    /// logical key `not_key`.
     pub fn object_with(
         &self,
         dest: &str,
         sha256: &[u8; 32],
+        pipeline: &str,
         not_key: &str,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<ObjectRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT key FROM objects WHERE dest = ?1 AND sha256 = ?2 AND key != ?3 LIMIT 1",
+            "SELECT key, stored_key, sha256, size, stored_size, pipeline FROM objects
+             WHERE dest = ?1 AND sha256 = ?2 AND pipeline = ?3 AND key != ?4 LIMIT 1",
         )?;
         Ok(stmt
-            .query_row(params![dest, &sha256[..], not_key], |r| r.get(0))
+            .query_row(params![dest, &sha256[..], pipeline, not_key], object_row)
             .optional()?)
     }
 
-    /// Forget that `dest` holds `key` (it was found missing).
+    /// Every object the index says `dest` holds for files it tracks as done, with the
+    /// file's current hash (for `verify`).
+    pub fn objects_of(&self, dest: &str) -> anyhow::Result<Vec<ObjectRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT o.key, o.stored_key, o.sha256, o.size, o.stored_size, o.pipeline
+             FROM objects o JOIN uploads u ON u.dest = o.dest AND u.key = o.key
+             WHERE o.dest = ?1 AND u.state = 1 AND u.sha256 = o.sha256
+             ORDER BY o.key",
+        )?;
+        let rows = stmt.query_map(params![dest], object_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forget that `dest` holds logical `key` (it was found missing).
     pub fn forget_object(&self, dest: &str, key: &str) -> anyhow::Result<()> {
         self.conn().execute(
             "DELETE FROM objects WHERE dest = ?1 AND key = ?2",
@@ -547,8 +587,9 @@ impl Index {
                  permanent = 0 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
             )?;
             let mut object = tx.prepare_cached(
-                "INSERT OR REPLACE INTO objects (dest, key, sha256, size, stored_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO objects
+                 (dest, key, stored_key, sha256, size, stored_size, pipeline, stored_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             let mut failed = tx.prepare_cached(
                 "UPDATE uploads SET attempts = attempts + 1, next_attempt_ms = ?4,
@@ -559,13 +600,20 @@ impl Index {
             )?;
             for o in outcomes {
                 match o {
-                    Outcome::Stored { job, method } => {
+                    Outcome::Stored {
+                        job,
+                        method,
+                        object: o,
+                    } => {
                         done.execute(params![job.file_id, dest, job.generation, now, method])?;
                         object.execute(params![
                             dest,
-                            job.key,
-                            &job.sha256[..],
-                            job.stat.size as i64,
+                            o.key,
+                            o.stored_key,
+                            &o.sha256[..],
+                            o.size as i64,
+                            o.stored_size as i64,
+                            o.pipeline,
                             now
                         ])?;
                     }
@@ -745,6 +793,17 @@ impl Index {
     }
 }
 
+fn object_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
+    Ok(ObjectRow {
+        key: r.get(0)?,
+        stored_key: r.get(1)?,
+        sha256: sha_from(r.get(2)?),
+        size: r.get::<_, i64>(3)? as u64,
+        stored_size: r.get::<_, i64>(4)? as u64,
+        pipeline: r.get(5)?,
+    })
+}
+
 /// What `flush` knows about one file.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FlushState {
@@ -782,6 +841,21 @@ mod tests {
         }
     }
 
+    fn stored(job: &Job) -> Outcome {
+        Outcome::Stored {
+            job: job.clone(),
+            method: "upload",
+            object: ObjectRow {
+                key: job.key.clone(),
+                stored_key: format!("{}.zst", job.key),
+                sha256: job.sha256,
+                size: job.stat.size,
+                stored_size: 1,
+                pipeline: "none".into(),
+            },
+        }
+    }
+
     #[test]
     fn generations_and_last_version_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -792,36 +866,28 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         // The file changes while the first version is in flight.
         idx.apply(&[obs("/x", 2, 2)], &dests).unwrap();
-        idx.finish(
-            "a",
-            &[Outcome::Stored {
-                job: jobs[0].clone(),
-                method: "upload",
-            }],
-        )
-        .unwrap();
+        idx.finish("a", &[stored(&jobs[0])]).unwrap();
         // The old generation's success does not mark the new one done.
         let jobs2 = idx.claim("a", 10, &HashSet::new(), None).unwrap();
         assert_eq!(jobs2.len(), 1);
         assert_eq!(jobs2[0].sha256, [2; 32]);
         // Re-indexing the same content does not re-queue once done.
-        idx.finish(
-            "a",
-            &[Outcome::Stored {
-                job: jobs2[0].clone(),
-                method: "upload",
-            }],
-        )
-        .unwrap();
+        idx.finish("a", &[stored(&jobs2[0])]).unwrap();
         assert_eq!(idx.apply(&[obs("/x", 2, 2)], &dests).unwrap(), 0);
         assert!(
             idx.claim("a", 10, &HashSet::new(), None)
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(
-            idx.object_with("a", &[2; 32], "other").unwrap().as_deref(),
-            Some("k/x")
+        let o = idx
+            .object_with("a", &[2; 32], "none", "other")
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.stored_key, "k/x.zst");
+        assert!(
+            idx.object_with("a", &[2; 32], "zstd3", "other")
+                .unwrap()
+                .is_none()
         );
     }
 

@@ -13,10 +13,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod daemon;
 pub mod destination;
 pub mod index;
 pub mod ingest;
+pub mod pipeline;
 pub mod scan;
 pub mod status;
 pub mod upload;

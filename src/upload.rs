@@ -4,35 +4,41 @@
 //! A worker claims due jobs from the index queue and, for each one:
 //! 1. skips it if the index knows the destination already holds this content at this key;
 //! 2. copies server-side if the destination holds the same content under another key;
-//! 3. otherwise reads the file once, hashing as it goes, and uploads it (a single PUT for small
-//!    files, a streamed multipart upload for large ones; never the whole large file in memory).
+//! 3. otherwise reads the file once on a blocking thread — hash, compress, encrypt
+//!    ([`crate::pipeline`]) — and streams the result to the store: one PUT when it fits in a
+//!    part, a multipart upload otherwise (never the whole large file in memory).
 //!
 //! If the file changed since it was indexed (hash or identity differ), the upload is abandoned
-//! (multipart aborted, nothing committed) and the path goes back to the ingest stage. Failures
-//! are recorded with a backoff; permanent ones (403, missing bucket) are retried slowly.
+//! (multipart aborted, nothing committed) and the path goes back to the ingest stage. When a
+//! new version lands under a different stored key (its suffixes changed), the old object is
+//! deleted so a restore sees only the last version. Failures are recorded with a backoff;
+//! permanent ones (403, missing bucket) are retried slowly.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
+    PutPayload, WriteMultipart,
+};
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
-use crate::index::{Index, Job, Outcome, Stat};
+use crate::index::{Index, Job, ObjectRow, Outcome, Stat};
 use crate::ingest::open_regular;
+use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
 
-/// Files up to this size go up in one request; larger ones as multipart uploads.
-pub const MULTIPART_THRESHOLD: u64 = 8 * 1024 * 1024;
-/// Size of each multipart part (and of each read while streaming).
-const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Size of each multipart part; output up to this size goes up in a single PUT.
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts in flight per multipart upload.
 const PART_CONCURRENCY: usize = 2;
 
@@ -71,11 +77,118 @@ pub struct Worker {
     pub stats: Arc<UploadStats>,
     /// On shutdown, how long in-flight uploads may take to finish before they are abandoned.
     pub drain: Duration,
+    /// How objects are encoded.
+    pub pipeline: Arc<Pipeline>,
+    /// Bounds how many multipart uploads (each holding a few parts in memory) run at once.
+    pub multipart_slots: Arc<Semaphore>,
 }
 
 enum Step {
-    Done(&'static str),
+    Done(&'static str, ObjectRow),
     Changed,
+}
+
+/// What flows from the reading thread to the uploading task.
+enum Msg {
+    Plan(Plan),
+    Data(Bytes),
+}
+
+/// The end of the encoding chain: cuts the output into parts and hands them to the uploader.
+struct ChunkSink {
+    tx: mpsc::Sender<Msg>,
+    buf: Vec<u8>,
+    sent: bool,
+}
+
+impl ChunkSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE));
+        self.sent = true;
+        self.tx
+            .blocking_send(Msg::Data(Bytes::from(data)))
+            .map_err(|_| std::io::Error::other("upload cancelled"))
+    }
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let take = (PART_SIZE - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..take]);
+        if self.buf.len() == PART_SIZE {
+            self.send()?;
+        }
+        Ok(take)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Finish for ChunkSink {
+    fn finish(mut self: Box<Self>) -> std::io::Result<()> {
+        if !self.buf.is_empty() || !self.sent {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+/// Read, verify and encode a file into `tx`. `Ok(false)`: the file is gone or is no longer the
+/// indexed content, and nothing may be committed. Blocking.
+fn produce(
+    path: &Path,
+    stat: Stat,
+    sha: [u8; 32],
+    pipeline: &Pipeline,
+    tx: mpsc::Sender<Msg>,
+) -> std::io::Result<bool> {
+    let (mut file, meta) = match open_regular(path) {
+        Ok(x) => x,
+        Err(e) if gone(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if Stat::of(&meta) != stat {
+        return Ok(false);
+    }
+    let mut first = vec![0u8; pipeline::PROBE_BLOCK];
+    let n = read_full(&mut file, &mut first)?;
+    first.truncate(n);
+    let plan = pipeline.plan(path, &first);
+    tx.blocking_send(Msg::Plan(plan))
+        .map_err(|_| std::io::Error::other("upload cancelled"))?;
+    let sink = ChunkSink {
+        tx,
+        buf: Vec::with_capacity(PART_SIZE),
+        sent: false,
+    };
+    let record = Meta {
+        size: stat.size,
+        mtime_ns: stat.mtime_ns,
+        sha256: hex::encode(sha),
+    };
+    let mut out = pipeline::encoder(pipeline, plan, &record, Box::new(sink))?;
+    let mut hasher = Sha256::new();
+    hasher.update(&first);
+    out.write_all(&first)?;
+    let mut total = first.len() as u64;
+    let mut buf = first;
+    buf.resize(256 * 1024, 0);
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    let unchanged = digest == sha && total == stat.size && Stat::of(&file.metadata()?) == stat;
+    out.finish()?;
+    Ok(unchanged)
 }
 
 impl Worker {
@@ -199,7 +312,7 @@ impl Worker {
     async fn process(&self, job: Job) -> Outcome {
         let started = std::time::Instant::now();
         match self.try_process(&job).await {
-            Ok(Step::Done(method)) => {
+            Ok(Step::Done(method, object)) => {
                 let counter = match method {
                     "copy" => &self.stats.copied,
                     "skip" => &self.stats.skipped,
@@ -207,7 +320,11 @@ impl Worker {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(dest = %self.dest.name, key = %job.key, method, ms = started.elapsed().as_millis() as u64, "stored");
-                Outcome::Stored { job, method }
+                Outcome::Stored {
+                    job,
+                    method,
+                    object,
+                }
             }
             Ok(Step::Changed) => {
                 tracing::debug!(dest = %self.dest.name, path = %job.path.display(), "file changed before upload; re-indexing");
@@ -238,146 +355,210 @@ impl Worker {
     }
 
     async fn try_process(&self, job: &Job) -> Result<Step, StoreError> {
-        let location = self.dest.path(&job.key)?;
-        let store = &self.dest.store;
-        let (dest, key, sha) = (self.dest.name.clone(), job.key.clone(), job.sha256);
-
+        let identity = self.pipeline.identity();
+        let (dest, key, sha, id) = (
+            self.dest.name.clone(),
+            job.key.clone(),
+            job.sha256,
+            identity.clone(),
+        );
         let (here, elsewhere) = self
-            .blocking(move |i| Ok((i.object_at(&dest, &key)?, i.object_with(&dest, &sha, &key)?)))
+            .blocking(move |i| {
+                Ok((
+                    i.object_at(&dest, &key)?,
+                    i.object_with(&dest, &sha, &id, &key)?,
+                ))
+            })
             .await?;
-        if here == Some(job.sha256) {
-            return Ok(Step::Done("skip"));
+        if let Some(h) = &here
+            && h.sha256 == job.sha256
+            && h.pipeline == identity
+        {
+            return Ok(Step::Done("skip", h.clone()));
         }
-        if let Some(src_key) = elsewhere {
-            let src = self.dest.path(&src_key)?;
-            match store.copy(&src, &location).await {
-                Ok(()) => return Ok(Step::Done("copy")),
-                Err(object_store::Error::NotFound { .. }) => {
-                    // Someone removed the source: forget it and upload instead.
-                    let dest = self.dest.name.clone();
-                    self.blocking(move |i| i.forget_object(&dest, &src_key))
-                        .await?;
-                }
+        let mut step = None;
+        if let Some(src) = elsewhere {
+            step = self.copy(job, src).await?;
+        }
+        let step = match step {
+            Some(s) => s,
+            None => self.upload(job, &identity).await?,
+        };
+        // A new version under a different stored key: remove the old one, so the destination
+        // (and a restore from it) holds only the last version.
+        if let (Step::Done(_, new), Some(old)) = (&step, &here)
+            && new.stored_key != old.stored_key
+        {
+            let path = self.dest.path(&old.stored_key)?;
+            match self.dest.store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => {
-                    return Err(StoreError::classify(
-                        format!("copying {src} to {location} in {}", self.dest.name),
-                        &e,
-                    ));
+                    tracing::warn!(dest = %self.dest.name, key = %path, error = %e, "cannot delete the previous version")
                 }
             }
         }
-        if job.stat.size <= MULTIPART_THRESHOLD {
-            self.put_small(job, &location).await
-        } else {
-            self.put_multipart(job, &location).await
+        Ok(step)
+    }
+
+    /// Server-side copy of an object holding the same content; `None` if the source is gone.
+    async fn copy(&self, job: &Job, src: ObjectRow) -> Result<Option<Step>, StoreError> {
+        let suffix = src.stored_key.strip_prefix(src.key.as_str()).unwrap_or("");
+        let stored_key = format!("{}{suffix}", job.key);
+        let from = self.dest.path(&src.stored_key)?;
+        let to = self.dest.path(&stored_key)?;
+        match self.dest.store.copy(&from, &to).await {
+            Ok(()) => Ok(Some(Step::Done(
+                "copy",
+                ObjectRow {
+                    key: job.key.clone(),
+                    stored_key,
+                    ..src
+                },
+            ))),
+            Err(object_store::Error::NotFound { .. }) => {
+                // Someone removed the source: forget it and upload instead.
+                let dest = self.dest.name.clone();
+                self.blocking(move |i| i.forget_object(&dest, &src.key))
+                    .await?;
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::classify(
+                format!("copying {from} to {to} in {}", self.dest.name),
+                &e,
+            )),
         }
     }
 
-    async fn put_small(
-        &self,
-        job: &Job,
-        location: &object_store::path::Path,
-    ) -> Result<Step, StoreError> {
-        let path = job.path.clone();
-        let (stat, sha) = (job.stat, job.sha256);
-        let data = tokio::task::spawn_blocking(move || read_verified(&path, stat, sha))
-            .await
-            .map_err(|e| StoreError::Retryable(format!("read task failed: {e}")))?;
-        let Some(data) = data.map_err(|e| read_error(job, e))? else {
-            return Ok(Step::Changed);
-        };
-        let len = data.len() as u64;
-        self.dest
-            .store
-            .put(location, PutPayload::from_bytes(data))
-            .await
-            .map_err(|e| {
-                StoreError::classify(format!("uploading {location} to {}", self.dest.name), &e)
-            })?;
-        self.stats.bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(Step::Done("upload"))
+    fn attributes(&self, plan: Plan, path: &Path) -> Attributes {
+        let mut attrs = Attributes::new();
+        if self.dest.supports_attributes {
+            attrs.insert(Attribute::ContentType, plan.content_type(path).into());
+            if let Some(enc) = plan.content_encoding() {
+                attrs.insert(Attribute::ContentEncoding, enc.into());
+            }
+        }
+        attrs
     }
 
-    async fn put_multipart(
-        &self,
-        job: &Job,
-        location: &object_store::path::Path,
-    ) -> Result<Step, StoreError> {
+    /// Read the file once through the pipeline and stream it to the store.
+    async fn upload(&self, job: &Job, identity: &str) -> Result<Step, StoreError> {
+        let (tx, mut rx) = mpsc::channel::<Msg>(1);
+        let (path, stat, sha, pipeline) = (
+            job.path.clone(),
+            job.stat,
+            job.sha256,
+            self.pipeline.clone(),
+        );
+        let producer =
+            tokio::task::spawn_blocking(move || produce(&path, stat, sha, &pipeline, tx));
+        let finish_producer = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res
+        {
+            Ok(Ok(unchanged)) => Ok(unchanged),
+            Ok(Err(e)) if gone(&e) => Ok(false),
+            Ok(Err(e)) => Err(read_error(job, e)),
+            Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
+        };
+        let Some(Msg::Plan(plan)) = rx.recv().await else {
+            drop(rx);
+            return match finish_producer(producer.await)? {
+                false => Ok(Step::Changed),
+                true => Err(StoreError::Retryable(format!(
+                    "reading {} produced no data",
+                    job.path.display()
+                ))),
+            };
+        };
+        let stored_key = format!("{}{}", job.key, plan.suffix());
+        let location = self.dest.path(&stored_key)?;
         let ctx = || format!("uploading {location} to {}", self.dest.name);
-        let path = job.path.clone();
-        let opened = tokio::task::spawn_blocking(move || open_regular(&path))
-            .await
-            .map_err(|e| StoreError::Retryable(format!("open task failed: {e}")))?;
-        let (mut file, meta) = match opened {
-            Ok(x) => x,
-            Err(e) if gone(&e) => return Ok(Step::Changed),
-            Err(e) => return Err(read_error(job, e)),
+        let attributes = self.attributes(plan, &job.path);
+        let first = match rx.recv().await {
+            Some(Msg::Data(b)) => b,
+            _ => {
+                drop(rx);
+                return match finish_producer(producer.await)? {
+                    false => Ok(Step::Changed),
+                    true => Err(StoreError::Retryable(format!("{}: no data", ctx()))),
+                };
+            }
         };
-        if Stat::of(&meta) != job.stat {
-            return Ok(Step::Changed);
-        }
-        let upload = self
-            .dest
-            .store
-            .put_multipart(location)
-            .await
-            .map_err(|e| StoreError::classify(ctx(), &e))?;
+        let mut stored_size = first.len() as u64;
+        let row = |stored_size| ObjectRow {
+            key: job.key.clone(),
+            stored_key: stored_key.clone(),
+            sha256: job.sha256,
+            size: job.stat.size,
+            stored_size,
+            pipeline: identity.to_string(),
+        };
+        let second = match rx.recv().await {
+            Some(Msg::Data(b)) => b,
+            _ => {
+                // Everything fits in one request: send it only if the file was unchanged.
+                if !finish_producer(producer.await)? {
+                    return Ok(Step::Changed);
+                }
+                let opts = PutOptions {
+                    attributes,
+                    ..Default::default()
+                };
+                self.dest
+                    .store
+                    .put_opts(&location, PutPayload::from_bytes(first), opts)
+                    .await
+                    .map_err(|e| StoreError::classify(ctx(), &e))?;
+                self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
+                return Ok(Step::Done("upload", row(stored_size)));
+            }
+        };
+        let _slot = self.multipart_slots.acquire().await;
+        let opts = PutMultipartOptions {
+            attributes,
+            ..Default::default()
+        };
+        let upload = match self.dest.store.put_multipart_opts(&location, opts).await {
+            Ok(u) => u,
+            Err(e) => {
+                drop(rx);
+                let _ = producer.await;
+                return Err(StoreError::classify(ctx(), &e));
+            }
+        };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let result: Result<(), StoreError> = loop {
+        stored_size += second.len() as u64;
+        writer.put(first);
+        writer.put(second);
+        let sent: Result<(), StoreError> = loop {
             if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
                 break Err(StoreError::classify(ctx(), &e));
             }
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; PART_SIZE];
-                let n = read_full(&mut file, &mut buf);
-                (
-                    file,
-                    n.map(|n| {
-                        buf.truncate(n);
-                        buf
-                    }),
-                )
-            })
-            .await;
-            let chunk = match read {
-                Ok((f, chunk)) => {
-                    file = f;
-                    chunk
+            match rx.recv().await {
+                Some(Msg::Data(b)) => {
+                    stored_size += b.len() as u64;
+                    writer.put(b);
                 }
-                Err(e) => {
-                    let _ = writer.abort().await;
-                    return Err(StoreError::Retryable(format!("read task failed: {e}")));
-                }
-            };
-            match chunk {
-                Ok(chunk) if chunk.is_empty() => break Ok(()),
-                Ok(chunk) => {
-                    hasher.update(&chunk);
-                    total += chunk.len() as u64;
-                    writer.put(Bytes::from(chunk));
-                }
-                Err(e) => break Err(read_error(job, e)),
+                _ => break Ok(()),
             }
         };
-        if let Err(e) = result {
-            let _ = writer.abort().await;
-            return Err(e);
+        drop(rx);
+        let unchanged = finish_producer(producer.await);
+        match (sent, unchanged) {
+            (Ok(()), Ok(true)) => {
+                writer
+                    .finish()
+                    .await
+                    .map_err(|e| StoreError::classify(ctx(), &e))?;
+                self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
+                Ok(Step::Done("upload", row(stored_size)))
+            }
+            (sent, unchanged) => {
+                // Never commit: the object stays invisible.
+                let _ = writer.abort().await;
+                sent?;
+                unchanged?;
+                Ok(Step::Changed)
+            }
         }
-        let now = file.metadata().map(|m| Stat::of(&m)).ok();
-        let sha: [u8; 32] = hasher.finalize().into();
-        if sha != job.sha256 || total != job.stat.size || now != Some(job.stat) {
-            // Changed while read: never commit this version.
-            let _ = writer.abort().await;
-            return Ok(Step::Changed);
-        }
-        writer
-            .finish()
-            .await
-            .map_err(|e| StoreError::classify(ctx(), &e))?;
-        self.stats.bytes.fetch_add(total, Ordering::Relaxed);
-        Ok(Step::Done("upload"))
     }
 }
 
@@ -407,27 +588,4 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
         }
     }
     Ok(n)
-}
-
-/// Read a small file whole; `None` if it is gone or no longer the indexed content.
-fn read_verified(
-    path: &std::path::Path,
-    stat: Stat,
-    sha: [u8; 32],
-) -> std::io::Result<Option<Bytes>> {
-    let (mut file, meta) = match open_regular(path) {
-        Ok(x) => x,
-        Err(e) if gone(&e) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if Stat::of(&meta) != stat {
-        return Ok(None);
-    }
-    let mut data = Vec::with_capacity(stat.size as usize);
-    (&mut file).take(stat.size + 1).read_to_end(&mut data)?;
-    let digest: [u8; 32] = Sha256::digest(&data).into();
-    if digest != sha || Stat::of(&file.metadata()?) != stat {
-        return Ok(None);
-    }
-    Ok(Some(Bytes::from(data)))
 }

@@ -393,11 +393,7 @@ fn config_errors_exit_2_naming_key_and_line() {
             "settle_ms",
             "line 3",
         ),
-        (
-            "[pipeline]\ncompression = \"zstd\"\n",
-            "not yet supported",
-            "line 2",
-        ),
+        ("[pipeline]\ncompression = \"lz5\"\n", "lz5", "line 2"),
         (
             "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"x\"\nurl = \"ftp://h/p\"\n",
             "ftp",

@@ -1,0 +1,490 @@
+//! The byte pipeline between a local file and an object: read once, hash, compress, encrypt on
+//! the way up; decrypt, decompress, hash on the way down. Both directions stream with constant
+//! memory and run on blocking threads.
+//!
+//! Object keys carry one suffix per applied stage, in pipeline order: `.gz` or `.zst`, then
+//! `.enc`. Files that would not shrink (known compressed formats by extension, or a first
+//! block that compresses by less than 5%) are stored uncompressed. Encrypted objects carry a
+//! small metadata record (size, mtime, SHA-256, compression) inside the encryption, so a
+//! restore can verify and restore mtimes from the object and the key alone.
+
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{Compression, Config, Encryption};
+use crate::crypto::{self, Decryptor, Encryptor, MasterKey};
+
+/// Size of the first block used to decide whether a file compresses.
+pub const PROBE_BLOCK: usize = 64 * 1024;
+/// Largest metadata record accepted when decoding.
+const MAX_META: usize = 64 * 1024;
+
+/// Extensions of formats that are already compressed.
+const COMPRESSED_EXTENSIONS: &[&str] = &[
+    "7z", "apk", "avi", "br", "bz2", "deb", "flac", "gif", "gz", "heic", "jar", "jpeg", "jpg",
+    "lz4", "lzma", "mkv", "mov", "mp3", "mp4", "ogg", "png", "rar", "rpm", "tgz", "txz", "war",
+    "webm", "webp", "whl", "woff", "woff2", "xz", "zip", "zst",
+];
+
+/// How objects are encoded, from `[pipeline]`, with the keys loaded.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Compression for files that shrink.
+    pub compression: Compression,
+    /// Compression level.
+    pub level: i32,
+    /// Key for new objects (`None`: no encryption).
+    pub key: Option<MasterKey>,
+    /// Every key objects may have been written with (current first).
+    pub keys: Vec<MasterKey>,
+}
+
+impl Pipeline {
+    /// Load keys as configured. Errors name the key file.
+    pub fn from_config(cfg: &Config) -> Result<Pipeline, crypto::CryptoError> {
+        let p = &cfg.pipeline;
+        let key = match (p.encryption, &p.key_file) {
+            (Encryption::Aes256Gcm, Some(path)) => Some(MasterKey::load(path)?),
+            (Encryption::Aes256Gcm, None) => {
+                return Err(crypto::CryptoError::KeyFile {
+                    path: "(none)".into(),
+                    message: "pipeline.key_file is required with encryption = \"aes-256-gcm\""
+                        .into(),
+                });
+            }
+            (Encryption::None, _) => None,
+        };
+        let mut keys: Vec<MasterKey> = key.iter().cloned().collect();
+        if let (None, Some(path)) = (&key, &p.key_file) {
+            // Restores may need the key even when new objects are not encrypted.
+            if path.exists() {
+                keys.push(MasterKey::load(path)?);
+            }
+        }
+        for old in &p.old_key_files {
+            keys.push(MasterKey::load(old)?);
+        }
+        Ok(Pipeline {
+            compression: p.compression,
+            level: p.level.unwrap_or(match p.compression {
+                Compression::Gzip => 6,
+                _ => 3,
+            }),
+            key,
+            keys,
+        })
+    }
+
+    /// A pipeline that stores files as they are.
+    pub fn plain() -> Pipeline {
+        Pipeline {
+            compression: Compression::None,
+            level: 0,
+            key: None,
+            keys: Vec::new(),
+        }
+    }
+
+    /// Identifies the settings that decide how a given file is encoded: two uploads of the
+    /// same content under the same identity produce equivalent objects.
+    pub fn identity(&self) -> String {
+        let c = match self.compression {
+            Compression::None => "none".to_string(),
+            Compression::Gzip => format!("gzip{}", self.level),
+            Compression::Zstd => format!("zstd{}", self.level),
+        };
+        match &self.key {
+            Some(k) => format!("{c}+aes256gcm:{}", k.id_hex()),
+            None => c,
+        }
+    }
+
+    /// Decide how to encode `path` given its first block.
+    pub fn plan(&self, path: &Path, first: &[u8]) -> Plan {
+        let compression = match self.compression {
+            Compression::None => Compression::None,
+            c if !compresses(path, first) => {
+                let _ = c;
+                Compression::None
+            }
+            c => c,
+        };
+        Plan {
+            compression,
+            encrypt: self.key.is_some(),
+        }
+    }
+}
+
+fn compresses(path: &Path, first: &[u8]) -> bool {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    if ext.is_some_and(|e| COMPRESSED_EXTENSIONS.contains(&e.as_str())) {
+        return false;
+    }
+    if first.len() < 512 {
+        return true;
+    }
+    match zstd::bulk::compress(first, 1) {
+        Ok(c) => (c.len() as f64) < first.len() as f64 * 0.95,
+        Err(_) => true,
+    }
+}
+
+/// How one file is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Compression actually applied.
+    pub compression: Compression,
+    /// Whether the object is encrypted.
+    pub encrypt: bool,
+}
+
+impl Plan {
+    /// The key suffix: `.gz`/`.zst`, then `.enc`.
+    pub fn suffix(&self) -> String {
+        let mut s = String::from(compression_suffix(self.compression));
+        if self.encrypt {
+            s.push_str(".enc");
+        }
+        s
+    }
+
+    /// Read a plan back from an object key's suffixes; returns the key without them.
+    pub fn from_key(key: &str) -> (Plan, &str) {
+        let (encrypt, rest) = match key.strip_suffix(".enc") {
+            Some(r) => (true, r),
+            None => (false, key),
+        };
+        let (compression, rest) = if let Some(r) = rest.strip_suffix(".zst") {
+            (Compression::Zstd, r)
+        } else if let Some(r) = rest.strip_suffix(".gz") {
+            (Compression::Gzip, r)
+        } else {
+            (Compression::None, rest)
+        };
+        (
+            Plan {
+                compression,
+                encrypt,
+            },
+            rest,
+        )
+    }
+
+    /// Content-Encoding for an unencrypted compressed object.
+    pub fn content_encoding(&self) -> Option<&'static str> {
+        match (self.encrypt, self.compression) {
+            (false, Compression::Gzip) => Some("gzip"),
+            (false, Compression::Zstd) => Some("zstd"),
+            _ => None,
+        }
+    }
+
+    /// Content-Type for the object of `path`: the original's type, unless encrypted.
+    pub fn content_type(&self, path: &Path) -> String {
+        if self.encrypt {
+            return "application/octet-stream".into();
+        }
+        mime_guess::from_path(path)
+            .first_or_octet_stream()
+            .essence_str()
+            .to_string()
+    }
+}
+
+fn compression_suffix(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "",
+        Compression::Gzip => ".gz",
+        Compression::Zstd => ".zst",
+    }
+}
+
+/// What an encrypted object says about its original, inside the encryption.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Meta {
+    /// Original size in bytes.
+    pub size: u64,
+    /// Original modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// SHA-256 of the original, hex.
+    pub sha256: String,
+}
+
+/// A writer stage that must be finished (flushing trailers) in order.
+pub trait Finish: Write + Send {
+    /// Finish this stage and every stage below it.
+    fn finish(self: Box<Self>) -> io::Result<()>;
+}
+
+impl<W: Finish + ?Sized> Finish for Box<W> {
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        (*self).finish()
+    }
+}
+
+impl Finish for Encryptor<Box<dyn Finish>> {
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        Encryptor::finish(*self)?.finish()
+    }
+}
+
+impl Finish for zstd::stream::write::Encoder<'static, Box<dyn Finish>> {
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        zstd::stream::write::Encoder::finish(*self)?.finish()
+    }
+}
+
+impl Finish for flate2::write::GzEncoder<Box<dyn Finish>> {
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        flate2::write::GzEncoder::finish(*self)?.finish()
+    }
+}
+
+/// Build the encoding chain for `plan` in front of `sink`; writes the metadata record first
+/// when encrypting.
+pub fn encoder(
+    pipeline: &Pipeline,
+    plan: Plan,
+    meta: &Meta,
+    sink: Box<dyn Finish>,
+) -> io::Result<Box<dyn Finish>> {
+    let mut out = sink;
+    if plan.encrypt {
+        let key = pipeline
+            .key
+            .as_ref()
+            .ok_or_else(|| io::Error::other("encryption planned without a key"))?;
+        let mut enc = Encryptor::new(key, out)?;
+        let record = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        enc.write_all(&(record.len() as u32).to_be_bytes())?;
+        enc.write_all(&record)?;
+        out = Box::new(enc);
+    }
+    Ok(match plan.compression {
+        Compression::None => out,
+        Compression::Zstd => {
+            let mut z = zstd::stream::write::Encoder::new(out, pipeline.level)?;
+            z.include_checksum(true)?;
+            Box::new(z)
+        }
+        Compression::Gzip => Box::new(flate2::write::GzEncoder::new(
+            out,
+            flate2::Compression::new(pipeline.level.clamp(0, 9) as u32),
+        )),
+    })
+}
+
+/// A `Read` that decrypts a stream of our container format.
+pub struct DecryptReader<R: Read> {
+    inner: R,
+    dec: Decryptor,
+    out: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl<R: Read> DecryptReader<R> {
+    /// Decrypt `inner` with any of `keys`.
+    pub fn new(inner: R, keys: Vec<MasterKey>) -> Self {
+        DecryptReader {
+            inner,
+            dec: Decryptor::new(keys),
+            out: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl<R: Read> Read for DecryptReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while self.pos == self.out.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.out.clear();
+            self.pos = 0;
+            let n = self.inner.read(&mut chunk)?;
+            let res = if n == 0 {
+                self.done = true;
+                self.dec.finish(&mut self.out)
+            } else {
+                self.dec.push(&chunk[..n], &mut self.out)
+            };
+            res.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+        let n = (self.out.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Build the decoding chain for an object whose key says `plan`: returns the plaintext reader
+/// and, for encrypted objects, the metadata record.
+pub fn decoder<'a, R: Read + 'a>(
+    plan: Plan,
+    keys: &[MasterKey],
+    inner: R,
+) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
+    let mut meta = None;
+    let mut r: Box<dyn Read + 'a> = Box::new(inner);
+    if plan.encrypt {
+        let mut d = DecryptReader::new(r, keys.to_vec());
+        let mut len = [0u8; 4];
+        d.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_META {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("metadata record of {len} bytes is too large"),
+            ));
+        }
+        let mut record = vec![0u8; len];
+        d.read_exact(&mut record)?;
+        meta = Some(serde_json::from_slice(&record).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad metadata record: {e}"),
+            )
+        })?);
+        r = Box::new(d);
+    }
+    let r: Box<dyn Read + 'a> = match plan.compression {
+        Compression::None => r,
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+    };
+    Ok((r, meta))
+}
+
+/// Copy `r` into `w`, returning the SHA-256 and length of what was copied.
+pub fn copy_hashed(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<([u8; 32], u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Finish for Shared {
+        fn finish(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pipeline(c: Compression, encrypt: bool) -> Pipeline {
+        let key = MasterKey::from_bytes([5; 32]);
+        Pipeline {
+            compression: c,
+            level: 3,
+            key: encrypt.then(|| key.clone()),
+            keys: vec![key],
+        }
+    }
+
+    fn encode(p: &Pipeline, name: &str, data: &[u8]) -> (Plan, Vec<u8>) {
+        let plan = p.plan(Path::new(name), &data[..data.len().min(PROBE_BLOCK)]);
+        let sink = Shared::default();
+        let meta = Meta {
+            size: data.len() as u64,
+            mtime_ns: 7,
+            sha256: hex::encode(Sha256::digest(data)),
+        };
+        let mut w = encoder(p, plan, &meta, Box::new(sink.clone())).unwrap();
+        w.write_all(data).unwrap();
+        w.finish().unwrap();
+        let out = sink.0.lock().unwrap().clone();
+        (plan, out)
+    }
+
+    #[test]
+    fn every_combination_round_trips() {
+        let text: Vec<u8> = b"INFO all good\n".repeat(20_000);
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            for enc in [false, true] {
+                let p = pipeline(c, enc);
+                let (plan, obj) = encode(&p, "a.log", &text);
+                assert_eq!(plan.compression, c);
+                let key = format!("a.log{}", plan.suffix());
+                let (parsed, logical) = Plan::from_key(&key);
+                assert_eq!((parsed, logical), (plan, "a.log"));
+                let (mut r, meta) = decoder(parsed, &p.keys, &obj[..]).unwrap();
+                let mut out = Vec::new();
+                r.read_to_end(&mut out).unwrap();
+                assert_eq!(out, text, "{c:?} enc={enc}");
+                assert_eq!(meta.is_some(), enc);
+                if enc {
+                    assert!(!obj.windows(13).any(|w| w == b"INFO all good"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn incompressible_files_are_stored_as_is() {
+        let p = pipeline(Compression::Zstd, false);
+        let mut random = vec![0u8; 100_000];
+        fastrand::fill(&mut random);
+        assert_eq!(
+            encode(&p, "x.bin", &random).0.compression,
+            Compression::None
+        );
+        assert_eq!(
+            encode(&p, "x.png", &[b'a'; 10_000]).0.compression,
+            Compression::None
+        );
+        assert_eq!(
+            encode(&p, "x.txt", &[b'a'; 10_000]).0.compression,
+            Compression::Zstd
+        );
+    }
+
+    #[test]
+    fn truncated_compressed_objects_fail() {
+        for c in [Compression::Gzip, Compression::Zstd] {
+            let p = pipeline(c, false);
+            let (plan, obj) = encode(&p, "a.log", &b"line of log\n".repeat(50_000));
+            let cut = &obj[..obj.len() - 9];
+            let (mut r, _) = decoder(plan, &[], cut).unwrap();
+            let mut out = Vec::new();
+            assert!(
+                r.read_to_end(&mut out).is_err(),
+                "{c:?} truncation not detected"
+            );
+        }
+    }
+}
