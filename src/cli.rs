@@ -65,7 +65,34 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate the configuration; without --offline also contact every destination.
+    /// Download, decrypt, decompress and verify objects into a directory.
+    Restore {
+        /// Destination name to restore from.
+        #[arg(long)]
+        from: String,
+        /// Directory to write into (paths in it are relative to --prefix).
+        #[arg(long)]
+        to: PathBuf,
+        /// Only objects under this key prefix (relative to the destination's URL path).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Check that every file the index says is uploaded is present with the expected size.
+    Verify {
+        /// Only this destination.
+        #[arg(long)]
+        dest: Option<String>,
+        /// Download, decrypt and re-hash every object.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Write a new 256-bit encryption key (mode 0600), or print it.
+    Keygen {
+        /// File to create (never overwritten); without it the key is printed.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Validate the configuration; without --offline also the key files and every destination.
     CheckConfig {
         /// Do not contact destinations.
         #[arg(long)]
@@ -88,6 +115,9 @@ pub fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
 
 /// Run the parsed command; the result is the process exit code.
 pub fn execute(cli: Cli) -> ExitCode {
+    if let Command::Keygen { out } = &cli.command {
+        return keygen(out.as_deref());
+    }
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -189,6 +219,44 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Restore { from, to, prefix } => {
+            let s = crate::restore::restore(&config, &from, &to, prefix.as_deref()).await?;
+            for (key, e) in &s.failed {
+                eprintln!("failed: {key}: {e}");
+            }
+            for key in &s.superseded {
+                eprintln!("skipped (a newer object maps to the same file): {key}");
+            }
+            println!(
+                "{} files restored to {}, {} objects failed",
+                s.restored,
+                to.display(),
+                s.failed.len()
+            );
+            Ok(if s.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Verify { dest, deep } => {
+            let r = crate::restore::verify(&config, dest.as_deref(), deep).await?;
+            for p in &r.problems {
+                eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
+            }
+            println!(
+                "{} objects checked{}, {} problems",
+                r.checked,
+                if deep { " deeply" } else { "" },
+                r.problems.len()
+            );
+            Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Keygen { .. } => Ok(ExitCode::SUCCESS),
         Command::CheckConfig { offline } => match daemon::check_config(&config, offline).await {
             Ok(lines) => {
                 for l in lines {
@@ -200,6 +268,36 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             Err(e) => {
                 eprintln!("panoptic-sync: {e:#}");
                 Ok(ExitCode::from(2))
+            }
+        },
+    }
+}
+
+fn keygen(out: Option<&std::path::Path>) -> ExitCode {
+    let key = match crate::crypto::MasterKey::generate() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("panoptic-sync: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match out {
+        None => {
+            println!("{}", key.to_hex());
+            ExitCode::SUCCESS
+        }
+        Some(path) => match key.write_new(path) {
+            Ok(()) => {
+                eprintln!(
+                    "wrote a new key (id {}) to {}",
+                    key.id_hex(),
+                    path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("panoptic-sync: {e}");
+                ExitCode::from(2)
             }
         },
     }

@@ -449,3 +449,34 @@ mod tests {
         assert!(!format!("{k:?}").contains("abab"));
     }
 }
+
+#[cfg(test)]
+mod vectors {
+    use super::*;
+
+    /// The test vectors of docs/FORMAT.md.
+    pub fn vector(plaintext: &[u8]) -> Vec<u8> {
+        let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let salt: [u8; 32] = std::array::from_fn(|i| 0x20 + i as u8);
+        let prefix: [u8; 7] = std::array::from_fn(|i| 0x40 + i as u8);
+        let mut e = Encryptor::with_parameters(&key, salt, prefix, Vec::new()).unwrap();
+        e.write_all(plaintext).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn format_md_vectors_hold() {
+        let doc = include_str!("../docs/FORMAT.md");
+        let v1 = hex::encode(vector(b""));
+        let v2 = hex::encode(vector(b"panoptic-sync test vector\n"));
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let v3 = hex::encode(Sha256::digest(vector(&big)));
+        for v in [&v1, &v2, &v3] {
+            assert!(doc.contains(v.as_str()), "docs/FORMAT.md lacks {v}");
+        }
+        // And they decrypt.
+        let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let pt = decrypt_all(vec![key], &hex::decode(v2).unwrap()).unwrap();
+        assert_eq!(pt, b"panoptic-sync test vector\n");
+    }
+}

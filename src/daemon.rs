@@ -521,6 +521,18 @@ impl Progress for NoProgress {
 /// destination; `Err` names the first destination that failed.
 pub async fn check_config(config: &Config, offline: bool) -> anyhow::Result<Vec<String>> {
     let mut lines = Vec::new();
+    if !offline {
+        let p = crate::pipeline::Pipeline::from_config(config)?;
+        if let Some(k) = &p.key {
+            lines.push(format!("encryption key id {} loaded", k.id_hex()));
+        }
+        if p.keys.len() > p.key.iter().count() {
+            lines.push(format!(
+                "{} key(s) for older objects loaded",
+                p.keys.len() - p.key.iter().count()
+            ));
+        }
+    }
     for d in config.destinations() {
         let dest = Destination::open(d)?;
         if offline {

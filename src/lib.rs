@@ -19,6 +19,7 @@ pub mod destination;
 pub mod index;
 pub mod ingest;
 pub mod pipeline;
+pub mod restore;
 pub mod scan;
 pub mod status;
 pub mod upload;

@@ -429,12 +429,24 @@ impl Worker {
         }
     }
 
-    fn attributes(&self, plan: Plan, path: &Path) -> Attributes {
+    /// Content-Type, Content-Encoding and, for unencrypted objects only, the original's hash
+    /// and mtime (which `restore` checks and applies). Encrypted objects carry these inside.
+    fn attributes(&self, plan: Plan, job: &Job) -> Attributes {
         let mut attrs = Attributes::new();
         if self.dest.supports_attributes {
-            attrs.insert(Attribute::ContentType, plan.content_type(path).into());
+            attrs.insert(Attribute::ContentType, plan.content_type(&job.path).into());
             if let Some(enc) = plan.content_encoding() {
                 attrs.insert(Attribute::ContentEncoding, enc.into());
+            }
+            if !plan.encrypt {
+                attrs.insert(
+                    Attribute::Metadata("sha256".into()),
+                    hex::encode(job.sha256).into(),
+                );
+                attrs.insert(
+                    Attribute::Metadata("mtime-ns".into()),
+                    job.stat.mtime_ns.to_string().into(),
+                );
             }
         }
         attrs
@@ -471,7 +483,7 @@ impl Worker {
         let stored_key = format!("{}{}", job.key, plan.suffix());
         let location = self.dest.path(&stored_key)?;
         let ctx = || format!("uploading {location} to {}", self.dest.name);
-        let attributes = self.attributes(plan, &job.path);
+        let attributes = self.attributes(plan, job);
         let first = match rx.recv().await {
             Some(Msg::Data(b)) => b,
             _ => {

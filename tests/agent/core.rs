@@ -1,17 +1,15 @@
-//! End-to-end tests of the agent against real files, a real SQLite index, a real S3 server
-//! (s3s-fs) checked with an independent client (boto3), and a file:// backup.
-
-mod util;
+//! The core agent end to end: watch, index, dedup, upload to an S3 primary and a file://
+//! backup, restart, outages, SIGTERM, hostile entries, configuration errors.
 
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use util::*;
+use crate::util::*;
 
 /// A CI-like job: logs written over seconds, reports renamed into place, a 30 MiB file,
 /// duplicates, deep new directories, and temp files that must never be uploaded.
-async fn write_ci_job(env: &Env, tag: &str) {
+pub async fn write_ci_job(env: &Env, tag: &str) {
     let watch = env.watch.clone();
     let tag = tag.to_string();
     // Logs written slowly, the file kept open between writes.
@@ -82,7 +80,7 @@ async fn write_ci_job(env: &Env, tag: &str) {
     fast.await.unwrap();
 }
 
-fn assert_ok(out: &std::process::Output, what: &str) {
+pub fn assert_ok(out: &std::process::Output, what: &str) {
     assert!(
         out.status.success(),
         "{what} exited {:?}\nstdout: {}\nstderr: {}",

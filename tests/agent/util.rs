@@ -122,10 +122,27 @@ impl S3 {
 
     /// Every object under `prefix` in `bucket`, key → sha256 hex, read with boto3.
     pub fn objects(&self, bucket: &str, prefix: &str) -> BTreeMap<String, String> {
+        self.boto(bucket, &[prefix])
+    }
+
+    /// Like [`S3::objects`], also writing each object's raw bytes to `dir/<key>`.
+    pub fn dump(&self, bucket: &str, prefix: &str, dir: &Path) -> BTreeMap<String, String> {
+        self.boto(bucket, &[prefix, dir.to_str().unwrap()])
+    }
+
+    /// Upload raw bytes under any key, with boto3 (for crafted objects).
+    pub fn put_raw(&self, bucket: &str, key: &str, data: &[u8]) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), data).unwrap();
+        self.boto(bucket, &["put", key, f.path().to_str().unwrap()]);
+    }
+
+    fn boto(&self, bucket: &str, args: &[&str]) -> BTreeMap<String, String> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_check.py");
         let out = Command::new("python3")
             .arg(script)
-            .args([&self.endpoint, &self.key, &self.secret, bucket, prefix])
+            .args([&self.endpoint, &self.key, &self.secret, bucket])
+            .args(args)
             .output()
             .expect("running python3 tests/s3_check.py");
         assert!(
@@ -189,6 +206,8 @@ pub struct Env {
     pub s3_secret: String,
     /// Extra TOML appended to the [[watch]] table.
     pub watch_extra: String,
+    /// A `[pipeline]` table, if any.
+    pub pipeline: String,
 }
 
 impl Env {
@@ -215,6 +234,7 @@ impl Env {
             s3_key: key.into(),
             s3_secret: secret.into(),
             watch_extra: String::new(),
+            pipeline: String::new(),
         };
         std::fs::create_dir_all(&env.watch).unwrap();
         env
@@ -224,6 +244,8 @@ impl Env {
         format!(
             r#"node_id = "{NODE}"
 state_dir = "{state}"
+
+{pipeline}
 
 [[watch]]
 path = "{watch}"
@@ -242,6 +264,7 @@ name = "nas"
 url = "file://{nas}"
 "#,
             state = self.state.display(),
+            pipeline = self.pipeline,
             watch = self.watch.display(),
             extra = self.watch_extra,
             bucket = self.bucket,
@@ -283,6 +306,22 @@ url = "file://{nas}"
             .stderr(Stdio::null())
             .spawn()
             .unwrap()
+    }
+
+    /// Create a key file with `keygen` (mode 0600) and return its path.
+    pub fn keygen(&self, name: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .args(["keygen", "--out"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
     }
 
     /// Write a file (creating directories).
@@ -345,6 +384,19 @@ url = "file://{nas}"
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
+}
+
+/// Every file under `dir`: relative path → contents.
+pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.unwrap();
+        if e.file_type().is_file() {
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            out.insert(rel, std::fs::read(e.path()).unwrap());
+        }
+    }
+    out
 }
 
 /// The daemon running in-process.

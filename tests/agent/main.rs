@@ -1,0 +1,7 @@
+//! The integration tests: one binary, real files, a real SQLite index, a real S3 server
+//! (s3s-fs) checked with an independent client (boto3), and file:// backups.
+
+mod util;
+
+mod core;
+mod restore;
