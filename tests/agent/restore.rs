@@ -269,3 +269,21 @@ fn a_key_file_open_to_others_is_refused_and_keygen_never_overwrites() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_key_rotation_old_and_new_objects_restore_with_old_key_files() {
+    let (mut env, old) = encrypted_env();
+    env.write("before/a.log", b"written under the old key");
+    assert_ok(&env.cli(&["sync"]), "sync with the old key");
+    let new = env.keygen("new-key");
+    env.pipeline = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\nold_key_files = [\"{}\"]\n",
+        new.display(),
+        old.display()
+    );
+    env.write("after/b.log", b"written under the new key");
+    assert_ok(&env.cli(&["sync"]), "sync with the new key");
+    let to = env.tmp.path().join("restored");
+    assert_ok(&restore(&env, "nas", &to), "restore across keys");
+    assert_eq!(tree(&to), tree(&env.watch));
+}
