@@ -92,6 +92,12 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write the man page and shell completions into a directory (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// Validate the configuration; without --offline also the key files and every destination.
     CheckConfig {
         /// Do not contact destinations.
@@ -118,6 +124,15 @@ pub fn execute(cli: Cli) -> ExitCode {
     if let Command::Keygen { out } = &cli.command {
         return keygen(out.as_deref());
     }
+    if let Command::GenerateAssets { dir } = &cli.command {
+        return match generate_assets(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("panoptic-sync: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -135,7 +150,8 @@ pub fn execute(cli: Cli) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(dispatch(cli.command, config));
+    let config_path = cli.config.clone();
+    let result = runtime.block_on(dispatch(cli.command, config, config_path));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -153,12 +169,17 @@ pub fn execute(cli: Cli) -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+async fn dispatch(
+    command: Command,
+    config: Config,
+    config_path: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
-            daemon::run(config, shutdown).await?;
+            let reloads = spawn_reload_handler(config_path)?;
+            daemon::run_with_reload(config, shutdown, reloads).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync => {
@@ -256,7 +277,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 ExitCode::from(1)
             })
         }
-        Command::Keygen { .. } => Ok(ExitCode::SUCCESS),
+        Command::Keygen { .. } | Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
         Command::CheckConfig { offline } => match daemon::check_config(&config, offline).await {
             Ok(lines) => {
                 for l in lines {
@@ -271,6 +292,26 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
         },
     }
+}
+
+/// The man page (`panoptic-sync.1`) and bash, zsh and fish completions.
+fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut man)?;
+    std::fs::write(dir.join("panoptic-sync.1"), man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "panoptic-sync", dir)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
 }
 
 fn keygen(out: Option<&std::path::Path>) -> ExitCode {
@@ -301,6 +342,31 @@ fn keygen(out: Option<&std::path::Path>) -> ExitCode {
             }
         },
     }
+}
+
+/// On every SIGHUP, read the configuration again (from the same place) and hand it, or the
+/// reason it is invalid, to the daemon.
+fn spawn_reload_handler(
+    config_path: Option<PathBuf>,
+) -> anyhow::Result<tokio::sync::mpsc::Receiver<anyhow::Result<Config>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            let loaded = Config::load(config_path.as_deref()).map(|(mut c, _)| {
+                if let Ok(cwd) = std::env::current_dir() {
+                    c.absolutize(&cwd);
+                }
+                c
+            });
+            if tx.send(loaded.map_err(anyhow::Error::from)).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -82,6 +82,30 @@ impl StateLock {
     }
 }
 
+/// Everything a configuration needs opened before work starts: stores, keys, roots. Built
+/// first on reload, so a configuration that cannot be used is rejected before anything stops.
+pub struct Parts {
+    config: Config,
+    dests: Vec<Destination>,
+    pipeline: Arc<crate::pipeline::Pipeline>,
+    roots: Arc<Vec<Root>>,
+}
+
+impl Parts {
+    /// Open destinations and load keys for `config`.
+    pub fn prepare(config: Config) -> anyhow::Result<Parts> {
+        let dests = destination::open_all(&config)?;
+        let pipeline = Arc::new(crate::pipeline::Pipeline::from_config(&config)?);
+        let roots = Arc::new(Root::from_config(&config));
+        Ok(Parts {
+            config,
+            dests,
+            pipeline,
+            roots,
+        })
+    }
+}
+
 /// The running pieces shared by `run` and `sync`.
 struct Agent {
     index: Arc<Index>,
@@ -94,16 +118,15 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(
-        config: &Config,
-        index: Arc<Index>,
-        max_attempts: Option<i64>,
-    ) -> anyhow::Result<Agent> {
-        let dests = destination::open_all(config)?;
-        let pipeline = Arc::new(crate::pipeline::Pipeline::from_config(config)?);
+    fn start(parts: Parts, index: Arc<Index>, max_attempts: Option<i64>) -> anyhow::Result<Agent> {
+        let Parts {
+            dests,
+            pipeline,
+            roots,
+            ..
+        } = parts;
         // Each multipart upload holds a few parts in memory; bound how many run at once.
         let multipart_slots = Arc::new(tokio::sync::Semaphore::new(3));
-        let roots = Arc::new(Root::from_config(config));
         let (feeder, rx, outstanding) = Feeder::new(65_536);
         let wakes: Vec<Arc<Notify>> = dests.iter().map(|_| Arc::new(Notify::new())).collect();
         let ingest_stats = Arc::new(IngestStats::default());
@@ -190,31 +213,34 @@ fn open_index(config: &Config) -> anyhow::Result<Arc<Index>> {
     Ok(Arc::new(Index::open(&config.state_dir)?))
 }
 
-/// The daemon: watch, index and upload until `shutdown` is cancelled, then drain and return.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _lock = StateLock::acquire(&config.state_dir)?;
-    let index = open_index(&config)?;
-    let agent = Agent::start(&config, index, None)?;
-    let rescan = Arc::new(Notify::new());
-    let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tasks_cancel = CancellationToken::new();
+/// The agent plus the tasks that feed it while running as a daemon.
+struct Running {
+    agent: Agent,
+    tasks_cancel: CancellationToken,
+    watcher: tokio::task::JoinHandle<anyhow::Result<()>>,
+    scanner: tokio::task::JoinHandle<()>,
+}
 
-    let watcher = WatchTask {
-        roots: agent.roots.clone(),
-        feeder: agent.feeder.clone(),
-        rescan: rescan.clone(),
-        degraded: degraded.clone(),
-    };
-    let watch_handle = tokio::spawn(watcher.run(tasks_cancel.clone()));
-
-    let scanner = {
+impl Running {
+    fn start(parts: Parts, index: Arc<Index>) -> anyhow::Result<Running> {
+        let agent = Agent::start(parts, index, None)?;
+        let rescan = Arc::new(Notify::new());
+        let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks_cancel = CancellationToken::new();
+        let watcher = WatchTask {
+            roots: agent.roots.clone(),
+            feeder: agent.feeder.clone(),
+            rescan: rescan.clone(),
+            degraded: degraded.clone(),
+        };
+        let watcher = tokio::spawn(watcher.run(tasks_cancel.clone()));
         let (roots, feeder, index, cancel) = (
             agent.roots.clone(),
             agent.feeder.clone(),
             agent.index.clone(),
             tasks_cancel.clone(),
         );
-        tokio::spawn(async move {
+        let scanner = tokio::spawn(async move {
             loop {
                 let (r, f, i) = (roots.clone(), feeder.clone(), index.clone());
                 let res = tokio::task::spawn_blocking(move || {
@@ -242,23 +268,134 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     _ = tokio::time::sleep(interval) => {}
                 }
             }
+        });
+        Ok(Running {
+            agent,
+            tasks_cancel,
+            watcher,
+            scanner,
         })
-    };
+    }
 
+    /// Whether every worker, the ingest thread and the watcher are alive and the index takes
+    /// writes: the condition for petting the systemd watchdog.
+    async fn healthy(&self) -> bool {
+        let alive = !self.watcher.is_finished()
+            && !self.scanner.is_finished()
+            && self.agent.workers.iter().all(|(_, h, _)| !h.is_finished())
+            && self.agent.ingest.as_ref().is_some_and(|t| !t.is_finished());
+        if !alive {
+            return false;
+        }
+        let index = self.agent.index.clone();
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::task::spawn_blocking(move || index.check_writable())
+            )
+            .await,
+            Ok(Ok(Ok(())))
+        )
+    }
+
+    async fn stop(self) {
+        self.tasks_cancel.cancel();
+        let _ = self.watcher.await;
+        let _ = self.scanner.await;
+        self.agent.stop().await;
+    }
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// A one-line summary for systemd's STATUS=.
+fn status_line(index: &Index, dests: &[String]) -> String {
+    match index.status(dests) {
+        Ok(s) => {
+            let (pending, failing, done) = s.destinations.iter().fold((0, 0, 0), |a, d| {
+                (a.0 + d.pending, a.1 + d.failing, a.2 + d.done)
+            });
+            format!(
+                "{} files indexed; uploads: {done} done, {pending} queued, {failing} failing",
+                s.files
+            )
+        }
+        Err(e) => format!("index unreadable: {e}"),
+    }
+}
+
+/// The daemon: watch, index and upload until `shutdown` is cancelled, then drain and return.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    run_with_reload(config, shutdown, rx).await
+}
+
+/// The daemon, also taking new configurations (SIGHUP) from `reloads`. A new configuration
+/// that fails to load (the `Err` case) or to open is rejected and the running one kept;
+/// otherwise the workers drain and restart with it. Queued work lives in the index, so
+/// nothing is lost across a reload. Speaks sd_notify: READY, STATUS, WATCHDOG (only while
+/// healthy), RELOADING and STOPPING.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: CancellationToken,
+    mut reloads: tokio::sync::mpsc::Receiver<anyhow::Result<Config>>,
+) -> anyhow::Result<()> {
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    let index = open_index(&config)?;
+    let parts = Parts::prepare(config)?;
+    let mut config = parts.config.clone();
+    let mut running = Running::start(parts, index.clone())?;
     tracing::info!(
         node = %config.node_id,
-        index = %agent.index.path().display(),
-        roots = agent.roots.len(),
-        destinations = agent.workers.len(),
+        index = %index.path().display(),
+        roots = config.watch.len(),
+        destinations = config.destination.len(),
         "panoptic-sync running"
     );
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(60));
     heartbeat.tick().await;
-    let mut watch_handle = watch_handle;
+    let mut reloads_open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            res = &mut watch_handle => {
+            new = reloads.recv(), if reloads_open => {
+                let Some(new) = new else {
+                    reloads_open = false;
+                    continue;
+                };
+                notify(&[sd_notify::NotifyState::Reloading]);
+                let prepared = new.and_then(|c| {
+                    anyhow::ensure!(
+                        c.state_dir == config.state_dir,
+                        "state_dir cannot change on reload (from {} to {}); restart the service",
+                        config.state_dir.display(),
+                        c.state_dir.display()
+                    );
+                    Parts::prepare(c)
+                });
+                match prepared {
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "new configuration rejected; the running one is kept"),
+                    Ok(parts) => {
+                        tracing::info!("reloading the configuration: draining workers");
+                        running.stop().await;
+                        config = parts.config.clone();
+                        running = Running::start(parts, index.clone())?;
+                        tracing::info!(roots = config.watch.len(), destinations = config.destination.len(), "configuration reloaded");
+                    }
+                }
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
+            res = &mut running.watcher => {
                 // The watcher only ends on its own when inotify cannot be used at all.
                 match res {
                     Ok(Err(e)) => return Err(e),
@@ -266,14 +403,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Err(e) => anyhow::bail!("the watcher task failed: {e}"),
                 }
             }
-            _ = heartbeat.tick() => log_progress(&agent),
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                if running.healthy().await {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("a worker stopped or the index is not writable; withholding the watchdog ping");
+                }
+            }
+            _ = status_tick.tick() => {
+                let (i, names) = (index.clone(), config.destinations().map(|d| d.name.clone()).collect::<Vec<_>>());
+                if let Ok(line) = tokio::task::spawn_blocking(move || status_line(&i, &names)).await {
+                    notify(&[sd_notify::NotifyState::Status(&line)]);
+                }
+            }
+            _ = heartbeat.tick() => log_progress(&running.agent),
         }
     }
+    notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: finishing in-flight uploads");
-    tasks_cancel.cancel();
-    let _ = watch_handle.await;
-    let _ = scanner.await;
-    agent.stop().await;
+    running.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -338,7 +486,11 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
         let index = index.clone();
         tokio::task::spawn_blocking(move || index.retry_now()).await??;
     }
-    let agent = Agent::start(config, index.clone(), Some(SYNC_ATTEMPTS))?;
+    let agent = Agent::start(
+        Parts::prepare(config.clone())?,
+        index.clone(),
+        Some(SYNC_ATTEMPTS),
+    )?;
     agent.catch_up().await?;
     let names: Vec<String> = agent.workers.iter().map(|(n, _, _)| n.clone()).collect();
     loop {

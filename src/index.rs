@@ -783,6 +783,13 @@ impl Index {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Whether the index takes writes now (a write transaction opened and rolled back).
+    pub fn check_writable(&self) -> anyhow::Result<()> {
+        let conn = self.conn();
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .with_context(|| format!("index {} is not writable", self.path.display()))
+    }
+
     /// Check the database file (`PRAGMA quick_check`).
     pub fn check(&self) -> anyhow::Result<()> {
         let r: String = self
