@@ -86,6 +86,17 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Print a link to a local file's object: public_base_url + key, or a presigned URL.
+    Url {
+        /// The local file.
+        path: PathBuf,
+        /// Destination (default: the primary).
+        #[arg(long)]
+        dest: Option<String>,
+        /// How long a presigned URL stays valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        expires: Duration,
+    },
     /// Write a new 256-bit encryption key (mode 0600), or print it.
     Keygen {
         /// File to create (never overwritten); without it the key is printed.
@@ -276,6 +287,15 @@ async fn dispatch(
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Url {
+            path,
+            dest,
+            expires,
+        } => {
+            let link = crate::links::link(&config, &path, dest.as_deref(), expires).await?;
+            println!("{link}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { .. } | Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
         Command::CheckConfig { offline } => match daemon::check_config(&config, offline).await {

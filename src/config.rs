@@ -134,7 +134,8 @@ pub enum Encryption {
 pub struct Destination {
     /// Unique name, used in status, `--dest` and the index.
     pub name: String,
-    /// `file:///path`, `file://relative/path` or `s3://bucket/prefix`.
+    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix` or `az://container/prefix`
+    /// (and the `https://` forms object_store understands).
     #[serde(deserialize_with = "de_url")]
     pub url: url::Url,
     /// Passed to the object_store builder (after its `from_env()`).
@@ -213,18 +214,13 @@ fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     let s = String::deserialize(d)?;
     let url = url::Url::parse(&s)
         .map_err(|e| serde::de::Error::custom(format!("bad destination url {s:?}: {e}")))?;
-    match url.scheme() {
-        "file" | "s3" | "s3a" => Ok(url),
-        "gs" | "az" | "azure" | "abfs" | "abfss" | "adl" | "https" | "http" => {
-            Err(serde::de::Error::custom(format!(
-                "destination url {s:?}: scheme {:?} is not yet supported; use file:// or s3://",
-                url.scheme()
-            )))
-        }
-        other => Err(serde::de::Error::custom(format!(
-            "destination url {s:?}: unknown scheme {other:?}; use file:// or s3://"
-        ))),
+    crate::destination::kind_of(&url).map_err(serde::de::Error::custom)?;
+    if url.scheme() == "file" && url.to_file_path().is_err() {
+        return Err(serde::de::Error::custom(format!(
+            "destination url {s:?} must be an absolute path: file:///dir"
+        )));
     }
+    Ok(url)
 }
 
 fn de_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

@@ -1,10 +1,11 @@
-//! Destinations: an `object_store` store built from a URL plus options, the key layout, and the
-//! split of store errors into retryable and permanent ones.
+//! Destinations: an `object_store` store built from a URL plus options, the key layout, the
+//! signer for presigned URLs, and the split of store errors into retryable and permanent ones.
 //!
-//! Cloud stores are built from the builder's `from_env()` first, so the usual `AWS_*` variables
-//! (and a systemd `EnvironmentFile=`) work, then the URL and the configured `options` are applied
-//! on top. `file://` destinations use `LocalFileSystem`, which writes to a staging file and
-//! renames it, so no object is ever visible half-written.
+//! Cloud stores (S3, GCS, Azure) are built from the builder's `from_env()` first, so each
+//! cloud's usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`; a systemd
+//! `EnvironmentFile=`) and credential chains work, then the URL and the configured `options`
+//! are applied on top. `file://` destinations use `LocalFileSystem`, which writes to a staging
+//! file and renames it, so no object is ever visible half-written.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,9 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::signer::Signer;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreScheme, RetryConfig};
 
 use crate::config;
 
@@ -83,23 +87,58 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// The kind of store a destination URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A local (or mounted) directory.
+    Local,
+    /// Amazon S3 or an S3-compatible server.
+    S3,
+    /// Google Cloud Storage.
+    Gcs,
+    /// Azure Blob Storage.
+    Azure,
+}
+
+/// The store kind and the key prefix (URL path) of a destination URL.
+pub fn kind_of(url: &url::Url) -> Result<(Kind, String), String> {
+    let (scheme, path) = ObjectStoreScheme::parse(url)
+        .map_err(|e| format!("unsupported destination url {url}: {e}"))?;
+    let kind = match scheme {
+        ObjectStoreScheme::Local => Kind::Local,
+        ObjectStoreScheme::AmazonS3 => Kind::S3,
+        ObjectStoreScheme::GoogleCloudStorage => Kind::Gcs,
+        ObjectStoreScheme::MicrosoftAzure => Kind::Azure,
+        _ => {
+            return Err(format!(
+                "unsupported destination url {url}: use file://, s3://, gs:// or az://"
+            ));
+        }
+    };
+    Ok((kind, path.as_ref().to_string()))
+}
+
 /// Check that every option name is one the store for `url` understands.
 pub fn check_options(url: &url::Url, options: &BTreeMap<String, String>) -> Result<(), String> {
-    match url.scheme() {
-        "file" => match options.keys().next() {
-            Some(k) => Err(format!(
-                "unknown option {k:?}: file:// destinations take no options"
-            )),
-            None => Ok(()),
-        },
-        _ => {
-            for key in options.keys() {
-                AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase())
-                    .map_err(|_| format!("unknown S3 option {key:?}"))?;
-            }
-            Ok(())
+    let (kind, _) = kind_of(url)?;
+    for key in options.keys() {
+        let k = key.to_ascii_lowercase();
+        let known = match kind {
+            Kind::Local => false,
+            Kind::S3 => AmazonS3ConfigKey::from_str(&k).is_ok(),
+            Kind::Gcs => GoogleConfigKey::from_str(&k).is_ok(),
+            Kind::Azure => AzureConfigKey::from_str(&k).is_ok(),
+        };
+        if !known {
+            return Err(match kind {
+                Kind::Local => {
+                    format!("unknown option {key:?}: file:// destinations take no options")
+                }
+                _ => format!("unknown {kind:?} option {key:?}"),
+            });
         }
     }
+    Ok(())
 }
 
 /// One configured destination, ready to use.
@@ -119,6 +158,8 @@ pub struct Destination {
     pub url: String,
     /// Whether the store keeps object attributes (Content-Type, metadata); `file://` does not.
     pub supports_attributes: bool,
+    /// Presigns GET URLs (S3, GCS, Azure).
+    pub signer: Option<Arc<dyn Signer>>,
 }
 
 impl fmt::Debug for Destination {
@@ -150,58 +191,85 @@ impl Destination {
     /// Build the store for a configured destination.
     pub fn open(cfg: &config::Destination) -> anyhow::Result<Destination> {
         let url = &cfg.url;
-        let (store, base): (Arc<dyn ObjectStore>, String) = match url.scheme() {
-            "file" => {
+        let name = &cfg.name;
+        let (kind, base) =
+            kind_of(url).map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
+        let options = config::Config::options_of(cfg);
+        let bad_option =
+            |k: &str| anyhow::anyhow!("destination {name:?}: unknown {kind:?} option {k:?}");
+        let built = |e: object_store::Error| anyhow::anyhow!("destination {name:?} ({url}): {e}");
+        let (store, signer): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>) = match kind {
+            Kind::Local => {
                 let dir = url.to_file_path().map_err(|()| {
-                    anyhow::anyhow!(
-                        "destination {:?}: {url} is not an absolute file:// path",
-                        cfg.name
-                    )
+                    anyhow::anyhow!("destination {name:?}: {url} is not an absolute file:// path")
                 })?;
                 std::fs::create_dir_all(&dir).map_err(|e| {
-                    anyhow::anyhow!(
-                        "destination {:?}: cannot create {}: {e}",
-                        cfg.name,
-                        dir.display()
-                    )
+                    anyhow::anyhow!("destination {name:?}: cannot create {}: {e}", dir.display())
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| anyhow::anyhow!("destination {:?}: {e}", cfg.name))?
+                    .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
                     .with_fsync(true);
-                (Arc::new(fs), String::new())
+                (Arc::new(fs), None)
             }
-            _ => {
-                let mut builder = AmazonS3Builder::from_env()
+            Kind::S3 => {
+                let mut b = AmazonS3Builder::from_env()
                     .with_client_options(client_options())
                     .with_retry(retry_config())
                     .with_url(url.as_str());
-                for (k, v) in config::Config::options_of(cfg) {
-                    let key =
-                        AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()).map_err(|_| {
-                            anyhow::anyhow!("destination {:?}: unknown S3 option {k:?}", cfg.name)
-                        })?;
-                    builder = builder.with_config(key, v);
+                for (k, v) in options {
+                    let key = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
+                        .map_err(|_| bad_option(&k))?;
+                    b = b.with_config(key, v);
                 }
-                let store = builder
-                    .build()
-                    .map_err(|e| anyhow::anyhow!("destination {:?} ({url}): {e}", cfg.name))?;
-                let base = url.path().trim_matches('/').to_string();
-                (Arc::new(store), base)
+                let s = Arc::new(b.build().map_err(built)?);
+                (s.clone(), Some(s))
             }
+            Kind::Gcs => {
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_client_options(client_options())
+                    .with_retry(retry_config())
+                    .with_url(url.as_str());
+                for (k, v) in options {
+                    let key = GoogleConfigKey::from_str(&k.to_ascii_lowercase())
+                        .map_err(|_| bad_option(&k))?;
+                    b = b.with_config(key, v);
+                }
+                let s = Arc::new(b.build().map_err(built)?);
+                (s.clone(), Some(s))
+            }
+            Kind::Azure => {
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_client_options(client_options())
+                    .with_retry(retry_config())
+                    .with_url(url.as_str());
+                for (k, v) in options {
+                    let key = AzureConfigKey::from_str(&k.to_ascii_lowercase())
+                        .map_err(|_| bad_option(&k))?;
+                    b = b.with_config(key, v);
+                }
+                let s = Arc::new(b.build().map_err(built)?);
+                (s.clone(), Some(s))
+            }
+        };
+        let base = if kind == Kind::Local {
+            String::new()
+        } else {
+            base.trim_matches('/').to_string()
         };
         if !base.is_empty() {
             ObjectPath::parse(&base).map_err(|e| {
-                anyhow::anyhow!("destination {:?}: bad key prefix in {url}: {e}", cfg.name)
+                anyhow::anyhow!("destination {name:?}: bad key prefix in {url}: {e}")
             })?;
         }
         Ok(Destination {
-            name: cfg.name.clone(),
+            name: name.clone(),
             store,
             base,
             concurrency: cfg.concurrency,
             public_base_url: cfg.public_base_url.clone(),
             url: url.to_string(),
-            supports_attributes: url.scheme() != "file",
+            supports_attributes: kind != Kind::Local,
+            signer,
         })
     }
 

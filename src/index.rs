@@ -286,7 +286,12 @@ impl Index {
 
     fn migrate(&self) -> anyhow::Result<()> {
         let mut conn = self.conn();
-        let version: i64 = conn
+        // Take the write lock before reading the version: another process (a `status` next to
+        // a starting daemon) may be migrating the same file at this moment.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .with_context(|| format!("locking {} for migration", self.path.display()))?;
+        let version: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .with_context(|| format!("reading schema version of {}", self.path.display()))?;
         if version > MIGRATIONS.len() as i64 {
@@ -298,13 +303,12 @@ impl Index {
             );
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-            let tx = conn.transaction()?;
             tx.execute_batch(sql).with_context(|| {
                 format!("migrating {} to version {}", self.path.display(), i + 1)
             })?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-            tx.commit()?;
         }
+        tx.commit()?;
         Ok(())
     }
 
@@ -896,6 +900,21 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn concurrent_opens_migrate_once() {
+        // Regression: two processes opening a new index at once both tried to migrate it.
+        let dir = tempfile::tempdir().unwrap();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let p = dir.path().to_path_buf();
+                std::thread::spawn(move || Index::open(&p).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
     }
 
     #[test]

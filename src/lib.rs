@@ -9,7 +9,8 @@
 //! 4. [`upload`]: a worker per [`destination`] drains its queue: skip what is already there,
 //!    copy server-side what exists under another key, upload the rest.
 //! 5. [`daemon`]: wires the parts together for `run`, `sync` and `flush`;
-//!    [`status`] reads the index.
+//!    [`status`] reads the index; [`restore`] reads destinations back; [`links`] makes
+//!    public or presigned URLs.
 
 pub mod cli;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod destination;
 pub mod index;
 pub mod ingest;
+pub mod links;
 pub mod pipeline;
 pub mod restore;
 pub mod scan;

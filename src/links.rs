@@ -1,0 +1,82 @@
+//! `url PATH`: a link to a local file's object. With `public_base_url` (the CDN case) it is
+//! that base plus the object's key; otherwise a presigned GET URL (S3, GCS, Azure) valid for
+//! a limited time. Presigned URLs are printed for the user only, never logged.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::destination::Destination;
+use crate::index::Index;
+use crate::scan::Root;
+
+/// The link for the local file `path` in destination `dest` (default: the primary).
+pub async fn link(
+    config: &Config,
+    path: &Path,
+    dest: Option<&str>,
+    expires: Duration,
+) -> anyhow::Result<String> {
+    let dest = match dest {
+        Some(name) => crate::restore::find_destination(config, name)?,
+        None => Destination::open(
+            config
+                .destinations()
+                .next()
+                .context("no destination is configured")?,
+        )?,
+    };
+    let path =
+        std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let roots = Root::from_config(config);
+    let root = roots
+        .iter()
+        .find(|r| r.relative(&path).is_some())
+        .with_context(|| format!("{} is not inside a watched directory", path.display()))?;
+    let key = root.key_for(&path).map_err(anyhow::Error::msg)?;
+    let index = Index::open(&config.state_dir)?;
+    let object = index.object_at(&dest.name, &key)?.with_context(|| {
+        format!(
+            "{} has not been uploaded to {:?} yet (key {key})",
+            path.display(),
+            dest.name
+        )
+    })?;
+    if let Some(base) = &dest.public_base_url {
+        return Ok(format!(
+            "{}/{}",
+            base.trim_end_matches('/'),
+            object.stored_key
+        ));
+    }
+    let location = dest.path(&object.stored_key)?;
+    match &dest.signer {
+        Some(signer) => {
+            let url = signer
+                .signed_url(http::Method::GET, &location, expires)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot presign {location} in {:?}: {}",
+                        dest.name,
+                        crate::destination::error_chain(&e)
+                    )
+                })?;
+            Ok(url.to_string())
+        }
+        None => {
+            let dir = dest
+                .url
+                .parse::<url::Url>()
+                .ok()
+                .and_then(|u| u.to_file_path().ok())
+                .context("file:// destination without a path")?;
+            let file = dir.join(&object.stored_key);
+            url::Url::from_file_path(&file)
+                .map(|u| u.to_string())
+                .map_err(|()| anyhow::anyhow!("cannot make a URL of {}", file.display()))
+        }
+    }
+}
