@@ -19,7 +19,7 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreScheme, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreScheme, RetryConfig};
 
 use crate::config;
 
@@ -62,7 +62,10 @@ impl StoreError {
 }
 
 fn is_permanent_text(text: &str) -> bool {
-    if text.contains("NoSuchBucket") || text.contains("AccessDenied") {
+    if text.contains("NoSuchBucket")
+        || text.contains("AccessDenied")
+        || text.contains("builder error")
+    {
         return true;
     }
     // "status code: 4xx" other than 408 (timeout) and 429 (throttled) will not fix itself.
@@ -72,8 +75,13 @@ fn is_permanent_text(text: &str) -> bool {
     })
 }
 
-/// The error and its sources on one line.
+/// The error and its sources on one line (server messages often span several).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let text = error_chain_raw(err);
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn error_chain_raw(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -171,11 +179,25 @@ impl fmt::Debug for Destination {
     }
 }
 
-/// Per-request limits: a hung server must never hold a worker forever.
-fn client_options() -> ClientOptions {
-    ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(120))
+/// Per-request limits (a hung server must never hold a worker forever), applied only where
+/// the environment or the options did not set them.
+const CLIENT_DEFAULTS: &[(ClientConfigKey, &str)] = &[
+    (ClientConfigKey::ConnectTimeout, "5s"),
+    (ClientConfigKey::Timeout, "120s"),
+];
+
+/// Set each of [`CLIENT_DEFAULTS`] that `get` reports unset, through `set`.
+fn client_defaults<B>(
+    mut builder: B,
+    get: impl Fn(&B, ClientConfigKey) -> Option<String>,
+    set: impl Fn(B, ClientConfigKey, &str) -> B,
+) -> B {
+    for (key, value) in CLIENT_DEFAULTS {
+        if get(&builder, *key).is_none() {
+            builder = set(builder, *key, value);
+        }
+    }
+    builder
 }
 
 /// object_store's own retries handle a blip; longer outages are retried by our queue.
@@ -213,7 +235,6 @@ impl Destination {
             }
             Kind::S3 => {
                 let mut b = AmazonS3Builder::from_env()
-                    .with_client_options(client_options())
                     .with_retry(retry_config())
                     .with_url(url.as_str());
                 for (k, v) in options {
@@ -221,12 +242,16 @@ impl Destination {
                         .map_err(|_| bad_option(&k))?;
                     b = b.with_config(key, v);
                 }
+                let b = client_defaults(
+                    b,
+                    |b, k| b.get_config_value(&AmazonS3ConfigKey::Client(k)),
+                    |b, k, v| b.with_config(AmazonS3ConfigKey::Client(k), v),
+                );
                 let s = Arc::new(b.build().map_err(built)?);
                 (s.clone(), Some(s))
             }
             Kind::Gcs => {
                 let mut b = GoogleCloudStorageBuilder::from_env()
-                    .with_client_options(client_options())
                     .with_retry(retry_config())
                     .with_url(url.as_str());
                 for (k, v) in options {
@@ -234,12 +259,16 @@ impl Destination {
                         .map_err(|_| bad_option(&k))?;
                     b = b.with_config(key, v);
                 }
+                let b = client_defaults(
+                    b,
+                    |b, k| b.get_config_value(&GoogleConfigKey::Client(k)),
+                    |b, k, v| b.with_config(GoogleConfigKey::Client(k), v),
+                );
                 let s = Arc::new(b.build().map_err(built)?);
                 (s.clone(), Some(s))
             }
             Kind::Azure => {
                 let mut b = MicrosoftAzureBuilder::from_env()
-                    .with_client_options(client_options())
                     .with_retry(retry_config())
                     .with_url(url.as_str());
                 for (k, v) in options {
@@ -247,6 +276,11 @@ impl Destination {
                         .map_err(|_| bad_option(&k))?;
                     b = b.with_config(key, v);
                 }
+                let b = client_defaults(
+                    b,
+                    |b, k| b.get_config_value(&AzureConfigKey::Client(k)),
+                    |b, k, v| b.with_config(AzureConfigKey::Client(k), v),
+                );
                 let s = Arc::new(b.build().map_err(built)?);
                 (s.clone(), Some(s))
             }

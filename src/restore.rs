@@ -88,7 +88,7 @@ fn attr_expect(get: &GetResult) -> Expect {
     Expect {
         size: None,
         sha256: meta("sha256"),
-        mtime_ns: meta("mtime-ns").and_then(|v| v.parse().ok()),
+        mtime_ns: meta("mtimens").and_then(|v| v.parse().ok()),
     }
 }
 

@@ -444,7 +444,7 @@ impl Worker {
                     hex::encode(job.sha256).into(),
                 );
                 attrs.insert(
-                    Attribute::Metadata("mtime-ns".into()),
+                    Attribute::Metadata("mtimens".into()),
                     job.stat.mtime_ns.to_string().into(),
                 );
             }

@@ -146,7 +146,7 @@ async fn ci_job_lands_identically_in_s3_and_file_backup_also_after_restart() {
     );
 }
 
-fn count_methods(env: &Env, method: &str) -> i64 {
+pub fn count_methods(env: &Env, method: &str) -> i64 {
     let conn = rusqlite::Connection::open(env.state.join("index.sqlite3")).unwrap();
     conn.query_row(
         "SELECT count(*) FROM uploads WHERE method = ?1",
@@ -249,10 +249,10 @@ async fn sigterm_mid_upload_exits_zero_commits_nothing_half_written_and_resumes(
     })
     .await;
     // SAFETY: sending a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(

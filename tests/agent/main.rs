@@ -3,6 +3,7 @@
 
 mod util;
 
+mod clouds;
 mod core;
 mod restore;
 mod service;

@@ -112,17 +112,19 @@ impl NotifySocket {
     }
 }
 
-fn spawn_notified(env: &Env, sock: &NotifySocket, watchdog_usec: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
-        .arg("--config")
-        .arg(env.config_path())
-        .arg("run")
-        .env("NOTIFY_SOCKET", &sock.path)
-        .env("WATCHDOG_USEC", watchdog_usec.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+fn spawn_notified(env: &Env, sock: &NotifySocket, watchdog_usec: u64) -> ChildGuard {
+    ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(env.config_path())
+            .arg("run")
+            .env("NOTIFY_SOCKET", &sock.path)
+            .env("WATCHDOG_USEC", watchdog_usec.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -159,8 +161,8 @@ async fn the_daemon_speaks_sd_notify_ready_watchdog_status_and_stopping() {
     })
     .await;
     assert_eq!(sock.count("STOPPING=1"), 0);
-    signal(&child, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0).await.code(), Some(0));
     wait_until(Duration::from_secs(5), "STOPPING=1", || {
         sock.count("STOPPING=1") == 1
     })
@@ -185,7 +187,7 @@ async fn sighup_picks_up_a_new_watch_root_and_rejects_a_broken_config() {
         second.display()
     );
     env.config_path();
-    signal(&child, libc::SIGHUP);
+    signal(&child.0, libc::SIGHUP);
     wait_until(Duration::from_secs(30), "RELOADING=1 then READY=1", || {
         sock.count("RELOADING=1") == 1 && sock.count("READY=1") >= 2
     })
@@ -201,14 +203,14 @@ async fn sighup_picks_up_a_new_watch_root_and_rejects_a_broken_config() {
 
     // A broken config is rejected; the daemon keeps running with the old one.
     std::fs::write(env.config_path(), "this is = = not toml").unwrap();
-    signal(&child, libc::SIGHUP);
+    signal(&child.0, libc::SIGHUP);
     wait_until(
         Duration::from_secs(30),
         "second RELOADING=1 answered",
         || sock.count("RELOADING=1") == 2 && sock.count("READY=1") >= 3,
     )
     .await;
-    assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+    assert!(child.0.try_wait().unwrap().is_none(), "the daemon exited");
     std::fs::write(second.join("after-bad.txt"), b"old config still runs").unwrap();
     wait_until(
         Duration::from_secs(60),
@@ -219,6 +221,6 @@ async fn sighup_picks_up_a_new_watch_root_and_rejects_a_broken_config() {
         },
     )
     .await;
-    signal(&child, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0).await.code(), Some(0));
 }

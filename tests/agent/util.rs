@@ -208,6 +208,10 @@ pub struct Env {
     pub watch_extra: String,
     /// A `[pipeline]` table, if any.
     pub pipeline: String,
+    /// The primary's `[[destination]]` table (default: the S3 bucket of this setup).
+    pub primary: Option<String>,
+    /// Environment for every CLI or daemon process of this setup.
+    pub cmd_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -235,12 +239,27 @@ impl Env {
             s3_secret: secret.into(),
             watch_extra: String::new(),
             pipeline: String::new(),
+            primary: None,
+            cmd_env: Vec::new(),
         };
         std::fs::create_dir_all(&env.watch).unwrap();
         env
     }
 
     pub fn config_text(&self) -> String {
+        let primary = self.primary.clone().unwrap_or_else(|| {
+            format!(
+                r#"[[destination]]
+name = "primary"
+url = "s3://{bucket}/base"
+options = {{ endpoint = "{endpoint}", allow_http = "true", access_key_id = "{key}", secret_access_key = "{secret}", region = "us-east-1", metadata_endpoint = "http://127.0.0.1:9" }}
+"#,
+                bucket = self.bucket,
+                endpoint = self.s3_endpoint,
+                key = self.s3_key,
+                secret = self.s3_secret,
+            )
+        });
         format!(
             r#"node_id = "{NODE}"
 state_dir = "{state}"
@@ -254,11 +273,7 @@ exclude = ["**/*.tmp"]
 settle_ms = 300
 {extra}
 
-[[destination]]
-name = "primary"
-url = "s3://{bucket}/base"
-options = {{ endpoint = "{endpoint}", allow_http = "true", access_key_id = "{key}", secret_access_key = "{secret}", region = "us-east-1", metadata_endpoint = "http://127.0.0.1:9" }}
-
+{primary}
 [[destination]]
 name = "nas"
 url = "file://{nas}"
@@ -267,10 +282,6 @@ url = "file://{nas}"
             pipeline = self.pipeline,
             watch = self.watch.display(),
             extra = self.watch_extra,
-            bucket = self.bucket,
-            endpoint = self.s3_endpoint,
-            key = self.s3_key,
-            secret = self.s3_secret,
             nas = self.nas.display(),
         )
     }
@@ -292,20 +303,26 @@ url = "file://{nas}"
             .arg(self.config_path())
             .args(args)
             .env("PANOPTIC_SYNC_LOG", "warn")
+            .envs(self.cmd_env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap()
     }
 
-    /// Start the CLI binary's `run` in the background.
-    pub fn spawn_run(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
-            .arg("--config")
-            .arg(self.config_path())
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+    /// Start the CLI binary's `run` in the background (killed if the test fails); its log
+    /// goes to `daemon.log` in the temp dir.
+    pub fn spawn_run(&self) -> ChildGuard {
+        let log = std::fs::File::create(self.tmp.path().join("daemon.log")).unwrap();
+        ChildGuard(
+            Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+                .arg("--config")
+                .arg(self.config_path())
+                .arg("run")
+                .envs(self.cmd_env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// Create a key file with `keygen` (mode 0600) and return its path.
@@ -399,6 +416,59 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// A child process killed when dropped (test-owned servers and proxies).
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The environment variable `name`, which `scripts/test` sets; a clear panic otherwise.
+pub fn test_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test, which starts the servers")
+    })
+}
+
+/// Run `tests/cloud_check.py` and parse its JSON answer.
+pub fn cloud_check(args: &[&str]) -> BTreeMap<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cloud_check.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cloud_check {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A TCP proxy to `target` ("http://127.0.0.1:PORT") that drops every `every`-th connection.
+pub fn flaky_proxy(target: &str, every: u32) -> (String, ChildGuard) {
+    use std::io::BufRead;
+    let target_port = target.rsplit(':').next().unwrap().trim_end_matches('/');
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flaky_proxy.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args([target_port, &every.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The proxy prints its port once it listens.
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().expect("flaky proxy port");
+    (format!("http://127.0.0.1:{port}"), ChildGuard(child))
+}
+
 /// The daemon running in-process.
 pub struct Daemon {
     token: CancellationToken,
@@ -426,12 +496,14 @@ impl Daemon {
 pub async fn flush_all(env: &Env, timeout: &str) -> Output {
     let cfg = env.config_path();
     let timeout = timeout.to_string();
+    let vars = env.cmd_env.clone();
     tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
             .arg("--config")
             .arg(cfg)
             .args(["flush", "--all-destinations", "--timeout", &timeout])
             .env("PANOPTIC_SYNC_LOG", "warn")
+            .envs(vars)
             .output()
             .unwrap()
     })
