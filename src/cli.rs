@@ -86,6 +86,24 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Storage and performance analytics with recommendations; --fleet for every node.
+    Report {
+        /// Print JSON.
+        #[arg(long, conflicts_with = "html")]
+        json: bool,
+        /// Write a self-contained HTML page with charts to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Every node sharing the primary, from their status objects.
+        #[arg(long)]
+        fleet: bool,
+    },
+    /// Apply remote retention now: delete this node's objects older than remote_max_age.
+    Prune {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a link to a local file's object: public_base_url + key, or a presigned URL.
     Url {
         /// The local file.
@@ -283,6 +301,62 @@ async fn dispatch(
                 r.problems.len()
             );
             Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Report { json, html, fleet } => {
+            if fleet {
+                let f = crate::report::fleet(&config).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&f)?);
+                } else {
+                    print!("{}", crate::report::render_fleet(&f));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let c = config.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let index = crate::index::Index::open(&c.state_dir)?;
+                crate::report::build(&c, &index)
+            })
+            .await??;
+            if let Some(path) = html {
+                std::fs::write(&path, crate::report::render_html(&r))
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                println!("wrote {}", path.display());
+            } else if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", crate::report::render_text(&r));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prune { dry_run } => {
+            let r = crate::retention::prune(&config, dry_run).await?;
+            for (dest, key) in &r.expired {
+                println!(
+                    "{}{dest}: {key}",
+                    if dry_run { "would delete " } else { "deleted " }
+                );
+            }
+            for p in &r.skipped_prefixes {
+                eprintln!("skipped prefix {p:?}: it does not contain the node id");
+            }
+            for (dest, key, e) in &r.failed {
+                eprintln!("failed: {dest}: {key}: {e}");
+            }
+            println!(
+                "{} objects {}",
+                r.expired.len(),
+                if dry_run {
+                    "would be deleted"
+                } else {
+                    "deleted"
+                }
+            );
+            Ok(if r.failed.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -63,6 +63,64 @@ pub struct Config {
     /// Where files go; the first one is the primary.
     #[serde(default)]
     pub destination: Vec<Spanned<Destination>>,
+    /// Local cleanup and remote retention.
+    #[serde(default)]
+    pub retention: Retention,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// The `[retention]` table.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Objects of this node older than this are pruned (per-watch `remote_max_age` overrides).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub remote_max_age: Option<Duration>,
+    /// Delete a local file once every destination holds its current content.
+    #[serde(default)]
+    pub local_delete_after_upload: bool,
+    /// Delete local files older than this once every destination holds them.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub local_max_age: Option<Duration>,
+    /// Below this share of free space on a watched filesystem, delete the oldest files that
+    /// every destination holds until it is reached again.
+    #[serde(default, deserialize_with = "de_percent")]
+    pub local_min_free_percent: Option<f64>,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address for `/metrics` and `/healthz`, e.g. `127.0.0.1:9464`. Off when absent.
+    #[serde(default, deserialize_with = "de_opt_addr")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !(0.0..100.0).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "must be a percentage from 0 to 99, got {v}"
+        )));
+    }
+    Ok(Some(v))
+}
+
+fn de_opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!("bad listen address {s:?} (want IP:PORT): {e}"))
+    })
 }
 
 /// One `[[watch]]` table.
@@ -83,6 +141,9 @@ pub struct Watch {
     /// How long a file must be quiet before it counts as complete, in milliseconds.
     #[serde(default = "default_settle_ms")]
     pub settle_ms: u64,
+    /// Overrides `[retention] remote_max_age` for objects from this tree.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub remote_max_age: Option<Duration>,
 }
 
 /// The `[pipeline]` table.
@@ -468,6 +529,7 @@ mod tests {
             include: default_include(),
             exclude: vec!["**/*.tmp".into()],
             settle_ms: 1,
+            remote_max_age: None,
         };
         let f = Filter::new(&w);
         assert!(f.matches(Path::new("a/b/c.log")));

@@ -219,10 +219,15 @@ struct Running {
     tasks_cancel: CancellationToken,
     watcher: tokio::task::JoinHandle<anyhow::Result<()>>,
     scanner: tokio::task::JoinHandle<()>,
+    cleanup: Option<tokio::task::JoinHandle<()>>,
+    prune: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     fn start(parts: Parts, index: Arc<Index>) -> anyhow::Result<Running> {
+        let retention = parts.config.retention.clone();
+        let prune_config = crate::retention::enabled(&parts.config).then(|| parts.config.clone());
+        let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
         let agent = Agent::start(parts, index, None)?;
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -269,11 +274,64 @@ impl Running {
                 }
             }
         });
+        let cleanup = crate::cleanup::enabled(&retention).then(|| {
+            let (index, roots, cancel) = (
+                agent.index.clone(),
+                agent.roots.clone(),
+                tasks_cancel.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(crate::cleanup::INTERVAL) => {}
+                    }
+                    let (i, r, d, ret) = (
+                        index.clone(),
+                        roots.clone(),
+                        dest_names.clone(),
+                        retention.clone(),
+                    );
+                    match tokio::task::spawn_blocking(move || {
+                        crate::cleanup::run_once(&i, &r, &d, &ret)
+                    })
+                    .await
+                    {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "local cleanup failed")
+                        }
+                        Err(e) => tracing::error!(error = %e, "local cleanup task failed"),
+                    }
+                }
+            })
+        });
+        let prune = prune_config.map(|config| {
+            let cancel = tasks_cancel.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(crate::retention::INTERVAL) => {}
+                    }
+                    match crate::retention::prune(&config, false).await {
+                        Ok(r) => tracing::info!(
+                            pruned = r.expired.len(),
+                            failed = r.failed.len(),
+                            "retention applied"
+                        ),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "retention failed"),
+                    }
+                }
+            })
+        });
         Ok(Running {
             agent,
             tasks_cancel,
             watcher,
             scanner,
+            cleanup,
+            prune,
         })
     }
 
@@ -282,6 +340,7 @@ impl Running {
     async fn healthy(&self) -> bool {
         let alive = !self.watcher.is_finished()
             && !self.scanner.is_finished()
+            && self.cleanup.as_ref().is_none_or(|c| !c.is_finished())
             && self.agent.workers.iter().all(|(_, h, _)| !h.is_finished())
             && self.agent.ingest.as_ref().is_some_and(|t| !t.is_finished());
         if !alive {
@@ -302,6 +361,9 @@ impl Running {
         self.tasks_cancel.cancel();
         let _ = self.watcher.await;
         let _ = self.scanner.await;
+        for task in [self.cleanup, self.prune].into_iter().flatten() {
+            let _ = task.await;
+        }
         self.agent.stop().await;
     }
 }
@@ -358,6 +420,7 @@ pub async fn run_with_reload(
         "panoptic-sync running"
     );
     notify(&[sd_notify::NotifyState::Ready]);
+    publish_status(&config, &index).await;
 
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -416,7 +479,10 @@ pub async fn run_with_reload(
                     notify(&[sd_notify::NotifyState::Status(&line)]);
                 }
             }
-            _ = heartbeat.tick() => log_progress(&running.agent),
+            _ = heartbeat.tick() => {
+                log_progress(&running.agent);
+                publish_status(&config, &index).await;
+            }
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
@@ -424,6 +490,13 @@ pub async fn run_with_reload(
     running.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Write this node's status object to the primary (the fleet view); failures are logged.
+async fn publish_status(config: &Config, index: &Arc<Index>) {
+    if let Err(e) = crate::report::publish(config, index).await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot publish the node status object");
+    }
 }
 
 fn log_progress(agent: &Agent) {
@@ -538,6 +611,7 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
         })
         .collect();
     agent.stop().await;
+    publish_status(config, &index).await;
     let status = {
         let i = index.clone();
         tokio::task::spawn_blocking(move || i.status(&names)).await??

@@ -224,6 +224,8 @@ pub struct Status {
     pub contents: u64,
     /// Per destination, in configured order.
     pub destinations: Vec<DestStatus>,
+    /// Files not yet in every destination (local cleanup never deletes these).
+    pub awaiting_all_destinations: u64,
 }
 
 /// The index database. One connection behind a mutex: SQLite serialises writers anyway, and
@@ -271,6 +273,14 @@ impl Index {
         };
         index.migrate()?;
         Ok(index)
+    }
+
+    /// Run read queries on the connection (reports).
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        f(&self.conn())
     }
 
     /// Where the database file is.
@@ -692,11 +702,13 @@ impl Index {
                 .optional()?;
             out.push(d);
         }
+        drop(conn);
         Ok(Status {
             files: files as u64,
             bytes: bytes as u64,
             contents: contents as u64,
             destinations: out,
+            awaiting_all_destinations: self.awaiting_destinations(dests)?,
         })
     }
 
@@ -792,6 +804,71 @@ impl Index {
         let conn = self.conn();
         conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
             .with_context(|| format!("index {} is not writable", self.path.display()))
+    }
+
+    /// Files whose current content is stored in every one of `dests`, modified at or before
+    /// `mtime_ns_max`, oldest first (candidates for local cleanup).
+    pub fn stored_everywhere(
+        &self,
+        dests: &[String],
+        mtime_ns_max: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(i64, PathBuf, Stat)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT f.id, f.path, f.size, f.mtime_ns, f.inode FROM files f
+             WHERE f.mtime_ns <= ?1
+               AND (SELECT count(*) FROM uploads u
+                    WHERE u.file_id = f.id AND u.state = 1 AND u.gen = f.gen
+                      AND u.dest IN (SELECT value FROM json_each(?2))) = ?3
+             ORDER BY f.mtime_ns LIMIT ?4",
+        )?;
+        let names = serde_json::to_string(dests)?;
+        let rows = stmt.query_map(
+            params![mtime_ns_max, names, dests.len() as i64, limit as i64],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    bytes_path(r.get(1)?),
+                    Stat {
+                        size: r.get::<_, i64>(2)? as u64,
+                        mtime_ns: r.get(3)?,
+                        inode: r.get::<_, i64>(4)? as u64,
+                    },
+                ))
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// How many indexed files are not yet stored in every one of `dests`.
+    pub fn awaiting_destinations(&self, dests: &[String]) -> anyhow::Result<u64> {
+        let conn = self.conn();
+        let n: i64 = conn.query_row(
+            "SELECT count(*) FROM files f
+             WHERE (SELECT count(*) FROM uploads u
+                    WHERE u.file_id = f.id AND u.state = 1 AND u.gen = f.gen
+                      AND u.dest IN (SELECT value FROM json_each(?1))) < ?2",
+            params![serde_json::to_string(dests)?, dests.len() as i64],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Forget a file deleted by local cleanup (its objects stay).
+    pub fn forget_file(&self, id: i64) -> anyhow::Result<()> {
+        self.conn()
+            .execute("DELETE FROM files WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Forget objects removed from `dest` by retention, so they are never copied from.
+    pub fn forget_stored(&self, dest: &str, stored_key: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "DELETE FROM objects WHERE dest = ?1 AND stored_key = ?2",
+            params![dest, stored_key],
+        )?;
+        Ok(())
     }
 
     /// Check the database file (`PRAGMA quick_check`).

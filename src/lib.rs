@@ -12,6 +12,7 @@
 //!    [`status`] reads the index; [`restore`] reads destinations back; [`links`] makes
 //!    public or presigned URLs.
 
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -21,7 +22,9 @@ pub mod index;
 pub mod ingest;
 pub mod links;
 pub mod pipeline;
+pub mod report;
 pub mod restore;
+pub mod retention;
 pub mod scan;
 pub mod status;
 pub mod upload;

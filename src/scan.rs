@@ -228,6 +228,7 @@ mod tests {
             include: vec!["**/*".into()],
             exclude: vec![],
             settle_ms: 10,
+            remote_max_age: None,
         };
         Root {
             path: "/w".into(),

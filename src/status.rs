@@ -20,6 +20,11 @@ pub fn render(status: &Status) -> String {
         "index: {} files, {} bytes, {} distinct contents",
         status.files, status.bytes, status.contents
     );
+    let _ = writeln!(
+        out,
+        "{} files not yet in every destination (never deleted locally)",
+        status.awaiting_all_destinations
+    );
     for d in &status.destinations {
         let _ = write!(
             out,

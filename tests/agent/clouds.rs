@@ -129,6 +129,7 @@ impl Cloud {
         };
         raw.into_iter()
             .map(|(k, v)| (k.trim_start_matches("base/").to_string(), v))
+            .filter(|(k, _)| !k.starts_with("_panoptic-sync/"))
             .collect()
     }
 }

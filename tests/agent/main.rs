@@ -5,5 +5,6 @@ mod util;
 
 mod clouds;
 mod core;
+mod fleet;
 mod restore;
 mod service;

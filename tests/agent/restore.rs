@@ -63,7 +63,7 @@ async fn encrypted_objects_are_ciphertext_and_restore_byte_identical_from_every_
 
     // Every object is ciphertext: .enc, and no marker from any log is visible.
     let dump = env.tmp.path().join("dump");
-    let objects = shared_s3().dump(&env.bucket, "base/", &dump);
+    let objects = shared_s3().dump(&env.bucket, "base/ci/", &dump);
     assert_eq!(objects.len(), env.expected().len());
     for (name, data) in tree(&dump).into_iter().chain(tree(&env.nas)) {
         assert!(name.ends_with(".enc"), "{name} is not encrypted");

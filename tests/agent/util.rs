@@ -212,6 +212,10 @@ pub struct Env {
     pub primary: Option<String>,
     /// Environment for every CLI or daemon process of this setup.
     pub cmd_env: Vec<(String, String)>,
+    /// TOML appended at the end (e.g. `[retention]`, `[metrics]`).
+    pub tail: String,
+    /// This setup's node id.
+    pub node: String,
 }
 
 impl Env {
@@ -241,6 +245,8 @@ impl Env {
             pipeline: String::new(),
             primary: None,
             cmd_env: Vec::new(),
+            tail: String::new(),
+            node: NODE.to_string(),
         };
         std::fs::create_dir_all(&env.watch).unwrap();
         env
@@ -261,7 +267,7 @@ options = {{ endpoint = "{endpoint}", allow_http = "true", access_key_id = "{key
             )
         });
         format!(
-            r#"node_id = "{NODE}"
+            r#"node_id = "{node}"
 state_dir = "{state}"
 
 {pipeline}
@@ -277,7 +283,11 @@ settle_ms = 300
 [[destination]]
 name = "nas"
 url = "file://{nas}"
+
+{tail}
 "#,
+            node = self.node,
+            tail = self.tail,
             state = self.state.display(),
             pipeline = self.pipeline,
             watch = self.watch.display(),
@@ -364,11 +374,13 @@ url = "file://{nas}"
         out
     }
 
-    /// The S3 primary's content (key relative to the base), read with boto3.
+    /// The S3 primary's artifacts (key relative to the base), read with boto3; the agent's
+    /// own objects (`_panoptic-sync/`: node status) are left out.
     pub fn s3_objects(&self, s3: &S3) -> BTreeMap<String, String> {
         s3.objects(&self.bucket, "base/")
             .into_iter()
             .map(|(k, v)| (k.trim_start_matches("base/").to_string(), v))
+            .filter(|(k, _)| !k.starts_with("_panoptic-sync/"))
             .collect()
     }
 

@@ -1,0 +1,145 @@
+//! Local cleanup: frees disk by deleting local files, but only files whose exact current
+//! content (the indexed hash of this generation) every destination has confirmed, and only
+//! if the file on disk is still that content (same size, mtime and inode right before the
+//! unlink). Three triggers, from `[retention]`: delete after upload, a maximum age, and a
+//! minimum share of free space (oldest files first). A file not yet in every destination is
+//! never deleted, whatever the pressure; that is logged loudly.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::Retention;
+use crate::index::{Index, Stat};
+use crate::scan::Root;
+
+/// What one cleanup pass did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CleanupReport {
+    /// Files deleted.
+    pub deleted: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Roots still under the free-space threshold, with files waiting for destinations.
+    pub blocked: Vec<String>,
+}
+
+/// Whether any local cleanup is configured.
+pub fn enabled(r: &Retention) -> bool {
+    r.local_delete_after_upload || r.local_max_age.is_some() || r.local_min_free_percent.is_some()
+}
+
+/// Free space on the filesystem holding `path`, in percent.
+pub fn free_percent(path: &Path) -> Option<f64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a zeroed out-struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    Some(st.f_bavail as f64 * 100.0 / st.f_blocks as f64)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Delete `path` if it is still exactly the indexed content. Returns the bytes freed.
+fn delete_if_unchanged(index: &Index, id: i64, path: &Path, stat: &Stat) -> Option<u64> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || Stat::of(&meta) != *stat {
+        return None; // changed since it was stored: it will be re-indexed and uploaded
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            if let Err(e) = index.forget_file(id) {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "deleted, but cannot update the index");
+            }
+            tracing::debug!(path = %path.display(), "deleted locally: every destination has it");
+            Some(stat.size)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete local file");
+            None
+        }
+    }
+}
+
+/// One cleanup pass. Blocking.
+pub fn run_once(
+    index: &Index,
+    roots: &[Root],
+    dests: &[String],
+    retention: &Retention,
+) -> anyhow::Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    let mut delete_batch = |max_mtime: i64, within: Option<&Path>, stop: &dyn Fn() -> bool| {
+        loop {
+            if stop() {
+                return anyhow::Ok(());
+            }
+            let batch = index.stored_everywhere(dests, max_mtime, 512)?;
+            let candidates: Vec<_> = batch
+                .into_iter()
+                .filter(|(_, p, _)| within.is_none_or(|w| p.starts_with(w)))
+                .collect();
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            let mut progressed = false;
+            for (id, path, stat) in candidates {
+                if stop() {
+                    return Ok(());
+                }
+                if let Some(bytes) = delete_if_unchanged(index, id, &path, &stat) {
+                    report.deleted += 1;
+                    report.bytes += bytes;
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    };
+    if retention.local_delete_after_upload {
+        delete_batch(i64::MAX, None, &|| false)?;
+    } else if let Some(age) = retention.local_max_age {
+        delete_batch(now_ns() - age.as_nanos() as i64, None, &|| false)?;
+    }
+    if let Some(min_free) = retention.local_min_free_percent {
+        for root in roots.iter().filter(|r| r.path.is_dir()) {
+            let below = || free_percent(&root.path).is_some_and(|f| f < min_free);
+            if !below() {
+                continue;
+            }
+            delete_batch(i64::MAX, Some(&root.path), &|| !below())?;
+            if below() {
+                let waiting = index.awaiting_destinations(dests)?;
+                tracing::error!(
+                    root = %root.path.display(),
+                    free_percent = free_percent(&root.path).unwrap_or(0.0),
+                    min_free_percent = min_free,
+                    waiting,
+                    "disk pressure: files not yet in every destination are never deleted; \
+                     check `panoptic-sync status` for the destination that is behind"
+                );
+                report.blocked.push(root.path.display().to_string());
+            }
+        }
+    }
+    if report.deleted > 0 {
+        tracing::info!(
+            deleted = report.deleted,
+            bytes = report.bytes,
+            "local cleanup"
+        );
+    }
+    Ok(report)
+}
+
+/// How often the daemon runs a cleanup pass.
+pub const INTERVAL: Duration = Duration::from_secs(5);

@@ -1,0 +1,619 @@
+//! Reports: storage and performance analytics from the local index, with recommendations
+//! computed from the data; the node status object each node publishes to its primary
+//! (`_panoptic-sync/nodes/<node_id>.json`); and the fleet view, read from the bucket alone.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutPayload};
+use rusqlite::params;
+
+use crate::config::{Compression, Config};
+use crate::destination::{self, Destination};
+use crate::index::{Index, Status};
+
+/// Where node status objects live, under the primary's base.
+pub const NODES_PREFIX: &str = "_panoptic-sync/nodes";
+/// A node not seen for this long is flagged stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(600);
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Totals for one group (a destination, a file type, a watch root).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Objects.
+    pub objects: u64,
+    /// Bytes of the originals.
+    pub bytes_original: u64,
+    /// Bytes stored (after compression and encryption).
+    pub bytes_stored: u64,
+}
+
+/// One destination's part of the report.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DestReport {
+    /// Destination name.
+    pub name: String,
+    /// Everything stored there.
+    pub usage: Usage,
+    /// Bytes not sent thanks to compression (original − stored, for uploaded objects).
+    pub compression_saved_bytes: u64,
+    /// Bytes not sent thanks to dedup (server-side copies and skips).
+    pub dedup_saved_bytes: u64,
+    /// By file extension.
+    pub by_type: BTreeMap<String, Usage>,
+    /// By watch prefix.
+    pub by_root: BTreeMap<String, Usage>,
+    /// Files stored in the last 24 h, and their original bytes.
+    pub stored_last_24h: Usage,
+    /// Upload latency (queued → stored) percentiles in ms: p50, p90, p99.
+    pub latency_ms: [u64; 3],
+    /// Average upload throughput while uploading, bytes/s (first to last upload).
+    pub throughput_bytes_per_sec: u64,
+    /// Pending files, failing ones, and the oldest pending age in seconds.
+    pub backlog: (u64, u64, Option<u64>),
+    /// Current failures grouped by cause.
+    pub failures: BTreeMap<String, u64>,
+}
+
+/// The whole report.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    /// This node.
+    pub node_id: String,
+    /// When it was made (Unix seconds).
+    pub generated_at: u64,
+    /// Index totals.
+    pub files: u64,
+    /// Bytes of the indexed files.
+    pub bytes: u64,
+    /// Per destination.
+    pub destinations: Vec<DestReport>,
+    /// Advice computed from the numbers above.
+    pub recommendations: Vec<String>,
+}
+
+fn ext_of(key: &str) -> String {
+    let (_, logical) = crate::pipeline::Plan::from_key(key);
+    let name = logical.rsplit('/').next().unwrap_or(logical);
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() && ext.len() <= 10 => ext.to_ascii_lowercase(),
+        _ => "(none)".into(),
+    }
+}
+
+const TEXT_TYPES: &[&str] = &[
+    "log", "txt", "xml", "json", "html", "csv", "out", "err", "md",
+];
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Build the report from the index.
+pub fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
+    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    let status = index.status(&names)?;
+    let prefixes: Vec<String> = config
+        .watch
+        .iter()
+        .map(|w| w.prefix.replace("{node}", &config.node_id))
+        .collect();
+    let now_ms = crate::index::now_ms();
+    let mut report = Report {
+        node_id: config.node_id.clone(),
+        generated_at: now_secs(),
+        files: status.files,
+        bytes: status.bytes,
+        ..Default::default()
+    };
+    index.with_conn(|conn| {
+        for (name, st) in names.iter().zip(&status.destinations) {
+            let mut d = DestReport {
+                name: name.clone(),
+                backlog: (st.pending, st.failing, st.oldest_pending_secs),
+                ..Default::default()
+            };
+            let mut stmt = conn.prepare(
+                "SELECT o.key, o.stored_key, o.size, o.stored_size, o.stored_ms, u.method
+                 FROM objects o LEFT JOIN uploads u ON u.dest = o.dest AND u.key = o.key
+                 WHERE o.dest = ?1",
+            )?;
+            let mut rows = stmt.query(params![name])?;
+            while let Some(r) = rows.next()? {
+                let key: String = r.get(0)?;
+                let stored_key: String = r.get(1)?;
+                let size = r.get::<_, i64>(2)? as u64;
+                let stored = r.get::<_, i64>(3)? as u64;
+                let stored_ms: i64 = r.get(4)?;
+                let method: Option<String> = r.get(5)?;
+                let add = |u: &mut Usage| {
+                    u.objects += 1;
+                    u.bytes_original += size;
+                    u.bytes_stored += stored;
+                };
+                add(&mut d.usage);
+                add(d.by_type.entry(ext_of(&stored_key)).or_default());
+                let root = prefixes
+                    .iter()
+                    .filter(|p| p.is_empty() || key.starts_with(&format!("{p}/")))
+                    .max_by_key(|p| p.len())
+                    .map(|p| {
+                        if p.is_empty() {
+                            "(root)".into()
+                        } else {
+                            p.clone()
+                        }
+                    })
+                    .unwrap_or_else(|| "(other)".into());
+                add(d.by_root.entry(root).or_default());
+                if now_ms - stored_ms < 86_400_000 {
+                    add(&mut d.stored_last_24h);
+                }
+                match method.as_deref() {
+                    Some("copy") | Some("skip") => d.dedup_saved_bytes += size,
+                    _ => d.compression_saved_bytes += size.saturating_sub(stored),
+                }
+            }
+            let mut stmt = conn.prepare(
+                "SELECT done_ms - queued_ms FROM uploads
+                 WHERE dest = ?1 AND state = 1 AND done_ms IS NOT NULL ORDER BY 1",
+            )?;
+            let lat: Vec<i64> = stmt
+                .query_map(params![name], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if !lat.is_empty() {
+                let pick = |p: f64| {
+                    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].max(0) as u64
+                };
+                d.latency_ms = [pick(0.5), pick(0.9), pick(0.99)];
+            }
+            let (first, last, bytes): (Option<i64>, Option<i64>, i64) = conn.query_row(
+                "SELECT min(u.done_ms), max(u.done_ms), coalesce(sum(o.stored_size), 0)
+                 FROM uploads u JOIN objects o ON o.dest = u.dest AND o.key = u.key
+                 WHERE u.dest = ?1 AND u.state = 1 AND u.method = 'upload'",
+                params![name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            if let (Some(a), Some(b)) = (first, last) {
+                let secs = ((b - a).max(1000) as f64) / 1000.0;
+                d.throughput_bytes_per_sec = (bytes as f64 / secs) as u64;
+            }
+            let mut stmt = conn.prepare(
+                "SELECT last_error, count(*) FROM uploads
+                 WHERE dest = ?1 AND last_error IS NOT NULL AND state != 1 GROUP BY 1",
+            )?;
+            let mut rows = stmt.query(params![name])?;
+            while let Some(r) = rows.next()? {
+                let e: String = r.get(0)?;
+                *d.failures.entry(cause_of(&e)).or_default() += r.get::<_, i64>(1)? as u64;
+            }
+            report.destinations.push(d);
+        }
+        Ok(())
+    })?;
+    report.recommendations = recommend(config, &report);
+    Ok(report)
+}
+
+/// A failure message without the per-object parts, so equal causes group together.
+fn cause_of(e: &str) -> String {
+    let e = e.split(": ").skip(1).collect::<Vec<_>>().join(": ");
+    let e = if e.is_empty() {
+        "unknown".to_string()
+    } else {
+        e
+    };
+    e.chars().take(120).collect()
+}
+
+fn recommend(config: &Config, r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(primary) = r.destinations.first() else {
+        return out;
+    };
+    let total = primary.usage.bytes_original.max(1);
+    if config.pipeline.compression == Compression::None {
+        let text: u64 = primary
+            .by_type
+            .iter()
+            .filter(|(ext, _)| TEXT_TYPES.contains(&ext.as_str()))
+            .map(|(_, u)| u.bytes_original)
+            .sum();
+        if text * 100 / total >= 30 && text > 1 << 20 {
+            out.push(format!(
+                "text files (logs, reports) are {}% of bytes and are stored uncompressed: enable compression = \"zstd\"",
+                text * 100 / total
+            ));
+        }
+    }
+    for d in &r.destinations {
+        if let (_, _, Some(age)) = d.backlog
+            && age >= 3600
+        {
+            out.push(format!(
+                "destination {:?} is {:.1} h behind ({} files pending)",
+                d.name,
+                age as f64 / 3600.0,
+                d.backlog.0
+            ));
+        }
+        if let Some((cause, n)) = d.failures.iter().max_by_key(|(_, n)| **n) {
+            out.push(format!("{n} uploads to {:?} are failing: {cause}", d.name));
+        }
+    }
+    if !crate::retention::enabled(config) && primary.stored_last_24h.bytes_stored > 0 {
+        out.push(format!(
+            "no retention: the primary grows by {}/day; set [retention] remote_max_age",
+            human(primary.stored_last_24h.bytes_stored)
+        ));
+    }
+    if primary.dedup_saved_bytes * 10 > total {
+        out.push(format!(
+            "dedup saved {} ({}% of bytes): identical files are common here",
+            human(primary.dedup_saved_bytes),
+            primary.dedup_saved_bytes * 100 / total
+        ));
+    }
+    out
+}
+
+/// The report as text.
+pub fn render_text(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node {}: {} files, {}",
+        r.node_id,
+        r.files,
+        human(r.bytes)
+    );
+    for d in &r.destinations {
+        let _ = writeln!(
+            o,
+            "\n{}: {} objects, {} stored for {} original; saved {} by compression, {} by dedup",
+            d.name,
+            d.usage.objects,
+            human(d.usage.bytes_stored),
+            human(d.usage.bytes_original),
+            human(d.compression_saved_bytes),
+            human(d.dedup_saved_bytes)
+        );
+        let _ = writeln!(
+            o,
+            "  latency p50/p90/p99: {}/{}/{} ms; throughput {}/s; backlog {} ({} failing)",
+            d.latency_ms[0],
+            d.latency_ms[1],
+            d.latency_ms[2],
+            human(d.throughput_bytes_per_sec),
+            d.backlog.0,
+            d.backlog.1
+        );
+        let mut types: Vec<_> = d.by_type.iter().collect();
+        types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
+        for (ext, u) in types.iter().take(8) {
+            let _ = writeln!(
+                o,
+                "  .{ext:<8} {:>6} objects {:>10} → {:>10}",
+                u.objects,
+                human(u.bytes_original),
+                human(u.bytes_stored)
+            );
+        }
+        for (cause, n) in &d.failures {
+            let _ = writeln!(o, "  failing ({n}): {cause}");
+        }
+    }
+    if !r.recommendations.is_empty() {
+        let _ = writeln!(o, "\nrecommendations:");
+        for rec in &r.recommendations {
+            let _ = writeln!(o, "  - {rec}");
+        }
+    }
+    o
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Horizontal bars as inline SVG: (label, value, text shown).
+fn bars(title: &str, items: &[(String, u64, String)]) -> String {
+    let max = items.iter().map(|i| i.1).max().unwrap_or(1).max(1) as f64;
+    let h = 24 * items.len() + 30;
+    let mut svg = format!(
+        "<figure><figcaption>{}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"640\" height=\"{h}\" role=\"img\">",
+        esc(title)
+    );
+    for (i, (label, v, text)) in items.iter().enumerate() {
+        let y = 10 + i * 24;
+        let w = (*v as f64 / max * 380.0).max(1.0);
+        let _ = write!(
+            svg,
+            "<text x=\"0\" y=\"{}\" font-size=\"13\">{}</text><rect x=\"150\" y=\"{y}\" width=\"{w:.0}\" height=\"18\" fill=\"#3b82f6\"/><text x=\"{:.0}\" y=\"{}\" font-size=\"12\">{}</text>",
+            y + 14,
+            esc(label),
+            155.0 + w,
+            y + 14,
+            esc(text)
+        );
+    }
+    svg.push_str("</svg></figure>");
+    svg
+}
+
+/// One self-contained HTML page with inline SVG charts (no network access needed).
+pub fn render_html(r: &Report) -> String {
+    let mut body = String::new();
+    for d in &r.destinations {
+        let _ = write!(
+            body,
+            "<section><h2>{}</h2><p>{} objects &middot; {} stored for {} original &middot; compression saved {} &middot; dedup saved {} &middot; latency p50/p90/p99 {}/{}/{} ms &middot; backlog {} ({} failing)</p>",
+            esc(&d.name),
+            d.usage.objects,
+            human(d.usage.bytes_stored),
+            human(d.usage.bytes_original),
+            human(d.compression_saved_bytes),
+            human(d.dedup_saved_bytes),
+            d.latency_ms[0],
+            d.latency_ms[1],
+            d.latency_ms[2],
+            d.backlog.0,
+            d.backlog.1
+        );
+        let mut types: Vec<_> = d.by_type.iter().collect();
+        types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
+        let items: Vec<_> = types
+            .iter()
+            .take(12)
+            .map(|(ext, u)| {
+                (
+                    format!(".{ext}"),
+                    u.bytes_original,
+                    format!("{} → {}", human(u.bytes_original), human(u.bytes_stored)),
+                )
+            })
+            .collect();
+        body.push_str(&bars("Bytes by file type (original → stored)", &items));
+        let roots: Vec<_> = d
+            .by_root
+            .iter()
+            .map(|(root, u)| (root.clone(), u.bytes_stored, human(u.bytes_stored)))
+            .collect();
+        body.push_str(&bars("Bytes stored by watch root", &roots));
+        if !d.failures.is_empty() {
+            body.push_str("<h3>Failures</h3><ul>");
+            for (cause, n) in &d.failures {
+                let _ = write!(body, "<li>{n} &times; {}</li>", esc(cause));
+            }
+            body.push_str("</ul>");
+        }
+        body.push_str("</section>");
+    }
+    let recs: String = r
+        .recommendations
+        .iter()
+        .map(|x| format!("<li>{}</li>", esc(x)))
+        .collect();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>panoptic-sync report: {node}</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;color:#111}}\
+         figure{{margin:1em 0}}figcaption{{font-weight:600;margin-bottom:.3em}}\
+         .recs{{background:#fef9c3;padding:.5em 1.5em;border-radius:6px}}</style></head><body>\
+         <h1>panoptic-sync report: {node}</h1><p>{files} files, {bytes} indexed</p>\
+         <div class=\"recs\"><h2>Recommendations</h2><ul>{recs}</ul></div>{body}</body></html>",
+        node = esc(&r.node_id),
+        files = r.files,
+        bytes = human(r.bytes),
+    )
+}
+
+/// What each node publishes about itself.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node_id: String,
+    /// panoptic-sync version.
+    pub version: String,
+    /// When this was written (Unix seconds).
+    pub last_seen: u64,
+    /// Indexed files.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Per destination: (name, done, pending, failing, failed permanently).
+    pub destinations: Vec<(String, u64, u64, u64, u64)>,
+    /// Oldest pending upload, seconds.
+    pub oldest_pending_secs: Option<u64>,
+    /// The most recent error.
+    pub last_error: Option<String>,
+    /// done / (done + failing + failed permanently), over all destinations.
+    pub success_rate: f64,
+}
+
+impl NodeStatus {
+    /// This node's status from the index.
+    pub fn from_status(config: &Config, s: &Status) -> NodeStatus {
+        let (done, bad) = s.destinations.iter().fold((0u64, 0u64), |a, d| {
+            (a.0 + d.done, a.1 + d.failing + d.failed_permanently)
+        });
+        NodeStatus {
+            node_id: config.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            last_seen: now_secs(),
+            files: s.files,
+            bytes: s.bytes,
+            destinations: s
+                .destinations
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        d.done,
+                        d.pending,
+                        d.failing,
+                        d.failed_permanently,
+                    )
+                })
+                .collect(),
+            oldest_pending_secs: s
+                .destinations
+                .iter()
+                .filter_map(|d| d.oldest_pending_secs)
+                .max(),
+            last_error: s.destinations.iter().find_map(|d| d.last_error.clone()),
+            success_rate: if done + bad == 0 {
+                1.0
+            } else {
+                done as f64 / (done + bad) as f64
+            },
+        }
+    }
+}
+
+fn nodes_path(primary: &Destination, file: Option<&str>) -> anyhow::Result<ObjectPath> {
+    let rel = match file {
+        Some(f) => format!("{NODES_PREFIX}/{f}"),
+        None => NODES_PREFIX.to_string(),
+    };
+    Ok(primary.path(&rel)?)
+}
+
+/// Write this node's status object to the primary.
+pub async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::Result<()> {
+    let primary = Destination::open(
+        config
+            .destinations()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no destination"))?,
+    )?;
+    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    let i = index.clone();
+    let status = tokio::task::spawn_blocking(move || i.status(&names)).await??;
+    let node = NodeStatus::from_status(config, &status);
+    let path = nodes_path(&primary, Some(&format!("{}.json", config.node_id)))?;
+    primary
+        .store
+        .put(&path, PutPayload::from(serde_json::to_vec_pretty(&node)?))
+        .await
+        .map_err(|e| anyhow::anyhow!("writing {path}: {}", destination::error_chain(&e)))?;
+    Ok(())
+}
+
+/// Every node's status, read from the primary alone.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Fleet {
+    /// The nodes, with a stale flag.
+    pub nodes: Vec<(NodeStatus, bool)>,
+    /// Objects under `_panoptic-sync/nodes/` that could not be read.
+    pub unreadable: Vec<String>,
+    /// Fleet totals: files, bytes, pending, failing.
+    pub totals: (u64, u64, u64, u64),
+}
+
+/// Read every node status object from the primary.
+pub async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
+    let primary = Destination::open(
+        config
+            .destinations()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no destination"))?,
+    )?;
+    let prefix = nodes_path(&primary, None)?;
+    let metas: Vec<object_store::ObjectMeta> = primary
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("listing {prefix}: {}", destination::error_chain(&e)))?;
+    let mut fleet = Fleet::default();
+    let now = now_secs();
+    for meta in metas {
+        let read = async {
+            let bytes = primary.store.get(&meta.location).await?.bytes().await?;
+            anyhow::Ok(serde_json::from_slice::<NodeStatus>(&bytes)?)
+        };
+        match read.await {
+            Ok(n) => {
+                let stale = now.saturating_sub(n.last_seen) > STALE_AFTER.as_secs();
+                fleet.totals.0 += n.files;
+                fleet.totals.1 += n.bytes;
+                fleet.totals.2 += n.destinations.iter().map(|d| d.2).sum::<u64>();
+                fleet.totals.3 += n.destinations.iter().map(|d| d.3).sum::<u64>();
+                fleet.nodes.push((n, stale));
+            }
+            Err(e) => fleet.unreadable.push(format!("{}: {e:#}", meta.location)),
+        }
+    }
+    fleet.nodes.sort_by(|a, b| a.0.node_id.cmp(&b.0.node_id));
+    Ok(fleet)
+}
+
+/// The fleet as text.
+pub fn render_fleet(f: &Fleet) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<24} {:>8} {:>10} {:>8} {:>8} {:>8}  state",
+        "node", "files", "bytes", "pending", "failing", "success"
+    );
+    let now = now_secs();
+    for (n, stale) in &f.nodes {
+        let pending: u64 = n.destinations.iter().map(|d| d.2).sum();
+        let failing: u64 = n.destinations.iter().map(|d| d.3).sum();
+        let _ = writeln!(
+            o,
+            "{:<24} {:>8} {:>10} {:>8} {:>8} {:>7.1}%  {}",
+            n.node_id,
+            n.files,
+            human(n.bytes),
+            pending,
+            failing,
+            n.success_rate * 100.0,
+            if *stale {
+                format!(
+                    "STALE (last seen {} s ago)",
+                    now.saturating_sub(n.last_seen)
+                )
+            } else {
+                "ok".into()
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "fleet: {} nodes, {} files, {}, {} pending, {} failing",
+        f.nodes.len(),
+        f.totals.0,
+        human(f.totals.1),
+        f.totals.2,
+        f.totals.3
+    );
+    for u in &f.unreadable {
+        let _ = writeln!(o, "unreadable status object: {u}");
+    }
+    o
+}

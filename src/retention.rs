@@ -1,0 +1,127 @@
+//! Remote retention (`prune`): delete this node's objects older than `remote_max_age` (or a
+//! watch's own override), under its own watch prefixes only. A prefix must contain the node id
+//! as a whole segment (`{node}`), otherwise this node's objects cannot be told from another
+//! node's and that tree is skipped with a warning. Status objects (`_panoptic-sync/`) are never
+//! touched. Pruned objects are forgotten by the index (never used as a copy source), while
+//! the uploads stay recorded as done, so an unchanged local file is not uploaded again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjectPath;
+
+use crate::config::Config;
+use crate::destination::{self, Destination};
+use crate::index::Index;
+
+/// How often the daemon applies retention.
+pub const INTERVAL: Duration = Duration::from_secs(3600);
+
+/// What `prune` did (or would do).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PruneReport {
+    /// (destination, key) of every object deleted, or that would be with `--dry-run`.
+    pub expired: Vec<(String, String)>,
+    /// Watch prefixes skipped because they do not contain the node id.
+    pub skipped_prefixes: Vec<String>,
+    /// Objects that could not be deleted, with the reason.
+    pub failed: Vec<(String, String, String)>,
+}
+
+/// Whether any remote retention is configured.
+pub fn enabled(config: &Config) -> bool {
+    config.retention.remote_max_age.is_some()
+        || config.watch.iter().any(|w| w.remote_max_age.is_some())
+}
+
+/// Apply retention now (or only list with `dry_run`).
+pub async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<PruneReport> {
+    let index = Arc::new(Index::open(&config.state_dir)?);
+    let dests = destination::open_all(config)?;
+    let mut report = PruneReport::default();
+    let now = chrono_now();
+    for watch in &config.watch {
+        let Some(age) = watch.remote_max_age.or(config.retention.remote_max_age) else {
+            continue;
+        };
+        let prefix = watch.prefix.replace("{node}", &config.node_id);
+        if !prefix.split('/').any(|seg| seg == config.node_id) {
+            tracing::warn!(prefix = %prefix, node = %config.node_id, "not pruning: the watch prefix does not contain the node id, so this node's objects cannot be told from others'");
+            report.skipped_prefixes.push(prefix);
+            continue;
+        }
+        let cutoff = now - age.as_secs_f64();
+        for dest in &dests {
+            prune_prefix(&index, dest, &prefix, cutoff, dry_run, &mut report).await?;
+        }
+    }
+    Ok(report)
+}
+
+fn chrono_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+async fn prune_prefix(
+    index: &Arc<Index>,
+    dest: &Destination,
+    prefix: &str,
+    cutoff: f64,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> anyhow::Result<()> {
+    let list_key = if dest.base.is_empty() {
+        prefix.to_string()
+    } else {
+        format!("{}/{prefix}", dest.base)
+    };
+    let list_path = ObjectPath::parse(&list_key)?;
+    let objects: Vec<object_store::ObjectMeta> = dest
+        .store
+        .list(Some(&list_path))
+        .try_collect()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "listing {list_key} in {:?}: {}",
+                dest.name,
+                destination::error_chain(&e)
+            )
+        })?;
+    for meta in objects {
+        let modified = meta.last_modified.timestamp() as f64;
+        let key = meta.location.to_string();
+        let rel = key
+            .strip_prefix(&dest.base)
+            .unwrap_or(&key)
+            .trim_start_matches('/')
+            .to_string();
+        if modified >= cutoff || rel.starts_with(crate::restore::INTERNAL_PREFIX) {
+            continue;
+        }
+        if !dry_run {
+            match dest.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    let (i, d, r) = (index.clone(), dest.name.clone(), rel.clone());
+                    tokio::task::spawn_blocking(move || i.forget_stored(&d, &r)).await??;
+                    tracing::info!(dest = %dest.name, key = %key, "pruned");
+                }
+                Err(e) => {
+                    report.failed.push((
+                        dest.name.clone(),
+                        key.clone(),
+                        destination::error_chain(&e),
+                    ));
+                    continue;
+                }
+            }
+        }
+        report.expired.push((dest.name.clone(), key));
+    }
+    Ok(())
+}
