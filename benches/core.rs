@@ -67,6 +67,7 @@ async fn indexing() {
             wake: vec![Arc::new(Notify::new())],
             outstanding,
             stats: Arc::new(IngestStats::default()),
+            metrics: Arc::new(panoptic_sync::metrics::Metrics::new()),
         };
         let start = Instant::now();
         let thread = std::thread::spawn(move || ingest.run(rx));

@@ -69,6 +69,25 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: Metrics,
+    /// Agent-wide limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Cap on bytes sent per second, all destinations together (e.g. `"50MiB/s"`).
+    #[serde(default, deserialize_with = "de_opt_rate")]
+    pub max_rate: Option<u64>,
+}
+
+fn de_opt_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::throttle::parse_rate(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// The `[retention]` table.
@@ -208,6 +227,9 @@ pub struct Destination {
     /// Uploads in flight to this destination.
     #[serde(default = "default_concurrency", deserialize_with = "de_concurrency")]
     pub concurrency: usize,
+    /// Cap on bytes sent per second to this destination (e.g. `"20MiB/s"`).
+    #[serde(default, deserialize_with = "de_opt_rate")]
+    pub max_rate: Option<u64>,
 }
 
 fn default_node_id() -> String {

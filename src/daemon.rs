@@ -89,6 +89,7 @@ pub struct Parts {
     dests: Vec<Destination>,
     pipeline: Arc<crate::pipeline::Pipeline>,
     roots: Arc<Vec<Root>>,
+    global_limit: Option<Arc<crate::throttle::Limiter>>,
 }
 
 impl Parts {
@@ -97,11 +98,16 @@ impl Parts {
         let dests = destination::open_all(&config)?;
         let pipeline = Arc::new(crate::pipeline::Pipeline::from_config(&config)?);
         let roots = Arc::new(Root::from_config(&config));
+        let global_limit = config
+            .limits
+            .max_rate
+            .map(|r| Arc::new(crate::throttle::Limiter::new(r)));
         Ok(Parts {
             config,
             dests,
             pipeline,
             roots,
+            global_limit,
         })
     }
 }
@@ -118,11 +124,17 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(parts: Parts, index: Arc<Index>, max_attempts: Option<i64>) -> anyhow::Result<Agent> {
+    fn start(
+        parts: Parts,
+        index: Arc<Index>,
+        max_attempts: Option<i64>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Agent> {
         let Parts {
             dests,
             pipeline,
             roots,
+            global_limit,
             ..
         } = parts;
         // Each multipart upload holds a few parts in memory; bound how many run at once.
@@ -137,6 +149,7 @@ impl Agent {
             wake: wakes.clone(),
             outstanding,
             stats: ingest_stats.clone(),
+            metrics: metrics.clone(),
         };
         let ingest = std::thread::Builder::new()
             .name("ingest".into())
@@ -160,6 +173,8 @@ impl Agent {
                     drain: Duration::from_secs(10),
                     pipeline: pipeline.clone(),
                     multipart_slots: multipart_slots.clone(),
+                    metrics: metrics.clone(),
+                    global_limit: global_limit.clone(),
                 };
                 let handle = tokio::spawn(worker.run(workers_cancel.clone()));
                 (name, handle, stats)
@@ -224,11 +239,15 @@ struct Running {
 }
 
 impl Running {
-    fn start(parts: Parts, index: Arc<Index>) -> anyhow::Result<Running> {
+    fn start(
+        parts: Parts,
+        index: Arc<Index>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Running> {
         let retention = parts.config.retention.clone();
         let prune_config = crate::retention::enabled(&parts.config).then(|| parts.config.clone());
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
-        let agent = Agent::start(parts, index, None)?;
+        let agent = Agent::start(parts, index, None, metrics)?;
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks_cancel = CancellationToken::new();
@@ -411,7 +430,20 @@ pub async fn run_with_reload(
     let index = open_index(&config)?;
     let parts = Parts::prepare(config)?;
     let mut config = parts.config.clone();
-    let mut running = Running::start(parts, index.clone())?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let mut running = Running::start(parts, index.clone(), metrics.clone())?;
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let metrics_stop = CancellationToken::new();
+    let metrics_server = config.metrics.listen.map(|addr| {
+        tokio::spawn(crate::metrics::serve(
+            addr,
+            metrics.clone(),
+            index.clone(),
+            config.destinations().map(|d| d.name.clone()).collect(),
+            healthy.clone(),
+            metrics_stop.clone(),
+        ))
+    });
     tracing::info!(
         node = %config.node_id,
         index = %index.path().display(),
@@ -425,6 +457,7 @@ pub async fn run_with_reload(
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut status_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut health_tick = tokio::time::interval(Duration::from_secs(5));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(60));
     heartbeat.tick().await;
     let mut reloads_open = true;
@@ -452,7 +485,7 @@ pub async fn run_with_reload(
                         tracing::info!("reloading the configuration: draining workers");
                         running.stop().await;
                         config = parts.config.clone();
-                        running = Running::start(parts, index.clone())?;
+                        running = Running::start(parts, index.clone(), metrics.clone())?;
                         tracing::info!(roots = config.watch.len(), destinations = config.destination.len(), "configuration reloaded");
                     }
                 }
@@ -465,6 +498,9 @@ pub async fn run_with_reload(
                     Ok(Ok(())) => anyhow::bail!("the watcher stopped unexpectedly"),
                     Err(e) => anyhow::bail!("the watcher task failed: {e}"),
                 }
+            }
+            _ = health_tick.tick() => {
+                healthy.store(running.healthy().await, Ordering::Relaxed);
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 if running.healthy().await {
@@ -488,6 +524,14 @@ pub async fn run_with_reload(
     notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: finishing in-flight uploads");
     running.stop().await;
+    metrics_stop.cancel();
+    if let Some(server) = metrics_server {
+        match server.await {
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "metrics server failed"),
+            Err(e) => tracing::error!(error = %e, "metrics server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -563,6 +607,7 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
         Parts::prepare(config.clone())?,
         index.clone(),
         Some(SYNC_ATTEMPTS),
+        Arc::new(crate::metrics::Metrics::new()),
     )?;
     agent.catch_up().await?;
     let names: Vec<String> = agent.workers.iter().map(|(n, _, _)| n.clone()).collect();

@@ -168,6 +168,8 @@ pub struct Destination {
     pub supports_attributes: bool,
     /// Presigns GET URLs (S3, GCS, Azure).
     pub signer: Option<Arc<dyn Signer>>,
+    /// The destination's bandwidth cap (`max_rate`).
+    pub limiter: Option<Arc<crate::throttle::Limiter>>,
 }
 
 impl fmt::Debug for Destination {
@@ -304,6 +306,9 @@ impl Destination {
             url: url.to_string(),
             supports_attributes: kind != Kind::Local,
             signer,
+            limiter: cfg
+                .max_rate
+                .map(|r| Arc::new(crate::throttle::Limiter::new(r))),
         })
     }
 

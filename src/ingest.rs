@@ -94,6 +94,8 @@ pub struct Ingest {
     pub outstanding: Arc<AtomicU64>,
     /// Counters.
     pub stats: Arc<IngestStats>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Ingest {
@@ -128,6 +130,7 @@ impl Ingest {
         }
         let mut observations = Vec::new();
         let mut to_hash: Vec<(PathBuf, usize)> = Vec::new();
+        self.metrics.files_seen.inc_by(seen.len() as u64);
         for (path, root) in seen {
             let wanted = self.roots.get(root).is_some_and(|r| r.wants(path));
             match std::fs::symlink_metadata(path) {

@@ -21,12 +21,14 @@ pub mod destination;
 pub mod index;
 pub mod ingest;
 pub mod links;
+pub mod metrics;
 pub mod pipeline;
 pub mod report;
 pub mod restore;
 pub mod retention;
 pub mod scan;
 pub mod status;
+pub mod throttle;
 pub mod upload;
 pub mod watch;
 

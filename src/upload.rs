@@ -81,6 +81,10 @@ pub struct Worker {
     pub pipeline: Arc<Pipeline>,
     /// Bounds how many multipart uploads (each holding a few parts in memory) run at once.
     pub multipart_slots: Arc<Semaphore>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The agent-wide bandwidth cap (`[limits] max_rate`).
+    pub global_limit: Option<Arc<crate::throttle::Limiter>>,
 }
 
 enum Step {
@@ -195,6 +199,12 @@ impl Worker {
     /// Work until `cancel`, then drain.
     pub async fn run(self, cancel: CancellationToken) {
         let this = Arc::new(self);
+        this.metrics
+            .max_rate
+            .get_or_create(&crate::metrics::Dest {
+                dest: this.dest.name.clone(),
+            })
+            .set(this.dest.limiter.as_ref().map_or(0, |l| l.rate()) as i64);
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         // In-flight jobs by file id, with their content: a second file with the same content
         // waits until the first is stored, then becomes a server-side copy.
@@ -319,6 +329,13 @@ impl Worker {
                     _ => &self.stats.uploaded,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                self.metrics.stored(
+                    &self.dest.name,
+                    method,
+                    job.stat.size,
+                    object.stored_size,
+                    job.stat.mtime_ns,
+                );
                 tracing::debug!(dest = %self.dest.name, key = %job.key, method, ms = started.elapsed().as_millis() as u64, "stored");
                 Outcome::Stored {
                     job,
@@ -332,6 +349,7 @@ impl Worker {
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.failure(&self.dest.name);
                 let permanent = e.is_permanent();
                 tracing::warn!(dest = %self.dest.name, key = %job.key, attempt = job.attempts + 1, permanent, error = %e, "upload failed; will retry");
                 Outcome::Failed {
@@ -340,6 +358,20 @@ impl Worker {
                     permanent,
                 }
             }
+        }
+    }
+
+    /// Wait for the destination's and the agent's bandwidth caps before sending `bytes`.
+    async fn throttle(&self, bytes: usize) {
+        let mut waited = Duration::ZERO;
+        for limiter in [&self.dest.limiter, &self.global_limit]
+            .into_iter()
+            .flatten()
+        {
+            waited += limiter.acquire(bytes as u64).await;
+        }
+        if !waited.is_zero() {
+            self.metrics.throttled(&self.dest.name, waited);
         }
     }
 
@@ -514,6 +546,7 @@ impl Worker {
                     attributes,
                     ..Default::default()
                 };
+                self.throttle(first.len()).await;
                 self.dest
                     .store
                     .put_opts(&location, PutPayload::from_bytes(first), opts)
@@ -538,7 +571,9 @@ impl Worker {
         };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         stored_size += second.len() as u64;
+        self.throttle(first.len()).await;
         writer.put(first);
+        self.throttle(second.len()).await;
         writer.put(second);
         let sent: Result<(), StoreError> = loop {
             if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
@@ -547,6 +582,7 @@ impl Worker {
             match rx.recv().await {
                 Some(Msg::Data(b)) => {
                     stored_size += b.len() as u64;
+                    self.throttle(b.len()).await;
                     writer.put(b);
                 }
                 _ => break Ok(()),

@@ -169,3 +169,68 @@ async fn reports_have_the_numbers_and_the_fleet_view_shows_every_node() {
         "{text}"
     );
 }
+
+/// Parse the Prometheus text format into (name{labels}, value) pairs.
+fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("a sample line");
+            (name.to_string(), value.parse::<f64>().expect("a number"))
+        })
+        .collect()
+}
+
+fn http_get(url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap_or(0), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_answer_while_the_daemon_runs() {
+    let mut env = Env::new();
+    let port = free_port();
+    env.tail = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let daemon = Daemon::start(env.config());
+    for i in 0..6 {
+        env.write(&format!("m/{i}.log"), format!("metric {i}").as_bytes());
+    }
+    env.write("m/dup.log", b"metric 0");
+    assert_ok(&flush_all(&env, "60s").await, "flush");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until(Duration::from_secs(30), "/healthz 200", || {
+        http_get(&format!("{base}/healthz")).0 == 200
+    })
+    .await;
+    let (code, body) = http_get(&format!("{base}/metrics"));
+    assert_eq!(code, 200);
+    let m = parse_metrics(&body);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in:\n{body}"));
+    assert_eq!(
+        get("panoptic_sync_files_uploaded_total{dest=\"primary\"}"),
+        6.0
+    );
+    assert_eq!(
+        get("panoptic_sync_files_deduplicated_total{dest=\"primary\"}"),
+        1.0
+    );
+    assert_eq!(get("panoptic_sync_files_uploaded_total{dest=\"nas\"}"), 6.0);
+    assert_eq!(get("panoptic_sync_queue_depth{dest=\"primary\"}"), 0.0);
+    assert_eq!(
+        get("panoptic_sync_upload_latency_seconds_count{dest=\"primary\"}"),
+        7.0
+    );
+    assert!(get("panoptic_sync_files_seen_total") >= 7.0);
+    assert!(get("panoptic_sync_last_success_timestamp_seconds{dest=\"primary\"}") > 1.7e9);
+    daemon.stop().await.unwrap();
+    assert_eq!(
+        http_get(&format!("{base}/healthz")).0,
+        0,
+        "the server stops with the daemon"
+    );
+}

@@ -1,0 +1,261 @@
+//! Metrics: Prometheus counters, gauges and histograms (`panoptic_sync_*`, prometheus-client),
+//! served with `/healthz` on `[metrics] listen`.
+//!
+//! Counters are incremented where things happen (ingest, upload workers); queue gauges are
+//! read from the index at scrape time. `/healthz` answers 200 while every worker runs and the
+//! index takes writes (the same check that gates the systemd watchdog), 503 otherwise.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::index::Index;
+
+/// The `dest` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Dest {
+    /// Destination name.
+    pub dest: String,
+}
+
+fn dest(name: &str) -> Dest {
+    Dest { dest: name.into() }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ])
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Files handled by the ingest stage (hashed or found unchanged).
+    pub files_seen: Counter,
+    /// Files stored by upload, per destination.
+    pub uploaded: Family<Dest, Counter>,
+    /// Files stored without sending their bytes (server-side copy or already there).
+    pub deduplicated: Family<Dest, Counter>,
+    /// Failed attempts (each is retried after a backoff).
+    pub failed: Family<Dest, Counter>,
+    /// Bytes of the originals stored.
+    pub bytes_original: Family<Dest, Counter>,
+    /// Bytes sent (after compression and encryption).
+    pub bytes_stored: Family<Dest, Counter>,
+    /// Seconds from a file's last write to its object being durable.
+    pub latency: Family<Dest, Histogram, fn() -> Histogram>,
+    /// Files waiting, per destination.
+    pub queue_depth: Family<Dest, Gauge>,
+    /// Age of the oldest waiting file, seconds.
+    pub oldest_pending: Family<Dest, Gauge>,
+    /// Unix time of the last stored file.
+    pub last_success: Family<Dest, Gauge>,
+    /// Seconds uploads waited for a bandwidth cap.
+    pub throttled: Family<Dest, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// The destination's cap in bytes per second (0: none).
+    pub max_rate: Family<Dest, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("panoptic_sync");
+        let m = Metrics {
+            files_seen: Counter::default(),
+            uploaded: Family::default(),
+            deduplicated: Family::default(),
+            failed: Family::default(),
+            bytes_original: Family::default(),
+            bytes_stored: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            queue_depth: Family::default(),
+            oldest_pending: Family::default(),
+            last_success: Family::default(),
+            throttled: Family::default(),
+            max_rate: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "files_seen",
+            "Files handled by the ingest stage",
+            m.files_seen.clone(),
+        );
+        registry.register(
+            "files_uploaded",
+            "Files stored by upload",
+            m.uploaded.clone(),
+        );
+        registry.register(
+            "files_deduplicated",
+            "Files stored by server-side copy or already present",
+            m.deduplicated.clone(),
+        );
+        registry.register(
+            "upload_failures",
+            "Failed upload attempts (retried)",
+            m.failed.clone(),
+        );
+        registry.register(
+            "bytes_original",
+            "Bytes of the originals stored",
+            m.bytes_original.clone(),
+        );
+        registry.register(
+            "bytes_stored",
+            "Bytes sent after compression and encryption",
+            m.bytes_stored.clone(),
+        );
+        registry.register(
+            "upload_latency_seconds",
+            "From a file's last write to its object being durable",
+            m.latency.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Files waiting for a destination",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "oldest_pending_seconds",
+            "Age of the oldest file waiting for a destination",
+            m.oldest_pending.clone(),
+        );
+        registry.register(
+            "last_success_timestamp_seconds",
+            "Unix time of the last file stored",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "throttled_seconds",
+            "Seconds uploads waited for a bandwidth cap",
+            m.throttled.clone(),
+        );
+        registry.register(
+            "max_rate_bytes",
+            "Bandwidth cap of the destination in bytes per second (0: none)",
+            m.max_rate.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Record a stored file.
+    pub fn stored(&self, name: &str, method: &str, size: u64, sent: u64, mtime_ns: i64) {
+        let d = dest(name);
+        match method {
+            "upload" => {
+                self.uploaded.get_or_create(&d).inc();
+                self.bytes_stored.get_or_create(&d).inc_by(sent);
+            }
+            _ => {
+                self.deduplicated.get_or_create(&d).inc();
+            }
+        }
+        self.bytes_original.get_or_create(&d).inc_by(size);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if method != "skip" {
+            let secs = (now.as_nanos() as i64 - mtime_ns).max(0) as f64 / 1e9;
+            self.latency.get_or_create(&d).observe(secs);
+        }
+        self.last_success
+            .get_or_create(&d)
+            .set(now.as_secs() as i64);
+    }
+
+    /// Record time spent waiting for a bandwidth cap.
+    pub fn throttled(&self, name: &str, waited: std::time::Duration) {
+        self.throttled
+            .get_or_create(&dest(name))
+            .inc_by(waited.as_secs_f64());
+    }
+
+    /// Record a failed attempt.
+    pub fn failure(&self, name: &str) {
+        self.failed.get_or_create(&dest(name)).inc();
+    }
+
+    /// Refresh the queue gauges from the index and encode everything in the text format.
+    pub fn render(&self, index: &Index, dests: &[String]) -> String {
+        if let Ok(status) = index.status(dests) {
+            for d in status.destinations {
+                let label = dest(&d.name);
+                self.queue_depth.get_or_create(&label).set(d.pending as i64);
+                self.oldest_pending
+                    .get_or_create(&label)
+                    .set(d.oldest_pending_secs.unwrap_or(0) as i64);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serve `/metrics` and `/healthz` on `addr` until `shutdown`.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    index: Arc<Index>,
+    dests: Vec<String>,
+    healthy: Arc<AtomicBool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (m, i, d) = (metrics.clone(), index.clone(), dests.clone());
+                async move {
+                    let body = tokio::task::spawn_blocking(move || m.render(&i, &d))
+                        .await
+                        .unwrap_or_default();
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let ok = healthy.load(Ordering::Relaxed);
+                async move {
+                    if ok {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+                    }
+                }
+            }),
+        );
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics server on {addr}: {e}"))
+}
