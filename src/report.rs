@@ -345,12 +345,12 @@ fn bars(title: &str, items: &[(String, u64, String)]) -> String {
     let max = items.iter().map(|i| i.1).max().unwrap_or(1).max(1) as f64;
     let h = 24 * items.len() + 30;
     let mut svg = format!(
-        "<figure><figcaption>{}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"640\" height=\"{h}\" role=\"img\">",
+        "<figure><figcaption>{}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"{h}\" role=\"img\">",
         esc(title)
     );
     for (i, (label, v, text)) in items.iter().enumerate() {
         let y = 10 + i * 24;
-        let w = (*v as f64 / max * 380.0).max(1.0);
+        let w = (*v as f64 / max * 330.0).max(1.0);
         let _ = write!(
             svg,
             "<text x=\"0\" y=\"{}\" font-size=\"13\">{}</text><rect x=\"150\" y=\"{y}\" width=\"{w:.0}\" height=\"18\" fill=\"#3b82f6\"/><text x=\"{:.0}\" y=\"{}\" font-size=\"12\">{}</text>",
@@ -391,7 +391,11 @@ pub fn render_html(r: &Report) -> String {
             .take(12)
             .map(|(ext, u)| {
                 (
-                    format!(".{ext}"),
+                    if ext.starts_with('(') {
+                        ext.to_string()
+                    } else {
+                        format!(".{ext}")
+                    },
                     u.bytes_original,
                     format!("{} → {}", human(u.bytes_original), human(u.bytes_stored)),
                 )
