@@ -6,5 +6,6 @@ mod util;
 mod clouds;
 mod core;
 mod fleet;
+mod reliability;
 mod restore;
 mod service;

@@ -115,6 +115,14 @@ impl S3 {
         }
     }
 
+    /// The server's process id (for SIGSTOP/SIGCONT outages).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("a server this test started")
+            .id()
+    }
+
     /// Create a bucket (s3s-fs keeps a bucket as a directory under its root).
     pub fn create_bucket(&self, name: &str) {
         std::fs::create_dir_all(self.root.join(name)).unwrap();
