@@ -324,6 +324,15 @@ impl Destination {
     }
 }
 
+/// Open the primary (the first configured destination).
+pub fn open_primary(cfg: &config::Config) -> anyhow::Result<Destination> {
+    Destination::open(
+        cfg.destinations()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no destination is configured"))?,
+    )
+}
+
 /// Open every configured destination, in order (the first is the primary).
 pub fn open_all(cfg: &config::Config) -> anyhow::Result<Vec<Destination>> {
     cfg.destinations().map(Destination::open).collect()

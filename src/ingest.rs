@@ -8,13 +8,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 
 use crate::index::{Index, Observation, Stat};
@@ -49,24 +47,12 @@ pub fn hash_file(path: &Path) -> std::io::Result<Option<(Stat, [u8; 32])>> {
         Err(e) => return Err(e),
     };
     let before = Stat::of(&meta);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
+    let (sha, total) = crate::pipeline::copy_hashed(&mut file, &mut std::io::sink())?;
     let after = Stat::of(&file.metadata()?);
     if before != after || total != before.size {
         return Ok(None);
     }
-    Ok(Some((before, hasher.finalize().into())))
+    Ok(Some((before, sha)))
 }
 
 /// Counters of the ingest stage.

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::destination::Destination;
 use crate::index::Index;
 use crate::scan::Root;
 
@@ -21,12 +20,7 @@ pub async fn link(
 ) -> anyhow::Result<String> {
     let dest = match dest {
         Some(name) => crate::restore::find_destination(config, name)?,
-        None => Destination::open(
-            config
-                .destinations()
-                .next()
-                .context("no destination is configured")?,
-        )?,
+        None => crate::destination::open_primary(config)?,
     };
     let path =
         std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;

@@ -508,12 +508,7 @@ fn nodes_path(primary: &Destination, file: Option<&str>) -> anyhow::Result<Objec
 
 /// Write this node's status object to the primary.
 pub async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::Result<()> {
-    let primary = Destination::open(
-        config
-            .destinations()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("no destination"))?,
-    )?;
+    let primary = destination::open_primary(config)?;
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let i = index.clone();
     let status = tokio::task::spawn_blocking(move || i.status(&names)).await??;
@@ -540,12 +535,7 @@ pub struct Fleet {
 
 /// Read every node status object from the primary.
 pub async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
-    let primary = Destination::open(
-        config
-            .destinations()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("no destination"))?,
-    )?;
+    let primary = destination::open_primary(config)?;
     let prefix = nodes_path(&primary, None)?;
     let metas: Vec<object_store::ObjectMeta> = primary
         .store

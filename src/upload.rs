@@ -26,7 +26,6 @@ use object_store::{
     Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
     PutPayload, WriteMultipart,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -172,24 +171,9 @@ fn produce(
         sha256: hex::encode(sha),
     };
     let mut out = pipeline::encoder(pipeline, plan, &record, Box::new(sink))?;
-    let mut hasher = Sha256::new();
-    hasher.update(&first);
-    out.write_all(&first)?;
-    let mut total = first.len() as u64;
-    let mut buf = first;
-    buf.resize(256 * 1024, 0);
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-    let digest: [u8; 32] = hasher.finalize().into();
+    // Hash and encode the whole file in one read: the probed first block, then the rest.
+    let (digest, total) =
+        pipeline::copy_hashed(&mut std::io::Cursor::new(first).chain(&mut file), &mut out)?;
     let unchanged = digest == sha && total == stat.size && Stat::of(&file.metadata()?) == stat;
     out.finish()?;
     Ok(unchanged)
