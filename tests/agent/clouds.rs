@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use crate::core::{assert_ok, count_methods};
 use crate::util::*;
@@ -157,19 +156,7 @@ async fn suite(backend: Backend) {
         &flush_all(env, "240s").await,
         "flush through a flaky connection",
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "daemon ignored SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = child.terminate().await;
     assert_eq!(status.code(), Some(0));
     assert!(
         count_methods(env, "copy") >= 5,

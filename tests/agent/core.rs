@@ -248,19 +248,7 @@ async fn sigterm_mid_upload_exits_zero_commits_nothing_half_written_and_resumes(
         s["files"].as_u64() >= Some(1)
     })
     .await;
-    // SAFETY: sending a signal to our own child.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "daemon ignored SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = child.terminate().await;
     assert_eq!(status.code(), Some(0), "SIGTERM must exit 0");
 
     // Whatever is in the destinations is complete and correct.

@@ -94,27 +94,6 @@ impl S3 {
         }
     }
 
-    /// Start a private s3s-fs on `port` reusing a previous server's data and secret.
-    pub fn respawn_like(other: &S3, port: u16) -> S3 {
-        let child = Command::new(s3s_fs_bin())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &other.key, "--secret-key", &other.secret])
-            .arg(&other.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting s3s-fs");
-        wait_for_port(port, Duration::from_secs(30));
-        S3 {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            root: other.root.clone(),
-            key: other.key.clone(),
-            secret: other.secret.clone(),
-            child: Some(child),
-            _dir: None,
-        }
-    }
-
     /// The server's process id (for SIGSTOP/SIGCONT outages).
     pub fn pid(&self) -> u32 {
         self.child
@@ -443,6 +422,22 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// Send SIGTERM and wait (at most 60 s) for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
