@@ -188,20 +188,6 @@ const CLIENT_DEFAULTS: &[(ClientConfigKey, &str)] = &[
     (ClientConfigKey::Timeout, "120s"),
 ];
 
-/// Set each of [`CLIENT_DEFAULTS`] that `get` reports unset, through `set`.
-fn client_defaults<B>(
-    mut builder: B,
-    get: impl Fn(&B, ClientConfigKey) -> Option<String>,
-    set: impl Fn(B, ClientConfigKey, &str) -> B,
-) -> B {
-    for (key, value) in CLIENT_DEFAULTS {
-        if get(&builder, *key).is_none() {
-            builder = set(builder, *key, value);
-        }
-    }
-    builder
-}
-
 /// object_store's own retries handle a blip; longer outages are retried by our queue.
 fn retry_config() -> RetryConfig {
     RetryConfig {
@@ -222,6 +208,30 @@ impl Destination {
         let bad_option =
             |k: &str| anyhow::anyhow!("destination {name:?}: unknown {kind:?} option {k:?}");
         let built = |e: object_store::Error| anyhow::anyhow!("destination {name:?} ({url}): {e}");
+        // The three cloud builders share their API but no trait: from_env(), then the URL,
+        // then the options, then our client defaults where nothing set them.
+        macro_rules! cloud_store {
+            ($builder:ty, $key:ident) => {{
+                let mut b = <$builder>::from_env()
+                    .with_retry(retry_config())
+                    .with_url(url.as_str());
+                for (k, v) in options {
+                    let key =
+                        $key::from_str(&k.to_ascii_lowercase()).map_err(|_| bad_option(&k))?;
+                    b = b.with_config(key, v);
+                }
+                for (key, value) in CLIENT_DEFAULTS {
+                    if b.get_config_value(&$key::Client(*key)).is_none() {
+                        b = b.with_config($key::Client(*key), *value);
+                    }
+                }
+                let s = Arc::new(b.build().map_err(built)?);
+                (
+                    s.clone() as Arc<dyn ObjectStore>,
+                    Some(s as Arc<dyn Signer>),
+                )
+            }};
+        }
         let (store, signer): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>) = match kind {
             Kind::Local => {
                 let dir = url.to_file_path().map_err(|()| {
@@ -235,57 +245,9 @@ impl Destination {
                     .with_fsync(true);
                 (Arc::new(fs), None)
             }
-            Kind::S3 => {
-                let mut b = AmazonS3Builder::from_env()
-                    .with_retry(retry_config())
-                    .with_url(url.as_str());
-                for (k, v) in options {
-                    let key = AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
-                        .map_err(|_| bad_option(&k))?;
-                    b = b.with_config(key, v);
-                }
-                let b = client_defaults(
-                    b,
-                    |b, k| b.get_config_value(&AmazonS3ConfigKey::Client(k)),
-                    |b, k, v| b.with_config(AmazonS3ConfigKey::Client(k), v),
-                );
-                let s = Arc::new(b.build().map_err(built)?);
-                (s.clone(), Some(s))
-            }
-            Kind::Gcs => {
-                let mut b = GoogleCloudStorageBuilder::from_env()
-                    .with_retry(retry_config())
-                    .with_url(url.as_str());
-                for (k, v) in options {
-                    let key = GoogleConfigKey::from_str(&k.to_ascii_lowercase())
-                        .map_err(|_| bad_option(&k))?;
-                    b = b.with_config(key, v);
-                }
-                let b = client_defaults(
-                    b,
-                    |b, k| b.get_config_value(&GoogleConfigKey::Client(k)),
-                    |b, k, v| b.with_config(GoogleConfigKey::Client(k), v),
-                );
-                let s = Arc::new(b.build().map_err(built)?);
-                (s.clone(), Some(s))
-            }
-            Kind::Azure => {
-                let mut b = MicrosoftAzureBuilder::from_env()
-                    .with_retry(retry_config())
-                    .with_url(url.as_str());
-                for (k, v) in options {
-                    let key = AzureConfigKey::from_str(&k.to_ascii_lowercase())
-                        .map_err(|_| bad_option(&k))?;
-                    b = b.with_config(key, v);
-                }
-                let b = client_defaults(
-                    b,
-                    |b, k| b.get_config_value(&AzureConfigKey::Client(k)),
-                    |b, k, v| b.with_config(AzureConfigKey::Client(k), v),
-                );
-                let s = Arc::new(b.build().map_err(built)?);
-                (s.clone(), Some(s))
-            }
+            Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey),
+            Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey),
+            Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey),
         };
         let base = if kind == Kind::Local {
             String::new()
