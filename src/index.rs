@@ -32,7 +32,8 @@ pub const DONE: i64 = 1;
 pub const FAILED: i64 = 2;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE files (
     id       INTEGER PRIMARY KEY,
     path     BLOB NOT NULL UNIQUE,
@@ -77,7 +78,32 @@ CREATE TABLE objects (
     PRIMARY KEY (dest, key)
 ) WITHOUT ROWID;
 CREATE INDEX objects_by_sha ON objects(dest, sha256, pipeline);
-"#];
+"#,
+    // 2: the queue index also orders by queue time (claiming no longer sorts every pending row),
+    // and retention finds objects by stored key without scanning the destination's objects.
+    r#"
+DROP INDEX uploads_queue;
+CREATE INDEX uploads_queue ON uploads(dest, state, next_attempt_ms, queued_ms);
+CREATE INDEX objects_by_stored_key ON objects(dest, stored_key);
+"#,
+];
+
+/// The next due jobs of a destination, oldest first (walks `uploads_queue`, never sorts).
+const CLAIM: &str = "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f.mtime_ns, f.inode,
+            u.attempts, u.queued_ms
+     FROM uploads u JOIN files f ON f.id = u.file_id
+     WHERE u.dest = ?1 AND u.state = 0 AND u.next_attempt_ms <= ?2 AND u.attempts < ?3
+       AND u.gen = f.gen
+     ORDER BY u.next_attempt_ms, u.queued_ms
+     LIMIT ?4";
+/// Some object holding given content, other than at a given key. Without INDEXED BY, SQLite
+/// prefers the primary key's `dest` prefix (for the `key !=` term) and scans every object of
+/// the destination.
+const OBJECT_WITH: &str = "SELECT key, stored_key, sha256, size, stored_size, pipeline
+    FROM objects INDEXED BY objects_by_sha
+    WHERE dest = ?1 AND sha256 = ?2 AND pipeline = ?3 AND key != ?4 LIMIT 1";
+/// Forget an object by its stored key.
+const FORGET_STORED: &str = "DELETE FROM objects WHERE dest = ?1 AND stored_key = ?2";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -192,6 +218,17 @@ pub enum Outcome {
         /// The job.
         job: Job,
     },
+}
+
+impl Outcome {
+    /// The job this outcome is about.
+    pub fn job(&self) -> &Job {
+        match self {
+            Outcome::Stored { job, .. }
+            | Outcome::Failed { job, .. }
+            | Outcome::Changed { job } => job,
+        }
+    }
 }
 
 /// Per-destination queue counts.
@@ -492,15 +529,7 @@ impl Index {
         max_attempts: Option<i64>,
     ) -> anyhow::Result<Vec<Job>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f.mtime_ns, f.inode,
-                    u.attempts, u.queued_ms
-             FROM uploads u JOIN files f ON f.id = u.file_id
-             WHERE u.dest = ?1 AND u.state = 0 AND u.next_attempt_ms <= ?2 AND u.attempts < ?3
-               AND u.gen = f.gen
-             ORDER BY u.next_attempt_ms, u.queued_ms
-             LIMIT ?4",
-        )?;
+        let mut stmt = conn.prepare_cached(CLAIM)?;
         let rows = stmt.query_map(
             params![
                 dest,
@@ -538,6 +567,45 @@ impl Index {
         Ok(jobs)
     }
 
+    /// For an upload worker, in one call: record how `finished` jobs ended, then claim up to
+    /// `limit` due jobs (as [`Index::claim`]), each with the object at its key and some
+    /// object elsewhere holding its content under `pipeline` (the skip and copy decisions).
+    /// The recording's result comes back separately so a failure to record does not stop
+    /// the claim.
+    #[allow(clippy::type_complexity)]
+    pub fn finish_and_claim(
+        &self,
+        dest: &str,
+        finished: &[Outcome],
+        limit: usize,
+        busy: &HashSet<i64>,
+        max_attempts: Option<i64>,
+        pipeline: &str,
+    ) -> (
+        anyhow::Result<()>,
+        anyhow::Result<Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)>>,
+    ) {
+        let recorded = if finished.is_empty() {
+            Ok(())
+        } else {
+            self.finish(dest, finished)
+        };
+        let claimed = (|| {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let jobs = self.claim(dest, limit, busy, max_attempts)?;
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let here = self.object_at(dest, &job.key)?;
+                let elsewhere = self.object_with(dest, &job.sha256, pipeline, &job.key)?;
+                out.push((job, here, elsewhere));
+            }
+            Ok(out)
+        })();
+        (recorded, claimed)
+    }
+
     /// The object known to be at logical `key` in `dest`.
     pub fn object_at(&self, dest: &str, key: &str) -> anyhow::Result<Option<ObjectRow>> {
         let conn = self.conn();
@@ -558,10 +626,7 @@ impl Index {
         not_key: &str,
     ) -> anyhow::Result<Option<ObjectRow>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT key, stored_key, sha256, size, stored_size, pipeline FROM objects
-             WHERE dest = ?1 AND sha256 = ?2 AND pipeline = ?3 AND key != ?4 LIMIT 1",
-        )?;
+        let mut stmt = conn.prepare_cached(OBJECT_WITH)?;
         Ok(stmt
             .query_row(params![dest, &sha256[..], pipeline, not_key], object_row)
             .optional()?)
@@ -864,10 +929,8 @@ impl Index {
 
     /// Forget objects removed from `dest` by retention, so they are never copied from.
     pub fn forget_stored(&self, dest: &str, stored_key: &str) -> anyhow::Result<()> {
-        self.conn().execute(
-            "DELETE FROM objects WHERE dest = ?1 AND stored_key = ?2",
-            params![dest, stored_key],
-        )?;
+        self.conn()
+            .execute(FORGET_STORED, params![dest, stored_key])?;
         Ok(())
     }
 
@@ -977,6 +1040,42 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn hot_queries_use_indexes() {
+        // Regression: claiming sorted every pending row and `object_with` scanned every object
+        // of the destination, so an initial upload of n files cost O(n²) in SQLite.
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let conn = idx.conn();
+        for sql in [
+            CLAIM,
+            OBJECT_WITH,
+            FORGET_STORED,
+            "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
+            "SELECT size FROM files WHERE path = ?1",
+        ] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let n = stmt.parameter_count();
+            let args: Vec<i64> = vec![0; n];
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            for step in &plan {
+                assert!(
+                    !step.starts_with("SCAN") && !step.contains("TEMP B-TREE"),
+                    "{sql}\n  plan: {plan:?}"
+                );
+            }
+            let searches: Vec<&String> = plan.iter().filter(|s| s.contains("SEARCH")).collect();
+            assert!(!searches.is_empty(), "{sql}\n  plan: {plan:?}");
+            if sql == OBJECT_WITH {
+                assert!(plan[0].contains("sha256=?"), "{plan:?}");
+            }
+        }
     }
 
     #[test]

@@ -18,8 +18,9 @@ use tokio::sync::{Notify, mpsc};
 use crate::index::{Index, Observation, Stat};
 use crate::scan::{Candidate, Root};
 
-/// Most candidates handled in one transaction.
-const BATCH: usize = 4096;
+/// Most candidates handled in one transaction. Small enough that the first uploads start
+/// while the rest of a large tree is still being hashed.
+const BATCH: usize = 512;
 
 /// Open a file for reading without following a final symlink and without blocking on a FIFO
 /// that replaced it; then make sure it is a regular file.

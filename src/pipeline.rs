@@ -367,21 +367,37 @@ pub fn decoder<'a, R: Read + 'a>(
 
 /// Copy `r` into `w`, returning the SHA-256 and length of what was copied.
 pub fn copy_hashed(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<([u8; 32], u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        w.write_all(&buf[..n])?;
-        total += n as u64;
+    thread_local! {
+        // One buffer per thread, reused: allocating and zeroing 256 KiB per small file
+        // cost more than hashing it.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
     }
-    Ok((hasher.finalize().into(), total))
+    BUF.with(|buf| {
+        // A reentrant call (a reader or writer that itself copies) gets its own buffer.
+        let mut own;
+        let mut borrowed = buf.try_borrow_mut();
+        let buf: &mut [u8] = match borrowed.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => {
+                own = vec![0u8; 256 * 1024];
+                &mut own
+            }
+        };
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            w.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+        Ok((hasher.finalize().into(), total))
+    })
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //! 1. skips it if the index knows the destination already holds this content at this key;
 //! 2. copies server-side if the destination holds the same content under another key;
 //! 3. otherwise reads the file once on a blocking thread — hash, compress, encrypt
-//!    ([`crate::pipeline`]) — and streams the result to the store: one PUT when it fits in a
-//!    part, a multipart upload otherwise (never the whole large file in memory).
+//!    ([`crate::pipeline`]) — and streams the result to the store: one PUT when it fits in two
+//!    parts, a multipart upload otherwise (never the whole large file in memory).
 //!
 //! If the file changed since it was indexed (hash or identity differ), the upload is abandoned
 //! (multipart aborted, nothing committed) and the path goes back to the ingest stage. When a
@@ -36,7 +36,7 @@ use crate::ingest::open_regular;
 use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
 
-/// Size of each multipart part; output up to this size goes up in a single PUT.
+/// Size of each multipart part; output up to two parts goes up in a single PUT.
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts in flight per multipart upload.
 const PART_CONCURRENCY: usize = 2;
@@ -106,7 +106,8 @@ struct ChunkSink {
 
 impl ChunkSink {
     fn send(&mut self) -> std::io::Result<()> {
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE));
+        // The next buffer is allocated by the next write, if any.
+        let data = std::mem::take(&mut self.buf);
         self.sent = true;
         self.tx
             .blocking_send(Msg::Data(Bytes::from(data)))
@@ -116,6 +117,9 @@ impl ChunkSink {
 
 impl Write for ChunkSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(PART_SIZE);
+        }
         let take = (PART_SIZE - self.buf.len()).min(data.len());
         self.buf.extend_from_slice(&data[..take]);
         if self.buf.len() == PART_SIZE {
@@ -154,15 +158,23 @@ fn produce(
     if Stat::of(&meta) != stat {
         return Ok(false);
     }
-    let mut first = vec![0u8; pipeline::PROBE_BLOCK];
+    // One byte more than the file's size is enough to see its end (no zeroed 64 KiB per file).
+    let probe = (stat.size as usize)
+        .saturating_add(1)
+        .min(pipeline::PROBE_BLOCK);
+    let mut first = vec![0u8; probe];
     let n = read_full(&mut file, &mut first)?;
     first.truncate(n);
     let plan = pipeline.plan(path, &first);
     tx.blocking_send(Msg::Plan(plan))
         .map_err(|_| std::io::Error::other("upload cancelled"))?;
+    // Small files (most of a CI tree) get a buffer of their size, not a whole part.
+    let expected = (stat.size as usize)
+        .saturating_add(64 * 1024)
+        .min(PART_SIZE);
     let sink = ChunkSink {
         tx,
-        buf: Vec::with_capacity(PART_SIZE),
+        buf: Vec::with_capacity(expected),
         sent: false,
     };
     let record = Meta {
@@ -195,36 +207,16 @@ impl Worker {
         let mut busy: HashMap<i64, [u8; 32]> = HashMap::new();
         let mut finished: Vec<Outcome> = Vec::new();
         loop {
-            let free = this.dest.concurrency.saturating_sub(busy.len());
-            if free > 0 {
-                let (index, dest, busy_now, max) = (
-                    this.index.clone(),
-                    this.dest.name.clone(),
-                    busy.keys().copied().collect::<HashSet<i64>>(),
-                    this.max_attempts,
-                );
-                let claimed =
-                    tokio::task::spawn_blocking(move || index.claim(&dest, free, &busy_now, max))
-                        .await;
-                match claimed {
-                    Ok(Ok(jobs)) => {
-                        for job in jobs {
-                            if busy.values().any(|sha| *sha == job.sha256) {
-                                continue;
-                            }
-                            busy.insert(job.file_id, job.sha256);
-                            let w = this.clone();
-                            this.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-                            tasks.spawn(async move { w.process(job).await });
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(dest = %this.dest.name, error = %format!("{e:#}"), "cannot read the upload queue");
-                    }
-                    Err(e) => {
-                        tracing::error!(dest = %this.dest.name, error = %e, "queue task failed")
-                    }
+            // One trip to the index per round: record what finished, claim what fits.
+            let claimed = this.record_and_claim(&mut finished, &mut busy, true).await;
+            for (job, here, elsewhere) in claimed {
+                if busy.values().any(|sha| *sha == job.sha256) {
+                    continue;
                 }
+                busy.insert(job.file_id, job.sha256);
+                let w = this.clone();
+                this.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                tasks.spawn(async move { w.process(job, here, elsewhere).await });
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -233,7 +225,6 @@ impl Worker {
                     while let Some(res) = tasks.try_join_next() {
                         if let Ok(o) = res { finished.push(o); }
                     }
-                    this.record(&mut finished, &mut busy).await;
                 }
                 _ = this.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -253,32 +244,52 @@ impl Worker {
                 }
             }
         }
-        this.record(&mut finished, &mut busy).await;
+        this.record_and_claim(&mut finished, &mut busy, false).await;
     }
 
-    async fn record(&self, finished: &mut Vec<Outcome>, busy: &mut HashMap<i64, [u8; 32]>) {
-        if finished.is_empty() {
-            return;
-        }
+    /// Record `finished` outcomes and, if `claim`, claim as many due jobs as there are free
+    /// slots, with what the index knows of their keys and contents. One blocking call.
+    async fn record_and_claim(
+        &self,
+        finished: &mut Vec<Outcome>,
+        busy: &mut HashMap<i64, [u8; 32]>,
+        claim: bool,
+    ) -> Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)> {
         let outcomes = std::mem::take(finished);
         for o in &outcomes {
-            let job = match o {
-                Outcome::Stored { job, .. }
-                | Outcome::Failed { job, .. }
-                | Outcome::Changed { job } => job,
-            };
-            busy.remove(&job.file_id);
+            busy.remove(&o.job().file_id);
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        let free = if claim {
+            self.dest.concurrency.saturating_sub(busy.len())
+        } else {
+            0
+        };
+        if outcomes.is_empty() && free == 0 {
+            return Vec::new();
+        }
         let index = self.index.clone();
-        let dest = self.dest.name.clone();
+        let (dest, busy_now, max, identity) = (
+            self.dest.name.clone(),
+            busy.keys().copied().collect::<HashSet<i64>>(),
+            self.max_attempts,
+            self.pipeline.identity(),
+        );
         let res = tokio::task::spawn_blocking(move || {
-            let r = index.finish(&dest, &outcomes);
-            (r, outcomes)
+            let (recorded, claimed) =
+                index.finish_and_claim(&dest, &outcomes, free, &busy_now, max, &identity);
+            (recorded, claimed, outcomes)
         })
         .await;
-        match res {
-            Ok((Ok(()), outcomes)) => {
+        let (recorded, claimed, outcomes) = match res {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(dest = %self.dest.name, error = %e, "queue task failed");
+                return Vec::new();
+            }
+        };
+        match recorded {
+            Ok(()) => {
                 for o in outcomes {
                     if let Outcome::Changed { job } = o
                         && let Some(root) = self
@@ -295,17 +306,25 @@ impl Worker {
                     }
                 }
             }
-            Ok((Err(e), _)) => {
-                // Not recorded: the jobs stay pending and are redone; uploads are idempotent.
-                tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot record upload results");
+            // Not recorded: the jobs stay pending and are redone; uploads are idempotent.
+            Err(e) => {
+                tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot record upload results")
             }
-            Err(e) => tracing::error!(dest = %self.dest.name, error = %e, "recording task failed"),
         }
+        claimed.unwrap_or_else(|e| {
+            tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot read the upload queue");
+            Vec::new()
+        })
     }
 
-    async fn process(&self, job: Job) -> Outcome {
+    async fn process(
+        &self,
+        job: Job,
+        here: Option<ObjectRow>,
+        elsewhere: Option<ObjectRow>,
+    ) -> Outcome {
         let started = std::time::Instant::now();
-        match self.try_process(&job).await {
+        match self.try_process(&job, here, elsewhere).await {
             Ok(Step::Done(method, object)) => {
                 let counter = match method {
                     "copy" => &self.stats.copied,
@@ -370,22 +389,15 @@ impl Worker {
             .map_err(|e| StoreError::Retryable(format!("index error: {e:#}")))
     }
 
-    async fn try_process(&self, job: &Job) -> Result<Step, StoreError> {
+    /// `here`: the object the index knows at the job's key; `elsewhere`: an object holding
+    /// the same content under another key (both looked up when the job was claimed).
+    async fn try_process(
+        &self,
+        job: &Job,
+        here: Option<ObjectRow>,
+        elsewhere: Option<ObjectRow>,
+    ) -> Result<Step, StoreError> {
         let identity = self.pipeline.identity();
-        let (dest, key, sha, id) = (
-            self.dest.name.clone(),
-            job.key.clone(),
-            job.sha256,
-            identity.clone(),
-        );
-        let (here, elsewhere) = self
-            .blocking(move |i| {
-                Ok((
-                    i.object_at(&dest, &key)?,
-                    i.object_with(&dest, &sha, &id, &key)?,
-                ))
-            })
-            .await?;
         if let Some(h) = &here
             && h.sha256 == job.sha256
             && h.pipeline == identity
@@ -541,6 +553,29 @@ impl Worker {
             }
         };
         let _slot = self.multipart_slots.acquire().await;
+        stored_size += second.len() as u64;
+        // Up to two parts still go up in one request: a multipart upload costs the store (and
+        // us) three requests and a server-side reassembly, for the same memory.
+        let third = match rx.recv().await {
+            Some(Msg::Data(b)) => b,
+            _ => {
+                if !finish_producer(producer.await)? {
+                    return Ok(Step::Changed);
+                }
+                let opts = PutOptions {
+                    attributes,
+                    ..Default::default()
+                };
+                self.throttle(first.len() + second.len()).await;
+                self.dest
+                    .store
+                    .put_opts(&location, PutPayload::from_iter([first, second]), opts)
+                    .await
+                    .map_err(|e| StoreError::classify(ctx(), &e))?;
+                self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
+                return Ok(Step::Done("upload", row(stored_size)));
+            }
+        };
         let opts = PutMultipartOptions {
             attributes,
             ..Default::default()
@@ -554,11 +589,11 @@ impl Worker {
             }
         };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        stored_size += second.len() as u64;
-        self.throttle(first.len()).await;
-        writer.put(first);
-        self.throttle(second.len()).await;
-        writer.put(second);
+        stored_size += third.len() as u64;
+        for part in [first, second, third] {
+            self.throttle(part.len()).await;
+            writer.put(part);
+        }
         let sent: Result<(), StoreError> = loop {
             if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
                 break Err(StoreError::classify(ctx(), &e));

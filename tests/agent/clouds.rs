@@ -149,7 +149,7 @@ async fn suite(backend: Backend) {
             b"identical bytes in every shard",
         );
     }
-    let mut big = vec![0u8; 12 << 20];
+    let mut big = vec![0u8; 20 << 20];
     fastrand::fill(&mut big);
     env.write("big/core.dump", &big);
     assert_ok(

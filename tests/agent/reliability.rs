@@ -72,7 +72,7 @@ async fn nothing_is_lost_across_random_kill_9s() {
     write_some(&env, &mut rng, files * 2 / 3);
     // A few large incompressible files: kills land mid-multipart.
     for i in 0..3 {
-        let mut big = vec![0u8; (9 + i) << 20];
+        let mut big = vec![0u8; (17 + i) << 20];
         rng.fill(&mut big);
         env.write(&format!("big/{i}.bin"), &big);
     }

@@ -24,7 +24,7 @@ fn write_artifacts(env: &Env) {
     env.write("empty.txt", b"");
     env.write("naïve résumé.txt", format!("{MARKER} accents").as_bytes());
     // Incompressible and larger than a part: an encrypted multipart upload.
-    let mut big = vec![0u8; 12 << 20];
+    let mut big = vec![0u8; 20 << 20];
     fastrand::fill(&mut big);
     env.write("big/core.dump", &big);
 }
