@@ -46,10 +46,20 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch, index and upload until SIGTERM or SIGINT.
-    Run,
+    Run {
+        /// First move a damaged or lost index aside and rebuild it from the destinations
+        /// (files they already hold are not uploaded again).
+        #[arg(long)]
+        rebuild_index: bool,
+    },
     /// One pass: scan, upload everything pending; exit 0 only when every destination has
     /// everything.
-    Sync,
+    Sync {
+        /// First move a damaged or lost index aside and rebuild it from the destinations
+        /// (files they already hold are not uploaded again).
+        #[arg(long)]
+        rebuild_index: bool,
+    },
     /// Wait until every file present in the watched directories now is in the primary.
     Flush {
         /// Give up after this long (e.g. "30s", "10m").
@@ -204,14 +214,20 @@ async fn dispatch(
     config_path: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run => {
+        Command::Run { rebuild_index } => {
+            if rebuild_index {
+                rebuild(&config).await?;
+            }
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
             let reloads = spawn_reload_handler(config_path)?;
             daemon::run_with_reload(config, shutdown, reloads).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync => {
+        Command::Sync { rebuild_index } => {
+            if rebuild_index {
+                rebuild(&config).await?;
+            }
             let mut progress = SyncProgress::new();
             let summary = daemon::sync(&config, &mut progress).await?;
             for d in &summary.destinations {
@@ -521,4 +537,24 @@ impl Progress for SyncProgress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// `--rebuild-index`, with the state directory locked against a running daemon.
+async fn rebuild(config: &Config) -> anyhow::Result<()> {
+    let _lock = daemon::StateLock::acquire(&config.state_dir)?;
+    let r = crate::rebuild::rebuild_index(config).await?;
+    if let Some(old) = &r.moved_aside {
+        eprintln!("moved the old index aside to {}", old.display());
+    }
+    for (name, held, unknown) in &r.destinations {
+        eprintln!(
+            "{name}: {held} objects recorded from the destination{}",
+            if *unknown > 0 {
+                format!(", {unknown} without a readable hash (uploaded again)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
 }

@@ -175,6 +175,7 @@ impl Agent {
                     multipart_slots: multipart_slots.clone(),
                     metrics: metrics.clone(),
                     global_limit: global_limit.clone(),
+                    index_failures: Default::default(),
                 };
                 let handle = tokio::spawn(worker.run(workers_cancel.clone()));
                 (name, handle, stats)
@@ -267,6 +268,7 @@ impl Running {
         let scanner = tokio::spawn(async move {
             loop {
                 let (r, f, i) = (roots.clone(), feeder.clone(), index.clone());
+                let started = std::time::Instant::now();
                 let res = tokio::task::spawn_blocking(move || {
                     let n = scan::walk_all(&r, &f);
                     scan::sweep_deleted(&i, &r).map(|d| (n, d))
@@ -274,7 +276,12 @@ impl Running {
                 .await;
                 match res {
                     Ok(Ok((n, dropped))) => {
-                        tracing::info!(files = n, dropped, "catch-up scan done")
+                        // Done once every file found has been checked against the index.
+                        while feeder.outstanding() > 0 && !cancel.is_cancelled() {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        let secs = started.elapsed().as_secs_f64();
+                        tracing::info!(files = n, dropped, secs, "catch-up scan done")
                     }
                     Ok(Err(e)) => {
                         tracing::error!(error = %format!("{e:#}"), "catch-up scan failed")

@@ -303,12 +303,21 @@ impl Index {
             conn.pragma_update(None, "foreign_keys", "ON")?;
             Ok(())
         };
-        setup().with_context(|| format!("configuring index {}", path.display()))?;
+        let damaged = |path: &Path| {
+            format!(
+                "index {} cannot be used; if it is damaged, `panoptic-sync sync --rebuild-index` \
+                 moves it aside and rebuilds it from the destinations",
+                path.display()
+            )
+        };
+        setup()
+            .with_context(|| format!("configuring index {}", path.display()))
+            .with_context(|| damaged(&path))?;
         let index = Index {
             conn: Mutex::new(conn),
             path,
         };
-        index.migrate()?;
+        index.migrate().with_context(|| damaged(&index.path))?;
         Ok(index)
     }
 
@@ -646,6 +655,34 @@ impl Index {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Record objects `dest` is known to hold (`--rebuild-index`), in one transaction.
+    pub fn record_objects(&self, dest: &str, rows: &[ObjectRow]) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO objects
+                 (dest, key, stored_key, sha256, size, stored_size, pipeline, stored_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let now = now_ms();
+            for o in rows {
+                insert.execute(params![
+                    dest,
+                    o.key,
+                    o.stored_key,
+                    &o.sha256[..],
+                    o.size as i64,
+                    o.stored_size as i64,
+                    o.pipeline,
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Forget that `dest` holds logical `key` (it was found missing).
     pub fn forget_object(&self, dest: &str, key: &str) -> anyhow::Result<()> {
         self.conn().execute(
@@ -862,6 +899,16 @@ impl Index {
             Ok((r.get(0)?, bytes_path(r.get(1)?)))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// After a failed write (disk full): move the write-ahead log into the database and
+    /// truncate it, which gives its space back (the log otherwise keeps its size and is only
+    /// checkpointed every 1,000 pages). Best effort.
+    pub fn relieve(&self) {
+        let conn = self.conn();
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::debug!(index = %self.path.display(), error = %e, "checkpoint failed");
+        }
     }
 
     /// Whether the index takes writes now (a write transaction opened and rolled back).

@@ -98,11 +98,19 @@ impl Ingest {
                 }
             }
             let n = batch.len() as u64;
-            if let Err(e) = self.handle(&mut batch) {
-                // The index is unusable (disk full, read-only): retrying the same batch later
-                // is the only safe thing; the periodic scan brings these paths back.
-                tracing::error!(index = %self.index.path().display(), error = %format!("{e:#}"), "cannot record files in the index");
-                std::thread::sleep(std::time::Duration::from_secs(1));
+            // The index may be unusable for a while (state disk full or read-only): keep the
+            // batch and retry it with a growing pause. Meanwhile the channel fills up and the
+            // watcher and scans wait: the agent takes no new work until it can record it.
+            let mut pause = std::time::Duration::from_millis(250);
+            while let Err(e) = self.handle(&mut batch) {
+                self.metrics.index_errors.inc();
+                tracing::error!(index = %self.index.path().display(), error = %format!("{e:#}"), retry_in_ms = pause.as_millis() as u64, "cannot record files in the index; taking no new work until it can");
+                if rx.is_closed() {
+                    break;
+                }
+                std::thread::sleep(pause);
+                self.index.relieve();
+                pause = (pause * 2).min(std::time::Duration::from_secs(10));
             }
             batch.clear();
             self.outstanding.fetch_sub(n, Ordering::SeqCst);

@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod links;
 pub mod metrics;
 pub mod pipeline;
+pub mod rebuild;
 pub mod report;
 pub mod restore;
 pub mod retention;

@@ -1,5 +1,6 @@
 //! The `panoptic-sync` binary: parse the command line, set up logging, hand over to the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -28,6 +29,7 @@ fn init_logging(verbose: u8, format: LogFormat) {
     match (format, journald) {
         (LogFormat::Json, _) => builder.json().init(),
         (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
-        (LogFormat::Text, false) => builder.init(),
+        // Colours only on a terminal, never in a log file.
+        (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }

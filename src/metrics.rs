@@ -61,6 +61,8 @@ pub struct Metrics {
     pub throttled: Family<Dest, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// The destination's cap in bytes per second (0: none).
     pub max_rate: Family<Dest, Gauge>,
+    /// Failed writes to the index (state disk full or read-only); work pauses meanwhile.
+    pub index_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -86,8 +88,14 @@ impl Metrics {
             last_success: Family::default(),
             throttled: Family::default(),
             max_rate: Family::default(),
+            index_errors: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "index_errors",
+            "Failed writes to the index (state disk full or read-only); work pauses meanwhile",
+            m.index_errors.clone(),
+        );
         registry.register(
             "files_seen",
             "Files handled by the ingest stage",

@@ -84,6 +84,8 @@ pub struct Worker {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The agent-wide bandwidth cap (`[limits] max_rate`).
     pub global_limit: Option<Arc<crate::throttle::Limiter>>,
+    /// Consecutive failures to record outcomes (the pause before claiming again grows).
+    pub index_failures: AtomicU64,
 }
 
 enum Step {
@@ -208,7 +210,9 @@ impl Worker {
         let mut finished: Vec<Outcome> = Vec::new();
         loop {
             // One trip to the index per round: record what finished, claim what fits.
-            let claimed = this.record_and_claim(&mut finished, &mut busy, true).await;
+            let claimed = this
+                .record_and_claim(&mut finished, &mut busy, Some(&cancel))
+                .await;
             for (job, here, elsewhere) in claimed {
                 if busy.values().any(|sha| *sha == job.sha256) {
                     continue;
@@ -244,17 +248,19 @@ impl Worker {
                 }
             }
         }
-        this.record_and_claim(&mut finished, &mut busy, false).await;
+        this.record_and_claim(&mut finished, &mut busy, None).await;
     }
 
-    /// Record `finished` outcomes and, if `claim`, claim as many due jobs as there are free
+    /// Record `finished` outcomes and claim as many due jobs as there are free
     /// slots, with what the index knows of their keys and contents. One blocking call.
+    /// `cancel` is `None` at shutdown: record only, never claim or pause.
     async fn record_and_claim(
         &self,
         finished: &mut Vec<Outcome>,
         busy: &mut HashMap<i64, [u8; 32]>,
-        claim: bool,
+        cancel: Option<&CancellationToken>,
     ) -> Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)> {
+        let claim = cancel.is_some();
         let outcomes = std::mem::take(finished);
         for o in &outcomes {
             busy.remove(&o.job().file_id);
@@ -290,6 +296,7 @@ impl Worker {
         };
         match recorded {
             Ok(()) => {
+                self.index_failures.store(0, Ordering::Relaxed);
                 for o in outcomes {
                     if let Outcome::Changed { job } = o
                         && let Some(root) = self
@@ -306,9 +313,22 @@ impl Worker {
                     }
                 }
             }
-            // Not recorded: the jobs stay pending and are redone; uploads are idempotent.
+            // Not recorded: the jobs stay pending and are redone (uploads are idempotent), but
+            // not before the index takes writes again: pause instead of uploading in a loop.
             Err(e) => {
-                tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot record upload results")
+                self.metrics.index_errors.inc();
+                let failures = self.index_failures.fetch_add(1, Ordering::Relaxed).min(6);
+                let pause = Duration::from_millis(250 << failures).min(Duration::from_secs(10));
+                tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), pause_ms = pause.as_millis() as u64, "cannot record upload results; uploads pause");
+                if let Some(cancel) = cancel {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    let index = self.index.clone();
+                    let _ = tokio::task::spawn_blocking(move || index.relieve()).await;
+                }
+                return Vec::new();
             }
         }
         claimed.unwrap_or_else(|e| {

@@ -54,7 +54,7 @@ fn is_limit_error(e: &notify::Error) -> bool {
 
 struct RootState {
     watched: bool,
-    inode: Option<u64>,
+    inode: Option<(u64, Option<std::time::SystemTime>)>,
     warned_missing: bool,
 }
 
@@ -128,7 +128,9 @@ impl WatchTask {
             let meta = std::fs::symlink_metadata(&root.path)
                 .ok()
                 .filter(|m| m.is_dir());
-            let inode = meta.as_ref().map(|m| m.ino());
+            // Inode numbers are reused at once (a root deleted and recreated often gets the
+            // same one back); the birth time tells the new directory from the old.
+            let inode = meta.as_ref().map(|m| (m.ino(), m.created().ok()));
             if st.watched && inode != st.inode {
                 let _ = watcher.unwatch(&root.path);
                 st.watched = false;

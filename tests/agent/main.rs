@@ -6,6 +6,7 @@ mod util;
 mod clouds;
 mod core;
 mod fleet;
+mod hostile;
 mod reliability;
 mod restore;
 mod service;

@@ -373,21 +373,7 @@ url = "file://{nas}"
 
     /// The file:// backup's content (every file under it, staging files included).
     pub fn nas_objects(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        if !self.nas.exists() {
-            return out;
-        }
-        for e in walkdir::WalkDir::new(&self.nas) {
-            let e = e.unwrap();
-            if e.file_type().is_file() {
-                let rel = e.path().strip_prefix(&self.nas).unwrap();
-                out.insert(
-                    rel.display().to_string(),
-                    sha_hex(&std::fs::read(e.path()).unwrap()),
-                );
-            }
-        }
-        out
+        dir_objects(&self.nas)
     }
 
     /// Status as JSON, from the CLI.
@@ -466,12 +452,26 @@ pub fn cloud_check(args: &[&str]) -> BTreeMap<String, String> {
 
 /// A TCP proxy to `target` ("http://127.0.0.1:PORT") that drops every `every`-th connection.
 pub fn flaky_proxy(target: &str, every: u32) -> (String, ChildGuard) {
+    faulty_proxy(target, every, "drop", None)
+}
+
+/// A TCP proxy to `target` that, on every `every`-th connection, does `mode`: `drop` (close
+/// at once) or `5xx` (answer the first request with 500 InternalError or 503 SlowDown).
+/// Each fault appends a line to `count_file` when given.
+pub fn faulty_proxy(
+    target: &str,
+    every: u32,
+    mode: &str,
+    count_file: Option<&Path>,
+) -> (String, ChildGuard) {
     use std::io::BufRead;
     let target_port = target.rsplit(':').next().unwrap().trim_end_matches('/');
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flaky_proxy.py");
+    let mut args = vec![target_port.to_string(), every.to_string(), mode.to_string()];
+    args.extend(count_file.map(|p| p.display().to_string()));
     let mut child = Command::new("python3")
         .arg(script)
-        .args([target_port, &every.to_string()])
+        .args(&args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -524,4 +524,24 @@ pub async fn flush_all(env: &Env, timeout: &str) -> Output {
     })
     .await
     .unwrap()
+}
+
+/// The content of a file:// store at `dir`: every file under it (staging files included),
+/// by path relative to `dir`, with its SHA-256.
+pub fn dir_objects(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if !dir.exists() {
+        return out;
+    }
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.unwrap();
+        if e.file_type().is_file() {
+            let rel = e.path().strip_prefix(dir).unwrap();
+            out.insert(
+                rel.display().to_string(),
+                sha_hex(&std::fs::read(e.path()).unwrap()),
+            );
+        }
+    }
+    out
 }
