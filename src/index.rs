@@ -368,24 +368,30 @@ impl Index {
         Ok(())
     }
 
-    /// The recorded identity and hash of `path`, if indexed.
-    pub fn lookup(&self, path: &Path) -> anyhow::Result<Option<(Stat, [u8; 32])>> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT size, mtime_ns, inode, sha256 FROM files WHERE path = ?1")?;
-        let row = stmt
-            .query_row(params![path_bytes(path)], |r| {
-                Ok((
-                    Stat {
-                        size: r.get::<_, i64>(0)? as u64,
-                        mtime_ns: r.get(1)?,
-                        inode: r.get::<_, i64>(2)? as u64,
-                    },
-                    sha_from(r.get(3)?),
-                ))
-            })
-            .optional()?;
-        Ok(row)
+    /// The recorded identity of each of `paths` (`None`: not indexed), in one read
+    /// transaction (one lock round trip for the whole batch, not one per path).
+    pub fn lookup_many(&self, paths: &[&Path]) -> anyhow::Result<Vec<Option<Stat>>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut out = Vec::with_capacity(paths.len());
+        {
+            let mut stmt =
+                tx.prepare_cached("SELECT size, mtime_ns, inode FROM files WHERE path = ?1")?;
+            for path in paths {
+                out.push(
+                    stmt.query_row(params![path_bytes(path)], |r| {
+                        Ok(Stat {
+                            size: r.get::<_, i64>(0)? as u64,
+                            mtime_ns: r.get(1)?,
+                            inode: r.get::<_, i64>(2)? as u64,
+                        })
+                    })
+                    .optional()?,
+                );
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Which of `paths` are indexed with exactly the given identity (unchanged files).
@@ -890,13 +896,14 @@ impl Index {
         Ok(FlushState::Stored)
     }
 
-    /// A page of indexed paths with id greater than `after`, for the deletion sweep.
-    pub fn paths_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<(i64, PathBuf)>> {
+    /// A page of indexed paths greater than `after` in byte order (files of one directory
+    /// come together), for the deletion sweep.
+    pub fn paths_from(&self, after: &Path, limit: usize) -> anyhow::Result<Vec<PathBuf>> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare_cached("SELECT id, path FROM files WHERE id > ?1 ORDER BY id LIMIT ?2")?;
-        let rows = stmt.query_map(params![after, limit as i64], |r| {
-            Ok((r.get(0)?, bytes_path(r.get(1)?)))
+            conn.prepare_cached("SELECT path FROM files WHERE path > ?1 ORDER BY path LIMIT ?2")?;
+        let rows = stmt.query_map(params![path_bytes(after), limit as i64], |r| {
+            Ok(bytes_path(r.get(0)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -126,17 +126,12 @@ impl Ingest {
         let mut observations = Vec::new();
         let mut to_hash: Vec<(PathBuf, usize)> = Vec::new();
         self.metrics.files_seen.inc_by(seen.len() as u64);
+        let mut regular: Vec<(&Path, usize, Stat)> = Vec::new();
         for (path, root) in seen {
             let wanted = self.roots.get(root).is_some_and(|r| r.wants(path));
             match std::fs::symlink_metadata(path) {
                 Ok(m) if m.file_type().is_file() && wanted => {
-                    let stat = Stat::of(&m);
-                    match self.index.lookup(path)? {
-                        Some((known, _)) if known == stat => {
-                            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => to_hash.push((path.to_path_buf(), root)),
-                    }
+                    regular.push((path, root, Stat::of(&m)));
                 }
                 Ok(m) if m.file_type().is_dir() => {}
                 Ok(_) => observations.push(Observation::Gone(path.to_path_buf())),
@@ -147,6 +142,15 @@ impl Ingest {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %path.display(), error = %e, "cannot stat file");
                 }
+            }
+        }
+        let paths: Vec<&Path> = regular.iter().map(|(p, _, _)| *p).collect();
+        let known = self.index.lookup_many(&paths)?;
+        for ((path, root, stat), known) in regular.into_iter().zip(known) {
+            if known == Some(stat) {
+                self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            } else {
+                to_hash.push((path.to_path_buf(), root));
             }
         }
         observations.extend(self.hash_all(to_hash));

@@ -194,21 +194,48 @@ pub fn walk_all(roots: &[Root], feeder: &Feeder) -> u64 {
 
 /// Drop index rows of files that are no longer on disk (or no longer wanted). Remote objects
 /// are never deleted because a local file was. Blocking. Returns the number dropped.
+///
+/// Indexed paths come in byte order, so the files of one directory come together: each
+/// directory is listed once (names and types from `readdir`) instead of one `stat` per file.
 pub fn sweep_deleted(index: &Index, roots: &[Root]) -> anyhow::Result<u64> {
-    let mut after = 0;
+    use std::collections::HashSet;
+    use std::ffi::OsString;
+    let mut after = PathBuf::new();
     let mut dropped = 0;
+    // The directory listed last and the regular files in it (`None`: unreadable or gone).
+    let mut listed: Option<(PathBuf, Option<HashSet<OsString>>)> = None;
     loop {
-        let page = index.paths_after(after, 4096)?;
-        let Some((last, _)) = page.last() else { break };
-        after = *last;
-        let gone: Vec<Observation> = page
-            .into_iter()
-            .filter(|(_, p)| {
-                let regular = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file());
-                !regular || !roots.iter().any(|r| r.wants(p))
-            })
-            .map(|(_, p)| Observation::Gone(p))
-            .collect();
+        let page = index.paths_from(&after, 4096)?;
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        let mut gone = Vec::new();
+        for p in page {
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                continue;
+            };
+            if listed.as_ref().is_none_or(|(d, _)| d != dir) {
+                let files = std::fs::read_dir(dir).ok().map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok())
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                        .map(|e| e.file_name())
+                        .collect::<HashSet<OsString>>()
+                });
+                listed = Some((dir.to_path_buf(), files));
+            }
+            let present = listed
+                .as_ref()
+                .and_then(|(_, files)| files.as_ref())
+                .is_some_and(|files| files.contains(name));
+            // An unreadable directory is not proof of deletion: check the file itself.
+            let unreadable = listed.as_ref().is_some_and(|(_, files)| files.is_none());
+            let present = present
+                || (unreadable
+                    && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_file()));
+            if !present || !roots.iter().any(|r| r.wants(&p)) {
+                gone.push(Observation::Gone(p));
+            }
+        }
         if !gone.is_empty() {
             dropped += gone.len() as u64;
             index.apply(&gone, &[])?;
@@ -267,5 +294,44 @@ mod tests {
                 .unwrap_err()
                 .contains("1024")
         );
+    }
+
+    #[test]
+    fn sweep_forgets_deleted_files_and_directories_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("w");
+        let mut r = root("");
+        r.path = top.clone();
+        r.own = vec![];
+        let index = Index::open(&tmp.path().join("state")).unwrap();
+        let mut obs = Vec::new();
+        for rel in ["a/1", "a/2", "a/3", "b/1", "b/2", "c/1", "c/d/1"] {
+            let p = top.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, rel).unwrap();
+            obs.push(Observation::Indexed {
+                path: p,
+                key: Ok(rel.into()),
+                stat: crate::index::Stat {
+                    size: 1,
+                    mtime_ns: 1,
+                    inode: 1,
+                },
+                sha256: [1; 32],
+            });
+        }
+        index.apply(&obs, &[]).unwrap();
+        std::fs::remove_file(top.join("a/2")).unwrap();
+        std::fs::remove_dir_all(top.join("b")).unwrap();
+        // A file replaced by a directory is gone as a file.
+        std::fs::remove_file(top.join("c/1")).unwrap();
+        std::fs::create_dir(top.join("c/1")).unwrap();
+        assert_eq!(sweep_deleted(&index, &[r]).unwrap(), 4);
+        let left: Vec<PathBuf> = index.paths_from(Path::new(""), 100).unwrap();
+        let want: Vec<PathBuf> = ["a/1", "a/3", "c/d/1"]
+            .iter()
+            .map(|p| top.join(p))
+            .collect();
+        assert_eq!(left, want);
     }
 }
