@@ -252,11 +252,13 @@ impl Running {
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks_cancel = CancellationToken::new();
+        let watching = Arc::new(Notify::new());
         let watcher = WatchTask {
             roots: agent.roots.clone(),
             feeder: agent.feeder.clone(),
             rescan: rescan.clone(),
             degraded: degraded.clone(),
+            watching: watching.clone(),
         };
         let watcher = tokio::spawn(watcher.run(tasks_cancel.clone()));
         let (roots, feeder, index, cancel) = (
@@ -266,6 +268,12 @@ impl Running {
             tasks_cancel.clone(),
         );
         let scanner = tokio::spawn(async move {
+            // The first catch-up starts once the watches exist (at most 30 s later).
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = watching.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
             loop {
                 let (r, f, i) = (roots.clone(), feeder.clone(), index.clone());
                 let started = std::time::Instant::now();

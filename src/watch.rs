@@ -35,6 +35,10 @@ pub struct WatchTask {
     pub rescan: Arc<Notify>,
     /// Set once an inotify limit was hit: the scanner then rescans more often.
     pub degraded: Arc<AtomicBool>,
+    /// Notified once the roots present at start are watched (or could not be): the start-up
+    /// catch-up scan waits for it, so one walk covers everything written before the watches
+    /// existed, and events cover everything after.
+    pub watching: Arc<Notify>,
 }
 
 /// The advice given whenever the kernel refuses more watches or drops events.
@@ -88,6 +92,7 @@ impl WatchTask {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_supervise = Instant::now() - Duration::from_secs(10);
+        let mut first = true;
 
         loop {
             tokio::select! {
@@ -113,7 +118,11 @@ impl WatchTask {
                     }
                     if now.duration_since(last_supervise) >= Duration::from_secs(1) {
                         last_supervise = now;
-                        self.supervise(&mut watcher, &mut states);
+                        self.supervise(&mut watcher, &mut states, first);
+                        if first {
+                            first = false;
+                            self.watching.notify_one();
+                        }
                     }
                 }
             }
@@ -121,8 +130,9 @@ impl WatchTask {
         Ok(())
     }
 
-    /// Start watching roots that appeared, stop watching roots that vanished.
-    fn supervise(&self, watcher: &mut RecommendedWatcher, states: &mut [RootState]) {
+    /// Start watching roots that appeared, stop watching roots that vanished. A root watched
+    /// anew is walked, except at start (`initial`), where the catch-up scan walks it.
+    fn supervise(&self, watcher: &mut RecommendedWatcher, states: &mut [RootState], initial: bool) {
         use std::os::unix::fs::MetadataExt;
         for (i, (root, st)) in self.roots.iter().zip(states.iter_mut()).enumerate() {
             let meta = std::fs::symlink_metadata(&root.path)
@@ -162,7 +172,9 @@ impl WatchTask {
             st.inode = Some(inode);
             st.warned_missing = false;
             tracing::info!(root = %root.path.display(), "watching");
-            self.walk_in_background(root.path.clone(), i);
+            if !initial {
+                self.walk_in_background(root.path.clone(), i);
+            }
         }
     }
 
