@@ -184,6 +184,27 @@ impl WatchTask {
         tokio::task::spawn_blocking(move || scan::walk(&dir, root, &roots[root], &feeder));
     }
 
+    /// Walk a directory that just appeared, now and twice more: notify reports a new
+    /// directory before it adds the watch on it, so a file written in between has no event,
+    /// and a walk done before it was written does not see it either.
+    fn walk_new_dir(&self, dir: PathBuf, root: usize) {
+        let roots = self.roots.clone();
+        let feeder = self.feeder.clone();
+        tokio::task::spawn_blocking(move || {
+            for pause in [
+                Duration::ZERO,
+                Duration::from_millis(300),
+                Duration::from_secs(2),
+            ] {
+                std::thread::sleep(pause);
+                if !dir.is_dir() {
+                    break;
+                }
+                scan::walk(&dir, root, &roots[root], &feeder);
+            }
+        });
+    }
+
     fn root_of(&self, path: &Path) -> Option<usize> {
         self.roots.iter().position(|r| r.relative(path).is_some())
     }
@@ -225,7 +246,7 @@ impl WatchTask {
             EventKind::Create(CreateKind::Folder) => {
                 for p in ev.paths {
                     if let Some(root) = self.root_of(&p) {
-                        self.walk_in_background(p, root);
+                        self.walk_new_dir(p, root);
                     }
                 }
             }
@@ -246,7 +267,7 @@ impl WatchTask {
                     if let Some(root) = self.root_of(&p) {
                         settling.remove(&p);
                         if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
-                            self.walk_in_background(p, root);
+                            self.walk_new_dir(p, root);
                         } else {
                             self.feeder.send(Candidate { path: p, root }).await;
                         }
@@ -269,7 +290,7 @@ impl WatchTask {
                     if ev.kind == EventKind::Create(CreateKind::Any)
                         && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
                     {
-                        self.walk_in_background(p, root);
+                        self.walk_new_dir(p, root);
                     } else {
                         settling.insert(p, (root, now));
                     }
