@@ -102,6 +102,29 @@ const CLAIM: &str = "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f
 const OBJECT_WITH: &str = "SELECT key, stored_key, sha256, size, stored_size, pipeline
     FROM objects INDEXED BY objects_by_sha
     WHERE dest = ?1 AND sha256 = ?2 AND pipeline = ?3 AND key != ?4 LIMIT 1";
+/// Record that a destination holds an object (parameters: [`object_params`]).
+const INSERT_OBJECT: &str = "INSERT OR REPLACE INTO objects
+    (dest, key, stored_key, sha256, size, stored_size, pipeline, stored_ms)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+#[allow(clippy::type_complexity)]
+fn object_params<'a>(
+    dest: &'a str,
+    o: &'a ObjectRow,
+    now: i64,
+) -> (&'a str, &'a str, &'a str, &'a [u8], i64, i64, &'a str, i64) {
+    (
+        dest,
+        &o.key,
+        &o.stored_key,
+        &o.sha256[..],
+        o.size as i64,
+        o.stored_size as i64,
+        &o.pipeline,
+        now,
+    )
+}
+
 /// Forget an object by its stored key.
 const FORGET_STORED: &str = "DELETE FROM objects WHERE dest = ?1 AND stored_key = ?2";
 
@@ -666,23 +689,10 @@ impl Index {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR REPLACE INTO objects
-                 (dest, key, stored_key, sha256, size, stored_size, pipeline, stored_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
+            let mut insert = tx.prepare_cached(INSERT_OBJECT)?;
             let now = now_ms();
             for o in rows {
-                insert.execute(params![
-                    dest,
-                    o.key,
-                    o.stored_key,
-                    &o.sha256[..],
-                    o.size as i64,
-                    o.stored_size as i64,
-                    o.pipeline,
-                    now
-                ])?;
+                insert.execute(object_params(dest, o, now))?;
             }
         }
         tx.commit()?;
@@ -708,11 +718,7 @@ impl Index {
                 "UPDATE uploads SET state = 1, done_ms = ?4, method = ?5, last_error = NULL,
                  permanent = 0 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
             )?;
-            let mut object = tx.prepare_cached(
-                "INSERT OR REPLACE INTO objects
-                 (dest, key, stored_key, sha256, size, stored_size, pipeline, stored_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
+            let mut object = tx.prepare_cached(INSERT_OBJECT)?;
             let mut failed = tx.prepare_cached(
                 "UPDATE uploads SET attempts = attempts + 1, next_attempt_ms = ?4,
                  last_error = ?5, permanent = ?6 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
@@ -728,16 +734,7 @@ impl Index {
                         object: o,
                     } => {
                         done.execute(params![job.file_id, dest, job.generation, now, method])?;
-                        object.execute(params![
-                            dest,
-                            o.key,
-                            o.stored_key,
-                            &o.sha256[..],
-                            o.size as i64,
-                            o.stored_size as i64,
-                            o.pipeline,
-                            now
-                        ])?;
+                        object.execute(object_params(dest, o, now))?;
                     }
                     Outcome::Failed {
                         job,

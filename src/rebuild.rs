@@ -15,12 +15,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::{Attribute, GetOptions, GetRange, ObjectMeta};
 
 use crate::config::{Compression, Config};
 use crate::crypto::{CHUNK_LOG2, HEADER_LEN, TAG_LEN};
-use crate::destination::{self, Destination};
+use crate::destination::Destination;
 use crate::index::{Index, ObjectRow};
 use crate::pipeline::{self, Pipeline, Plan};
 use crate::restore::INTERNAL_PREFIX;
@@ -81,23 +81,7 @@ async fn rebuild_dest(
     pipeline: &Arc<Pipeline>,
     index: &Arc<Index>,
 ) -> anyhow::Result<(u64, u64)> {
-    let prefix = prefix.trim_matches('/');
-    let list_key = match (dest.base.is_empty(), prefix.is_empty()) {
-        (true, true) => String::new(),
-        (true, false) => prefix.to_string(),
-        (false, true) => dest.base.clone(),
-        (false, false) => format!("{}/{prefix}", dest.base),
-    };
-    let list_path = (!list_key.is_empty())
-        .then(|| object_store::path::Path::parse(&list_key))
-        .transpose()
-        .with_context(|| format!("bad prefix {prefix:?}"))?;
-    let listed: Vec<ObjectMeta> = dest
-        .store
-        .list(list_path.as_ref())
-        .try_collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("listing {}: {}", dest.url, destination::error_chain(&e)))?;
+    let (_, listed) = crate::restore::list_under(dest, prefix).await?;
     let base = if dest.base.is_empty() {
         String::new()
     } else {

@@ -500,6 +500,24 @@ impl Worker {
         attrs
     }
 
+    /// One PUT of a whole (small) object, within the bandwidth caps; counts the bytes sent.
+    async fn put_single(
+        &self,
+        location: &object_store::path::Path,
+        payload: PutPayload,
+        attributes: Attributes,
+    ) -> object_store::Result<()> {
+        let len = payload.content_length();
+        self.throttle(len).await;
+        let opts = PutOptions {
+            attributes,
+            ..Default::default()
+        };
+        self.dest.store.put_opts(location, payload, opts).await?;
+        self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Read the file once through the pipeline and stream it to the store.
     async fn upload(&self, job: &Job, identity: &str) -> Result<Step, StoreError> {
         let (tx, mut rx) = mpsc::channel::<Msg>(1);
@@ -558,17 +576,9 @@ impl Worker {
                 if !finish_producer(producer.await)? {
                     return Ok(Step::Changed);
                 }
-                let opts = PutOptions {
-                    attributes,
-                    ..Default::default()
-                };
-                self.throttle(first.len()).await;
-                self.dest
-                    .store
-                    .put_opts(&location, PutPayload::from_bytes(first), opts)
+                self.put_single(&location, PutPayload::from_bytes(first), attributes)
                     .await
                     .map_err(|e| StoreError::classify(ctx(), &e))?;
-                self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
                 return Ok(Step::Done("upload", row(stored_size)));
             }
         };
@@ -582,17 +592,13 @@ impl Worker {
                 if !finish_producer(producer.await)? {
                     return Ok(Step::Changed);
                 }
-                let opts = PutOptions {
+                self.put_single(
+                    &location,
+                    PutPayload::from_iter([first, second]),
                     attributes,
-                    ..Default::default()
-                };
-                self.throttle(first.len() + second.len()).await;
-                self.dest
-                    .store
-                    .put_opts(&location, PutPayload::from_iter([first, second]), opts)
-                    .await
-                    .map_err(|e| StoreError::classify(ctx(), &e))?;
-                self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
+                )
+                .await
+                .map_err(|e| StoreError::classify(ctx(), &e))?;
                 return Ok(Step::Done("upload", row(stored_size)));
             }
         };

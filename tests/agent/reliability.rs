@@ -41,6 +41,15 @@ fn restore_matches(env: &Env, dest: &str) {
     assert_eq!(tree(&to), tree(&env.watch), "restore from {dest} differs");
 }
 
+/// The index passes `integrity_check`, `verify --deep` is clean and both destinations
+/// restore byte-identical to the tree.
+fn assert_intact(env: &Env) {
+    integrity_ok(env);
+    assert_ok(&env.cli(&["verify", "--deep"]), "verify --deep");
+    restore_matches(env, "primary");
+    restore_matches(env, "nas");
+}
+
 fn integrity_ok(env: &Env) {
     let conn = rusqlite::Connection::open(env.state.join("index.sqlite3")).unwrap();
     let r: String = conn
@@ -98,10 +107,7 @@ async fn nothing_is_lost_across_random_kill_9s() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let _ = child.0.wait();
-    integrity_ok(&env);
-    assert_ok(&env.cli(&["verify", "--deep"]), "verify --deep");
-    restore_matches(&env, "primary");
-    restore_matches(&env, "nas");
+    assert_intact(&env);
 }
 
 /// Issue 7's done-when scenario: 12 random `kill -9`s during a 3,000-file encrypted upload,
@@ -210,10 +216,7 @@ async fn twelve_kill_9s_and_a_hung_minute_lose_nothing_and_never_stall_the_backu
         "scenario: {kills} kills, {total} files; the backup held all of them {backup_secs:.1} s into a {} s outage",
         hang.as_secs()
     );
-    integrity_ok(&env);
-    assert_ok(&env.cli(&["verify", "--deep"]), "verify --deep");
-    restore_matches(&env, "primary");
-    restore_matches(&env, "nas");
+    assert_intact(&env);
 }
 
 /// A damaged index is a clear error naming the file and pointing at `--rebuild-index`, which
