@@ -68,6 +68,7 @@ async fn indexing() {
             outstanding,
             stats: Arc::new(IngestStats::default()),
             metrics: Arc::new(panoptic_sync::metrics::Metrics::new()),
+            closed: feeder.closed(),
         };
         let start = Instant::now();
         let thread = std::thread::spawn(move || ingest.run(rx));

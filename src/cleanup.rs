@@ -28,13 +28,12 @@ pub fn enabled(r: &Retention) -> bool {
     r.local_delete_after_upload || r.local_max_age.is_some() || r.local_min_free_percent.is_some()
 }
 
-/// Free space on the filesystem holding `path`, in percent.
-pub fn free_percent(path: &Path) -> Option<f64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated path and a zeroed out-struct.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+/// Free space on the filesystem holding the root's directory (the one the agent holds, never
+/// a link's target), in percent.
+pub fn free_percent(root: &Root) -> Option<f64> {
+    let dir = root.tree.dir()?.open_dir(Path::new("")).ok()?;
+    let st = rustix::fs::fstatvfs(&dir).ok()?;
+    if st.f_blocks == 0 {
         return None;
     }
     Some(st.f_bavail as f64 * 100.0 / st.f_blocks as f64)
@@ -47,14 +46,22 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// Delete `path` if it is still exactly the indexed content. Returns the bytes freed.
-fn delete_if_unchanged(index: &Index, id: i64, path: &Path, stat: &Stat) -> Option<u64> {
-    let meta = std::fs::symlink_metadata(path).ok()?;
-    if !meta.file_type().is_file() || Stat::of(&meta) != *stat {
-        return None; // changed since it was stored: it will be re-indexed and uploaded
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {
+/// Delete `path` if it is still exactly the indexed content (device, inode, size, mtime),
+/// checked and unlinked on its parent's handle, reached from the root's handle without
+/// following any link. Returns the bytes freed.
+fn delete_if_unchanged(
+    index: &Index,
+    roots: &[Root],
+    id: i64,
+    path: &Path,
+    stat: &Stat,
+) -> Option<u64> {
+    let root = &roots[crate::scan::root_of(roots, path)?];
+    match root.remove_if_unchanged(path, stat) {
+        // Changed since it was stored (it will be re-indexed and uploaded), gone, or no
+        // longer reachable without a link.
+        Ok(false) => None,
+        Ok(true) => {
             if let Err(e) = index.forget_file(id) {
                 tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "deleted, but cannot update the index");
             }
@@ -94,7 +101,7 @@ pub fn run_once(
                 if stop() {
                     return Ok(());
                 }
-                if let Some(bytes) = delete_if_unchanged(index, id, &path, &stat) {
+                if let Some(bytes) = delete_if_unchanged(index, roots, id, &path, &stat) {
                     report.deleted += 1;
                     report.bytes += bytes;
                     progressed = true;
@@ -111,8 +118,8 @@ pub fn run_once(
         delete_batch(now_ns() - age.as_nanos() as i64, None, &|| false)?;
     }
     if let Some(min_free) = retention.local_min_free_percent {
-        for root in roots.iter().filter(|r| r.path.is_dir()) {
-            let below = || free_percent(&root.path).is_some_and(|f| f < min_free);
+        for root in roots.iter().filter(|r| r.tree.dir().is_some()) {
+            let below = || free_percent(root).is_some_and(|f| f < min_free);
             if !below() {
                 continue;
             }
@@ -121,7 +128,7 @@ pub fn run_once(
                 let waiting = index.awaiting_destinations(dests)?;
                 tracing::error!(
                     root = %root.path.display(),
-                    free_percent = free_percent(&root.path).unwrap_or(0.0),
+                    free_percent = free_percent(root).unwrap_or(0.0),
                     min_free_percent = min_free,
                     waiting,
                     "disk pressure: files not yet in every destination are never deleted; \

@@ -151,10 +151,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Load the configuration named on the command line, with relative paths made absolute.
 pub fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
-    let (mut config, _) = Config::load(cli.config.as_deref())?;
-    if let Ok(cwd) = std::env::current_dir() {
-        config.absolutize(&cwd);
-    }
+    load(cli.config.as_deref())
+}
+
+/// Load, make paths absolute, resolve the watch roots and check what needs the filesystem.
+fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    let (mut config, name) = Config::load(path)?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    config.resolve(&cwd, &name)?;
     Ok(config)
 }
 
@@ -465,12 +469,7 @@ fn spawn_reload_handler(
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP received: reloading the configuration");
-            let loaded = Config::load(config_path.as_deref()).map(|(mut c, _)| {
-                if let Ok(cwd) = std::env::current_dir() {
-                    c.absolutize(&cwd);
-                }
-                c
-            });
+            let loaded = load(config_path.as_deref());
             if tx.send(loaded.map_err(anyhow::Error::from)).await.is_err() {
                 break;
             }

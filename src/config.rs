@@ -72,6 +72,49 @@ pub struct Config {
     /// Agent-wide limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Lines of the keys that checks across several keys name.
+    #[serde(skip)]
+    pub lines: Lines,
+}
+
+/// Where some keys are in the configuration text (1-based lines; 0 when not written).
+#[derive(Debug, Clone, Default)]
+pub struct Lines {
+    /// `state_dir`.
+    pub state_dir: usize,
+    /// Each `[[watch]]` table.
+    pub watch: Vec<usize>,
+    /// Each `[[destination]]` table.
+    pub destination: Vec<usize>,
+}
+
+impl Lines {
+    fn of(text: &str) -> Lines {
+        #[derive(Deserialize)]
+        struct Spans {
+            state_dir: Option<Spanned<toml::Value>>,
+            #[serde(default)]
+            watch: Vec<Spanned<toml::Value>>,
+            #[serde(default)]
+            destination: Vec<Spanned<toml::Value>>,
+        }
+        let Ok(spans) = toml::from_str::<Spans>(text) else {
+            return Lines::default();
+        };
+        let line = |s: &Spanned<toml::Value>| line_of(text, s.span().start);
+        Lines {
+            state_dir: spans.state_dir.as_ref().map(line).unwrap_or(0),
+            watch: spans.watch.iter().map(line).collect(),
+            destination: spans.destination.iter().map(line).collect(),
+        }
+    }
+
+    fn name(what: &str, line: Option<&usize>) -> String {
+        match line {
+            Some(&l) if l > 0 => format!("{what} (line {l})"),
+            _ => what.to_string(),
+        }
+    }
 }
 
 /// The `[limits]` table.
@@ -163,6 +206,10 @@ pub struct Watch {
     /// Overrides `[retention] remote_max_age` for objects from this tree.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub remote_max_age: Option<Duration>,
+    /// Stay on the root's filesystem: never descend into or open anything across a mount
+    /// point (`RESOLVE_NO_XDEV`).
+    #[serde(default = "default_true")]
+    pub one_file_system: bool,
 }
 
 /// The `[pipeline]` table.
@@ -247,6 +294,9 @@ fn default_include() -> Vec<String> {
 fn default_settle_ms() -> u64 {
     2000
 }
+fn default_true() -> bool {
+    true
+}
 fn default_concurrency() -> usize {
     16
 }
@@ -328,7 +378,8 @@ impl Config {
             source_name: source_name.to_string(),
             message,
         };
-        let config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        config.lines = Lines::of(text);
         config.validate(text).map_err(err)?;
         Ok(config)
     }
@@ -385,6 +436,7 @@ impl Config {
                 ));
             }
         }
+        self.check_key_spaces()?;
         if self.pipeline.encryption == Encryption::Aes256Gcm && self.pipeline.key_file.is_none() {
             return Err("pipeline.key_file is required when encryption = \"aes-256-gcm\"".into());
         }
@@ -427,6 +479,97 @@ impl Config {
         Ok(())
     }
 
+    /// Watches whose object keys could meet in a destination (every watch goes to every
+    /// destination) are refused: equal prefixes, or one prefix inside another (an empty
+    /// prefix is inside every other), so no two files ever share a key and `prune` always
+    /// knows which watch's retention an object falls under.
+    fn check_key_spaces(&self) -> Result<(), String> {
+        let prefixes: Vec<String> = self
+            .watch
+            .iter()
+            .map(|w| w.prefix.replace("{node}", &self.node_id))
+            .collect();
+        let inside = |inner: &str, outer: &str| {
+            outer.is_empty() || inner == outer || inner.starts_with(&format!("{outer}/"))
+        };
+        for (i, a) in prefixes.iter().enumerate() {
+            let internal = crate::restore::INTERNAL_PREFIX;
+            if inside(a, internal) {
+                return Err(format!(
+                    "{} has prefix {a:?}, inside the agent's own {internal:?} prefix",
+                    Lines::name(&format!("watch[{i}]"), self.lines.watch.get(i))
+                ));
+            }
+            for (j, b) in prefixes.iter().enumerate().skip(i + 1) {
+                if inside(a, b) || inside(b, a) {
+                    return Err(format!(
+                        "{} and {} could write the same object keys: their prefixes {a:?} and \
+                         {b:?} are equal or one lies inside the other; give each watch a prefix \
+                         of its own",
+                        Lines::name(&format!("watch[{i}]"), self.lines.watch.get(i)),
+                        Lines::name(&format!("watch[{j}]"), self.lines.watch.get(j)),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make paths absolute against `base` and resolve each watch root once (an admin's
+    /// symlinked path keeps working: the agent holds the directory it leads to now, and a
+    /// symlink found there later is never followed). Then refuse a watch root that contains
+    /// the state directory or a `file://` destination: the agent would upload its own index
+    /// or its own store into itself.
+    pub fn resolve(&mut self, base: &Path, source_name: &str) -> Result<(), ConfigError> {
+        self.absolutize(base);
+        for w in &mut self.watch {
+            w.path = resolve_existing(&w.path);
+        }
+        let err = |message: String| ConfigError {
+            source_name: source_name.to_string(),
+            message,
+        };
+        let state = resolve_existing(&self.state_dir);
+        for (i, w) in self.watch.iter().enumerate() {
+            let watch = || {
+                Lines::name(
+                    &format!("watch[{i}].path {}", w.path.display()),
+                    self.lines.watch.get(i),
+                )
+            };
+            if state.starts_with(&w.path) {
+                return Err(err(format!(
+                    "{} contains state_dir {}: the agent would upload its own index; \
+                     keep the state directory outside every watched tree",
+                    watch(),
+                    Lines::name(&state.display().to_string(), Some(&self.lines.state_dir)),
+                )));
+            }
+            for (k, d) in self.destinations().enumerate() {
+                let Some(dir) = (d.url.scheme() == "file")
+                    .then(|| d.url.to_file_path().ok())
+                    .flatten()
+                else {
+                    continue;
+                };
+                let dir = resolve_existing(&dir);
+                if dir.starts_with(&w.path) {
+                    return Err(err(format!(
+                        "{} contains {} ({}): the agent would upload its own store into \
+                         itself; keep file:// destinations outside every watched tree",
+                        watch(),
+                        Lines::name(
+                            &format!("destination {:?}", d.name),
+                            self.lines.destination.get(k)
+                        ),
+                        d.url
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The options of a destination (empty if none).
     pub fn options_of(dest: &Destination) -> BTreeMap<String, String> {
         dest.options
@@ -456,6 +599,25 @@ impl Config {
             if f.is_relative() {
                 *f = base.join(&*f);
             }
+        }
+    }
+}
+
+/// `path` with its longest existing ancestor resolved (symlinks followed, `..` removed) and
+/// the rest appended: a root that does not exist yet still gets the form it will have.
+fn resolve_existing(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(cur) {
+            return rest.iter().rev().fold(real, |p: PathBuf, c| p.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return path.to_path_buf(),
         }
     }
 }
@@ -552,6 +714,7 @@ mod tests {
             exclude: vec!["**/*.tmp".into()],
             settle_ms: 1,
             remote_max_age: None,
+            one_file_system: true,
         };
         let f = Filter::new(&w);
         assert!(f.matches(Path::new("a/b/c.log")));

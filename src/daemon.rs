@@ -10,7 +10,6 @@
 //! uploads get a grace period, then are abandoned uncommitted), the ingest thread finishes its
 //! queue, and the index is closed. Everything not done is still pending in the index.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -60,20 +59,16 @@ impl StateLock {
     /// Take the lock if it is free.
     pub fn try_acquire(state_dir: &Path) -> anyhow::Result<Option<StateLock>> {
         use std::io::{Seek, Write};
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+        crate::index::create_state_dir(state_dir)?;
         let path = state_dir.join("lock");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
+        let mut file = crate::index::open_private(&path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
-        // SAFETY: flock on a valid, owned descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Ok(None);
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
         }
         file.set_len(0)?;
         file.rewind()?;
@@ -150,6 +145,7 @@ impl Agent {
             outstanding,
             stats: ingest_stats.clone(),
             metrics: metrics.clone(),
+            closed: feeder.closed(),
         };
         let ingest = std::thread::Builder::new()
             .name("ingest".into())
@@ -393,6 +389,9 @@ impl Running {
 
     async fn stop(self) {
         self.tasks_cancel.cancel();
+        // Wakes the watcher and scans if they wait for room in a full ingest queue (the index
+        // may be unwritable: state disk full), so shutdown never hangs on it.
+        self.agent.feeder.close();
         let _ = self.watcher.await;
         let _ = self.scanner.await;
         for task in [self.cleanup, self.prune].into_iter().flatten() {
@@ -738,15 +737,16 @@ pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Res
         failed: Vec::new(),
     };
     loop {
-        let (i, d) = (index.clone(), dests.clone());
+        let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
         let batch = std::mem::take(&mut present);
         let (rest, stored, failed) = tokio::task::spawn_blocking(move || {
             let mut rest = Vec::new();
             let (mut stored, mut failed) = (0u64, Vec::new());
             for (path, stat) in batch {
                 // A file changed since the call: wait for its new version; deleted: drop it.
-                let now = match std::fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_file() => Stat::of(&m),
+                let kind = scan::root_of(&r, &path).map(|n| r[n].kind(&path));
+                let now = match kind {
+                    Some(Ok(crate::tree::Kind::File(stat))) => stat,
                     _ => continue,
                 };
                 let _ = stat;
@@ -774,22 +774,15 @@ pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Res
     Ok(summary)
 }
 
-/// Every wanted regular file in the trees, with its identity. Blocking.
+/// Every wanted regular file in the trees, with its identity, walked through each root's
+/// handle. Blocking.
 fn list_files(roots: &[Root]) -> Vec<(PathBuf, Stat)> {
     let mut out = Vec::new();
-    for root in roots.iter().filter(|r| r.path.is_dir()) {
-        for entry in walkdir::WalkDir::new(&root.path)
-            .follow_links(false)
-            .into_iter()
-            .flatten()
-        {
-            if entry.file_type().is_file()
-                && root.wants(entry.path())
-                && let Ok(m) = entry.metadata()
-            {
-                out.push((entry.into_path(), Stat::of(&m)));
-            }
-        }
+    for root in roots.iter().filter(|r| r.refresh().is_some()) {
+        root.walk_files(&root.path, &mut |path, stat| {
+            out.push((path, stat));
+            true
+        });
     }
     out
 }

@@ -86,11 +86,16 @@ DROP INDEX uploads_queue;
 CREATE INDEX uploads_queue ON uploads(dest, state, next_attempt_ms, queued_ms);
 CREATE INDEX objects_by_stored_key ON objects(dest, stored_key);
 "#,
+    // 3: the device joins the identity of a file (local cleanup re-checks device and inode);
+    // 0 means "not recorded yet" and matches any device.
+    r#"
+ALTER TABLE files ADD COLUMN dev INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The next due jobs of a destination, oldest first (walks `uploads_queue`, never sorts).
 const CLAIM: &str = "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f.mtime_ns, f.inode,
-            u.attempts, u.queued_ms
+            u.attempts, u.queued_ms, f.dev
      FROM uploads u JOIN files f ON f.id = u.file_id
      WHERE u.dest = ?1 AND u.state = 0 AND u.next_attempt_ms <= ?2 AND u.attempts < ?3
        AND u.gen = f.gen
@@ -145,6 +150,8 @@ pub struct Stat {
     pub mtime_ns: i64,
     /// Inode number.
     pub inode: u64,
+    /// Device number (0: not recorded, by an index from before it was).
+    pub dev: u64,
 }
 
 impl Stat {
@@ -155,7 +162,17 @@ impl Stat {
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             inode: meta.ino(),
+            dev: meta.dev(),
         }
+    }
+
+    /// Whether `other` is the same file in the same state: size, mtime, inode and device
+    /// (a device of 0, from an index older than the device column, matches any).
+    pub fn same_file(&self, other: &Stat) -> bool {
+        self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && self.inode == other.inode
+            && (self.dev == other.dev || self.dev == 0 || other.dev == 0)
     }
 }
 
@@ -311,12 +328,87 @@ fn sha_from(v: Vec<u8>) -> [u8; 32] {
     out
 }
 
+/// Create the state directory 0700 whatever the umask (the index names every artifact and
+/// holds its hash); an existing one open to others loses those bits, with a warning.
+pub fn create_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let existed = state_dir.is_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let mode = std::fs::metadata(state_dir)
+        .with_context(|| format!("reading state directory {}", state_dir.display()))?
+        .permissions()
+        .mode();
+    let wanted = if existed { mode & !0o007 } else { 0o700 };
+    if mode & 0o7777 != wanted & 0o7777 {
+        if existed {
+            tracing::warn!(state_dir = %state_dir.display(), mode = format!("{:o}", mode & 0o7777), "state directory was open to others; removing their access");
+        }
+        let set =
+            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(wanted & 0o7777));
+        match set {
+            Ok(()) => {}
+            // An existing directory on a read-only disk keeps its mode; the agent still runs.
+            Err(e) if existed => {
+                tracing::warn!(state_dir = %state_dir.display(), error = %e, "cannot change the state directory's mode")
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("setting the mode of {}", state_dir.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Open (creating 0600 if needed) a file of the state directory; an existing one readable by
+/// others is made 0600.
+pub fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 || mode & 0o600 != 0o600 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Take group and other access from an existing state file (an index from before the
+/// agent set modes); a read-only state disk only gets a warning.
+fn make_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.permissions().mode() & 0o077 != 0
+        && let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot make a state file private (0600)");
+    }
+}
+
 impl Index {
     /// Open (creating if needed) the index in `state_dir` and bring its schema up to date.
+    /// The state directory is 0700 and the index files 0600 whatever the umask (SQLite
+    /// creates its WAL and shared-memory files with the database file's mode).
     pub fn open(state_dir: &Path) -> anyhow::Result<Index> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+        create_state_dir(state_dir)?;
         let path = state_dir.join("index.sqlite3");
+        if !path.exists() {
+            open_private(&path).with_context(|| format!("creating index {}", path.display()))?;
+        }
+        for name in ["index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"] {
+            make_private(&state_dir.join(name));
+        }
         let conn =
             Connection::open(&path).with_context(|| format!("opening index {}", path.display()))?;
         let setup = || -> rusqlite::Result<()> {
@@ -399,7 +491,7 @@ impl Index {
         let mut out = Vec::with_capacity(paths.len());
         {
             let mut stmt =
-                tx.prepare_cached("SELECT size, mtime_ns, inode FROM files WHERE path = ?1")?;
+                tx.prepare_cached("SELECT size, mtime_ns, inode, dev FROM files WHERE path = ?1")?;
             for path in paths {
                 out.push(
                     stmt.query_row(params![path_bytes(path)], |r| {
@@ -407,6 +499,7 @@ impl Index {
                             size: r.get::<_, i64>(0)? as u64,
                             mtime_ns: r.get(1)?,
                             inode: r.get::<_, i64>(2)? as u64,
+                            dev: r.get::<_, i64>(3)? as u64,
                         })
                     })
                     .optional()?,
@@ -421,7 +514,7 @@ impl Index {
     pub fn unchanged(&self, items: &[(PathBuf, Stat)]) -> anyhow::Result<Vec<bool>> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare_cached("SELECT size, mtime_ns, inode FROM files WHERE path = ?1")?;
+            conn.prepare_cached("SELECT size, mtime_ns, inode, dev FROM files WHERE path = ?1")?;
         let mut out = Vec::with_capacity(items.len());
         for (p, stat) in items {
             let known = stmt
@@ -430,10 +523,11 @@ impl Index {
                         size: r.get::<_, i64>(0)? as u64,
                         mtime_ns: r.get(1)?,
                         inode: r.get::<_, i64>(2)? as u64,
+                        dev: r.get::<_, i64>(3)? as u64,
                     })
                 })
                 .optional()?;
-            out.push(known.as_ref() == Some(stat));
+            out.push(known.is_some_and(|k| k.same_file(stat)));
         }
         Ok(out)
     }
@@ -449,12 +543,12 @@ impl Index {
             let mut delete = tx.prepare_cached("DELETE FROM files WHERE path = ?1")?;
             let mut get = tx.prepare_cached("SELECT id, sha256, gen FROM files WHERE path = ?1")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO files (path, size, mtime_ns, inode, sha256, gen, indexed_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)",
+                "INSERT INTO files (path, size, mtime_ns, inode, sha256, gen, indexed_ms, dev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
             )?;
             let mut update = tx.prepare_cached(
                 "UPDATE files SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = ?5, gen = ?6,
-                 indexed_ms = ?7 WHERE id = ?1",
+                 indexed_ms = ?7, dev = ?8 WHERE id = ?1",
             )?;
             let mut content = tx.prepare_cached(
                 "INSERT OR IGNORE INTO contents (sha256, size, first_seen_ms) VALUES (?1, ?2, ?3)",
@@ -496,7 +590,8 @@ impl Index {
                                     stat.mtime_ns,
                                     stat.inode as i64,
                                     &sha256[..],
-                                    now
+                                    now,
+                                    stat.dev as i64
                                 ])?;
                                 (tx.last_insert_rowid(), 1, true)
                             }
@@ -510,7 +605,8 @@ impl Index {
                                     stat.inode as i64,
                                     &sha256[..],
                                     generation,
-                                    now
+                                    now,
+                                    stat.dev as i64
                                 ])?;
                                 (id, generation, changed)
                             }
@@ -586,6 +682,7 @@ impl Index {
                         size: r.get::<_, i64>(5)? as u64,
                         mtime_ns: r.get(6)?,
                         inode: r.get::<_, i64>(7)? as u64,
+                        dev: r.get::<_, i64>(10)? as u64,
                     },
                     attempts: r.get(8)?,
                     queued_ms: r.get(9)?,
@@ -848,8 +945,9 @@ impl Index {
         dests: &[String],
     ) -> anyhow::Result<FlushState> {
         let conn = self.conn();
-        let mut file = conn
-            .prepare_cached("SELECT id, size, mtime_ns, inode, gen FROM files WHERE path = ?1")?;
+        let mut file = conn.prepare_cached(
+            "SELECT id, size, mtime_ns, inode, gen, dev FROM files WHERE path = ?1",
+        )?;
         let Some((id, known, generation)) = file
             .query_row(params![path_bytes(path)], |r| {
                 Ok((
@@ -858,6 +956,7 @@ impl Index {
                         size: r.get::<_, i64>(1)? as u64,
                         mtime_ns: r.get(2)?,
                         inode: r.get::<_, i64>(3)? as u64,
+                        dev: r.get::<_, i64>(5)? as u64,
                     },
                     r.get::<_, i64>(4)?,
                 ))
@@ -866,7 +965,7 @@ impl Index {
         else {
             return Ok(FlushState::Waiting);
         };
-        if known != *stat {
+        if !known.same_file(stat) {
             return Ok(FlushState::Waiting);
         }
         let mut up = conn.prepare_cached(
@@ -932,7 +1031,7 @@ impl Index {
     ) -> anyhow::Result<Vec<(i64, PathBuf, Stat)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT f.id, f.path, f.size, f.mtime_ns, f.inode FROM files f
+            "SELECT f.id, f.path, f.size, f.mtime_ns, f.inode, f.dev FROM files f
              WHERE f.mtime_ns <= ?1
                AND (SELECT count(*) FROM uploads u
                     WHERE u.file_id = f.id AND u.state = 1 AND u.gen = f.gen
@@ -950,6 +1049,7 @@ impl Index {
                         size: r.get::<_, i64>(2)? as u64,
                         mtime_ns: r.get(3)?,
                         inode: r.get::<_, i64>(4)? as u64,
+                        dev: r.get::<_, i64>(5)? as u64,
                     },
                 ))
             },
@@ -1038,6 +1138,7 @@ mod tests {
                 size,
                 mtime_ns: 1,
                 inode: 1,
+                dev: 0,
             },
             sha256: [sha; 32],
         }

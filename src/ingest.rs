@@ -7,8 +7,6 @@
 //! events (or the next scan) bring it back.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,40 +15,23 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::index::{Index, Observation, Stat};
 use crate::scan::{Candidate, Root};
+use crate::tree::Kind;
 
 /// Most candidates handled in one transaction. Small enough that the first uploads start
 /// while the rest of a large tree is still being hashed.
 const BATCH: usize = 512;
 
-/// Open a file for reading without following a final symlink and without blocking on a FIFO
-/// that replaced it; then make sure it is a regular file.
-pub fn open_regular(path: &Path) -> std::io::Result<(File, std::fs::Metadata)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.file_type().is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok((file, meta))
-}
-
-/// Hash a whole file; `None` if it changed while being read or is not a regular file.
-pub fn hash_file(path: &Path) -> std::io::Result<Option<(Stat, [u8; 32])>> {
-    let (mut file, meta) = match open_regular(path) {
+/// Hash a whole file, opened through its root's handle; `None` if it changed while being
+/// read or is not a regular file beneath the root.
+pub fn hash_file(root: &Root, path: &Path) -> std::io::Result<Option<(Stat, [u8; 32])>> {
+    let (mut file, before) = match root.open_file(path) {
         Ok(x) => x,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let before = Stat::of(&meta);
     let (sha, total) = crate::pipeline::copy_hashed(&mut file, &mut std::io::sink())?;
     let after = Stat::of(&file.metadata()?);
-    if before != after || total != before.size {
+    if !before.same_file(&after) || total != before.size {
         return Ok(None);
     }
     Ok(Some((before, sha)))
@@ -83,6 +64,9 @@ pub struct Ingest {
     pub stats: Arc<IngestStats>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Cancelled at shutdown: a batch the index cannot take is then given up (the next
+    /// catch-up scan finds its files again) instead of retried.
+    pub closed: tokio_util::sync::CancellationToken,
 }
 
 impl Ingest {
@@ -105,10 +89,19 @@ impl Ingest {
             while let Err(e) = self.handle(&mut batch) {
                 self.metrics.index_errors.inc();
                 tracing::error!(index = %self.index.path().display(), error = %format!("{e:#}"), retry_in_ms = pause.as_millis() as u64, "cannot record files in the index; taking no new work until it can");
-                if rx.is_closed() {
-                    break;
+                if rx.is_closed() || self.closed.is_cancelled() {
+                    tracing::warn!(
+                        files = n,
+                        "shutting down with files not recorded; the next catch-up scan finds them again"
+                    );
+                    self.outstanding.fetch_sub(n, Ordering::SeqCst);
+                    return;
                 }
-                std::thread::sleep(pause);
+                // Sleep in slices, so shutdown is never held up by a long pause.
+                let until = std::time::Instant::now() + pause;
+                while std::time::Instant::now() < until && !self.closed.is_cancelled() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
                 self.index.relieve();
                 pause = (pause * 2).min(std::time::Duration::from_secs(10));
             }
@@ -119,21 +112,28 @@ impl Ingest {
 
     fn handle(&self, batch: &mut [Candidate]) -> anyhow::Result<()> {
         // The last event for a path wins; handle each path once per batch.
-        let mut seen: HashMap<&Path, usize> = HashMap::new();
+        let mut seen: HashMap<&Path, (usize, Option<Stat>)> = HashMap::new();
         for c in batch.iter() {
-            seen.insert(&c.path, c.root);
+            seen.insert(&c.path, (c.root, c.stat));
         }
         let mut observations = Vec::new();
         let mut to_hash: Vec<(PathBuf, usize)> = Vec::new();
         self.metrics.files_seen.inc_by(seen.len() as u64);
         let mut regular: Vec<(&Path, usize, Stat)> = Vec::new();
-        for (path, root) in seen {
-            let wanted = self.roots.get(root).is_some_and(|r| r.wants(path));
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_file() && wanted => {
-                    regular.push((path, root, Stat::of(&m)));
-                }
-                Ok(m) if m.file_type().is_dir() => {}
+        for (path, (root, walked)) in seen {
+            let Some(r) = self.roots.get(root) else {
+                continue;
+            };
+            let wanted = r.wants(path);
+            // Everything is looked at through the root's handle: a path through a symlink
+            // is no file of ours.
+            let kind = match walked {
+                Some(stat) => Ok(Kind::File(stat)),
+                None => r.kind(path),
+            };
+            match kind {
+                Ok(Kind::File(stat)) if wanted => regular.push((path, root, stat)),
+                Ok(Kind::Dir) => {}
                 Ok(_) => observations.push(Observation::Gone(path.to_path_buf())),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     observations.push(Observation::Gone(path.to_path_buf()))
@@ -147,7 +147,7 @@ impl Ingest {
         let paths: Vec<&Path> = regular.iter().map(|(p, _, _)| *p).collect();
         let known = self.index.lookup_many(&paths)?;
         for ((path, root, stat), known) in regular.into_iter().zip(known) {
-            if known == Some(stat) {
+            if known.is_some_and(|k| k.same_file(&stat)) {
                 self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
             } else {
                 to_hash.push((path.to_path_buf(), root));
@@ -192,7 +192,7 @@ impl Ingest {
     }
 
     fn hash_one(&self, path: &Path, root: &Root) -> Option<Observation> {
-        match hash_file(path) {
+        match hash_file(root, path) {
             Ok(Some((stat, sha256))) => {
                 self.stats.indexed.fetch_add(1, Ordering::Relaxed);
                 let key = root.key_for(path);

@@ -30,6 +30,7 @@ pub mod retention;
 pub mod scan;
 pub mod status;
 pub mod throttle;
+pub mod tree;
 pub mod upload;
 pub mod watch;
 

@@ -9,11 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::collections::HashSet;
+use std::ffi::OsString;
+
 use object_store::path::Path as ObjectPath;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use std::sync::Mutex;
 
 use crate::config::{Config, Filter};
-use crate::index::{Index, Observation};
+use crate::index::{Index, Observation, Stat};
+use crate::tree::{self, Id, Kind, RootDir, Tree};
 
 /// S3's limit on key length, in bytes.
 const MAX_KEY_BYTES: usize = 1024;
@@ -21,7 +28,7 @@ const MAX_KEY_BYTES: usize = 1024;
 /// One watched tree.
 #[derive(Debug, Clone)]
 pub struct Root {
-    /// Absolute root directory.
+    /// Absolute root directory, resolved when the configuration was loaded.
     pub path: PathBuf,
     /// Key prefix with `{node}` expanded; may be empty.
     pub prefix: String,
@@ -29,20 +36,29 @@ pub struct Root {
     pub filter: Filter,
     /// Quiet time after which a file counts as complete.
     pub settle: std::time::Duration,
-    /// Our own directories (state, file:// stores) that must never be uploaded, even when
-    /// they lie inside a watched tree.
+    /// Our own files and directories (state, key files, file:// stores) that must never be
+    /// uploaded, even when they appear inside a watched tree (by path or, on walks and opens,
+    /// by device and inode: hard links and bind mounts too).
     pub own: Vec<PathBuf>,
+    /// Other watch roots inside this one, relative to it: their files belong to them.
+    pub nested: Vec<PathBuf>,
+    /// The directory handle every access goes through.
+    pub tree: Arc<Tree>,
+    own_ids: Arc<Mutex<Vec<Id>>>,
 }
 
 impl Root {
-    /// The roots of a configuration, in order.
+    /// The roots of a configuration, in order, each opened if it exists.
     pub fn from_config(cfg: &Config) -> Vec<Root> {
         let mut own = vec![cfg.state_dir.clone()];
+        own.extend(cfg.pipeline.key_file.iter().cloned());
+        own.extend(cfg.pipeline.old_key_files.iter().cloned());
         own.extend(
             cfg.destinations()
                 .filter_map(|d| (d.url.scheme() == "file").then(|| d.url.to_file_path().ok())?),
         );
-        cfg.watch
+        let roots: Vec<Root> = cfg
+            .watch
             .iter()
             .map(|w| Root {
                 path: w.path.clone(),
@@ -50,8 +66,36 @@ impl Root {
                 filter: Filter::new(w),
                 settle: std::time::Duration::from_millis(w.settle_ms),
                 own: own.clone(),
+                nested: cfg
+                    .watch
+                    .iter()
+                    .filter_map(|o| o.path.strip_prefix(&w.path).ok())
+                    .filter(|r| !r.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .collect(),
+                tree: Arc::new(Tree::new(w.path.clone(), w.one_file_system)),
+                own_ids: Arc::default(),
             })
-            .collect()
+            .collect();
+        for r in &roots {
+            r.refresh();
+        }
+        roots
+    }
+
+    /// Look at the root's path again (see [`Tree::refresh`]) and at the identities of our own
+    /// files; returns the directory held now.
+    pub fn refresh(&self) -> Option<Arc<RootDir>> {
+        let ids: Vec<Id> = self.own.iter().filter_map(|p| tree::id_of(p)).collect();
+        *self.own_ids.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+        self.tree.refresh()
+    }
+
+    fn own_ids(&self) -> Vec<Id> {
+        self.own_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The path relative to this root, if it is inside it.
@@ -61,10 +105,80 @@ impl Root {
             .filter(|r| !r.as_os_str().is_empty())
     }
 
-    /// Whether a file at `path` is one to upload (inside the root and matching the filters).
+    /// Whether a file at `path` is one to upload (inside the root, not inside a nested root,
+    /// and matching the filters).
     pub fn wants(&self, path: &Path) -> bool {
-        self.relative(path).is_some_and(|r| self.filter.matches(r))
-            && !self.own.iter().any(|o| path.starts_with(o))
+        self.relative(path).is_some_and(|r| {
+            self.filter.matches(r) && !self.nested.iter().any(|n| r.starts_with(n))
+        }) && !self.own.iter().any(|o| path.starts_with(o))
+    }
+
+    fn dir_and_rel<'a>(&self, path: &'a Path) -> std::io::Result<(Arc<RootDir>, &'a Path)> {
+        let rel = self.relative(path).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not inside {}", path.display(), self.path.display()),
+            )
+        })?;
+        let dir = self.tree.dir().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("watch root {} is not available", self.path.display()),
+            )
+        })?;
+        Ok((dir, rel))
+    }
+
+    /// Open the regular file at `path` for reading, confined to this root (no symlink in any
+    /// component; never one of our own files).
+    pub fn open_file(&self, path: &Path) -> std::io::Result<(std::fs::File, Stat)> {
+        let (dir, rel) = self.dir_and_rel(path)?;
+        let (file, stat) = dir.open_file(rel)?;
+        if self.own_ids().contains(&(stat.dev, stat.inode)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "one of the agent's own files (state, key or store)",
+            ));
+        }
+        Ok((file, stat))
+    }
+
+    /// What `path` is, looked at through this root without following any link.
+    pub fn kind(&self, path: &Path) -> std::io::Result<Kind> {
+        let (dir, rel) = self.dir_and_rel(path)?;
+        dir.kind(rel)
+    }
+
+    /// Delete `path` if it is still exactly `stat` (see [`RootDir::remove_if_unchanged`]).
+    pub fn remove_if_unchanged(&self, path: &Path, stat: &Stat) -> std::io::Result<bool> {
+        let (dir, rel) = self.dir_and_rel(path)?;
+        dir.remove_if_unchanged(rel, stat)
+    }
+
+    /// Every wanted regular file under `dir` (the root or a directory in it), confined to the
+    /// root; `visit` returns false to stop. Blocking.
+    pub fn walk_files(&self, dir: &Path, visit: &mut dyn FnMut(PathBuf, Stat) -> bool) {
+        let Some(handle) = self.tree.dir() else {
+            return;
+        };
+        let rel = if dir == self.path {
+            Path::new("")
+        } else {
+            match self.relative(dir) {
+                Some(r) => r,
+                None => return,
+            }
+        };
+        handle.walk(rel, &self.own_ids(), &self.nested, &mut |rel, stat| {
+            if !self.filter.matches(&rel) {
+                return true;
+            }
+            let path = self.path.join(&rel);
+            if self.own.iter().any(|o| path.starts_with(o)) {
+                return true;
+            }
+            visit(path, stat)
+        });
     }
 
     /// The object key (relative to a destination's base) for `path`, or why there is none.
@@ -79,6 +193,13 @@ impl Root {
             )
         })?;
         let key = if self.prefix.is_empty() {
+            let internal = crate::restore::INTERNAL_PREFIX;
+            if rel == internal || rel.starts_with(&format!("{internal}/")) {
+                return Err(format!(
+                    "{} would be stored under the agent's own {internal:?} prefix (the watch has an empty prefix)",
+                    path.display()
+                ));
+            }
             rel.to_string()
         } else {
             format!("{}/{rel}", self.prefix)
@@ -96,6 +217,16 @@ impl Root {
     }
 }
 
+/// The most specific root `path` lies in (nested roots own their files).
+pub fn root_of(roots: &[Root], path: &Path) -> Option<usize> {
+    roots
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.relative(path).is_some())
+        .max_by_key(|(_, r)| r.path.as_os_str().len())
+        .map(|(i, _)| i)
+}
+
 /// A path for the ingest stage to look at, with the index of its root.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -103,14 +234,18 @@ pub struct Candidate {
     pub path: PathBuf,
     /// Which root it belongs to.
     pub root: usize,
+    /// Its identity, when a walk just read it through the root's handle (saves a lookup).
+    pub stat: Option<Stat>,
 }
 
 /// The sending side of the ingest queue, counting what has been sent but not yet indexed
-/// (so `sync` can tell when the index has caught up).
+/// (so `sync` can tell when the index has caught up). Closing it ([`Feeder::close`]) wakes
+/// every sender waiting for room, so shutdown never waits on a full queue.
 #[derive(Clone)]
 pub struct Feeder {
     tx: mpsc::Sender<Candidate>,
     outstanding: Arc<AtomicU64>,
+    closed: CancellationToken,
 }
 
 impl Feeder {
@@ -122,30 +257,43 @@ impl Feeder {
             Feeder {
                 tx,
                 outstanding: outstanding.clone(),
+                closed: CancellationToken::new(),
             },
             rx,
             outstanding,
         )
     }
 
-    /// Queue a candidate, waiting for room. Returns false once the ingest stage has stopped.
+    /// Queue a candidate, waiting for room. Returns false once the ingest stage has stopped
+    /// or the feeder was closed.
     pub async fn send(&self, c: Candidate) -> bool {
-        self.outstanding.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(c).await.is_err() {
-            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if self.closed.is_cancelled() {
             return false;
         }
-        true
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        let sent = tokio::select! {
+            _ = self.closed.cancelled() => false,
+            r = self.tx.send(c) => r.is_ok(),
+        };
+        if !sent {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent
     }
 
     /// Queue a candidate from a blocking thread.
     pub fn blocking_send(&self, c: Candidate) -> bool {
-        self.outstanding.fetch_add(1, Ordering::SeqCst);
-        if self.tx.blocking_send(c).is_err() {
-            self.outstanding.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        true
+        futures::executor::block_on(self.send(c))
+    }
+
+    /// Refuse further candidates and wake every sender waiting for room (shutdown).
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// A token cancelled once the feeder is closed.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
     }
 
     /// Candidates sent but not yet indexed.
@@ -154,52 +302,59 @@ impl Feeder {
     }
 }
 
-/// Walk `dir` (a root or a directory inside root `root_idx`) and queue every regular file the
-/// root wants. Blocking. Returns the number of files queued.
+/// Walk `dir` (a root or a directory inside root `root_idx`) through the root's handle and
+/// queue every regular file the root wants. Blocking. Returns the number of files queued.
 pub fn walk(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder) -> u64 {
     let mut n = 0;
-    for entry in walkdir::WalkDir::new(dir).follow_links(false) {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                // Vanished or unreadable directories are normal in a live tree.
-                if e.io_error().map(|io| io.kind()) != Some(std::io::ErrorKind::NotFound) {
-                    tracing::warn!(path = ?e.path(), error = %e, "cannot read part of a watched tree");
-                }
-                continue;
-            }
-        };
-        if entry.file_type().is_file() && root.wants(entry.path()) {
-            if !feeder.blocking_send(Candidate {
-                path: entry.into_path(),
-                root: root_idx,
-            }) {
-                break;
-            }
-            n += 1;
+    root.walk_files(dir, &mut |path, stat| {
+        if !feeder.blocking_send(Candidate {
+            path,
+            root: root_idx,
+            stat: Some(stat),
+        }) {
+            return false;
         }
-    }
+        n += 1;
+        true
+    });
     n
 }
 
-/// Walk every existing root. Blocking.
+/// Look at every root again (a root replaced by a symlink is let go, a new directory opened)
+/// and walk those that exist. Blocking.
 pub fn walk_all(roots: &[Root], feeder: &Feeder) -> u64 {
     roots
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.path.is_dir())
+        .filter(|(_, r)| r.refresh().is_some())
         .map(|(i, r)| walk(&r.path, i, r, feeder))
         .sum()
+}
+
+/// The names of the regular files in the directory `dir` (absolute), listed through the
+/// handle of the root it lies in; `None` if it cannot be listed.
+fn regular_files_in(roots: &[Root], dir: &Path) -> Option<HashSet<OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let root = &roots[root_of(roots, &dir.join("x"))?];
+    let rel = dir.strip_prefix(&root.path).ok()?;
+    let fd = root.tree.dir()?.open_dir(rel).ok()?;
+    let entries = rustix::fs::Dir::read_from(&fd).ok()?;
+    Some(
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type() == rustix::fs::FileType::RegularFile)
+            .map(|e| OsString::from(std::ffi::OsStr::from_bytes(e.file_name().to_bytes())))
+            .collect(),
+    )
 }
 
 /// Drop index rows of files that are no longer on disk (or no longer wanted). Remote objects
 /// are never deleted because a local file was. Blocking. Returns the number dropped.
 ///
 /// Indexed paths come in byte order, so the files of one directory come together: each
-/// directory is listed once (names and types from `readdir`) instead of one `stat` per file.
+/// directory is listed once (names and types from `readdir`, through the root's handle)
+/// instead of one `stat` per file.
 pub fn sweep_deleted(index: &Index, roots: &[Root]) -> anyhow::Result<u64> {
-    use std::collections::HashSet;
-    use std::ffi::OsString;
     let mut after = PathBuf::new();
     let mut dropped = 0;
     // The directory listed last and the regular files in it (`None`: unreadable or gone).
@@ -214,25 +369,16 @@ pub fn sweep_deleted(index: &Index, roots: &[Root]) -> anyhow::Result<u64> {
                 continue;
             };
             if listed.as_ref().is_none_or(|(d, _)| d != dir) {
-                let files = std::fs::read_dir(dir).ok().map(|entries| {
-                    entries
-                        .filter_map(|e| e.ok())
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-                        .map(|e| e.file_name())
-                        .collect::<HashSet<OsString>>()
-                });
-                listed = Some((dir.to_path_buf(), files));
+                listed = Some((dir.to_path_buf(), regular_files_in(roots, dir)));
             }
-            let present = listed
-                .as_ref()
-                .and_then(|(_, files)| files.as_ref())
-                .is_some_and(|files| files.contains(name));
-            // An unreadable directory is not proof of deletion: check the file itself.
-            let unreadable = listed.as_ref().is_some_and(|(_, files)| files.is_none());
-            let present = present
-                || (unreadable
-                    && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_file()));
-            if !present || !roots.iter().any(|r| r.wants(&p)) {
+            let root = root_of(roots, &p).map(|i| &roots[i]);
+            let present = match listed.as_ref().and_then(|(_, files)| files.as_ref()) {
+                Some(files) => files.contains(name),
+                // An unlistable directory is not proof of deletion: look at the file itself.
+                None => root.is_some_and(|r| matches!(r.kind(&p), Ok(Kind::File(_)))),
+            };
+            let wanted = root.is_some_and(|r| r.wants(&p));
+            if !present || !wanted {
                 gone.push(Observation::Gone(p));
             }
         }
@@ -256,6 +402,7 @@ mod tests {
             exclude: vec![],
             settle_ms: 10,
             remote_max_age: None,
+            one_file_system: true,
         };
         Root {
             path: "/w".into(),
@@ -263,6 +410,9 @@ mod tests {
             filter: Filter::new(&w),
             settle: std::time::Duration::from_millis(10),
             own: vec!["/w/state".into()],
+            nested: vec![],
+            tree: Arc::new(Tree::new("/w".into(), true)),
+            own_ids: Arc::default(),
         }
     }
 
@@ -302,6 +452,7 @@ mod tests {
         let top = tmp.path().join("w");
         let mut r = root("");
         r.path = top.clone();
+        r.tree = Arc::new(Tree::new(top.clone(), true));
         r.own = vec![];
         let index = Index::open(&tmp.path().join("state")).unwrap();
         let mut obs = Vec::new();
@@ -316,6 +467,7 @@ mod tests {
                     size: 1,
                     mtime_ns: 1,
                     inode: 1,
+                    dev: 0,
                 },
                 sha256: [1; 32],
             });
@@ -326,6 +478,7 @@ mod tests {
         // A file replaced by a directory is gone as a file.
         std::fs::remove_file(top.join("c/1")).unwrap();
         std::fs::create_dir(top.join("c/1")).unwrap();
+        r.refresh();
         assert_eq!(sweep_deleted(&index, &[r]).unwrap(), 4);
         let left: Vec<PathBuf> = index.paths_from(Path::new(""), 100).unwrap();
         let want: Vec<PathBuf> = ["a/1", "a/3", "c/d/1"]

@@ -32,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
 use crate::index::{Index, Job, ObjectRow, Outcome, Stat};
-use crate::ingest::open_regular;
 use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
 
@@ -146,18 +145,24 @@ impl Finish for ChunkSink {
 /// Read, verify and encode a file into `tx`. `Ok(false)`: the file is gone or is no longer the
 /// indexed content, and nothing may be committed. Blocking.
 fn produce(
+    roots: &[Root],
     path: &Path,
     stat: Stat,
     sha: [u8; 32],
     pipeline: &Pipeline,
     tx: mpsc::Sender<Msg>,
 ) -> std::io::Result<bool> {
-    let (mut file, meta) = match open_regular(path) {
+    // Opened through its root's handle, never through a symlink; a path that no longer lies
+    // in any root (a watch removed on reload) is gone.
+    let Some(root) = crate::scan::root_of(roots, path).map(|i| &roots[i]) else {
+        return Ok(false);
+    };
+    let (mut file, now) = match root.open_file(path) {
         Ok(x) => x,
         Err(e) if gone(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
-    if Stat::of(&meta) != stat {
+    if !now.same_file(&stat) {
         return Ok(false);
     }
     // One byte more than the file's size is enough to see its end (no zeroed 64 KiB per file).
@@ -188,7 +193,8 @@ fn produce(
     // Hash and encode the whole file in one read: the probed first block, then the rest.
     let (digest, total) =
         pipeline::copy_hashed(&mut std::io::Cursor::new(first).chain(&mut file), &mut out)?;
-    let unchanged = digest == sha && total == stat.size && Stat::of(&file.metadata()?) == stat;
+    let unchanged =
+        digest == sha && total == stat.size && Stat::of(&file.metadata()?).same_file(&stat);
     out.finish()?;
     Ok(unchanged)
 }
@@ -299,15 +305,13 @@ impl Worker {
                 self.index_failures.store(0, Ordering::Relaxed);
                 for o in outcomes {
                     if let Outcome::Changed { job } = o
-                        && let Some(root) = self
-                            .roots
-                            .iter()
-                            .position(|r| r.relative(&job.path).is_some())
+                        && let Some(root) = crate::scan::root_of(&self.roots, &job.path)
                     {
                         self.feeder
                             .send(Candidate {
                                 path: job.path,
                                 root,
+                                stat: None,
                             })
                             .await;
                     }
@@ -521,14 +525,15 @@ impl Worker {
     /// Read the file once through the pipeline and stream it to the store.
     async fn upload(&self, job: &Job, identity: &str) -> Result<Step, StoreError> {
         let (tx, mut rx) = mpsc::channel::<Msg>(1);
-        let (path, stat, sha, pipeline) = (
+        let (path, stat, sha, pipeline, roots) = (
             job.path.clone(),
             job.stat,
             job.sha256,
             self.pipeline.clone(),
+            self.roots.clone(),
         );
         let producer =
-            tokio::task::spawn_blocking(move || produce(&path, stat, sha, &pipeline, tx));
+            tokio::task::spawn_blocking(move || produce(&roots, &path, stat, sha, &pipeline, tx));
         let finish_producer = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res
         {
             Ok(Ok(unchanged)) => Ok(unchanged),
@@ -658,7 +663,10 @@ impl Worker {
 fn gone(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
         || e.kind() == std::io::ErrorKind::InvalidInput
-        || e.raw_os_error() == Some(libc::ELOOP)
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EXDEV)
+        )
 }
 
 fn read_error(job: &Job, e: std::io::Error) -> StoreError {

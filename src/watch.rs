@@ -21,6 +21,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::scan::{self, Candidate, Feeder, Root};
+use crate::tree::{Id, Kind};
 
 /// Events buffered between the notify thread and the watcher task.
 const EVENT_QUEUE: usize = 65_536;
@@ -57,9 +58,17 @@ fn is_limit_error(e: &notify::Error) -> bool {
 }
 
 struct RootState {
-    watched: bool,
-    inode: Option<(u64, Option<std::time::SystemTime>)>,
-    warned_missing: bool,
+    /// The identity of the root directory being watched (the agent holds it open, so its
+    /// inode cannot be reused while watched).
+    watched: Option<Id>,
+}
+
+fn candidate(path: PathBuf, root: usize) -> Candidate {
+    Candidate {
+        path,
+        root,
+        stat: None,
+    }
 }
 
 impl WatchTask {
@@ -82,11 +91,7 @@ impl WatchTask {
         let mut states: Vec<RootState> = self
             .roots
             .iter()
-            .map(|_| RootState {
-                watched: false,
-                inode: None,
-                warned_missing: false,
-            })
+            .map(|_| RootState { watched: None })
             .collect();
         let mut settling: HashMap<PathBuf, (usize, Instant)> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -114,7 +119,7 @@ impl WatchTask {
                         .collect();
                     for (path, root) in due {
                         settling.remove(&path);
-                        self.feeder.send(Candidate { path, root }).await;
+                        self.feeder.send(candidate(path, root)).await;
                     }
                     if now.duration_since(last_supervise) >= Duration::from_secs(1) {
                         last_supervise = now;
@@ -130,30 +135,21 @@ impl WatchTask {
         Ok(())
     }
 
-    /// Start watching roots that appeared, stop watching roots that vanished. A root watched
-    /// anew is walked, except at start (`initial`), where the catch-up scan walks it.
+    /// Start watching roots that appeared, stop watching roots that vanished or were
+    /// replaced (by another directory: watched anew; by a symlink: never followed, waited
+    /// for). A root watched anew is walked, except at start (`initial`), where the catch-up
+    /// scan walks it.
     fn supervise(&self, watcher: &mut RecommendedWatcher, states: &mut [RootState], initial: bool) {
-        use std::os::unix::fs::MetadataExt;
         for (i, (root, st)) in self.roots.iter().zip(states.iter_mut()).enumerate() {
-            let meta = std::fs::symlink_metadata(&root.path)
-                .ok()
-                .filter(|m| m.is_dir());
-            // Inode numbers are reused at once (a root deleted and recreated often gets the
-            // same one back); the birth time tells the new directory from the old.
-            let inode = meta.as_ref().map(|m| (m.ino(), m.created().ok()));
-            if st.watched && inode != st.inode {
+            let id = root.refresh().map(|d| d.id());
+            if st.watched.is_some() && id != st.watched {
                 let _ = watcher.unwatch(&root.path);
-                st.watched = false;
-                tracing::warn!(root = %root.path.display(), "watch root disappeared or was replaced");
+                st.watched = None;
             }
-            if st.watched {
+            if st.watched.is_some() {
                 continue;
             }
-            let Some(inode) = inode else {
-                if !st.warned_missing {
-                    st.warned_missing = true;
-                    tracing::info!(root = %root.path.display(), "watch root does not exist yet; waiting for it");
-                }
+            let Some(id) = id else {
                 continue;
             };
             match watcher.watch(&root.path, RecursiveMode::Recursive) {
@@ -168,9 +164,7 @@ impl WatchTask {
                     continue;
                 }
             }
-            st.watched = true;
-            st.inode = Some(inode);
-            st.warned_missing = false;
+            st.watched = Some(id);
             tracing::info!(root = %root.path.display(), "watching");
             if !initial {
                 self.walk_in_background(root.path.clone(), i);
@@ -197,7 +191,9 @@ impl WatchTask {
                 Duration::from_secs(2),
             ] {
                 std::thread::sleep(pause);
-                if !dir.is_dir() {
+                // Looked at through the root's handle: a directory swapped for a symlink
+                // is not walked.
+                if !matches!(roots[root].kind(&dir), Ok(Kind::Dir)) {
                     break;
                 }
                 scan::walk(&dir, root, &roots[root], &feeder);
@@ -206,7 +202,11 @@ impl WatchTask {
     }
 
     fn root_of(&self, path: &Path) -> Option<usize> {
-        self.roots.iter().position(|r| r.relative(path).is_some())
+        scan::root_of(&self.roots, path)
+    }
+
+    fn is_dir(&self, path: &Path, root: usize) -> bool {
+        matches!(self.roots[root].kind(path), Ok(Kind::Dir))
     }
 
     async fn handle(
@@ -238,7 +238,7 @@ impl WatchTask {
                 for p in ev.paths {
                     if let Some(root) = self.root_of(&p) {
                         settling.remove(&p);
-                        self.feeder.send(Candidate { path: p, root }).await;
+                        self.feeder.send(candidate(p, root)).await;
                     }
                 }
             }
@@ -256,20 +256,15 @@ impl WatchTask {
                     if let Some(from) = ev.paths.first().filter(|_| ev.paths.len() > 1) {
                         settling.remove(from);
                         if let Some(root) = self.root_of(from) {
-                            self.feeder
-                                .send(Candidate {
-                                    path: from.clone(),
-                                    root,
-                                })
-                                .await;
+                            self.feeder.send(candidate(from.clone(), root)).await;
                         }
                     }
                     if let Some(root) = self.root_of(&p) {
                         settling.remove(&p);
-                        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                        if self.is_dir(&p, root) {
                             self.walk_new_dir(p, root);
                         } else {
-                            self.feeder.send(Candidate { path: p, root }).await;
+                            self.feeder.send(candidate(p, root)).await;
                         }
                     }
                 }
@@ -278,7 +273,7 @@ impl WatchTask {
                 for p in ev.paths {
                     settling.remove(&p);
                     if let Some(root) = self.root_of(&p) {
-                        self.feeder.send(Candidate { path: p, root }).await;
+                        self.feeder.send(candidate(p, root)).await;
                     }
                 }
             }
@@ -287,9 +282,7 @@ impl WatchTask {
                     let Some(root) = self.root_of(&p) else {
                         continue;
                     };
-                    if ev.kind == EventKind::Create(CreateKind::Any)
-                        && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
-                    {
+                    if ev.kind == EventKind::Create(CreateKind::Any) && self.is_dir(&p, root) {
                         self.walk_new_dir(p, root);
                     } else {
                         settling.insert(p, (root, now));
