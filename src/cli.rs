@@ -234,6 +234,12 @@ async fn dispatch(
             }
             let mut progress = SyncProgress::new();
             let summary = daemon::sync(&config, &mut progress).await?;
+            for root in &summary.refused_roots {
+                eprintln!(
+                    "panoptic-sync: watch root {} is not a real directory (a symbolic link is never followed); nothing under it was synced",
+                    root.display()
+                );
+            }
             for d in &summary.destinations {
                 println!(
                     "{}: {} stored, {} missing{}",

@@ -515,15 +515,20 @@ impl Config {
         Ok(())
     }
 
-    /// Make paths absolute against `base` and resolve each watch root once (an admin's
-    /// symlinked path keeps working: the agent holds the directory it leads to now, and a
-    /// symlink found there later is never followed). Then refuse a watch root that contains
+    /// Make paths absolute against `base` and resolve the directories above each watch root
+    /// once (an admin's symlinked path keeps working; the root's own name must be a real
+    /// directory, and a symlink found anywhere later is never followed). Then refuse a watch root that contains
     /// the state directory or a `file://` destination: the agent would upload its own index
     /// or its own store into itself.
     pub fn resolve(&mut self, base: &Path, source_name: &str) -> Result<(), ConfigError> {
         self.absolutize(base);
         for w in &mut self.watch {
-            w.path = resolve_existing(&w.path);
+            // The root's own name is never resolved: a CI job can replace it by a symlink
+            // (`rm -rf artifacts && ln -s / artifacts`) before any start; the directories
+            // above it are the admin's.
+            if let (Some(parent), Some(name)) = (w.path.parent(), w.path.file_name()) {
+                w.path = resolve_existing(parent).join(name);
+            }
         }
         let err = |message: String| ConfigError {
             source_name: source_name.to_string(),

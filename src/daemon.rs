@@ -578,6 +578,9 @@ pub struct SyncSummary {
     pub indexed: u64,
     /// Per destination: (name, stored this pass, still pending, permanently failed).
     pub destinations: Vec<SyncDest>,
+    /// Watch roots that exist but are not real directories (a symlink is never followed):
+    /// nothing under them was synced.
+    pub refused_roots: Vec<PathBuf>,
 }
 
 /// One destination's result of a `sync`.
@@ -596,7 +599,7 @@ pub struct SyncDest {
 impl SyncSummary {
     /// Whether every destination has everything.
     pub fn complete(&self) -> bool {
-        self.destinations.iter().all(|d| d.missing == 0)
+        self.destinations.iter().all(|d| d.missing == 0) && self.refused_roots.is_empty()
     }
 }
 
@@ -669,6 +672,12 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
             )
         })
         .collect();
+    let refused_roots = agent
+        .roots
+        .iter()
+        .filter(|r| r.tree.refused())
+        .map(|r| r.path.clone())
+        .collect();
     agent.stop().await;
     publish_status(config, &index).await;
     let status = {
@@ -688,6 +697,7 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
                 last_error: d.last_error,
             })
             .collect(),
+        refused_roots,
     })
 }
 

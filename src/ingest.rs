@@ -74,6 +74,17 @@ impl Ingest {
     pub fn run(self, mut rx: mpsc::Receiver<Candidate>) {
         let mut batch = Vec::with_capacity(BATCH);
         while let Some(first) = rx.blocking_recv() {
+            // At shutdown what is still queued is left to the next catch-up scan: draining a
+            // queue filled by rescans could hold the exit for minutes.
+            if self.closed.is_cancelled() {
+                let left = 1 + std::iter::from_fn(|| rx.try_recv().ok()).count() as u64;
+                self.outstanding.fetch_sub(left, Ordering::SeqCst);
+                tracing::debug!(
+                    left,
+                    "shutting down: queued candidates left to the next scan"
+                );
+                break;
+            }
             batch.push(first);
             while batch.len() < BATCH {
                 match rx.try_recv() {

@@ -14,9 +14,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(verbose: u8, format: LogFormat) {
+    // notify warns once per watch it cannot remove: a CI job renaming directories in a loop
+    // would fill the journal with it (the agent's own warnings say what matters).
     let default = match verbose {
-        0 => "info",
-        1 => "panoptic_sync=debug,info",
+        0 => "info,notify=error",
+        1 => "panoptic_sync=debug,info,notify=error",
         _ => "trace",
     };
     let filter =

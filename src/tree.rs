@@ -448,6 +448,12 @@ impl Tree {
         }
     }
 
+    /// Whether the root's path, when last looked at, existed but was not a real directory
+    /// (a symlink, a file): refused, not waited for silently.
+    pub fn refused(&self) -> bool {
+        self.lock().1 == Some(Absent::NotADirectory)
+    }
+
     /// The directory held now, without looking at the path again.
     pub fn dir(&self) -> Option<Arc<RootDir>> {
         self.lock().0.clone()

@@ -4,6 +4,7 @@
 mod util;
 
 mod clouds;
+mod confined;
 mod core;
 mod fleet;
 mod hostile;

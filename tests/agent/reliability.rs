@@ -471,3 +471,95 @@ async fn a_full_or_read_only_state_dir_pauses_work_says_why_and_recovers() {
         "state disk suite: full while running and read-only at start survived, {n} of {n} files stored"
     );
 }
+
+/// SIGTERM while the state disk is full and the ingest queue is full (more waiting files than
+/// the queue holds, none recordable): the daemon exits within 15 s and the index is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_full_state_disk_and_a_full_queue_exits_promptly() {
+    use std::process::{Command, Stdio};
+    let env = Env::new();
+    std::fs::create_dir_all(&env.state).unwrap();
+    let bin = env!("CARGO_BIN_EXE_panoptic-sync");
+    let config = env.config_path();
+    let log = env.tmp.path().join("daemon.log");
+    let pid_file = env.tmp.path().join("daemon.pid");
+    let script = format!(
+        "mount -t tmpfs -o size=2m tmpfs '{}' || exit 1; '{bin}' --config '{}' run & echo $! > '{}'; wait; exec sleep 3600",
+        env.state.display(),
+        config.display(),
+        pid_file.display()
+    );
+    let holder = ChildGuard(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .envs(env.cmd_env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let ns = holder.0.id();
+    wait_until(Duration::from_secs(10), "the daemon's pid", || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
+    })
+    .await;
+    let daemon: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    wait_until(Duration::from_secs(30), "the daemon watching", || {
+        log_has(&log, "watching")
+    })
+    .await;
+    let state = std::path::PathBuf::from(format!("/proc/{ns}/root"))
+        .join(env.state.strip_prefix("/").unwrap());
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(state.join("filler")).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+    }
+    // More files than the ingest queue (65,536) holds; none can be recorded.
+    for d in 0..70 {
+        let dir = env.watch.join(format!("q{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..1000 {
+            std::fs::write(dir.join(format!("{i}")), b"x").unwrap();
+        }
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the daemon says the index disk is full",
+        || log_has(&log, "cannot record files in the index"),
+    )
+    .await;
+    // Let the walk and the watcher fill the queue behind the held batch.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert!(alive(daemon), "the daemon exited on a full disk");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SAFETY: signalling the daemon we started.
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let asked = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "the daemon exits after SIGTERM",
+        || !alive(daemon),
+    )
+    .await;
+    eprintln!(
+        "SIGTERM with a full state disk and a full queue: exited after {:.1} s",
+        asked.elapsed().as_secs_f64()
+    );
+    std::fs::remove_file(state.join("filler")).unwrap();
+    let db = env.state.join("index.sqlite3");
+    let script = format!(
+        "import sqlite3; print(sqlite3.connect({:?}).execute('PRAGMA integrity_check').fetchone()[0])",
+        db.to_str().unwrap()
+    );
+    let out = in_namespace(ns, &["python3", "-c", &script]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{out:?}");
+}
