@@ -634,6 +634,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn printable_escapes_every_control_character() {
+        assert_eq!(printable("plain/key.log"), "plain/key.log");
+        assert_eq!(
+            printable("a\u{1b}[31mb\u{7}\u{9b}c\u{7f}é"),
+            "a\\u{1b}[31mb\\u{7}\\u{9b}c\\u{7f}é"
+        );
+    }
+
+    #[test]
     fn status_codes_classify() {
         assert!(is_permanent_text(
             "Server returned non-2xx status code: 403 Forbidden"
