@@ -561,5 +561,8 @@ async fn rebuild(config: &Config) -> anyhow::Result<()> {
             }
         );
     }
+    for (name, bad) in &r.bad_keys {
+        eprintln!("{name}: not recorded: {bad}");
+    }
     Ok(())
 }

@@ -13,13 +13,17 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{ClientConfigKey, ObjectStore, ObjectStoreScheme, RetryConfig};
+use object_store::{
+    ClientConfigKey, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreScheme, RetryConfig,
+};
 
 use crate::config;
 
@@ -170,6 +174,8 @@ pub struct Destination {
     pub signer: Option<Arc<dyn Signer>>,
     /// The destination's bandwidth cap (`max_rate`).
     pub limiter: Option<Arc<crate::throttle::Limiter>>,
+    /// How listings are made (S3: our own tolerant ListObjectsV2, see [`Destination::list_under`]).
+    lister: Lister,
 }
 
 impl fmt::Debug for Destination {
@@ -211,7 +217,7 @@ impl Destination {
         // The three cloud builders share their API but no trait: from_env(), then the URL,
         // then the options, then our client defaults where nothing set them.
         macro_rules! cloud_store {
-            ($builder:ty, $key:ident) => {{
+            ($builder:ty, $key:ident, |$b:ident, $s:ident| $extra:expr) => {{
                 let mut b = <$builder>::from_env()
                     .with_retry(retry_config())
                     .with_url(url.as_str());
@@ -225,30 +231,56 @@ impl Destination {
                         b = b.with_config($key::Client(*key), *value);
                     }
                 }
-                let s = Arc::new(b.build().map_err(built)?);
+                let s = Arc::new(b.clone().build().map_err(built)?);
+                let extra = {
+                    let ($b, $s) = (&b, &s);
+                    $extra
+                };
                 (
                     s.clone() as Arc<dyn ObjectStore>,
                     Some(s as Arc<dyn Signer>),
+                    extra,
                 )
             }};
         }
-        let (store, signer): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>) = match kind {
-            Kind::Local => {
-                let dir = url.to_file_path().map_err(|()| {
-                    anyhow::anyhow!("destination {name:?}: {url} is not an absolute file:// path")
-                })?;
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    anyhow::anyhow!("destination {name:?}: cannot create {}: {e}", dir.display())
-                })?;
-                let fs = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
-                    .with_fsync(true);
-                (Arc::new(fs), None)
-            }
-            Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey),
-            Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey),
-            Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey),
-        };
+        let (store, signer, lister): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Lister) =
+            match kind {
+                Kind::Local => {
+                    let dir = url.to_file_path().map_err(|()| {
+                        anyhow::anyhow!(
+                            "destination {name:?}: {url} is not an absolute file:// path"
+                        )
+                    })?;
+                    std::fs::create_dir_all(&dir).map_err(|e| {
+                        anyhow::anyhow!(
+                            "destination {name:?}: cannot create {}: {e}",
+                            dir.display()
+                        )
+                    })?;
+                    let fs = LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
+                        .with_fsync(true);
+                    (Arc::new(fs), None, Lister::Store)
+                }
+                Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey, |b, s| {
+                    // object_store parses the URL only in build(): the bucket of an `s3://`
+                    // URL is its host. Other S3 URL forms keep object_store's listing.
+                    match (url.scheme(), url.host_str()) {
+                        ("s3" | "s3a", Some(bucket)) => {
+                            Lister::S3(Arc::new(S3Lister::new(b, bucket, s.clone()).map_err(
+                                |e| anyhow::anyhow!("destination {name:?} ({url}): {e}"),
+                            )?))
+                        }
+                        _ => Lister::Store,
+                    }
+                }),
+                Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |_b, _s| {
+                    Lister::Store
+                }),
+                Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |_b, _s| {
+                    Lister::Store
+                }),
+            };
         let base = if kind == Kind::Local {
             String::new()
         } else {
@@ -271,6 +303,7 @@ impl Destination {
             limiter: cfg
                 .max_rate
                 .map(|r| Arc::new(crate::throttle::Limiter::new(r))),
+            lister,
         })
     }
 
@@ -283,6 +316,302 @@ impl Destination {
         };
         ObjectPath::parse(&full)
             .map_err(|e| StoreError::Permanent(format!("invalid object key {full:?}: {e}")))
+    }
+}
+
+/// What a listing under a prefix found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The full key listed under (every object's location starts with it); empty for the root.
+    pub list_key: String,
+    /// The objects object_store can address.
+    pub objects: Vec<ObjectMeta>,
+    /// Keys object_store cannot address (`//`, a `.` or `..` segment, a control character),
+    /// written into the bucket by some other client. They fail alone: each caller names them
+    /// and goes on with the rest.
+    pub bad_keys: Vec<BadKey>,
+}
+
+/// A listed key that object_store cannot parse, so it cannot be read, copied or deleted
+/// through it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadKey {
+    /// The key, with control characters escaped (safe to print).
+    pub key: String,
+    /// Why object_store refuses it.
+    pub reason: String,
+}
+
+impl fmt::Display for BadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+impl BadKey {
+    fn new(raw_key: &str, err: &object_store::path::Error) -> BadKey {
+        BadKey {
+            key: printable(raw_key),
+            reason: format!(
+                "object_store cannot address this key ({}); rename or delete it with another tool",
+                printable(&error_chain(err))
+            ),
+        }
+    }
+}
+
+/// `s` with every control character (C0, DEL, C1: terminal escape sequences included)
+/// replaced by its `\u{..}` escape, so text from the bucket or another node can be printed.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// How a destination lists.
+#[derive(Clone)]
+enum Lister {
+    /// object_store's own listing. It parses every key of a page into a `Path` and ends the
+    /// whole listing at the first key it cannot parse (the key is named in the error).
+    Store,
+    /// S3: our own paginated ListObjectsV2, signed with object_store's credentials, which
+    /// keeps every key as the raw string the server sent.
+    S3(Arc<S3Lister>),
+}
+
+/// A ListObjectsV2 client that tolerates keys object_store cannot parse.
+///
+/// object_store 0.14 turns every `<Key>` of a page into a `Path` and fails the page (and with
+/// it the stream) on the first one `Path::parse` refuses, so one key written by another client
+/// hides every other key of the prefix (upstream: apache/arrow-rs-object-store#341). This is the
+/// smallest workaround: the same request object_store makes, signed with its
+/// `AwsAuthorizer` and sent with its HTTP client, but the keys are parsed one by one.
+struct S3Lister {
+    store: Arc<AmazonS3>,
+    client: HttpClient,
+    /// `https://host/bucket` or, virtual-hosted, `https://bucket.host`: as object_store builds it.
+    bucket_endpoint: String,
+    region: String,
+}
+
+/// The part of a ListObjectsV2 answer we use.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListPage {
+    #[serde(default)]
+    contents: Vec<ListEntry>,
+    #[serde(default)]
+    is_truncated: bool,
+    next_continuation_token: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListEntry {
+    key: String,
+    size: u64,
+    last_modified: chrono::DateTime<chrono::Utc>,
+    #[serde(rename = "ETag")]
+    e_tag: Option<String>,
+}
+
+/// Keys per ListObjectsV2 page (the S3 maximum).
+const LIST_PAGE: &str = "1000";
+
+impl S3Lister {
+    fn new(b: &AmazonS3Builder, bucket: &str, store: Arc<AmazonS3>) -> Result<S3Lister, String> {
+        let get = |k: AmazonS3ConfigKey| b.get_config_value(&k);
+        let region = get(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+        let virtual_hosted = get(AmazonS3ConfigKey::VirtualHostedStyleRequest)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        // As object_store's builder does (S3 Express zonal endpoints aside).
+        let bucket_endpoint = match (get(AmazonS3ConfigKey::Endpoint), virtual_hosted) {
+            (Some(e), true) => e,
+            (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
+            (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+        };
+        let mut options = ClientOptions::new();
+        for key in [
+            ClientConfigKey::AllowHttp,
+            ClientConfigKey::AllowInvalidCertificates,
+            ClientConfigKey::ConnectTimeout,
+            ClientConfigKey::Timeout,
+            ClientConfigKey::ProxyUrl,
+            ClientConfigKey::ProxyCaCertificate,
+            ClientConfigKey::ProxyExcludes,
+        ] {
+            if let Some(v) = get(AmazonS3ConfigKey::Client(key)) {
+                options = options.with_config(key, v);
+            }
+        }
+        let client = ReqwestConnector::default()
+            .connect(&options)
+            .map_err(|e| error_chain(&e))?;
+        Ok(S3Lister {
+            store,
+            client,
+            bucket_endpoint,
+            region,
+        })
+    }
+
+    /// Every key under `prefix` (a full key ending in `/`, or empty for the whole bucket).
+    async fn list(&self, prefix: &str, out: &mut Listing) -> Result<(), String> {
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = url::Url::parse(&self.bucket_endpoint)
+                .map_err(|e| format!("bad endpoint {}: {e}", self.bucket_endpoint))?;
+            {
+                let mut q = url.query_pairs_mut();
+                if let Some(t) = &token {
+                    q.append_pair("continuation-token", t);
+                }
+                q.append_pair("list-type", "2");
+                q.append_pair("max-keys", LIST_PAGE);
+                if !prefix.is_empty() {
+                    q.append_pair("prefix", prefix);
+                }
+            }
+            let page = self.page(&url).await?;
+            for entry in page.contents {
+                match ObjectPath::parse(&entry.key) {
+                    Ok(location) => out.objects.push(ObjectMeta {
+                        location,
+                        last_modified: entry.last_modified,
+                        size: entry.size,
+                        e_tag: entry.e_tag,
+                        version: None,
+                    }),
+                    Err(e) => out.bad_keys.push(BadKey::new(&entry.key, &e)),
+                }
+            }
+            match page.next_continuation_token {
+                Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// One page, retried like object_store retries (a few times, on errors worth retrying).
+    async fn page(&self, url: &url::Url) -> Result<ListPage, String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.page_once(url).await {
+                Ok(page) => return Ok(page),
+                Err((retry, e)) if retry && attempt < 4 => {
+                    tracing::debug!(error = %e, attempt, "listing page failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn page_once(&self, url: &url::Url) -> Result<ListPage, (bool, String)> {
+        let credential = self
+            .store
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(|e| (true, format!("getting credentials: {}", error_chain(&e))))?;
+        let mut request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(url.as_str())
+            .body(HttpRequestBody::empty())
+            .map_err(|e| (false, format!("building the request: {e}")))?;
+        AwsAuthorizer::new(&credential, "s3", &self.region)
+            .try_authorize(&mut request, None)
+            .map_err(|e| (false, format!("signing the request: {}", error_chain(&e))))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| (true, error_chain(&e)))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .bytes()
+            .await
+            .map_err(|e| (true, error_chain(&e)))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            let text: String = text.chars().take(500).collect();
+            let retry = status.is_server_error() || status.as_u16() == 429;
+            return Err((
+                retry,
+                format!("status code: {status}: {}", printable(text.trim())),
+            ));
+        }
+        quick_xml::de::from_reader(body.as_ref())
+            .map_err(|e| (false, format!("parsing the listing: {e}")))
+    }
+}
+
+impl Destination {
+    /// Every object under `prefix` (relative to the base; empty for everything), listed once
+    /// for restore, rebuild, retention and the fleet view. Keys object_store cannot address
+    /// come back in [`Listing::bad_keys`] (S3), so the rest of the prefix is still usable.
+    /// Other stores use object_store's listing, which stops at such a key: that is an error
+    /// naming the key.
+    pub async fn list_under(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let prefix = prefix.trim_matches('/');
+        let list_key = match (self.base.is_empty(), prefix.is_empty()) {
+            (true, true) => String::new(),
+            (true, false) => prefix.to_string(),
+            (false, true) => self.base.clone(),
+            (false, false) => format!("{}/{prefix}", self.base),
+        };
+        let list_path = (!list_key.is_empty())
+            .then(|| ObjectPath::parse(&list_key))
+            .transpose()
+            .map_err(|e| StoreError::Permanent(format!("bad prefix {prefix:?}: {e}")))?;
+        let mut out = Listing {
+            list_key,
+            ..Default::default()
+        };
+        match &self.lister {
+            Lister::S3(s3) => {
+                let raw_prefix = list_path
+                    .as_ref()
+                    .map(|p| format!("{p}/"))
+                    .unwrap_or_default();
+                s3.list(&raw_prefix, &mut out).await.map_err(|e| {
+                    StoreError::Retryable(format!(
+                        "listing {:?} under {:?} ({}): {e}",
+                        self.name, out.list_key, self.url
+                    ))
+                })?;
+            }
+            Lister::Store => {
+                let mut stream = self.store.list(list_path.as_ref());
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(meta) => out.objects.push(meta),
+                        Err(e) => {
+                            return Err(StoreError::classify(
+                                format_args!(
+                                    "listing {:?} under {:?} ({})",
+                                    self.name, out.list_key, self.url
+                                ),
+                                &e,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -303,6 +632,15 @@ pub fn open_all(cfg: &config::Config) -> anyhow::Result<Vec<Destination>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_every_control_character() {
+        assert_eq!(printable("plain/key.log"), "plain/key.log");
+        assert_eq!(
+            printable("a\u{1b}[31mb\u{7}\u{9b}c\u{7f}é"),
+            "a\\u{1b}[31mb\\u{7}\\u{9b}c\\u{7f}é"
+        );
+    }
 
     #[test]
     fn status_codes_classify() {

@@ -20,7 +20,7 @@ use object_store::{Attribute, GetOptions, GetRange, ObjectMeta};
 
 use crate::config::{Compression, Config};
 use crate::crypto::{CHUNK_LOG2, HEADER_LEN, TAG_LEN};
-use crate::destination::Destination;
+use crate::destination::{BadKey, Destination};
 use crate::index::{Index, ObjectRow};
 use crate::pipeline::{self, Pipeline, Plan};
 use crate::restore::INTERNAL_PREFIX;
@@ -37,6 +37,8 @@ pub struct Rebuilt {
     /// Per destination: objects recorded as held, and objects whose hash could not be read
     /// back (they will be uploaded again).
     pub destinations: Vec<(String, u64, u64)>,
+    /// Per destination: keys object_store cannot address (not recorded; named, never fatal).
+    pub bad_keys: Vec<(String, BadKey)>,
 }
 
 /// Move the index aside, create a fresh one and fill it from the destinations.
@@ -64,9 +66,13 @@ pub async fn rebuild_index(config: &Config) -> anyhow::Result<Rebuilt> {
         let dest = Destination::open(cfg)?;
         let (mut held, mut unknown) = (0u64, 0u64);
         for root in &roots {
-            let (h, u) = rebuild_dest(&dest, &root.prefix, &pipeline, &index).await?;
+            let (h, u, bad) = rebuild_dest(&dest, &root.prefix, &pipeline, &index).await?;
             held += h;
             unknown += u;
+            for b in bad {
+                tracing::warn!(dest = %dest.name, key = %b.key, reason = %b.reason, "not recorded: a key object_store cannot address");
+                out.bad_keys.push((dest.name.clone(), b));
+            }
         }
         tracing::info!(dest = %dest.name, held, unknown, "index rebuilt from the destination");
         out.destinations.push((dest.name.clone(), held, unknown));
@@ -74,14 +80,16 @@ pub async fn rebuild_index(config: &Config) -> anyhow::Result<Rebuilt> {
     Ok(out)
 }
 
-/// Record the objects of `dest` under `prefix`. Returns (recorded, hash unknown).
+/// Record the objects of `dest` under `prefix`. Returns (recorded, hash unknown, keys
+/// object_store cannot address).
 async fn rebuild_dest(
     dest: &Destination,
     prefix: &str,
     pipeline: &Arc<Pipeline>,
     index: &Arc<Index>,
-) -> anyhow::Result<(u64, u64)> {
-    let (_, listed) = crate::restore::list_under(dest, prefix).await?;
+) -> anyhow::Result<(u64, u64, Vec<BadKey>)> {
+    let listing = dest.list_under(prefix).await?;
+    let (listed, bad_keys) = (listing.objects, listing.bad_keys);
     let base = if dest.base.is_empty() {
         String::new()
     } else {
@@ -117,7 +125,7 @@ async fn rebuild_dest(
     tokio::task::spawn_blocking(move || index.record_objects(&name, &rows))
         .await
         .context("index task failed")??;
-    Ok((held, unknown))
+    Ok((held, unknown, bad_keys))
 }
 
 /// The index row for one object, if its content hash can be read back.

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::TryStreamExt;
+use anyhow::Context;
+use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 use rusqlite::params;
 
 use crate::config::{Compression, Config};
@@ -435,10 +436,24 @@ pub fn render_html(r: &Report) -> String {
     )
 }
 
-/// What each node publishes about itself.
+/// The status object format this version writes (`format` in the JSON).
+pub const STATUS_FORMAT: u32 = 2;
+/// The largest status object `report --fleet` reads; larger ones are reported as unreadable.
+pub const STATUS_MAX_BYTES: u64 = 1 << 20;
+
+/// What each node publishes about itself: `_panoptic-sync/nodes/<node_id>.json`, a small wire
+/// format read by every other node's `report --fleet`, whatever its version.
+///
+/// Readers ignore fields they do not know and default the ones that are missing, so a field
+/// can be added without breaking a fleet running two versions; a change that older readers
+/// would misread takes a new `format` number. Format 1 (no `format` field, destinations as
+/// `[name, done, pending, failing, failed]` arrays) is still read.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct NodeStatus {
-    /// The node.
+    /// The format of this object (1 when absent: written before formats were numbered).
+    pub format: u32,
+    /// The node (when missing, the name of the object is used).
     pub node_id: String,
     /// panoptic-sync version.
     pub version: String,
@@ -448,8 +463,8 @@ pub struct NodeStatus {
     pub files: u64,
     /// Their bytes.
     pub bytes: u64,
-    /// Per destination: (name, done, pending, failing, failed permanently).
-    pub destinations: Vec<(String, u64, u64, u64, u64)>,
+    /// Per destination upload counts.
+    pub destinations: Vec<DestStatus>,
     /// Oldest pending upload, seconds.
     pub oldest_pending_secs: Option<u64>,
     /// The most recent error.
@@ -458,13 +473,90 @@ pub struct NodeStatus {
     pub success_rate: f64,
 }
 
+impl Default for NodeStatus {
+    fn default() -> Self {
+        NodeStatus {
+            format: 1,
+            node_id: String::new(),
+            version: String::new(),
+            last_seen: 0,
+            files: 0,
+            bytes: 0,
+            destinations: Vec::new(),
+            oldest_pending_secs: None,
+            last_error: None,
+            success_rate: 1.0,
+        }
+    }
+}
+
+/// One destination's upload counts in a [`NodeStatus`].
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "DestStatusWire")]
+pub struct DestStatus {
+    /// Destination name.
+    pub name: String,
+    /// Files stored.
+    pub done: u64,
+    /// Files waiting.
+    pub pending: u64,
+    /// Files failing (retried).
+    pub failing: u64,
+    /// Files failed permanently.
+    pub failed_permanently: u64,
+}
+
+/// What a destination entry may look like on the wire: named (format 2) or a format 1 array.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum DestStatusWire {
+    Named(DestStatusNamed),
+    V1(String, u64, u64, u64, u64),
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct DestStatusNamed {
+    name: String,
+    done: u64,
+    pending: u64,
+    failing: u64,
+    failed_permanently: u64,
+}
+
+impl From<DestStatusWire> for DestStatus {
+    fn from(w: DestStatusWire) -> DestStatus {
+        match w {
+            DestStatusWire::Named(n) => DestStatus {
+                name: n.name,
+                done: n.done,
+                pending: n.pending,
+                failing: n.failing,
+                failed_permanently: n.failed_permanently,
+            },
+            DestStatusWire::V1(name, done, pending, failing, failed_permanently) => DestStatus {
+                name,
+                done,
+                pending,
+                failing,
+                failed_permanently,
+            },
+        }
+    }
+}
+
 impl NodeStatus {
     /// This node's status from the index.
     pub fn from_status(config: &Config, s: &Status) -> NodeStatus {
         let (done, bad) = s.destinations.iter().fold((0u64, 0u64), |a, d| {
-            (a.0 + d.done, a.1 + d.failing + d.failed_permanently)
+            (
+                a.0.saturating_add(d.done),
+                a.1.saturating_add(d.failing)
+                    .saturating_add(d.failed_permanently),
+            )
         });
         NodeStatus {
+            format: STATUS_FORMAT,
             node_id: config.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             last_seen: now_secs(),
@@ -473,14 +565,12 @@ impl NodeStatus {
             destinations: s
                 .destinations
                 .iter()
-                .map(|d| {
-                    (
-                        d.name.clone(),
-                        d.done,
-                        d.pending,
-                        d.failing,
-                        d.failed_permanently,
-                    )
+                .map(|d| DestStatus {
+                    name: d.name.clone(),
+                    done: d.done,
+                    pending: d.pending,
+                    failing: d.failing,
+                    failed_permanently: d.failed_permanently,
                 })
                 .collect(),
             oldest_pending_secs: s
@@ -489,12 +579,26 @@ impl NodeStatus {
                 .filter_map(|d| d.oldest_pending_secs)
                 .max(),
             last_error: s.destinations.iter().find_map(|d| d.last_error.clone()),
-            success_rate: if done + bad == 0 {
+            success_rate: if done.saturating_add(bad) == 0 {
                 1.0
             } else {
-                done as f64 / (done + bad) as f64
+                done as f64 / (done as f64 + bad as f64)
             },
         }
+    }
+
+    /// Files pending over all destinations (saturating: the numbers come from another node).
+    pub fn pending(&self) -> u64 {
+        self.destinations
+            .iter()
+            .fold(0, |a, d| a.saturating_add(d.pending))
+    }
+
+    /// Files failing over all destinations (saturating).
+    pub fn failing(&self) -> u64 {
+        self.destinations
+            .iter()
+            .fold(0, |a, d| a.saturating_add(d.failing))
     }
 }
 
@@ -525,48 +629,128 @@ pub async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::
 /// Every node's status, read from the primary alone.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Fleet {
-    /// The nodes, with a stale flag.
-    pub nodes: Vec<(NodeStatus, bool)>,
-    /// Objects under `_panoptic-sync/nodes/` that could not be read.
-    pub unreadable: Vec<String>,
-    /// Fleet totals: files, bytes, pending, failing.
-    pub totals: (u64, u64, u64, u64),
+    /// The nodes, sorted by node id.
+    pub nodes: Vec<FleetNode>,
+    /// Objects under `_panoptic-sync/nodes/` that could not be read, each with the reason.
+    pub unreadable: Vec<Unreadable>,
+    /// Fleet totals.
+    pub totals: FleetTotals,
+}
+
+/// One node in the fleet view.
+#[derive(Debug, serde::Serialize)]
+pub struct FleetNode {
+    /// What the node published.
+    #[serde(flatten)]
+    pub status: NodeStatus,
+    /// Not seen for [`STALE_AFTER`].
+    pub stale: bool,
+}
+
+/// A status object that could not be read.
+#[derive(Debug, serde::Serialize)]
+pub struct Unreadable {
+    /// The object's key (control characters escaped).
+    pub key: String,
+    /// Why.
+    pub error: String,
+}
+
+/// Fleet totals. Every sum saturates: a node can publish any number.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FleetTotals {
+    /// Nodes read.
+    pub nodes: u64,
+    /// Indexed files.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Files pending.
+    pub pending: u64,
+    /// Files failing.
+    pub failing: u64,
+}
+
+/// Read one status object: never more than [`STATUS_MAX_BYTES`] (the object is streamed and
+/// the read stops past the cap), so a huge object costs no memory.
+async fn read_status(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result<NodeStatus> {
+    let too_big = || {
+        anyhow::anyhow!(
+            "larger than the {} bytes a status object may have; not read",
+            STATUS_MAX_BYTES
+        )
+    };
+    if meta.size > STATUS_MAX_BYTES {
+        return Err(too_big());
+    }
+    let mut stream = primary.store.get(&meta.location).await?.into_stream();
+    let mut buf = Vec::with_capacity(meta.size as usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if (buf.len() + chunk.len()) as u64 > STATUS_MAX_BYTES {
+            // Dropping the stream closes the connection: the rest is never downloaded.
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let mut status: NodeStatus = serde_json::from_slice(&buf).context("not a status object")?;
+    if status.node_id.is_empty() {
+        let name = meta.location.filename().unwrap_or_default();
+        status.node_id = name.strip_suffix(".json").unwrap_or(name).to_string();
+    }
+    Ok(status)
 }
 
 /// Read every node status object from the primary.
 pub async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
     let primary = destination::open_primary(config)?;
-    let prefix = nodes_path(&primary, None)?;
-    let metas: Vec<object_store::ObjectMeta> = primary
-        .store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("listing {prefix}: {}", destination::error_chain(&e)))?;
+    let listing = primary.list_under(NODES_PREFIX).await?;
     let mut fleet = Fleet::default();
+    for bad in listing.bad_keys {
+        fleet.unreadable.push(Unreadable {
+            key: bad.key,
+            error: bad.reason,
+        });
+    }
     let now = now_secs();
-    for meta in metas {
-        let read = async {
-            let bytes = primary.store.get(&meta.location).await?.bytes().await?;
-            anyhow::Ok(serde_json::from_slice::<NodeStatus>(&bytes)?)
-        };
-        match read.await {
-            Ok(n) => {
-                let stale = now.saturating_sub(n.last_seen) > STALE_AFTER.as_secs();
-                fleet.totals.0 += n.files;
-                fleet.totals.1 += n.bytes;
-                fleet.totals.2 += n.destinations.iter().map(|d| d.2).sum::<u64>();
-                fleet.totals.3 += n.destinations.iter().map(|d| d.3).sum::<u64>();
-                fleet.nodes.push((n, stale));
+    let reads: Vec<_> = futures::stream::iter(listing.objects)
+        .map(|meta| {
+            let primary = &primary;
+            async move {
+                let res = read_status(primary, &meta).await;
+                (meta, res)
             }
-            Err(e) => fleet.unreadable.push(format!("{}: {e:#}", meta.location)),
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for (meta, res) in reads {
+        match res {
+            Ok(n) => {
+                let t = &mut fleet.totals;
+                t.nodes = t.nodes.saturating_add(1);
+                t.files = t.files.saturating_add(n.files);
+                t.bytes = t.bytes.saturating_add(n.bytes);
+                t.pending = t.pending.saturating_add(n.pending());
+                t.failing = t.failing.saturating_add(n.failing());
+                let stale = now.saturating_sub(n.last_seen) > STALE_AFTER.as_secs();
+                fleet.nodes.push(FleetNode { status: n, stale });
+            }
+            Err(e) => fleet.unreadable.push(Unreadable {
+                key: destination::printable(meta.location.as_ref()),
+                error: destination::printable(&format!("{e:#}")),
+            }),
         }
     }
-    fleet.nodes.sort_by(|a, b| a.0.node_id.cmp(&b.0.node_id));
+    fleet
+        .nodes
+        .sort_by(|a, b| a.status.node_id.cmp(&b.status.node_id));
+    fleet.unreadable.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(fleet)
 }
 
-/// The fleet as text.
+/// The fleet as text. Every string from a status object has its control characters escaped:
+/// node ids and errors are written by other nodes, and must not drive the terminal.
 pub fn render_fleet(f: &Fleet) -> String {
     let mut o = String::new();
     let _ = writeln!(
@@ -575,17 +759,15 @@ pub fn render_fleet(f: &Fleet) -> String {
         "node", "files", "bytes", "pending", "failing", "success"
     );
     let now = now_secs();
-    for (n, stale) in &f.nodes {
-        let pending: u64 = n.destinations.iter().map(|d| d.2).sum();
-        let failing: u64 = n.destinations.iter().map(|d| d.3).sum();
+    for FleetNode { status: n, stale } in &f.nodes {
         let _ = writeln!(
             o,
             "{:<24} {:>8} {:>10} {:>8} {:>8} {:>7.1}%  {}",
-            n.node_id,
+            destination::printable(&n.node_id),
             n.files,
             human(n.bytes),
-            pending,
-            failing,
+            n.pending(),
+            n.failing(),
             n.success_rate * 100.0,
             if *stale {
                 format!(
@@ -597,17 +779,23 @@ pub fn render_fleet(f: &Fleet) -> String {
             }
         );
     }
+    let t = &f.totals;
     let _ = writeln!(
         o,
         "fleet: {} nodes, {} files, {}, {} pending, {} failing",
-        f.nodes.len(),
-        f.totals.0,
-        human(f.totals.1),
-        f.totals.2,
-        f.totals.3
+        t.nodes,
+        t.files,
+        human(t.bytes),
+        t.pending,
+        t.failing
     );
     for u in &f.unreadable {
-        let _ = writeln!(o, "unreadable status object: {u}");
+        let _ = writeln!(
+            o,
+            "unreadable status object: {}: {}",
+            destination::printable(&u.key),
+            destination::printable(&u.error)
+        );
     }
     o
 }

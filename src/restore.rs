@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
-use object_store::path::Path as ObjectPath;
+use futures::StreamExt;
 use object_store::{Attribute, GetResult, ObjectMeta, ObjectStoreExt};
 use tokio::sync::mpsc;
 
@@ -206,32 +205,6 @@ pub struct RestoreSummary {
     pub superseded: Vec<String>,
 }
 
-/// Every object of `dest` under `prefix` (relative to its base), with the full key listed
-/// under (objects' locations start with it).
-pub async fn list_under(
-    dest: &Destination,
-    prefix: &str,
-) -> anyhow::Result<(String, Vec<ObjectMeta>)> {
-    let prefix = prefix.trim_matches('/');
-    let list_key = match (dest.base.is_empty(), prefix.is_empty()) {
-        (true, true) => String::new(),
-        (true, false) => prefix.to_string(),
-        (false, true) => dest.base.clone(),
-        (false, false) => format!("{}/{prefix}", dest.base),
-    };
-    let list_path = (!list_key.is_empty())
-        .then(|| ObjectPath::parse(&list_key))
-        .transpose()
-        .with_context(|| format!("bad prefix {prefix:?}"))?;
-    let objects = dest
-        .store
-        .list(list_path.as_ref())
-        .try_collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("listing {}: {}", dest.url, destination::error_chain(&e)))?;
-    Ok((list_key, objects))
-}
-
 /// Restore every object under `prefix` of destination `from` into `to`.
 pub async fn restore(
     config: &Config,
@@ -246,9 +219,14 @@ pub async fn restore(
         .canonicalize()
         .with_context(|| format!("resolving {}", to.display()))?;
     let prefix = prefix.unwrap_or("").trim_matches('/').to_string();
-    let (list_key, objects) = list_under(&dest, &prefix).await?;
+    let listing = dest.list_under(&prefix).await?;
+    let (list_key, objects) = (listing.list_key, listing.objects);
 
     let mut summary = RestoreSummary::default();
+    // A key object_store cannot address fails alone; the rest of the prefix is restored.
+    for bad in listing.bad_keys {
+        summary.failed.push((bad.key, bad.reason));
+    }
     // Newest object per target file.
     let mut chosen: BTreeMap<PathBuf, ObjectMeta> = BTreeMap::new();
     for meta in objects {

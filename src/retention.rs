@@ -8,9 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
-use object_store::path::Path as ObjectPath;
 
 use crate::config::Config;
 use crate::destination::{self, Destination};
@@ -75,24 +73,17 @@ async fn prune_prefix(
     dry_run: bool,
     report: &mut PruneReport,
 ) -> anyhow::Result<()> {
-    let list_key = if dest.base.is_empty() {
-        prefix.to_string()
-    } else {
-        format!("{}/{prefix}", dest.base)
-    };
-    let list_path = ObjectPath::parse(&list_key)?;
-    let objects: Vec<object_store::ObjectMeta> = dest
-        .store
-        .list(Some(&list_path))
-        .try_collect()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "listing {list_key} in {:?}: {}",
-                dest.name,
-                destination::error_chain(&e)
-            )
-        })?;
+    let listing = dest.list_under(prefix).await.map_err(anyhow::Error::from)?;
+    // A key object_store cannot address cannot be deleted through it: it fails alone, named.
+    for bad in listing.bad_keys {
+        tracing::warn!(dest = %dest.name, key = %bad.key, reason = %bad.reason, "cannot prune");
+        report.failed.push((
+            dest.name.clone(),
+            bad.key,
+            format!("cannot delete: {}", bad.reason),
+        ));
+    }
+    let objects = listing.objects;
     for meta in objects {
         let modified = meta.last_modified.timestamp() as f64;
         let key = meta.location.to_string();

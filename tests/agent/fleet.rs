@@ -198,14 +198,286 @@ async fn reports_have_the_numbers_and_the_fleet_view_shows_every_node() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| n[0]["node_id"].as_str().unwrap())
+        .map(|n| n["node_id"].as_str().unwrap())
         .collect();
     assert_eq!(nodes, vec!["other-node", NODE]);
-    assert_eq!(f["totals"][0], 25);
+    assert_eq!(f["totals"]["files"], 25);
     let text = String::from_utf8_lossy(&a.cli(&["report", "--fleet"]).stdout).to_string();
     assert!(
         text.contains("other-node") && text.contains("fleet: 2 nodes"),
         "{text}"
+    );
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A status object written straight into the bucket, as another node (of any version) would.
+fn plant_status(env: &Env, name: &str, json: &str) {
+    shared_s3().put_raw(
+        &env.bucket,
+        &format!("base/_panoptic-sync/nodes/{name}"),
+        json.as_bytes(),
+    );
+}
+
+fn fleet_json(env: &Env) -> serde_json::Value {
+    let out = env.cli(&["report", "--fleet", "--json"]);
+    assert_ok(&out, "report --fleet --json");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fleet_node<'a>(f: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    f["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == id)
+        .unwrap_or_else(|| panic!("no node {id:?} in {f:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_objects_of_other_versions_read_each_other() {
+    let env = Env::new();
+    let now = now_secs();
+    // A newer node: a field this version does not know, at the top and in a destination.
+    plant_status(
+        &env,
+        "newer.json",
+        &format!(
+            r#"{{"format": 3, "node_id": "newer-node", "version": "9.0.0", "last_seen": {now},
+                "files": 5, "bytes": 50, "success_rate": 0.5, "gpu_temperature": {{"c": 71}},
+                "destinations": [{{"name": "primary", "done": 1, "pending": 2, "failing": 3,
+                                   "failed_permanently": 0, "queue_age": 9}}]}}"#
+        ),
+    );
+    // An older or smaller writer: optional fields missing.
+    plant_status(
+        &env,
+        "sparse.json",
+        &format!(r#"{{"format": 2, "node_id": "sparse-node", "last_seen": {now}, "files": 7}}"#),
+    );
+    // Format 1 (before this change): destinations as positional arrays, no `format`.
+    plant_status(
+        &env,
+        "v1.json",
+        &format!(
+            r#"{{"node_id": "v1-node", "version": "0.1.0", "last_seen": {now}, "files": 11,
+                "bytes": 110, "destinations": [["primary", 4, 1, 1, 0]],
+                "oldest_pending_secs": null, "last_error": null, "success_rate": 0.8}}"#
+        ),
+    );
+    // Totals never wrap, whatever a node publishes.
+    plant_status(
+        &env,
+        "huge-counts.json",
+        &format!(
+            r#"{{"format": 2, "node_id": "huge-counts", "last_seen": {now},
+                "files": {max}, "bytes": {max},
+                "destinations": [{{"name": "primary", "pending": {max}, "failing": {max}}}]}}"#,
+            max = u64::MAX
+        ),
+    );
+    let f = fleet_json(&env);
+    assert_eq!(f["unreadable"], serde_json::json!([]), "{f:#}");
+    let newer = fleet_node(&f, "newer-node");
+    assert_eq!(newer["files"], 5);
+    assert_eq!(newer["destinations"][0]["pending"], 2);
+    let sparse = fleet_node(&f, "sparse-node");
+    assert_eq!(sparse["files"], 7);
+    assert_eq!(sparse["bytes"], 0);
+    assert_eq!(sparse["destinations"], serde_json::json!([]));
+    let v1 = fleet_node(&f, "v1-node");
+    assert_eq!(v1["destinations"][0]["name"], "primary");
+    assert_eq!(v1["destinations"][0]["done"], 4);
+    assert_eq!(v1["destinations"][0]["failing"], 1);
+    assert_eq!(f["totals"]["nodes"], 4);
+    assert_eq!(f["totals"]["files"], u64::MAX);
+    assert_eq!(f["totals"]["pending"], u64::MAX);
+
+    // What this version writes is named and versioned.
+    assert_ok(&env.cli(&["sync"]), "sync");
+    let f = fleet_json(&env);
+    let me = fleet_node(&f, NODE);
+    assert_eq!(me["format"], 2);
+    assert!(me["destinations"][0]["name"].is_string(), "{me:#}");
+    let text = String::from_utf8_lossy(&env.cli(&["report", "--fleet"]).stdout).to_string();
+    assert!(text.contains("fleet: 5 nodes"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ids_with_terminal_escapes_are_shown_without_control_characters() {
+    let env = Env::new();
+    let evil = "evil\u{1b}]0;owned\u{7}\u{1b}[2J\u{1b}[31mnode\u{9b}1m";
+    plant_status(
+        &env,
+        "evil.json",
+        // Every field a format 1 reader needs, so any version shows this node.
+        &serde_json::json!({
+            "format": 2, "node_id": evil, "version": "0.1.0", "last_seen": now_secs(),
+            "files": 1, "bytes": 1, "destinations": [], "oldest_pending_secs": null,
+            "last_error": "boom\u{1b}[0m", "success_rate": 1.0,
+        })
+        .to_string(),
+    );
+    let out = env.cli(&["report", "--fleet"]);
+    assert_ok(&out, "report --fleet");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "control characters reach the terminal: {text:?}"
+    );
+    assert!(text.contains("evil\\u{1b}]0;owned"), "{text}");
+    // JSON output keeps the id exactly (JSON escapes it).
+    let f = fleet_json(&env);
+    assert_eq!(f["nodes"][0]["node_id"], evil);
+}
+
+/// Runs `panoptic-sync` with `args` and returns (exit status, stdout, peak RSS in KiB) of that
+/// child alone (wait4 reports the child's own ru_maxrss).
+fn run_measured(env: &Env, args: &[&str]) -> (i32, String, u64) {
+    let out_path = env.tmp.path().join("measured.out");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+        .arg("--config")
+        .arg(env.config_path())
+        .args(args)
+        .env("PANOPTIC_SYNC_LOG", "warn")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 reaps exactly this child, which std never waits for.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    std::mem::forget(child);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    (code, out, usage.ru_maxrss as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_status_object_is_reported_unreadable_without_being_read() {
+    let env = Env::new();
+    assert_ok(&env.cli(&["sync"]), "sync");
+    // 100 MB of valid JSON-looking bytes, planted as another node (or anyone with bucket write
+    // access) could.
+    let dir = shared_s3()
+        .root
+        .join(&env.bucket)
+        .join("base/_panoptic-sync/nodes");
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("huge.json")).unwrap());
+        f.write_all(br#"{"format": 2, "node_id": "huge", "pad": ""#)
+            .unwrap();
+        let block = vec![b'x'; 1 << 20];
+        for _ in 0..100 {
+            f.write_all(&block).unwrap();
+        }
+        f.write_all(b"\"}").unwrap();
+    }
+    let (code, out, max_rss_kib) = run_measured(&env, &["report", "--fleet"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(NODE), "{out}");
+    assert!(
+        out.contains("unreadable status object: base/_panoptic-sync/nodes/huge.json"),
+        "{out}"
+    );
+    assert!(
+        max_rss_kib < 64 * 1024,
+        "report --fleet peaked at {} MiB",
+        max_rss_kib / 1024
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_and_fleet() {
+    let mut env = Env::new();
+    for i in 0..4 {
+        env.write(&format!("run/{i}.log"), format!("genuine {i}").as_bytes());
+    }
+    assert_ok(&env.cli(&["sync"]), "sync");
+    // Keys with a control character, written straight into the bucket (s3s-fs keeps objects
+    // as files; a name with \x01 is a valid file name but not an object_store `Path`).
+    // s3s-fs cannot hold `//`, `.` or `..` segments: the file system folds them.
+    let bucket = shared_s3().root.join(&env.bucket);
+    let bad_object = bucket.join(format!("base/ci/{NODE}/run/bad\u{1}key.log"));
+    std::fs::write(&bad_object, b"planted").unwrap();
+    std::fs::write(
+        bucket.join("base/_panoptic-sync/nodes/bad\u{1}node.json"),
+        b"{}",
+    )
+    .unwrap();
+    let shown = "bad\\u{1}key.log";
+
+    // Restore: every genuine file, the crafted key named, exit 1.
+    let to = env.tmp.path().join("restored");
+    let out = env.cli(&[
+        "restore",
+        "--from",
+        "primary",
+        "--to",
+        to.to_str().unwrap(),
+        "--prefix",
+        &format!("ci/{NODE}"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(shown), "{err}");
+    assert!(!err.contains('\u{1}'), "{err:?}");
+    let restored = tree(&to);
+    assert_eq!(restored.len(), 4, "{:?}", restored.keys());
+    assert_eq!(restored["run/2.log"], b"genuine 2");
+
+    // Rebuild: every genuine object recorded, the crafted key named.
+    let out = env.cli(&["sync", "--rebuild-index"]);
+    assert_ok(&out, "sync --rebuild-index");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("primary: 4 objects recorded"), "{err}");
+    assert!(err.contains(shown), "{err}");
+
+    // Fleet: this node shown, the crafted status key named.
+    let out = env.cli(&["report", "--fleet"]);
+    assert_ok(&out, "report --fleet");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(NODE) && text.contains("fleet: 1 nodes"),
+        "{text}"
+    );
+    assert!(text.contains("bad\\u{1}node.json"), "{text}");
+
+    // Prune: every expired genuine object deleted, the crafted key named, exit 1.
+    env.tail = "[retention]\nremote_max_age = \"1s\"\n".into();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = env.cli(&["prune"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(shown), "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("8 objects deleted"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // (boto3 cannot parse a listing with a control character either: look at the files.)
+    let left: Vec<String> = tree(&bucket.join(format!("base/ci/{NODE}")))
+        .into_keys()
+        .collect();
+    assert_eq!(
+        left,
+        vec!["run/bad\u{1}key.log".to_string()],
+        "only the crafted object is left"
     );
 }
 
