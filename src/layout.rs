@@ -7,7 +7,7 @@
 //!   `.asis` appended, so a stored name without stage suffixes never ends in a stage suffix
 //!   and `x.gz` stored as-is (`x.gz.asis`) differs from `x` compressed (`x.gz`);
 //! - a name whose stored form would exceed [`MAX_STORED_NAME`] bytes is shortened to
-//!   `<first ~96 bytes>~<32 hex of SHA-256(name)>.long`; the full name travels inside the
+//!   `<first ~32 bytes>~<32 hex of SHA-256(name)>.long`; the full name travels inside the
 //!   object (the encrypted record, the `longname` metadata, or an extended attribute of a
 //!   `file://` object) and is checked against the hash when read.
 //!
@@ -28,7 +28,7 @@ const RESERVED: &[&str] = &[".gz", ".zst", ".enc", ESCAPE, LONG];
 /// names that stores add (object_store's `file://` staging appends `#<number>`).
 pub const MAX_STORED_NAME: usize = 200;
 /// Bytes of a long name kept readable in its shortened form.
-const LONG_KEEP: usize = 96;
+const LONG_KEEP: usize = 32;
 /// Name of the extended attribute holding a long name on a plain `file://` object.
 pub const LONGNAME_XATTR: &str = "user.panoptic-sync.longname";
 

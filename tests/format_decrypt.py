@@ -55,7 +55,7 @@ def decrypt(master: bytes, data: bytes, bound: str) -> bytes:
 
 def short_name(name: str) -> str:
     raw = name.encode()
-    cut = min(96, len(raw))
+    cut = min(32, len(raw))
     while cut < len(raw) and (raw[cut] & 0xC0) == 0x80:  # not a character boundary
         cut -= 1
     return raw[:cut].decode() + "~" + hashlib.sha256(raw).hexdigest()[:32] + ".long"

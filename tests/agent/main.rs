@@ -6,6 +6,7 @@ mod util;
 mod clouds;
 mod core;
 mod fleet;
+mod format;
 mod hostile;
 mod reliability;
 mod restore;
