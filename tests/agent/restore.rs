@@ -238,7 +238,10 @@ async fn gzip_objects_open_with_gunzip() {
             assert_eq!(std::fs::read(env.nas.join(&name)).unwrap(), original);
         }
     }
-    assert!(gz >= 31, "logs are compressed ({gz})");
+    // The 30 logs; short files whose gzip form is not smaller (the 27-byte accented one,
+    // the empty one) are stored as-is.
+    assert!(gz >= 30, "logs are compressed ({gz})");
+    assert!(tree(&env.nas).contains_key(&format!("ci/{NODE}/naïve résumé.txt")));
     assert!(tree(&env.nas).contains_key(&format!("ci/{NODE}/shots/s.png")));
     let to = env.tmp.path().join("restored");
     assert_ok(&restore(&env, "primary", &to), "restore");
