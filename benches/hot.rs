@@ -69,8 +69,10 @@ fn encode(pipeline: &Pipeline, plan: Plan, data: &[u8]) {
         size: data.len() as u64,
         mtime_ns: 0,
         sha256: String::new(),
+        ..Default::default()
     };
-    let mut out = pipeline::encoder(pipeline, plan, &meta, Box::new(Discard(0))).unwrap();
+    let mut out =
+        pipeline::encoder(pipeline, plan, &meta, "bench/x", Box::new(Discard(0))).unwrap();
     out.write_all(data).unwrap();
     out.finish().unwrap();
 }

@@ -86,6 +86,14 @@ pub enum Command {
         /// Only objects under this key prefix (relative to the destination's URL path).
         #[arg(long)]
         prefix: Option<String>,
+        /// With a key configured, also restore unencrypted objects (refused by default:
+        /// anyone who can write to the bucket can plant them).
+        #[arg(long)]
+        allow_plaintext: bool,
+        /// Write at most this much per file (e.g. "2GiB"); objects that decode to more fail.
+        /// Bounds objects without a recorded size (plain compressed objects in file://).
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
     },
     /// Check that every file the index says is uploaded is present with the expected size.
     Verify {
@@ -143,6 +151,11 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
     },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    crate::throttle::parse_rate(&format!("{s}/s"))
+        .map_err(|_| format!("bad size {s:?}: want a number and a unit, like \"2GiB\""))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -295,8 +308,18 @@ async fn dispatch(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Restore { from, to, prefix } => {
-            let s = crate::restore::restore(&config, &from, &to, prefix.as_deref()).await?;
+        Command::Restore {
+            from,
+            to,
+            prefix,
+            allow_plaintext,
+            max_size,
+        } => {
+            let opts = crate::restore::RestoreOptions {
+                allow_plaintext,
+                max_size,
+            };
+            let s = crate::restore::restore(&config, &from, &to, prefix.as_deref(), &opts).await?;
             for (key, e) in &s.failed {
                 eprintln!("failed: {key}: {e}");
             }

@@ -19,8 +19,10 @@ use sha2::{Digest, Sha256};
 
 /// First bytes of every encrypted object.
 pub const MAGIC: &[u8; 8] = b"PSYNCENC";
-/// Format version.
-pub const VERSION: u8 = 1;
+/// Format version written: 2 binds the object's key into the per-object key.
+pub const VERSION: u8 = 2;
+/// The first format version (no key binding), still read.
+pub const VERSION_1: u8 = 1;
 /// log2 of the plaintext chunk size written by this version (64 KiB).
 pub const CHUNK_LOG2: u8 = 16;
 /// Header length in bytes.
@@ -28,6 +30,7 @@ pub const HEADER_LEN: usize = 8 + 1 + 1 + 8 + 32 + 7;
 /// AES-GCM tag length.
 pub const TAG_LEN: usize = 16;
 const HKDF_INFO: &[u8] = b"panoptic-sync v1 object key";
+const HKDF_INFO_V2: &[u8] = b"panoptic-sync v2 object key";
 const KEY_ID_CONTEXT: &[u8] = b"panoptic-sync key id v1";
 
 /// Why a key or an object could not be used.
@@ -52,6 +55,12 @@ pub enum CryptoError {
         "authentication failed at chunk {0}: the object is damaged, truncated or was encrypted with another key"
     )]
     Auth(u64),
+    /// A version 2 object failed at its first chunk: most likely written for another key
+    /// (copied, moved or replayed there), or damaged.
+    #[error(
+        "authentication failed at chunk 0: the object was written under another key (copied, moved or replayed here) or is damaged"
+    )]
+    Misplaced,
 }
 
 /// A 256-bit master key and its public id.
@@ -148,13 +157,22 @@ impl MasterKey {
         hex::encode(self.key)
     }
 
-    fn object_cipher(&self, header: &[u8]) -> Aes256Gcm {
+    /// The per-object cipher. Version 2 headers bind `bound` (the object's key relative to
+    /// the destination base) into the derivation; version 1 headers bind nothing.
+    fn object_cipher(&self, header: &[u8], bound: &[u8]) -> Aes256Gcm {
         let salt = &header[18..50];
         let hk = Hkdf::<Sha256>::new(Some(salt), &self.key);
         let mut okm = [0u8; 32];
-        let mut info = Vec::with_capacity(HKDF_INFO.len() + header.len());
-        info.extend_from_slice(HKDF_INFO);
-        info.extend_from_slice(header);
+        let mut info = Vec::with_capacity(HKDF_INFO.len() + header.len() + 4 + bound.len());
+        if header[8] == VERSION_1 {
+            info.extend_from_slice(HKDF_INFO);
+            info.extend_from_slice(header);
+        } else {
+            info.extend_from_slice(HKDF_INFO_V2);
+            info.extend_from_slice(header);
+            info.extend_from_slice(&(bound.len() as u32).to_be_bytes());
+            info.extend_from_slice(bound);
+        }
         // 32 bytes is always a valid HKDF-SHA256 output length.
         let _ = hk.expand(&info, &mut okm);
         Aes256Gcm::new(&Key::<Aes256Gcm>::from(okm))
@@ -180,28 +198,30 @@ pub struct Encryptor<W: Write> {
 }
 
 impl<W: Write> Encryptor<W> {
-    /// Start an object with a random salt and nonce prefix; writes the header at once.
-    pub fn new(key: &MasterKey, inner: W) -> std::io::Result<Encryptor<W>> {
+    /// Start a version 2 object bound to `bound` (its key relative to the destination base)
+    /// with a random salt and nonce prefix; writes the header at once.
+    pub fn new(key: &MasterKey, bound: &str, inner: W) -> std::io::Result<Encryptor<W>> {
         let mut random = [0u8; 39];
         getrandom::fill(&mut random).map_err(std::io::Error::other)?;
         let mut salt = [0u8; 32];
         salt.copy_from_slice(&random[..32]);
         let mut prefix = [0u8; 7];
         prefix.copy_from_slice(&random[32..]);
-        Self::with_parameters(key, salt, prefix, inner)
+        Self::with_parameters(key, salt, prefix, Some(bound), inner)
     }
 
     /// Start an object with the given salt and nonce prefix (for test vectors only: reusing
-    /// them with the same key breaks confidentiality).
+    /// them with the same key breaks confidentiality). `bound: None` writes version 1.
     pub fn with_parameters(
         key: &MasterKey,
         salt: [u8; 32],
         prefix: [u8; 7],
+        bound: Option<&str>,
         mut inner: W,
     ) -> std::io::Result<Encryptor<W>> {
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(MAGIC);
-        header.push(VERSION);
+        header.push(if bound.is_some() { VERSION } else { VERSION_1 });
         header.push(CHUNK_LOG2);
         header.extend_from_slice(&key.id);
         header.extend_from_slice(&salt);
@@ -209,7 +229,7 @@ impl<W: Write> Encryptor<W> {
         inner.write_all(&header)?;
         let chunk = 1usize << CHUNK_LOG2;
         Ok(Encryptor {
-            cipher: key.object_cipher(&header),
+            cipher: key.object_cipher(&header, bound.unwrap_or("").as_bytes()),
             inner,
             prefix,
             counter: 0,
@@ -264,20 +284,31 @@ impl<W: Write> Write for Encryptor<W> {
 /// Streaming decryptor: push ciphertext in, get authenticated plaintext out.
 pub struct Decryptor {
     keys: Vec<MasterKey>,
+    bound: Vec<u8>,
+    version: u8,
     state: Option<(Aes256Gcm, [u8; 7], usize)>,
     counter: u32,
     buf: Vec<u8>,
 }
 
 impl Decryptor {
-    /// A decryptor that accepts objects written under any of `keys`.
-    pub fn new(keys: Vec<MasterKey>) -> Decryptor {
+    /// A decryptor that accepts objects written under any of `keys`, for an object stored
+    /// under the key `bound` (relative to the destination base; version 2 objects written for
+    /// another key fail).
+    pub fn new(keys: Vec<MasterKey>, bound: &str) -> Decryptor {
         Decryptor {
             keys,
+            bound: bound.as_bytes().to_vec(),
+            version: 0,
             state: None,
             counter: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// The container version, once the header has been read (0 before).
+    pub fn version(&self) -> u8 {
+        self.version
     }
 
     /// Whether `data` starts like one of our objects.
@@ -296,7 +327,7 @@ impl Decryptor {
         if &header[..8] != MAGIC {
             return Err(CryptoError::Format("bad magic".into()));
         }
-        if header[8] != VERSION {
+        if header[8] != VERSION && header[8] != VERSION_1 {
             return Err(CryptoError::Format(format!(
                 "unknown version {}",
                 header[8]
@@ -314,7 +345,12 @@ impl Decryptor {
             .ok_or_else(|| CryptoError::UnknownKey(hex::encode(id)))?;
         let mut prefix = [0u8; 7];
         prefix.copy_from_slice(&header[50..57]);
-        self.state = Some((key.object_cipher(&header), prefix, 1usize << log2));
+        self.state = Some((
+            key.object_cipher(&header, &self.bound),
+            prefix,
+            1usize << log2,
+        ));
+        self.version = header[8];
         Ok(true)
     }
 
@@ -325,7 +361,13 @@ impl Decryptor {
         let mut chunk: Vec<u8> = self.buf.drain(..len).collect();
         cipher
             .decrypt_in_place(&nonce(prefix, self.counter, last), b"", &mut chunk)
-            .map_err(|_| CryptoError::Auth(self.counter as u64))?;
+            .map_err(|_| {
+                if self.counter == 0 && self.version == VERSION {
+                    CryptoError::Misplaced
+                } else {
+                    CryptoError::Auth(self.counter as u64)
+                }
+            })?;
         out.extend_from_slice(&chunk);
         self.counter = self.counter.wrapping_add(1);
         Ok(())
@@ -360,9 +402,9 @@ impl Decryptor {
     }
 }
 
-/// Decrypt a whole object in memory (tests, fuzzing, small objects).
-pub fn decrypt_all(keys: Vec<MasterKey>, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let mut d = Decryptor::new(keys);
+/// Decrypt a whole object stored under `bound` in memory (tests, fuzzing, small objects).
+pub fn decrypt_all(keys: Vec<MasterKey>, bound: &str, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let mut d = Decryptor::new(keys, bound);
     let mut out = Vec::new();
     d.push(data, &mut out)?;
     d.finish(&mut out)?;
@@ -378,7 +420,7 @@ mod tests {
     }
 
     fn encrypt(k: &MasterKey, data: &[u8]) -> Vec<u8> {
-        let mut e = Encryptor::new(k, Vec::new()).unwrap();
+        let mut e = Encryptor::new(k, "k/x.enc", Vec::new()).unwrap();
         e.write_all(data).unwrap();
         e.finish().unwrap()
     }
@@ -394,7 +436,7 @@ mod tests {
                 HEADER_LEN + len + len.div_ceil(65536).max(1) * TAG_LEN
             );
             // Fed in odd pieces.
-            let mut d = Decryptor::new(vec![key(1), k.clone()]);
+            let mut d = Decryptor::new(vec![key(1), k.clone()], "k/x.enc");
             let mut out = Vec::new();
             for piece in ct.chunks(7777) {
                 d.push(piece, &mut out).unwrap();
@@ -413,32 +455,38 @@ mod tests {
         let mut flipped = ct.clone();
         flipped[HEADER_LEN + 100] ^= 1;
         assert!(matches!(
-            decrypt_all(vec![k.clone()], &flipped),
-            Err(CryptoError::Auth(0))
+            decrypt_all(vec![k.clone()], "k/x.enc", &flipped),
+            Err(CryptoError::Misplaced)
         ));
+        // Moved, copied or replayed under another key: the first chunk fails.
+        assert!(matches!(
+            decrypt_all(vec![k.clone()], "k/y.enc", &ct),
+            Err(CryptoError::Misplaced)
+        ));
+        assert_eq!(decrypt_all(vec![k.clone()], "k/x.enc", &ct).unwrap(), data);
         let mut header = ct.clone();
         header[20] ^= 1; // salt
-        assert!(decrypt_all(vec![k.clone()], &header).is_err());
+        assert!(decrypt_all(vec![k.clone()], "k/x.enc", &header).is_err());
         // Truncated at a chunk boundary: the new last chunk was not sealed as last.
         let cut = &ct[..HEADER_LEN + 2 * sealed];
         assert!(matches!(
-            decrypt_all(vec![k.clone()], cut),
+            decrypt_all(vec![k.clone()], "k/x.enc", cut),
             Err(CryptoError::Auth(1))
         ));
         let mut swapped = ct[..HEADER_LEN].to_vec();
         swapped.extend_from_slice(&ct[HEADER_LEN + sealed..HEADER_LEN + 2 * sealed]);
         swapped.extend_from_slice(&ct[HEADER_LEN..HEADER_LEN + sealed]);
         swapped.extend_from_slice(&ct[HEADER_LEN + 2 * sealed..]);
-        assert!(decrypt_all(vec![k.clone()], &swapped).is_err());
+        assert!(decrypt_all(vec![k.clone()], "k/x.enc", &swapped).is_err());
         let mut extended = ct.clone();
         extended.extend_from_slice(&[0u8; 40]);
-        assert!(decrypt_all(vec![k.clone()], &extended).is_err());
+        assert!(decrypt_all(vec![k.clone()], "k/x.enc", &extended).is_err());
         assert!(matches!(
-            decrypt_all(vec![key(3)], &ct),
+            decrypt_all(vec![key(3)], "k/x.enc", &ct),
             Err(CryptoError::UnknownKey(_))
         ));
         assert!(matches!(
-            decrypt_all(vec![k], b"plain text"),
+            decrypt_all(vec![k], "k/x.enc", b"plain text"),
             Err(CryptoError::Format(_))
         ));
     }
@@ -454,29 +502,42 @@ mod tests {
 mod vectors {
     use super::*;
 
-    /// The test vectors of docs/FORMAT.md.
-    pub fn vector(plaintext: &[u8]) -> Vec<u8> {
+    /// The test vectors of docs/FORMAT.md (`bound: None`: version 1).
+    pub fn vector(plaintext: &[u8], bound: Option<&str>) -> Vec<u8> {
         let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
         let salt: [u8; 32] = std::array::from_fn(|i| 0x20 + i as u8);
         let prefix: [u8; 7] = std::array::from_fn(|i| 0x40 + i as u8);
-        let mut e = Encryptor::with_parameters(&key, salt, prefix, Vec::new()).unwrap();
+        let mut e = Encryptor::with_parameters(&key, salt, prefix, bound, Vec::new()).unwrap();
         e.write_all(plaintext).unwrap();
         e.finish().unwrap()
     }
 
+    /// The key the version 2 vectors are bound to.
+    pub const BOUND: &str = "ci/runner-17/logs/run.txt.enc";
+
     #[test]
     fn format_md_vectors_hold() {
         let doc = include_str!("../docs/FORMAT.md");
-        let v1 = hex::encode(vector(b""));
-        let v2 = hex::encode(vector(b"panoptic-sync test vector\n"));
         let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
-        let v3 = hex::encode(Sha256::digest(vector(&big)));
-        for v in [&v1, &v2, &v3] {
-            assert!(doc.contains(v.as_str()), "docs/FORMAT.md lacks {v}");
+        for bound in [None, Some(BOUND)] {
+            let v1 = hex::encode(vector(b"", bound));
+            let v2 = hex::encode(vector(b"panoptic-sync test vector\n", bound));
+            let v3 = hex::encode(Sha256::digest(vector(&big, bound)));
+            for v in [&v1, &v2, &v3] {
+                assert!(
+                    doc.contains(v.as_str()),
+                    "docs/FORMAT.md lacks {v} ({bound:?})"
+                );
+            }
+            // And they decrypt.
+            let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
+            let pt = decrypt_all(
+                vec![key],
+                bound.unwrap_or("anything"),
+                &hex::decode(v2).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(pt, b"panoptic-sync test vector\n");
         }
-        // And they decrypt.
-        let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
-        let pt = decrypt_all(vec![key], &hex::decode(v2).unwrap()).unwrap();
-        assert_eq!(pt, b"panoptic-sync test vector\n");
     }
 }

@@ -3,10 +3,12 @@
 //! memory and run on blocking threads.
 //!
 //! Object keys carry one suffix per applied stage, in pipeline order: `.gz` or `.zst`, then
-//! `.enc`. Files that would not shrink (known compressed formats by extension, or a first
-//! block that compresses by less than 5%) are stored uncompressed. Encrypted objects carry a
-//! small metadata record (size, mtime, SHA-256, compression) inside the encryption, so a
-//! restore can verify and restore mtimes from the object and the key alone.
+//! `.enc` ([`crate::layout`] escapes names that already end like that). Files that would not
+//! shrink (known compressed formats by extension; small files whose compressed form is not
+//! smaller; larger ones whose first block compresses by less than 5%) are stored uncompressed.
+//! Encrypted objects carry a small metadata record (size, mtime, mode, SHA-256, logical key)
+//! inside the encryption, which is bound to the object's key, so a restore can verify and
+//! restore metadata from the object and the key alone.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -101,20 +103,63 @@ impl Pipeline {
         }
     }
 
-    /// Decide how to encode `path` given its first block.
+    /// Decide how to encode `path` given its first block (the whole file when shorter than
+    /// [`PROBE_BLOCK`]: then it is compressed only if the result is smaller).
     pub fn plan(&self, path: &Path, first: &[u8]) -> Plan {
         let compression = match self.compression {
             Compression::None => Compression::None,
-            c if !compresses(path, first) => {
-                let _ = c;
-                Compression::None
-            }
+            _ if !compresses(path, first) => Compression::None,
+            c if first.len() < PROBE_BLOCK && !self.shrinks(c, first) => Compression::None,
             c => c,
         };
         Plan {
             compression,
             encrypt: self.key.is_some(),
         }
+    }
+}
+
+impl Pipeline {
+    /// Whether the whole (small) file `data` compressed as configured is smaller than itself.
+    fn shrinks(&self, c: Compression, data: &[u8]) -> bool {
+        let out = Counter::default();
+        let Ok(mut w) = encoder(
+            self,
+            Plan {
+                compression: c,
+                encrypt: false,
+            },
+            &Meta::default(),
+            "",
+            Box::new(out.clone()),
+        ) else {
+            return false;
+        };
+        if w.write_all(data).and_then(|_| w.finish()).is_err() {
+            return false;
+        }
+        out.0.load(std::sync::atomic::Ordering::Relaxed) < data.len() as u64
+    }
+}
+
+/// A sink that only counts what is written to it.
+#[derive(Clone, Default)]
+struct Counter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Write for Counter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0
+            .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Finish for Counter {
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -145,6 +190,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Stored as-is: no compression, no encryption.
+    pub const STORED: Plan = Plan {
+        compression: Compression::None,
+        encrypt: false,
+    };
+
     /// The key suffix: `.gz`/`.zst`, then `.enc`.
     pub fn suffix(&self) -> String {
         let mut s = String::from(compression_suffix(self.compression));
@@ -154,26 +205,11 @@ impl Plan {
         s
     }
 
-    /// Read a plan back from an object key's suffixes; returns the key without them.
+    /// Read a plan back from an object key's suffixes; returns the logical key (see
+    /// [`crate::layout::parse`]: for a shortened long name, the shortened key).
     pub fn from_key(key: &str) -> (Plan, &str) {
-        let (encrypt, rest) = match key.strip_suffix(".enc") {
-            Some(r) => (true, r),
-            None => (false, key),
-        };
-        let (compression, rest) = if let Some(r) = rest.strip_suffix(".zst") {
-            (Compression::Zstd, r)
-        } else if let Some(r) = rest.strip_suffix(".gz") {
-            (Compression::Gzip, r)
-        } else {
-            (Compression::None, rest)
-        };
-        (
-            Plan {
-                compression,
-                encrypt,
-            },
-            rest,
-        )
+        let p = crate::layout::parse(key);
+        (p.plan, p.logical)
     }
 
     /// Content-Encoding for an unencrypted compressed object.
@@ -206,7 +242,7 @@ fn compression_suffix(c: Compression) -> &'static str {
 }
 
 /// What an encrypted object says about its original, inside the encryption.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Meta {
     /// Original size in bytes.
     pub size: u64,
@@ -214,6 +250,13 @@ pub struct Meta {
     pub mtime_ns: i64,
     /// SHA-256 of the original, hex.
     pub sha256: String,
+    /// Permission bits of the original (version 2 records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// The logical key (relative to the destination base), full even when the stored key
+    /// is shortened (version 2 records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// A writer stage that must be finished (flushing trailers) in order.
@@ -246,12 +289,14 @@ impl Finish for flate2::write::GzEncoder<Box<dyn Finish>> {
     }
 }
 
-/// Build the encoding chain for `plan` in front of `sink`; writes the metadata record first
-/// when encrypting.
+/// Build the encoding chain for `plan` in front of `sink`; when encrypting, binds the
+/// container to `stored_key` (the object's key relative to the destination base) and writes
+/// the metadata record first.
 pub fn encoder(
     pipeline: &Pipeline,
     plan: Plan,
     meta: &Meta,
+    stored_key: &str,
     sink: Box<dyn Finish>,
 ) -> io::Result<Box<dyn Finish>> {
     let mut out = sink;
@@ -260,7 +305,7 @@ pub fn encoder(
             .key
             .as_ref()
             .ok_or_else(|| io::Error::other("encryption planned without a key"))?;
-        let mut enc = Encryptor::new(key, out)?;
+        let mut enc = Encryptor::new(key, stored_key, out)?;
         let record = serde_json::to_vec(meta).map_err(io::Error::other)?;
         enc.write_all(&(record.len() as u32).to_be_bytes())?;
         enc.write_all(&record)?;
@@ -290,11 +335,11 @@ pub struct DecryptReader<R: Read> {
 }
 
 impl<R: Read> DecryptReader<R> {
-    /// Decrypt `inner` with any of `keys`.
-    pub fn new(inner: R, keys: Vec<MasterKey>) -> Self {
+    /// Decrypt `inner`, stored under `stored_key`, with any of `keys`.
+    pub fn new(inner: R, keys: Vec<MasterKey>, stored_key: &str) -> Self {
         DecryptReader {
             inner,
-            dec: Decryptor::new(keys),
+            dec: Decryptor::new(keys, stored_key),
             out: Vec::new(),
             pos: 0,
             done: false,
@@ -327,17 +372,19 @@ impl<R: Read> Read for DecryptReader<R> {
     }
 }
 
-/// Build the decoding chain for an object whose key says `plan`: returns the plaintext reader
-/// and, for encrypted objects, the metadata record.
+/// Build the decoding chain for an object stored under `stored_key` (relative to the
+/// destination base) whose key says `plan`: returns the plaintext reader and, for encrypted
+/// objects, the metadata record.
 pub fn decoder<'a, R: Read + 'a>(
     plan: Plan,
     keys: &[MasterKey],
+    stored_key: &str,
     inner: R,
 ) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
     let mut meta = None;
     let mut r: Box<dyn Read + 'a> = Box::new(inner);
     if plan.encrypt {
-        let mut d = DecryptReader::new(r, keys.to_vec());
+        let mut d = DecryptReader::new(r, keys.to_vec(), stored_key);
         let mut len = [0u8; 4];
         d.read_exact(&mut len)?;
         let len = u32::from_be_bytes(len) as usize;
@@ -439,8 +486,10 @@ mod tests {
             size: data.len() as u64,
             mtime_ns: 7,
             sha256: hex::encode(Sha256::digest(data)),
+            ..Default::default()
         };
-        let mut w = encoder(p, plan, &meta, Box::new(sink.clone())).unwrap();
+        let key = crate::layout::stored_key(name, plan);
+        let mut w = encoder(p, plan, &meta, &key, Box::new(sink.clone())).unwrap();
         w.write_all(data).unwrap();
         w.finish().unwrap();
         let out = sink.0.lock().unwrap().clone();
@@ -458,7 +507,7 @@ mod tests {
                 let key = format!("a.log{}", plan.suffix());
                 let (parsed, logical) = Plan::from_key(&key);
                 assert_eq!((parsed, logical), (plan, "a.log"));
-                let (mut r, meta) = decoder(parsed, &p.keys, &obj[..]).unwrap();
+                let (mut r, meta) = decoder(parsed, &p.keys, &key, &obj[..]).unwrap();
                 let mut out = Vec::new();
                 r.read_to_end(&mut out).unwrap();
                 assert_eq!(out, text, "{c:?} enc={enc}");
@@ -487,6 +536,13 @@ mod tests {
             encode(&p, "x.txt", &[b'a'; 10_000]).0.compression,
             Compression::Zstd
         );
+        // Output not smaller than the input: as-is, 0- and 1-byte files included.
+        for small in [&b""[..], b"x", b"abc", b"hello world"] {
+            for c in [Compression::Gzip, Compression::Zstd] {
+                let p = pipeline(c, false);
+                assert_eq!(encode(&p, "x.txt", small).0.compression, Compression::None);
+            }
+        }
     }
 
     #[test]
@@ -495,7 +551,7 @@ mod tests {
             let p = pipeline(c, false);
             let (plan, obj) = encode(&p, "a.log", &b"line of log\n".repeat(50_000));
             let cut = &obj[..obj.len() - 9];
-            let (mut r, _) = decoder(plan, &[], cut).unwrap();
+            let (mut r, _) = decoder(plan, &[], "a.log", cut).unwrap();
             let mut out = Vec::new();
             assert!(
                 r.read_to_end(&mut out).is_err(),

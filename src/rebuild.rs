@@ -154,8 +154,9 @@ async fn read_back(
             .await
             .with_context(|| format!("reading {}", meta.location))?;
         let key_id = bytes.get(10..18).map(|b| b.to_vec());
-        let (_, record) = pipeline::decoder(plan, &pipeline.keys, Cursor::new(bytes))
-            .with_context(|| format!("decrypting the metadata record of {}", meta.location))?;
+        let (_, record) =
+            pipeline::decoder(plan, &pipeline.keys, stored_key, Cursor::new(bytes))
+                .with_context(|| format!("decrypting the metadata record of {}", meta.location))?;
         let Some(record) = record else {
             return Ok(None);
         };

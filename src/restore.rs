@@ -4,9 +4,13 @@
 //! gone): it lists the destination, reads each object's pipeline from its key suffixes, and
 //! streams it through decrypt → decompress → hash into a temporary file beside the target,
 //! which is renamed into place once the content is verified. A bad object (wrong key,
-//! tampered, truncated, not our format) fails alone, named. Nothing is ever written outside the
-//! target directory: keys with `.`/`..`/empty segments are refused, and no directory on the
-//! way may be a symlink.
+//! tampered, truncated, moved from another key, not our format, decoding past its recorded
+//! size) fails alone, named; with a key configured, unencrypted objects are refused unless
+//! `--allow-plaintext`. Nothing is ever written outside the target directory: keys with
+//! `.`/`..`/empty segments are refused, and every directory and file is created relative to
+//! an open directory handle, never through a symlink (`mkdirat`, `openat` with `O_NOFOLLOW`,
+//! `renameat`), so swapping a directory for a symlink during the restore leads nowhere.
+//! Files are 0600 until complete, then get their recorded mode and mtime.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -23,7 +27,12 @@ use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
 use crate::destination::{self, Destination};
 use crate::index::Index;
+use crate::layout;
 use crate::pipeline::{self, Pipeline, Plan};
+use rustix::fd::OwnedFd;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use std::os::unix::fs::PermissionsExt;
 
 /// Keys under this prefix are the agent's own (status objects, probes), not artifacts.
 pub const INTERNAL_PREFIX: &str = "_panoptic-sync";
@@ -70,12 +79,27 @@ impl Read for ChannelReader {
     }
 }
 
-/// The original's metadata, from inside an encrypted object or from object attributes.
+/// How `restore` treats what the destination holds.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// With a key configured, restore unencrypted objects too (refused by default: anyone
+    /// who can write to the bucket can plant them).
+    pub allow_plaintext: bool,
+    /// Never write more than this many bytes for one object (bounds objects whose size is
+    /// not recorded, such as plain compressed objects in a `file://` store).
+    pub max_size: Option<u64>,
+}
+
+/// The original's metadata, from inside an encrypted object, from object attributes, or
+/// from the stored file of a `file://` store.
 #[derive(Debug, Default, Clone)]
 struct Expect {
     size: Option<u64>,
     sha256: Option<String>,
     mtime_ns: Option<i64>,
+    mode: Option<u32>,
+    /// The full last segment of a shortened long name.
+    long_name: Option<String>,
 }
 
 fn attr_expect(get: &GetResult) -> Expect {
@@ -85,9 +109,13 @@ fn attr_expect(get: &GetResult) -> Expect {
             .map(|v| v.as_ref().to_string())
     };
     Expect {
-        size: None,
+        size: meta("size").and_then(|v| v.parse().ok()),
         sha256: meta("sha256"),
         mtime_ns: meta("mtimens").and_then(|v| v.parse().ok()),
+        mode: meta("mode").and_then(|v| u32::from_str_radix(&v, 8).ok()),
+        long_name: meta("longname")
+            .and_then(|v| hex::decode(v).ok())
+            .and_then(|v| String::from_utf8(v).ok()),
     }
 }
 
@@ -113,85 +141,224 @@ fn download(get: GetResult) -> (ChannelReader, tokio::task::JoinHandle<()>) {
     )
 }
 
-/// Decode an object fully into `out`; returns SHA-256, length and the metadata found.
-fn decode_into(
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// An object being decoded: its plaintext reader and what it says about the original.
+struct Decoding<'a> {
+    reader: Box<dyn Read + 'a>,
+    expect: Expect,
+}
+
+/// Start decoding an object stored under `stored_key` (relative to the destination base):
+/// decrypt and read the metadata record, if any, which then replaces `expect`.
+fn start_decoding<'a>(
     plan: Plan,
     keys: &[MasterKey],
+    stored_key: &str,
     reader: ChannelReader,
-    out: &mut dyn Write,
     mut expect: Expect,
-) -> io::Result<([u8; 32], u64, Expect)> {
-    let (mut r, meta) = pipeline::decoder(plan, keys, reader)?;
+) -> io::Result<Decoding<'a>> {
+    let (r, meta) = pipeline::decoder(plan, keys, stored_key, reader)?;
     if let Some(m) = meta {
         expect = Expect {
             size: Some(m.size),
             sha256: Some(m.sha256),
             mtime_ns: Some(m.mtime_ns),
+            mode: m.mode,
+            long_name: m
+                .path
+                .as_deref()
+                .map(|p| p.rsplit('/').next().unwrap_or(p).to_string()),
         };
     }
-    let (sha, len) = pipeline::copy_hashed(&mut r, out)?;
-    if let Some(size) = expect.size
+    Ok(Decoding { reader: r, expect })
+}
+
+/// Copy the decoded content into `out`, never more than the recorded size or `max_size`;
+/// check length and SHA-256 against what the object recorded. Returns SHA-256 and length.
+fn finish_decoding(
+    d: &mut Decoding<'_>,
+    out: &mut dyn Write,
+    max_size: Option<u64>,
+) -> io::Result<([u8; 32], u64)> {
+    let limit = d.expect.size.into_iter().chain(max_size).min();
+    let (sha, len) = match limit {
+        Some(limit) => {
+            let got = pipeline::copy_hashed(&mut (&mut d.reader).take(limit), out)?;
+            let mut more = [0u8; 1];
+            if d.reader.read(&mut more)? > 0 {
+                let why = if d.expect.size == Some(limit) {
+                    "the size recorded with the object"
+                } else {
+                    "--max-size"
+                };
+                return Err(invalid(format!(
+                    "decodes to more than {limit} bytes ({why}); stopped there"
+                )));
+            }
+            got
+        }
+        None => pipeline::copy_hashed(&mut d.reader, out)?,
+    };
+    if let Some(size) = d.expect.size
         && size != len
     {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("decoded {len} bytes, the object says {size}"),
-        ));
+        return Err(invalid(format!(
+            "decoded {len} bytes, the object says {size}"
+        )));
     }
-    if let Some(want) = &expect.sha256
+    if let Some(want) = &d.expect.sha256
         && *want != hex::encode(sha)
     {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "content does not match the SHA-256 recorded with the object",
+        return Err(invalid(
+            "content does not match the SHA-256 recorded with the object".into(),
         ));
     }
-    Ok((sha, len, expect))
+    Ok((sha, len))
+}
+
+/// The path segments of an object key relative to the restore prefix, or why it is unsafe.
+fn segments(rel_key: &str) -> Result<Vec<&str>, String> {
+    let parts: Vec<&str> = rel_key.split('/').collect();
+    if rel_key.is_empty()
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0'))
+    {
+        return Err(format!(
+            "unsafe object key {rel_key:?}: empty, \".\" or \"..\" segments are refused"
+        ));
+    }
+    Ok(parts)
 }
 
 /// The path under `to` for an object key relative to the restore prefix, or why it is unsafe.
 pub fn safe_target(to: &Path, rel_key: &str) -> Result<PathBuf, String> {
     let mut out = to.to_path_buf();
-    let mut any = false;
-    for part in rel_key.split('/') {
-        if part.is_empty() || part == "." || part == ".." || part.contains('\0') {
-            return Err(format!(
-                "unsafe object key {rel_key:?}: empty, \".\" or \"..\" segments are refused"
-            ));
-        }
+    for part in segments(rel_key)? {
         out.push(part);
-        any = true;
     }
-    if !any || !out.starts_with(to) || out == to {
+    if !out.starts_with(to) || out == to {
         return Err(format!("unsafe object key {rel_key:?}"));
     }
     Ok(out)
 }
 
-/// Create the directories between `to` and `target`, refusing to pass through a symlink.
-fn make_dirs(to: &Path, target: &Path) -> io::Result<()> {
-    let parent = target.parent().unwrap_or(to);
-    let rel = parent.strip_prefix(to).map_err(io::Error::other)?;
-    let mut cur = to.to_path_buf();
-    for comp in rel.components() {
-        cur.push(comp);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
+/// Open (creating) the directories `dirs` below the directory handle `root`, each relative
+/// to the handle of its parent and never through a symlink, so that no rename or symlink
+/// swapped in during the restore can lead outside `root`.
+fn open_dirs(root: &OwnedFd, dirs: &[&str]) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let mut cur = rustix::fs::openat(root, ".", flags, Mode::empty())?;
+    for (i, dir) in dirs.iter().enumerate() {
+        match rustix::fs::mkdirat(&cur, *dir, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => {
                 return Err(io::Error::other(format!(
-                    "{} exists and is not a directory (symlinks are not followed)",
-                    cur.display()
+                    "creating directory {}: {e}",
+                    dirs[..=i].join("/")
                 )));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match std::fs::create_dir(&cur) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            },
-            Err(e) => return Err(e),
+        }
+        cur = rustix::fs::openat(&cur, *dir, flags, Mode::empty()).map_err(|e| {
+            let why = if e == Errno::LOOP || e == Errno::NOTDIR {
+                "exists and is not a directory (symlinks are not followed)".to_string()
+            } else {
+                e.to_string()
+            };
+            io::Error::other(format!("opening directory {}: {why}", dirs[..=i].join("/")))
+        })?;
+    }
+    Ok(cur)
+}
+
+/// A new temporary file in `dir` (a short name, exclusive, 0600, never through a symlink).
+fn create_temp(dir: &OwnedFd) -> io::Result<(String, std::fs::File)> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut last = Errno::EXIST;
+    for _ in 0..8 {
+        let name = format!(".psr-{:08x}", fastrand::u32(..));
+        match rustix::fs::openat(dir, name.as_str(), flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => return Ok((name, std::fs::File::from(fd))),
+            Err(Errno::EXIST) => last = Errno::EXIST,
+            Err(e) => {
+                last = e;
+                break;
+            }
         }
     }
-    Ok(())
+    Err(io::Error::other(format!(
+        "creating a temporary file: {last}"
+    )))
+}
+
+/// Decode one object into its file below `root`: temporary file, verify, mode and mtime,
+/// rename within the directory handle. Blocking.
+#[allow(clippy::too_many_arguments)]
+fn write_object(
+    root: &OwnedFd,
+    rel: &str,
+    long: bool,
+    plan: Plan,
+    keys: &[MasterKey],
+    stored_key: &str,
+    reader: ChannelReader,
+    expect: Expect,
+    fallback_mtime: std::time::SystemTime,
+    max_size: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut d = start_decoding(plan, keys, stored_key, reader, expect)?;
+    let parts = segments(rel).map_err(anyhow::Error::msg)?;
+    let (name, dirs) = parts.split_last().context("empty key")?;
+    let name = if long {
+        let full = d.expect.long_name.clone().ok_or_else(|| {
+            anyhow::anyhow!("the full name of this shortened key is not recorded with the object")
+        })?;
+        if !layout::long_name_matches(rel, &full) {
+            anyhow::bail!(
+                "the full name recorded with the object ({full:?}) does not match its key"
+            );
+        }
+        full
+    } else {
+        name.to_string()
+    };
+    let dir = open_dirs(root, dirs)?;
+    let (tmp, mut file) = create_temp(&dir)?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut w = io::BufWriter::with_capacity(256 * 1024, &mut file);
+        finish_decoding(&mut d, &mut w, max_size)?;
+        w.flush()?;
+        drop(w);
+        // Set-id and sticky bits are not taken from a bucket.
+        let mode = d.expect.mode.unwrap_or(0o644) & 0o777;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let mtime = match d.expect.mtime_ns {
+            Some(ns) if ns >= 0 => {
+                std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
+            }
+            _ => fallback_mtime,
+        };
+        file.set_modified(mtime)?;
+        file.sync_all()?;
+        rustix::fs::renameat(&dir, tmp.as_str(), &dir, name.as_str()).with_context(|| {
+            format!(
+                "renaming into {}",
+                dirs.iter()
+                    .chain([&name.as_str()])
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join("/")
+            )
+        })?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), rustix::fs::AtFlags::empty());
+    }
+    result
 }
 
 /// What `restore` did.
@@ -205,19 +372,41 @@ pub struct RestoreSummary {
     pub superseded: Vec<String>,
 }
 
+/// `key` relative to `base` (an object's key as bound into its encryption).
+fn relative_to<'a>(base: &str, key: &'a str) -> &'a str {
+    if base.is_empty() {
+        return key;
+    }
+    key.strip_prefix(base)
+        .and_then(|k| k.strip_prefix('/'))
+        .unwrap_or(key)
+}
+
 /// Restore every object under `prefix` of destination `from` into `to`.
 pub async fn restore(
     config: &Config,
     from: &str,
     to: &Path,
     prefix: Option<&str>,
+    opts: &RestoreOptions,
 ) -> anyhow::Result<RestoreSummary> {
     let dest = find_destination(config, from)?;
-    let keys = Arc::new(Pipeline::from_config(config)?.keys);
+    let pipeline = Pipeline::from_config(config)?;
+    let authenticated = pipeline.key.is_some();
+    let keys = Arc::new(pipeline.keys);
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     let to = to
         .canonicalize()
         .with_context(|| format!("resolving {}", to.display()))?;
+    let root = Arc::new(
+        rustix::fs::openat(
+            rustix::fs::CWD,
+            &to,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", to.display()))?,
+    );
     let prefix = prefix.unwrap_or("").trim_matches('/').to_string();
     let listing = dest.list_under(&prefix).await?;
     let (list_key, objects) = (listing.list_key, listing.objects);
@@ -227,8 +416,9 @@ pub async fn restore(
     for bad in listing.bad_keys {
         summary.failed.push((bad.key, bad.reason));
     }
-    // Newest object per target file.
-    let mut chosen: BTreeMap<PathBuf, ObjectMeta> = BTreeMap::new();
+    // Newest object per target file (logical key; for long names, the shortened one, which
+    // stands for exactly one full name).
+    let mut chosen: BTreeMap<String, ObjectMeta> = BTreeMap::new();
     for meta in objects {
         let key = meta.location.as_ref();
         let rel = key
@@ -238,14 +428,19 @@ pub async fn restore(
         if rel.starts_with(INTERNAL_PREFIX) || (prefix.is_empty() && rel.is_empty()) {
             continue;
         }
-        let (_, logical) = Plan::from_key(rel);
-        let target = match safe_target(&to, logical) {
-            Ok(t) => t,
-            Err(e) => {
-                summary.failed.push((key.to_string(), e));
-                continue;
-            }
-        };
+        let parsed = layout::parse(rel);
+        if authenticated && !parsed.plan.encrypt && !opts.allow_plaintext {
+            summary.failed.push((
+                key.to_string(),
+                "not encrypted although a key is configured: refused (anyone who can write to the bucket can plant such an object; restore --allow-plaintext restores it)".into(),
+            ));
+            continue;
+        }
+        if let Err(e) = segments(parsed.logical) {
+            summary.failed.push((key.to_string(), e));
+            continue;
+        }
+        let target = parsed.logical.to_string();
         match chosen.get(&target) {
             Some(existing) if existing.last_modified >= meta.last_modified => {
                 summary.superseded.push(key.to_string());
@@ -259,12 +454,11 @@ pub async fn restore(
     }
 
     let results: Vec<(String, anyhow::Result<()>)> = futures::stream::iter(chosen)
-        .map(|(target, meta)| {
-            let (dest, keys, to, list_key) =
-                (dest.clone(), keys.clone(), to.clone(), list_key.clone());
+        .map(|(rel, meta)| {
+            let (dest, keys, root, opts) = (dest.clone(), keys.clone(), root.clone(), opts.clone());
             async move {
                 let key = meta.location.to_string();
-                let res = restore_one(&dest, &keys, &to, &target, &meta, &list_key).await;
+                let res = restore_one(&dest, &keys, root, &rel, &meta, &opts).await;
                 (key, res)
             }
         })
@@ -283,63 +477,54 @@ pub async fn restore(
     Ok(summary)
 }
 
+/// Restore one object to `rel` (its logical key relative to the restore prefix).
 async fn restore_one(
     dest: &Destination,
     keys: &[MasterKey],
-    to: &Path,
-    target: &Path,
+    root: Arc<OwnedFd>,
+    rel: &str,
     meta: &ObjectMeta,
-    list_key: &str,
+    opts: &RestoreOptions,
 ) -> anyhow::Result<()> {
-    let key = meta.location.as_ref();
-    let rel = key
-        .strip_prefix(list_key)
-        .unwrap_or(key)
-        .trim_start_matches('/');
-    let (plan, _) = Plan::from_key(rel);
+    let stored_key = relative_to(&dest.base, meta.location.as_ref()).to_string();
+    let parsed = layout::parse(&stored_key);
+    let (plan, long) = (parsed.plan, parsed.long);
     let get = dest
         .store
         .get(&meta.location)
         .await
         .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
-    let expect = attr_expect(&get);
-    let fallback_mtime = meta.last_modified;
-    let (reader, feed) = download(get);
-    let (keys, to, target) = (keys.to_vec(), to.to_path_buf(), target.to_path_buf());
-    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        make_dirs(&to, &target)?;
-        let dir = target.parent().unwrap_or(&to);
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.restore-{:016x}", fastrand::u64(..)));
-        let result = (|| -> anyhow::Result<()> {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            let mut w = io::BufWriter::with_capacity(256 * 1024, &mut file);
-            let (_, _, expect) = decode_into(plan, &keys, reader, &mut w, expect)?;
-            w.flush()?;
-            drop(w);
-            let mtime = match expect.mtime_ns {
-                Some(ns) if ns >= 0 => {
-                    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
-                }
-                _ => fallback_mtime.into(),
-            };
-            file.set_modified(mtime)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &target)
-                .with_context(|| format!("renaming into {}", target.display()))?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    let mut expect = attr_expect(&get);
+    if !plan.encrypt
+        && let Some(file) = crate::filemeta::local_path(dest, &stored_key)
+    {
+        let m = tokio::task::spawn_blocking(move || crate::filemeta::read(&file))
+            .await
+            .context("metadata task failed")?
+            .context("reading the stored file's mode and mtime")?;
+        expect.mode = Some(m.mode);
+        expect.mtime_ns = Some(m.mtime_ns);
+        expect.long_name = m.long_name;
+        if plan.compression == crate::config::Compression::None {
+            expect.size = Some(meta.size);
         }
-        result
+    }
+    let fallback_mtime = meta.last_modified.into();
+    let (reader, feed) = download(get);
+    let (keys, rel, opts) = (keys.to_vec(), rel.to_string(), opts.clone());
+    let written = tokio::task::spawn_blocking(move || {
+        write_object(
+            &root,
+            &rel,
+            long,
+            plan,
+            &keys,
+            &stored_key,
+            reader,
+            expect,
+            fallback_mtime,
+            opts.max_size,
+        )
     })
     .await
     .context("restore task failed")?;
@@ -428,7 +613,7 @@ async fn check_object(
     if !deep {
         return Ok(());
     }
-    let (plan, _) = Plan::from_key(&row.stored_key);
+    let plan = layout::parse(&row.stored_key).plan;
     let get = dest
         .store
         .get(&path)
@@ -437,12 +622,16 @@ async fn check_object(
     let expect = Expect {
         size: Some(row.size),
         sha256: Some(hex::encode(row.sha256)),
-        mtime_ns: None,
+        ..Default::default()
     };
     let (reader, feed) = download(get);
-    let keys = keys.to_vec();
+    let (keys, stored_key) = (keys.to_vec(), row.stored_key.clone());
     let res = tokio::task::spawn_blocking(move || {
-        decode_into(plan, &keys, reader, &mut io::sink(), expect).map(|_| ())
+        let mut d = start_decoding(plan, &keys, &stored_key, reader, expect.clone())?;
+        // What the index knows wins over what the object says.
+        d.expect.size = expect.size;
+        d.expect.sha256 = expect.sha256;
+        finish_decoding(&mut d, &mut io::sink(), None).map(|_| ())
     })
     .await
     .map_err(|e| format!("verify task failed: {e}"))?;

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
 use crate::index::{Index, Job, ObjectRow, Outcome, Stat};
+use crate::layout;
 use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
 
@@ -94,7 +95,8 @@ enum Step {
 
 /// What flows from the reading thread to the uploading task.
 enum Msg {
-    Plan(Plan),
+    /// How the file is encoded, and its permission bits.
+    Plan(Plan, u32),
     Data(Bytes),
 }
 
@@ -147,6 +149,7 @@ impl Finish for ChunkSink {
 fn produce(
     roots: &[Root],
     path: &Path,
+    key: &str,
     stat: Stat,
     sha: [u8; 32],
     pipeline: &Pipeline,
@@ -173,7 +176,8 @@ fn produce(
     let n = read_full(&mut file, &mut first)?;
     first.truncate(n);
     let plan = pipeline.plan(path, &first);
-    tx.blocking_send(Msg::Plan(plan))
+    let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions()) & 0o7777;
+    tx.blocking_send(Msg::Plan(plan, mode))
         .map_err(|_| std::io::Error::other("upload cancelled"))?;
     // Small files (most of a CI tree) get a buffer of their size, not a whole part.
     let expected = (stat.size as usize)
@@ -188,8 +192,11 @@ fn produce(
         size: stat.size,
         mtime_ns: stat.mtime_ns,
         sha256: hex::encode(sha),
+        mode: Some(mode),
+        path: Some(key.to_string()),
     };
-    let mut out = pipeline::encoder(pipeline, plan, &record, Box::new(sink))?;
+    let stored_key = layout::stored_key(key, plan);
+    let mut out = pipeline::encoder(pipeline, plan, &record, &stored_key, Box::new(sink))?;
     // Hash and encode the whole file in one read: the probed first block, then the rest.
     let (digest, total) =
         pipeline::copy_hashed(&mut std::io::Cursor::new(first).chain(&mut file), &mut out)?;
@@ -422,9 +429,12 @@ impl Worker {
         elsewhere: Option<ObjectRow>,
     ) -> Result<Step, StoreError> {
         let identity = self.pipeline.identity();
+        // A row written before the layout rule escaped its name (`x.gz` stored as-is as
+        // `x.gz`) no longer matches its key: upload again (and delete the old object).
         if let Some(h) = &here
             && h.sha256 == job.sha256
             && h.pipeline == identity
+            && layout::stored_key(&h.key, layout::parse(&h.stored_key).plan) == h.stored_key
         {
             return Ok(Step::Done("skip", h.clone()));
         }
@@ -452,12 +462,16 @@ impl Worker {
         Ok(step)
     }
 
-    /// Server-side copy of an object holding the same content; `None` if the source is gone.
+    /// Server-side copy of an object holding the same content; `None` if the source is gone
+    /// or a copy cannot carry this file's own metadata (then the file is uploaded).
     async fn copy(&self, job: &Job, src: ObjectRow) -> Result<Option<Step>, StoreError> {
-        let suffix = src.stored_key.strip_prefix(src.key.as_str()).unwrap_or("");
-        let stored_key = format!("{}{suffix}", job.key);
+        let plan = layout::parse(&src.stored_key).plan;
+        let stored_key = layout::stored_key(&job.key, plan);
         let from = self.dest.path(&src.stored_key)?;
         let to = self.dest.path(&stored_key)?;
+        if !self.copy_keeps_metadata(job, plan, &src, &from).await {
+            return Ok(None);
+        }
         match self.dest.store.copy(&from, &to).await {
             Ok(()) => Ok(Some(Step::Done(
                 "copy",
@@ -481,9 +495,90 @@ impl Worker {
         }
     }
 
-    /// Content-Type, Content-Encoding and, for unencrypted objects only, the original's hash
-    /// and mtime (which `restore` checks and applies). Encrypted objects carry these inside.
-    fn attributes(&self, plan: Plan, job: &Job) -> Attributes {
+    /// A plain object in a `file://` store keeps the original's mode and mtime (and a long
+    /// name) on the stored file itself.
+    async fn keep_local_meta(
+        &self,
+        plan: Plan,
+        job: &Job,
+        mode: u32,
+        stored_key: &str,
+    ) -> Result<(), StoreError> {
+        if plan.encrypt {
+            return Ok(());
+        }
+        let Some(file) = crate::filemeta::local_path(&self.dest, stored_key) else {
+            return Ok(());
+        };
+        let long_name = layout::parse(stored_key)
+            .long
+            .then(|| job.key.rsplit('/').next().unwrap_or(&job.key).to_string());
+        let meta = crate::filemeta::FileMeta {
+            mode,
+            mtime_ns: job.stat.mtime_ns,
+            long_name,
+        };
+        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &meta))
+            .await
+            .map_err(|e| StoreError::Retryable(format!("metadata task failed: {e}")))?
+            .map_err(|e| {
+                StoreError::Permanent(format!(
+                    "setting mode and mtime on {stored_key} in {}: {e}",
+                    self.dest.name
+                ))
+            })
+    }
+
+    /// Whether a copy of `src` would restore with this file's own metadata. An encrypted
+    /// object is bound to its key, so it can never be copied; a copy keeps the source's
+    /// metadata (S3, GCS, Azure) or is a hard link to it (`file://`), so a plain object is
+    /// copied only when mtime and mode are the same and neither name is shortened.
+    async fn copy_keeps_metadata(
+        &self,
+        job: &Job,
+        plan: Plan,
+        src: &ObjectRow,
+        from: &object_store::path::Path,
+    ) -> bool {
+        if plan.encrypt
+            || layout::parse(&src.stored_key).long
+            || layout::parse(&layout::stored_key(&job.key, plan)).long
+        {
+            return false;
+        }
+        // Looked at through the root's handle, like every access to the tree.
+        let Some(root) = crate::scan::root_of(&self.roots, &job.path).map(|i| &self.roots[i])
+        else {
+            return false;
+        };
+        let Ok(meta) = root.open_file(&job.path).and_then(|(f, _)| f.metadata()) else {
+            return false;
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+        if let Some(file) = crate::filemeta::local_path(&self.dest, &src.stored_key) {
+            let stored = crate::filemeta::read(&file);
+            return stored.is_ok_and(|m| m.mode == mode && m.mtime_ns == job.stat.mtime_ns);
+        }
+        let opts = object_store::GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let Ok(got) = self.dest.store.get_opts(from, opts).await else {
+            return false;
+        };
+        let attr = |k: &'static str| {
+            got.attributes
+                .get(&Attribute::Metadata(k.into()))
+                .map(|v| v.to_string())
+        };
+        attr("mtimens") == Some(job.stat.mtime_ns.to_string())
+            && attr("mode") == Some(format!("{mode:o}"))
+    }
+
+    /// Content-Type, Content-Encoding and, for unencrypted objects only, the original's hash,
+    /// size, mtime, mode and (when shortened) full name, which `restore` checks and applies.
+    /// Encrypted objects carry these inside.
+    fn attributes(&self, plan: Plan, job: &Job, mode: u32) -> Attributes {
         let mut attrs = Attributes::new();
         if self.dest.supports_attributes {
             attrs.insert(Attribute::ContentType, plan.content_type(&job.path).into());
@@ -499,6 +594,22 @@ impl Worker {
                     Attribute::Metadata("mtimens".into()),
                     job.stat.mtime_ns.to_string().into(),
                 );
+                attrs.insert(
+                    Attribute::Metadata("mode".into()),
+                    format!("{mode:o}").into(),
+                );
+                attrs.insert(
+                    Attribute::Metadata("size".into()),
+                    job.stat.size.to_string().into(),
+                );
+                if layout::parse(&layout::stored_key(&job.key, plan)).long {
+                    // Header values are ASCII: the name as hex.
+                    let name = job.key.rsplit('/').next().unwrap_or(&job.key);
+                    attrs.insert(
+                        Attribute::Metadata("longname".into()),
+                        hex::encode(name).into(),
+                    );
+                }
             }
         }
         attrs
@@ -525,15 +636,17 @@ impl Worker {
     /// Read the file once through the pipeline and stream it to the store.
     async fn upload(&self, job: &Job, identity: &str) -> Result<Step, StoreError> {
         let (tx, mut rx) = mpsc::channel::<Msg>(1);
-        let (path, stat, sha, pipeline, roots) = (
+        let (path, key, stat, sha, pipeline, roots) = (
             job.path.clone(),
+            job.key.clone(),
             job.stat,
             job.sha256,
             self.pipeline.clone(),
             self.roots.clone(),
         );
-        let producer =
-            tokio::task::spawn_blocking(move || produce(&roots, &path, stat, sha, &pipeline, tx));
+        let producer = tokio::task::spawn_blocking(move || {
+            produce(&roots, &path, &key, stat, sha, &pipeline, tx)
+        });
         let finish_producer = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res
         {
             Ok(Ok(unchanged)) => Ok(unchanged),
@@ -541,7 +654,7 @@ impl Worker {
             Ok(Err(e)) => Err(read_error(job, e)),
             Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
         };
-        let Some(Msg::Plan(plan)) = rx.recv().await else {
+        let Some(Msg::Plan(plan, mode)) = rx.recv().await else {
             drop(rx);
             return match finish_producer(producer.await)? {
                 false => Ok(Step::Changed),
@@ -551,10 +664,10 @@ impl Worker {
                 ))),
             };
         };
-        let stored_key = format!("{}{}", job.key, plan.suffix());
+        let stored_key = layout::stored_key(&job.key, plan);
         let location = self.dest.path(&stored_key)?;
         let ctx = || format!("uploading {location} to {}", self.dest.name);
-        let attributes = self.attributes(plan, job);
+        let attributes = self.attributes(plan, job, mode);
         let first = match rx.recv().await {
             Some(Msg::Data(b)) => b,
             _ => {
@@ -584,6 +697,7 @@ impl Worker {
                 self.put_single(&location, PutPayload::from_bytes(first), attributes)
                     .await
                     .map_err(|e| StoreError::classify(ctx(), &e))?;
+                self.keep_local_meta(plan, job, mode, &stored_key).await?;
                 return Ok(Step::Done("upload", row(stored_size)));
             }
         };
@@ -604,6 +718,7 @@ impl Worker {
                 )
                 .await
                 .map_err(|e| StoreError::classify(ctx(), &e))?;
+                self.keep_local_meta(plan, job, mode, &stored_key).await?;
                 return Ok(Step::Done("upload", row(stored_size)));
             }
         };
@@ -647,6 +762,7 @@ impl Worker {
                     .await
                     .map_err(|e| StoreError::classify(ctx(), &e))?;
                 self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
+                self.keep_local_meta(plan, job, mode, &stored_key).await?;
                 Ok(Step::Done("upload", row(stored_size)))
             }
             (sent, unchanged) => {

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """An independent decoder of panoptic-sync objects, written from docs/FORMAT.md only.
 
-usage: format_decrypt.py KEYFILE OBJECT_KEY < object > original
-Decrypts (for .enc) and decompresses (.gz/.zst, via the gzip module and the `zstd` tool),
-checks the metadata record, and writes the original to stdout. Exit 1 on any failure."""
+usage: format_decrypt.py KEYFILE OBJECT_KEY [NAME_OUT] < object > original
+OBJECT_KEY is the object's key relative to the destination's URL path (version 2 containers
+are bound to it). Decrypts (for .enc, versions 1 and 2) and decompresses (.gz/.zst, via the
+gzip module and the `zstd` tool), checks the metadata record, and writes the original to
+stdout; with NAME_OUT, also writes the logical key recovered by the layout rule there.
+Exit 1 on any failure."""
 import gzip
 import hashlib
 import json
@@ -16,10 +19,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 
-def decrypt(master: bytes, data: bytes) -> bytes:
+def decrypt(master: bytes, data: bytes, bound: str) -> bytes:
     header = data[:57]
-    if len(header) < 57 or header[:8] != b"PSYNCENC" or header[8] != 1:
-        raise ValueError("not a version 1 container")
+    if len(header) < 57 or header[:8] != b"PSYNCENC" or header[8] not in (1, 2):
+        raise ValueError("not a version 1 or 2 container")
     log2 = header[9]
     if not 10 <= log2 <= 24:
         raise ValueError("bad chunk size")
@@ -27,8 +30,12 @@ def decrypt(master: bytes, data: bytes) -> bytes:
     if header[10:18] != key_id:
         raise ValueError("encrypted under another key")
     salt, prefix = header[18:50], header[50:57]
-    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt,
-             info=b"panoptic-sync v1 object key" + header).derive(master)
+    if header[8] == 1:
+        info = b"panoptic-sync v1 object key" + header
+    else:
+        b = bound.encode()
+        info = b"panoptic-sync v2 object key" + header + struct.pack(">I", len(b)) + b
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(master)
     aes = AESGCM(k)
     sealed = (1 << log2) + 16
     body = data[57:]
@@ -46,25 +53,51 @@ def decrypt(master: bytes, data: bytes) -> bytes:
         i += 1
 
 
+def short_name(name: str) -> str:
+    raw = name.encode()
+    cut = min(32, len(raw))
+    while cut < len(raw) and (raw[cut] & 0xC0) == 0x80:  # not a character boundary
+        cut -= 1
+    return raw[:cut].decode() + "~" + hashlib.sha256(raw).hexdigest()[:32] + ".long"
+
+
 def main() -> int:
     keyfile, key = sys.argv[1], sys.argv[2]
+    bound = key
     data = sys.stdin.buffer.read()
     record = None
     if key.endswith(".enc"):
         master = bytes.fromhex("".join(open(keyfile).read().split()))
-        plain = decrypt(master, data)
+        plain = decrypt(master, data, bound)
         (n,) = struct.unpack(">I", plain[:4])
         record = json.loads(plain[4:4 + n])
         data = plain[4 + n:]
         key = key[:-4]
     if key.endswith(".gz"):
         data = gzip.decompress(data)
+        key = key[:-3]
     elif key.endswith(".zst"):
         data = subprocess.run(["zstd", "-d", "-c", "-q"], input=data, check=True,
                               capture_output=True).stdout
+        key = key[:-4]
     if record is not None:
         if record["size"] != len(data) or record["sha256"] != hashlib.sha256(data).hexdigest():
             raise ValueError("content does not match the metadata record")
+    # The layout rule: a shortened long name (full name in the record), or an escape.
+    if key.endswith(".long"):
+        if record is None or "path" not in record:
+            raise ValueError("a shortened name without its full name")
+        full = record["path"].rsplit("/", 1)[-1]
+        if short_name(full) != key.rsplit("/", 1)[-1]:
+            raise ValueError("the full name does not match the key")
+        key = key.rsplit("/", 1)[0] + "/" + full if "/" in key else full
+    elif key.endswith(".asis"):
+        key = key[:-5]
+    if record is not None and "path" in record and record["path"] != key:
+        raise ValueError(f"the record names {record['path']!r}, the key {key!r}")
+    if len(sys.argv) > 3:
+        with open(sys.argv[3], "w", encoding="utf-8") as f:
+            f.write(key)
     sys.stdout.buffer.write(data)
     return 0
 

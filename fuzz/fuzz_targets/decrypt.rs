@@ -12,7 +12,7 @@ use panoptic_sync::pipeline::{self, Plan};
 fuzz_target!(|data: &[u8]| {
     let key = MasterKey::from_bytes([7; 32]);
     // 1. Arbitrary ciphertext, fed in arbitrary pieces.
-    let mut d = Decryptor::new(vec![key.clone()]);
+    let mut d = Decryptor::new(vec![key.clone()], "x.zst.enc");
     let mut out = Vec::new();
     let split = data.first().map(|b| *b as usize + 1).unwrap_or(1);
     let mut ok = true;
@@ -27,19 +27,19 @@ fuzz_target!(|data: &[u8]| {
     }
     // 2. The whole decode chain (decrypt, metadata record, zstd) on arbitrary bytes.
     let plan = Plan::from_key("x.zst.enc").0;
-    if let Ok((mut r, _)) = pipeline::decoder(plan, std::slice::from_ref(&key), data) {
+    if let Ok((mut r, _)) = pipeline::decoder(plan, std::slice::from_ref(&key), "x.zst.enc", data) {
         let mut sink = Vec::new();
         let _ = r.read_to_end(&mut sink);
     }
     // 3. Round trip of the data as plaintext, with one byte flipped when there is one.
-    let mut e = Encryptor::new(&key, Vec::new()).unwrap();
+    let mut e = Encryptor::new(&key, "x.enc", Vec::new()).unwrap();
     e.write_all(data).unwrap();
     let mut sealed = e.finish().unwrap();
     assert_eq!(
-        panoptic_sync::crypto::decrypt_all(vec![key.clone()], &sealed).unwrap(),
+        panoptic_sync::crypto::decrypt_all(vec![key.clone()], "x.enc", &sealed).unwrap(),
         data
     );
     let i = data.len() % sealed.len();
     sealed[i] ^= 1;
-    assert!(panoptic_sync::crypto::decrypt_all(vec![key], &sealed).is_err());
+    assert!(panoptic_sync::crypto::decrypt_all(vec![key], "x.enc", &sealed).is_err());
 });

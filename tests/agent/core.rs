@@ -50,11 +50,15 @@ pub async fn write_ci_job(env: &Env, tag: &str) {
         let mut big = vec![0u8; 30 * 1024 * 1024];
         fastrand::fill(&mut big);
         std::fs::write(watch.join(format!("{tag}/core.dump")), &big).unwrap();
-        // Duplicates in several directories.
+        // Duplicates in several directories, with equal mtimes (a copy can carry them).
         for i in 0..15 {
             let d = watch.join(format!("{tag}/shards/{i}"));
             std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("screenshot.png"), b"same bytes in every shard").unwrap();
+            write_preserved(
+                &d.join("screenshot.png"),
+                b"same bytes in every shard",
+                1_700_000_000,
+            );
         }
         // Deep new directories, files written the moment they exist.
         let mut deep = watch.join(&tag);

@@ -7,6 +7,7 @@ mod clouds;
 mod confined;
 mod core;
 mod fleet;
+mod format;
 mod hostile;
 mod reliability;
 mod restore;

@@ -78,10 +78,11 @@ async fn encrypted_objects_are_ciphertext_and_restore_byte_identical_from_every_
     // An independent decoder written from docs/FORMAT.md reads every S3 object.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/format_decrypt.py");
     for (name, data) in tree(&dump) {
+        let bound = name.strip_prefix("base/").unwrap();
         let out = Command::new("python3")
             .arg(&script)
             .arg(&key)
-            .arg(&name)
+            .arg(bound)
             .stdin(std::fs::File::open(dump.join(&name)).unwrap())
             .output()
             .unwrap();
@@ -237,7 +238,10 @@ async fn gzip_objects_open_with_gunzip() {
             assert_eq!(std::fs::read(env.nas.join(&name)).unwrap(), original);
         }
     }
-    assert!(gz >= 31, "logs are compressed ({gz})");
+    // The 30 logs; short files whose gzip form is not smaller (the 27-byte accented one,
+    // the empty one) are stored as-is.
+    assert!(gz >= 30, "logs are compressed ({gz})");
+    assert!(tree(&env.nas).contains_key(&format!("ci/{NODE}/naïve résumé.txt")));
     assert!(tree(&env.nas).contains_key(&format!("ci/{NODE}/shots/s.png")));
     let to = env.tmp.path().join("restored");
     assert_ok(&restore(&env, "primary", &to), "restore");

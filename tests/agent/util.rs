@@ -388,6 +388,21 @@ url = "file://{nas}"
     }
 }
 
+/// Write `data` to `path` with mtime `secs` (since the epoch), atomically (a `.tmp` name, which
+/// the tests' watches exclude, then a rename), as `cp -p` or an artifact cache leaves copies:
+/// duplicates written like this have equal metadata, so they may become server-side copies.
+pub fn write_preserved(path: &Path, data: &[u8], secs: u64) {
+    let tmp = path.with_extension("dup.tmp");
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Every file under `dir`: relative path → contents.
 pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();

@@ -1,0 +1,78 @@
+//! Per-file metadata of plain objects in `file://` stores, kept on the stored file itself (as
+//! rclone's local backend does; no sidecar objects): its mode and mtime are the original's,
+//! and a shortened long name ([`crate::layout`]) keeps the full name in an extended attribute.
+//! Encrypted objects keep all of this inside the encryption instead.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use object_store::local::LocalFileSystem;
+
+use crate::destination::Destination;
+use crate::layout::LONGNAME_XATTR;
+
+/// The file holding `stored_key` when `dest` is a `file://` store.
+pub fn local_path(dest: &Destination, stored_key: &str) -> Option<PathBuf> {
+    let url = url::Url::parse(&dest.url).ok()?;
+    if url.scheme() != "file" {
+        return None;
+    }
+    let dir = url.to_file_path().ok()?;
+    let fs = LocalFileSystem::new_with_prefix(&dir).ok()?;
+    let location = dest.path(stored_key).ok()?;
+    fs.path_to_filesystem(&location).ok()
+}
+
+/// What a stored file says about its original.
+#[derive(Debug, Clone, Default)]
+pub struct FileMeta {
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// The full last segment of a shortened long name.
+    pub long_name: Option<String>,
+}
+
+/// Give the stored file at `path` the original's mode and mtime (and long name).
+pub fn apply(path: &Path, meta: &FileMeta) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    if let Some(name) = &meta.long_name {
+        rustix::fs::fsetxattr(
+            &file,
+            LONGNAME_XATTR,
+            name.as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot keep the full name of {} in an extended attribute (the name is too long to store as is): {e}",
+                path.display()
+            ))
+        })?;
+    }
+    let mtime = if meta.mtime_ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(meta.mtime_ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(meta.mtime_ns.unsigned_abs())
+    };
+    file.set_modified(mtime)?;
+    file.set_permissions(std::fs::Permissions::from_mode(meta.mode & 0o7777))
+}
+
+/// Read back what [`apply`] recorded on the stored file at `path`.
+pub fn read(path: &Path) -> std::io::Result<FileMeta> {
+    let file = std::fs::File::open(path)?;
+    let m = file.metadata()?;
+    let mut buf = vec![0u8; 1024];
+    let long_name = match rustix::fs::fgetxattr(&file, LONGNAME_XATTR, &mut buf) {
+        Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(_) => None,
+    };
+    Ok(FileMeta {
+        mode: m.mode() & 0o7777,
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        long_name,
+    })
+}

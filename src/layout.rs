@@ -1,0 +1,189 @@
+//! The object key layout: how a file's logical key (its path under the destination base,
+//! `<watch prefix>/<relative path>`) becomes a stored key, and back, injectively.
+//!
+//! The stored key is the logical key with its last segment *escaped*, then one suffix per
+//! applied stage (`.gz`/`.zst`, then `.enc`). Escaping makes the map one-to-one:
+//! - a name ending in a reserved ending (`.gz`, `.zst`, `.enc`, `.asis`, `.long`) gets
+//!   `.asis` appended, so a stored name without stage suffixes never ends in a stage suffix
+//!   and `x.gz` stored as-is (`x.gz.asis`) differs from `x` compressed (`x.gz`);
+//! - a name whose stored form would exceed [`MAX_STORED_NAME`] bytes is shortened to
+//!   `<first ~32 bytes>~<32 hex of SHA-256(name)>.long`; the full name travels inside the
+//!   object (the encrypted record, the `longname` metadata, or an extended attribute of a
+//!   `file://` object) and is checked against the hash when read.
+//!
+//! Every other name is stored unchanged, so objects written before this rule keep their keys.
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Compression;
+use crate::pipeline::Plan;
+
+/// Appended to names that end in a reserved ending.
+pub const ESCAPE: &str = ".asis";
+/// Ends a shortened long name.
+pub const LONG: &str = ".long";
+/// Endings a stored name never shows unescaped.
+const RESERVED: &[&str] = &[".gz", ".zst", ".enc", ESCAPE, LONG];
+/// Longest stored last segment, suffixes included: 255 (Linux) minus room for temporary
+/// names that stores add (object_store's `file://` staging appends `#<number>`).
+pub const MAX_STORED_NAME: usize = 200;
+/// Bytes of a long name kept readable in its shortened form.
+const LONG_KEEP: usize = 32;
+/// Name of the extended attribute holding a long name on a plain `file://` object.
+pub const LONGNAME_XATTR: &str = "user.panoptic-sync.longname";
+
+fn split(key: &str) -> (&str, &str) {
+    match key.rfind('/') {
+        Some(i) => key.split_at(i + 1),
+        None => ("", key),
+    }
+}
+
+/// The shortened stored form of a long last segment `name` (without stage suffixes).
+pub fn short_name(name: &str) -> String {
+    let mut cut = LONG_KEEP.min(name.len());
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    format!("{}~{}{LONG}", &name[..cut], hex::encode(&digest[..16]))
+}
+
+/// The stored key of `logical` encoded as `plan`.
+pub fn stored_key(logical: &str, plan: Plan) -> String {
+    let (dir, name) = split(logical);
+    let suffix = plan.suffix();
+    let mut stored = name.to_string();
+    if RESERVED.iter().any(|r| name.ends_with(r)) {
+        stored.push_str(ESCAPE);
+    }
+    if stored.len() + suffix.len() > MAX_STORED_NAME {
+        stored = short_name(name);
+    }
+    format!("{dir}{stored}{suffix}")
+}
+
+/// A stored key read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    /// The stages applied.
+    pub plan: Plan,
+    /// The logical key; for a long name, the key with its shortened last segment.
+    pub logical: &'a str,
+    /// Whether the last segment is a shortened long name (the full name is in the object).
+    pub long: bool,
+}
+
+/// Read a stored key back: stage suffixes, escape, long-name marker.
+pub fn parse(stored: &str) -> Parsed<'_> {
+    let (encrypt, rest) = match stored.strip_suffix(".enc") {
+        Some(r) => (true, r),
+        None => (false, stored),
+    };
+    let (compression, rest) = if let Some(r) = rest.strip_suffix(".zst") {
+        (Compression::Zstd, r)
+    } else if let Some(r) = rest.strip_suffix(".gz") {
+        (Compression::Gzip, r)
+    } else {
+        (Compression::None, rest)
+    };
+    let plan = Plan {
+        compression,
+        encrypt,
+    };
+    if rest.ends_with(LONG) {
+        return Parsed {
+            plan,
+            logical: rest,
+            long: true,
+        };
+    }
+    Parsed {
+        plan,
+        logical: rest.strip_suffix(ESCAPE).unwrap_or(rest),
+        long: false,
+    }
+}
+
+/// Whether the full last segment `name` is the one a long key `short` (as returned by
+/// [`parse`]) stands for.
+pub fn long_name_matches(short: &str, name: &str) -> bool {
+    let (_, short_last) = split(short);
+    !name.is_empty() && !name.contains('/') && short_name(name) == short_last
+}
+
+/// Replace the shortened last segment of `short` by the full `name`.
+pub fn with_name(short: &str, name: &str) -> String {
+    let (dir, _) = split(short);
+    format!("{dir}{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plans() -> Vec<Plan> {
+        let mut out = Vec::new();
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            for encrypt in [false, true] {
+                out.push(Plan {
+                    compression,
+                    encrypt,
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_name_and_plan_round_trips_and_no_two_collide() {
+        let long = "é".repeat(127) + "x";
+        let names = [
+            "plain.txt",
+            "plain.txt.gz",
+            "report.tar.gz",
+            "core.zst",
+            "notes.enc",
+            "x.asis",
+            "x.asis.asis",
+            "x.gz.asis",
+            "y.long",
+            "a.zst.enc",
+            ".gz",
+            "naïve résumé.txt",
+            long.as_str(),
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for name in names {
+            let logical = format!("ci/node/{name}");
+            for plan in plans() {
+                let stored = stored_key(&logical, plan);
+                let last = stored.rsplit('/').next().unwrap();
+                assert!(last.len() <= MAX_STORED_NAME, "{stored}");
+                let p = parse(&stored);
+                assert_eq!(p.plan, plan, "{stored}");
+                if p.long {
+                    assert!(long_name_matches(p.logical, name), "{stored}");
+                    assert_eq!(with_name(p.logical, name), logical);
+                } else {
+                    assert_eq!(p.logical, logical, "{stored}");
+                }
+                if let Some(other) = seen.insert(stored.clone(), (name, plan)) {
+                    panic!("{stored} for {name} {plan:?} and {other:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ordinary_names_keep_their_keys() {
+        let p = Plan {
+            compression: Compression::Zstd,
+            encrypt: true,
+        };
+        assert_eq!(stored_key("a/b.log", p), "a/b.log.zst.enc");
+        assert_eq!(stored_key("a/b.log", Plan::STORED), "a/b.log");
+        assert_eq!(stored_key("a/b.tar.gz", Plan::STORED), "a/b.tar.gz.asis");
+        assert!(!long_name_matches("a/b.long", "b"));
+    }
+}
