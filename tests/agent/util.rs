@@ -548,14 +548,14 @@ pub fn dir_objects(dir: &Path) -> BTreeMap<String, String> {
     if !dir.exists() {
         return out;
     }
-    for e in walkdir::WalkDir::new(dir) {
-        let e = e.unwrap();
-        if e.file_type().is_file() {
+    // A live store renames staging files into place while it is read: a file that vanished
+    // between the listing and the read is skipped.
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_file()
+            && let Ok(data) = std::fs::read(e.path())
+        {
             let rel = e.path().strip_prefix(dir).unwrap();
-            out.insert(
-                rel.display().to_string(),
-                sha_hex(&std::fs::read(e.path()).unwrap()),
-            );
+            out.insert(rel.display().to_string(), sha_hex(&data));
         }
     }
     out
