@@ -229,10 +229,116 @@ fn open_index(config: &Config) -> anyhow::Result<Arc<Index>> {
 struct Running {
     agent: Agent,
     tasks_cancel: CancellationToken,
+    /// Its end is the daemon's error (a `select!` branch of the daemon loop).
     watcher: tokio::task::JoinHandle<anyhow::Result<()>>,
-    scanner: tokio::task::JoinHandle<()>,
-    cleanup: Option<tokio::task::JoinHandle<()>>,
-    prune: Option<tokio::task::JoinHandle<()>>,
+    /// The scanner, cleanup and prune loops; each returns its name when it ends.
+    loops: tokio::task::JoinSet<&'static str>,
+    /// A loop that ended before shutdown (the daemon is then unhealthy).
+    ended: Option<&'static str>,
+}
+
+/// What the scanner loop works on.
+struct ScanLoop {
+    roots: Arc<Vec<Root>>,
+    feeder: Feeder,
+    index: Arc<Index>,
+    /// Asks for a rescan (lost events).
+    rescan: Arc<Notify>,
+    /// Set once an inotify limit was hit: rescan more often.
+    degraded: Arc<std::sync::atomic::AtomicBool>,
+    /// Notified once the watches of the roots present at start exist.
+    watching: Arc<Notify>,
+}
+
+/// The scanner: the start-up catch-up once the watches exist (at most 30 s later), then a
+/// walk and sweep every [`SCAN_INTERVAL`] or when asked.
+async fn scan_loop(s: ScanLoop, cancel: CancellationToken) -> &'static str {
+    tokio::select! {
+        _ = cancel.cancelled() => return "scanner",
+        _ = s.watching.notified() => {}
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+    }
+    loop {
+        let (r, f, i) = (s.roots.clone(), s.feeder.clone(), s.index.clone());
+        let started = std::time::Instant::now();
+        let res = tokio::task::spawn_blocking(move || {
+            let n = scan::walk_all(&r, &f);
+            scan::sweep_deleted(&i, &r).map(|d| (n, d))
+        })
+        .await;
+        match res {
+            Ok(Ok((n, dropped))) => {
+                // Done once every file found has been checked against the index.
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = s.feeder.drained() => {}
+                }
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(files = n, dropped, secs, "catch-up scan done")
+            }
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "catch-up scan failed"),
+            Err(e) => tracing::error!(error = %e, "catch-up scan task failed"),
+        }
+        let interval = if s.degraded.load(Ordering::Relaxed) {
+            DEGRADED_SCAN_INTERVAL
+        } else {
+            SCAN_INTERVAL
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return "scanner",
+            _ = s.rescan.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Local cleanup every [`crate::cleanup::INTERVAL`].
+async fn cleanup_loop(
+    index: Arc<Index>,
+    roots: Arc<Vec<Root>>,
+    dests: Vec<String>,
+    retention: crate::config::Retention,
+    cancel: CancellationToken,
+) -> &'static str {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return "cleanup",
+            _ = tokio::time::sleep(crate::cleanup::INTERVAL) => {}
+        }
+        let (i, r, d, ret) = (
+            index.clone(),
+            roots.clone(),
+            dests.clone(),
+            retention.clone(),
+        );
+        match tokio::task::spawn_blocking(move || crate::cleanup::run_once(&i, &r, &d, &ret)).await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "local cleanup failed"),
+            Err(e) => tracing::error!(error = %e, "local cleanup task failed"),
+        }
+    }
+}
+
+/// Remote retention every [`crate::retention::INTERVAL`].
+async fn prune_loop(config: Config, cancel: CancellationToken) -> &'static str {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return "prune",
+            _ = tokio::time::sleep(crate::retention::INTERVAL) => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return "prune",
+            r = crate::retention::prune(&config, false) => match r {
+                Ok(r) => tracing::info!(
+                    pruned = r.expired.len(),
+                    failed = r.failed.len(),
+                    "retention applied"
+                ),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "retention failed"),
+            },
+        }
+    }
 }
 
 impl Running {
@@ -257,120 +363,49 @@ impl Running {
             watching: watching.clone(),
         };
         let watcher = tokio::spawn(watcher.run(tasks_cancel.clone()));
-        let (roots, feeder, index, cancel) = (
-            agent.roots.clone(),
-            agent.feeder.clone(),
-            agent.index.clone(),
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(scan_loop(
+            ScanLoop {
+                roots: agent.roots.clone(),
+                feeder: agent.feeder.clone(),
+                index: agent.index.clone(),
+                rescan,
+                degraded,
+                watching,
+            },
             tasks_cancel.clone(),
-        );
-        let scanner = tokio::spawn(async move {
-            // The first catch-up starts once the watches exist (at most 30 s later).
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = watching.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            }
-            loop {
-                let (r, f, i) = (roots.clone(), feeder.clone(), index.clone());
-                let started = std::time::Instant::now();
-                let res = tokio::task::spawn_blocking(move || {
-                    let n = scan::walk_all(&r, &f);
-                    scan::sweep_deleted(&i, &r).map(|d| (n, d))
-                })
-                .await;
-                match res {
-                    Ok(Ok((n, dropped))) => {
-                        // Done once every file found has been checked against the index.
-                        while feeder.outstanding() > 0 && !cancel.is_cancelled() {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        let secs = started.elapsed().as_secs_f64();
-                        tracing::info!(files = n, dropped, secs, "catch-up scan done")
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %format!("{e:#}"), "catch-up scan failed")
-                    }
-                    Err(e) => tracing::error!(error = %e, "catch-up scan task failed"),
-                }
-                let interval = if degraded.load(Ordering::Relaxed) {
-                    DEGRADED_SCAN_INTERVAL
-                } else {
-                    SCAN_INTERVAL
-                };
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = rescan.notified() => {}
-                    _ = tokio::time::sleep(interval) => {}
-                }
-            }
-        });
-        let cleanup = crate::cleanup::enabled(&retention).then(|| {
-            let (index, roots, cancel) = (
+        ));
+        if crate::cleanup::enabled(&retention) {
+            loops.spawn(cleanup_loop(
                 agent.index.clone(),
                 agent.roots.clone(),
+                dest_names,
+                retention,
                 tasks_cancel.clone(),
-            );
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(crate::cleanup::INTERVAL) => {}
-                    }
-                    let (i, r, d, ret) = (
-                        index.clone(),
-                        roots.clone(),
-                        dest_names.clone(),
-                        retention.clone(),
-                    );
-                    match tokio::task::spawn_blocking(move || {
-                        crate::cleanup::run_once(&i, &r, &d, &ret)
-                    })
-                    .await
-                    {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %format!("{e:#}"), "local cleanup failed")
-                        }
-                        Err(e) => tracing::error!(error = %e, "local cleanup task failed"),
-                    }
-                }
-            })
-        });
-        let prune = prune_config.map(|config| {
-            let cancel = tasks_cancel.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(crate::retention::INTERVAL) => {}
-                    }
-                    match crate::retention::prune(&config, false).await {
-                        Ok(r) => tracing::info!(
-                            pruned = r.expired.len(),
-                            failed = r.failed.len(),
-                            "retention applied"
-                        ),
-                        Err(e) => tracing::error!(error = %format!("{e:#}"), "retention failed"),
-                    }
-                }
-            })
-        });
+            ));
+        }
+        if let Some(config) = prune_config {
+            loops.spawn(prune_loop(config, tasks_cancel.clone()));
+        }
         Ok(Running {
             agent,
             tasks_cancel,
             watcher,
-            scanner,
-            cleanup,
-            prune,
+            loops,
+            ended: None,
         })
     }
 
-    /// Whether every worker, the ingest thread and the watcher are alive and the index takes
-    /// writes: the condition for petting the systemd watchdog.
-    async fn healthy(&self) -> bool {
-        let alive = !self.watcher.is_finished()
-            && !self.scanner.is_finished()
-            && self.cleanup.as_ref().is_none_or(|c| !c.is_finished())
+    /// Whether every loop, worker, the ingest thread and the watcher are alive and the index
+    /// takes writes: the condition for petting the systemd watchdog.
+    async fn healthy(&mut self) -> bool {
+        if let Some(res) = self.loops.try_join_next() {
+            let name = res.unwrap_or("a background loop (panicked)");
+            tracing::error!(task = name, "a background loop ended before shutdown");
+            self.ended = Some(name);
+        }
+        let alive = self.ended.is_none()
+            && !self.watcher.is_finished()
             && self.agent.workers.iter().all(|(_, h, _)| !h.is_finished())
             && self.agent.ingest.as_ref().is_some_and(|t| !t.is_finished());
         if !alive {
@@ -387,16 +422,13 @@ impl Running {
         )
     }
 
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.tasks_cancel.cancel();
         // Wakes the watcher and scans if they wait for room in a full ingest queue (the index
         // may be unwritable: state disk full), so shutdown never hangs on it.
         self.agent.feeder.close();
         let _ = self.watcher.await;
-        let _ = self.scanner.await;
-        for task in [self.cleanup, self.prune].into_iter().flatten() {
-            let _ = task.await;
-        }
+        while self.loops.join_next().await.is_some() {}
         self.agent.stop().await;
     }
 }

@@ -59,7 +59,7 @@ pub struct Ingest {
     /// One per destination worker, woken whenever uploads were queued.
     pub wake: Vec<Arc<Notify>>,
     /// Candidates sent but not yet handled; decremented here.
-    pub outstanding: Arc<AtomicU64>,
+    pub outstanding: Arc<crate::scan::Outstanding>,
     /// Counters.
     pub stats: Arc<IngestStats>,
     /// Prometheus metrics.
@@ -78,7 +78,7 @@ impl Ingest {
             // queue filled by rescans could hold the exit for minutes.
             if self.closed.is_cancelled() {
                 let left = 1 + std::iter::from_fn(|| rx.try_recv().ok()).count() as u64;
-                self.outstanding.fetch_sub(left, Ordering::SeqCst);
+                self.outstanding.done(left);
                 tracing::debug!(
                     left,
                     "shutting down: queued candidates left to the next scan"
@@ -105,7 +105,7 @@ impl Ingest {
                         files = n,
                         "shutting down with files not recorded; the next catch-up scan finds them again"
                     );
-                    self.outstanding.fetch_sub(n, Ordering::SeqCst);
+                    self.outstanding.done(n);
                     return;
                 }
                 // Sleep in slices, so shutdown is never held up by a long pause.
@@ -117,7 +117,7 @@ impl Ingest {
                 pause = (pause * 2).min(std::time::Duration::from_secs(10));
             }
             batch.clear();
-            self.outstanding.fetch_sub(n, Ordering::SeqCst);
+            self.outstanding.done(n);
         }
     }
 

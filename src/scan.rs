@@ -238,21 +238,60 @@ pub struct Candidate {
     pub stat: Option<Stat>,
 }
 
+/// Candidates sent but not yet handled by the ingest stage, with a notification when that
+/// count drops to zero (so `sync` and the catch-up scan wait without polling).
+#[derive(Debug, Default)]
+pub struct Outstanding {
+    count: AtomicU64,
+    drained: tokio::sync::Notify,
+}
+
+impl Outstanding {
+    /// Count `n` candidates as handled; wakes the waiters when none are left.
+    pub fn done(&self, n: u64) {
+        if n > 0 && self.count.fetch_sub(n, Ordering::SeqCst) == n {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Candidates not yet handled.
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Wait until every candidate sent so far has been handled.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// The sending side of the ingest queue, counting what has been sent but not yet indexed
 /// (so `sync` can tell when the index has caught up). Closing it ([`Feeder::close`]) wakes
 /// every sender waiting for room, so shutdown never waits on a full queue.
 #[derive(Clone)]
 pub struct Feeder {
     tx: mpsc::Sender<Candidate>,
-    outstanding: Arc<AtomicU64>,
+    outstanding: Arc<Outstanding>,
     closed: CancellationToken,
 }
 
 impl Feeder {
     /// A new queue holding at most `capacity` candidates.
-    pub fn new(capacity: usize) -> (Feeder, mpsc::Receiver<Candidate>, Arc<AtomicU64>) {
+    pub fn new(capacity: usize) -> (Feeder, mpsc::Receiver<Candidate>, Arc<Outstanding>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let outstanding = Arc::new(AtomicU64::new(0));
+        let outstanding = Arc::new(Outstanding::default());
         (
             Feeder {
                 tx,
@@ -270,13 +309,13 @@ impl Feeder {
         if self.closed.is_cancelled() {
             return false;
         }
-        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        self.outstanding.add();
         let sent = tokio::select! {
             _ = self.closed.cancelled() => false,
             r = self.tx.send(c) => r.is_ok(),
         };
         if !sent {
-            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+            self.outstanding.done(1);
         }
         sent
     }
@@ -298,7 +337,12 @@ impl Feeder {
 
     /// Candidates sent but not yet indexed.
     pub fn outstanding(&self) -> u64 {
-        self.outstanding.load(Ordering::SeqCst)
+        self.outstanding.get()
+    }
+
+    /// Wait until every candidate sent so far has been indexed.
+    pub async fn drained(&self) {
+        self.outstanding.drained().await
     }
 }
 
