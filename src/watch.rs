@@ -23,6 +23,11 @@ use tokio_util::sync::CancellationToken;
 use crate::scan::{self, Candidate, Feeder, Root};
 use crate::tree::{Id, Kind};
 
+/// How often settling files are checked while there are any.
+const SETTLE_TICK: Duration = Duration::from_millis(50);
+/// How often the roots are looked at (replaced, vanished, appeared).
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
 /// Events buffered between the notify thread and the watcher task.
 const EVENT_QUEUE: usize = 65_536;
 
@@ -94,8 +99,9 @@ impl WatchTask {
             .map(|_| RootState { watched: None })
             .collect();
         let mut settling: HashMap<PathBuf, (usize, Instant)> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The tick runs every 50 ms only while something is settling or events were lost;
+        // otherwise once a second, to supervise the roots: an idle agent sleeps.
+        let mut next_tick = tokio::time::Instant::now();
         let mut last_supervise = Instant::now() - Duration::from_secs(10);
         let mut first = true;
 
@@ -105,8 +111,11 @@ impl WatchTask {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     self.handle(ev, &mut settling, &overflow).await;
+                    if !settling.is_empty() || overflow.load(Ordering::Relaxed) {
+                        next_tick = next_tick.min(tokio::time::Instant::now() + SETTLE_TICK);
+                    }
                 }
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next_tick) => {
                     if overflow.swap(false, Ordering::SeqCst) {
                         tracing::warn!(advice = LIMIT_ADVICE, "file events were lost; rescanning every watched tree");
                         self.rescan.notify_one();
@@ -121,7 +130,7 @@ impl WatchTask {
                         settling.remove(&path);
                         self.feeder.send(candidate(path, root)).await;
                     }
-                    if now.duration_since(last_supervise) >= Duration::from_secs(1) {
+                    if now.duration_since(last_supervise) >= SUPERVISE_EVERY {
                         last_supervise = now;
                         self.supervise(&mut watcher, &mut states, first);
                         if first {
@@ -129,6 +138,8 @@ impl WatchTask {
                             self.watching.notify_one();
                         }
                     }
+                    next_tick = tokio::time::Instant::now()
+                        + if settling.is_empty() { SUPERVISE_EVERY } else { SETTLE_TICK };
                 }
             }
         }

@@ -508,10 +508,13 @@ async fn metrics_and_healthz_answer_while_the_daemon_runs() {
     let port = free_port();
     env.tail = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     let daemon = Daemon::start(env.config());
-    for i in 0..6 {
+    for i in 1..6 {
         env.write(&format!("m/{i}.log"), format!("metric {i}").as_bytes());
     }
-    env.write("m/dup.log", b"metric 0");
+    // A duplicate with the same mtime and mode is placed by server-side copy (with another
+    // mtime it is uploaded: each object carries its own file's metadata).
+    write_preserved(&env.watch.join("m/0.log"), b"metric 0", 1_700_000_000);
+    write_preserved(&env.watch.join("m/dup.log"), b"metric 0", 1_700_000_000);
     assert_ok(&flush_all(&env, "60s").await, "flush");
     let base = format!("http://127.0.0.1:{port}");
     wait_until(Duration::from_secs(30), "/healthz 200", || {
