@@ -10,11 +10,10 @@ use anyhow::Context;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
-use rusqlite::params;
 
 use crate::config::{Compression, Config};
 use crate::destination::{self, Destination};
-use crate::index::{Index, Status};
+use crate::index::{Index, Method, Status};
 
 /// Where node status objects live, under the primary's base.
 pub const NODES_PREFIX: &str = "_panoptic-sync/nodes";
@@ -128,91 +127,58 @@ pub fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         bytes: status.bytes,
         ..Default::default()
     };
-    index.with_conn(|conn| {
-        for (name, st) in names.iter().zip(&status.destinations) {
-            let mut d = DestReport {
-                name: name.clone(),
-                backlog: (st.pending, st.failing, st.oldest_pending_secs),
-                ..Default::default()
+    for (name, st) in names.iter().zip(&status.destinations) {
+        let mut d = DestReport {
+            name: name.clone(),
+            backlog: (st.pending, st.failing, st.oldest_pending_secs),
+            ..Default::default()
+        };
+        index.each_object_of(name, |o| {
+            let add = |u: &mut Usage| {
+                u.objects += 1;
+                u.bytes_original += o.size;
+                u.bytes_stored += o.stored_size;
             };
-            let mut stmt = conn.prepare(
-                "SELECT o.key, o.stored_key, o.size, o.stored_size, o.stored_ms, u.method
-                 FROM objects o LEFT JOIN uploads u ON u.dest = o.dest AND u.key = o.key
-                 WHERE o.dest = ?1",
-            )?;
-            let mut rows = stmt.query(params![name])?;
-            while let Some(r) = rows.next()? {
-                let key: String = r.get(0)?;
-                let stored_key: String = r.get(1)?;
-                let size = r.get::<_, i64>(2)? as u64;
-                let stored = r.get::<_, i64>(3)? as u64;
-                let stored_ms: i64 = r.get(4)?;
-                let method: Option<String> = r.get(5)?;
-                let add = |u: &mut Usage| {
-                    u.objects += 1;
-                    u.bytes_original += size;
-                    u.bytes_stored += stored;
-                };
-                add(&mut d.usage);
-                add(d.by_type.entry(ext_of(&stored_key)).or_default());
-                let root = prefixes
-                    .iter()
-                    .filter(|p| p.is_empty() || key.starts_with(&format!("{p}/")))
-                    .max_by_key(|p| p.len())
-                    .map(|p| {
-                        if p.is_empty() {
-                            "(root)".into()
-                        } else {
-                            p.clone()
-                        }
-                    })
-                    .unwrap_or_else(|| "(other)".into());
-                add(d.by_root.entry(root).or_default());
-                if now_ms - stored_ms < 86_400_000 {
-                    add(&mut d.stored_last_24h);
-                }
-                match method.as_deref() {
-                    Some("copy") | Some("skip") => d.dedup_saved_bytes += size,
-                    _ => d.compression_saved_bytes += size.saturating_sub(stored),
-                }
+            add(&mut d.usage);
+            add(d.by_type.entry(ext_of(&o.stored_key)).or_default());
+            let root = prefixes
+                .iter()
+                .filter(|p| p.is_empty() || o.key.starts_with(&format!("{p}/")))
+                .max_by_key(|p| p.len())
+                .map(|p| {
+                    if p.is_empty() {
+                        "(root)".into()
+                    } else {
+                        p.clone()
+                    }
+                })
+                .unwrap_or_else(|| "(other)".into());
+            add(d.by_root.entry(root).or_default());
+            if now_ms - o.stored_ms < 86_400_000 {
+                add(&mut d.stored_last_24h);
             }
-            let mut stmt = conn.prepare(
-                "SELECT done_ms - queued_ms FROM uploads
-                 WHERE dest = ?1 AND state = 1 AND done_ms IS NOT NULL ORDER BY 1",
-            )?;
-            let lat: Vec<i64> = stmt
-                .query_map(params![name], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            if !lat.is_empty() {
-                let pick = |p: f64| {
-                    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].max(0) as u64
-                };
-                d.latency_ms = [pick(0.5), pick(0.9), pick(0.99)];
+            if o.method.is_some_and(Method::deduplicated) {
+                d.dedup_saved_bytes += o.size;
+            } else {
+                d.compression_saved_bytes += o.size.saturating_sub(o.stored_size);
             }
-            let (first, last, bytes): (Option<i64>, Option<i64>, i64) = conn.query_row(
-                "SELECT min(u.done_ms), max(u.done_ms), coalesce(sum(o.stored_size), 0)
-                 FROM uploads u JOIN objects o ON o.dest = u.dest AND o.key = u.key
-                 WHERE u.dest = ?1 AND u.state = 1 AND u.method = 'upload'",
-                params![name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?;
-            if let (Some(a), Some(b)) = (first, last) {
-                let secs = ((b - a).max(1000) as f64) / 1000.0;
-                d.throughput_bytes_per_sec = (bytes as f64 / secs) as u64;
-            }
-            let mut stmt = conn.prepare(
-                "SELECT last_error, count(*) FROM uploads
-                 WHERE dest = ?1 AND last_error IS NOT NULL AND state != 1 GROUP BY 1",
-            )?;
-            let mut rows = stmt.query(params![name])?;
-            while let Some(r) = rows.next()? {
-                let e: String = r.get(0)?;
-                *d.failures.entry(cause_of(&e)).or_default() += r.get::<_, i64>(1)? as u64;
-            }
-            report.destinations.push(d);
+        })?;
+        let lat = index.latencies_ms(name)?;
+        if !lat.is_empty() {
+            let pick =
+                |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].max(0) as u64;
+            d.latency_ms = [pick(0.5), pick(0.9), pick(0.99)];
         }
-        Ok(())
-    })?;
+        let span = index.upload_span(name)?;
+        if let (Some(a), Some(b)) = (span.first_ms, span.last_ms) {
+            let secs = ((b - a).max(1000) as f64) / 1000.0;
+            d.throughput_bytes_per_sec = (span.stored_bytes as f64 / secs) as u64;
+        }
+        for e in index.current_errors(name)? {
+            *d.failures.entry(cause_of(&e.error)).or_default() += e.files;
+        }
+        report.destinations.push(d);
+    }
     report.recommendations = recommend(config, &report);
     Ok(report)
 }
