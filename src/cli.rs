@@ -384,17 +384,19 @@ async fn dispatch(
         }
         Command::Prune { dry_run } => {
             let r = crate::retention::prune(&config, dry_run).await?;
-            for (dest, key) in &r.expired {
+            for x in &r.expired {
                 println!(
-                    "{}{dest}: {key}",
-                    if dry_run { "would delete " } else { "deleted " }
+                    "{}{}: {}",
+                    if dry_run { "would delete " } else { "deleted " },
+                    x.dest,
+                    x.key
                 );
             }
             for p in &r.skipped_prefixes {
                 eprintln!("skipped prefix {p:?}: it does not contain the node id");
             }
-            for (dest, key, e) in &r.failed {
-                eprintln!("failed: {dest}: {key}: {e}");
+            for f in &r.failed {
+                eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
             }
             println!(
                 "{} objects {}",
@@ -574,18 +576,20 @@ async fn rebuild(config: &Config) -> anyhow::Result<()> {
     if let Some(old) = &r.moved_aside {
         eprintln!("moved the old index aside to {}", old.display());
     }
-    for (name, held, unknown) in &r.destinations {
+    for d in &r.destinations {
         eprintln!(
-            "{name}: {held} objects recorded from the destination{}",
-            if *unknown > 0 {
-                format!(", {unknown} without a readable hash (uploaded again)")
+            "{}: {} objects recorded from the destination{}",
+            d.name,
+            d.held,
+            if d.unknown > 0 {
+                format!(", {} without a readable hash (uploaded again)", d.unknown)
             } else {
                 String::new()
             }
         );
     }
-    for (name, bad) in &r.bad_keys {
-        eprintln!("{name}: not recorded: {bad}");
+    for b in &r.bad_keys {
+        eprintln!("{}: not recorded: {}", b.dest, b.bad);
     }
     Ok(())
 }

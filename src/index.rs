@@ -359,6 +359,37 @@ impl Outcome {
     }
 }
 
+/// A claimed job with what the index knows about its destination's objects.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The job.
+    pub job: Job,
+    /// The object at the job's key, if any (same content: nothing to send).
+    pub here: Option<ObjectRow>,
+    /// Some other object holding the same content under the same pipeline (a copy source).
+    pub elsewhere: Option<ObjectRow>,
+}
+
+/// What [`Index::finish_and_claim`] did: the recording and the claim fail separately.
+#[derive(Debug)]
+pub struct FinishAndClaim {
+    /// Whether the finished jobs were recorded.
+    pub recorded: anyhow::Result<()>,
+    /// The jobs claimed.
+    pub claimed: anyhow::Result<Vec<Claimed>>,
+}
+
+/// A file whose current content every destination asked about holds (local cleanup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Row id of the file.
+    pub id: i64,
+    /// Local path.
+    pub path: PathBuf,
+    /// Its identity as indexed.
+    pub stat: Stat,
+}
+
 /// An object a destination holds, with how its file got there (for reports).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectUse {
@@ -825,7 +856,6 @@ impl Index {
     /// object elsewhere holding its content under `pipeline` (the skip and copy decisions).
     /// The recording's result comes back separately so a failure to record does not stop
     /// the claim.
-    #[allow(clippy::type_complexity)]
     pub fn finish_and_claim(
         &self,
         dest: &str,
@@ -834,10 +864,7 @@ impl Index {
         busy: &HashSet<i64>,
         max_attempts: Option<i64>,
         pipeline: &str,
-    ) -> (
-        anyhow::Result<()>,
-        anyhow::Result<Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)>>,
-    ) {
+    ) -> FinishAndClaim {
         let recorded = if finished.is_empty() {
             Ok(())
         } else {
@@ -852,11 +879,15 @@ impl Index {
             for job in jobs {
                 let here = self.object_at(dest, &job.key)?;
                 let elsewhere = self.object_with(dest, &job.sha256, pipeline, &job.key)?;
-                out.push((job, here, elsewhere));
+                out.push(Claimed {
+                    job,
+                    here,
+                    elsewhere,
+                });
             }
             Ok(out)
         })();
-        (recorded, claimed)
+        FinishAndClaim { recorded, claimed }
     }
 
     /// The object known to be at logical `key` in `dest`.
@@ -1153,7 +1184,7 @@ impl Index {
         dests: &[String],
         mtime_ns_max: i64,
         limit: usize,
-    ) -> anyhow::Result<Vec<(i64, PathBuf, Stat)>> {
+    ) -> anyhow::Result<Vec<StoredFile>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT f.id, f.path, f.size, f.mtime_ns, f.inode, f.dev FROM files f
@@ -1173,16 +1204,16 @@ impl Index {
                 UploadState::Done
             ],
             |r| {
-                Ok((
-                    r.get(0)?,
-                    bytes_path(r.get(1)?),
-                    Stat {
+                Ok(StoredFile {
+                    id: r.get(0)?,
+                    path: bytes_path(r.get(1)?),
+                    stat: Stat {
                         size: r.get::<_, i64>(2)? as u64,
                         mtime_ns: r.get(3)?,
                         inode: r.get::<_, i64>(4)? as u64,
                         dev: r.get::<_, i64>(5)? as u64,
                     },
-                ))
+                })
             },
         )?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -59,10 +59,29 @@ pub struct DestReport {
     pub latency_ms: [u64; 3],
     /// Average upload throughput while uploading, bytes/s (first to last upload).
     pub throughput_bytes_per_sec: u64,
-    /// Pending files, failing ones, and the oldest pending age in seconds.
-    pub backlog: (u64, u64, Option<u64>),
+    /// What is waiting to be stored.
+    pub backlog: Backlog,
     /// Current failures grouped by cause.
     pub failures: BTreeMap<String, u64>,
+}
+
+/// A destination's queue: in the JSON report a `[pending, failing, oldest_pending_secs]`
+/// array, as it has always been written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "(u64, u64, Option<u64>)")]
+pub struct Backlog {
+    /// Files waiting (including failing ones).
+    pub pending: u64,
+    /// Pending files whose last attempt failed.
+    pub failing: u64,
+    /// Age of the oldest pending file, in seconds.
+    pub oldest_pending_secs: Option<u64>,
+}
+
+impl From<Backlog> for (u64, u64, Option<u64>) {
+    fn from(b: Backlog) -> Self {
+        (b.pending, b.failing, b.oldest_pending_secs)
+    }
 }
 
 /// The whole report.
@@ -130,7 +149,11 @@ pub fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
     for (name, st) in names.iter().zip(&status.destinations) {
         let mut d = DestReport {
             name: name.clone(),
-            backlog: (st.pending, st.failing, st.oldest_pending_secs),
+            backlog: Backlog {
+                pending: st.pending,
+                failing: st.failing,
+                oldest_pending_secs: st.oldest_pending_secs,
+            },
             ..Default::default()
         };
         index.each_object_of(name, |o| {
@@ -215,14 +238,14 @@ fn recommend(config: &Config, r: &Report) -> Vec<String> {
         }
     }
     for d in &r.destinations {
-        if let (_, _, Some(age)) = d.backlog
+        if let Some(age) = d.backlog.oldest_pending_secs
             && age >= 3600
         {
             out.push(format!(
                 "destination {:?} is {:.1} h behind ({} files pending)",
                 d.name,
                 age as f64 / 3600.0,
-                d.backlog.0
+                d.backlog.pending
             ));
         }
         if let Some((cause, n)) = d.failures.iter().max_by_key(|(_, n)| **n) {
@@ -273,8 +296,8 @@ pub fn render_text(r: &Report) -> String {
             d.latency_ms[1],
             d.latency_ms[2],
             human(d.throughput_bytes_per_sec),
-            d.backlog.0,
-            d.backlog.1
+            d.backlog.pending,
+            d.backlog.failing
         );
         let mut types: Vec<_> = d.by_type.iter().collect();
         types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
@@ -348,8 +371,8 @@ pub fn render_html(r: &Report) -> String {
             d.latency_ms[0],
             d.latency_ms[1],
             d.latency_ms[2],
-            d.backlog.0,
-            d.backlog.1
+            d.backlog.pending,
+            d.backlog.failing
         );
         let mut types: Vec<_> = d.by_type.iter().collect();
         types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));

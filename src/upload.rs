@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
-use crate::index::{Index, Job, Method, ObjectRow, Outcome, Stat};
+use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outcome, Stat};
 use crate::layout;
 use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
@@ -226,7 +226,12 @@ impl Worker {
             let claimed = this
                 .record_and_claim(&mut finished, &mut busy, Some(&cancel))
                 .await;
-            for (job, here, elsewhere) in claimed {
+            for Claimed {
+                job,
+                here,
+                elsewhere,
+            } in claimed
+            {
                 if busy.values().any(|sha| *sha == job.sha256) {
                     continue;
                 }
@@ -272,7 +277,7 @@ impl Worker {
         finished: &mut Vec<Outcome>,
         busy: &mut HashMap<i64, [u8; 32]>,
         cancel: Option<&CancellationToken>,
-    ) -> Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)> {
+    ) -> Vec<Claimed> {
         let claim = cancel.is_some();
         let outcomes = std::mem::take(finished);
         for o in &outcomes {
@@ -295,7 +300,7 @@ impl Worker {
             self.pipeline.identity(),
         );
         let res = tokio::task::spawn_blocking(move || {
-            let (recorded, claimed) =
+            let FinishAndClaim { recorded, claimed } =
                 index.finish_and_claim(&dest, &outcomes, free, &busy_now, max, &identity);
             (recorded, claimed, outcomes)
         })
