@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Retention;
-use crate::index::{Index, Stat};
+use crate::index::{Index, Stat, StoredFile};
 use crate::scan::Root;
 
 /// What one cleanup pass did.
@@ -91,13 +91,13 @@ pub fn run_once(
             let batch = index.stored_everywhere(dests, max_mtime, 512)?;
             let candidates: Vec<_> = batch
                 .into_iter()
-                .filter(|(_, p, _)| within.is_none_or(|w| p.starts_with(w)))
+                .filter(|f| within.is_none_or(|w| f.path.starts_with(w)))
                 .collect();
             if candidates.is_empty() {
                 return Ok(());
             }
             let mut progressed = false;
-            for (id, path, stat) in candidates {
+            for StoredFile { id, path, stat } in candidates {
                 if stop() {
                     return Ok(());
                 }

@@ -175,26 +175,82 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// How a command ended. The exit code is decided here and nowhere else (PRODUCT.md: 0
+/// success, 1 some files failed, 2 usage or configuration error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything asked for was done.
+    Success,
+    /// Some files or objects failed or are not stored yet, or the work itself failed.
+    Failed,
+    /// The configuration, a key file or the command line is wrong.
+    Usage,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failed => 1,
+            Exit::Usage => 2,
+        }
+    }
+
+    /// Success when nothing was left undone, otherwise failed.
+    fn unless_failures(complete: bool) -> Exit {
+        if complete {
+            Exit::Success
+        } else {
+            Exit::Failed
+        }
+    }
+
+    /// The exit for an error that stopped a command: a configuration or key-file error is a
+    /// usage error, anything else a failure.
+    fn of_error(e: &anyhow::Error) -> Exit {
+        let key_file = matches!(
+            e.downcast_ref::<crate::crypto::CryptoError>(),
+            Some(crate::crypto::CryptoError::KeyFile { .. })
+        );
+        if e.downcast_ref::<ConfigError>().is_some() || key_file {
+            Exit::Usage
+        } else {
+            Exit::Failed
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit.code())
+    }
+}
+
 /// Run the parsed command; the result is the process exit code.
 pub fn execute(cli: Cli) -> ExitCode {
+    run(cli).into()
+}
+
+/// An error that ends the command, printed the way every command prints one.
+fn fail(e: impl std::fmt::Display, exit: Exit) -> Exit {
+    eprintln!("panoptic-sync: {e}");
+    exit
+}
+
+fn run(cli: Cli) -> Exit {
     if let Command::Keygen { out } = &cli.command {
         return keygen(out.as_deref());
     }
     if let Command::GenerateAssets { dir } = &cli.command {
         return match generate_assets(dir) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("panoptic-sync: {e:#}");
-                ExitCode::from(1)
-            }
+            Ok(()) => Exit::Success,
+            Err(e) => fail(format_args!("{e:#}"), Exit::Failed),
         };
     }
     let config = match load_config(&cli) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("panoptic-sync: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(e, Exit::Usage),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -202,26 +258,132 @@ pub fn execute(cli: Cli) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("panoptic-sync: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return fail(
+                format_args!("cannot start the async runtime: {e}"),
+                Exit::Failed,
+            );
         }
     };
     let config_path = cli.config.clone();
-    let result = runtime.block_on(dispatch(cli.command, config, config_path));
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("panoptic-sync: {e:#}");
-            let key_file = matches!(
-                e.downcast_ref::<crate::crypto::CryptoError>(),
-                Some(crate::crypto::CryptoError::KeyFile { .. })
-            );
-            if e.downcast_ref::<ConfigError>().is_some() || key_file {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+    match runtime
+        .block_on(dispatch(cli.command, config, config_path))
+        .and_then(|done| done.render().map(|()| done.exit()))
+    {
+        Ok(exit) => exit,
+        Err(e) => fail(format_args!("{e:#}"), Exit::of_error(&e)),
+    }
+}
+
+/// What a command produced, for [`Done::render`] to show and [`Done::exit`] to judge.
+enum Done {
+    /// The daemon ran and stopped cleanly.
+    Ran,
+    /// `sync`.
+    Synced(daemon::SyncSummary),
+    /// `flush`.
+    Flushed(daemon::FlushSummary),
+    /// `status`.
+    Status {
+        status: crate::index::Status,
+        json: bool,
+    },
+    /// `restore`.
+    Restored {
+        summary: crate::restore::RestoreSummary,
+        to: PathBuf,
+    },
+    /// `verify`.
+    Verified {
+        report: crate::restore::VerifyReport,
+        deep: bool,
+    },
+    /// `report --fleet`.
+    Fleet {
+        fleet: crate::report::Fleet,
+        json: bool,
+    },
+    /// `report` (text or JSON).
+    Report {
+        report: crate::report::Report,
+        json: bool,
+    },
+    /// `report --html`: the page was written here.
+    WroteHtml(PathBuf),
+    /// `prune`.
+    Pruned {
+        report: crate::retention::PruneReport,
+        dry_run: bool,
+    },
+    /// `url`.
+    Link(String),
+    /// `check-config`: what was checked, or why the configuration is not usable.
+    Checked(anyhow::Result<Vec<String>>),
+    /// Handled before the configuration is loaded.
+    Nothing,
+}
+
+impl Done {
+    /// The exit code the result calls for.
+    fn exit(&self) -> Exit {
+        match self {
+            Done::Synced(s) => Exit::unless_failures(s.complete()),
+            Done::Flushed(s) => Exit::unless_failures(s.complete()),
+            Done::Restored { summary, .. } => Exit::unless_failures(summary.failed.is_empty()),
+            Done::Verified { report, .. } => Exit::unless_failures(report.problems.is_empty()),
+            Done::Pruned { report, .. } => Exit::unless_failures(report.failed.is_empty()),
+            Done::Checked(Err(_)) => Exit::Usage,
+            Done::Ran
+            | Done::Status { .. }
+            | Done::Fleet { .. }
+            | Done::Report { .. }
+            | Done::WroteHtml(_)
+            | Done::Link(_)
+            | Done::Checked(Ok(_))
+            | Done::Nothing => Exit::Success,
         }
+    }
+
+    /// Print the result: data on stdout, what went wrong on stderr.
+    fn render(&self) -> anyhow::Result<()> {
+        match self {
+            Done::Ran | Done::Nothing => {}
+            Done::Synced(s) => render_sync(s),
+            Done::Flushed(s) => render_flush(s),
+            Done::Status { status, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(status)?);
+                } else {
+                    print!("{}", crate::status::render(status));
+                }
+            }
+            Done::Restored { summary, to } => render_restore(summary, to),
+            Done::Verified { report, deep } => render_verify(report, *deep),
+            Done::Fleet { fleet, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(fleet)?);
+                } else {
+                    print!("{}", crate::report::render_fleet(fleet));
+                }
+            }
+            Done::Report { report, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(report)?);
+                } else {
+                    print!("{}", crate::report::render_text(report));
+                }
+            }
+            Done::WroteHtml(path) => println!("wrote {}", path.display()),
+            Done::Pruned { report, dry_run } => render_prune(report, *dry_run),
+            Done::Link(link) => println!("{link}"),
+            Done::Checked(Ok(lines)) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                println!("configuration is valid");
+            }
+            Done::Checked(Err(e)) => eprintln!("panoptic-sync: {e:#}"),
+        }
+        Ok(())
     }
 }
 
@@ -229,8 +391,8 @@ async fn dispatch(
     command: Command,
     config: Config,
     config_path: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    match command {
+) -> anyhow::Result<Done> {
+    Ok(match command {
         Command::Run { rebuild_index } => {
             if rebuild_index {
                 rebuild(&config).await?;
@@ -239,74 +401,23 @@ async fn dispatch(
             spawn_signal_handler(shutdown.clone())?;
             let reloads = spawn_reload_handler(config_path)?;
             daemon::run_with_reload(config, shutdown, reloads).await?;
-            Ok(ExitCode::SUCCESS)
+            Done::Ran
         }
         Command::Sync { rebuild_index } => {
             if rebuild_index {
                 rebuild(&config).await?;
             }
             let mut progress = SyncProgress::new();
-            let summary = daemon::sync(&config, &mut progress).await?;
-            for root in &summary.refused_roots {
-                eprintln!(
-                    "panoptic-sync: watch root {} is not a real directory (a symbolic link is never followed); nothing under it was synced",
-                    root.display()
-                );
-            }
-            for d in &summary.destinations {
-                println!(
-                    "{}: {} stored, {} missing{}",
-                    d.name,
-                    d.stored,
-                    d.missing,
-                    d.last_error
-                        .as_deref()
-                        .filter(|_| d.missing > 0)
-                        .map(|e| format!(" (last error: {e})"))
-                        .unwrap_or_default()
-                );
-            }
-            Ok(if summary.complete() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Done::Synced(daemon::sync(&config, &mut progress).await?)
         }
         Command::Flush {
             timeout,
             all_destinations,
-        } => {
-            let s = daemon::flush(&config, timeout, all_destinations).await?;
-            for (p, e) in &s.failed {
-                eprintln!("failed: {}: {e}", p.display());
-            }
-            for p in s.waiting.iter().take(20) {
-                eprintln!("not stored yet: {}", p.display());
-            }
-            if s.waiting.len() > 20 {
-                eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
-            }
-            println!(
-                "{} files stored, {} failed, {} not stored yet",
-                s.stored,
-                s.failed.len(),
-                s.waiting.len()
-            );
-            Ok(if s.complete() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        } => Done::Flushed(daemon::flush(&config, timeout, all_destinations).await?),
         Command::Status { json } => {
             let status =
                 tokio::task::spawn_blocking(move || crate::status::read(&config)).await??;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", crate::status::render(&status));
-            }
-            Ok(ExitCode::SUCCESS)
+            Done::Status { status, json }
         }
         Command::Restore {
             from,
@@ -319,122 +430,143 @@ async fn dispatch(
                 allow_plaintext,
                 max_size,
             };
-            let s = crate::restore::restore(&config, &from, &to, prefix.as_deref(), &opts).await?;
-            for (key, e) in &s.failed {
-                eprintln!("failed: {key}: {e}");
-            }
-            for key in &s.superseded {
-                eprintln!("skipped (a newer object maps to the same file): {key}");
-            }
-            println!(
-                "{} files restored to {}, {} objects failed",
-                s.restored,
-                to.display(),
-                s.failed.len()
-            );
-            Ok(if s.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let summary =
+                crate::restore::restore(&config, &from, &to, prefix.as_deref(), &opts).await?;
+            Done::Restored { summary, to }
         }
-        Command::Verify { dest, deep } => {
-            let r = crate::restore::verify(&config, dest.as_deref(), deep).await?;
-            for p in &r.problems {
-                eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
-            }
-            println!(
-                "{} objects checked{}, {} problems",
-                r.checked,
-                if deep { " deeply" } else { "" },
-                r.problems.len()
-            );
-            Ok(if r.problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        Command::Verify { dest, deep } => Done::Verified {
+            report: crate::restore::verify(&config, dest.as_deref(), deep).await?,
+            deep,
+        },
         Command::Report { json, html, fleet } => {
             if fleet {
-                let f = crate::report::fleet(&config).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&f)?);
-                } else {
-                    print!("{}", crate::report::render_fleet(&f));
-                }
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Done::Fleet {
+                    fleet: crate::report::fleet(&config).await?,
+                    json,
+                });
             }
             let c = config.clone();
-            let r = tokio::task::spawn_blocking(move || {
+            let report = tokio::task::spawn_blocking(move || {
                 let index = crate::index::Index::open(&c.state_dir)?;
                 crate::report::build(&c, &index)
             })
             .await??;
-            if let Some(path) = html {
-                std::fs::write(&path, crate::report::render_html(&r))
-                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-                println!("wrote {}", path.display());
-            } else if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{}", crate::report::render_text(&r));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Prune { dry_run } => {
-            let r = crate::retention::prune(&config, dry_run).await?;
-            for (dest, key) in &r.expired {
-                println!(
-                    "{}{dest}: {key}",
-                    if dry_run { "would delete " } else { "deleted " }
-                );
-            }
-            for p in &r.skipped_prefixes {
-                eprintln!("skipped prefix {p:?}: it does not contain the node id");
-            }
-            for (dest, key, e) in &r.failed {
-                eprintln!("failed: {dest}: {key}: {e}");
-            }
-            println!(
-                "{} objects {}",
-                r.expired.len(),
-                if dry_run {
-                    "would be deleted"
-                } else {
-                    "deleted"
+            match html {
+                Some(path) => {
+                    std::fs::write(&path, crate::report::render_html(&report))
+                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                    Done::WroteHtml(path)
                 }
-            );
-            Ok(if r.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+                None => Done::Report { report, json },
+            }
         }
+        Command::Prune { dry_run } => Done::Pruned {
+            report: crate::retention::prune(&config, dry_run).await?,
+            dry_run,
+        },
         Command::Url {
             path,
             dest,
             expires,
-        } => {
-            let link = crate::links::link(&config, &path, dest.as_deref(), expires).await?;
-            println!("{link}");
-            Ok(ExitCode::SUCCESS)
+        } => Done::Link(crate::links::link(&config, &path, dest.as_deref(), expires).await?),
+        Command::Keygen { .. } | Command::GenerateAssets { .. } => Done::Nothing,
+        Command::CheckConfig { offline } => {
+            Done::Checked(daemon::check_config(&config, offline).await)
         }
-        Command::Keygen { .. } | Command::GenerateAssets { .. } => Ok(ExitCode::SUCCESS),
-        Command::CheckConfig { offline } => match daemon::check_config(&config, offline).await {
-            Ok(lines) => {
-                for l in lines {
-                    println!("{l}");
-                }
-                println!("configuration is valid");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("panoptic-sync: {e:#}");
-                Ok(ExitCode::from(2))
-            }
-        },
+    })
+}
+
+fn render_sync(summary: &daemon::SyncSummary) {
+    for root in &summary.refused_roots {
+        eprintln!(
+            "panoptic-sync: watch root {} is not a real directory (a symbolic link is never followed); nothing under it was synced",
+            root.display()
+        );
     }
+    for d in &summary.destinations {
+        println!(
+            "{}: {} stored, {} missing{}",
+            d.name,
+            d.stored,
+            d.missing,
+            d.last_error
+                .as_deref()
+                .filter(|_| d.missing > 0)
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn render_flush(s: &daemon::FlushSummary) {
+    for (p, e) in &s.failed {
+        eprintln!("failed: {}: {e}", p.display());
+    }
+    for p in s.waiting.iter().take(20) {
+        eprintln!("not stored yet: {}", p.display());
+    }
+    if s.waiting.len() > 20 {
+        eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
+    }
+    println!(
+        "{} files stored, {} failed, {} not stored yet",
+        s.stored,
+        s.failed.len(),
+        s.waiting.len()
+    );
+}
+
+fn render_restore(s: &crate::restore::RestoreSummary, to: &std::path::Path) {
+    for (key, e) in &s.failed {
+        eprintln!("failed: {key}: {e}");
+    }
+    for key in &s.superseded {
+        eprintln!("skipped (a newer object maps to the same file): {key}");
+    }
+    println!(
+        "{} files restored to {}, {} objects failed",
+        s.restored,
+        to.display(),
+        s.failed.len()
+    );
+}
+
+fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
+    for p in &r.problems {
+        eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
+    }
+    println!(
+        "{} objects checked{}, {} problems",
+        r.checked,
+        if deep { " deeply" } else { "" },
+        r.problems.len()
+    );
+}
+
+fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
+    for x in &r.expired {
+        println!(
+            "{}{}: {}",
+            if dry_run { "would delete " } else { "deleted " },
+            x.dest,
+            x.key
+        );
+    }
+    for p in &r.skipped_prefixes {
+        eprintln!("skipped prefix {p:?}: it does not contain the node id");
+    }
+    for f in &r.failed {
+        eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
+    }
+    println!(
+        "{} objects {}",
+        r.expired.len(),
+        if dry_run {
+            "would be deleted"
+        } else {
+            "deleted"
+        }
+    );
 }
 
 /// The man page (`panoptic-sync.1`) and bash, zsh and fish completions.
@@ -457,18 +589,15 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keygen(out: Option<&std::path::Path>) -> ExitCode {
+fn keygen(out: Option<&std::path::Path>) -> Exit {
     let key = match crate::crypto::MasterKey::generate() {
         Ok(k) => k,
-        Err(e) => {
-            eprintln!("panoptic-sync: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(e, Exit::Failed),
     };
     match out {
         None => {
             println!("{}", key.to_hex());
-            ExitCode::SUCCESS
+            Exit::Success
         }
         Some(path) => match key.write_new(path) {
             Ok(()) => {
@@ -477,12 +606,10 @@ fn keygen(out: Option<&std::path::Path>) -> ExitCode {
                     key.id_hex(),
                     path.display()
                 );
-                ExitCode::SUCCESS
+                Exit::Success
             }
-            Err(e) => {
-                eprintln!("panoptic-sync: {e}");
-                ExitCode::from(2)
-            }
+            // An existing file or an unwritable place: the command line asked for it.
+            Err(e) => fail(e, Exit::Usage),
         },
     }
 }
@@ -571,21 +698,49 @@ impl Progress for SyncProgress {
 async fn rebuild(config: &Config) -> anyhow::Result<()> {
     let _lock = daemon::StateLock::acquire(&config.state_dir)?;
     let r = crate::rebuild::rebuild_index(config).await?;
+    // Shown at once: the daemon or sync that follows may run for a long time.
+    render_rebuilt(&r);
+    Ok(())
+}
+
+fn render_rebuilt(r: &crate::rebuild::Rebuilt) {
     if let Some(old) = &r.moved_aside {
         eprintln!("moved the old index aside to {}", old.display());
     }
-    for (name, held, unknown) in &r.destinations {
+    for d in &r.destinations {
         eprintln!(
-            "{name}: {held} objects recorded from the destination{}",
-            if *unknown > 0 {
-                format!(", {unknown} without a readable hash (uploaded again)")
+            "{}: {} objects recorded from the destination{}",
+            d.name,
+            d.held,
+            if d.unknown > 0 {
+                format!(", {} without a readable hash (uploaded again)", d.unknown)
             } else {
                 String::new()
             }
         );
     }
-    for (name, bad) in &r.bad_keys {
-        eprintln!("{name}: not recorded: {bad}");
+    for b in &r.bad_keys {
+        eprintln!("{}: not recorded: {}", b.dest, b.bad);
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_product_contract() {
+        assert_eq!(Exit::Success.code(), 0);
+        assert_eq!(Exit::Failed.code(), 1);
+        assert_eq!(Exit::Usage.code(), 2);
+        let bad_config = Config::parse("no_such_key = 1\n", "test.toml").unwrap_err();
+        assert_eq!(
+            Exit::of_error(&anyhow::Error::from(bad_config).context("loading")),
+            Exit::Usage
+        );
+        assert_eq!(
+            Exit::of_error(&anyhow::anyhow!("connection refused")),
+            Exit::Failed
+        );
+    }
 }

@@ -22,14 +22,86 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
-/// Upload row states.
-pub const PENDING: i64 = 0;
-/// The current generation is in the destination.
-pub const DONE: i64 = 1;
-/// Cannot ever be uploaded as it is (e.g. a name that is not UTF-8); not retried.
-pub const FAILED: i64 = 2;
+/// The state of one file's upload to one destination (the `uploads.state` column, stored as
+/// its integer; bound as a parameter, never spelled in SQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadState {
+    /// Waiting in the queue (including failing and being retried).
+    Pending = 0,
+    /// The current generation is in the destination.
+    Done = 1,
+    /// Cannot ever be uploaded as it is (e.g. a name that is not UTF-8); not retried.
+    Failed = 2,
+}
+
+impl ToSql for UploadState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(*self as i64))
+    }
+}
+
+impl FromSql for UploadState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_i64()? {
+            0 => Ok(UploadState::Pending),
+            1 => Ok(UploadState::Done),
+            2 => Ok(UploadState::Failed),
+            n => Err(FromSqlError::OutOfRange(n)),
+        }
+    }
+}
+
+/// How a stored file got into its destination (the `uploads.method` column, stored as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Its bytes were sent.
+    Upload,
+    /// Copied server-side from an object holding the same content.
+    Copy,
+    /// The object at its key already held the content.
+    Skip,
+}
+
+impl Method {
+    /// The name stored in the index and shown in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Upload => "upload",
+            Method::Copy => "copy",
+            Method::Skip => "skip",
+        }
+    }
+
+    /// Whether no bytes of the file were sent (a copy or a skip: dedup).
+    pub fn deduplicated(self) -> bool {
+        match self {
+            Method::Upload => false,
+            Method::Copy | Method::Skip => true,
+        }
+    }
+}
+
+impl ToSql for Method {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for Method {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_str()? {
+            "upload" => Ok(Method::Upload),
+            "copy" => Ok(Method::Copy),
+            "skip" => Ok(Method::Skip),
+            other => Err(FromSqlError::Other(
+                format!("unknown upload method {other:?}").into(),
+            )),
+        }
+    }
+}
 
 /// Schema migrations; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -97,7 +169,7 @@ ALTER TABLE files ADD COLUMN dev INTEGER NOT NULL DEFAULT 0;
 const CLAIM: &str = "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f.mtime_ns, f.inode,
             u.attempts, u.queued_ms, f.dev
      FROM uploads u JOIN files f ON f.id = u.file_id
-     WHERE u.dest = ?1 AND u.state = 0 AND u.next_attempt_ms <= ?2 AND u.attempts < ?3
+     WHERE u.dest = ?1 AND u.state = ?5 AND u.next_attempt_ms <= ?2 AND u.attempts < ?3
        AND u.gen = f.gen
      ORDER BY u.next_attempt_ms, u.queued_ms
      LIMIT ?4";
@@ -132,6 +204,22 @@ fn object_params<'a>(
 
 /// Forget an object by its stored key.
 const FORGET_STORED: &str = "DELETE FROM objects WHERE dest = ?1 AND stored_key = ?2";
+
+/// Every object of a destination with how its upload got it there (for reports).
+const OBJECTS_WITH_METHOD: &str =
+    "SELECT o.key, o.stored_key, o.size, o.stored_size, o.stored_ms, u.method
+     FROM objects o LEFT JOIN uploads u ON u.dest = o.dest AND u.key = o.key
+     WHERE o.dest = ?1";
+/// Queue-to-stored latencies of a destination's stored files, ascending.
+const LATENCIES: &str = "SELECT done_ms - queued_ms FROM uploads
+     WHERE dest = ?1 AND state = ?2 AND done_ms IS NOT NULL ORDER BY 1";
+/// First and last upload of a destination and the bytes stored by uploads.
+const UPLOAD_SPAN: &str = "SELECT min(u.done_ms), max(u.done_ms), coalesce(sum(o.stored_size), 0)
+     FROM uploads u JOIN objects o ON o.dest = u.dest AND o.key = u.key
+     WHERE u.dest = ?1 AND u.state = ?2 AND u.method = ?3";
+/// The last errors of a destination's files not stored, with how many files have each.
+const CURRENT_ERRORS: &str = "SELECT last_error, count(*) FROM uploads
+     WHERE dest = ?1 AND last_error IS NOT NULL AND state != ?2 GROUP BY 1";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -235,12 +323,12 @@ pub struct ObjectRow {
 /// How a job ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The content is now at the key. `method` is `upload`, `copy` or `skip`.
+    /// The content is now at the key.
     Stored {
         /// The job.
         job: Job,
         /// How it got there.
-        method: &'static str,
+        method: Method,
         /// The object that now holds it.
         object: ObjectRow,
     },
@@ -269,6 +357,74 @@ impl Outcome {
             | Outcome::Changed { job } => job,
         }
     }
+}
+
+/// A claimed job with what the index knows about its destination's objects.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The job.
+    pub job: Job,
+    /// The object at the job's key, if any (same content: nothing to send).
+    pub here: Option<ObjectRow>,
+    /// Some other object holding the same content under the same pipeline (a copy source).
+    pub elsewhere: Option<ObjectRow>,
+}
+
+/// What [`Index::finish_and_claim`] did: the recording and the claim fail separately.
+#[derive(Debug)]
+pub struct FinishAndClaim {
+    /// Whether the finished jobs were recorded.
+    pub recorded: anyhow::Result<()>,
+    /// The jobs claimed.
+    pub claimed: anyhow::Result<Vec<Claimed>>,
+}
+
+/// A file whose current content every destination asked about holds (local cleanup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Row id of the file.
+    pub id: i64,
+    /// Local path.
+    pub path: PathBuf,
+    /// Its identity as indexed.
+    pub stat: Stat,
+}
+
+/// An object a destination holds, with how its file got there (for reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUse {
+    /// Logical key.
+    pub key: String,
+    /// The key it is stored under.
+    pub stored_key: String,
+    /// Original size.
+    pub size: u64,
+    /// Size of the stored object.
+    pub stored_size: u64,
+    /// When the index recorded it (ms since epoch).
+    pub stored_ms: i64,
+    /// How the file now tracked at its key got there (`None`: no such file, e.g. rebuilt).
+    pub method: Option<Method>,
+}
+
+/// The files a destination received by upload (not copy or skip).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadSpan {
+    /// When the first was stored (ms since epoch), if any.
+    pub first_ms: Option<i64>,
+    /// When the last was stored.
+    pub last_ms: Option<i64>,
+    /// Bytes of their stored objects.
+    pub stored_bytes: u64,
+}
+
+/// One error message and how many files it is the last error of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorCount {
+    /// The error.
+    pub error: String,
+    /// Files.
+    pub files: u64,
 }
 
 /// Per-destination queue counts.
@@ -434,14 +590,6 @@ impl Index {
         };
         index.migrate().with_context(|| damaged(&index.path))?;
         Ok(index)
-    }
-
-    /// Run read queries on the connection (reports).
-    pub fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
-        f(&self.conn())
     }
 
     /// Where the database file is.
@@ -613,10 +761,10 @@ impl Index {
                         };
                         content.execute(params![&sha256[..], stat.size as i64, now])?;
                         let (key_text, state, error) = match key {
-                            Ok(k) => (k.clone(), PENDING, None),
+                            Ok(k) => (k.clone(), UploadState::Pending, None),
                             Err(e) => (
                                 String::from_utf8_lossy(path_bytes(path)).into_owned(),
-                                FAILED,
+                                UploadState::Failed,
                                 Some(e.clone()),
                             ),
                         };
@@ -640,7 +788,7 @@ impl Index {
                                 generation,
                                 state,
                                 error,
-                                (state == FAILED) as i64,
+                                (state == UploadState::Failed) as i64,
                                 now
                             ])?;
                             queued += 1;
@@ -669,7 +817,8 @@ impl Index {
                 dest,
                 now_ms(),
                 max_attempts.unwrap_or(i64::MAX),
-                (limit + busy.len()) as i64
+                (limit + busy.len()) as i64,
+                UploadState::Pending
             ],
             |r| {
                 Ok(Job {
@@ -707,7 +856,6 @@ impl Index {
     /// object elsewhere holding its content under `pipeline` (the skip and copy decisions).
     /// The recording's result comes back separately so a failure to record does not stop
     /// the claim.
-    #[allow(clippy::type_complexity)]
     pub fn finish_and_claim(
         &self,
         dest: &str,
@@ -716,10 +864,7 @@ impl Index {
         busy: &HashSet<i64>,
         max_attempts: Option<i64>,
         pipeline: &str,
-    ) -> (
-        anyhow::Result<()>,
-        anyhow::Result<Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)>>,
-    ) {
+    ) -> FinishAndClaim {
         let recorded = if finished.is_empty() {
             Ok(())
         } else {
@@ -734,11 +879,15 @@ impl Index {
             for job in jobs {
                 let here = self.object_at(dest, &job.key)?;
                 let elsewhere = self.object_with(dest, &job.sha256, pipeline, &job.key)?;
-                out.push((job, here, elsewhere));
+                out.push(Claimed {
+                    job,
+                    here,
+                    elsewhere,
+                });
             }
             Ok(out)
         })();
-        (recorded, claimed)
+        FinishAndClaim { recorded, claimed }
     }
 
     /// The object known to be at logical `key` in `dest`.
@@ -774,10 +923,10 @@ impl Index {
         let mut stmt = conn.prepare_cached(
             "SELECT o.key, o.stored_key, o.sha256, o.size, o.stored_size, o.pipeline
              FROM objects o JOIN uploads u ON u.dest = o.dest AND u.key = o.key
-             WHERE o.dest = ?1 AND u.state = 1 AND u.sha256 = o.sha256
+             WHERE o.dest = ?1 AND u.state = ?2 AND u.sha256 = o.sha256
              ORDER BY o.key",
         )?;
-        let rows = stmt.query_map(params![dest], object_row)?;
+        let rows = stmt.query_map(params![dest, UploadState::Done], object_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -812,7 +961,7 @@ impl Index {
         let now = now_ms();
         {
             let mut done = tx.prepare_cached(
-                "UPDATE uploads SET state = 1, done_ms = ?4, method = ?5, last_error = NULL,
+                "UPDATE uploads SET state = ?6, done_ms = ?4, method = ?5, last_error = NULL,
                  permanent = 0 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
             )?;
             let mut object = tx.prepare_cached(INSERT_OBJECT)?;
@@ -830,7 +979,14 @@ impl Index {
                         method,
                         object: o,
                     } => {
-                        done.execute(params![job.file_id, dest, job.generation, now, method])?;
+                        done.execute(params![
+                            job.file_id,
+                            dest,
+                            job.generation,
+                            now,
+                            method,
+                            UploadState::Done
+                        ])?;
                         object.execute(object_params(dest, o, now))?;
                     }
                     Outcome::Failed {
@@ -881,17 +1037,17 @@ impl Index {
             )?;
             let mut rows = stmt.query(params![name])?;
             while let Some(r) = rows.next()? {
-                let state: i64 = r.get(0)?;
+                let state: UploadState = r.get(0)?;
                 let n = r.get::<_, i64>(1)? as u64;
                 match state {
-                    PENDING => {
+                    UploadState::Pending => {
                         d.pending = n;
                         d.failing = r.get::<_, i64>(2)? as u64;
                         let oldest: i64 = r.get(3)?;
                         d.oldest_pending_secs = Some(((now - oldest).max(0) / 1000) as u64);
                     }
-                    DONE => d.done = n,
-                    _ => d.failed_permanently = n,
+                    UploadState::Done => d.done = n,
+                    UploadState::Failed => d.failed_permanently = n,
                 }
             }
             d.last_error = conn
@@ -917,8 +1073,8 @@ impl Index {
     /// Make every pending upload due now with a fresh attempt count (`sync` tries again).
     pub fn retry_now(&self) -> anyhow::Result<()> {
         self.conn().execute(
-            "UPDATE uploads SET attempts = 0, next_attempt_ms = 0 WHERE state = 0",
-            [],
+            "UPDATE uploads SET attempts = 0, next_attempt_ms = 0 WHERE state = ?1",
+            params![UploadState::Pending],
         )?;
         Ok(())
     }
@@ -929,8 +1085,8 @@ impl Index {
         let conn = self.conn();
         let (open, exhausted): (i64, i64) = conn.query_row(
             "SELECT coalesce(sum(attempts < ?2), 0), coalesce(sum(attempts >= ?2), 0)
-             FROM uploads WHERE dest = ?1 AND state = 0",
-            params![dest, max_attempts],
+             FROM uploads WHERE dest = ?1 AND state = ?3",
+            params![dest, max_attempts, UploadState::Pending],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         Ok((open as u64, exhausted as u64))
@@ -975,15 +1131,15 @@ impl Index {
             let row = up
                 .query_row(params![id, dest], |r| {
                     Ok((
-                        r.get::<_, i64>(0)?,
+                        r.get::<_, UploadState>(0)?,
                         r.get::<_, i64>(1)?,
                         r.get::<_, Option<String>>(2)?,
                     ))
                 })
                 .optional()?;
             match row {
-                Some((DONE, g, _)) if g == generation => {}
-                Some((FAILED, _, e)) => {
+                Some((UploadState::Done, g, _)) if g == generation => {}
+                Some((UploadState::Failed, _, e)) => {
                     return Ok(FlushState::Failed(e.unwrap_or_else(|| "failed".into())));
                 }
                 _ => return Ok(FlushState::Waiting),
@@ -1028,30 +1184,36 @@ impl Index {
         dests: &[String],
         mtime_ns_max: i64,
         limit: usize,
-    ) -> anyhow::Result<Vec<(i64, PathBuf, Stat)>> {
+    ) -> anyhow::Result<Vec<StoredFile>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT f.id, f.path, f.size, f.mtime_ns, f.inode, f.dev FROM files f
              WHERE f.mtime_ns <= ?1
                AND (SELECT count(*) FROM uploads u
-                    WHERE u.file_id = f.id AND u.state = 1 AND u.gen = f.gen
+                    WHERE u.file_id = f.id AND u.state = ?5 AND u.gen = f.gen
                       AND u.dest IN (SELECT value FROM json_each(?2))) = ?3
              ORDER BY f.mtime_ns LIMIT ?4",
         )?;
         let names = serde_json::to_string(dests)?;
         let rows = stmt.query_map(
-            params![mtime_ns_max, names, dests.len() as i64, limit as i64],
+            params![
+                mtime_ns_max,
+                names,
+                dests.len() as i64,
+                limit as i64,
+                UploadState::Done
+            ],
             |r| {
-                Ok((
-                    r.get(0)?,
-                    bytes_path(r.get(1)?),
-                    Stat {
+                Ok(StoredFile {
+                    id: r.get(0)?,
+                    path: bytes_path(r.get(1)?),
+                    stat: Stat {
                         size: r.get::<_, i64>(2)? as u64,
                         mtime_ns: r.get(3)?,
                         inode: r.get::<_, i64>(4)? as u64,
                         dev: r.get::<_, i64>(5)? as u64,
                     },
-                ))
+                })
             },
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1063,9 +1225,13 @@ impl Index {
         let n: i64 = conn.query_row(
             "SELECT count(*) FROM files f
              WHERE (SELECT count(*) FROM uploads u
-                    WHERE u.file_id = f.id AND u.state = 1 AND u.gen = f.gen
+                    WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen
                       AND u.dest IN (SELECT value FROM json_each(?1))) < ?2",
-            params![serde_json::to_string(dests)?, dests.len() as i64],
+            params![
+                serde_json::to_string(dests)?,
+                dests.len() as i64,
+                UploadState::Done
+            ],
             |r| r.get(0),
         )?;
         Ok(n as u64)
@@ -1083,6 +1249,60 @@ impl Index {
         self.conn()
             .execute(FORGET_STORED, params![dest, stored_key])?;
         Ok(())
+    }
+
+    /// Call `f` with every object `dest` holds and how its file got there (reports).
+    pub fn each_object_of(&self, dest: &str, mut f: impl FnMut(ObjectUse)) -> anyhow::Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(OBJECTS_WITH_METHOD)?;
+        let mut rows = stmt.query(params![dest])?;
+        while let Some(r) = rows.next()? {
+            f(ObjectUse {
+                key: r.get(0)?,
+                stored_key: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                stored_size: r.get::<_, i64>(3)? as u64,
+                stored_ms: r.get(4)?,
+                method: r.get(5)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// How long each file stored in `dest` waited from queued to stored, in ms, ascending.
+    pub fn latencies_ms(&self, dest: &str) -> anyhow::Result<Vec<i64>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(LATENCIES)?;
+        let rows = stmt.query_map(params![dest, UploadState::Done], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// When the first and the last file sent to `dest` were stored, and the bytes sent.
+    pub fn upload_span(&self, dest: &str) -> anyhow::Result<UploadSpan> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(UPLOAD_SPAN)?;
+        Ok(
+            stmt.query_row(params![dest, UploadState::Done, Method::Upload], |r| {
+                Ok(UploadSpan {
+                    first_ms: r.get(0)?,
+                    last_ms: r.get(1)?,
+                    stored_bytes: r.get::<_, i64>(2)? as u64,
+                })
+            })?,
+        )
+    }
+
+    /// The last error of every file not stored in `dest`, each with its number of files.
+    pub fn current_errors(&self, dest: &str) -> anyhow::Result<Vec<ErrorCount>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(CURRENT_ERRORS)?;
+        let rows = stmt.query_map(params![dest, UploadState::Done], |r| {
+            Ok(ErrorCount {
+                error: r.get(0)?,
+                files: r.get::<_, i64>(1)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Check the database file (`PRAGMA quick_check`).
@@ -1147,7 +1367,7 @@ mod tests {
     fn stored(job: &Job) -> Outcome {
         Outcome::Stored {
             job: job.clone(),
-            method: "upload",
+            method: Method::Upload,
             object: ObjectRow {
                 key: job.key.clone(),
                 stored_key: format!("{}.zst", job.key),
@@ -1208,14 +1428,7 @@ mod tests {
             "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
             "SELECT size FROM files WHERE path = ?1",
         ] {
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let n = stmt.parameter_count();
-            let args: Vec<i64> = vec![0; n];
-            let plan: Vec<String> = stmt
-                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let plan = plan_of(&conn, sql);
             for step in &plan {
                 assert!(
                     !step.starts_with("SCAN") && !step.contains("TEMP B-TREE"),
@@ -1227,7 +1440,46 @@ mod tests {
             if sql == OBJECT_WITH {
                 assert!(plan[0].contains("sha256=?"), "{plan:?}");
             }
+            if sql == CLAIM {
+                // The state is a bound parameter: the queue index must still take it.
+                assert!(
+                    plan.iter().any(|p| p.contains("uploads_queue")
+                        && p.contains("state=?")
+                        && p.contains("next_attempt_ms<?")),
+                    "{plan:?}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn report_queries_search_by_destination() {
+        // A report reads one destination at a time: it may sort what it reads, but must never
+        // scan another destination's rows.
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let conn = idx.conn();
+        for sql in [OBJECTS_WITH_METHOD, LATENCIES, UPLOAD_SPAN, CURRENT_ERRORS] {
+            let plan = plan_of(&conn, sql);
+            assert!(
+                plan.iter().all(|s| !s.starts_with("SCAN")),
+                "{sql}\n  plan: {plan:?}"
+            );
+            assert!(
+                plan.iter()
+                    .any(|s| s.starts_with("SEARCH") && s.contains("dest=?")),
+                "{sql}\n  plan: {plan:?}"
+            );
+        }
+    }
+
+    fn plan_of(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let args: Vec<i64> = vec![0; stmt.parameter_count()];
+        stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
     }
 
     #[test]

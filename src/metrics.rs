@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::index::Index;
+use crate::index::{Index, Method};
 
 /// The `dest` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,14 +160,14 @@ impl Metrics {
     }
 
     /// Record a stored file.
-    pub fn stored(&self, name: &str, method: &str, size: u64, sent: u64, mtime_ns: i64) {
+    pub fn stored(&self, name: &str, method: Method, size: u64, sent: u64, mtime_ns: i64) {
         let d = dest(name);
         match method {
-            "upload" => {
+            Method::Upload => {
                 self.uploaded.get_or_create(&d).inc();
                 self.bytes_stored.get_or_create(&d).inc_by(sent);
             }
-            _ => {
+            Method::Copy | Method::Skip => {
                 self.deduplicated.get_or_create(&d).inc();
             }
         }
@@ -175,7 +175,7 @@ impl Metrics {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        if method != "skip" {
+        if method != Method::Skip {
             let secs = (now.as_nanos() as i64 - mtime_ns).max(0) as f64 / 1e9;
             self.latency.get_or_create(&d).observe(secs);
         }

@@ -34,11 +34,30 @@ const CONCURRENCY: usize = 16;
 pub struct Rebuilt {
     /// Where the old index was moved, if there was one.
     pub moved_aside: Option<PathBuf>,
-    /// Per destination: objects recorded as held, and objects whose hash could not be read
-    /// back (they will be uploaded again).
-    pub destinations: Vec<(String, u64, u64)>,
-    /// Per destination: keys object_store cannot address (not recorded; named, never fatal).
-    pub bad_keys: Vec<(String, BadKey)>,
+    /// Per destination, in configured order: what was recorded.
+    pub destinations: Vec<RebuiltDest>,
+    /// Keys object_store cannot address (not recorded; named, never fatal).
+    pub bad_keys: Vec<DestBadKey>,
+}
+
+/// What a rebuild recorded from one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuiltDest {
+    /// Destination name.
+    pub name: String,
+    /// Objects recorded as held.
+    pub held: u64,
+    /// Objects whose hash could not be read back (they will be uploaded again).
+    pub unknown: u64,
+}
+
+/// A key of a destination that object_store cannot address.
+#[derive(Debug, Clone)]
+pub struct DestBadKey {
+    /// Destination name.
+    pub dest: String,
+    /// The key and why.
+    pub bad: BadKey,
 }
 
 /// Move the index aside, create a fresh one and fill it from the destinations.
@@ -71,11 +90,18 @@ pub async fn rebuild_index(config: &Config) -> anyhow::Result<Rebuilt> {
             unknown += u;
             for b in bad {
                 tracing::warn!(dest = %dest.name, key = %b.key, reason = %b.reason, "not recorded: a key object_store cannot address");
-                out.bad_keys.push((dest.name.clone(), b));
+                out.bad_keys.push(DestBadKey {
+                    dest: dest.name.clone(),
+                    bad: b,
+                });
             }
         }
         tracing::info!(dest = %dest.name, held, unknown, "index rebuilt from the destination");
-        out.destinations.push((dest.name.clone(), held, unknown));
+        out.destinations.push(RebuiltDest {
+            name: dest.name.clone(),
+            held,
+            unknown,
+        });
     }
     Ok(out)
 }

@@ -10,11 +10,10 @@ use anyhow::Context;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
-use rusqlite::params;
 
 use crate::config::{Compression, Config};
 use crate::destination::{self, Destination};
-use crate::index::{Index, Status};
+use crate::index::{Index, Method, Status};
 
 /// Where node status objects live, under the primary's base.
 pub const NODES_PREFIX: &str = "_panoptic-sync/nodes";
@@ -60,10 +59,29 @@ pub struct DestReport {
     pub latency_ms: [u64; 3],
     /// Average upload throughput while uploading, bytes/s (first to last upload).
     pub throughput_bytes_per_sec: u64,
-    /// Pending files, failing ones, and the oldest pending age in seconds.
-    pub backlog: (u64, u64, Option<u64>),
+    /// What is waiting to be stored.
+    pub backlog: Backlog,
     /// Current failures grouped by cause.
     pub failures: BTreeMap<String, u64>,
+}
+
+/// A destination's queue: in the JSON report a `[pending, failing, oldest_pending_secs]`
+/// array, as it has always been written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "(u64, u64, Option<u64>)")]
+pub struct Backlog {
+    /// Files waiting (including failing ones).
+    pub pending: u64,
+    /// Pending files whose last attempt failed.
+    pub failing: u64,
+    /// Age of the oldest pending file, in seconds.
+    pub oldest_pending_secs: Option<u64>,
+}
+
+impl From<Backlog> for (u64, u64, Option<u64>) {
+    fn from(b: Backlog) -> Self {
+        (b.pending, b.failing, b.oldest_pending_secs)
+    }
 }
 
 /// The whole report.
@@ -128,91 +146,62 @@ pub fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         bytes: status.bytes,
         ..Default::default()
     };
-    index.with_conn(|conn| {
-        for (name, st) in names.iter().zip(&status.destinations) {
-            let mut d = DestReport {
-                name: name.clone(),
-                backlog: (st.pending, st.failing, st.oldest_pending_secs),
-                ..Default::default()
+    for (name, st) in names.iter().zip(&status.destinations) {
+        let mut d = DestReport {
+            name: name.clone(),
+            backlog: Backlog {
+                pending: st.pending,
+                failing: st.failing,
+                oldest_pending_secs: st.oldest_pending_secs,
+            },
+            ..Default::default()
+        };
+        index.each_object_of(name, |o| {
+            let add = |u: &mut Usage| {
+                u.objects += 1;
+                u.bytes_original += o.size;
+                u.bytes_stored += o.stored_size;
             };
-            let mut stmt = conn.prepare(
-                "SELECT o.key, o.stored_key, o.size, o.stored_size, o.stored_ms, u.method
-                 FROM objects o LEFT JOIN uploads u ON u.dest = o.dest AND u.key = o.key
-                 WHERE o.dest = ?1",
-            )?;
-            let mut rows = stmt.query(params![name])?;
-            while let Some(r) = rows.next()? {
-                let key: String = r.get(0)?;
-                let stored_key: String = r.get(1)?;
-                let size = r.get::<_, i64>(2)? as u64;
-                let stored = r.get::<_, i64>(3)? as u64;
-                let stored_ms: i64 = r.get(4)?;
-                let method: Option<String> = r.get(5)?;
-                let add = |u: &mut Usage| {
-                    u.objects += 1;
-                    u.bytes_original += size;
-                    u.bytes_stored += stored;
-                };
-                add(&mut d.usage);
-                add(d.by_type.entry(ext_of(&stored_key)).or_default());
-                let root = prefixes
-                    .iter()
-                    .filter(|p| p.is_empty() || key.starts_with(&format!("{p}/")))
-                    .max_by_key(|p| p.len())
-                    .map(|p| {
-                        if p.is_empty() {
-                            "(root)".into()
-                        } else {
-                            p.clone()
-                        }
-                    })
-                    .unwrap_or_else(|| "(other)".into());
-                add(d.by_root.entry(root).or_default());
-                if now_ms - stored_ms < 86_400_000 {
-                    add(&mut d.stored_last_24h);
-                }
-                match method.as_deref() {
-                    Some("copy") | Some("skip") => d.dedup_saved_bytes += size,
-                    _ => d.compression_saved_bytes += size.saturating_sub(stored),
-                }
+            add(&mut d.usage);
+            add(d.by_type.entry(ext_of(&o.stored_key)).or_default());
+            let root = prefixes
+                .iter()
+                .filter(|p| p.is_empty() || o.key.starts_with(&format!("{p}/")))
+                .max_by_key(|p| p.len())
+                .map(|p| {
+                    if p.is_empty() {
+                        "(root)".into()
+                    } else {
+                        p.clone()
+                    }
+                })
+                .unwrap_or_else(|| "(other)".into());
+            add(d.by_root.entry(root).or_default());
+            if now_ms - o.stored_ms < 86_400_000 {
+                add(&mut d.stored_last_24h);
             }
-            let mut stmt = conn.prepare(
-                "SELECT done_ms - queued_ms FROM uploads
-                 WHERE dest = ?1 AND state = 1 AND done_ms IS NOT NULL ORDER BY 1",
-            )?;
-            let lat: Vec<i64> = stmt
-                .query_map(params![name], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            if !lat.is_empty() {
-                let pick = |p: f64| {
-                    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].max(0) as u64
-                };
-                d.latency_ms = [pick(0.5), pick(0.9), pick(0.99)];
+            if o.method.is_some_and(Method::deduplicated) {
+                d.dedup_saved_bytes += o.size;
+            } else {
+                d.compression_saved_bytes += o.size.saturating_sub(o.stored_size);
             }
-            let (first, last, bytes): (Option<i64>, Option<i64>, i64) = conn.query_row(
-                "SELECT min(u.done_ms), max(u.done_ms), coalesce(sum(o.stored_size), 0)
-                 FROM uploads u JOIN objects o ON o.dest = u.dest AND o.key = u.key
-                 WHERE u.dest = ?1 AND u.state = 1 AND u.method = 'upload'",
-                params![name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?;
-            if let (Some(a), Some(b)) = (first, last) {
-                let secs = ((b - a).max(1000) as f64) / 1000.0;
-                d.throughput_bytes_per_sec = (bytes as f64 / secs) as u64;
-            }
-            let mut stmt = conn.prepare(
-                "SELECT last_error, count(*) FROM uploads
-                 WHERE dest = ?1 AND last_error IS NOT NULL AND state != 1 GROUP BY 1",
-            )?;
-            let mut rows = stmt.query(params![name])?;
-            while let Some(r) = rows.next()? {
-                let e: String = r.get(0)?;
-                *d.failures.entry(cause_of(&e)).or_default() += r.get::<_, i64>(1)? as u64;
-            }
-            report.destinations.push(d);
+        })?;
+        let lat = index.latencies_ms(name)?;
+        if !lat.is_empty() {
+            let pick =
+                |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].max(0) as u64;
+            d.latency_ms = [pick(0.5), pick(0.9), pick(0.99)];
         }
-        Ok(())
-    })?;
+        let span = index.upload_span(name)?;
+        if let (Some(a), Some(b)) = (span.first_ms, span.last_ms) {
+            let secs = ((b - a).max(1000) as f64) / 1000.0;
+            d.throughput_bytes_per_sec = (span.stored_bytes as f64 / secs) as u64;
+        }
+        for e in index.current_errors(name)? {
+            *d.failures.entry(cause_of(&e.error)).or_default() += e.files;
+        }
+        report.destinations.push(d);
+    }
     report.recommendations = recommend(config, &report);
     Ok(report)
 }
@@ -249,14 +238,14 @@ fn recommend(config: &Config, r: &Report) -> Vec<String> {
         }
     }
     for d in &r.destinations {
-        if let (_, _, Some(age)) = d.backlog
+        if let Some(age) = d.backlog.oldest_pending_secs
             && age >= 3600
         {
             out.push(format!(
                 "destination {:?} is {:.1} h behind ({} files pending)",
                 d.name,
                 age as f64 / 3600.0,
-                d.backlog.0
+                d.backlog.pending
             ));
         }
         if let Some((cause, n)) = d.failures.iter().max_by_key(|(_, n)| **n) {
@@ -307,8 +296,8 @@ pub fn render_text(r: &Report) -> String {
             d.latency_ms[1],
             d.latency_ms[2],
             human(d.throughput_bytes_per_sec),
-            d.backlog.0,
-            d.backlog.1
+            d.backlog.pending,
+            d.backlog.failing
         );
         let mut types: Vec<_> = d.by_type.iter().collect();
         types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
@@ -382,8 +371,8 @@ pub fn render_html(r: &Report) -> String {
             d.latency_ms[0],
             d.latency_ms[1],
             d.latency_ms[2],
-            d.backlog.0,
-            d.backlog.1
+            d.backlog.pending,
+            d.backlog.failing
         );
         let mut types: Vec<_> = d.by_type.iter().collect();
         types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));

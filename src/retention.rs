@@ -20,12 +20,32 @@ pub const INTERVAL: Duration = Duration::from_secs(3600);
 /// What `prune` did (or would do).
 #[derive(Debug, Default, serde::Serialize)]
 pub struct PruneReport {
-    /// (destination, key) of every object deleted, or that would be with `--dry-run`.
-    pub expired: Vec<(String, String)>,
+    /// Every object deleted, or that would be with `--dry-run`.
+    pub expired: Vec<Expired>,
     /// Watch prefixes skipped because they do not contain the node id.
     pub skipped_prefixes: Vec<String>,
     /// Objects that could not be deleted, with the reason.
-    pub failed: Vec<(String, String, String)>,
+    pub failed: Vec<PruneFailure>,
+}
+
+/// An object retention deleted (or would delete).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Expired {
+    /// Destination name.
+    pub dest: String,
+    /// The object's full key.
+    pub key: String,
+}
+
+/// An object retention could not delete.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PruneFailure {
+    /// Destination name.
+    pub dest: String,
+    /// The object's key.
+    pub key: String,
+    /// Why.
+    pub error: String,
 }
 
 /// Whether any remote retention is configured.
@@ -77,11 +97,11 @@ async fn prune_prefix(
     // A key object_store cannot address cannot be deleted through it: it fails alone, named.
     for bad in listing.bad_keys {
         tracing::warn!(dest = %dest.name, key = %bad.key, reason = %bad.reason, "cannot prune");
-        report.failed.push((
-            dest.name.clone(),
-            bad.key,
-            format!("cannot delete: {}", bad.reason),
-        ));
+        report.failed.push(PruneFailure {
+            dest: dest.name.clone(),
+            key: bad.key,
+            error: format!("cannot delete: {}", bad.reason),
+        });
     }
     let objects = listing.objects;
     for meta in objects {
@@ -103,16 +123,19 @@ async fn prune_prefix(
                     tracing::info!(dest = %dest.name, key = %key, "pruned");
                 }
                 Err(e) => {
-                    report.failed.push((
-                        dest.name.clone(),
-                        key.clone(),
-                        destination::error_chain(&e),
-                    ));
+                    report.failed.push(PruneFailure {
+                        dest: dest.name.clone(),
+                        key: key.clone(),
+                        error: destination::error_chain(&e),
+                    });
                     continue;
                 }
             }
         }
-        report.expired.push((dest.name.clone(), key));
+        report.expired.push(Expired {
+            dest: dest.name.clone(),
+            key,
+        });
     }
     Ok(())
 }

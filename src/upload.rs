@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
-use crate::index::{Index, Job, ObjectRow, Outcome, Stat};
+use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outcome, Stat};
 use crate::layout;
 use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
@@ -89,7 +89,7 @@ pub struct Worker {
 }
 
 enum Step {
-    Done(&'static str, ObjectRow),
+    Done(Method, ObjectRow),
     Changed,
 }
 
@@ -226,7 +226,12 @@ impl Worker {
             let claimed = this
                 .record_and_claim(&mut finished, &mut busy, Some(&cancel))
                 .await;
-            for (job, here, elsewhere) in claimed {
+            for Claimed {
+                job,
+                here,
+                elsewhere,
+            } in claimed
+            {
                 if busy.values().any(|sha| *sha == job.sha256) {
                     continue;
                 }
@@ -272,7 +277,7 @@ impl Worker {
         finished: &mut Vec<Outcome>,
         busy: &mut HashMap<i64, [u8; 32]>,
         cancel: Option<&CancellationToken>,
-    ) -> Vec<(Job, Option<ObjectRow>, Option<ObjectRow>)> {
+    ) -> Vec<Claimed> {
         let claim = cancel.is_some();
         let outcomes = std::mem::take(finished);
         for o in &outcomes {
@@ -295,7 +300,7 @@ impl Worker {
             self.pipeline.identity(),
         );
         let res = tokio::task::spawn_blocking(move || {
-            let (recorded, claimed) =
+            let FinishAndClaim { recorded, claimed } =
                 index.finish_and_claim(&dest, &outcomes, free, &busy_now, max, &identity);
             (recorded, claimed, outcomes)
         })
@@ -358,9 +363,9 @@ impl Worker {
         match self.try_process(&job, here, elsewhere).await {
             Ok(Step::Done(method, object)) => {
                 let counter = match method {
-                    "copy" => &self.stats.copied,
-                    "skip" => &self.stats.skipped,
-                    _ => &self.stats.uploaded,
+                    Method::Copy => &self.stats.copied,
+                    Method::Skip => &self.stats.skipped,
+                    Method::Upload => &self.stats.uploaded,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 self.metrics.stored(
@@ -370,7 +375,7 @@ impl Worker {
                     object.stored_size,
                     job.stat.mtime_ns,
                 );
-                tracing::debug!(dest = %self.dest.name, key = %job.key, method, ms = started.elapsed().as_millis() as u64, "stored");
+                tracing::debug!(dest = %self.dest.name, key = %job.key, method = method.as_str(), ms = started.elapsed().as_millis() as u64, "stored");
                 Outcome::Stored {
                     job,
                     method,
@@ -436,7 +441,7 @@ impl Worker {
             && h.pipeline == identity
             && layout::stored_key(&h.key, layout::parse(&h.stored_key).plan) == h.stored_key
         {
-            return Ok(Step::Done("skip", h.clone()));
+            return Ok(Step::Done(Method::Skip, h.clone()));
         }
         let mut step = None;
         if let Some(src) = elsewhere {
@@ -474,7 +479,7 @@ impl Worker {
         }
         match self.dest.store.copy(&from, &to).await {
             Ok(()) => Ok(Some(Step::Done(
-                "copy",
+                Method::Copy,
                 ObjectRow {
                     key: job.key.clone(),
                     stored_key,
@@ -698,7 +703,7 @@ impl Worker {
                     .await
                     .map_err(|e| StoreError::classify(ctx(), &e))?;
                 self.keep_local_meta(plan, job, mode, &stored_key).await?;
-                return Ok(Step::Done("upload", row(stored_size)));
+                return Ok(Step::Done(Method::Upload, row(stored_size)));
             }
         };
         let _slot = self.multipart_slots.acquire().await;
@@ -719,7 +724,7 @@ impl Worker {
                 .await
                 .map_err(|e| StoreError::classify(ctx(), &e))?;
                 self.keep_local_meta(plan, job, mode, &stored_key).await?;
-                return Ok(Step::Done("upload", row(stored_size)));
+                return Ok(Step::Done(Method::Upload, row(stored_size)));
             }
         };
         let opts = PutMultipartOptions {
@@ -763,7 +768,7 @@ impl Worker {
                     .map_err(|e| StoreError::classify(ctx(), &e))?;
                 self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
                 self.keep_local_meta(plan, job, mode, &stored_key).await?;
-                Ok(Step::Done("upload", row(stored_size)))
+                Ok(Step::Done(Method::Upload, row(stored_size)))
             }
             (sent, unchanged) => {
                 // Never commit: the object stays invisible.
