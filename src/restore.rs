@@ -122,12 +122,22 @@ fn attr_expect(get: &GetResult) -> Expect {
 /// Stream an object's bytes to a blocking reader; returns the reader and the feeding task.
 fn download(get: GetResult) -> (ChannelReader, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+    let size = get.meta.size;
     let feed = tokio::spawn(async move {
         let mut stream = get.into_stream();
+        let mut received = 0u64;
         while let Some(item) = stream.next().await {
             let item = item.map_err(io::Error::other);
             let stop = item.is_err();
+            received += item.as_ref().map_or(0, |b| b.len() as u64);
             if tx.send(item).await.is_err() || stop {
+                break;
+            }
+            // Every byte the object has is here: stop without waiting for the end of the body.
+            // A slow decoder can keep a large download open past the client's request timeout;
+            // object_store then resumes with a Range starting at the object's end, which the
+            // server refuses (400), failing an object that was read whole.
+            if received >= size {
                 break;
             }
         }

@@ -338,32 +338,40 @@ async fn node_ids_with_terminal_escapes_are_shown_without_control_characters() {
 }
 
 /// Runs `panoptic-sync` with `args` and returns (exit status, stdout, peak RSS in KiB) of that
-/// child alone (wait4 reports the child's own ru_maxrss).
+/// child alone. A small Python parent forks and waits for it: a child spawned straight from
+/// this test process would start with the test's own memory mapped (Linux records the
+/// pre-exec high-water mark in `ru_maxrss`), so under the whole suite the figure was the test
+/// binary's, not the agent's.
 fn run_measured(env: &Env, args: &[&str]) -> (i32, String, u64) {
     let out_path = env.tmp.path().join("measured.out");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+    let script = "import os, sys\n\
+pid = os.fork()\n\
+if pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n\
+_, status, usage = os.wait4(pid, 0)\n\
+sys.stderr.write('maxrss_kib=%d code=%d\\n' % (usage.ru_maxrss, os.waitstatus_to_exitcode(status)))\n";
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_panoptic-sync"))
         .arg("--config")
         .arg(env.config_path())
         .args(args)
         .env("PANOPTIC_SYNC_LOG", "warn")
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 reaps exactly this child, which std never waits for.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
-    std::mem::forget(child);
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
+        .stdout(std::fs::File::create(&out_path).unwrap());
+    let output = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("maxrss_kib="))
+        .unwrap_or_else(|| panic!("no measurement: {err}"));
+    let field = |name: &str| -> i64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad measurement line {line}"))
     };
     let out = std::fs::read_to_string(&out_path).unwrap();
-    (code, out, usage.ru_maxrss as u64)
+    (field("code=") as i32, out, field("maxrss_kib=") as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
