@@ -69,6 +69,24 @@ pub enum Command {
         #[arg(long)]
         all_destinations: bool,
     },
+    /// Seal a run (a top-level directory of a `runs = "dir"` watch): wait until every file
+    /// under it is in every destination, then write its manifest with the CI context.
+    Seal {
+        /// The run directory.
+        dir: PathBuf,
+        /// Give up after this long (e.g. "30s", "10m").
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// A label recorded in the manifest (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::runs::parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List runs: open, sealed or changed after seal, with files, bytes and completeness.
+    Runs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the index: files, and per destination pending, failing and done.
     Status {
         /// Print JSON.
@@ -77,9 +95,12 @@ pub enum Command {
     },
     /// Download, decrypt, decompress and verify objects into a directory.
     Restore {
-        /// Destination name to restore from.
-        #[arg(long)]
-        from: String,
+        /// Destination name to restore from (with --run, default: the primary).
+        #[arg(long, required_unless_present = "run")]
+        from: Option<String>,
+        /// Restore exactly the files of this sealed run's manifest, each verified.
+        #[arg(long, conflicts_with_all = ["prefix", "allow_plaintext", "max_size"])]
+        run: Option<String>,
         /// Directory to write into (paths in it are relative to --prefix).
         #[arg(long)]
         to: PathBuf,
@@ -298,6 +319,25 @@ async fn dispatch(
                 ExitCode::from(1)
             })
         }
+        Command::Seal {
+            dir,
+            timeout,
+            labels,
+        } => seal(&config, &dir, timeout, labels).await,
+        Command::Runs { json } => {
+            let c = config.clone();
+            let runs = tokio::task::spawn_blocking(move || {
+                let index = crate::index::Index::open(&c.state_dir)?;
+                crate::runs::list(&c, &index)
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                print!("{}", crate::runs::render(&runs));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let status =
                 tokio::task::spawn_blocking(move || crate::status::read(&config)).await??;
@@ -309,12 +349,44 @@ async fn dispatch(
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore {
+            run: Some(run),
+            from,
+            to,
+            ..
+        } => {
+            let r = match crate::runs::restore_run(&config, &run, from.as_deref(), &to).await {
+                Ok(r) => r,
+                Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => {
+                    eprintln!("panoptic-sync: {e:#}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e),
+            };
+            for (path, e) in &r.failed {
+                eprintln!("failed: {path}: {e}");
+            }
+            println!(
+                "run {run}: {} files restored to {} from manifest {}, {} failed",
+                r.restored,
+                to.display(),
+                r.manifest_key,
+                r.failed.len()
+            );
+            Ok(if r.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Restore {
+            run: None,
             from,
             to,
             prefix,
             allow_plaintext,
             max_size,
         } => {
+            let from = from.unwrap_or_default();
             let opts = crate::restore::RestoreOptions {
                 allow_plaintext,
                 max_size,
@@ -434,6 +506,50 @@ async fn dispatch(
                 Ok(ExitCode::from(2))
             }
         },
+    }
+}
+
+/// `seal`: exit 0 sealed, 1 not every file stored in time (or failed), 2 not a run.
+async fn seal(
+    config: &Config,
+    dir: &std::path::Path,
+    timeout: Duration,
+    labels: Vec<(String, String)>,
+) -> anyhow::Result<ExitCode> {
+    match crate::runs::seal(config, dir, timeout, labels).await {
+        Ok(crate::runs::Sealed::Done {
+            manifest,
+            stored_key,
+        }) => {
+            println!(
+                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
+                manifest.run, manifest.totals.files, manifest.totals.bytes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(crate::runs::Sealed::Incomplete(s)) => {
+            for (p, e) in &s.failed {
+                eprintln!("failed: {}: {e}", p.display());
+            }
+            for p in s.waiting.iter().take(20) {
+                eprintln!("not stored yet: {}", p.display());
+            }
+            if s.waiting.len() > 20 {
+                eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
+            }
+            eprintln!(
+                "not sealed: {} files stored, {} failed, {} not stored yet in every destination",
+                s.stored,
+                s.failed.len(),
+                s.waiting.len()
+            );
+            Ok(ExitCode::from(1))
+        }
+        Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => {
+            eprintln!("panoptic-sync: {e:#}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e),
     }
 }
 

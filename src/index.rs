@@ -91,6 +91,20 @@ CREATE INDEX objects_by_stored_key ON objects(dest, stored_key);
     r#"
 ALTER TABLE files ADD COLUMN dev INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 4: sealed runs (`seal`, `runs`): one row per run directory, with the manifest as
+    // written, so `runs` can tell a run changed after its seal without the destinations.
+    r#"
+CREATE TABLE runs (
+    watch    BLOB NOT NULL,
+    name     TEXT NOT NULL,
+    sealed_ms INTEGER NOT NULL,
+    manifest_sha256 BLOB NOT NULL,
+    files    INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    PRIMARY KEY (watch, name)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The next due jobs of a destination, oldest first (walks `uploads_queue`, never sorts).
