@@ -745,11 +745,17 @@ async fn read_manifest(
         );
     }
     let location = dest.path(stored_key)?;
-    let raw = dest
+    let get = dest
         .store
         .get(&location)
         .await
-        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?
+        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
+    // A plain manifest in S3, GCS or Azure carries its SHA-256 like any plain object.
+    let recorded = get
+        .attributes
+        .get(&Attribute::Metadata("sha256".into()))
+        .map(|v| v.as_ref().to_string());
+    let raw = get
         .bytes()
         .await
         .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
@@ -762,9 +768,9 @@ async fn read_manifest(
             body.len() as u64 <= MAX_MANIFEST,
             "larger than {MAX_MANIFEST} bytes"
         );
-        if let Some(m) = meta {
+        if let Some(want) = meta.map(|m| m.sha256).or(recorded) {
             anyhow::ensure!(
-                m.sha256 == hex::encode(Sha256::digest(&body)),
+                want == hex::encode(Sha256::digest(&body)),
                 "content does not match the SHA-256 recorded with it"
             );
         }
