@@ -69,6 +69,24 @@ pub enum Command {
         #[arg(long)]
         all_destinations: bool,
     },
+    /// Seal a run (a top-level directory of a `runs = "dir"` watch): wait until every file
+    /// under it is in every destination, then write its manifest with the CI context.
+    Seal {
+        /// The run directory.
+        dir: PathBuf,
+        /// Give up after this long (e.g. "30s", "10m").
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// A label recorded in the manifest (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::runs::parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List runs: open, sealed or changed after seal, with files, bytes and completeness.
+    Runs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the index: files, and per destination pending, failing and done.
     Status {
         /// Print JSON.
@@ -77,9 +95,12 @@ pub enum Command {
     },
     /// Download, decrypt, decompress and verify objects into a directory.
     Restore {
-        /// Destination name to restore from.
-        #[arg(long)]
-        from: String,
+        /// Destination name to restore from (with --run, default: the primary).
+        #[arg(long, required_unless_present = "run")]
+        from: Option<String>,
+        /// Restore exactly the files of this sealed run's manifest, each verified.
+        #[arg(long, conflicts_with_all = ["prefix", "allow_plaintext", "max_size"])]
+        run: Option<String>,
         /// Directory to write into (paths in it are relative to --prefix).
         #[arg(long)]
         to: PathBuf,
@@ -284,7 +305,7 @@ enum Done {
     Flushed(daemon::FlushSummary),
     /// `status`.
     Status {
-        status: crate::index::Status,
+        status: crate::status::StatusView,
         json: bool,
     },
     /// `restore`.
@@ -316,6 +337,8 @@ enum Done {
     },
     /// `url`.
     Link(String),
+    /// A command that printed its own result (`seal`, `runs`, `restore --run`).
+    Printed(Exit),
     /// `check-config`: what was checked, or why the configuration is not usable.
     Checked(anyhow::Result<Vec<String>>),
     /// Handled before the configuration is loaded.
@@ -332,6 +355,7 @@ impl Done {
             Done::Verified { report, .. } => Exit::unless_failures(report.problems.is_empty()),
             Done::Pruned { report, .. } => Exit::unless_failures(report.failed.is_empty()),
             Done::Checked(Err(_)) => Exit::Usage,
+            Done::Printed(exit) => *exit,
             Done::Ran
             | Done::Status { .. }
             | Done::Fleet { .. }
@@ -346,7 +370,7 @@ impl Done {
     /// Print the result: data on stdout, what went wrong on stderr.
     fn render(&self) -> anyhow::Result<()> {
         match self {
-            Done::Ran | Done::Nothing => {}
+            Done::Ran | Done::Nothing | Done::Printed(_) => {}
             Done::Synced(s) => render_sync(s),
             Done::Flushed(s) => render_flush(s),
             Done::Status { status, json } => {
@@ -414,18 +438,65 @@ async fn dispatch(
             timeout,
             all_destinations,
         } => Done::Flushed(daemon::flush(&config, timeout, all_destinations).await?),
+        Command::Seal {
+            dir,
+            timeout,
+            labels,
+        } => Done::Printed(seal(&config, &dir, timeout, labels).await?),
+        Command::Runs { json } => {
+            let c = config.clone();
+            let runs = tokio::task::spawn_blocking(move || {
+                let index = crate::index::Index::open(&c.state_dir)?;
+                crate::runs::list(&c, &index)
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                print!("{}", crate::runs::render(&runs));
+            }
+            Done::Printed(Exit::Success)
+        }
         Command::Status { json } => {
             let status =
                 tokio::task::spawn_blocking(move || crate::status::read(&config)).await??;
             Done::Status { status, json }
         }
         Command::Restore {
+            run: Some(run),
+            from,
+            to,
+            ..
+        } => {
+            let r = match crate::runs::restore_run(&config, &run, from.as_deref(), &to).await {
+                Ok(r) => r,
+                Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => {
+                    eprintln!("panoptic-sync: {e:#}");
+                    return Ok(Done::Printed(Exit::Usage));
+                }
+                Err(e) => return Err(e),
+            };
+            for (path, e) in &r.failed {
+                eprintln!("failed: {path}: {e}");
+            }
+            println!(
+                "run {run}: {} files restored to {} from manifest {}, {} failed",
+                r.restored,
+                to.display(),
+                r.manifest_key,
+                r.failed.len()
+            );
+            Done::Printed(Exit::unless_failures(r.failed.is_empty()))
+        }
+        Command::Restore {
+            run: None,
             from,
             to,
             prefix,
             allow_plaintext,
             max_size,
         } => {
+            let from = from.unwrap_or_default();
             let opts = crate::restore::RestoreOptions {
                 allow_plaintext,
                 max_size,
@@ -567,6 +638,50 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
             "deleted"
         }
     );
+}
+
+/// `seal`: exit 0 sealed, 1 not every file stored in time (or failed), 2 not a run.
+async fn seal(
+    config: &Config,
+    dir: &std::path::Path,
+    timeout: Duration,
+    labels: Vec<(String, String)>,
+) -> anyhow::Result<Exit> {
+    match crate::runs::seal(config, dir, timeout, labels).await {
+        Ok(crate::runs::Sealed::Done {
+            manifest,
+            stored_key,
+        }) => {
+            println!(
+                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
+                manifest.run, manifest.totals.files, manifest.totals.bytes
+            );
+            Ok(Exit::Success)
+        }
+        Ok(crate::runs::Sealed::Incomplete(s)) => {
+            for (p, e) in &s.failed {
+                eprintln!("failed: {}: {e}", p.display());
+            }
+            for p in s.waiting.iter().take(20) {
+                eprintln!("not stored yet: {}", p.display());
+            }
+            if s.waiting.len() > 20 {
+                eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
+            }
+            eprintln!(
+                "not sealed: {} files stored, {} failed, {} not stored yet in every destination",
+                s.stored,
+                s.failed.len(),
+                s.waiting.len()
+            );
+            Ok(Exit::Failed)
+        }
+        Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => {
+            eprintln!("panoptic-sync: {e:#}");
+            Ok(Exit::Usage)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The man page (`panoptic-sync.1`) and bash, zsh and fish completions.

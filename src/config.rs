@@ -210,6 +210,29 @@ pub struct Watch {
     /// point (`RESOLVE_NO_XDEV`).
     #[serde(default = "default_true")]
     pub one_file_system: bool,
+    /// How the tree is divided into runs (`seal`, `runs`).
+    #[serde(default, deserialize_with = "de_runs")]
+    pub runs: Runs,
+}
+
+/// How a watched tree is divided into runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Runs {
+    /// No runs: files only (the default).
+    #[default]
+    None,
+    /// Each top-level directory under the root is one run, named by the directory.
+    Dir,
+}
+
+fn de_runs<'de, D: Deserializer<'de>>(d: D) -> Result<Runs, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "none" => Ok(Runs::None),
+        "dir" => Ok(Runs::Dir),
+        v => Err(serde::de::Error::custom(format!(
+            "unknown runs {v:?}; expected \"none\" or \"dir\""
+        ))),
+    }
 }
 
 /// The `[pipeline]` table.
@@ -720,6 +743,7 @@ mod tests {
             settle_ms: 1,
             remote_max_age: None,
             one_file_system: true,
+            runs: Runs::None,
         };
         let f = Filter::new(&w);
         assert!(f.matches(Path::new("a/b/c.log")));

@@ -742,6 +742,8 @@ pub struct FlushSummary {
     pub waiting: Vec<PathBuf>,
     /// Files that can never be stored as they are, with the reason.
     pub failed: Vec<(PathBuf, String)>,
+    /// The stored files, with the identity they were stored with.
+    pub files: Vec<(PathBuf, Stat)>,
 }
 
 impl FlushSummary {
@@ -754,12 +756,27 @@ impl FlushSummary {
 /// Wait until every file present in the watched trees now is in the primary (or in every
 /// destination with `all`). If no daemon is running, do the work with a `sync` first.
 pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Result<FlushSummary> {
+    flush_under(config, timeout, all, None).await
+}
+
+/// [`flush`] for the files under `under` only (a run directory), or every watched file.
+pub async fn flush_under(
+    config: &Config,
+    timeout: Duration,
+    all: bool,
+    under: Option<&Path>,
+) -> anyhow::Result<FlushSummary> {
     let deadline = Instant::now() + timeout;
     let roots = Root::from_config(config);
     // Present at call time.
     let mut present: Vec<(PathBuf, Stat)> = {
         let roots = roots.clone();
-        tokio::task::spawn_blocking(move || list_files(&roots)).await?
+        let under = under.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || match under {
+            Some(dir) => list_files_under(&roots, &dir),
+            None => list_files(&roots),
+        })
+        .await?
     };
     let daemon_running = StateLock::try_acquire(&config.state_dir)?.is_none();
     if !daemon_running {
@@ -777,13 +794,14 @@ pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Res
         stored: 0,
         waiting: Vec::new(),
         failed: Vec::new(),
+        files: Vec::new(),
     };
     loop {
         let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
         let batch = std::mem::take(&mut present);
         let (rest, stored, failed) = tokio::task::spawn_blocking(move || {
             let mut rest = Vec::new();
-            let (mut stored, mut failed) = (0u64, Vec::new());
+            let (mut stored, mut failed) = (Vec::new(), Vec::new());
             for (path, stat) in batch {
                 // A file changed since the call: wait for its new version; deleted: drop it.
                 let kind = scan::root_of(&r, &path).map(|n| r[n].kind(&path));
@@ -793,7 +811,7 @@ pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Res
                 };
                 let _ = stat;
                 match i.is_stored(&path, &now, &d)? {
-                    FlushState::Stored => stored += 1,
+                    FlushState::Stored => stored.push((path, now)),
                     FlushState::Waiting => rest.push((path, now)),
                     FlushState::Failed(e) => failed.push((path, e)),
                 }
@@ -801,7 +819,8 @@ pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Res
             anyhow::Ok((rest, stored, failed))
         })
         .await??;
-        summary.stored += stored;
+        summary.stored += stored.len() as u64;
+        summary.files.extend(stored);
         summary.failed.extend(failed);
         present = rest;
         if present.is_empty() {
@@ -822,6 +841,21 @@ fn list_files(roots: &[Root]) -> Vec<(PathBuf, Stat)> {
     let mut out = Vec::new();
     for root in roots.iter().filter(|r| r.refresh().is_some()) {
         root.walk_files(&root.path, &mut |path, stat| {
+            out.push((path, stat));
+            true
+        });
+    }
+    out
+}
+
+/// Every wanted regular file below `dir` (inside one of the trees). Blocking.
+fn list_files_under(roots: &[Root], dir: &Path) -> Vec<(PathBuf, Stat)> {
+    let mut out = Vec::new();
+    let Some(root) = scan::root_of(roots, dir).map(|i| &roots[i]) else {
+        return out;
+    };
+    if root.refresh().is_some() {
+        root.walk_files(dir, &mut |path, stat| {
             out.push((path, stat));
             true
         });

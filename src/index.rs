@@ -163,6 +163,20 @@ CREATE INDEX objects_by_stored_key ON objects(dest, stored_key);
     r#"
 ALTER TABLE files ADD COLUMN dev INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 4: sealed runs (`seal`, `runs`): one row per run directory, with the manifest as
+    // written, so `runs` can tell a run changed after its seal without the destinations.
+    r#"
+CREATE TABLE runs (
+    watch    BLOB NOT NULL,
+    name     TEXT NOT NULL,
+    sealed_ms INTEGER NOT NULL,
+    manifest_sha256 BLOB NOT NULL,
+    files    INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    PRIMARY KEY (watch, name)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The next due jobs of a destination, oldest first (walks `uploads_queue`, never sorts).
@@ -262,6 +276,49 @@ impl Stat {
             && self.inode == other.inode
             && (self.dev == other.dev || self.dev == 0 || other.dev == 0)
     }
+}
+
+/// A sealed run as the index records it.
+#[derive(Debug, Clone)]
+pub struct SealedRun {
+    /// The watch root the run lies in.
+    pub watch: PathBuf,
+    /// The run's name (its top-level directory).
+    pub name: String,
+    /// When it was sealed.
+    pub sealed_ms: i64,
+    /// SHA-256 of the manifest as written.
+    pub manifest_sha256: Vec<u8>,
+    /// Files in the manifest.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The manifest's JSON text.
+    pub manifest: String,
+}
+
+/// One path's indexed state and what each destination holds at its key.
+#[derive(Debug, Clone)]
+pub struct FileAndObjects {
+    /// The indexed content and identity, if indexed.
+    pub indexed: Option<([u8; 32], Stat)>,
+    /// Per destination: (stored key, content) at the file's key, if any.
+    pub held: Vec<Option<(String, [u8; 32])>>,
+}
+
+/// An indexed file under a directory.
+#[derive(Debug, Clone)]
+pub struct FileUnder {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds.
+    pub mtime_ns: i64,
+    /// Content hash.
+    pub sha256: [u8; 32],
+    /// Destinations holding its current content.
+    pub held_by: Vec<String>,
 }
 
 /// What the ingest stage learned about one path.
@@ -1146,6 +1203,126 @@ impl Index {
             }
         }
         Ok(FlushState::Stored)
+    }
+
+    /// Record a sealed run (replacing an earlier seal of the same run).
+    pub fn record_run(&self, run: &SealedRun) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO runs
+             (watch, name, sealed_ms, manifest_sha256, files, bytes, manifest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                path_bytes(&run.watch),
+                run.name,
+                run.sealed_ms,
+                run.manifest_sha256,
+                run.files as i64,
+                run.bytes as i64,
+                run.manifest
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The sealed runs of the watch rooted at `watch`.
+    pub fn sealed_runs(&self, watch: &Path) -> anyhow::Result<Vec<SealedRun>> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(
+            "SELECT name, sealed_ms, manifest_sha256, files, bytes, manifest FROM runs
+             WHERE watch = ?1",
+        )?;
+        let rows = s.query_map(params![path_bytes(watch)], |r| {
+            Ok(SealedRun {
+                watch: watch.to_path_buf(),
+                name: r.get(0)?,
+                sealed_ms: r.get(1)?,
+                manifest_sha256: r.get(2)?,
+                files: r.get::<_, i64>(3)? as u64,
+                bytes: r.get::<_, i64>(4)? as u64,
+                manifest: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Each path's indexed content and identity (`None`: not indexed), and for each of
+    /// `dests` the stored key and content of `key` there; one read transaction.
+    pub fn files_and_objects(
+        &self,
+        items: &[(PathBuf, String)],
+        dests: &[String],
+    ) -> anyhow::Result<Vec<FileAndObjects>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut out = Vec::with_capacity(items.len());
+        {
+            let mut file = tx.prepare_cached(
+                "SELECT sha256, size, mtime_ns, inode, dev FROM files WHERE path = ?1",
+            )?;
+            let mut object = tx.prepare_cached(
+                "SELECT stored_key, sha256 FROM objects WHERE dest = ?1 AND key = ?2",
+            )?;
+            for (path, key) in items {
+                let indexed = file
+                    .query_row(params![path_bytes(path)], |r| {
+                        Ok((
+                            sha_from(r.get(0)?),
+                            Stat {
+                                size: r.get::<_, i64>(1)? as u64,
+                                mtime_ns: r.get(2)?,
+                                inode: r.get::<_, i64>(3)? as u64,
+                                dev: r.get::<_, i64>(4)? as u64,
+                            },
+                        ))
+                    })
+                    .optional()?;
+                let mut held = Vec::with_capacity(dests.len());
+                for d in dests {
+                    held.push(
+                        object
+                            .query_row(params![d, key], |r| {
+                                Ok((r.get::<_, String>(0)?, sha_from(r.get(1)?)))
+                            })
+                            .optional()?,
+                    );
+                }
+                out.push(FileAndObjects { indexed, held });
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Every indexed file under the directory `dir`, with the destinations holding its
+    /// current content (one range scan of the path index).
+    pub fn files_under(&self, dir: &Path) -> anyhow::Result<Vec<FileUnder>> {
+        // Paths under `dir/` sort between `dir/` and `dir0` ('0' follows '/').
+        let mut lo = path_bytes(dir).to_vec();
+        lo.push(b'/');
+        let mut hi = lo.clone();
+        if let Some(last) = hi.last_mut() {
+            *last = b'0';
+        }
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(
+            "SELECT f.path, f.size, f.mtime_ns, f.sha256,
+                    (SELECT group_concat(u.dest, char(10)) FROM uploads u
+                     WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen)
+             FROM files f WHERE f.path >= ?1 AND f.path < ?2",
+        )?;
+        let rows = s.query_map(params![lo, hi, UploadState::Done], |r| {
+            Ok(FileUnder {
+                path: bytes_path(r.get(0)?),
+                size: r.get::<_, i64>(1)? as u64,
+                mtime_ns: r.get(2)?,
+                sha256: sha_from(r.get(3)?),
+                held_by: r
+                    .get::<_, Option<String>>(4)?
+                    .map(|s| s.split('\n').map(str::to_string).collect())
+                    .unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// A page of indexed paths greater than `after` in byte order (files of one directory

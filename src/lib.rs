@@ -11,6 +11,7 @@
 //! 5. [`daemon`]: wires the parts together for `run`, `sync` and `flush`;
 //!    [`status`] reads the index; [`restore`] reads destinations back; [`links`] makes
 //!    public or presigned URLs.
+//! 6. [`runs`]: run directories sealed with a manifest, listed, restored as a whole.
 
 pub mod cleanup;
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod rebuild;
 pub mod report;
 pub mod restore;
 pub mod retention;
+pub mod runs;
 pub mod scan;
 pub mod status;
 pub mod throttle;

@@ -318,8 +318,16 @@ fn write_object(
     expect: Expect,
     fallback_mtime: std::time::SystemTime,
     max_size: Option<u64>,
+    pinned: Option<&Expect>,
 ) -> anyhow::Result<()> {
     let mut d = start_decoding(plan, keys, stored_key, reader, expect)?;
+    if let Some(p) = pinned {
+        // What a manifest says wins over what the object says about itself.
+        d.expect.size = p.size;
+        d.expect.sha256.clone_from(&p.sha256);
+        d.expect.mode = p.mode.or(d.expect.mode);
+        d.expect.mtime_ns = p.mtime_ns.or(d.expect.mtime_ns);
+    }
     let parts = segments(rel).map_err(anyhow::Error::msg)?;
     let (name, dirs) = parts.split_last().context("empty key")?;
     let name = if long {
@@ -534,12 +542,95 @@ async fn restore_one(
             expect,
             fallback_mtime,
             opts.max_size,
+            None,
         )
     })
     .await
     .context("restore task failed")?;
     feed.abort();
     written
+}
+
+/// What a file restored from a manifest must be (see [`restore_pinned`]).
+#[derive(Debug, Clone)]
+pub struct Pinned {
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+/// Restore the object at `stored_key` (relative to the destination base) to `rel` below
+/// `root`, accepting it only when it decodes to exactly `want` (size and SHA-256). A missing
+/// object is an error that says so.
+pub async fn restore_pinned(
+    dest: &Destination,
+    keys: &[MasterKey],
+    root: Arc<OwnedFd>,
+    rel: &str,
+    stored_key: &str,
+    want: &Pinned,
+) -> anyhow::Result<()> {
+    let plan = layout::parse(stored_key).plan;
+    let location = dest.path(stored_key)?;
+    let get = match dest.store.get(&location).await {
+        Ok(g) => g,
+        Err(object_store::Error::NotFound { .. }) => {
+            anyhow::bail!("object {stored_key} is missing from {}", dest.name)
+        }
+        Err(e) => anyhow::bail!("downloading {stored_key}: {}", destination::error_chain(&e)),
+    };
+    let pinned = Expect {
+        size: Some(want.size),
+        sha256: Some(want.sha256.clone()),
+        mtime_ns: Some(want.mtime_ns),
+        mode: Some(want.mode),
+        long_name: None,
+    };
+    let fallback_mtime = get.meta.last_modified.into();
+    let (reader, feed) = download(get);
+    let (keys, rel, stored_key) = (keys.to_vec(), rel.to_string(), stored_key.to_string());
+    let written = tokio::task::spawn_blocking(move || {
+        write_object(
+            &root,
+            &rel,
+            false,
+            plan,
+            &keys,
+            &stored_key,
+            reader,
+            pinned.clone(),
+            fallback_mtime,
+            None,
+            Some(&pinned),
+        )
+        .with_context(|| format!("object {stored_key}"))
+    })
+    .await
+    .context("restore task failed")?;
+    feed.abort();
+    written
+}
+
+/// Create `to` and open it as the directory handle every restored file is created under.
+pub fn open_target(to: &Path) -> anyhow::Result<Arc<OwnedFd>> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let to = to
+        .canonicalize()
+        .with_context(|| format!("resolving {}", to.display()))?;
+    Ok(Arc::new(
+        rustix::fs::openat(
+            rustix::fs::CWD,
+            &to,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", to.display()))?,
+    ))
 }
 
 /// One problem `verify` found.

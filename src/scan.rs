@@ -447,6 +447,7 @@ mod tests {
             settle_ms: 10,
             remote_max_age: None,
             one_file_system: true,
+            runs: crate::config::Runs::None,
         };
         Root {
             path: "/w".into(),

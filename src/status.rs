@@ -5,15 +5,34 @@ use std::fmt::Write;
 use crate::config::Config;
 use crate::index::{Index, Status};
 
-/// Read the status of every configured destination from the index.
-pub fn read(config: &Config) -> anyhow::Result<Status> {
-    let index = Index::open(&config.state_dir)?;
-    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
-    index.status(&names)
+/// The index's [`Status`] and the runs not sealed yet.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusView {
+    /// Queue and destinations.
+    #[serde(flatten)]
+    pub status: Status,
+    /// Runs (of `runs = "dir"` watches) not sealed yet; absent without such watches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_runs: Option<u64>,
 }
 
-/// A human-readable rendering of [`Status`].
-pub fn render(status: &Status) -> String {
+/// Read the status of every configured destination from the index.
+pub fn read(config: &Config) -> anyhow::Result<StatusView> {
+    let index = Index::open(&config.state_dir)?;
+    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    let status = index.status(&names)?;
+    let open_runs = config
+        .watch
+        .iter()
+        .any(|w| w.runs == crate::config::Runs::Dir)
+        .then(|| crate::runs::count_open(config, &index))
+        .transpose()?;
+    Ok(StatusView { status, open_runs })
+}
+
+/// A human-readable rendering of [`StatusView`].
+pub fn render(view: &StatusView) -> String {
+    let status = &view.status;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -25,6 +44,9 @@ pub fn render(status: &Status) -> String {
         "{} files not yet in every destination (never deleted locally)",
         status.awaiting_all_destinations
     );
+    if let Some(n) = view.open_runs {
+        let _ = writeln!(out, "{n} runs open (not sealed)");
+    }
     for d in &status.destinations {
         let _ = write!(
             out,

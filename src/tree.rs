@@ -299,6 +299,20 @@ impl RootDir {
         Ok(true)
     }
 
+    /// The names of the real directories (not links) directly under the root.
+    pub fn subdirectories(&self) -> io::Result<Vec<std::ffi::OsString>> {
+        let fd = self.open_dir(Path::new(""))?;
+        let mut out = Vec::new();
+        for entry in rfs::Dir::read_from(&fd)? {
+            let entry = entry?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if entry.file_type() == rfs::FileType::Directory && name != "." && name != ".." {
+                out.push(name.to_os_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Walk the directory `rel` (empty: the whole root) depth-first, calling `visit` with the
     /// relative path and identity of every regular file. Directories and files whose identity
     /// is in `own`, directories named in `skip` (nested watch roots), other filesystems (with

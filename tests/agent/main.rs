@@ -11,4 +11,5 @@ mod format;
 mod hostile;
 mod reliability;
 mod restore;
+mod runs;
 mod service;

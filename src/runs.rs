@@ -1,0 +1,1025 @@
+//! Runs: with `runs = "dir"` on a watch, each top-level directory under its root is one run.
+//!
+//! `seal DIR` waits (with `flush`'s machinery) until every file now under the run is in every
+//! destination, then writes the run's manifest, `<prefix>/<run>/_run/manifest.json`, to every
+//! destination through the pipeline like any object (compressed and encrypted as configured;
+//! the stored key follows [`crate::layout`]) and records the seal in the index. The manifest
+//! (schema in docs/FORMAT.md) lists every file with size, SHA-256, mtime, mode, content type
+//! and stored key, plus the CI context read from the job's environment and the labels.
+//! `restore --run` restores exactly the manifest's files and checks each against it; `runs`
+//! compares the index with the manifest kept in the index to show runs changed after a seal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, Runs};
+use crate::daemon::FlushSummary;
+use crate::destination::{self, Destination};
+use crate::index::{Index, Stat};
+use crate::layout;
+use crate::pipeline::{self, Finish, Meta, Pipeline};
+use crate::scan::Root;
+
+/// Version of the manifest document; readers refuse versions they do not know.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// The directory of a run reserved for the agent's own objects.
+pub const RUN_DIR: &str = "_run";
+/// The manifest's name in [`RUN_DIR`].
+pub const MANIFEST_NAME: &str = "manifest.json";
+/// Largest manifest `restore --run` reads.
+const MAX_MANIFEST: u64 = 256 * 1024 * 1024;
+/// Files restored at once.
+const CONCURRENCY: usize = 8;
+
+/// A mistake in what was asked (exit code 2): not a run directory, a bad label, no such run.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The CI job a run came from, read from the provider's documented environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ci {
+    /// `github-actions`, `gitlab-ci`, `buildkite`, `jenkins` or `circleci`.
+    pub provider: String,
+    /// Repository (`owner/name`, a project path or a clone URL, as the provider gives it).
+    pub repository: Option<String>,
+    /// Branch (for pull/merge requests: the source branch).
+    pub branch: Option<String>,
+    /// Tag, for tag builds.
+    pub tag: Option<String>,
+    /// Commit SHA.
+    pub commit: Option<String>,
+    /// Pull or merge request number.
+    pub pull_request: Option<String>,
+    /// Build, pipeline or workflow-run id.
+    pub build: Option<String>,
+    /// Job name.
+    pub job: Option<String>,
+    /// Link to the job or build.
+    pub url: Option<String>,
+}
+
+/// The CI context from environment variables (`var` reads one; empty counts as unset), or
+/// `None` outside the supported providers.
+pub fn ci_context(var: impl Fn(&str) -> Option<String>) -> Option<Ci> {
+    let v = |k: &str| var(k).filter(|s| !s.is_empty());
+    let is = |k: &str, want: &str| v(k).is_some_and(|s| s.eq_ignore_ascii_case(want));
+    if is("GITHUB_ACTIONS", "true") {
+        let tag = (v("GITHUB_REF_TYPE").as_deref() == Some("tag"))
+            .then(|| v("GITHUB_REF_NAME"))
+            .flatten();
+        let branch = v("GITHUB_HEAD_REF").or_else(|| {
+            (v("GITHUB_REF_TYPE").as_deref() == Some("branch"))
+                .then(|| v("GITHUB_REF_NAME"))
+                .flatten()
+        });
+        let pull_request = v("GITHUB_REF").and_then(|r| {
+            r.strip_prefix("refs/pull/")
+                .and_then(|r| r.split('/').next())
+                .map(str::to_string)
+        });
+        let url = match (
+            v("GITHUB_SERVER_URL"),
+            v("GITHUB_REPOSITORY"),
+            v("GITHUB_RUN_ID"),
+        ) {
+            (Some(s), Some(r), Some(id)) => Some(match v("GITHUB_RUN_ATTEMPT") {
+                Some(a) => format!("{s}/{r}/actions/runs/{id}/attempts/{a}"),
+                None => format!("{s}/{r}/actions/runs/{id}"),
+            }),
+            _ => None,
+        };
+        return Some(Ci {
+            provider: "github-actions".into(),
+            repository: v("GITHUB_REPOSITORY"),
+            branch,
+            tag,
+            commit: v("GITHUB_SHA"),
+            pull_request,
+            build: v("GITHUB_RUN_ID"),
+            job: v("GITHUB_JOB"),
+            url,
+        });
+    }
+    if is("GITLAB_CI", "true") {
+        return Some(Ci {
+            provider: "gitlab-ci".into(),
+            repository: v("CI_PROJECT_PATH"),
+            branch: v("CI_COMMIT_BRANCH").or_else(|| v("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME")),
+            tag: v("CI_COMMIT_TAG"),
+            commit: v("CI_COMMIT_SHA"),
+            pull_request: v("CI_MERGE_REQUEST_IID"),
+            build: v("CI_PIPELINE_ID"),
+            job: v("CI_JOB_NAME"),
+            url: v("CI_JOB_URL"),
+        });
+    }
+    if is("BUILDKITE", "true") {
+        let url = v("BUILDKITE_BUILD_URL").map(|u| match v("BUILDKITE_JOB_ID") {
+            Some(j) => format!("{u}#{j}"),
+            None => u,
+        });
+        return Some(Ci {
+            provider: "buildkite".into(),
+            repository: v("BUILDKITE_REPO"),
+            branch: v("BUILDKITE_BRANCH"),
+            tag: v("BUILDKITE_TAG"),
+            commit: v("BUILDKITE_COMMIT"),
+            pull_request: v("BUILDKITE_PULL_REQUEST").filter(|p| p != "false"),
+            build: v("BUILDKITE_BUILD_NUMBER"),
+            job: v("BUILDKITE_LABEL"),
+            url,
+        });
+    }
+    if is("CIRCLECI", "true") {
+        let repository = match (v("CIRCLE_PROJECT_USERNAME"), v("CIRCLE_PROJECT_REPONAME")) {
+            (Some(u), Some(r)) => Some(format!("{u}/{r}")),
+            _ => v("CIRCLE_REPOSITORY_URL"),
+        };
+        let pull_request = v("CIRCLE_PR_NUMBER").or_else(|| {
+            v("CIRCLE_PULL_REQUEST").and_then(|u| u.rsplit('/').next().map(str::to_string))
+        });
+        return Some(Ci {
+            provider: "circleci".into(),
+            repository,
+            branch: v("CIRCLE_BRANCH"),
+            tag: v("CIRCLE_TAG"),
+            commit: v("CIRCLE_SHA1"),
+            pull_request,
+            build: v("CIRCLE_BUILD_NUM"),
+            job: v("CIRCLE_JOB"),
+            url: v("CIRCLE_BUILD_URL"),
+        });
+    }
+    if v("JENKINS_URL").is_some() {
+        return Some(Ci {
+            provider: "jenkins".into(),
+            repository: v("GIT_URL"),
+            branch: v("CHANGE_BRANCH")
+                .or_else(|| v("BRANCH_NAME"))
+                .or_else(|| v("GIT_BRANCH")),
+            tag: v("TAG_NAME"),
+            commit: v("GIT_COMMIT"),
+            pull_request: v("CHANGE_ID"),
+            build: v("BUILD_NUMBER"),
+            job: v("JOB_NAME"),
+            url: v("BUILD_URL"),
+        });
+    }
+    None
+}
+
+/// One file of a sealed run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Path relative to the run directory, `/`-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Content type guessed from the name.
+    pub content_type: String,
+    /// The object's key relative to the destination base (stage suffixes included).
+    pub stored_key: String,
+}
+
+/// Totals of a manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Files.
+    pub files: u64,
+    /// Bytes of all files.
+    pub bytes: u64,
+}
+
+/// The manifest of a sealed run (`"format": 1`, see docs/FORMAT.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Run name (the directory's name).
+    pub run: String,
+    /// The run's logical key prefix (`<watch prefix>/<run>`), relative to the destination base.
+    pub key_prefix: String,
+    /// Node that sealed the run.
+    pub node: String,
+    /// CI context, when sealed inside a supported CI job.
+    pub ci: Option<Ci>,
+    /// `--label K=V` pairs.
+    pub labels: BTreeMap<String, String>,
+    /// Oldest file modification time, milliseconds since the epoch.
+    pub first_file_ms: Option<i64>,
+    /// Newest file modification time, milliseconds since the epoch.
+    pub last_file_ms: Option<i64>,
+    /// When the run was sealed, milliseconds since the epoch.
+    pub sealed_ms: i64,
+    /// Every file, by path.
+    pub files: Vec<ManifestFile>,
+    /// Counts.
+    pub totals: Totals,
+}
+
+/// A run directory of a `runs = "dir"` watch.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    /// Run name.
+    pub name: String,
+    /// The directory (under the watch root as configured).
+    pub path: PathBuf,
+    /// Index of the watch in the configuration.
+    pub watch: usize,
+}
+
+fn run_watches(config: &Config) -> impl Iterator<Item = (usize, &crate::config::Watch)> {
+    config
+        .watch
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.runs == Runs::Dir)
+}
+
+/// Whether `name` can name a run (one path segment, UTF-8, not the agent's own).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+        && name != crate::restore::INTERNAL_PREFIX
+}
+
+/// The run `dir` is, or why it is none.
+pub fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> {
+    let real = dir
+        .canonicalize()
+        .map_err(|e| UsageError(format!("{}: {e}", dir.display())))?;
+    if !real.is_dir() {
+        return Err(UsageError(format!("{} is not a directory", dir.display())));
+    }
+    let (parent, name) = match (real.parent(), real.file_name().and_then(|n| n.to_str())) {
+        (Some(p), Some(n)) if valid_name(n) => (p, n),
+        _ => {
+            return Err(UsageError(format!(
+                "{} cannot be a run (its name must be one UTF-8 path segment)",
+                dir.display()
+            )));
+        }
+    };
+    for (i, w) in run_watches(config) {
+        if w.path.canonicalize().is_ok_and(|root| root == parent) {
+            return Ok(RunDir {
+                name: name.to_string(),
+                path: w.path.join(name),
+                watch: i,
+            });
+        }
+    }
+    Err(UsageError(format!(
+        "{} is not a run directory: it must be a top-level directory under the root of a watch with runs = \"dir\"",
+        dir.display()
+    )))
+}
+
+/// Parse `K=V` (for `--label`).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("bad label {s:?}: want KEY=VALUE")),
+    }
+}
+
+/// What `seal` did.
+#[derive(Debug)]
+pub enum Sealed {
+    /// The run is sealed.
+    Done {
+        /// The manifest written.
+        manifest: Box<Manifest>,
+        /// Its stored key (relative to each destination base).
+        stored_key: String,
+    },
+    /// Not every file reached every destination in time (or some failed): not sealed.
+    Incomplete(FlushSummary),
+}
+
+/// Seal the run at `dir`: wait until every file under it is in every destination, then write
+/// the manifest to every destination and record the seal.
+pub async fn seal(
+    config: &Config,
+    dir: &Path,
+    timeout: Duration,
+    labels: Vec<(String, String)>,
+) -> anyhow::Result<Sealed> {
+    let run = locate(config, dir)?;
+    if std::fs::symlink_metadata(run.path.join(RUN_DIR)).is_ok() {
+        return Err(UsageError(format!(
+            "{} contains {RUN_DIR:?}, which is reserved for the run's manifest",
+            run.path.display()
+        ))
+        .into());
+    }
+    let flushed = crate::daemon::flush_under(config, timeout, true, Some(&run.path)).await?;
+    if !flushed.complete() {
+        return Ok(Sealed::Incomplete(flushed));
+    }
+    let roots = Root::from_config(config);
+    let root = roots
+        .get(run.watch)
+        .cloned()
+        .context("the run's watch is gone")?;
+    let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    let ci = ci_context(|k| std::env::var(k).ok());
+    let (index, manifest) = {
+        let (config, run, root) = (config.clone(), run.clone(), root.clone());
+        let files = flushed.files;
+        tokio::task::spawn_blocking(move || {
+            let index = Index::open(&config.state_dir)?;
+            let files = manifest_files(&index, &root, &run, &files, &dests)?;
+            let manifest = build_manifest(&config, &root, &run, files, ci, labels);
+            anyhow::Ok((index, manifest))
+        })
+        .await??
+    };
+    let body = serde_json::to_vec_pretty(&manifest)?;
+    let logical = root
+        .key_for(&run.path.join(RUN_DIR).join(MANIFEST_NAME))
+        .map_err(anyhow::Error::msg)?;
+    let pipeline = Pipeline::from_config(config)?;
+    let plan = pipeline.plan(Path::new(MANIFEST_NAME), &body);
+    let stored_key = layout::stored_key(&logical, plan);
+    let meta = Meta {
+        size: body.len() as u64,
+        mtime_ns: manifest.sealed_ms * 1_000_000,
+        sha256: hex::encode(Sha256::digest(&body)),
+        mode: Some(0o644),
+        path: Some(logical.clone()),
+    };
+    let sink = Buffer::default();
+    let mut w = pipeline::encoder(&pipeline, plan, &meta, &stored_key, Box::new(sink.clone()))?;
+    w.write_all(&body)?;
+    w.finish()?;
+    let object = bytes::Bytes::from(std::mem::take(
+        &mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()),
+    ));
+    for dest in destination::open_all(config)? {
+        put_manifest(&dest, &stored_key, object.clone(), plan, &meta).await?;
+    }
+    let sha = Sha256::digest(&body).to_vec();
+    let text = String::from_utf8(body)?;
+    let (m, watch) = (manifest.clone(), root.path.clone());
+    tokio::task::spawn_blocking(move || {
+        index.record_run(&crate::index::SealedRun {
+            watch,
+            name: m.run.clone(),
+            sealed_ms: m.sealed_ms,
+            manifest_sha256: sha,
+            files: m.totals.files,
+            bytes: m.totals.bytes,
+            manifest: text,
+        })
+    })
+    .await??;
+    Ok(Sealed::Done {
+        manifest: Box::new(manifest),
+        stored_key,
+    })
+}
+
+/// The manifest entries of the flushed files, from the index: each must still be indexed
+/// with the identity it was stored with, and every destination must hold its content.
+fn manifest_files(
+    index: &Index,
+    root: &Root,
+    run: &RunDir,
+    files: &[(PathBuf, Stat)],
+    dests: &[String],
+) -> anyhow::Result<Vec<ManifestFile>> {
+    let mut out = Vec::with_capacity(files.len());
+    let mut items = Vec::with_capacity(files.len());
+    for (path, _) in files {
+        items.push((
+            path.clone(),
+            root.key_for(path).map_err(anyhow::Error::msg)?,
+        ));
+    }
+    let rows = index.files_and_objects(&items, dests)?;
+    for ((path, stat), row) in files.iter().zip(rows) {
+        let changed = || {
+            anyhow::anyhow!(
+                "{} changed while the run was being sealed; seal again",
+                path.display()
+            )
+        };
+        let Some((sha, known)) = row.indexed.filter(|(_, k)| k.same_file(stat)) else {
+            return Err(changed());
+        };
+        let mut stored_key = None;
+        for held in row.held {
+            match held {
+                Some((k, s)) if s == sha => {
+                    stored_key.get_or_insert(k);
+                }
+                _ => return Err(changed()),
+            }
+        }
+        let rel = path
+            .strip_prefix(&run.path)
+            .ok()
+            .and_then(Path::to_str)
+            .with_context(|| format!("{} is not a UTF-8 path in the run", path.display()))?;
+        let mode = root
+            .open_file(path)
+            .and_then(|(f, _)| f.metadata())
+            .map(|m| m.permissions().mode() & 0o7777)
+            .map_err(|_| changed())?;
+        out.push(ManifestFile {
+            path: rel.to_string(),
+            size: known.size,
+            sha256: hex::encode(sha),
+            mtime_ns: known.mtime_ns,
+            mode,
+            content_type: mime_guess::from_path(path)
+                .first_or_octet_stream()
+                .essence_str()
+                .to_string(),
+            stored_key: stored_key.unwrap_or_default(),
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+fn build_manifest(
+    config: &Config,
+    root: &Root,
+    run: &RunDir,
+    files: Vec<ManifestFile>,
+    ci: Option<Ci>,
+    labels: Vec<(String, String)>,
+) -> Manifest {
+    let ms = |f: &ManifestFile| f.mtime_ns.div_euclid(1_000_000);
+    let key_prefix = if root.prefix.is_empty() {
+        run.name.clone()
+    } else {
+        format!("{}/{}", root.prefix, run.name)
+    };
+    Manifest {
+        format: MANIFEST_FORMAT,
+        run: run.name.clone(),
+        key_prefix,
+        node: config.node_id.clone(),
+        ci,
+        labels: labels.into_iter().collect(),
+        first_file_ms: files.iter().map(ms).min(),
+        last_file_ms: files.iter().map(ms).max(),
+        sealed_ms: crate::index::now_ms(),
+        totals: Totals {
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.size).sum(),
+        },
+        files,
+    }
+}
+
+/// The encoded object collects here.
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Finish for Buffer {
+    fn finish(self: Box<Self>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write the encoded manifest with the same attributes (or, in a `file://` store, file
+/// metadata) as any object, so plain `restore` treats it like one.
+async fn put_manifest(
+    dest: &Destination,
+    stored_key: &str,
+    object: bytes::Bytes,
+    plan: pipeline::Plan,
+    meta: &Meta,
+) -> anyhow::Result<()> {
+    let location = dest.path(stored_key)?;
+    let mut attributes = Attributes::new();
+    if dest.supports_attributes {
+        attributes.insert(
+            Attribute::ContentType,
+            plan.content_type(Path::new(MANIFEST_NAME)).into(),
+        );
+        if let Some(enc) = plan.content_encoding() {
+            attributes.insert(Attribute::ContentEncoding, enc.into());
+        }
+        if !plan.encrypt {
+            for (k, v) in [
+                ("sha256", meta.sha256.clone()),
+                ("mtimens", meta.mtime_ns.to_string()),
+                ("mode", "644".to_string()),
+                ("size", meta.size.to_string()),
+            ] {
+                attributes.insert(Attribute::Metadata(k.into()), v.into());
+            }
+        }
+    }
+    let opts = PutOptions {
+        attributes,
+        ..Default::default()
+    };
+    dest.store
+        .put_opts(&location, PutPayload::from_bytes(object), opts)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "writing the manifest {location} to {}: {}",
+                dest.name,
+                destination::error_chain(&e)
+            )
+        })?;
+    if !plan.encrypt
+        && let Some(file) = crate::filemeta::local_path(dest, stored_key)
+    {
+        let fm = crate::filemeta::FileMeta {
+            mode: 0o644,
+            mtime_ns: meta.mtime_ns,
+            long_name: None,
+        };
+        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &fm))
+            .await?
+            .with_context(|| format!("setting mode and mtime of the manifest in {}", dest.name))?;
+    }
+    Ok(())
+}
+
+/// What `restore --run` did.
+#[derive(Debug, Default)]
+pub struct RunRestore {
+    /// The manifest's stored key.
+    pub manifest_key: String,
+    /// Files written and verified.
+    pub restored: u64,
+    /// Files that failed (path in the run, reason).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Restore exactly the files of run `name`'s manifest from `from` (default: the primary)
+/// into `to`, each checked against the manifest's size and SHA-256.
+pub async fn restore_run(
+    config: &Config,
+    name: &str,
+    from: Option<&str>,
+    to: &Path,
+) -> anyhow::Result<RunRestore> {
+    if !valid_name(name) {
+        return Err(UsageError(format!("{name:?} cannot name a run")).into());
+    }
+    if run_watches(config).next().is_none() {
+        return Err(UsageError("no watch has runs = \"dir\"".into()).into());
+    }
+    let dest = match from {
+        Some(f) => crate::restore::find_destination(config, f)?,
+        None => destination::open_primary(config)?,
+    };
+    let pipeline = Pipeline::from_config(config)?;
+    let roots = Root::from_config(config);
+    // Every place the manifest may be (one per run watch), newest first.
+    let mut found = Vec::new();
+    for (i, _) in run_watches(config) {
+        let root = &roots[i];
+        let logical = root
+            .key_for(&root.path.join(name).join(RUN_DIR).join(MANIFEST_NAME))
+            .map_err(anyhow::Error::msg)?;
+        let dir = logical.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let listing = dest.list_under(dir).await?;
+        for meta in listing.objects {
+            let full = meta.location.as_ref();
+            let rel = if dest.base.is_empty() {
+                full
+            } else {
+                full.strip_prefix(&format!("{}/", dest.base))
+                    .unwrap_or(full)
+            };
+            let p = layout::parse(rel);
+            if p.logical == logical && !p.long {
+                found.push((meta.last_modified, rel.to_string()));
+            }
+        }
+    }
+    found.sort();
+    let Some((_, manifest_key)) = found.pop() else {
+        anyhow::bail!(
+            "no manifest of run {name:?} in {}: is it sealed?",
+            dest.name
+        );
+    };
+    let manifest = read_manifest(&dest, &pipeline, &manifest_key)
+        .await
+        .with_context(|| format!("manifest {manifest_key} in {}", dest.name))?;
+    if manifest.run != name {
+        anyhow::bail!(
+            "manifest {manifest_key} in {} is for run {:?}, not {name:?}",
+            dest.name,
+            manifest.run
+        );
+    }
+    let root = crate::restore::open_target(to)?;
+    let keys = Arc::new(pipeline.keys);
+    let mut out = RunRestore {
+        manifest_key,
+        ..Default::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = Vec::new();
+    for f in manifest.files {
+        if let Err(e) = crate::restore::safe_target(to, &f.path) {
+            out.failed.push((f.path, e));
+        } else if !seen.insert(f.path.clone()) {
+            out.failed
+                .push((f.path, "listed twice in the manifest".into()));
+        } else {
+            todo.push(f);
+        }
+    }
+    let results: Vec<(String, anyhow::Result<()>)> = futures::stream::iter(todo)
+        .map(|f| {
+            let (dest, keys, root) = (&dest, keys.clone(), root.clone());
+            async move {
+                let want = crate::restore::Pinned {
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                    mode: f.mode,
+                    mtime_ns: f.mtime_ns,
+                };
+                let res = crate::restore::restore_pinned(
+                    dest,
+                    &keys,
+                    root,
+                    &f.path,
+                    &f.stored_key,
+                    &want,
+                )
+                .await;
+                (f.path, res)
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    for (path, res) in results {
+        match res {
+            Ok(()) => out.restored += 1,
+            Err(e) => out.failed.push((path, format!("{e:#}"))),
+        }
+    }
+    out.failed.sort();
+    Ok(out)
+}
+
+/// Download, decode and parse a manifest. With a key configured, only an encrypted (and so
+/// authenticated) manifest is accepted.
+async fn read_manifest(
+    dest: &Destination,
+    pipeline: &Pipeline,
+    stored_key: &str,
+) -> anyhow::Result<Manifest> {
+    let plan = layout::parse(stored_key).plan;
+    if pipeline.key.is_some() && !plan.encrypt {
+        anyhow::bail!(
+            "not encrypted although a key is configured: refused (anyone who can write to the bucket can plant it)"
+        );
+    }
+    let location = dest.path(stored_key)?;
+    let get = dest
+        .store
+        .get(&location)
+        .await
+        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
+    // A plain manifest in S3, GCS or Azure carries its SHA-256 like any plain object.
+    let recorded = get
+        .attributes
+        .get(&Attribute::Metadata("sha256".into()))
+        .map(|v| v.as_ref().to_string());
+    let raw = get
+        .bytes()
+        .await
+        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
+    let (keys, key) = (pipeline.keys.clone(), stored_key.to_string());
+    let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+        let (r, meta) = pipeline::decoder(plan, &keys, &key, &raw[..])?;
+        let mut body = Vec::new();
+        r.take(MAX_MANIFEST + 1).read_to_end(&mut body)?;
+        anyhow::ensure!(
+            body.len() as u64 <= MAX_MANIFEST,
+            "larger than {MAX_MANIFEST} bytes"
+        );
+        if let Some(want) = meta.map(|m| m.sha256).or(recorded) {
+            anyhow::ensure!(
+                want == hex::encode(Sha256::digest(&body)),
+                "content does not match the SHA-256 recorded with it"
+            );
+        }
+        Ok(body)
+    })
+    .await??;
+    #[derive(Deserialize)]
+    struct Version {
+        format: u32,
+    }
+    let v: Version = serde_json::from_slice(&body).context("not a manifest")?;
+    anyhow::ensure!(
+        v.format == MANIFEST_FORMAT,
+        "manifest format {} is not known to this build (it reads {MANIFEST_FORMAT})",
+        v.format
+    );
+    serde_json::from_slice(&body).context("not a valid manifest")
+}
+
+/// A run's state in `runs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Not sealed yet.
+    Open,
+    /// Sealed, and its files are as the manifest says.
+    Sealed,
+    /// Sealed, but a file was added or changed since.
+    ChangedAfterSeal,
+}
+
+/// One destination's view of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDest {
+    /// Destination name.
+    pub name: String,
+    /// Files of the run (as indexed now) whose current content it does not hold yet.
+    pub missing: u64,
+}
+
+/// One run in `runs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    /// Run name.
+    pub name: String,
+    /// The watch root it is under.
+    pub watch: PathBuf,
+    /// Open, sealed or changed after seal.
+    pub state: State,
+    /// Files indexed under the run now.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Whether every destination holds every indexed file of the run.
+    pub complete: bool,
+    /// Per destination.
+    pub destinations: Vec<RunDest>,
+    /// When it was sealed (milliseconds since the epoch).
+    pub sealed_ms: Option<i64>,
+    /// Files and bytes in the manifest.
+    pub sealed_files: Option<u64>,
+    /// Bytes in the manifest.
+    pub sealed_bytes: Option<u64>,
+    /// Paths (relative to the run) added or changed after the seal.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+}
+
+/// Every run of every `runs = "dir"` watch: directories under the roots and sealed runs in
+/// the index. Blocking.
+pub fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo>> {
+    let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    let mut out = Vec::new();
+    for (_, w) in run_watches(config) {
+        // Listed through the root's own handle: a root replaced by a symlink lists nothing.
+        let listed =
+            crate::tree::RootDir::open(&w.path, w.one_file_system).and_then(|d| d.subdirectories());
+        let mut names: Vec<String> = match listed {
+            Ok(names) => names
+                .into_iter()
+                .filter_map(|n| n.into_string().ok())
+                .filter(|n| valid_name(n))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let sealed: HashMap<String, (i64, u64, u64, String)> = index
+            .sealed_runs(&w.path)?
+            .into_iter()
+            .map(|r| (r.name, (r.sealed_ms, r.files, r.bytes, r.manifest)))
+            .collect();
+        names.extend(sealed.keys().cloned());
+        names.sort();
+        names.dedup();
+        for name in names {
+            let dir = w.path.join(&name);
+            let files = indexed_under(index, &dir)?;
+            let mut info = RunInfo {
+                name: name.clone(),
+                watch: w.path.clone(),
+                state: State::Open,
+                files: files.len() as u64,
+                bytes: files.iter().map(|f| f.size).sum(),
+                complete: true,
+                destinations: dests
+                    .iter()
+                    .map(|d| RunDest {
+                        name: d.clone(),
+                        missing: files.iter().filter(|f| !f.held_by.contains(d)).count() as u64,
+                    })
+                    .collect(),
+                sealed_ms: None,
+                sealed_files: None,
+                sealed_bytes: None,
+                changed: Vec::new(),
+            };
+            info.complete = info.destinations.iter().all(|d| d.missing == 0);
+            if let Some((ms, n, bytes, text)) = sealed.get(&name) {
+                let manifest: Manifest = serde_json::from_str(text)
+                    .with_context(|| format!("the recorded manifest of run {name:?}"))?;
+                let by_path: HashMap<&str, &ManifestFile> = manifest
+                    .files
+                    .iter()
+                    .map(|f| (f.path.as_str(), f))
+                    .collect();
+                for f in &files {
+                    let rel = f.path.strip_prefix(&dir).ok().and_then(Path::to_str);
+                    let same = rel.and_then(|r| by_path.get(r)).is_some_and(|m| {
+                        m.sha256 == f.sha256 && m.mtime_ns == f.mtime_ns && m.size == f.size
+                    });
+                    if !same || f.mtime_ns.div_euclid(1_000_000) > *ms {
+                        info.changed.push(
+                            rel.map(str::to_string)
+                                .unwrap_or_else(|| f.path.display().to_string()),
+                        );
+                    }
+                }
+                info.changed.sort();
+                info.state = if info.changed.is_empty() {
+                    State::Sealed
+                } else {
+                    State::ChangedAfterSeal
+                };
+                info.sealed_ms = Some(*ms);
+                info.sealed_files = Some(*n);
+                info.sealed_bytes = Some(*bytes);
+            }
+            out.push(info);
+        }
+    }
+    Ok(out)
+}
+
+/// An indexed file under a run directory.
+struct Indexed {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+    sha256: String,
+    /// Destinations holding its current content.
+    held_by: Vec<String>,
+}
+
+fn indexed_under(index: &Index, dir: &Path) -> anyhow::Result<Vec<Indexed>> {
+    Ok(index
+        .files_under(dir)?
+        .into_iter()
+        .map(|f| Indexed {
+            path: f.path,
+            size: f.size,
+            mtime_ns: f.mtime_ns,
+            sha256: hex::encode(f.sha256),
+            held_by: f.held_by,
+        })
+        .collect())
+}
+
+/// How many runs are open (not sealed), for `status`. Blocking.
+pub fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
+    Ok(list(config, index)?
+        .iter()
+        .filter(|r| r.state == State::Open)
+        .count() as u64)
+}
+
+/// A human-readable table of runs.
+pub fn render(runs: &[RunInfo]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if runs.is_empty() {
+        out.push_str("no runs (a watch needs runs = \"dir\")\n");
+    }
+    for r in runs {
+        let state = match r.state {
+            State::Open => "open",
+            State::Sealed => "sealed",
+            State::ChangedAfterSeal => "changed after seal",
+        };
+        let missing: Vec<String> = r
+            .destinations
+            .iter()
+            .filter(|d| d.missing > 0)
+            .map(|d| format!("{} missing {}", d.name, d.missing))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}: {state}, {} files, {} bytes, {}",
+            r.name,
+            r.files,
+            r.bytes,
+            if r.complete {
+                "in every destination".to_string()
+            } else {
+                missing.join(", ")
+            }
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn github_pull_request_and_gitlab_tag() {
+        let gh = ci_context(env(&[
+            ("GITHUB_ACTIONS", "true"),
+            ("GITHUB_REPOSITORY", "o/r"),
+            ("GITHUB_REF", "refs/pull/42/merge"),
+            ("GITHUB_REF_NAME", "42/merge"),
+            ("GITHUB_REF_TYPE", "branch"),
+            ("GITHUB_HEAD_REF", "feature"),
+            ("GITHUB_SHA", "abc"),
+            ("GITHUB_SERVER_URL", "https://github.com"),
+            ("GITHUB_RUN_ID", "7"),
+            ("GITHUB_JOB", "test"),
+        ]))
+        .unwrap();
+        assert_eq!(gh.pull_request.as_deref(), Some("42"));
+        assert_eq!(gh.branch.as_deref(), Some("feature"));
+        assert_eq!(gh.tag, None);
+        assert_eq!(
+            gh.url.as_deref(),
+            Some("https://github.com/o/r/actions/runs/7")
+        );
+        let gl = ci_context(env(&[
+            ("GITLAB_CI", "true"),
+            ("CI_COMMIT_TAG", "v1.0"),
+            ("CI_COMMIT_BRANCH", ""),
+            ("CI_JOB_NAME", "unit"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (gl.provider.as_str(), gl.tag.as_deref(), gl.branch),
+            ("gitlab-ci", Some("v1.0"), None)
+        );
+        assert_eq!(ci_context(env(&[("HOME", "/root")])), None);
+        let bk = ci_context(env(&[
+            ("BUILDKITE", "true"),
+            ("BUILDKITE_PULL_REQUEST", "false"),
+        ]));
+        assert_eq!(bk.unwrap().pull_request, None);
+    }
+
+    #[test]
+    fn labels_and_names() {
+        assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_label("=x").is_err() && parse_label("x").is_err());
+        for bad in ["", ".", "..", "a/b", "_panoptic-sync"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}

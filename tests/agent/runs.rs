@@ -1,0 +1,302 @@
+//! Runs (`runs = "dir"`): `seal` with GitHub Actions' and GitLab CI's environment, the
+//! manifest read back from the `file://` store, `restore --run`, tampering and missing
+//! objects, `runs --json` and the open-run count of `status`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+
+use crate::core::assert_ok;
+use crate::util::*;
+
+fn github_env() -> Vec<(String, String)> {
+    [
+        ("GITHUB_ACTIONS", "true"),
+        ("GITHUB_REPOSITORY", "acme/widgets"),
+        ("GITHUB_REF", "refs/pull/42/merge"),
+        ("GITHUB_REF_NAME", "42/merge"),
+        ("GITHUB_REF_TYPE", "branch"),
+        ("GITHUB_HEAD_REF", "feature/x"),
+        ("GITHUB_SHA", "0123456789abcdef0123456789abcdef01234567"),
+        ("GITHUB_SERVER_URL", "https://github.com"),
+        ("GITHUB_RUN_ID", "9001"),
+        ("GITHUB_JOB", "integration"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn gitlab_env() -> Vec<(String, String)> {
+    [
+        ("GITLAB_CI", "true"),
+        ("CI_PROJECT_PATH", "acme/gadgets"),
+        ("CI_COMMIT_TAG", "v2.1.0"),
+        ("CI_COMMIT_SHA", "fedcba9876543210fedcba9876543210fedcba98"),
+        ("CI_PIPELINE_ID", "555"),
+        ("CI_JOB_NAME", "e2e"),
+        (
+            "CI_JOB_URL",
+            "https://gitlab.example/acme/gadgets/-/jobs/77",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn run_env() -> Env {
+    let mut env = Env::new();
+    env.watch_extra = "runs = \"dir\"\n".into();
+    env
+}
+
+fn write_run(env: &Env, run: &str) {
+    env.write(
+        &format!("{run}/logs/test.log"),
+        format!("{run} ok\n").repeat(500).as_bytes(),
+    );
+    env.write(
+        &format!("{run}/report/index.html"),
+        format!("<h1>{run}</h1>").as_bytes(),
+    );
+    let mut shot = vec![0u8; 50_000];
+    fastrand::fill(&mut shot);
+    env.write(&format!("{run}/shots/a.png"), &shot);
+    env.write(&format!("{run}/deep/er/still/x.json"), b"{}");
+}
+
+fn seal(env: &Env, run: &str, extra: &[&str]) -> Output {
+    let dir = env.watch.join(run);
+    let mut args = vec!["seal", dir.to_str().unwrap(), "--timeout", "90s"];
+    args.extend_from_slice(extra);
+    env.cli(&args)
+}
+
+fn restore_run(env: &Env, run: &str, from: Option<&str>, to: &Path) -> Output {
+    let mut args = vec!["restore", "--run", run, "--to", to.to_str().unwrap()];
+    if let Some(f) = from {
+        args.extend_from_slice(&["--from", f]);
+    }
+    env.cli(&args)
+}
+
+fn manifest_path(env: &Env, run: &str) -> std::path::PathBuf {
+    env.nas.join(format!("ci/{NODE}/{run}/_run/manifest.json"))
+}
+
+fn runs_json(env: &Env) -> BTreeMap<String, serde_json::Value> {
+    let out = env.cli(&["runs", "--json"]);
+    assert_ok(&out, "runs --json");
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.into_iter()
+        .map(|r| (r["name"].as_str().unwrap().to_string(), r))
+        .collect()
+}
+
+/// The manifest in the file:// store lists exactly the run's files with the right hashes,
+/// and each stored key holds that content in both stores.
+fn check_manifest(env: &Env, run: &str) -> serde_json::Value {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest_path(env, run)).unwrap()).unwrap();
+    assert_eq!(m["format"], 1);
+    assert_eq!(m["run"], run);
+    assert_eq!(m["node"], NODE);
+    let want: BTreeMap<String, String> = tree(&env.watch.join(run))
+        .into_iter()
+        .map(|(p, d)| (p, sha_hex(&d)))
+        .collect();
+    let s3 = env.s3_objects(shared_s3());
+    let nas = env.nas_objects();
+    let mut got = BTreeMap::new();
+    for f in m["files"].as_array().unwrap() {
+        let (path, sha) = (f["path"].as_str().unwrap(), f["sha256"].as_str().unwrap());
+        let key = f["stored_key"].as_str().unwrap();
+        assert_eq!(key, format!("ci/{NODE}/{run}/{path}"), "plain stored key");
+        assert_eq!(s3.get(key).map(String::as_str), Some(sha), "S3 holds {key}");
+        assert_eq!(
+            nas.get(key).map(String::as_str),
+            Some(sha),
+            "nas holds {key}"
+        );
+        assert!(f["size"].as_u64().is_some() && f["mode"].as_u64().is_some());
+        got.insert(path.to_string(), sha.to_string());
+    }
+    assert_eq!(got, want, "the manifest lists exactly the run");
+    assert_eq!(m["totals"]["files"], want.len());
+    // The S3 copy is the same document.
+    let s3_manifest = format!("ci/{NODE}/{run}/_run/manifest.json");
+    assert_eq!(
+        s3.get(&s3_manifest),
+        nas.get(&s3_manifest),
+        "both stores hold the same manifest"
+    );
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_runs_list_every_file_restore_exactly_and_fail_named_when_tampered() {
+    let mut env = run_env();
+    write_run(&env, "gh-1");
+    write_run(&env, "gl-2");
+    env.write("gl-2/only-here.txt", b"gitlab");
+
+    env.cmd_env = github_env();
+    assert_ok(
+        &seal(
+            &env,
+            "gh-1",
+            &["--label", "suite=unit", "--label", "os=linux"],
+        ),
+        "seal gh-1",
+    );
+    let m = check_manifest(&env, "gh-1");
+    assert_eq!(m["ci"]["provider"], "github-actions");
+    assert_eq!(m["ci"]["repository"], "acme/widgets");
+    assert_eq!(m["ci"]["pull_request"], "42");
+    assert_eq!(m["ci"]["branch"], "feature/x");
+    assert_eq!(
+        m["ci"]["url"],
+        "https://github.com/acme/widgets/actions/runs/9001"
+    );
+    assert_eq!(m["labels"]["suite"], "unit");
+    assert_eq!(m["labels"]["os"], "linux");
+    assert!(m["sealed_ms"].as_i64().unwrap() >= m["last_file_ms"].as_i64().unwrap());
+
+    env.cmd_env = gitlab_env();
+    assert_ok(&seal(&env, "gl-2", &[]), "seal gl-2");
+    let m = check_manifest(&env, "gl-2");
+    assert_eq!(m["ci"]["provider"], "gitlab-ci");
+    assert_eq!(m["ci"]["tag"], "v2.1.0");
+    assert_eq!(m["ci"]["job"], "e2e");
+    assert!(m["ci"]["branch"].is_null());
+    env.cmd_env.clear();
+
+    // Exactly the run, from the primary and from the backup.
+    let out1 = env.tmp.path().join("out1");
+    assert_ok(&restore_run(&env, "gh-1", None, &out1), "restore gh-1");
+    assert_eq!(tree(&out1), tree(&env.watch.join("gh-1")));
+    let out2 = env.tmp.path().join("out2");
+    assert_ok(
+        &restore_run(&env, "gl-2", Some("nas"), &out2),
+        "restore gl-2",
+    );
+    assert_eq!(tree(&out2), tree(&env.watch.join("gl-2")));
+
+    // A tampered manifest (a file's hash edited in the file:// copy) fails, naming the file.
+    let path = manifest_path(&env, "gl-2");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let sha = sha_hex(b"gitlab");
+    assert!(text.contains(&sha));
+    std::fs::write(&path, text.replace(&sha, &sha_hex(b"forged"))).unwrap();
+    let out = restore_run(&env, "gl-2", Some("nas"), &env.tmp.path().join("out3"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("only-here.txt") && err.contains("SHA-256"),
+        "{err}"
+    );
+
+    // A deleted object fails the restore, named.
+    std::fs::remove_file(env.nas.join(format!("ci/{NODE}/gh-1/shots/a.png"))).unwrap();
+    let out = restore_run(&env, "gh-1", Some("nas"), &env.tmp.path().join("out4"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("shots/a.png") && err.contains("missing"),
+        "{err}"
+    );
+    // The S3 copy is untouched and still restores.
+    let out5 = env.tmp.path().join("out5");
+    assert_ok(
+        &restore_run(&env, "gh-1", None, &out5),
+        "restore gh-1 from S3",
+    );
+
+    // Sealed, changed after seal, open.
+    let runs = runs_json(&env);
+    assert_eq!(runs["gh-1"]["state"], "sealed", "{runs:?}");
+    assert_eq!(runs["gh-1"]["complete"], true);
+    env.write("gh-1/logs/late.log", b"written after the seal");
+    env.write("open-3/x.log", b"not sealed");
+    assert_ok(&env.cli(&["sync"]), "sync");
+    let runs = runs_json(&env);
+    assert_eq!(runs["gh-1"]["state"], "changed_after_seal", "{runs:?}");
+    assert_eq!(
+        runs["gh-1"]["changed"],
+        serde_json::json!(["logs/late.log"])
+    );
+    assert_eq!(runs["gl-2"]["state"], "sealed");
+    assert_eq!(runs["gl-2"]["files"], 5);
+    assert_eq!(runs["open-3"]["state"], "open");
+    assert_eq!(runs["open-3"]["complete"], true);
+    assert_eq!(env.status()["open_runs"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_manifest_restores_and_a_flipped_byte_fails_naming_it() {
+    let mut env = run_env();
+    let key = env.keygen("key");
+    env.pipeline = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    write_run(&env, "r1");
+    env.cmd_env = github_env();
+    assert_ok(&seal(&env, "r1", &[]), "seal r1");
+    let dir = env.nas.join(format!("ci/{NODE}/r1/_run"));
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["manifest.json.zst.enc".to_string()]);
+    let stored = dir.join(&names[0]);
+    let data = std::fs::read(&stored).unwrap();
+    assert!(!data.windows(10).any(|w| w == b"github-act"), "ciphertext");
+
+    let out = env.tmp.path().join("out");
+    assert_ok(&restore_run(&env, "r1", Some("nas"), &out), "restore r1");
+    assert_eq!(tree(&out), tree(&env.watch.join("r1")));
+
+    let mut bad = data.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    std::fs::write(&stored, bad).unwrap();
+    let out = restore_run(&env, "r1", Some("nas"), &env.tmp.path().join("out2"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("manifest.json.zst.enc"), "{err}");
+    // The primary's copy is intact.
+    assert_ok(
+        &restore_run(&env, "r1", None, &env.tmp.path().join("out3")),
+        "restore r1 from S3",
+    );
+}
+
+#[test]
+fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
+    let env = run_env();
+    write_run(&env, "r");
+    let not_runs = [
+        env.watch.clone(),
+        env.watch.join("r/logs"),
+        env.tmp.path().to_path_buf(),
+    ];
+    for dir in not_runs {
+        let out = env.cli(&["seal", dir.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let plain = Env::new();
+    std::fs::create_dir_all(plain.watch.join("r")).unwrap();
+    let out = plain.cli(&["seal", plain.watch.join("r").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs = \"dir\""));
+    let out = plain.cli(&["restore", "--run", "r", "--to", "/tmp/x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
