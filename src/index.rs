@@ -179,6 +179,16 @@ CREATE TABLE runs (
 "#,
 ];
 
+/// Every indexed file in a path range (the files of one run directory), with the
+/// destinations holding its current generation.
+const FILES_UNDER: &str = "SELECT f.path, f.size, f.mtime_ns, f.sha256,
+        (SELECT group_concat(u.dest, char(10)) FROM uploads u
+         WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen)
+     FROM files f WHERE f.path >= ?1 AND f.path < ?2";
+/// The sealed runs of one watch.
+const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes, manifest
+     FROM runs WHERE watch = ?1";
+
 /// The next due jobs of a destination, oldest first (walks `uploads_queue`, never sorts).
 const CLAIM: &str = "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f.mtime_ns, f.inode,
             u.attempts, u.queued_ms, f.dev
@@ -1227,10 +1237,7 @@ impl Index {
     /// The sealed runs of the watch rooted at `watch`.
     pub fn sealed_runs(&self, watch: &Path) -> anyhow::Result<Vec<SealedRun>> {
         let conn = self.conn();
-        let mut s = conn.prepare_cached(
-            "SELECT name, sealed_ms, manifest_sha256, files, bytes, manifest FROM runs
-             WHERE watch = ?1",
-        )?;
+        let mut s = conn.prepare_cached(SEALED_RUNS)?;
         let rows = s.query_map(params![path_bytes(watch)], |r| {
             Ok(SealedRun {
                 watch: watch.to_path_buf(),
@@ -1304,12 +1311,7 @@ impl Index {
             *last = b'0';
         }
         let conn = self.conn();
-        let mut s = conn.prepare_cached(
-            "SELECT f.path, f.size, f.mtime_ns, f.sha256,
-                    (SELECT group_concat(u.dest, char(10)) FROM uploads u
-                     WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen)
-             FROM files f WHERE f.path >= ?1 AND f.path < ?2",
-        )?;
+        let mut s = conn.prepare_cached(FILES_UNDER)?;
         let rows = s.query_map(params![lo, hi, UploadState::Done], |r| {
             Ok(FileUnder {
                 path: bytes_path(r.get(0)?),
@@ -1604,6 +1606,8 @@ mod tests {
             FORGET_STORED,
             "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
             "SELECT size FROM files WHERE path = ?1",
+            FILES_UNDER,
+            SEALED_RUNS,
         ] {
             let plan = plan_of(&conn, sql);
             for step in &plan {
