@@ -19,9 +19,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::{Attribute, GetResult, ObjectMeta, ObjectStoreExt};
-use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
@@ -57,27 +57,9 @@ pub fn find_destination(config: &Config, name: &str) -> anyhow::Result<Destinati
     Destination::open(cfg)
 }
 
-/// A `Read` over byte chunks arriving from an async download.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = self.cur.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur = self.cur.slice(n..);
-        Ok(n)
-    }
-}
+/// An object's bytes as a blocking `Read`, for the decoder running under `spawn_blocking`:
+/// each read waits on the download stream through the runtime's handle.
+type Download = SyncIoBridge<StreamReader<BoxStream<'static, io::Result<Bytes>>, Bytes>>;
 
 /// How `restore` treats what the destination holds.
 #[derive(Debug, Clone, Default)]
@@ -119,26 +101,11 @@ fn attr_expect(get: &GetResult) -> Expect {
     }
 }
 
-/// Stream an object's bytes to a blocking reader; returns the reader and the feeding task.
-fn download(get: GetResult) -> (ChannelReader, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-    let feed = tokio::spawn(async move {
-        let mut stream = get.into_stream();
-        while let Some(item) = stream.next().await {
-            let item = item.map_err(io::Error::other);
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                break;
-            }
-        }
-    });
-    (
-        ChannelReader {
-            rx,
-            cur: Bytes::new(),
-        },
-        feed,
-    )
+/// Stream an object's bytes to a blocking reader. Must be called inside the runtime; the
+/// reader must be used off it (`spawn_blocking`). Dropping the reader ends the download.
+fn download(get: GetResult) -> Download {
+    let stream = get.into_stream().map_err(io::Error::other).boxed();
+    SyncIoBridge::new(StreamReader::new(stream))
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -157,7 +124,7 @@ fn start_decoding<'a>(
     plan: Plan,
     keys: &[MasterKey],
     stored_key: &str,
-    reader: ChannelReader,
+    reader: Download,
     mut expect: Expect,
 ) -> io::Result<Decoding<'a>> {
     let (r, meta) = pipeline::decoder(plan, keys, stored_key, reader)?;
@@ -304,7 +271,7 @@ fn write_object(
     plan: Plan,
     keys: &[MasterKey],
     stored_key: &str,
-    reader: ChannelReader,
+    reader: Download,
     expect: Expect,
     fallback_mtime: std::time::SystemTime,
     max_size: Option<u64>,
@@ -510,9 +477,9 @@ async fn restore_one(
         }
     }
     let fallback_mtime = meta.last_modified.into();
-    let (reader, feed) = download(get);
+    let reader = download(get);
     let (keys, rel, opts) = (keys.to_vec(), rel.to_string(), opts.clone());
-    let written = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         write_object(
             &root,
             &rel,
@@ -527,9 +494,7 @@ async fn restore_one(
         )
     })
     .await
-    .context("restore task failed")?;
-    feed.abort();
-    written
+    .context("restore task failed")?
 }
 
 /// One problem `verify` found.
@@ -624,7 +589,7 @@ async fn check_object(
         sha256: Some(hex::encode(row.sha256)),
         ..Default::default()
     };
-    let (reader, feed) = download(get);
+    let reader = download(get);
     let (keys, stored_key) = (keys.to_vec(), row.stored_key.clone());
     let res = tokio::task::spawn_blocking(move || {
         let mut d = start_decoding(plan, &keys, &stored_key, reader, expect.clone())?;
@@ -635,7 +600,6 @@ async fn check_object(
     })
     .await
     .map_err(|e| format!("verify task failed: {e}"))?;
-    feed.abort();
     res.map_err(|e| format!("damaged: {e}"))
 }
 
