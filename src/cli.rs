@@ -1,4 +1,5 @@
-//! The command line: clap definitions and the dispatch from a subcommand to the library.
+//! The command line: the clap definitions (in `cli/args.rs`, shared with build.rs) and the
+//! dispatch from a subcommand to the library.
 //!
 //! Exit codes: 0 success, 1 some files failed (or are not stored yet), 2 usage or
 //! configuration error.
@@ -8,175 +9,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::daemon::{self, Progress};
 
-/// The artifact agent: watch test output, index it, upload it durably.
-#[derive(Debug, Parser)]
-#[command(name = "panoptic-sync", version, about)]
-pub struct Cli {
-    /// Config file (default /etc/panoptic-sync/config.toml; the embedded default is used
-    /// when that file does not exist).
-    #[arg(long, global = true, env = "PANOPTIC_SYNC_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// More log output (-v debug, -vv trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Log output formats.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines (no timestamps under journald).
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the daemon: watch, index and upload until SIGTERM or SIGINT.
-    Run {
-        /// First move a damaged or lost index aside and rebuild it from the destinations
-        /// (files they already hold are not uploaded again).
-        #[arg(long)]
-        rebuild_index: bool,
-    },
-    /// One pass: scan, upload everything pending; exit 0 only when every destination has
-    /// everything.
-    Sync {
-        /// First move a damaged or lost index aside and rebuild it from the destinations
-        /// (files they already hold are not uploaded again).
-        #[arg(long)]
-        rebuild_index: bool,
-    },
-    /// Wait until every file present in the watched directories now is in the primary.
-    Flush {
-        /// Give up after this long (e.g. "30s", "10m").
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        timeout: Duration,
-        /// Wait for every destination, not only the primary.
-        #[arg(long)]
-        all_destinations: bool,
-    },
-    /// Seal a run (a top-level directory of a `runs = "dir"` watch): wait until every file
-    /// under it is in every destination, then write its manifest with the CI context.
-    Seal {
-        /// The run directory.
-        dir: PathBuf,
-        /// Give up after this long (e.g. "30s", "10m").
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        timeout: Duration,
-        /// A label recorded in the manifest (repeatable).
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::runs::parse_label)]
-        labels: Vec<(String, String)>,
-    },
-    /// List runs: open, sealed or changed after seal, with files, bytes and completeness.
-    Runs {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show the index: files, and per destination pending, failing and done.
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Download, decrypt, decompress and verify objects into a directory.
-    Restore {
-        /// Destination name to restore from (with --run, default: the primary).
-        #[arg(long, required_unless_present = "run")]
-        from: Option<String>,
-        /// Restore exactly the files of this sealed run's manifest, each verified.
-        #[arg(long, conflicts_with_all = ["prefix", "allow_plaintext", "max_size"])]
-        run: Option<String>,
-        /// Directory to write into (paths in it are relative to --prefix).
-        #[arg(long)]
-        to: PathBuf,
-        /// Only objects under this key prefix (relative to the destination's URL path).
-        #[arg(long)]
-        prefix: Option<String>,
-        /// With a key configured, also restore unencrypted objects (refused by default:
-        /// anyone who can write to the bucket can plant them).
-        #[arg(long)]
-        allow_plaintext: bool,
-        /// Write at most this much per file (e.g. "2GiB"); objects that decode to more fail.
-        /// Bounds objects without a recorded size (plain compressed objects in file://).
-        #[arg(long, value_parser = parse_size)]
-        max_size: Option<u64>,
-    },
-    /// Check that every file the index says is uploaded is present with the expected size.
-    Verify {
-        /// Only this destination.
-        #[arg(long)]
-        dest: Option<String>,
-        /// Download, decrypt and re-hash every object.
-        #[arg(long)]
-        deep: bool,
-    },
-    /// Storage and performance analytics with recommendations; --fleet for every node.
-    Report {
-        /// Print JSON.
-        #[arg(long, conflicts_with = "html")]
-        json: bool,
-        /// Write a self-contained HTML page with charts to this file.
-        #[arg(long)]
-        html: Option<PathBuf>,
-        /// Every node sharing the primary, from their status objects.
-        #[arg(long)]
-        fleet: bool,
-    },
-    /// Apply remote retention now: delete this node's objects older than remote_max_age.
-    Prune {
-        /// Only list what would be deleted.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Print a link to a local file's object: public_base_url + key, or a presigned URL.
-    Url {
-        /// The local file.
-        path: PathBuf,
-        /// Destination (default: the primary).
-        #[arg(long)]
-        dest: Option<String>,
-        /// How long a presigned URL stays valid.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        expires: Duration,
-    },
-    /// Write a new 256-bit encryption key (mode 0600), or print it.
-    Keygen {
-        /// File to create (never overwritten); without it the key is printed.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-    /// Write the man page and shell completions into a directory (for packaging).
-    #[command(hide = true)]
-    GenerateAssets {
-        /// Output directory.
-        dir: PathBuf,
-    },
-    /// Validate the configuration; without --offline also the key files and every destination.
-    CheckConfig {
-        /// Do not contact destinations.
-        #[arg(long)]
-        offline: bool,
-    },
-}
+mod args;
+pub use args::{Cli, Command, LogFormat};
 
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::throttle::parse_rate(&format!("{s}/s"))
         .map_err(|_| format!("bad size {s:?}: want a number and a unit, like \"2GiB\""))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    crate::runs::parse_label(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -262,12 +109,6 @@ fn fail(e: impl std::fmt::Display, exit: Exit) -> Exit {
 fn run(cli: Cli) -> Exit {
     if let Command::Keygen { out } = &cli.command {
         return keygen(out.as_deref());
-    }
-    if let Command::GenerateAssets { dir } = &cli.command {
-        return match generate_assets(dir) {
-            Ok(()) => Exit::Success,
-            Err(e) => fail(format_args!("{e:#}"), Exit::Failed),
-        };
     }
     let config = match load_config(&cli) {
         Ok(c) => c,
@@ -540,7 +381,7 @@ async fn dispatch(
             dest,
             expires,
         } => Done::Link(crate::links::link(&config, &path, dest.as_deref(), expires).await?),
-        Command::Keygen { .. } | Command::GenerateAssets { .. } => Done::Nothing,
+        Command::Keygen { .. } => Done::Nothing,
         Command::CheckConfig { offline } => {
             Done::Checked(daemon::check_config(&config, offline).await)
         }
@@ -682,26 +523,6 @@ async fn seal(
         }
         Err(e) => Err(e),
     }
-}
-
-/// The man page (`panoptic-sync.1`) and bash, zsh and fish completions.
-fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use clap::CommandFactory;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cmd = Cli::command();
-    let mut man = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut man)?;
-    std::fs::write(dir.join("panoptic-sync.1"), man)?;
-    for shell in [
-        clap_complete::Shell::Bash,
-        clap_complete::Shell::Zsh,
-        clap_complete::Shell::Fish,
-    ] {
-        clap_complete::generate_to(shell, &mut cmd.clone(), "panoptic-sync", dir)
-            .with_context(|| format!("writing {shell} completions"))?;
-    }
-    Ok(())
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Exit {

@@ -324,16 +324,10 @@ fn default_concurrency() -> usize {
     16
 }
 
-/// The machine's hostname, if it can be read.
+/// The machine's hostname (the kernel's nodename, as `gethostname` reports it), if any.
 pub fn hostname() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return None;
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().trim().to_string();
     (!name.is_empty()).then_some(name)
 }
 

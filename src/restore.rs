@@ -19,9 +19,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::{Attribute, GetResult, ObjectMeta, ObjectStoreExt};
-use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
@@ -57,27 +57,10 @@ pub fn find_destination(config: &Config, name: &str) -> anyhow::Result<Destinati
     Destination::open(cfg)
 }
 
-/// A `Read` over byte chunks arriving from an async download.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = self.cur.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur = self.cur.slice(n..);
-        Ok(n)
-    }
-}
+/// An object's bytes as a blocking `Read`, for the decoder running under `spawn_blocking`:
+/// each read waits on the download stream through the runtime's handle.
+type Download =
+    SyncIoBridge<tokio::io::Take<StreamReader<BoxStream<'static, io::Result<Bytes>>, Bytes>>>;
 
 /// How `restore` treats what the destination holds.
 #[derive(Debug, Clone, Default)]
@@ -119,36 +102,20 @@ fn attr_expect(get: &GetResult) -> Expect {
     }
 }
 
-/// Stream an object's bytes to a blocking reader; returns the reader and the feeding task.
-fn download(get: GetResult) -> (ChannelReader, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+/// Stream an object's bytes to a blocking reader. Must be called inside the runtime; the
+/// reader must be used off it (`spawn_blocking`). Dropping the reader ends the download.
+///
+/// The reader ends after the object's listed size without waiting for the end of the body:
+/// a slow decoder can keep a large download open past the client's request timeout, and
+/// object_store then resumes with a Range starting at the object's end, which the server
+/// refuses (400), failing an object that was read whole.
+fn download(get: GetResult) -> Download {
     let size = get.meta.size;
-    let feed = tokio::spawn(async move {
-        let mut stream = get.into_stream();
-        let mut received = 0u64;
-        while let Some(item) = stream.next().await {
-            let item = item.map_err(io::Error::other);
-            let stop = item.is_err();
-            received += item.as_ref().map_or(0, |b| b.len() as u64);
-            if tx.send(item).await.is_err() || stop {
-                break;
-            }
-            // Every byte the object has is here: stop without waiting for the end of the body.
-            // A slow decoder can keep a large download open past the client's request timeout;
-            // object_store then resumes with a Range starting at the object's end, which the
-            // server refuses (400), failing an object that was read whole.
-            if received >= size {
-                break;
-            }
-        }
-    });
-    (
-        ChannelReader {
-            rx,
-            cur: Bytes::new(),
-        },
-        feed,
-    )
+    let stream = get.into_stream().map_err(io::Error::other).boxed();
+    SyncIoBridge::new(tokio::io::AsyncReadExt::take(
+        StreamReader::new(stream),
+        size,
+    ))
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -167,7 +134,7 @@ fn start_decoding<'a>(
     plan: Plan,
     keys: &[MasterKey],
     stored_key: &str,
-    reader: ChannelReader,
+    reader: Download,
     mut expect: Expect,
 ) -> io::Result<Decoding<'a>> {
     let (r, meta) = pipeline::decoder(plan, keys, stored_key, reader)?;
@@ -314,7 +281,7 @@ fn write_object(
     plan: Plan,
     keys: &[MasterKey],
     stored_key: &str,
-    reader: ChannelReader,
+    reader: Download,
     expect: Expect,
     fallback_mtime: std::time::SystemTime,
     max_size: Option<u64>,
@@ -528,9 +495,9 @@ async fn restore_one(
         }
     }
     let fallback_mtime = meta.last_modified.into();
-    let (reader, feed) = download(get);
+    let reader = download(get);
     let (keys, rel, opts) = (keys.to_vec(), rel.to_string(), opts.clone());
-    let written = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         write_object(
             &root,
             &rel,
@@ -546,9 +513,7 @@ async fn restore_one(
         )
     })
     .await
-    .context("restore task failed")?;
-    feed.abort();
-    written
+    .context("restore task failed")?
 }
 
 /// What a file restored from a manifest must be (see [`restore_pinned`]).
@@ -592,9 +557,9 @@ pub async fn restore_pinned(
         long_name: None,
     };
     let fallback_mtime = get.meta.last_modified.into();
-    let (reader, feed) = download(get);
+    let reader = download(get);
     let (keys, rel, stored_key) = (keys.to_vec(), rel.to_string(), stored_key.to_string());
-    let written = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         write_object(
             &root,
             &rel,
@@ -611,9 +576,7 @@ pub async fn restore_pinned(
         .with_context(|| format!("object {stored_key}"))
     })
     .await
-    .context("restore task failed")?;
-    feed.abort();
-    written
+    .context("restore task failed")?
 }
 
 /// Create `to` and open it as the directory handle every restored file is created under.
@@ -725,7 +688,7 @@ async fn check_object(
         sha256: Some(hex::encode(row.sha256)),
         ..Default::default()
     };
-    let (reader, feed) = download(get);
+    let reader = download(get);
     let (keys, stored_key) = (keys.to_vec(), row.stored_key.clone());
     let res = tokio::task::spawn_blocking(move || {
         let mut d = start_decoding(plan, &keys, &stored_key, reader, expect.clone())?;
@@ -736,7 +699,6 @@ async fn check_object(
     })
     .await
     .map_err(|e| format!("verify task failed: {e}"))?;
-    feed.abort();
     res.map_err(|e| format!("damaged: {e}"))
 }
 

@@ -1,6 +1,9 @@
 //! The integration tests: one binary, real files, a real SQLite index, a real S3 server
 //! (s3s-fs) checked with an independent client (boto3), and file:// backups.
 
+// The tests make FIFOs and device nodes, signal and reap child processes through libc.
+#![allow(unsafe_code)]
+
 mod util;
 
 mod clouds;

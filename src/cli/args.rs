@@ -1,0 +1,165 @@
+// The command-line definition alone: clap derives and nothing that reaches into the crate,
+// because build.rs `include!`s this file to render the man page and shell completions from
+// the same definition (so no `//!` doc here, and the value parsers come from the includer,
+// `super`: src/cli.rs in the crate, build.rs in the build script).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use super::{parse_duration, parse_label, parse_size};
+
+/// The artifact agent: watch test output, index it, upload it durably.
+#[derive(Debug, Parser)]
+#[command(name = "panoptic-sync", version, about)]
+pub struct Cli {
+    /// Config file (default /etc/panoptic-sync/config.toml; the embedded default is used
+    /// when that file does not exist).
+    #[arg(long, global = true, env = "PANOPTIC_SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (no timestamps under journald).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: watch, index and upload until SIGTERM or SIGINT.
+    Run {
+        /// First move a damaged or lost index aside and rebuild it from the destinations
+        /// (files they already hold are not uploaded again).
+        #[arg(long)]
+        rebuild_index: bool,
+    },
+    /// One pass: scan, upload everything pending; exit 0 only when every destination has
+    /// everything.
+    Sync {
+        /// First move a damaged or lost index aside and rebuild it from the destinations
+        /// (files they already hold are not uploaded again).
+        #[arg(long)]
+        rebuild_index: bool,
+    },
+    /// Wait until every file present in the watched directories now is in the primary.
+    Flush {
+        /// Give up after this long (e.g. "30s", "10m").
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Wait for every destination, not only the primary.
+        #[arg(long)]
+        all_destinations: bool,
+    },
+    /// Seal a run (a top-level directory of a `runs = "dir"` watch): wait until every file
+    /// under it is in every destination, then write its manifest with the CI context.
+    Seal {
+        /// The run directory.
+        dir: PathBuf,
+        /// Give up after this long (e.g. "30s", "10m").
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// A label recorded in the manifest (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List runs: open, sealed or changed after seal, with files, bytes and completeness.
+    Runs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the index: files, and per destination pending, failing and done.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download, decrypt, decompress and verify objects into a directory.
+    Restore {
+        /// Destination name to restore from (with --run, default: the primary).
+        #[arg(long, required_unless_present = "run")]
+        from: Option<String>,
+        /// Restore exactly the files of this sealed run's manifest, each verified.
+        #[arg(long, conflicts_with_all = ["prefix", "allow_plaintext", "max_size"])]
+        run: Option<String>,
+        /// Directory to write into (paths in it are relative to --prefix).
+        #[arg(long)]
+        to: PathBuf,
+        /// Only objects under this key prefix (relative to the destination's URL path).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// With a key configured, also restore unencrypted objects (refused by default:
+        /// anyone who can write to the bucket can plant them).
+        #[arg(long)]
+        allow_plaintext: bool,
+        /// Write at most this much per file (e.g. "2GiB"); objects that decode to more fail.
+        /// Bounds objects without a recorded size (plain compressed objects in file://).
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
+    },
+    /// Check that every file the index says is uploaded is present with the expected size.
+    Verify {
+        /// Only this destination.
+        #[arg(long)]
+        dest: Option<String>,
+        /// Download, decrypt and re-hash every object.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Storage and performance analytics with recommendations; --fleet for every node.
+    Report {
+        /// Print JSON.
+        #[arg(long, conflicts_with = "html")]
+        json: bool,
+        /// Write a self-contained HTML page with charts to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Every node sharing the primary, from their status objects.
+        #[arg(long)]
+        fleet: bool,
+    },
+    /// Apply remote retention now: delete this node's objects older than remote_max_age.
+    Prune {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print a link to a local file's object: public_base_url + key, or a presigned URL.
+    Url {
+        /// The local file.
+        path: PathBuf,
+        /// Destination (default: the primary).
+        #[arg(long)]
+        dest: Option<String>,
+        /// How long a presigned URL stays valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        expires: Duration,
+    },
+    /// Write a new 256-bit encryption key (mode 0600), or print it.
+    Keygen {
+        /// File to create (never overwritten); without it the key is printed.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Validate the configuration; without --offline also the key files and every destination.
+    CheckConfig {
+        /// Do not contact destinations.
+        #[arg(long)]
+        offline: bool,
+    },
+}
