@@ -410,7 +410,8 @@ fn render_sync(summary: &daemon::SyncSummary) {
     }
 }
 
-fn render_flush(s: &daemon::FlushSummary) {
+/// The files a flush or seal found failed or not stored yet (at most 20 of the latter).
+fn render_unstored(s: &daemon::FlushSummary) {
     for (p, e) in &s.failed {
         eprintln!("failed: {}: {e}", p.display());
     }
@@ -420,6 +421,10 @@ fn render_flush(s: &daemon::FlushSummary) {
     if s.waiting.len() > 20 {
         eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
     }
+}
+
+fn render_flush(s: &daemon::FlushSummary) {
+    render_unstored(s);
     println!(
         "{} files stored, {} failed, {} not stored yet",
         s.stored,
@@ -500,15 +505,7 @@ async fn seal(
             Ok(Exit::Success)
         }
         Ok(crate::runs::Sealed::Incomplete(s)) => {
-            for (p, e) in &s.failed {
-                eprintln!("failed: {}: {e}", p.display());
-            }
-            for p in s.waiting.iter().take(20) {
-                eprintln!("not stored yet: {}", p.display());
-            }
-            if s.waiting.len() > 20 {
-                eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
-            }
+            render_unstored(&s);
             eprintln!(
                 "not sealed: {} files stored, {} failed, {} not stored yet in every destination",
                 s.stored,

@@ -543,6 +543,16 @@ fn bytes_path(b: Vec<u8>) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(b))
 }
 
+/// A file's identity from the columns (size, mtime_ns, inode, dev) at these positions.
+fn stat_at(r: &rusqlite::Row<'_>, [size, mtime, inode, dev]: [usize; 4]) -> rusqlite::Result<Stat> {
+    Ok(Stat {
+        size: r.get::<_, i64>(size)? as u64,
+        mtime_ns: r.get(mtime)?,
+        inode: r.get::<_, i64>(inode)? as u64,
+        dev: r.get::<_, i64>(dev)? as u64,
+    })
+}
+
 fn sha_from(v: Vec<u8>) -> [u8; 32] {
     let mut out = [0u8; 32];
     if v.len() == 32 {
@@ -709,15 +719,8 @@ impl Index {
                 tx.prepare_cached("SELECT size, mtime_ns, inode, dev FROM files WHERE path = ?1")?;
             for path in paths {
                 out.push(
-                    stmt.query_row(params![path_bytes(path)], |r| {
-                        Ok(Stat {
-                            size: r.get::<_, i64>(0)? as u64,
-                            mtime_ns: r.get(1)?,
-                            inode: r.get::<_, i64>(2)? as u64,
-                            dev: r.get::<_, i64>(3)? as u64,
-                        })
-                    })
-                    .optional()?,
+                    stmt.query_row(params![path_bytes(path)], |r| stat_at(r, [0, 1, 2, 3]))
+                        .optional()?,
                 );
             }
         }
@@ -733,14 +736,7 @@ impl Index {
         let mut out = Vec::with_capacity(items.len());
         for (p, stat) in items {
             let known = stmt
-                .query_row(params![path_bytes(p)], |r| {
-                    Ok(Stat {
-                        size: r.get::<_, i64>(0)? as u64,
-                        mtime_ns: r.get(1)?,
-                        inode: r.get::<_, i64>(2)? as u64,
-                        dev: r.get::<_, i64>(3)? as u64,
-                    })
-                })
+                .query_row(params![path_bytes(p)], |r| stat_at(r, [0, 1, 2, 3]))
                 .optional()?;
             out.push(known.is_some_and(|k| k.same_file(stat)));
         }
@@ -894,12 +890,7 @@ impl Index {
                     path: bytes_path(r.get(2)?),
                     key: r.get(3)?,
                     sha256: sha_from(r.get(4)?),
-                    stat: Stat {
-                        size: r.get::<_, i64>(5)? as u64,
-                        mtime_ns: r.get(6)?,
-                        inode: r.get::<_, i64>(7)? as u64,
-                        dev: r.get::<_, i64>(10)? as u64,
-                    },
+                    stat: stat_at(r, [5, 6, 7, 10])?,
                     attempts: r.get(8)?,
                     queued_ms: r.get(9)?,
                 })
@@ -1175,12 +1166,7 @@ impl Index {
             .query_row(params![path_bytes(path)], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
-                    Stat {
-                        size: r.get::<_, i64>(1)? as u64,
-                        mtime_ns: r.get(2)?,
-                        inode: r.get::<_, i64>(3)? as u64,
-                        dev: r.get::<_, i64>(5)? as u64,
-                    },
+                    stat_at(r, [1, 2, 3, 5])?,
                     r.get::<_, i64>(4)?,
                 ))
             })
@@ -1272,15 +1258,7 @@ impl Index {
             for (path, key) in items {
                 let indexed = file
                     .query_row(params![path_bytes(path)], |r| {
-                        Ok((
-                            sha_from(r.get(0)?),
-                            Stat {
-                                size: r.get::<_, i64>(1)? as u64,
-                                mtime_ns: r.get(2)?,
-                                inode: r.get::<_, i64>(3)? as u64,
-                                dev: r.get::<_, i64>(4)? as u64,
-                            },
-                        ))
+                        Ok((sha_from(r.get(0)?), stat_at(r, [1, 2, 3, 4])?))
                     })
                     .optional()?;
                 let mut held = Vec::with_capacity(dests.len());
@@ -1386,12 +1364,7 @@ impl Index {
                 Ok(StoredFile {
                     id: r.get(0)?,
                     path: bytes_path(r.get(1)?),
-                    stat: Stat {
-                        size: r.get::<_, i64>(2)? as u64,
-                        mtime_ns: r.get(3)?,
-                        inode: r.get::<_, i64>(4)? as u64,
-                        dev: r.get::<_, i64>(5)? as u64,
-                    },
+                    stat: stat_at(r, [2, 3, 4, 5])?,
                 })
             },
         )?;

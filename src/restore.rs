@@ -379,19 +379,7 @@ pub async fn restore(
     let pipeline = Pipeline::from_config(config)?;
     let authenticated = pipeline.key.is_some();
     let keys = Arc::new(pipeline.keys);
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    let to = to
-        .canonicalize()
-        .with_context(|| format!("resolving {}", to.display()))?;
-    let root = Arc::new(
-        rustix::fs::openat(
-            rustix::fs::CWD,
-            &to,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(|| format!("opening {}", to.display()))?,
-    );
+    let root = open_target(to)?;
     let prefix = prefix.unwrap_or("").trim_matches('/').to_string();
     let listing = dest.list_under(&prefix).await?;
     let (list_key, objects) = (listing.list_key, listing.objects);
