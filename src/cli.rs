@@ -18,7 +18,7 @@ mod args;
 pub use args::{Cli, Command, LogFormat};
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    crate::throttle::parse_rate(&format!("{s}/s"))
+    crate::config::parse_rate(&format!("{s}/s"))
         .map_err(|_| format!("bad size {s:?}: want a number and a unit, like \"2GiB\""))
 }
 

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -128,9 +129,7 @@ pub struct Limits {
 
 fn de_opt_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let s = String::deserialize(d)?;
-    crate::throttle::parse_rate(&s)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
+    parse_rate(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 /// The `[retention]` table.
@@ -364,7 +363,7 @@ fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     let s = String::deserialize(d)?;
     let url = url::Url::parse(&s)
         .map_err(|e| serde::de::Error::custom(format!("bad destination url {s:?}: {e}")))?;
-    crate::destination::kind_of(&url).map_err(serde::de::Error::custom)?;
+    kind_of(&url).map_err(serde::de::Error::custom)?;
     if url.scheme() == "file" && url.to_file_path().is_err() {
         return Err(serde::de::Error::custom(format!(
             "destination url {s:?} must be an absolute path: file:///dir"
@@ -381,6 +380,86 @@ fn de_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         )));
     }
     Ok(n)
+}
+
+/// Parse a rate such as `"50MiB/s"`, `"500KB/s"` or `"1GiB/s"` into bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let err = || format!("bad rate {s:?}: want a number and a unit per second, like \"20MiB/s\"");
+    let body = s.trim().strip_suffix("/s").ok_or_else(err)?.trim();
+    let split = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (num, unit) = body.split_at(split);
+    let n: f64 = num.parse().map_err(|_| err())?;
+    let mult: f64 = match unit.trim() {
+        "B" | "" => 1.0,
+        "KB" | "kB" => 1e3,
+        "KiB" => 1024.0,
+        "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(err()),
+    };
+    let rate = (n * mult) as u64;
+    if rate == 0 {
+        return Err(format!("rate {s:?} must be above zero"));
+    }
+    Ok(rate)
+}
+
+/// The kind of store a destination URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A local (or mounted) directory.
+    Local,
+    /// Amazon S3 or an S3-compatible server.
+    S3,
+    /// Google Cloud Storage.
+    Gcs,
+    /// Azure Blob Storage.
+    Azure,
+}
+
+/// The store kind and the key prefix (URL path) of a destination URL.
+pub fn kind_of(url: &url::Url) -> Result<(Kind, String), String> {
+    let (scheme, path) = object_store::ObjectStoreScheme::parse(url)
+        .map_err(|e| format!("unsupported destination url {url}: {e}"))?;
+    let kind = match scheme {
+        object_store::ObjectStoreScheme::Local => Kind::Local,
+        object_store::ObjectStoreScheme::AmazonS3 => Kind::S3,
+        object_store::ObjectStoreScheme::GoogleCloudStorage => Kind::Gcs,
+        object_store::ObjectStoreScheme::MicrosoftAzure => Kind::Azure,
+        _ => {
+            return Err(format!(
+                "unsupported destination url {url}: use file://, s3://, gs:// or az://"
+            ));
+        }
+    };
+    Ok((kind, path.as_ref().to_string()))
+}
+
+/// Check that every option name is one the store for `url` understands.
+pub fn check_options(url: &url::Url, options: &BTreeMap<String, String>) -> Result<(), String> {
+    let (kind, _) = kind_of(url)?;
+    for key in options.keys() {
+        let k = key.to_ascii_lowercase();
+        let known = match kind {
+            Kind::Local => false,
+            Kind::S3 => object_store::aws::AmazonS3ConfigKey::from_str(&k).is_ok(),
+            Kind::Gcs => object_store::gcp::GoogleConfigKey::from_str(&k).is_ok(),
+            Kind::Azure => object_store::azure::AzureConfigKey::from_str(&k).is_ok(),
+        };
+        if !known {
+            return Err(match kind {
+                Kind::Local => {
+                    format!("unknown option {key:?}: file:// destinations take no options")
+                }
+                _ => format!("unknown {kind:?} option {key:?}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Parse a duration such as `"500ms"`, `"30s"` or `"7d"`.
@@ -485,7 +564,7 @@ impl Config {
             }
             if let Some(options) = &dest.options {
                 let opt_line = line_of(text, options.span().start);
-                crate::destination::check_options(&dest.url, options.get_ref()).map_err(|e| {
+                check_options(&dest.url, options.get_ref()).map_err(|e| {
                     format!(
                         "destination {:?}, options at line {opt_line}: {e}",
                         dest.name
@@ -510,7 +589,7 @@ impl Config {
             outer.is_empty() || inner == outer || inner.starts_with(&format!("{outer}/"))
         };
         for (i, a) in prefixes.iter().enumerate() {
-            let internal = crate::restore::INTERNAL_PREFIX;
+            let internal = crate::layout::INTERNAL_PREFIX;
             if inside(a, internal) {
                 return Err(format!(
                     "{} has prefix {a:?}, inside the agent's own {internal:?} prefix",
@@ -690,6 +769,16 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("20MiB/s").unwrap(), 20 * 1024 * 1024);
+        assert_eq!(parse_rate("500 KB/s").unwrap(), 500_000);
+        assert_eq!(parse_rate("1.5GiB/s").unwrap(), 1_610_612_736);
+        assert!(parse_rate("20MiB").is_err());
+        assert!(parse_rate("fast/s").is_err());
+        assert!(parse_rate("0MiB/s").is_err());
+    }
 
     #[test]
     fn embedded_default_parses() {

@@ -895,7 +895,8 @@ pub async fn check_config(config: &Config, offline: bool) -> anyhow::Result<Vec<
             continue;
         }
         let key = format!(
-            "_panoptic-sync/probe/{}-{}",
+            "{}/{}-{}",
+            crate::layout::PROBE_PREFIX,
             config.node_id,
             fastrand::u64(..)
         );

@@ -7,7 +7,6 @@
 //! are applied on top. `file://` destinations use `LocalFileSystem`, which writes to a staging
 //! file and renames it, so no object is ever visible half-written.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -21,11 +20,9 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{
-    ClientConfigKey, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreScheme, RetryConfig,
-};
+use object_store::{ClientConfigKey, ClientOptions, ObjectMeta, ObjectStore, RetryConfig};
 
-use crate::config;
+use crate::config::{self, Kind, kind_of};
 
 /// A store error, split by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -97,60 +94,6 @@ fn error_chain_raw(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// The kind of store a destination URL names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A local (or mounted) directory.
-    Local,
-    /// Amazon S3 or an S3-compatible server.
-    S3,
-    /// Google Cloud Storage.
-    Gcs,
-    /// Azure Blob Storage.
-    Azure,
-}
-
-/// The store kind and the key prefix (URL path) of a destination URL.
-pub fn kind_of(url: &url::Url) -> Result<(Kind, String), String> {
-    let (scheme, path) = ObjectStoreScheme::parse(url)
-        .map_err(|e| format!("unsupported destination url {url}: {e}"))?;
-    let kind = match scheme {
-        ObjectStoreScheme::Local => Kind::Local,
-        ObjectStoreScheme::AmazonS3 => Kind::S3,
-        ObjectStoreScheme::GoogleCloudStorage => Kind::Gcs,
-        ObjectStoreScheme::MicrosoftAzure => Kind::Azure,
-        _ => {
-            return Err(format!(
-                "unsupported destination url {url}: use file://, s3://, gs:// or az://"
-            ));
-        }
-    };
-    Ok((kind, path.as_ref().to_string()))
-}
-
-/// Check that every option name is one the store for `url` understands.
-pub fn check_options(url: &url::Url, options: &BTreeMap<String, String>) -> Result<(), String> {
-    let (kind, _) = kind_of(url)?;
-    for key in options.keys() {
-        let k = key.to_ascii_lowercase();
-        let known = match kind {
-            Kind::Local => false,
-            Kind::S3 => AmazonS3ConfigKey::from_str(&k).is_ok(),
-            Kind::Gcs => GoogleConfigKey::from_str(&k).is_ok(),
-            Kind::Azure => AzureConfigKey::from_str(&k).is_ok(),
-        };
-        if !known {
-            return Err(match kind {
-                Kind::Local => {
-                    format!("unknown option {key:?}: file:// destinations take no options")
-                }
-                _ => format!("unknown {kind:?} option {key:?}"),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// One configured destination, ready to use.

@@ -18,6 +18,22 @@ use sha2::{Digest, Sha256};
 use crate::config::Compression;
 use crate::pipeline::Plan;
 
+/// Builds an internal key from the one spelling of the internal prefix.
+macro_rules! internal_key {
+    ($rest:literal) => {
+        concat!("_panoptic-sync", $rest)
+    };
+}
+
+/// Keys under this prefix are the agent's own (node status objects, probes), never artifacts;
+/// no watch may use it (`config` refuses such a prefix, and `scan` such a path under an
+/// empty prefix).
+pub const INTERNAL_PREFIX: &str = internal_key!("");
+/// Where each node publishes its status object (`<node_id>.json`).
+pub const NODES_PREFIX: &str = internal_key!("/nodes");
+/// Where `check-config` writes its probe objects.
+pub const PROBE_PREFIX: &str = internal_key!("/probe");
+
 /// Appended to names that end in a reserved ending.
 pub const ESCAPE: &str = ".asis";
 /// Ends a shortened long name.

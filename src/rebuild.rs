@@ -22,8 +22,8 @@ use crate::config::{Compression, Config};
 use crate::crypto::{CHUNK_LOG2, HEADER_LEN, TAG_LEN};
 use crate::destination::{BadKey, Destination};
 use crate::index::{Index, ObjectRow};
+use crate::layout::INTERNAL_PREFIX;
 use crate::pipeline::{self, Pipeline, Plan};
-use crate::restore::INTERNAL_PREFIX;
 use crate::scan::Root;
 
 /// Requests in flight per destination while reading hashes back.

@@ -16,7 +16,7 @@ use crate::destination::{self, Destination};
 use crate::index::{Index, Method, Status};
 
 /// Where node status objects live, under the primary's base.
-pub const NODES_PREFIX: &str = "_panoptic-sync/nodes";
+pub use crate::layout::NODES_PREFIX;
 /// A node not seen for this long is flagged stale.
 pub const STALE_AFTER: Duration = Duration::from_secs(600);
 

@@ -35,7 +35,6 @@ use rustix::io::Errno;
 use std::os::unix::fs::PermissionsExt;
 
 /// Keys under this prefix are the agent's own (status objects, probes), not artifacts.
-pub const INTERNAL_PREFIX: &str = "_panoptic-sync";
 /// Objects restored or verified at once.
 const CONCURRENCY: usize = 8;
 
@@ -398,7 +397,8 @@ pub async fn restore(
             .strip_prefix(list_key.as_str())
             .unwrap_or(key)
             .trim_start_matches('/');
-        if rel.starts_with(INTERNAL_PREFIX) || (prefix.is_empty() && rel.is_empty()) {
+        if rel.starts_with(crate::layout::INTERNAL_PREFIX) || (prefix.is_empty() && rel.is_empty())
+        {
             continue;
         }
         let parsed = layout::parse(rel);

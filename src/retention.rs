@@ -112,7 +112,7 @@ async fn prune_prefix(
             .unwrap_or(&key)
             .trim_start_matches('/')
             .to_string();
-        if modified >= cutoff || rel.starts_with(crate::restore::INTERNAL_PREFIX) {
+        if modified >= cutoff || rel.starts_with(crate::layout::INTERNAL_PREFIX) {
             continue;
         }
         if !dry_run {

@@ -260,7 +260,7 @@ fn valid_name(name: &str) -> bool {
         && name != ".."
         && !name.contains('/')
         && !name.contains('\0')
-        && name != crate::restore::INTERNAL_PREFIX
+        && name != crate::layout::INTERNAL_PREFIX
 }
 
 /// The run `dir` is, or why it is none.

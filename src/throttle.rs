@@ -9,32 +9,6 @@ use tokio::time::Instant;
 
 use tokio::sync::Mutex;
 
-/// Parse a rate such as `"50MiB/s"`, `"500KB/s"` or `"1GiB/s"` into bytes per second.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let err = || format!("bad rate {s:?}: want a number and a unit per second, like \"20MiB/s\"");
-    let body = s.trim().strip_suffix("/s").ok_or_else(err)?.trim();
-    let split = body
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(body.len());
-    let (num, unit) = body.split_at(split);
-    let n: f64 = num.parse().map_err(|_| err())?;
-    let mult: f64 = match unit.trim() {
-        "B" | "" => 1.0,
-        "KB" | "kB" => 1e3,
-        "KiB" => 1024.0,
-        "MB" => 1e6,
-        "MiB" => 1024.0 * 1024.0,
-        "GB" => 1e9,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(err()),
-    };
-    let rate = (n * mult) as u64;
-    if rate == 0 {
-        return Err(format!("rate {s:?} must be above zero"));
-    }
-    Ok(rate)
-}
-
 /// A token bucket over bytes.
 #[derive(Debug)]
 pub struct Limiter {
@@ -81,16 +55,6 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rates_parse() {
-        assert_eq!(parse_rate("20MiB/s").unwrap(), 20 * 1024 * 1024);
-        assert_eq!(parse_rate("500 KB/s").unwrap(), 500_000);
-        assert_eq!(parse_rate("1.5GiB/s").unwrap(), 1_610_612_736);
-        assert!(parse_rate("20MiB").is_err());
-        assert!(parse_rate("fast/s").is_err());
-        assert!(parse_rate("0MiB/s").is_err());
-    }
 
     #[tokio::test(start_paused = true)]
     async fn debt_is_waited_off_at_the_rate() {
