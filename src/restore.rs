@@ -450,6 +450,33 @@ pub async fn restore(
     Ok(summary)
 }
 
+/// GET an object, retrying what may pass (network trouble, 5xx, throttling) three more times
+/// with a growing pause, beyond object_store's own retries: a restore is often the one chance
+/// to get a run back, and a flaky link should cost time, not files. Permanent errors (404,
+/// 403) are returned at once.
+pub(crate) async fn get_retrying(
+    dest: &Destination,
+    location: &object_store::path::Path,
+) -> object_store::Result<GetResult> {
+    let mut pause = std::time::Duration::from_millis(500);
+    let mut attempt = 0;
+    loop {
+        match dest.store.get(location).await {
+            Err(e)
+                if attempt < 3
+                    && !matches!(e, object_store::Error::NotFound { .. })
+                    && !destination::StoreError::classify("", &e).is_permanent() =>
+            {
+                tracing::debug!(key = %location, error = %destination::error_chain(&e), "download failed; retrying");
+                attempt += 1;
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            res => return res,
+        }
+    }
+}
+
 /// Restore one object to `rel` (its logical key relative to the restore prefix).
 async fn restore_one(
     dest: &Destination,
@@ -462,9 +489,7 @@ async fn restore_one(
     let stored_key = relative_to(&dest.base, meta.location.as_ref()).to_string();
     let parsed = layout::parse(&stored_key);
     let (plan, long) = (parsed.plan, parsed.long);
-    let get = dest
-        .store
-        .get(&meta.location)
+    let get = get_retrying(dest, &meta.location)
         .await
         .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
     let mut expect = attr_expect(&get);
@@ -530,7 +555,7 @@ pub async fn restore_pinned(
 ) -> anyhow::Result<()> {
     let plan = layout::parse(stored_key).plan;
     let location = dest.path(stored_key)?;
-    let get = match dest.store.get(&location).await {
+    let get = match get_retrying(dest, &location).await {
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => {
             anyhow::bail!("object {stored_key} is missing from {}", dest.name)

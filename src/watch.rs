@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::scan::{self, Candidate, Feeder, Root};
@@ -25,6 +26,8 @@ use crate::tree::{Id, Kind};
 
 /// How often settling files are checked while there are any.
 const SETTLE_TICK: Duration = Duration::from_millis(50);
+/// How long after a directory rename the trees are rescanned.
+const RENAME_RESCAN_AFTER: Duration = Duration::from_secs(3);
 /// How often the roots are looked at (replaced, vanished, appeared).
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 
@@ -99,6 +102,11 @@ impl WatchTask {
             .map(|_| RootState { watched: None })
             .collect();
         let mut settling: HashMap<PathBuf, (usize, Instant)> = HashMap::new();
+        // Walks of new and re-watched directories: owned here, reaped as they end, awaited at
+        // shutdown (they end at once once the ingest queue is closed).
+        let mut walks: JoinSet<()> = JoinSet::new();
+        // When to rescan after a directory was renamed inside a tree (see `handle`).
+        let mut rescan_at: Option<Instant> = None;
         // The tick runs every 50 ms only while something is settling or events were lost;
         // otherwise once a second, to supervise the roots: an idle agent sleeps.
         let mut next_tick = tokio::time::Instant::now();
@@ -110,9 +118,12 @@ impl WatchTask {
                 _ = cancel.cancelled() => break,
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
-                    self.handle(ev, &mut settling, &overflow).await;
+                    self.handle(ev, &mut settling, &overflow, &mut walks, &mut rescan_at).await;
                     if !settling.is_empty() || overflow.load(Ordering::Relaxed) {
                         next_tick = next_tick.min(tokio::time::Instant::now() + SETTLE_TICK);
+                    }
+                    if let Some(at) = rescan_at {
+                        next_tick = next_tick.min(at.into());
                     }
                 }
                 _ = tokio::time::sleep_until(next_tick) => {
@@ -121,6 +132,11 @@ impl WatchTask {
                         self.rescan.notify_one();
                     }
                     let now = Instant::now();
+                    if rescan_at.is_some_and(|at| at <= now) {
+                        rescan_at = None;
+                        tracing::debug!("a directory was renamed inside a watched tree; rescanning");
+                        self.rescan.notify_one();
+                    }
                     let due: Vec<(PathBuf, usize)> = settling
                         .iter()
                         .filter(|(_, (root, at))| now.duration_since(*at) >= self.roots[*root].settle)
@@ -132,17 +148,23 @@ impl WatchTask {
                     }
                     if now.duration_since(last_supervise) >= SUPERVISE_EVERY {
                         last_supervise = now;
-                        self.supervise(&mut watcher, &mut states, first);
+                        self.supervise(&mut watcher, &mut states, first, &mut walks);
                         if first {
                             first = false;
                             self.watching.notify_one();
                         }
                     }
+                    while walks.try_join_next().is_some() {}
                     next_tick = tokio::time::Instant::now()
                         + if settling.is_empty() { SUPERVISE_EVERY } else { SETTLE_TICK };
+                    if let Some(at) = rescan_at {
+                        next_tick = next_tick.min(at.into());
+                    }
                 }
             }
         }
+        drop(watcher);
+        while walks.join_next().await.is_some() {}
         Ok(())
     }
 
@@ -150,7 +172,13 @@ impl WatchTask {
     /// replaced (by another directory: watched anew; by a symlink: never followed, waited
     /// for). A root watched anew is walked, except at start (`initial`), where the catch-up
     /// scan walks it.
-    fn supervise(&self, watcher: &mut RecommendedWatcher, states: &mut [RootState], initial: bool) {
+    fn supervise(
+        &self,
+        watcher: &mut RecommendedWatcher,
+        states: &mut [RootState],
+        initial: bool,
+        walks: &mut JoinSet<()>,
+    ) {
         for (i, (root, st)) in self.roots.iter().zip(states.iter_mut()).enumerate() {
             let id = root.refresh().map(|d| d.id());
             if st.watched.is_some() && id != st.watched {
@@ -178,36 +206,52 @@ impl WatchTask {
             st.watched = Some(id);
             tracing::info!(root = %root.path.display(), "watching");
             if !initial {
-                self.walk_in_background(root.path.clone(), i);
+                self.walk_in_background(root.path.clone(), i, walks);
             }
         }
     }
 
-    fn walk_in_background(&self, dir: PathBuf, root: usize) {
+    fn walk_in_background(&self, dir: PathBuf, root: usize, walks: &mut JoinSet<()>) {
         let roots = self.roots.clone();
         let feeder = self.feeder.clone();
-        tokio::task::spawn_blocking(move || scan::walk(&dir, root, &roots[root], &feeder));
+        walks.spawn_blocking(move || {
+            scan::walk(&dir, root, &roots[root], &feeder);
+        });
     }
 
     /// Walk a directory that just appeared, now and twice more: notify reports a new
     /// directory before it adds the watch on it, so a file written in between has no event,
-    /// and a walk done before it was written does not see it either.
-    fn walk_new_dir(&self, dir: PathBuf, root: usize) {
+    /// and a walk done before it was written does not see it either. The pauses are timers,
+    /// not sleeping threads (a job creating thousands of directories costs no threads), and
+    /// end at shutdown.
+    fn walk_new_dir(&self, dir: PathBuf, root: usize, walks: &mut JoinSet<()>) {
         let roots = self.roots.clone();
         let feeder = self.feeder.clone();
-        tokio::task::spawn_blocking(move || {
+        walks.spawn(async move {
+            let closed = feeder.closed();
             for pause in [
                 Duration::ZERO,
                 Duration::from_millis(300),
                 Duration::from_secs(2),
             ] {
-                std::thread::sleep(pause);
-                // Looked at through the root's handle: a directory swapped for a symlink
-                // is not walked.
-                if !matches!(roots[root].kind(&dir), Ok(Kind::Dir)) {
-                    break;
+                tokio::select! {
+                    _ = closed.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
                 }
-                scan::walk(&dir, root, &roots[root], &feeder);
+                let (roots, feeder, dir) = (roots.clone(), feeder.clone(), dir.clone());
+                let walked = tokio::task::spawn_blocking(move || {
+                    // Looked at through the root's handle: a directory swapped for a
+                    // symlink is not walked.
+                    if !matches!(roots[root].kind(&dir), Ok(Kind::Dir)) {
+                        return false;
+                    }
+                    scan::walk(&dir, root, &roots[root], &feeder);
+                    true
+                })
+                .await;
+                if !matches!(walked, Ok(true)) {
+                    return;
+                }
             }
         });
     }
@@ -225,6 +269,8 @@ impl WatchTask {
         ev: notify::Result<Event>,
         settling: &mut HashMap<PathBuf, (usize, Instant)>,
         overflow: &AtomicBool,
+        walks: &mut JoinSet<()>,
+        rescan_at: &mut Option<Instant>,
     ) {
         let ev = match ev {
             Ok(ev) => ev,
@@ -257,7 +303,7 @@ impl WatchTask {
             EventKind::Create(CreateKind::Folder) => {
                 for p in ev.paths {
                     if let Some(root) = self.root_of(&p) {
-                        self.walk_new_dir(p, root);
+                        self.walk_new_dir(p, root, walks);
                     }
                 }
             }
@@ -273,7 +319,14 @@ impl WatchTask {
                     if let Some(root) = self.root_of(&p) {
                         settling.remove(&p);
                         if self.is_dir(&p, root) {
-                            self.walk_new_dir(p, root);
+                            self.walk_new_dir(p, root, walks);
+                            // notify keeps the old paths for the watches under a renamed
+                            // directory, so events from inside it may name paths that no
+                            // longer lead there (through a symlink that took its place, say):
+                            // a rescan a little later finds what they miss. Set once per
+                            // burst, so a job renaming in a loop costs a rescan every few
+                            // seconds, not one per rename.
+                            rescan_at.get_or_insert(Instant::now() + RENAME_RESCAN_AFTER);
                         } else {
                             self.feeder.send(candidate(p, root)).await;
                         }
@@ -294,7 +347,7 @@ impl WatchTask {
                         continue;
                     };
                     if ev.kind == EventKind::Create(CreateKind::Any) && self.is_dir(&p, root) {
-                        self.walk_new_dir(p, root);
+                        self.walk_new_dir(p, root, walks);
                     } else {
                         settling.insert(p, (root, now));
                     }
