@@ -182,6 +182,7 @@ async fn a_watch_root_replaced_by_a_symlink_is_not_followed_by_sync() {
 /// cleanup on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_twenty_second_exchange_race_never_escapes_the_root() {
+    let _heavy = heavy().await;
     use rustix::fs::{CWD, Mode, OFlags, RenameFlags, openat, renameat_with};
     let mut env = Env::new();
     cleanup_on(&mut env);

@@ -60,6 +60,7 @@ fn integrity_ok(env: &Env) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_across_random_kill_9s() {
+    let _heavy = heavy().await;
     let seed = env_num("PANOPTIC_CRASH_SEED", fastrand::u64(..));
     let files = env_num("PANOPTIC_CRASH_FILES", 1500);
     let kills = env_num("PANOPTIC_CRASH_KILLS", 20);
@@ -118,6 +119,7 @@ async fn nothing_is_lost_across_random_kill_9s() {
 /// `PANOPTIC_SCENARIO_FILES` and `PANOPTIC_HANG_SECS` resize it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twelve_kill_9s_and_a_hung_minute_lose_nothing_and_never_stall_the_backup() {
+    let _heavy = heavy().await;
     let seed = env_num("PANOPTIC_CRASH_SEED", fastrand::u64(..));
     let files = env_num("PANOPTIC_SCENARIO_FILES", 3000);
     let hang = Duration::from_secs(env_num("PANOPTIC_HANG_SECS", 120));
@@ -476,6 +478,7 @@ async fn a_full_or_read_only_state_dir_pauses_work_says_why_and_recovers() {
 /// the queue holds, none recordable): the daemon exits within 15 s and the index is intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_full_state_disk_and_a_full_queue_exits_promptly() {
+    let _heavy = heavy().await;
     use std::process::{Command, Stdio};
     let env = Env::new();
     std::fs::create_dir_all(&env.state).unwrap();

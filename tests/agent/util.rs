@@ -560,3 +560,11 @@ pub fn dir_objects(dir: &Path) -> BTreeMap<String, String> {
     }
     out
 }
+
+/// Held by the tests that load the whole machine (thousands of files, kill loops, rename
+/// storms, a hung server with a deadline), so no two of them run at once: on 2 cores one of
+/// them beside another starved the backup past its deadline.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
