@@ -318,7 +318,12 @@ async fn dispatch(
                 Err(e) => return Err(e),
             };
             for (path, e) in &r.failed {
-                eprintln!("failed: {path}: {e}");
+                // Names and errors come from the manifest, which anyone with bucket write
+                // can write when no key is configured: never raw to the terminal.
+                eprintln!(
+                    "{}",
+                    crate::destination::printable(&format!("failed: {path}: {e}"))
+                );
             }
             println!(
                 "run {run}: {} files restored to {} from manifest {}, {} failed",

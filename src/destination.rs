@@ -250,6 +250,17 @@ impl Destination {
         })
     }
 
+    /// A listed object's key relative to this destination's base (the inverse of
+    /// [`Destination::path`]; the key bound into an encrypted object).
+    pub fn relative<'a>(&self, key: &'a str) -> &'a str {
+        if self.base.is_empty() {
+            return key;
+        }
+        key.strip_prefix(self.base.as_str())
+            .and_then(|k| k.strip_prefix('/'))
+            .unwrap_or(key)
+    }
+
     /// The full object path for a key relative to this destination's base.
     pub fn path(&self, key: &str) -> Result<ObjectPath, StoreError> {
         let full = if self.base.is_empty() {

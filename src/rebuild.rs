@@ -116,19 +116,9 @@ async fn rebuild_dest(
 ) -> anyhow::Result<(u64, u64, Vec<BadKey>)> {
     let listing = dest.list_under(prefix).await?;
     let (listed, bad_keys) = (listing.objects, listing.bad_keys);
-    let base = if dest.base.is_empty() {
-        String::new()
-    } else {
-        format!("{}/", dest.base)
-    };
     let rows: Vec<Option<ObjectRow>> = futures::stream::iter(listed)
         .filter_map(|meta| {
-            let stored_key = meta
-                .location
-                .as_ref()
-                .strip_prefix(base.as_str())
-                .unwrap_or(meta.location.as_ref())
-                .to_string();
+            let stored_key = dest.relative(meta.location.as_ref()).to_string();
             let skip = stored_key.starts_with(INTERNAL_PREFIX);
             async move { (!skip).then_some((stored_key, meta)) }
         })

@@ -108,7 +108,7 @@ fn attr_expect(get: &GetResult) -> Expect {
 /// a slow decoder can keep a large download open past the client's request timeout, and
 /// object_store then resumes with a Range starting at the object's end, which the server
 /// refuses (400), failing an object that was read whole.
-fn download(get: GetResult) -> Download {
+pub(crate) fn download(get: GetResult) -> Download {
     let size = get.meta.size;
     let stream = get.into_stream().map_err(io::Error::other).boxed();
     SyncIoBridge::new(tokio::io::AsyncReadExt::take(
@@ -356,16 +356,6 @@ pub struct RestoreSummary {
     pub superseded: Vec<String>,
 }
 
-/// `key` relative to `base` (an object's key as bound into its encryption).
-fn relative_to<'a>(base: &str, key: &'a str) -> &'a str {
-    if base.is_empty() {
-        return key;
-    }
-    key.strip_prefix(base)
-        .and_then(|k| k.strip_prefix('/'))
-        .unwrap_or(key)
-}
-
 /// Restore every object under `prefix` of destination `from` into `to`.
 pub async fn restore(
     config: &Config,
@@ -486,7 +476,7 @@ async fn restore_one(
     meta: &ObjectMeta,
     opts: &RestoreOptions,
 ) -> anyhow::Result<()> {
-    let stored_key = relative_to(&dest.base, meta.location.as_ref()).to_string();
+    let stored_key = dest.relative(meta.location.as_ref()).to_string();
     let parsed = layout::parse(&stored_key);
     let (plan, long) = (parsed.plan, parsed.long);
     let get = get_retrying(dest, &meta.location)

@@ -107,11 +107,7 @@ async fn prune_prefix(
     for meta in objects {
         let modified = meta.last_modified.timestamp() as f64;
         let key = meta.location.to_string();
-        let rel = key
-            .strip_prefix(&dest.base)
-            .unwrap_or(&key)
-            .trim_start_matches('/')
-            .to_string();
+        let rel = dest.relative(&key).to_string();
         if modified >= cutoff || rel.starts_with(crate::layout::INTERNAL_PREFIX) {
             continue;
         }

@@ -281,7 +281,8 @@ pub fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> {
         }
     };
     for (i, w) in run_watches(config) {
-        if w.path.canonicalize().is_ok_and(|root| root == parent) {
+        // The root as resolved at load: a root replaced by a symlink since is no match.
+        if w.path == parent {
             return Ok(RunDir {
                 name: name.to_string(),
                 path: w.path.join(name),
@@ -326,7 +327,14 @@ pub async fn seal(
     labels: Vec<(String, String)>,
 ) -> anyhow::Result<Sealed> {
     let run = locate(config, dir)?;
-    if std::fs::symlink_metadata(run.path.join(RUN_DIR)).is_ok() {
+    let roots = Root::from_config(config);
+    let root = roots
+        .get(run.watch)
+        .cloned()
+        .context("the run's watch is gone")?;
+    // Looked at through the root's handle, like every access to the tree.
+    let reserved = root.kind(&run.path.join(RUN_DIR));
+    if !matches!(&reserved, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
         return Err(UsageError(format!(
             "{} contains {RUN_DIR:?}, which is reserved for the run's manifest",
             run.path.display()
@@ -337,11 +345,6 @@ pub async fn seal(
     if !flushed.complete() {
         return Ok(Sealed::Incomplete(flushed));
     }
-    let roots = Root::from_config(config);
-    let root = roots
-        .get(run.watch)
-        .cloned()
-        .context("the run's watch is gone")?;
     let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let ci = ci_context(|k| std::env::var(k).ok());
     let (index, manifest) = {
@@ -619,13 +622,7 @@ pub async fn restore_run(
         let dir = logical.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
         let listing = dest.list_under(dir).await?;
         for meta in listing.objects {
-            let full = meta.location.as_ref();
-            let rel = if dest.base.is_empty() {
-                full
-            } else {
-                full.strip_prefix(&format!("{}/", dest.base))
-                    .unwrap_or(full)
-            };
+            let rel = dest.relative(meta.location.as_ref());
             let p = layout::parse(rel);
             if p.logical == logical && !p.long {
                 found.push((meta.last_modified, rel.to_string()));
@@ -726,13 +723,12 @@ async fn read_manifest(
         .attributes
         .get(&Attribute::Metadata("sha256".into()))
         .map(|v| v.as_ref().to_string());
-    let raw = get
-        .bytes()
-        .await
-        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
+    // Streamed, never held whole: the decoded manifest is capped below, so an object of any
+    // size costs no more memory than the cap.
+    let raw = crate::restore::download(get);
     let (keys, key) = (pipeline.keys.clone(), stored_key.to_string());
     let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-        let (r, meta) = pipeline::decoder(plan, &keys, &key, &raw[..])?;
+        let (r, meta) = pipeline::decoder(plan, &keys, &key, raw)?;
         let mut body = Vec::new();
         r.take(MAX_MANIFEST + 1).read_to_end(&mut body)?;
         anyhow::ensure!(

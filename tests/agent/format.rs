@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::core::assert_ok;
+use crate::restore::encrypted_env;
 use crate::util::*;
 
 /// A file of the round-trip tree: content, mode, mtime (seconds since the epoch).
@@ -158,16 +159,6 @@ async fn every_name_round_trips_with_its_mode_and_mtime_in_every_configuration()
             assert_eq!(got.len(), want.len(), "{what}/{dest}: {:?}", got.keys());
         }
     }
-}
-
-fn encrypted_env() -> (Env, std::path::PathBuf) {
-    let mut env = Env::new();
-    let key = env.keygen("key");
-    env.pipeline = format!(
-        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
-        key.display()
-    );
-    (env, key)
 }
 
 fn failed_lines(out: &std::process::Output) -> Vec<String> {

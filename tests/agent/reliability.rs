@@ -324,24 +324,35 @@ fn log_has(log: &std::path::Path, needle: &str) -> bool {
     std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle))
 }
 
-/// The state directory's disk fills up (a small tmpfs in a private mount namespace) while the
-/// daemon runs: it keeps running, takes no new work and says why, naming the index; the index
-/// is never corrupted; work resumes by itself when space is back. Then the disk is read-only
-/// at start: the daemon exits 1 naming the state path, and starts normally once writable.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_or_read_only_state_dir_pauses_work_says_why_and_recovers() {
+/// A daemon whose state directory is a 2 MiB tmpfs in a private mount namespace.
+struct StateTmpfs {
+    /// The shell holding the namespace (and the tmpfs) for the whole test; killed on drop.
+    _holder: ChildGuard,
+    /// The holder's pid: its mount namespace is where the tmpfs is visible.
+    ns: u32,
+    /// The daemon's pid.
+    daemon: i32,
+    /// The daemon's log.
+    log: std::path::PathBuf,
+    /// The state directory as seen from outside the namespace.
+    state: std::path::PathBuf,
+}
+
+fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Start `run` for `env` with its state directory on a fresh 2 MiB tmpfs.
+async fn run_on_state_tmpfs(env: &Env) -> StateTmpfs {
     use std::process::{Command, Stdio};
-    let env = Env::new();
     std::fs::create_dir_all(&env.state).unwrap();
     let bin = env!("CARGO_BIN_EXE_panoptic-sync");
-    let config = env.config_path();
     let log = env.tmp.path().join("daemon.log");
     let pid_file = env.tmp.path().join("daemon.pid");
-    // A shell holds the namespace (and the tmpfs) for the whole test; the daemon is its child.
     let script = format!(
         "mount -t tmpfs -o size=2m tmpfs '{}' || exit 1; '{bin}' --config '{}' run & echo $! > '{}'; wait; exec sleep 3600",
         env.state.display(),
-        config.display(),
+        env.config_path().display(),
         pid_file.display()
     );
     let holder = ChildGuard(
@@ -358,14 +369,38 @@ async fn a_full_or_read_only_state_dir_pauses_work_says_why_and_recovers() {
         std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
     })
     .await;
-    let daemon: i32 = std::fs::read_to_string(&pid_file)
+    let daemon = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let state = std::path::PathBuf::from(format!("/proc/{ns}/root"))
         .join(env.state.strip_prefix("/").unwrap());
+    StateTmpfs {
+        _holder: holder,
+        ns,
+        daemon,
+        log,
+        state,
+    }
+}
+
+/// The state directory's disk fills up (a small tmpfs in a private mount namespace) while the
+/// daemon runs: it keeps running, takes no new work and says why, naming the index; the index
+/// is never corrupted; work resumes by itself when space is back. Then the disk is read-only
+/// at start: the daemon exits 1 naming the state path, and starts normally once writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_read_only_state_dir_pauses_work_says_why_and_recovers() {
+    let env = Env::new();
+    let bin = env!("CARGO_BIN_EXE_panoptic-sync");
+    let config = env.config_path();
+    let StateTmpfs {
+        _holder,
+        ns,
+        daemon,
+        log,
+        state,
+    } = run_on_state_tmpfs(&env).await;
     let cli = |args: &[&str]| {
         let mut cmd = vec![bin, "--config", config.to_str().unwrap()];
         cmd.extend_from_slice(args);
@@ -479,45 +514,18 @@ async fn a_full_or_read_only_state_dir_pauses_work_says_why_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_full_state_disk_and_a_full_queue_exits_promptly() {
     let _heavy = heavy().await;
-    use std::process::{Command, Stdio};
     let env = Env::new();
-    std::fs::create_dir_all(&env.state).unwrap();
-    let bin = env!("CARGO_BIN_EXE_panoptic-sync");
-    let config = env.config_path();
-    let log = env.tmp.path().join("daemon.log");
-    let pid_file = env.tmp.path().join("daemon.pid");
-    let script = format!(
-        "mount -t tmpfs -o size=2m tmpfs '{}' || exit 1; '{bin}' --config '{}' run & echo $! > '{}'; wait; exec sleep 3600",
-        env.state.display(),
-        config.display(),
-        pid_file.display()
-    );
-    let holder = ChildGuard(
-        Command::new("unshare")
-            .args(["-m", "sh", "-c", &script])
-            .envs(env.cmd_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let ns = holder.0.id();
-    wait_until(Duration::from_secs(10), "the daemon's pid", || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
-    })
-    .await;
-    let daemon: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let StateTmpfs {
+        _holder,
+        ns,
+        daemon,
+        log,
+        state,
+    } = run_on_state_tmpfs(&env).await;
     wait_until(Duration::from_secs(30), "the daemon watching", || {
         log_has(&log, "watching")
     })
     .await;
-    let state = std::path::PathBuf::from(format!("/proc/{ns}/root"))
-        .join(env.state.strip_prefix("/").unwrap());
     {
         use std::io::Write;
         let mut f = std::fs::File::create(state.join("filler")).unwrap();

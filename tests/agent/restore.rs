@@ -29,7 +29,8 @@ fn write_artifacts(env: &Env) {
     env.write("big/core.dump", &big);
 }
 
-fn encrypted_env() -> (Env, PathBuf) {
+/// A setup with zstd + AES-256-GCM and a fresh key file (returned too).
+pub(crate) fn encrypted_env() -> (Env, PathBuf) {
     let mut env = Env::new();
     let key = env.keygen("key");
     env.pipeline = format!(
