@@ -197,6 +197,10 @@ const CLAIM: &str = "SELECT u.file_id, u.gen, f.path, u.key, u.sha256, f.size, f
        AND u.gen = f.gen
      ORDER BY u.next_attempt_ms, u.queued_ms
      LIMIT ?4";
+/// When a destination's next job that is not due yet becomes due (the worker's only timer).
+const NEXT_DUE: &str = "SELECT next_attempt_ms FROM uploads
+     WHERE dest = ?1 AND state = ?2 AND next_attempt_ms > ?3
+     ORDER BY next_attempt_ms LIMIT 1";
 /// Some object holding given content, other than at a given key. Without INDEXED BY, SQLite
 /// prefers the primary key's `dest` prefix (for the `key !=` term) and scans every object of
 /// the destination.
@@ -444,6 +448,10 @@ pub struct FinishAndClaim {
     pub recorded: anyhow::Result<()>,
     /// The jobs claimed.
     pub claimed: anyhow::Result<Vec<Claimed>>,
+    /// When the next pending job that is not due yet becomes due (ms since the epoch); jobs
+    /// due already but not claimed are in flight or beyond the free slots, and a finishing
+    /// task wakes the worker for them.
+    pub next_due_ms: Option<i64>,
 }
 
 /// A file whose current content every destination asked about holds (local cleanup).
@@ -945,7 +953,24 @@ impl Index {
             }
             Ok(out)
         })();
-        FinishAndClaim { recorded, claimed }
+        let next_due_ms = self.next_due(dest).unwrap_or_else(|e| {
+            tracing::debug!(dest, error = %format!("{e:#}"), "cannot read when the next job is due");
+            None
+        });
+        FinishAndClaim {
+            recorded,
+            claimed,
+            next_due_ms,
+        }
+    }
+
+    /// When `dest`'s next pending job that is not due yet becomes due (ms since the epoch).
+    pub fn next_due(&self, dest: &str) -> anyhow::Result<Option<i64>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(NEXT_DUE)?;
+        Ok(stmt
+            .query_row(params![dest, UploadState::Pending, now_ms()], |r| r.get(0))
+            .optional()?)
     }
 
     /// The object known to be at logical `key` in `dest`.
@@ -1575,6 +1600,7 @@ mod tests {
         let conn = idx.conn();
         for sql in [
             CLAIM,
+            NEXT_DUE,
             OBJECT_WITH,
             FORGET_STORED,
             "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
@@ -1593,6 +1619,13 @@ mod tests {
             assert!(!searches.is_empty(), "{sql}\n  plan: {plan:?}");
             if sql == OBJECT_WITH {
                 assert!(plan[0].contains("sha256=?"), "{plan:?}");
+            }
+            if sql == NEXT_DUE {
+                assert!(
+                    plan.iter().any(|p| p.contains("uploads_queue")
+                        && p.contains("next_attempt_ms>?")),
+                    "{plan:?}"
+                );
             }
             if sql == CLAIM {
                 // The state is a bound parameter: the queue index must still take it.

@@ -55,6 +55,11 @@ fn split(key: &str) -> (&str, &str) {
     }
 }
 
+/// The last segment of a key (the file's name).
+pub fn file_name(key: &str) -> &str {
+    split(key).1
+}
+
 /// The shortened stored form of a long last segment `name` (without stage suffixes).
 pub fn short_name(name: &str) -> String {
     let mut cut = LONG_KEEP.min(name.len());

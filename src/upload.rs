@@ -4,9 +4,11 @@
 //! A worker claims due jobs from the index queue and, for each one:
 //! 1. skips it if the index knows the destination already holds this content at this key;
 //! 2. copies server-side if the destination holds the same content under another key;
-//! 3. otherwise reads the file once on a blocking thread — hash, compress, encrypt
-//!    ([`crate::pipeline`]) — and streams the result to the store: one PUT when it fits in two
-//!    parts, a multipart upload otherwise (never the whole large file in memory).
+//! 3. otherwise hands it to [`transfer`], which reads the file once (hash, compress, encrypt)
+//!    and streams the result to the store.
+//!
+//! This module is the bookkeeping: claiming, deduplicating in-flight content, counting, and
+//! recording each outcome in the index; the bytes move in [`transfer`].
 //!
 //! If the file changed since it was indexed (hash or identity differ), the upload is abandoned
 //! (multipart aborted, nothing committed) and the path goes back to the ingest stage. When a
@@ -15,31 +17,25 @@
 //! permanent ones (403, missing bucket) are retried slowly.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use object_store::{
-    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
-    PutPayload, WriteMultipart,
-};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use object_store::{Attribute, ObjectStore, ObjectStoreExt};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
-use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outcome, Stat};
+use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outcome};
 use crate::layout;
-use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
+use crate::pipeline::{Pipeline, Plan};
 use crate::scan::{Candidate, Feeder, Root};
 
-/// Size of each multipart part; output up to two parts goes up in a single PUT.
-pub const PART_SIZE: usize = 8 * 1024 * 1024;
-/// Parts in flight per multipart upload.
-const PART_CONCURRENCY: usize = 2;
+mod transfer;
+
+pub use transfer::PART_SIZE;
+use transfer::{Link, Transferred};
 
 /// Counters of one destination worker.
 #[derive(Debug, Default)]
@@ -88,122 +84,29 @@ pub struct Worker {
     pub index_failures: AtomicU64,
 }
 
+/// The longest a worker sleeps with nothing due: a safety net for a wall clock that jumps
+/// (due times are wall-clock milliseconds) and for jobs queued by another process.
+const IDLE_CHECK: Duration = Duration::from_secs(60);
+
+/// What one trip to the queue gave: jobs to start, and when to look again if nothing wakes
+/// the worker first.
+struct Round {
+    claimed: Vec<Claimed>,
+    next_due: tokio::time::Instant,
+}
+
+impl Round {
+    fn retry_in(wait: Duration) -> Round {
+        Round {
+            claimed: Vec::new(),
+            next_due: tokio::time::Instant::now() + wait,
+        }
+    }
+}
+
 enum Step {
     Done(Method, ObjectRow),
     Changed,
-}
-
-/// What flows from the reading thread to the uploading task.
-enum Msg {
-    /// How the file is encoded, and its permission bits.
-    Plan(Plan, u32),
-    Data(Bytes),
-}
-
-/// The end of the encoding chain: cuts the output into parts and hands them to the uploader.
-struct ChunkSink {
-    tx: mpsc::Sender<Msg>,
-    buf: Vec<u8>,
-    sent: bool,
-}
-
-impl ChunkSink {
-    fn send(&mut self) -> std::io::Result<()> {
-        // The next buffer is allocated by the next write, if any.
-        let data = std::mem::take(&mut self.buf);
-        self.sent = true;
-        self.tx
-            .blocking_send(Msg::Data(Bytes::from(data)))
-            .map_err(|_| std::io::Error::other("upload cancelled"))
-    }
-}
-
-impl Write for ChunkSink {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(PART_SIZE);
-        }
-        let take = (PART_SIZE - self.buf.len()).min(data.len());
-        self.buf.extend_from_slice(&data[..take]);
-        if self.buf.len() == PART_SIZE {
-            self.send()?;
-        }
-        Ok(take)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Finish for ChunkSink {
-    fn finish(mut self: Box<Self>) -> std::io::Result<()> {
-        if !self.buf.is_empty() || !self.sent {
-            self.send()?;
-        }
-        Ok(())
-    }
-}
-
-/// Read, verify and encode a file into `tx`. `Ok(false)`: the file is gone or is no longer the
-/// indexed content, and nothing may be committed. Blocking.
-fn produce(
-    roots: &[Root],
-    path: &Path,
-    key: &str,
-    stat: Stat,
-    sha: [u8; 32],
-    pipeline: &Pipeline,
-    tx: mpsc::Sender<Msg>,
-) -> std::io::Result<bool> {
-    // Opened through its root's handle, never through a symlink; a path that no longer lies
-    // in any root (a watch removed on reload) is gone.
-    let Some(root) = crate::scan::root_of(roots, path).map(|i| &roots[i]) else {
-        return Ok(false);
-    };
-    let (mut file, now) = match root.open_file(path) {
-        Ok(x) => x,
-        Err(e) if gone(&e) => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    if !now.same_file(&stat) {
-        return Ok(false);
-    }
-    // One byte more than the file's size is enough to see its end (no zeroed 64 KiB per file).
-    let probe = (stat.size as usize)
-        .saturating_add(1)
-        .min(pipeline::PROBE_BLOCK);
-    let mut first = vec![0u8; probe];
-    let n = read_full(&mut file, &mut first)?;
-    first.truncate(n);
-    let plan = pipeline.plan(path, &first);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions()) & 0o7777;
-    tx.blocking_send(Msg::Plan(plan, mode))
-        .map_err(|_| std::io::Error::other("upload cancelled"))?;
-    // Small files (most of a CI tree) get a buffer of their size, not a whole part.
-    let expected = (stat.size as usize)
-        .saturating_add(64 * 1024)
-        .min(PART_SIZE);
-    let sink = ChunkSink {
-        tx,
-        buf: Vec::with_capacity(expected),
-        sent: false,
-    };
-    let record = Meta {
-        size: stat.size,
-        mtime_ns: stat.mtime_ns,
-        sha256: hex::encode(sha),
-        mode: Some(mode),
-        path: Some(key.to_string()),
-    };
-    let stored_key = layout::stored_key(key, plan);
-    let mut out = pipeline::encoder(pipeline, plan, &record, &stored_key, Box::new(sink))?;
-    // Hash and encode the whole file in one read: the probed first block, then the rest.
-    let (digest, total) =
-        pipeline::copy_hashed(&mut std::io::Cursor::new(first).chain(&mut file), &mut out)?;
-    let unchanged =
-        digest == sha && total == stat.size && Stat::of(&file.metadata()?).same_file(&stat);
-    out.finish()?;
-    Ok(unchanged)
 }
 
 impl Worker {
@@ -223,7 +126,7 @@ impl Worker {
         let mut finished: Vec<Outcome> = Vec::new();
         loop {
             // One trip to the index per round: record what finished, claim what fits.
-            let claimed = this
+            let Round { claimed, next_due } = this
                 .record_and_claim(&mut finished, &mut busy, Some(&cancel))
                 .await;
             for Claimed {
@@ -249,7 +152,8 @@ impl Worker {
                     }
                 }
                 _ = this.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                // The only timer: a job in backoff becoming due. An idle worker sleeps.
+                _ = tokio::time::sleep_until(next_due) => {}
             }
         }
         // Shutdown: no new work; give in-flight uploads a moment, then abandon them. An
@@ -277,7 +181,7 @@ impl Worker {
         finished: &mut Vec<Outcome>,
         busy: &mut HashMap<i64, [u8; 32]>,
         cancel: Option<&CancellationToken>,
-    ) -> Vec<Claimed> {
+    ) -> Round {
         let claim = cancel.is_some();
         let outcomes = std::mem::take(finished);
         for o in &outcomes {
@@ -290,7 +194,8 @@ impl Worker {
             0
         };
         if outcomes.is_empty() && free == 0 {
-            return Vec::new();
+            // Full: a finishing task wakes the worker.
+            return Round::retry_in(IDLE_CHECK);
         }
         let index = self.index.clone();
         let (dest, busy_now, max, identity) = (
@@ -300,16 +205,19 @@ impl Worker {
             self.pipeline.identity(),
         );
         let res = tokio::task::spawn_blocking(move || {
-            let FinishAndClaim { recorded, claimed } =
-                index.finish_and_claim(&dest, &outcomes, free, &busy_now, max, &identity);
-            (recorded, claimed, outcomes)
+            let FinishAndClaim {
+                recorded,
+                claimed,
+                next_due_ms,
+            } = index.finish_and_claim(&dest, &outcomes, free, &busy_now, max, &identity);
+            (recorded, claimed, next_due_ms, outcomes)
         })
         .await;
-        let (recorded, claimed, outcomes) = match res {
+        let (recorded, claimed, next_due_ms, outcomes) = match res {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(dest = %self.dest.name, error = %e, "queue task failed");
-                return Vec::new();
+                return Round::retry_in(Duration::from_secs(1));
             }
         };
         match recorded {
@@ -344,13 +252,26 @@ impl Worker {
                     let index = self.index.clone();
                     let _ = tokio::task::spawn_blocking(move || index.relieve()).await;
                 }
-                return Vec::new();
+                // Paused already: claim again at once.
+                return Round::retry_in(Duration::ZERO);
             }
         }
-        claimed.unwrap_or_else(|e| {
-            tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot read the upload queue");
-            Vec::new()
-        })
+        match claimed {
+            Ok(claimed) => Round {
+                claimed,
+                next_due: next_due_ms.map_or(
+                    tokio::time::Instant::now() + IDLE_CHECK,
+                    |due| {
+                        let wait = due.saturating_sub(crate::index::now_ms()).max(0) as u64;
+                        tokio::time::Instant::now() + Duration::from_millis(wait).min(IDLE_CHECK)
+                    },
+                ),
+            },
+            Err(e) => {
+                tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot read the upload queue");
+                Round::retry_in(Duration::from_secs(1))
+            }
+        }
     }
 
     async fn process(
@@ -397,20 +318,6 @@ impl Worker {
                     permanent,
                 }
             }
-        }
-    }
-
-    /// Wait for the destination's and the agent's bandwidth caps before sending `bytes`.
-    async fn throttle(&self, bytes: usize) {
-        let mut waited = Duration::ZERO;
-        for limiter in [&self.dest.limiter, &self.global_limit]
-            .into_iter()
-            .flatten()
-        {
-            waited += limiter.acquire(bytes as u64).await;
-        }
-        if !waited.is_zero() {
-            self.metrics.throttled(&self.dest.name, waited);
         }
     }
 
@@ -517,7 +424,7 @@ impl Worker {
         };
         let long_name = layout::parse(stored_key)
             .long
-            .then(|| job.key.rsplit('/').next().unwrap_or(&job.key).to_string());
+            .then(|| layout::file_name(&job.key).to_string());
         let meta = crate::filemeta::FileMeta {
             mode,
             mtime_ns: job.stat.mtime_ns,
@@ -580,234 +487,36 @@ impl Worker {
             && attr("mode") == Some(format!("{mode:o}"))
     }
 
-    /// Content-Type, Content-Encoding and, for unencrypted objects only, the original's hash,
-    /// size, mtime, mode and (when shortened) full name, which `restore` checks and applies.
-    /// Encrypted objects carry these inside.
-    fn attributes(&self, plan: Plan, job: &Job, mode: u32) -> Attributes {
-        let mut attrs = Attributes::new();
-        if self.dest.supports_attributes {
-            attrs.insert(Attribute::ContentType, plan.content_type(&job.path).into());
-            if let Some(enc) = plan.content_encoding() {
-                attrs.insert(Attribute::ContentEncoding, enc.into());
-            }
-            if !plan.encrypt {
-                attrs.insert(
-                    Attribute::Metadata("sha256".into()),
-                    hex::encode(job.sha256).into(),
-                );
-                attrs.insert(
-                    Attribute::Metadata("mtimens".into()),
-                    job.stat.mtime_ns.to_string().into(),
-                );
-                attrs.insert(
-                    Attribute::Metadata("mode".into()),
-                    format!("{mode:o}").into(),
-                );
-                attrs.insert(
-                    Attribute::Metadata("size".into()),
-                    job.stat.size.to_string().into(),
-                );
-                if layout::parse(&layout::stored_key(&job.key, plan)).long {
-                    // Header values are ASCII: the name as hex.
-                    let name = job.key.rsplit('/').next().unwrap_or(&job.key);
-                    attrs.insert(
-                        Attribute::Metadata("longname".into()),
-                        hex::encode(name).into(),
-                    );
-                }
-            }
-        }
-        attrs
-    }
-
-    /// One PUT of a whole (small) object, within the bandwidth caps; counts the bytes sent.
-    async fn put_single(
-        &self,
-        location: &object_store::path::Path,
-        payload: PutPayload,
-        attributes: Attributes,
-    ) -> object_store::Result<()> {
-        let len = payload.content_length();
-        self.throttle(len).await;
-        let opts = PutOptions {
-            attributes,
-            ..Default::default()
-        };
-        self.dest.store.put_opts(location, payload, opts).await?;
-        self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Read the file once through the pipeline and stream it to the store.
+    /// Read the file once through the pipeline and store it.
     async fn upload(&self, job: &Job, identity: &str) -> Result<Step, StoreError> {
-        let (tx, mut rx) = mpsc::channel::<Msg>(1);
-        let (path, key, stat, sha, pipeline, roots) = (
-            job.path.clone(),
-            job.key.clone(),
-            job.stat,
-            job.sha256,
-            self.pipeline.clone(),
-            self.roots.clone(),
-        );
-        let producer = tokio::task::spawn_blocking(move || {
-            produce(&roots, &path, &key, stat, sha, &pipeline, tx)
-        });
-        let finish_producer = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res
-        {
-            Ok(Ok(unchanged)) => Ok(unchanged),
-            Ok(Err(e)) if gone(&e) => Ok(false),
-            Ok(Err(e)) => Err(read_error(job, e)),
-            Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
+        let link = Link {
+            dest: &self.dest,
+            global_limit: self.global_limit.as_deref(),
+            multipart_slots: &self.multipart_slots,
+            bytes: &self.stats.bytes,
+            metrics: &self.metrics,
         };
-        let Some(Msg::Plan(plan, mode)) = rx.recv().await else {
-            drop(rx);
-            return match finish_producer(producer.await)? {
-                false => Ok(Step::Changed),
-                true => Err(StoreError::Retryable(format!(
-                    "reading {} produced no data",
-                    job.path.display()
-                ))),
-            };
-        };
-        let stored_key = layout::stored_key(&job.key, plan);
-        let location = self.dest.path(&stored_key)?;
-        let ctx = || format!("uploading {location} to {}", self.dest.name);
-        let attributes = self.attributes(plan, job, mode);
-        let first = match rx.recv().await {
-            Some(Msg::Data(b)) => b,
-            _ => {
-                drop(rx);
-                return match finish_producer(producer.await)? {
-                    false => Ok(Step::Changed),
-                    true => Err(StoreError::Retryable(format!("{}: no data", ctx()))),
-                };
-            }
-        };
-        let mut stored_size = first.len() as u64;
-        let row = |stored_size| ObjectRow {
-            key: job.key.clone(),
-            stored_key: stored_key.clone(),
-            sha256: job.sha256,
-            size: job.stat.size,
-            stored_size,
-            pipeline: identity.to_string(),
-        };
-        let second = match rx.recv().await {
-            Some(Msg::Data(b)) => b,
-            _ => {
-                // Everything fits in one request: send it only if the file was unchanged.
-                if !finish_producer(producer.await)? {
-                    return Ok(Step::Changed);
-                }
-                self.put_single(&location, PutPayload::from_bytes(first), attributes)
-                    .await
-                    .map_err(|e| StoreError::classify(ctx(), &e))?;
+        match transfer::send(&link, job, self.roots.clone(), self.pipeline.clone()).await? {
+            Transferred::Changed => Ok(Step::Changed),
+            Transferred::Stored {
+                plan,
+                mode,
+                stored_key,
+                stored_size,
+            } => {
                 self.keep_local_meta(plan, job, mode, &stored_key).await?;
-                return Ok(Step::Done(Method::Upload, row(stored_size)));
-            }
-        };
-        let _slot = self.multipart_slots.acquire().await;
-        stored_size += second.len() as u64;
-        // Up to two parts still go up in one request: a multipart upload costs the store (and
-        // us) three requests and a server-side reassembly, for the same memory.
-        let third = match rx.recv().await {
-            Some(Msg::Data(b)) => b,
-            _ => {
-                if !finish_producer(producer.await)? {
-                    return Ok(Step::Changed);
-                }
-                self.put_single(
-                    &location,
-                    PutPayload::from_iter([first, second]),
-                    attributes,
-                )
-                .await
-                .map_err(|e| StoreError::classify(ctx(), &e))?;
-                self.keep_local_meta(plan, job, mode, &stored_key).await?;
-                return Ok(Step::Done(Method::Upload, row(stored_size)));
-            }
-        };
-        let opts = PutMultipartOptions {
-            attributes,
-            ..Default::default()
-        };
-        let upload = match self.dest.store.put_multipart_opts(&location, opts).await {
-            Ok(u) => u,
-            Err(e) => {
-                drop(rx);
-                let _ = producer.await;
-                return Err(StoreError::classify(ctx(), &e));
-            }
-        };
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        stored_size += third.len() as u64;
-        for part in [first, second, third] {
-            self.throttle(part.len()).await;
-            writer.put(part);
-        }
-        let sent: Result<(), StoreError> = loop {
-            if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
-                break Err(StoreError::classify(ctx(), &e));
-            }
-            match rx.recv().await {
-                Some(Msg::Data(b)) => {
-                    stored_size += b.len() as u64;
-                    self.throttle(b.len()).await;
-                    writer.put(b);
-                }
-                _ => break Ok(()),
-            }
-        };
-        drop(rx);
-        let unchanged = finish_producer(producer.await);
-        match (sent, unchanged) {
-            (Ok(()), Ok(true)) => {
-                writer
-                    .finish()
-                    .await
-                    .map_err(|e| StoreError::classify(ctx(), &e))?;
-                self.stats.bytes.fetch_add(stored_size, Ordering::Relaxed);
-                self.keep_local_meta(plan, job, mode, &stored_key).await?;
-                Ok(Step::Done(Method::Upload, row(stored_size)))
-            }
-            (sent, unchanged) => {
-                // Never commit: the object stays invisible.
-                let _ = writer.abort().await;
-                sent?;
-                unchanged?;
-                Ok(Step::Changed)
+                Ok(Step::Done(
+                    Method::Upload,
+                    ObjectRow {
+                        key: job.key.clone(),
+                        stored_key,
+                        sha256: job.sha256,
+                        size: job.stat.size,
+                        stored_size,
+                        pipeline: identity.to_string(),
+                    },
+                ))
             }
         }
     }
-}
-
-fn gone(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::NotFound
-        || e.kind() == std::io::ErrorKind::InvalidInput
-        || matches!(
-            e.raw_os_error(),
-            Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EXDEV)
-        )
-}
-
-fn read_error(job: &Job, e: std::io::Error) -> StoreError {
-    let msg = format!("cannot read {}: {e}", job.path.display());
-    if e.kind() == std::io::ErrorKind::PermissionDenied {
-        StoreError::Permanent(msg)
-    } else {
-        StoreError::Retryable(msg)
-    }
-}
-
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }

@@ -1,0 +1,387 @@
+//! The byte transfer of one upload, apart from the queue's bookkeeping: a blocking thread reads
+//! the file once through the pipeline (hash, compress, encrypt), cutting the output into parts;
+//! the async side sends them to the store within the bandwidth caps.
+//!
+//! The one policy decision lives in [`send`]: output of up to two parts goes up in a single
+//! PUT, anything longer as a multipart upload with a few parts in flight. Nothing is committed
+//! unless the file read was still the indexed content from its first byte to its last.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use object_store::{
+    Attribute, Attributes, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+    WriteMultipart,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::destination::{Destination, StoreError};
+use crate::index::{Job, Stat};
+use crate::layout;
+use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
+use crate::scan::Root;
+use crate::throttle::Limiter;
+
+/// Size of each multipart part; output of up to two parts goes up in a single PUT.
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts in flight per multipart upload.
+const PART_CONCURRENCY: usize = 2;
+/// Parts that go up in one request: a multipart upload costs the store (and us) three requests
+/// and a server-side reassembly, for the same memory.
+const SINGLE_PUT_PARTS: usize = 2;
+
+/// How one transfer ended.
+pub(super) enum Transferred {
+    /// The object is committed at `stored_key`.
+    Stored {
+        /// How it was encoded.
+        plan: Plan,
+        /// The file's permission bits, as read.
+        mode: u32,
+        /// The key it is stored under (relative to the destination's base).
+        stored_key: String,
+        /// Bytes stored.
+        stored_size: u64,
+    },
+    /// The file vanished or is no longer the indexed content; nothing was committed.
+    Changed,
+}
+
+/// What a transfer sends through: the destination, the caps and the counters.
+pub(super) struct Link<'a> {
+    /// Where the object goes.
+    pub dest: &'a Destination,
+    /// The agent-wide bandwidth cap, besides the destination's own.
+    pub global_limit: Option<&'a Limiter>,
+    /// Bounds how many multipart uploads (each holding a few parts in memory) run at once.
+    pub multipart_slots: &'a Semaphore,
+    /// Counts bytes sent.
+    pub bytes: &'a AtomicU64,
+    /// Counts time spent waiting on the caps.
+    pub metrics: &'a crate::metrics::Metrics,
+}
+
+/// What flows from the reading thread to the sending task.
+enum Msg {
+    /// How the file is encoded, and its permission bits.
+    Plan(Plan, u32),
+    Data(Bytes),
+}
+
+/// Read `job`'s file through `pipeline` and store the result. One exit per outcome: stored,
+/// changed (nothing committed) or an error to retry or give up on.
+pub(super) async fn send(
+    link: &Link<'_>,
+    job: &Job,
+    roots: Arc<Vec<Root>>,
+    pipeline: Arc<Pipeline>,
+) -> Result<Transferred, StoreError> {
+    let (tx, mut rx) = mpsc::channel::<Msg>(1);
+    let (path, key, stat, sha) = (job.path.clone(), job.key.clone(), job.stat, job.sha256);
+    let producer = tokio::task::spawn_blocking(move || {
+        produce(&roots, &path, &key, stat, sha, &pipeline, tx)
+    });
+    // Whether the producer read the indexed content to its end (called once the channel is
+    // closed or dropped, so it never waits on a full channel).
+    let read_ok = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res {
+        Ok(Ok(unchanged)) => Ok(unchanged),
+        Ok(Err(e)) if gone(&e) => Ok(false),
+        Ok(Err(e)) => Err(read_error(job, e)),
+        Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
+    };
+    let Some(Msg::Plan(plan, mode)) = rx.recv().await else {
+        drop(rx);
+        return match read_ok(producer.await)? {
+            false => Ok(Transferred::Changed),
+            true => Err(StoreError::Retryable(format!(
+                "reading {} produced no data",
+                job.path.display()
+            ))),
+        };
+    };
+    let stored_key = layout::stored_key(&job.key, plan);
+    let location = link.dest.path(&stored_key)?;
+    let ctx = || format!("uploading {location} to {}", link.dest.name);
+    let attributes = attributes(link.dest, plan, job, mode);
+    let stored = |stored_size| Transferred::Stored {
+        plan,
+        mode,
+        stored_key: stored_key.clone(),
+        stored_size,
+    };
+
+    // Gather parts until the output is known to need a multipart upload.
+    let mut head: Vec<Bytes> = Vec::with_capacity(SINGLE_PUT_PARTS + 1);
+    let mut slot = None;
+    while head.len() <= SINGLE_PUT_PARTS {
+        if head.len() == SINGLE_PUT_PARTS {
+            // Holding two parts: from here on this counts as a multipart upload's memory.
+            slot = Some(link.multipart_slots.acquire().await);
+        }
+        match rx.recv().await {
+            Some(Msg::Data(b)) => head.push(b),
+            _ => break,
+        }
+    }
+    let mut stored_size: u64 = head.iter().map(|b| b.len() as u64).sum();
+
+    if head.len() <= SINGLE_PUT_PARTS {
+        // Everything fits in one request: send it only if the file was unchanged.
+        drop(rx);
+        if !read_ok(producer.await)? {
+            return Ok(Transferred::Changed);
+        }
+        if head.is_empty() {
+            return Err(StoreError::Retryable(format!("{}: no data", ctx())));
+        }
+        let payload = PutPayload::from_iter(head);
+        throttle(link, payload.content_length()).await;
+        let opts = PutOptions {
+            attributes,
+            ..Default::default()
+        };
+        link.dest
+            .store
+            .put_opts(&location, payload, opts)
+            .await
+            .map_err(|e| StoreError::classify(ctx(), &e))?;
+        link.bytes.fetch_add(stored_size, Ordering::Relaxed);
+        return Ok(stored(stored_size));
+    }
+
+    let opts = PutMultipartOptions {
+        attributes,
+        ..Default::default()
+    };
+    let upload = match link.dest.store.put_multipart_opts(&location, opts).await {
+        Ok(u) => u,
+        Err(e) => {
+            drop(rx);
+            let _ = producer.await;
+            return Err(StoreError::classify(ctx(), &e));
+        }
+    };
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    for part in head {
+        throttle(link, part.len()).await;
+        writer.put(part);
+    }
+    let sent: Result<(), StoreError> = loop {
+        if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
+            break Err(StoreError::classify(ctx(), &e));
+        }
+        match rx.recv().await {
+            Some(Msg::Data(b)) => {
+                stored_size += b.len() as u64;
+                throttle(link, b.len()).await;
+                writer.put(b);
+            }
+            _ => break Ok(()),
+        }
+    };
+    drop(rx);
+    let unchanged = read_ok(producer.await);
+    drop(slot);
+    match (sent, unchanged) {
+        (Ok(()), Ok(true)) => {
+            writer
+                .finish()
+                .await
+                .map_err(|e| StoreError::classify(ctx(), &e))?;
+            link.bytes.fetch_add(stored_size, Ordering::Relaxed);
+            Ok(stored(stored_size))
+        }
+        (sent, unchanged) => {
+            // Never commit: the object stays invisible.
+            let _ = writer.abort().await;
+            sent?;
+            unchanged?;
+            Ok(Transferred::Changed)
+        }
+    }
+}
+
+/// Wait for the destination's and the agent's bandwidth caps before sending `bytes`.
+async fn throttle(link: &Link<'_>, bytes: usize) {
+    let mut waited = std::time::Duration::ZERO;
+    for limiter in [link.dest.limiter.as_deref(), link.global_limit]
+        .into_iter()
+        .flatten()
+    {
+        waited += limiter.acquire(bytes as u64).await;
+    }
+    if !waited.is_zero() {
+        link.metrics.throttled(&link.dest.name, waited);
+    }
+}
+
+/// Content-Type, Content-Encoding and, for unencrypted objects only, the original's hash,
+/// size, mtime, mode and (when shortened) full name, which `restore` checks and applies.
+/// Encrypted objects carry these inside.
+fn attributes(dest: &Destination, plan: Plan, job: &Job, mode: u32) -> Attributes {
+    let mut attrs = Attributes::new();
+    if !dest.supports_attributes {
+        return attrs;
+    }
+    attrs.insert(Attribute::ContentType, plan.content_type(&job.path).into());
+    if let Some(enc) = plan.content_encoding() {
+        attrs.insert(Attribute::ContentEncoding, enc.into());
+    }
+    if plan.encrypt {
+        return attrs;
+    }
+    let mut meta = |k: &'static str, v: String| {
+        attrs.insert(Attribute::Metadata(k.into()), v.into());
+    };
+    meta("sha256", hex::encode(job.sha256));
+    meta("mtimens", job.stat.mtime_ns.to_string());
+    meta("mode", format!("{mode:o}"));
+    meta("size", job.stat.size.to_string());
+    if layout::parse(&layout::stored_key(&job.key, plan)).long {
+        // Header values are ASCII: the name as hex.
+        meta("longname", hex::encode(layout::file_name(&job.key)));
+    }
+    attrs
+}
+
+/// The end of the encoding chain: cuts the output into parts and hands them to the sender.
+struct ChunkSink {
+    tx: mpsc::Sender<Msg>,
+    buf: Vec<u8>,
+    sent: bool,
+}
+
+impl ChunkSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        // The next buffer is allocated by the next write, if any.
+        let data = std::mem::take(&mut self.buf);
+        self.sent = true;
+        self.tx
+            .blocking_send(Msg::Data(Bytes::from(data)))
+            .map_err(|_| std::io::Error::other("upload cancelled"))
+    }
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(PART_SIZE);
+        }
+        let take = (PART_SIZE - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..take]);
+        if self.buf.len() == PART_SIZE {
+            self.send()?;
+        }
+        Ok(take)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Finish for ChunkSink {
+    fn finish(mut self: Box<Self>) -> std::io::Result<()> {
+        if !self.buf.is_empty() || !self.sent {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+/// Read, verify and encode a file into `tx`. `Ok(false)`: the file is gone or is no longer the
+/// indexed content, and nothing may be committed. Blocking.
+fn produce(
+    roots: &[Root],
+    path: &Path,
+    key: &str,
+    stat: Stat,
+    sha: [u8; 32],
+    pipeline: &Pipeline,
+    tx: mpsc::Sender<Msg>,
+) -> std::io::Result<bool> {
+    // Opened through its root's handle, never through a symlink; a path that no longer lies
+    // in any root (a watch removed on reload) is gone.
+    let Some(root) = crate::scan::root_of(roots, path).map(|i| &roots[i]) else {
+        return Ok(false);
+    };
+    let (mut file, now) = match root.open_file(path) {
+        Ok(x) => x,
+        Err(e) if gone(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !now.same_file(&stat) {
+        return Ok(false);
+    }
+    // One byte more than the file's size is enough to see its end (no zeroed 64 KiB per file).
+    let probe = (stat.size as usize)
+        .saturating_add(1)
+        .min(pipeline::PROBE_BLOCK);
+    let mut first = vec![0u8; probe];
+    let n = read_full(&mut file, &mut first)?;
+    first.truncate(n);
+    let plan = pipeline.plan(path, &first);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions()) & 0o7777;
+    tx.blocking_send(Msg::Plan(plan, mode))
+        .map_err(|_| std::io::Error::other("upload cancelled"))?;
+    // Small files (most of a CI tree) get a buffer of their size, not a whole part.
+    let expected = (stat.size as usize)
+        .saturating_add(64 * 1024)
+        .min(PART_SIZE);
+    let sink = ChunkSink {
+        tx,
+        buf: Vec::with_capacity(expected),
+        sent: false,
+    };
+    let record = Meta {
+        size: stat.size,
+        mtime_ns: stat.mtime_ns,
+        sha256: hex::encode(sha),
+        mode: Some(mode),
+        path: Some(key.to_string()),
+    };
+    let stored_key = layout::stored_key(key, plan);
+    let mut out = pipeline::encoder(pipeline, plan, &record, &stored_key, Box::new(sink))?;
+    // Hash and encode the whole file in one read: the probed first block, then the rest.
+    let (digest, total) =
+        pipeline::copy_hashed(&mut std::io::Cursor::new(first).chain(&mut file), &mut out)?;
+    let unchanged =
+        digest == sha && total == stat.size && Stat::of(&file.metadata()?).same_file(&stat);
+    out.finish()?;
+    Ok(unchanged)
+}
+
+/// Whether a read error means the file is gone (or was swapped for something we refuse to
+/// follow): the path goes back to ingest instead of failing.
+pub(super) fn gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.kind() == std::io::ErrorKind::InvalidInput
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EXDEV)
+        )
+}
+
+fn read_error(job: &Job, e: std::io::Error) -> StoreError {
+    let msg = format!("cannot read {}: {e}", job.path.display());
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        StoreError::Permanent(msg)
+    } else {
+        StoreError::Retryable(msg)
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
