@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
@@ -323,106 +324,103 @@ pub fn render_text(r: &Report) -> String {
     o
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+/// The page's style sheet (static, no user data).
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;color:#111}\
+     figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}\
+     .recs{background:#fef9c3;padding:.5em 1.5em;border-radius:6px}";
 
 /// Horizontal bars as inline SVG: (label, value, text shown).
-fn bars(title: &str, items: &[(String, u64, String)]) -> String {
+fn bars(title: &str, items: &[(String, u64, String)]) -> Markup {
     let max = items.iter().map(|i| i.1).max().unwrap_or(1).max(1) as f64;
-    let h = 24 * items.len() + 30;
-    let mut svg = format!(
-        "<figure><figcaption>{}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"{h}\" role=\"img\">",
-        esc(title)
-    );
-    for (i, (label, v, text)) in items.iter().enumerate() {
-        let y = 10 + i * 24;
-        let w = (*v as f64 / max * 330.0).max(1.0);
-        let _ = write!(
-            svg,
-            "<text x=\"0\" y=\"{}\" font-size=\"13\">{}</text><rect x=\"150\" y=\"{y}\" width=\"{w:.0}\" height=\"18\" fill=\"#3b82f6\"/><text x=\"{:.0}\" y=\"{}\" font-size=\"12\">{}</text>",
-            y + 14,
-            esc(label),
-            155.0 + w,
-            y + 14,
-            esc(text)
-        );
+    let height = 24 * items.len() + 30;
+    html! {
+        figure {
+            figcaption { (title) }
+            svg xmlns="http://www.w3.org/2000/svg" width="720" height=(height) role="img" {
+                @for (i, (label, v, shown)) in items.iter().enumerate() {
+                    @let y = 10 + i * 24;
+                    @let w = (*v as f64 / max * 330.0).max(1.0);
+                    text x="0" y=(y + 14) font-size="13" { (label) }
+                    rect x="150" y=(y) width=(format!("{w:.0}")) height="18" fill="#3b82f6" {}
+                    text x=(format!("{:.0}", 155.0 + w)) y=(y + 14) font-size="12" { (shown) }
+                }
+            }
+        }
     }
-    svg.push_str("</svg></figure>");
-    svg
 }
 
-/// One self-contained HTML page with inline SVG charts (no network access needed).
-pub fn render_html(r: &Report) -> String {
-    let mut body = String::new();
-    for d in &r.destinations {
-        let _ = write!(
-            body,
-            "<section><h2>{}</h2><p>{} objects &middot; {} stored for {} original &middot; compression saved {} &middot; dedup saved {} &middot; latency p50/p90/p99 {}/{}/{} ms &middot; backlog {} ({} failing)</p>",
-            esc(&d.name),
-            d.usage.objects,
-            human(d.usage.bytes_stored),
-            human(d.usage.bytes_original),
-            human(d.compression_saved_bytes),
-            human(d.dedup_saved_bytes),
-            d.latency_ms[0],
-            d.latency_ms[1],
-            d.latency_ms[2],
-            d.backlog.pending,
-            d.backlog.failing
-        );
-        let mut types: Vec<_> = d.by_type.iter().collect();
-        types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
-        let items: Vec<_> = types
-            .iter()
-            .take(12)
-            .map(|(ext, u)| {
-                (
-                    if ext.starts_with('(') {
-                        ext.to_string()
-                    } else {
-                        format!(".{ext}")
-                    },
-                    u.bytes_original,
-                    format!("{} → {}", human(u.bytes_original), human(u.bytes_stored)),
-                )
-            })
-            .collect();
-        body.push_str(&bars("Bytes by file type (original → stored)", &items));
-        let roots: Vec<_> = d
-            .by_root
-            .iter()
-            .map(|(root, u)| (root.clone(), u.bytes_stored, human(u.bytes_stored)))
-            .collect();
-        body.push_str(&bars("Bytes stored by watch root", &roots));
-        if !d.failures.is_empty() {
-            body.push_str("<h3>Failures</h3><ul>");
-            for (cause, n) in &d.failures {
-                let _ = write!(body, "<li>{n} &times; {}</li>", esc(cause));
-            }
-            body.push_str("</ul>");
-        }
-        body.push_str("</section>");
-    }
-    let recs: String = r
-        .recommendations
+/// One destination's section of the HTML report.
+fn destination_html(d: &DestReport) -> Markup {
+    let mut types: Vec<_> = d.by_type.iter().collect();
+    types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
+    let types: Vec<_> = types
         .iter()
-        .map(|x| format!("<li>{}</li>", esc(x)))
+        .take(12)
+        .map(|(ext, u)| {
+            (
+                if ext.starts_with('(') {
+                    ext.to_string()
+                } else {
+                    format!(".{ext}")
+                },
+                u.bytes_original,
+                format!("{} → {}", human(u.bytes_original), human(u.bytes_stored)),
+            )
+        })
         .collect();
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>panoptic-sync report: {node}</title>\
-         <style>body{{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;color:#111}}\
-         figure{{margin:1em 0}}figcaption{{font-weight:600;margin-bottom:.3em}}\
-         .recs{{background:#fef9c3;padding:.5em 1.5em;border-radius:6px}}</style></head><body>\
-         <h1>panoptic-sync report: {node}</h1><p>{files} files, {bytes} indexed</p>\
-         <div class=\"recs\"><h2>Recommendations</h2><ul>{recs}</ul></div>{body}</body></html>",
-        node = esc(&r.node_id),
-        files = r.files,
-        bytes = human(r.bytes),
-    )
+    let roots: Vec<_> = d
+        .by_root
+        .iter()
+        .map(|(root, u)| (root.clone(), u.bytes_stored, human(u.bytes_stored)))
+        .collect();
+    html! {
+        section {
+            h2 { (d.name) }
+            p {
+                (d.usage.objects) " objects · " (human(d.usage.bytes_stored)) " stored for "
+                (human(d.usage.bytes_original)) " original · compression saved "
+                (human(d.compression_saved_bytes)) " · dedup saved " (human(d.dedup_saved_bytes))
+                " · latency p50/p90/p99 " (d.latency_ms[0]) "/" (d.latency_ms[1]) "/"
+                (d.latency_ms[2]) " ms · backlog " (d.backlog.pending) " ("
+                (d.backlog.failing) " failing)"
+            }
+            (bars("Bytes by file type (original → stored)", &types))
+            (bars("Bytes stored by watch root", &roots))
+            @if !d.failures.is_empty() {
+                h3 { "Failures" }
+                ul {
+                    @for (cause, n) in &d.failures {
+                        li { (n) " × " (cause) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One self-contained HTML page with inline SVG charts (no network access needed). Every
+/// value is escaped by the template (node ids, roots and error text come from outside).
+pub fn render_html(r: &Report) -> String {
+    html! {
+        (DOCTYPE)
+        html {
+            head {
+                meta charset="utf-8";
+                title { "panoptic-sync report: " (r.node_id) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "panoptic-sync report: " (r.node_id) }
+                p { (r.files) " files, " (human(r.bytes)) " indexed" }
+                div class="recs" {
+                    h2 { "Recommendations" }
+                    ul { @for rec in &r.recommendations { li { (rec) } } }
+                }
+                @for d in &r.destinations { (destination_html(d)) }
+            }
+        }
+    }
+    .into_string()
 }
 
 /// The status object format this version writes (`format` in the JSON).
@@ -787,4 +785,39 @@ pub fn render_fleet(f: &Fleet) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_html_report_escapes_every_value_from_outside() {
+        // Node ids, watch roots, file extensions and error text come from hosts, trees and
+        // servers the admin does not control: each of the six places shows it escaped.
+        let hostile = "<script>alert(1)</script>\"&";
+        let mut d = DestReport {
+            name: "primary".into(),
+            ..Default::default()
+        };
+        d.by_type.insert(hostile.into(), Usage::default());
+        d.by_root.insert(hostile.into(), Usage::default());
+        d.failures.insert(hostile.into(), 3);
+        let r = Report {
+            node_id: hostile.into(),
+            destinations: vec![d],
+            recommendations: vec![hostile.into()],
+            ..Default::default()
+        };
+        let page = render_html(&r);
+        assert!(!page.contains("<script>"), "{page}");
+        assert_eq!(
+            page.matches("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&amp;").count(),
+            6,
+            "{page}"
+        );
+        assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+        // SVG shapes are closed explicitly (a bare <rect> would swallow the next label).
+        assert!(page.contains("</rect>"), "{page}");
+    }
 }
