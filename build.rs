@@ -18,7 +18,7 @@ use clap::CommandFactory;
 use clap_complete::Shell;
 
 /// The CLI definition, shared with the crate (src/cli/args.rs).
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod cli {
     include!("src/cli/args.rs");
 }

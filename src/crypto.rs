@@ -503,7 +503,7 @@ mod vectors {
     use super::*;
 
     /// The test vectors of docs/FORMAT.md (`bound: None`: version 1).
-    pub fn vector(plaintext: &[u8], bound: Option<&str>) -> Vec<u8> {
+    pub(super) fn vector(plaintext: &[u8], bound: Option<&str>) -> Vec<u8> {
         let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
         let salt: [u8; 32] = std::array::from_fn(|i| 0x20 + i as u8);
         let prefix: [u8; 7] = std::array::from_fn(|i| 0x40 + i as u8);
@@ -513,7 +513,7 @@ mod vectors {
     }
 
     /// The key the version 2 vectors are bound to.
-    pub const BOUND: &str = "ci/runner-17/logs/run.txt.enc";
+    pub(super) const BOUND: &str = "ci/runner-17/logs/run.txt.enc";
 
     #[test]
     fn format_md_vectors_hold() {

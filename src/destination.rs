@@ -77,7 +77,7 @@ fn is_permanent_text(text: &str) -> bool {
 }
 
 /// The error and its sources on one line (server messages often span several).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let text = error_chain_raw(err);
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -316,7 +316,7 @@ impl BadKey {
 
 /// `s` with every control character (C0, DEL, C1: terminal escape sequences included)
 /// replaced by its `\u{..}` escape, so text from the bucket or another node can be printed.
-pub fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_string();
     }
@@ -570,7 +570,7 @@ impl Destination {
 }
 
 /// Open the primary (the first configured destination).
-pub fn open_primary(cfg: &config::Config) -> anyhow::Result<Destination> {
+pub(crate) fn open_primary(cfg: &config::Config) -> anyhow::Result<Destination> {
     Destination::open(
         cfg.destinations()
             .next()
@@ -579,7 +579,7 @@ pub fn open_primary(cfg: &config::Config) -> anyhow::Result<Destination> {
 }
 
 /// Open every configured destination, in order (the first is the primary).
-pub fn open_all(cfg: &config::Config) -> anyhow::Result<Vec<Destination>> {
+pub(crate) fn open_all(cfg: &config::Config) -> anyhow::Result<Vec<Destination>> {
     cfg.destinations().map(Destination::open).collect()
 }
 

@@ -13,7 +13,7 @@ use crate::destination::Destination;
 use crate::layout::LONGNAME_XATTR;
 
 /// The file holding `stored_key` when `dest` is a `file://` store.
-pub fn local_path(dest: &Destination, stored_key: &str) -> Option<PathBuf> {
+pub(crate) fn local_path(dest: &Destination, stored_key: &str) -> Option<PathBuf> {
     let url = url::Url::parse(&dest.url).ok()?;
     if url.scheme() != "file" {
         return None;
@@ -26,7 +26,7 @@ pub fn local_path(dest: &Destination, stored_key: &str) -> Option<PathBuf> {
 
 /// What a stored file says about its original.
 #[derive(Debug, Clone, Default)]
-pub struct FileMeta {
+pub(crate) struct FileMeta {
     /// Permission bits.
     pub mode: u32,
     /// Modification time, nanoseconds since the epoch.
@@ -36,7 +36,7 @@ pub struct FileMeta {
 }
 
 /// Give the stored file at `path` the original's mode and mtime (and long name).
-pub fn apply(path: &Path, meta: &FileMeta) -> std::io::Result<()> {
+pub(crate) fn apply(path: &Path, meta: &FileMeta) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
     if let Some(name) = &meta.long_name {
         rustix::fs::fsetxattr(
@@ -62,7 +62,7 @@ pub fn apply(path: &Path, meta: &FileMeta) -> std::io::Result<()> {
 }
 
 /// Read back what [`apply`] recorded on the stored file at `path`.
-pub fn read(path: &Path) -> std::io::Result<FileMeta> {
+pub(crate) fn read(path: &Path) -> std::io::Result<FileMeta> {
     let file = std::fs::File::open(path)?;
     let m = file.metadata()?;
     let mut buf = vec![0u8; 1024];

@@ -1622,8 +1622,8 @@ mod tests {
             }
             if sql == NEXT_DUE {
                 assert!(
-                    plan.iter().any(|p| p.contains("uploads_queue")
-                        && p.contains("next_attempt_ms>?")),
+                    plan.iter()
+                        .any(|p| p.contains("uploads_queue") && p.contains("next_attempt_ms>?")),
                     "{plan:?}"
                 );
             }

@@ -12,7 +12,7 @@ use crate::index::Index;
 use crate::scan::Root;
 
 /// The link for the local file `path` in destination `dest` (default: the primary).
-pub async fn link(
+pub(crate) async fn link(
     config: &Config,
     path: &Path,
     dest: Option<&str>,

@@ -31,7 +31,7 @@ const CONCURRENCY: usize = 16;
 
 /// What a rebuild found.
 #[derive(Debug, Default)]
-pub struct Rebuilt {
+pub(crate) struct Rebuilt {
     /// Where the old index was moved, if there was one.
     pub moved_aside: Option<PathBuf>,
     /// Per destination, in configured order: what was recorded.
@@ -42,7 +42,7 @@ pub struct Rebuilt {
 
 /// What a rebuild recorded from one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RebuiltDest {
+pub(crate) struct RebuiltDest {
     /// Destination name.
     pub name: String,
     /// Objects recorded as held.
@@ -53,7 +53,7 @@ pub struct RebuiltDest {
 
 /// A key of a destination that object_store cannot address.
 #[derive(Debug, Clone)]
-pub struct DestBadKey {
+pub(crate) struct DestBadKey {
     /// Destination name.
     pub dest: String,
     /// The key and why.
@@ -61,7 +61,7 @@ pub struct DestBadKey {
 }
 
 /// Move the index aside, create a fresh one and fill it from the destinations.
-pub async fn rebuild_index(config: &Config) -> anyhow::Result<Rebuilt> {
+pub(crate) async fn rebuild_index(config: &Config) -> anyhow::Result<Rebuilt> {
     let mut out = Rebuilt::default();
     let path = config.state_dir.join("index.sqlite3");
     if path.exists() {

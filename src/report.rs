@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use maud::{DOCTYPE, Markup, PreEscaped, html};
 use futures::StreamExt;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
@@ -17,9 +17,9 @@ use crate::destination::{self, Destination};
 use crate::index::{Index, Method, Status};
 
 /// Where node status objects live, under the primary's base.
-pub use crate::layout::NODES_PREFIX;
+pub(crate) use crate::layout::NODES_PREFIX;
 /// A node not seen for this long is flagged stale.
-pub const STALE_AFTER: Duration = Duration::from_secs(600);
+pub(crate) const STALE_AFTER: Duration = Duration::from_secs(600);
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -30,7 +30,7 @@ fn now_secs() -> u64 {
 
 /// Totals for one group (a destination, a file type, a watch root).
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Objects.
     pub objects: u64,
     /// Bytes of the originals.
@@ -41,7 +41,7 @@ pub struct Usage {
 
 /// One destination's part of the report.
 #[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct DestReport {
+pub(crate) struct DestReport {
     /// Destination name.
     pub name: String,
     /// Everything stored there.
@@ -87,7 +87,7 @@ impl From<Backlog> for (u64, u64, Option<u64>) {
 
 /// The whole report.
 #[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// This node.
     pub node_id: String,
     /// When it was made (Unix seconds).
@@ -131,7 +131,7 @@ fn human(bytes: u64) -> String {
 }
 
 /// Build the report from the index.
-pub fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
+pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let status = index.status(&names)?;
     let prefixes: Vec<String> = config
@@ -270,7 +270,7 @@ fn recommend(config: &Config, r: &Report) -> Vec<String> {
 }
 
 /// The report as text.
-pub fn render_text(r: &Report) -> String {
+pub(crate) fn render_text(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -400,7 +400,7 @@ fn destination_html(d: &DestReport) -> Markup {
 
 /// One self-contained HTML page with inline SVG charts (no network access needed). Every
 /// value is escaped by the template (node ids, roots and error text come from outside).
-pub fn render_html(r: &Report) -> String {
+pub(crate) fn render_html(r: &Report) -> String {
     html! {
         (DOCTYPE)
         html {
@@ -424,9 +424,9 @@ pub fn render_html(r: &Report) -> String {
 }
 
 /// The status object format this version writes (`format` in the JSON).
-pub const STATUS_FORMAT: u32 = 2;
+pub(crate) const STATUS_FORMAT: u32 = 2;
 /// The largest status object `report --fleet` reads; larger ones are reported as unreadable.
-pub const STATUS_MAX_BYTES: u64 = 1 << 20;
+pub(crate) const STATUS_MAX_BYTES: u64 = 1 << 20;
 
 /// What each node publishes about itself: `_panoptic-sync/nodes/<node_id>.json`, a small wire
 /// format read by every other node's `report --fleet`, whatever its version.
@@ -437,7 +437,7 @@ pub const STATUS_MAX_BYTES: u64 = 1 << 20;
 /// `[name, done, pending, failing, failed]` arrays) is still read.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
-pub struct NodeStatus {
+pub(crate) struct NodeStatus {
     /// The format of this object (1 when absent: written before formats were numbered).
     pub format: u32,
     /// The node (when missing, the name of the object is used).
@@ -480,7 +480,7 @@ impl Default for NodeStatus {
 /// One destination's upload counts in a [`NodeStatus`].
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(from = "DestStatusWire")]
-pub struct DestStatus {
+pub(crate) struct DestStatus {
     /// Destination name.
     pub name: String,
     /// Files stored.
@@ -534,7 +534,7 @@ impl From<DestStatusWire> for DestStatus {
 
 impl NodeStatus {
     /// This node's status from the index.
-    pub fn from_status(config: &Config, s: &Status) -> NodeStatus {
+    pub(crate) fn from_status(config: &Config, s: &Status) -> NodeStatus {
         let (done, bad) = s.destinations.iter().fold((0u64, 0u64), |a, d| {
             (
                 a.0.saturating_add(d.done),
@@ -575,14 +575,14 @@ impl NodeStatus {
     }
 
     /// Files pending over all destinations (saturating: the numbers come from another node).
-    pub fn pending(&self) -> u64 {
+    pub(crate) fn pending(&self) -> u64 {
         self.destinations
             .iter()
             .fold(0, |a, d| a.saturating_add(d.pending))
     }
 
     /// Files failing over all destinations (saturating).
-    pub fn failing(&self) -> u64 {
+    pub(crate) fn failing(&self) -> u64 {
         self.destinations
             .iter()
             .fold(0, |a, d| a.saturating_add(d.failing))
@@ -598,7 +598,7 @@ fn nodes_path(primary: &Destination, file: Option<&str>) -> anyhow::Result<Objec
 }
 
 /// Write this node's status object to the primary.
-pub async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::Result<()> {
+pub(crate) async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::Result<()> {
     let primary = destination::open_primary(config)?;
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let i = index.clone();
@@ -615,7 +615,7 @@ pub async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::
 
 /// Every node's status, read from the primary alone.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Fleet {
+pub(crate) struct Fleet {
     /// The nodes, sorted by node id.
     pub nodes: Vec<FleetNode>,
     /// Objects under `_panoptic-sync/nodes/` that could not be read, each with the reason.
@@ -626,7 +626,7 @@ pub struct Fleet {
 
 /// One node in the fleet view.
 #[derive(Debug, serde::Serialize)]
-pub struct FleetNode {
+pub(crate) struct FleetNode {
     /// What the node published.
     #[serde(flatten)]
     pub status: NodeStatus,
@@ -636,7 +636,7 @@ pub struct FleetNode {
 
 /// A status object that could not be read.
 #[derive(Debug, serde::Serialize)]
-pub struct Unreadable {
+pub(crate) struct Unreadable {
     /// The object's key (control characters escaped).
     pub key: String,
     /// Why.
@@ -645,7 +645,7 @@ pub struct Unreadable {
 
 /// Fleet totals. Every sum saturates: a node can publish any number.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct FleetTotals {
+pub(crate) struct FleetTotals {
     /// Nodes read.
     pub nodes: u64,
     /// Indexed files.
@@ -689,7 +689,7 @@ async fn read_status(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result
 }
 
 /// Read every node status object from the primary.
-pub async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
+pub(crate) async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
     let primary = destination::open_primary(config)?;
     let listing = primary.list_under(NODES_PREFIX).await?;
     let mut fleet = Fleet::default();
@@ -738,7 +738,7 @@ pub async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
 
 /// The fleet as text. Every string from a status object has its control characters escaped:
 /// node ids and errors are written by other nodes, and must not drive the terminal.
-pub fn render_fleet(f: &Fleet) -> String {
+pub(crate) fn render_fleet(f: &Fleet) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -812,7 +812,8 @@ mod tests {
         let page = render_html(&r);
         assert!(!page.contains("<script>"), "{page}");
         assert_eq!(
-            page.matches("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&amp;").count(),
+            page.matches("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&amp;")
+                .count(),
             6,
             "{page}"
         );

@@ -15,11 +15,11 @@ use crate::destination::{self, Destination};
 use crate::index::Index;
 
 /// How often the daemon applies retention.
-pub const INTERVAL: Duration = Duration::from_secs(3600);
+pub(crate) const INTERVAL: Duration = Duration::from_secs(3600);
 
 /// What `prune` did (or would do).
 #[derive(Debug, Default, serde::Serialize)]
-pub struct PruneReport {
+pub(crate) struct PruneReport {
     /// Every object deleted, or that would be with `--dry-run`.
     pub expired: Vec<Expired>,
     /// Watch prefixes skipped because they do not contain the node id.
@@ -30,7 +30,7 @@ pub struct PruneReport {
 
 /// An object retention deleted (or would delete).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Expired {
+pub(crate) struct Expired {
     /// Destination name.
     pub dest: String,
     /// The object's full key.
@@ -39,7 +39,7 @@ pub struct Expired {
 
 /// An object retention could not delete.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct PruneFailure {
+pub(crate) struct PruneFailure {
     /// Destination name.
     pub dest: String,
     /// The object's key.
@@ -49,13 +49,13 @@ pub struct PruneFailure {
 }
 
 /// Whether any remote retention is configured.
-pub fn enabled(config: &Config) -> bool {
+pub(crate) fn enabled(config: &Config) -> bool {
     config.retention.remote_max_age.is_some()
         || config.watch.iter().any(|w| w.remote_max_age.is_some())
 }
 
 /// Apply retention now (or only list with `dry_run`).
-pub async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<PruneReport> {
+pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<PruneReport> {
     let index = Arc::new(Index::open(&config.state_dir)?);
     let dests = destination::open_all(config)?;
     let mut report = PruneReport::default();

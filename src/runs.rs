@@ -31,11 +31,11 @@ use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
 
 /// Version of the manifest document; readers refuse versions they do not know.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub(crate) const MANIFEST_FORMAT: u32 = 1;
 /// The directory of a run reserved for the agent's own objects.
-pub const RUN_DIR: &str = "_run";
+pub(crate) const RUN_DIR: &str = "_run";
 /// The manifest's name in [`RUN_DIR`].
-pub const MANIFEST_NAME: &str = "manifest.json";
+pub(crate) const MANIFEST_NAME: &str = "manifest.json";
 /// Largest manifest `restore --run` reads.
 const MAX_MANIFEST: u64 = 256 * 1024 * 1024;
 /// Files restored at once.
@@ -44,11 +44,11 @@ const CONCURRENCY: usize = 8;
 /// A mistake in what was asked (exit code 2): not a run directory, a bad label, no such run.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct UsageError(pub String);
+pub(crate) struct UsageError(pub String);
 
 /// The CI job a run came from, read from the provider's documented environment variables.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ci {
+pub(crate) struct Ci {
     /// `github-actions`, `gitlab-ci`, `buildkite`, `jenkins` or `circleci`.
     pub provider: String,
     /// Repository (`owner/name`, a project path or a clone URL, as the provider gives it).
@@ -71,7 +71,7 @@ pub struct Ci {
 
 /// The CI context from environment variables (`var` reads one; empty counts as unset), or
 /// `None` outside the supported providers.
-pub fn ci_context(var: impl Fn(&str) -> Option<String>) -> Option<Ci> {
+pub(crate) fn ci_context(var: impl Fn(&str) -> Option<String>) -> Option<Ci> {
     let v = |k: &str| var(k).filter(|s| !s.is_empty());
     let is = |k: &str, want: &str| v(k).is_some_and(|s| s.eq_ignore_ascii_case(want));
     if is("GITHUB_ACTIONS", "true") {
@@ -181,7 +181,7 @@ pub fn ci_context(var: impl Fn(&str) -> Option<String>) -> Option<Ci> {
 
 /// One file of a sealed run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestFile {
+pub(crate) struct ManifestFile {
     /// Path relative to the run directory, `/`-separated.
     pub path: String,
     /// Size in bytes.
@@ -200,7 +200,7 @@ pub struct ManifestFile {
 
 /// Totals of a manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Files.
     pub files: u64,
     /// Bytes of all files.
@@ -209,7 +209,7 @@ pub struct Totals {
 
 /// The manifest of a sealed run (`"format": 1`, see docs/FORMAT.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// [`MANIFEST_FORMAT`].
     pub format: u32,
     /// Run name (the directory's name).
@@ -236,7 +236,7 @@ pub struct Manifest {
 
 /// A run directory of a `runs = "dir"` watch.
 #[derive(Debug, Clone)]
-pub struct RunDir {
+pub(crate) struct RunDir {
     /// Run name.
     pub name: String,
     /// The directory (under the watch root as configured).
@@ -264,7 +264,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// The run `dir` is, or why it is none.
-pub fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> {
+pub(crate) fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> {
     let real = dir
         .canonicalize()
         .map_err(|e| UsageError(format!("{}: {e}", dir.display())))?;
@@ -297,7 +297,7 @@ pub fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> {
 }
 
 /// Parse `K=V` (for `--label`).
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("bad label {s:?}: want KEY=VALUE")),
@@ -306,7 +306,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 /// What `seal` did.
 #[derive(Debug)]
-pub enum Sealed {
+pub(crate) enum Sealed {
     /// The run is sealed.
     Done {
         /// The manifest written.
@@ -320,7 +320,7 @@ pub enum Sealed {
 
 /// Seal the run at `dir`: wait until every file under it is in every destination, then write
 /// the manifest to every destination and record the seal.
-pub async fn seal(
+pub(crate) async fn seal(
     config: &Config,
     dir: &Path,
     timeout: Duration,
@@ -583,7 +583,7 @@ async fn put_manifest(
 
 /// What `restore --run` did.
 #[derive(Debug, Default)]
-pub struct RunRestore {
+pub(crate) struct RunRestore {
     /// The manifest's stored key.
     pub manifest_key: String,
     /// Files written and verified.
@@ -594,7 +594,7 @@ pub struct RunRestore {
 
 /// Restore exactly the files of run `name`'s manifest from `from` (default: the primary)
 /// into `to`, each checked against the manifest's size and SHA-256.
-pub async fn restore_run(
+pub(crate) async fn restore_run(
     config: &Config,
     name: &str,
     from: Option<&str>,
@@ -760,7 +760,7 @@ async fn read_manifest(
 /// A run's state in `runs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum State {
+pub(crate) enum State {
     /// Not sealed yet.
     Open,
     /// Sealed, and its files are as the manifest says.
@@ -771,7 +771,7 @@ pub enum State {
 
 /// One destination's view of a run.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunDest {
+pub(crate) struct RunDest {
     /// Destination name.
     pub name: String,
     /// Files of the run (as indexed now) whose current content it does not hold yet.
@@ -780,7 +780,7 @@ pub struct RunDest {
 
 /// One run in `runs`.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunInfo {
+pub(crate) struct RunInfo {
     /// Run name.
     pub name: String,
     /// The watch root it is under.
@@ -808,7 +808,7 @@ pub struct RunInfo {
 
 /// Every run of every `runs = "dir"` watch: directories under the roots and sealed runs in
 /// the index. Blocking.
-pub fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo>> {
+pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo>> {
     let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let mut out = Vec::new();
     for (_, w) in run_watches(config) {
@@ -915,7 +915,7 @@ fn indexed_under(index: &Index, dir: &Path) -> anyhow::Result<Vec<Indexed>> {
 }
 
 /// How many runs are open (not sealed), for `status`. Blocking.
-pub fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
+pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
     Ok(list(config, index)?
         .iter()
         .filter(|r| r.state == State::Open)
@@ -923,7 +923,7 @@ pub fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
 }
 
 /// A human-readable table of runs.
-pub fn render(runs: &[RunInfo]) -> String {
+pub(crate) fn render(runs: &[RunInfo]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     if runs.is_empty() {

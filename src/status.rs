@@ -7,7 +7,7 @@ use crate::index::{Index, Status};
 
 /// The index's [`Status`] and the runs not sealed yet.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct StatusView {
+pub(crate) struct StatusView {
     /// Queue and destinations.
     #[serde(flatten)]
     pub status: Status,
@@ -17,7 +17,7 @@ pub struct StatusView {
 }
 
 /// Read the status of every configured destination from the index.
-pub fn read(config: &Config) -> anyhow::Result<StatusView> {
+pub(crate) fn read(config: &Config) -> anyhow::Result<StatusView> {
     let index = Index::open(&config.state_dir)?;
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let status = index.status(&names)?;
@@ -31,7 +31,7 @@ pub fn read(config: &Config) -> anyhow::Result<StatusView> {
 }
 
 /// A human-readable rendering of [`StatusView`].
-pub fn render(view: &StatusView) -> String {
+pub(crate) fn render(view: &StatusView) -> String {
     let status = &view.status;
     let mut out = String::new();
     let _ = writeln!(

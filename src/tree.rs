@@ -32,7 +32,7 @@ use rustix::io::Errno;
 use crate::index::Stat;
 
 /// A file's or directory's identity: (device, inode).
-pub type Id = (u64, u64);
+pub(crate) type Id = (u64, u64);
 
 /// Set once `openat2` turned out to be missing; from then on the component walk is used.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
@@ -102,7 +102,7 @@ fn kind_of(x: &rfs::Statx) -> Kind {
 
 /// The identity of whatever `path` names, following links (for the admin's own paths: state
 /// directory, key files, `file://` stores).
-pub fn id_of(path: &Path) -> Option<Id> {
+pub(crate) fn id_of(path: &Path) -> Option<Id> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

@@ -34,12 +34,11 @@ use crate::scan::{Candidate, Feeder, Root};
 
 mod transfer;
 
-pub use transfer::PART_SIZE;
 use transfer::{Link, Transferred};
 
 /// Counters of one destination worker.
 #[derive(Debug, Default)]
-pub struct UploadStats {
+pub(crate) struct UploadStats {
     /// Files uploaded.
     pub uploaded: AtomicU64,
     /// Files placed by server-side copy.
@@ -55,7 +54,7 @@ pub struct UploadStats {
 }
 
 /// One destination's worker.
-pub struct Worker {
+pub(crate) struct Worker {
     /// The destination.
     pub dest: Destination,
     /// The queue.
@@ -111,7 +110,7 @@ enum Step {
 
 impl Worker {
     /// Work until `cancel`, then drain.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub(crate) async fn run(self, cancel: CancellationToken) {
         let this = Arc::new(self);
         this.metrics
             .max_rate
@@ -259,13 +258,10 @@ impl Worker {
         match claimed {
             Ok(claimed) => Round {
                 claimed,
-                next_due: next_due_ms.map_or(
-                    tokio::time::Instant::now() + IDLE_CHECK,
-                    |due| {
-                        let wait = due.saturating_sub(crate::index::now_ms()).max(0) as u64;
-                        tokio::time::Instant::now() + Duration::from_millis(wait).min(IDLE_CHECK)
-                    },
-                ),
+                next_due: next_due_ms.map_or(tokio::time::Instant::now() + IDLE_CHECK, |due| {
+                    let wait = due.saturating_sub(crate::index::now_ms()).max(0) as u64;
+                    tokio::time::Instant::now() + Duration::from_millis(wait).min(IDLE_CHECK)
+                }),
             },
             Err(e) => {
                 tracing::error!(dest = %self.dest.name, error = %format!("{e:#}"), "cannot read the upload queue");

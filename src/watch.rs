@@ -35,7 +35,7 @@ const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 const EVENT_QUEUE: usize = 65_536;
 
 /// Runs the watcher until `cancel`; `rescan` is notified when events were lost.
-pub struct WatchTask {
+pub(crate) struct WatchTask {
     /// The roots to watch.
     pub roots: Arc<Vec<Root>>,
     /// Where candidates go.
@@ -51,7 +51,7 @@ pub struct WatchTask {
 }
 
 /// The advice given whenever the kernel refuses more watches or drops events.
-pub const LIMIT_ADVICE: &str = "raise the sysctls fs.inotify.max_user_watches and \
+pub(crate) const LIMIT_ADVICE: &str = "raise the sysctls fs.inotify.max_user_watches and \
      fs.inotify.max_user_instances (events: fs.inotify.max_queued_events); \
      until then the tree is rescanned periodically";
 
@@ -81,7 +81,7 @@ fn candidate(path: PathBuf, root: usize) -> Candidate {
 
 impl WatchTask {
     /// Watch until cancelled.
-    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub(crate) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::channel::<notify::Result<Event>>(EVENT_QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
         let overflow_cb = overflow.clone();

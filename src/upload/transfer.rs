@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use object_store::{
-    Attribute, Attributes, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
-    WriteMultipart,
+    Attribute, Attributes, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -26,7 +25,7 @@ use crate::scan::Root;
 use crate::throttle::Limiter;
 
 /// Size of each multipart part; output of up to two parts goes up in a single PUT.
-pub const PART_SIZE: usize = 8 * 1024 * 1024;
+pub(super) const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts in flight per multipart upload.
 const PART_CONCURRENCY: usize = 2;
 /// Parts that go up in one request: a multipart upload costs the store (and us) three requests
@@ -81,9 +80,8 @@ pub(super) async fn send(
 ) -> Result<Transferred, StoreError> {
     let (tx, mut rx) = mpsc::channel::<Msg>(1);
     let (path, key, stat, sha) = (job.path.clone(), job.key.clone(), job.stat, job.sha256);
-    let producer = tokio::task::spawn_blocking(move || {
-        produce(&roots, &path, &key, stat, sha, &pipeline, tx)
-    });
+    let producer =
+        tokio::task::spawn_blocking(move || produce(&roots, &path, &key, stat, sha, &pipeline, tx));
     // Whether the producer read the indexed content to its end (called once the channel is
     // closed or dropped, so it never waits on a full channel).
     let read_ok = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res {

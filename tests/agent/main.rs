@@ -3,6 +3,8 @@
 
 // The tests make FIFOs and device nodes, signal and reap child processes through libc.
 #![allow(unsafe_code)]
+// Helpers shared between the test modules of this one binary.
+#![allow(unreachable_pub)]
 
 mod util;
 
