@@ -178,8 +178,21 @@ enum Done {
     },
     /// `url`.
     Link(String),
-    /// A command that printed its own result (`seal`, `runs`, `restore --run`).
-    Printed(Exit),
+    /// `seal`.
+    Sealed(crate::runs::Sealed),
+    /// `runs`.
+    Runs {
+        runs: Vec<crate::runs::RunInfo>,
+        json: bool,
+    },
+    /// `restore --run`.
+    RunRestored {
+        report: crate::runs::RunRestore,
+        run: String,
+        to: PathBuf,
+    },
+    /// The command line asked for something that cannot be done (not a run, no such run).
+    Refused(anyhow::Error),
     /// `check-config`: what was checked, or why the configuration is not usable.
     Checked(anyhow::Result<Vec<String>>),
     /// Handled before the configuration is loaded.
@@ -196,13 +209,16 @@ impl Done {
             Done::Verified { report, .. } => Exit::unless_failures(report.problems.is_empty()),
             Done::Pruned { report, .. } => Exit::unless_failures(report.failed.is_empty()),
             Done::Checked(Err(_)) => Exit::Usage,
-            Done::Printed(exit) => *exit,
+            Done::Sealed(s) => Exit::unless_failures(matches!(s, crate::runs::Sealed::Done { .. })),
+            Done::RunRestored { report, .. } => Exit::unless_failures(report.failed.is_empty()),
+            Done::Refused(_) => Exit::Usage,
             Done::Ran
             | Done::Status { .. }
             | Done::Fleet { .. }
             | Done::Report { .. }
             | Done::WroteHtml(_)
             | Done::Link(_)
+            | Done::Runs { .. }
             | Done::Checked(Ok(_))
             | Done::Nothing => Exit::Success,
         }
@@ -211,7 +227,17 @@ impl Done {
     /// Print the result: data on stdout, what went wrong on stderr.
     fn render(&self) -> anyhow::Result<()> {
         match self {
-            Done::Ran | Done::Nothing | Done::Printed(_) => {}
+            Done::Ran | Done::Nothing => {}
+            Done::Sealed(s) => render_seal(s),
+            Done::Runs { runs, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(runs)?);
+                } else {
+                    print!("{}", crate::runs::render(runs));
+                }
+            }
+            Done::RunRestored { report, run, to } => render_run_restore(report, run, to),
+            Done::Refused(e) => eprintln!("panoptic-sync: {e:#}"),
             Done::Synced(s) => render_sync(s),
             Done::Flushed(s) => render_flush(s),
             Done::Status { status, json } => {
@@ -283,7 +309,10 @@ async fn dispatch(
             dir,
             timeout,
             labels,
-        } => Done::Printed(seal(&config, &dir, timeout, labels).await?),
+        } => refused_or(
+            crate::runs::seal(&config, &dir, timeout, labels).await,
+            Done::Sealed,
+        )?,
         Command::Runs { json } => {
             let c = config.clone();
             let runs = tokio::task::spawn_blocking(move || {
@@ -291,12 +320,7 @@ async fn dispatch(
                 crate::runs::list(&c, &index)
             })
             .await??;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&runs)?);
-            } else {
-                print!("{}", crate::runs::render(&runs));
-            }
-            Done::Printed(Exit::Success)
+            Done::Runs { runs, json }
         }
         Command::Status { json } => {
             let status =
@@ -309,30 +333,8 @@ async fn dispatch(
             to,
             ..
         } => {
-            let r = match crate::runs::restore_run(&config, &run, from.as_deref(), &to).await {
-                Ok(r) => r,
-                Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => {
-                    eprintln!("panoptic-sync: {e:#}");
-                    return Ok(Done::Printed(Exit::Usage));
-                }
-                Err(e) => return Err(e),
-            };
-            for (path, e) in &r.failed {
-                // Names and errors come from the manifest, which anyone with bucket write
-                // can write when no key is configured: never raw to the terminal.
-                eprintln!(
-                    "{}",
-                    crate::destination::printable(&format!("failed: {path}: {e}"))
-                );
-            }
-            println!(
-                "run {run}: {} files restored to {} from manifest {}, {} failed",
-                r.restored,
-                to.display(),
-                r.manifest_key,
-                r.failed.len()
-            );
-            Done::Printed(Exit::unless_failures(r.failed.is_empty()))
+            let restored = crate::runs::restore_run(&config, &run, from.as_deref(), &to).await;
+            refused_or(restored, |report| Done::RunRestored { report, run, to })?
         }
         Command::Restore {
             run: None,
@@ -491,40 +493,54 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
     );
 }
 
-/// `seal`: exit 0 sealed, 1 not every file stored in time (or failed), 2 not a run.
-async fn seal(
-    config: &Config,
-    dir: &std::path::Path,
-    timeout: Duration,
-    labels: Vec<(String, String)>,
-) -> anyhow::Result<Exit> {
-    match crate::runs::seal(config, dir, timeout, labels).await {
-        Ok(crate::runs::Sealed::Done {
+/// A usage error (not a run, no such run) becomes [`Done::Refused`] (exit 2); anything else
+/// goes on as an error.
+fn refused_or<T>(res: anyhow::Result<T>, done: impl FnOnce(T) -> Done) -> anyhow::Result<Done> {
+    match res {
+        Ok(v) => Ok(done(v)),
+        Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => Ok(Done::Refused(e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// `seal`: sealed, or what is not stored yet.
+fn render_seal(s: &crate::runs::Sealed) {
+    match s {
+        crate::runs::Sealed::Done {
             manifest,
             stored_key,
-        }) => {
-            println!(
-                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
-                manifest.run, manifest.totals.files, manifest.totals.bytes
-            );
-            Ok(Exit::Success)
-        }
-        Ok(crate::runs::Sealed::Incomplete(s)) => {
-            render_unstored(&s);
+        } => println!(
+            "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
+            manifest.run, manifest.totals.files, manifest.totals.bytes
+        ),
+        crate::runs::Sealed::Incomplete(s) => {
+            render_unstored(s);
             eprintln!(
                 "not sealed: {} files stored, {} failed, {} not stored yet in every destination",
                 s.stored,
                 s.failed.len(),
                 s.waiting.len()
             );
-            Ok(Exit::Failed)
         }
-        Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => {
-            eprintln!("panoptic-sync: {e:#}");
-            Ok(Exit::Usage)
-        }
-        Err(e) => Err(e),
     }
+}
+
+/// `restore --run`: each failure (escaped: names and errors come from the manifest, which
+/// anyone with bucket write can write when no key is configured), then the totals.
+fn render_run_restore(r: &crate::runs::RunRestore, run: &str, to: &std::path::Path) {
+    for (path, e) in &r.failed {
+        eprintln!(
+            "{}",
+            crate::destination::printable(&format!("failed: {path}: {e}"))
+        );
+    }
+    println!(
+        "run {run}: {} files restored to {} from manifest {}, {} failed",
+        r.restored,
+        to.display(),
+        r.manifest_key,
+        r.failed.len()
+    );
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Exit {
