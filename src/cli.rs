@@ -185,6 +185,11 @@ enum Done {
         runs: Vec<crate::runs::RunInfo>,
         json: bool,
     },
+    /// `report --run` (text or JSON).
+    Run {
+        manifest: Box<crate::runs::Manifest>,
+        json: bool,
+    },
     /// `restore --run`.
     RunRestored {
         report: crate::runs::RunRestore,
@@ -219,6 +224,7 @@ impl Done {
             | Done::WroteHtml(_)
             | Done::Link(_)
             | Done::Runs { .. }
+            | Done::Run { .. }
             | Done::Checked(Ok(_))
             | Done::Nothing => Exit::Success,
         }
@@ -237,6 +243,13 @@ impl Done {
                 }
             }
             Done::RunRestored { report, run, to } => render_run_restore(report, run, to),
+            Done::Run { manifest, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(manifest)?);
+                } else {
+                    print!("{}", crate::runs::render_manifest(manifest));
+                }
+            }
             Done::Refused(e) => eprintln!("panoptic-sync: {e:#}"),
             Done::Synced(s) => render_sync(s),
             Done::Flushed(s) => render_flush(s),
@@ -357,7 +370,51 @@ async fn dispatch(
             report: crate::restore::verify(&config, dest.as_deref(), deep).await?,
             deep,
         },
-        Command::Report { json, html, fleet } => {
+        Command::Report {
+            json,
+            html,
+            run: Some(run),
+            ..
+        } => {
+            let c = config.clone();
+            let manifest = tokio::task::spawn_blocking(move || {
+                let index = crate::index::Index::open(&c.state_dir)?;
+                crate::runs::sealed_manifest(&c, &index, &run)
+            })
+            .await?;
+            let manifest = match manifest {
+                Ok(m) => m,
+                Err(e) => return refused_or(Err(e), |()| Done::Nothing),
+            };
+            match html {
+                Some(path) => {
+                    let (logical, up) = crate::runs::page::location(&manifest);
+                    let manifest_key = format!(
+                        "{}/{}/{}",
+                        manifest.key_prefix,
+                        crate::runs::RUN_DIR,
+                        crate::runs::MANIFEST_NAME
+                    );
+                    let encrypted =
+                        config.pipeline.encryption != crate::config::Encryption::None;
+                    let page = crate::runs::page::render(&manifest, &manifest_key, up, encrypted);
+                    std::fs::write(&path, page)
+                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                    tracing::debug!(page = %logical, "rendered the run's page locally");
+                    Done::WroteHtml(path)
+                }
+                None => Done::Run {
+                    manifest: Box::new(manifest),
+                    json,
+                },
+            }
+        }
+        Command::Report {
+            json,
+            html,
+            fleet,
+            run: None,
+        } => {
             if fleet {
                 return Ok(Done::Fleet {
                     fleet: crate::report::fleet(&config).await?,
@@ -509,10 +566,16 @@ fn render_seal(s: &crate::runs::Sealed) {
         crate::runs::Sealed::Done {
             manifest,
             stored_key,
-        } => println!(
-            "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
-            manifest.run, manifest.totals.files, manifest.totals.bytes
-        ),
+            page_key,
+        } => {
+            println!(
+                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
+                manifest.run, manifest.totals.files, manifest.totals.bytes
+            );
+            if let Some(page) = page_key {
+                println!("page: {page}");
+            }
+        }
         crate::runs::Sealed::Incomplete(s) => {
             render_unstored(s);
             eprintln!(

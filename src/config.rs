@@ -253,6 +253,10 @@ pub struct Pipeline {
     /// Earlier keys, for restoring older objects.
     #[serde(default)]
     pub old_key_files: Vec<PathBuf>,
+    /// Globs of files never compressed, so they keep their own names in the store (an HTML
+    /// report's pages, styles and scripts stay browsable from a run's page).
+    #[serde(default, deserialize_with = "de_globs")]
+    pub uncompressed: Vec<String>,
 }
 
 /// Compression applied before upload.

@@ -1,6 +1,8 @@
-//! `url PATH`: a link to a local file's object. With `public_base_url` (the CDN case) it is
-//! that base plus the object's key; otherwise a presigned GET URL (S3, GCS, Azure) valid for
-//! a limited time. Presigned URLs are printed for the user only, never logged.
+//! `url PATH`: a link to a local file's object, or to a sealed run's page when PATH is a run
+//! directory. With `public_base_url` (the CDN case) it is that base plus the object's key;
+//! otherwise a presigned GET URL (S3, GCS, Azure) valid for a limited time (a presigned page
+//! opens, but its relative links need public or website access to the bucket). Presigned URLs
+//! are printed for the user only, never logged.
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,6 +26,20 @@ pub(crate) async fn link(
     };
     let path =
         std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    if let Some(run) = crate::runs::run_at(config, &path) {
+        if config.pipeline.encryption != crate::config::Encryption::None {
+            anyhow::bail!(
+                "run {:?} is encrypted, so no page is stored; render it locally with `report --run {} --html FILE`",
+                run.name,
+                run.name
+            );
+        }
+        let index = Index::open(&config.state_dir)?;
+        let manifest = crate::runs::sealed_manifest(config, &index, &run.name)?;
+        let (logical, _) = crate::runs::page::location(&manifest);
+        let key = crate::layout::stored_key(&logical, crate::pipeline::Plan::STORED);
+        return link_to(&dest, &key, expires).await;
+    }
     let roots = Root::from_config(config);
     let root = roots
         .iter()
@@ -38,14 +54,19 @@ pub(crate) async fn link(
             dest.name
         )
     })?;
+    link_to(&dest, &object.stored_key, expires).await
+}
+
+/// The link to the object at `stored_key` (relative to the destination's base).
+async fn link_to(
+    dest: &crate::destination::Destination,
+    stored_key: &str,
+    expires: Duration,
+) -> anyhow::Result<String> {
     if let Some(base) = &dest.public_base_url {
-        return Ok(format!(
-            "{}/{}",
-            base.trim_end_matches('/'),
-            object.stored_key
-        ));
+        return Ok(format!("{}/{stored_key}", base.trim_end_matches('/')));
     }
-    let location = dest.path(&object.stored_key)?;
+    let location = dest.path(stored_key)?;
     match &dest.signer {
         Some(signer) => {
             let url = signer
@@ -67,7 +88,7 @@ pub(crate) async fn link(
                 .ok()
                 .and_then(|u| u.to_file_path().ok())
                 .context("file:// destination without a path")?;
-            let file = dir.join(&object.stored_key);
+            let file = dir.join(stored_key);
             url::Url::from_file_path(&file)
                 .map(|u| u.to_string())
                 .map_err(|()| anyhow::anyhow!("cannot make a URL of {}", file.display()))

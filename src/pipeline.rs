@@ -41,6 +41,9 @@ pub struct Pipeline {
     pub key: Option<MasterKey>,
     /// Every key objects may have been written with (current first).
     pub keys: Vec<MasterKey>,
+    /// Files never compressed (`[pipeline] uncompressed`), so that they keep their own
+    /// names in the store: the pages, styles and scripts of a browsable HTML report.
+    pub uncompressed: globset::GlobSet,
 }
 
 impl Pipeline {
@@ -76,6 +79,7 @@ impl Pipeline {
             }),
             key,
             keys,
+            uncompressed: uncompressed_globs(&p.uncompressed),
         })
     }
 
@@ -86,6 +90,7 @@ impl Pipeline {
             level: 0,
             key: None,
             keys: Vec::new(),
+            uncompressed: globset::GlobSet::empty(),
         }
     }
 
@@ -109,6 +114,7 @@ impl Pipeline {
         let compression = match self.compression {
             Compression::None => Compression::None,
             _ if !compresses(path, first) => Compression::None,
+            _ if self.uncompressed.is_match(path) => Compression::None,
             c if first.len() < PROBE_BLOCK && !self.shrinks(c, first) => Compression::None,
             c => c,
         };
@@ -140,6 +146,18 @@ impl Pipeline {
         }
         out.0.load(std::sync::atomic::Ordering::Relaxed) < data.len() as u64
     }
+}
+
+/// The `uncompressed` globs, matched against a file's whole path (so `*.html` matches at any
+/// depth). Validated when the configuration is read.
+fn uncompressed_globs(globs: &[String]) -> globset::GlobSet {
+    let mut b = globset::GlobSetBuilder::new();
+    for g in globs {
+        if let Ok(g) = globset::Glob::new(g) {
+            b.add(g);
+        }
+    }
+    b.build().unwrap_or_else(|_| globset::GlobSet::empty())
 }
 
 /// A sink that only counts what is written to it.
@@ -476,7 +494,21 @@ mod tests {
             level: 3,
             key: encrypt.then(|| key.clone()),
             keys: vec![key],
+            uncompressed: globset::GlobSet::empty(),
         }
+    }
+
+    #[test]
+    fn uncompressed_globs_keep_their_files_stored_as_they_are() {
+        let p = Pipeline {
+            uncompressed: uncompressed_globs(&["*.html".into(), "*.css".into()]),
+            ..pipeline(Compression::Zstd, false)
+        };
+        let text = b"<html>".repeat(PROBE_BLOCK);
+        let plan = |name: &str| p.plan(Path::new(name), &text[..PROBE_BLOCK]);
+        assert_eq!(plan("/ci/run/report/index.html"), Plan::STORED);
+        assert_eq!(plan("/ci/run/report/deep/style.css"), Plan::STORED);
+        assert_eq!(plan("/ci/run/log.txt").compression, Compression::Zstd);
     }
 
     fn encode(p: &Pipeline, name: &str, data: &[u8]) -> (Plan, Vec<u8>) {

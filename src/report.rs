@@ -115,7 +115,8 @@ const TEXT_TYPES: &[&str] = &[
     "log", "txt", "xml", "json", "html", "csv", "out", "err", "md",
 ];
 
-fn human(bytes: u64) -> String {
+/// Bytes for people: `512 B`, `1.5 MiB`.
+pub(crate) fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -30,6 +30,8 @@ use crate::layout;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
 
+pub(crate) mod page;
+
 /// Version of the manifest document; readers refuse versions they do not know.
 pub(crate) const MANIFEST_FORMAT: u32 = 1;
 /// The directory of a run reserved for the agent's own objects.
@@ -313,6 +315,8 @@ pub(crate) enum Sealed {
         manifest: Box<Manifest>,
         /// Its stored key (relative to each destination base).
         stored_key: String,
+        /// The page's key (relative to each destination base), when one was written.
+        page_key: Option<String>,
     },
     /// Not every file reached every destination in time (or some failed): not sealed.
     Incomplete(FlushSummary),
@@ -379,9 +383,29 @@ pub(crate) async fn seal(
     let object = bytes::Bytes::from(std::mem::take(
         &mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()),
     ));
-    for dest in destination::open_all(config)? {
-        put_manifest(&dest, &stored_key, object.clone(), plan, &meta).await?;
+    let dests = destination::open_all(config)?;
+    for dest in &dests {
+        put_own(dest, &stored_key, object.clone(), plan, &meta, MANIFEST_NAME).await?;
     }
+    // Without a key the run gets its browsable page, stored as it is.
+    let page_key = if pipeline.key.is_none() {
+        let (logical, up) = page::location(&manifest);
+        let html = bytes::Bytes::from(page::render(&manifest, &stored_key, up, false));
+        let page_key = layout::stored_key(&logical, pipeline::Plan::STORED);
+        let meta = Meta {
+            size: html.len() as u64,
+            mtime_ns: manifest.sealed_ms * 1_000_000,
+            sha256: hex::encode(Sha256::digest(&html)),
+            mode: Some(0o644),
+            path: Some(logical),
+        };
+        for dest in &dests {
+            put_own(dest, &page_key, html.clone(), pipeline::Plan::STORED, &meta, page::PAGE_NAME).await?;
+        }
+        Some(page_key)
+    } else {
+        None
+    };
     let sha = Sha256::digest(&body).to_vec();
     let text = String::from_utf8(body)?;
     let (m, watch) = (manifest.clone(), root.path.clone());
@@ -400,6 +424,7 @@ pub(crate) async fn seal(
     Ok(Sealed::Done {
         manifest: Box::new(manifest),
         stored_key,
+        page_key,
     })
 }
 
@@ -522,21 +547,23 @@ impl Finish for Buffer {
     }
 }
 
-/// Write the encoded manifest with the same attributes (or, in a `file://` store, file
-/// metadata) as any object, so plain `restore` treats it like one.
-async fn put_manifest(
+/// Write one of the run's own objects (the encoded manifest, the page) with the same
+/// attributes (or, in a `file://` store, file metadata) as any object, so plain `restore`
+/// treats it like one. `name` gives the content type.
+async fn put_own(
     dest: &Destination,
     stored_key: &str,
     object: bytes::Bytes,
     plan: pipeline::Plan,
     meta: &Meta,
+    name: &str,
 ) -> anyhow::Result<()> {
     let location = dest.path(stored_key)?;
     let mut attributes = Attributes::new();
     if dest.supports_attributes {
         attributes.insert(
             Attribute::ContentType,
-            plan.content_type(Path::new(MANIFEST_NAME)).into(),
+            plan.content_type(Path::new(name)).into(),
         );
         if let Some(enc) = plan.content_encoding() {
             attributes.insert(Attribute::ContentEncoding, enc.into());
@@ -561,7 +588,7 @@ async fn put_manifest(
         .await
         .map_err(|e| {
             anyhow::anyhow!(
-                "writing the manifest {location} to {}: {}",
+                "writing the run's {name} {location} to {}: {}",
                 dest.name,
                 destination::error_chain(&e)
             )
@@ -576,7 +603,7 @@ async fn put_manifest(
         };
         tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &fm))
             .await?
-            .with_context(|| format!("setting mode and mtime of the manifest in {}", dest.name))?;
+            .with_context(|| format!("setting mode and mtime of {location} in {}", dest.name))?;
     }
     Ok(())
 }
@@ -806,6 +833,34 @@ pub(crate) struct RunInfo {
     pub changed: Vec<String>,
 }
 
+/// The manifest of run `name` as sealed by this node (kept in the index), newest first if
+/// more than one watch has a run of that name. Blocking.
+pub(crate) fn sealed_manifest(
+    config: &Config,
+    index: &Index,
+    name: &str,
+) -> anyhow::Result<Manifest> {
+    if !valid_name(name) {
+        return Err(UsageError(format!("{name:?} cannot name a run")).into());
+    }
+    let mut found: Option<(i64, String)> = None;
+    for (_, w) in run_watches(config) {
+        for r in index.sealed_runs(&w.path)? {
+            if r.name == name && found.as_ref().is_none_or(|(ms, _)| r.sealed_ms > *ms) {
+                found = Some((r.sealed_ms, r.manifest));
+            }
+        }
+    }
+    let (_, text) = found
+        .ok_or_else(|| UsageError(format!("run {name:?} has not been sealed on this node")))?;
+    serde_json::from_str(&text).with_context(|| format!("the manifest of run {name:?} in the index"))
+}
+
+/// The run directory `dir`, if it is one (for `url`, which also takes files).
+pub(crate) fn run_at(config: &Config, dir: &Path) -> Option<RunDir> {
+    locate(config, dir).ok()
+}
+
 /// Every run of every `runs = "dir"` watch: directories under the roots and sealed runs in
 /// the index. Blocking.
 pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo>> {
@@ -952,6 +1007,71 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
             } else {
                 missing.join(", ")
             }
+        );
+    }
+    out
+}
+
+/// `report --run`: one sealed run in text (every string escaped: the manifest's names come
+/// from the tree, its CI context from the job's environment).
+pub(crate) fn render_manifest(m: &Manifest) -> String {
+    use std::fmt::Write as _;
+    let p = destination::printable;
+    let when = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_else(|| ms.to_string())
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "run {} (node {})", p(&m.run), p(&m.node));
+    let _ = writeln!(out, "  sealed     {}", when(m.sealed_ms));
+    if let (Some(first), Some(last)) = (m.first_file_ms, m.last_file_ms) {
+        let secs = (last - first).max(0) / 1000;
+        let _ = writeln!(
+            out,
+            "  written    {} – {} ({}m {}s)",
+            when(first),
+            when(last),
+            secs / 60,
+            secs % 60
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  totals     {} files, {}",
+        m.totals.files,
+        crate::report::human(m.totals.bytes)
+    );
+    if let Some(ci) = &m.ci {
+        let _ = writeln!(out, "  ci         {}", p(&ci.provider));
+        for (k, v) in [
+            ("repository", &ci.repository),
+            ("branch", &ci.branch),
+            ("tag", &ci.tag),
+            ("commit", &ci.commit),
+            ("pull req.", &ci.pull_request),
+            ("job", &ci.job),
+            ("url", &ci.url),
+        ] {
+            if let Some(v) = v {
+                let _ = writeln!(out, "  {k:<10} {}", p(v));
+            }
+        }
+    }
+    for (k, v) in &m.labels {
+        let _ = writeln!(out, "  label      {}={}", p(k), p(v));
+    }
+    let mut largest: Vec<&ManifestFile> = m.files.iter().collect();
+    largest.sort_by_key(|f| std::cmp::Reverse(f.size));
+    if !largest.is_empty() {
+        out.push_str("  largest files:\n");
+    }
+    for f in largest.into_iter().take(10) {
+        let _ = writeln!(
+            out,
+            "    {:>10}  {}",
+            crate::report::human(f.size),
+            p(&f.path)
         );
     }
     out

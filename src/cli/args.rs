@@ -130,8 +130,12 @@ pub enum Command {
         #[arg(long)]
         html: Option<PathBuf>,
         /// Every node sharing the primary, from their status objects.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "run")]
         fleet: bool,
+        /// One sealed run of this node, from its manifest (--html writes the run's page, as
+        /// sealing stores it when encryption is off).
+        #[arg(long, value_name = "RUN")]
+        run: Option<String>,
     },
     /// Apply remote retention now: delete this node's objects older than remote_max_age.
     Prune {
@@ -141,7 +145,7 @@ pub enum Command {
     },
     /// Print a link to a local file's object: public_base_url + key, or a presigned URL.
     Url {
-        /// The local file.
+        /// The local file, or a run directory (its page).
         path: PathBuf,
         /// Destination (default: the primary).
         #[arg(long)]

@@ -1,0 +1,245 @@
+//! A sealed run's page: one self-contained HTML document (no external assets) with the CI
+//! context, the labels, the run's HTML reports, inline previews of its images and every file
+//! with its size and type, each linked by a relative URL to its object.
+//!
+//! Relative links make the page work wherever the objects are served from a common base: a
+//! `file://` store, a static-website bucket, a CDN or `public_base_url`. The page lives at
+//! `<prefix>/<run>/index.html`, which a static-website bucket serves for `<prefix>/<run>/`,
+//! unless the run has an `index.html` of its own: then at `<prefix>/<run>/_run/index.html`.
+//! An HTML report's own relative links work when its files are stored under their own names
+//! (compression off, or `[pipeline] uncompressed` naming them).
+//!
+//! Every value on the page comes from the tree or the CI environment: the maud template
+//! escapes all of it, and link targets are percent-encoded segment by segment.
+
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+use super::{Manifest, ManifestFile, RUN_DIR};
+use crate::report::human;
+
+/// The page's name.
+pub(crate) const PAGE_NAME: &str = "index.html";
+
+/// What must be escaped in one path segment of a relative URL (everything but unreserved
+/// characters and a few safe sub-delimiters), so that `#`, `?`, `%` and `:` in a file name
+/// stay part of the name.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'/')
+    .add(b':')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'|')
+    .add(b'[')
+    .add(b']')
+    .add(b'\'');
+
+/// Where the page of `manifest` goes: its logical key (relative to the destination base) and
+/// the relative path from the page back to the run's directory.
+pub(crate) fn location(manifest: &Manifest) -> (String, &'static str) {
+    if manifest.files.iter().any(|f| f.path == PAGE_NAME) {
+        (
+            format!("{}/{RUN_DIR}/{PAGE_NAME}", manifest.key_prefix),
+            "../",
+        )
+    } else {
+        (format!("{}/{PAGE_NAME}", manifest.key_prefix), "")
+    }
+}
+
+/// The relative link from the page to the object at `stored_key` (relative to the
+/// destination base), each segment percent-encoded.
+fn href(manifest: &Manifest, up: &str, stored_key: &str) -> String {
+    let below = stored_key
+        .strip_prefix(&manifest.key_prefix)
+        .and_then(|k| k.strip_prefix('/'))
+        .unwrap_or(stored_key);
+    let mut out = String::from(up);
+    for (i, segment) in below.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.extend(utf8_percent_encode(segment, SEGMENT));
+    }
+    out
+}
+
+/// Whether `f` is stored under its own name (neither compressed nor encrypted nor escaped),
+/// so a browser can show it in place.
+fn as_is(manifest: &Manifest, f: &ManifestFile) -> bool {
+    f.stored_key == format!("{}/{}", manifest.key_prefix, f.path)
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;\
+     padding:0 1em;color:#111}table{border-collapse:collapse;width:100%}\
+     td,th{text-align:left;padding:.15em .6em;border-bottom:1px solid #eee}\
+     td.n{text-align:right;white-space:nowrap}tr.dir td{font-weight:600;background:#f6f6f6}\
+     dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{color:#555}\
+     dd{margin:0}.shots{display:flex;flex-wrap:wrap;gap:1em}\
+     .shots figure{margin:0;max-width:300px}.shots img{max-width:300px;max-height:200px;\
+     border:1px solid #ddd}.note{background:#fef9c3;padding:.5em 1em;border-radius:6px}";
+
+/// The page of `manifest`, whose own object is at `manifest_key`. `up` leads from the page
+/// back to the run's directory (see [`location`]). `encrypted`: the objects cannot be opened
+/// from a browser (the page is rendered locally by `report --run --html`), so nothing is
+/// previewed.
+pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypted: bool) -> String {
+    let reports: Vec<&ManifestFile> = manifest
+        .files
+        .iter()
+        .filter(|f| f.content_type == "text/html" && (encrypted || as_is(manifest, f)))
+        .collect();
+    let images: Vec<&ManifestFile> = manifest
+        .files
+        .iter()
+        .filter(|f| !encrypted && f.content_type.starts_with("image/") && as_is(manifest, f))
+        .collect();
+    let title = format!("run {}", manifest.run);
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { (title) }
+                @if encrypted {
+                    p class="note" {
+                        "The objects of this run are encrypted: links lead to ciphertext. "
+                        "Restore the run with "
+                        code { "panoptic-sync restore --run " (manifest.run) } "."
+                    }
+                }
+                (summary(manifest))
+                @if !reports.is_empty() {
+                    h2 { "Reports" }
+                    ul {
+                        @for f in &reports {
+                            li { a href=(href(manifest, up, &f.stored_key)) { (f.path) } }
+                        }
+                    }
+                }
+                @if !images.is_empty() {
+                    h2 { "Images" }
+                    div class="shots" {
+                        @for f in &images {
+                            @let link = href(manifest, up, &f.stored_key);
+                            figure {
+                                a href=(link) { img src=(link) alt=(f.path) loading="lazy"; }
+                                figcaption { (f.path) }
+                            }
+                        }
+                    }
+                }
+                h2 { "Files" }
+                (files(manifest, up))
+                p {
+                    small {
+                        a href=(href(manifest, up, manifest_key)) { "manifest" }
+                        " · sealed by panoptic-sync"
+                    }
+                }
+            }
+        }
+    }
+    .into_string()
+}
+
+fn summary(m: &Manifest) -> Markup {
+    let ci_fields = m
+        .ci
+        .iter()
+        .flat_map(|ci| {
+            [
+                ("Repository", &ci.repository),
+                ("Branch", &ci.branch),
+                ("Tag", &ci.tag),
+                ("Commit", &ci.commit),
+                ("Pull request", &ci.pull_request),
+                ("Build", &ci.build),
+            ]
+        })
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)));
+    html! {
+        dl {
+            dt { "Node" } dd { (m.node) }
+            dt { "Sealed" } dd { (time(m.sealed_ms)) }
+            @if let (Some(first), Some(last)) = (m.first_file_ms, m.last_file_ms) {
+                dt { "Files written" } dd { (time(first)) " – " (time(last)) }
+            }
+            dt { "Totals" } dd { (m.totals.files) " files, " (human(m.totals.bytes)) }
+            @if let Some(ci) = &m.ci {
+                dt { "CI" } dd { (ci.provider) }
+            }
+            @for (name, value) in ci_fields {
+                dt { (name) } dd { (value) }
+            }
+            @if let Some(ci) = &m.ci {
+                @if let Some(job) = &ci.job {
+                    dt { "Job" }
+                    dd {
+                        // Only web links: a javascript: URL from the environment stays text.
+                        @match ci.url.as_deref().filter(|u| u.starts_with("https://") || u.starts_with("http://")) {
+                            Some(u) => a href=(u) { (job) },
+                            None => (job),
+                        }
+                    }
+                }
+            }
+            @for (k, v) in &m.labels {
+                dt { (k) } dd { (v) }
+            }
+        }
+    }
+}
+
+/// Every file, grouped under a row per directory (the manifest is sorted by path).
+fn files(m: &Manifest, up: &str) -> Markup {
+    let mut last_dir = None;
+    let rows: Vec<(Option<&str>, &str, &ManifestFile)> = m
+        .files
+        .iter()
+        .map(|f| {
+            let (dir, name) = f.path.rsplit_once('/').unwrap_or(("", &f.path));
+            let new_dir = (last_dir != Some(dir) && !dir.is_empty()).then_some(dir);
+            last_dir = Some(dir);
+            (new_dir, name, f)
+        })
+        .collect();
+    html! {
+        table {
+            thead { tr { th { "Path" } th { "Type" } th class="n" { "Size" } } }
+            tbody {
+                @for (new_dir, name, f) in rows {
+                    @if let Some(dir) = new_dir {
+                        tr class="dir" { td colspan="3" { (dir) "/" } }
+                    }
+                    tr {
+                        td { a href=(href(m, up, &f.stored_key)) title=(f.path) { (name) } }
+                        td { (f.content_type) }
+                        td class="n" { (human(f.size)) }
+                    }
+                }
+            }
+        }
+    }
+}
