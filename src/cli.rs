@@ -395,8 +395,7 @@ async fn dispatch(
                         crate::runs::RUN_DIR,
                         crate::runs::MANIFEST_NAME
                     );
-                    let encrypted =
-                        config.pipeline.encryption != crate::config::Encryption::None;
+                    let encrypted = config.pipeline.encryption != crate::config::Encryption::None;
                     let page = crate::runs::page::render(&manifest, &manifest_key, up, encrypted);
                     std::fs::write(&path, page)
                         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;

@@ -385,7 +385,15 @@ pub(crate) async fn seal(
     ));
     let dests = destination::open_all(config)?;
     for dest in &dests {
-        put_own(dest, &stored_key, object.clone(), plan, &meta, MANIFEST_NAME).await?;
+        put_own(
+            dest,
+            &stored_key,
+            object.clone(),
+            plan,
+            &meta,
+            MANIFEST_NAME,
+        )
+        .await?;
     }
     // Without a key the run gets its browsable page, stored as it is.
     let page_key = if pipeline.key.is_none() {
@@ -400,7 +408,15 @@ pub(crate) async fn seal(
             path: Some(logical),
         };
         for dest in &dests {
-            put_own(dest, &page_key, html.clone(), pipeline::Plan::STORED, &meta, page::PAGE_NAME).await?;
+            put_own(
+                dest,
+                &page_key,
+                html.clone(),
+                pipeline::Plan::STORED,
+                &meta,
+                page::PAGE_NAME,
+            )
+            .await?;
         }
         Some(page_key)
     } else {
@@ -853,7 +869,8 @@ pub(crate) fn sealed_manifest(
     }
     let (_, text) = found
         .ok_or_else(|| UsageError(format!("run {name:?} has not been sealed on this node")))?;
-    serde_json::from_str(&text).with_context(|| format!("the manifest of run {name:?} in the index"))
+    serde_json::from_str(&text)
+        .with_context(|| format!("the manifest of run {name:?} in the index"))
 }
 
 /// The run directory `dir`, if it is one (for `url`, which also takes files).

@@ -165,20 +165,19 @@ pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypte
 }
 
 fn summary(m: &Manifest) -> Markup {
-    let ci_fields = m
-        .ci
-        .iter()
-        .flat_map(|ci| {
-            [
-                ("Repository", &ci.repository),
-                ("Branch", &ci.branch),
-                ("Tag", &ci.tag),
-                ("Commit", &ci.commit),
-                ("Pull request", &ci.pull_request),
-                ("Build", &ci.build),
-            ]
-        })
-        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)));
+    let ci_fields =
+        m.ci.iter()
+            .flat_map(|ci| {
+                [
+                    ("Repository", &ci.repository),
+                    ("Branch", &ci.branch),
+                    ("Tag", &ci.tag),
+                    ("Commit", &ci.commit),
+                    ("Pull request", &ci.pull_request),
+                    ("Build", &ci.build),
+                ]
+            })
+            .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)));
     html! {
         dl {
             dt { "Node" } dd { (m.node) }

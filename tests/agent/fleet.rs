@@ -157,39 +157,15 @@ async fn reports_have_the_numbers_and_the_fleet_view_shows_every_node() {
     );
     // It renders in headless Chromium (scripts/test installs it), charts included.
     let shot = a.tmp.path().join("report.png");
-    let out = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=900,1400",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            a.tmp.path().join("chromium").display()
-        ))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("file://{}", html.display()))
-        .output()
-        .expect("chromium (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    chromium(
+        &a.tmp.path().join("chromium"),
+        &[
+            format!("--screenshot={}", shot.display()),
+            format!("file://{}", html.display()),
+        ],
     );
-    let png = std::fs::read(&shot).unwrap();
-    assert_eq!(&png[1..4], b"PNG");
-    // A blank page compresses to a few KiB; text and bars take far more.
-    assert!(
-        png.len() > 20_000,
-        "screenshot looks empty ({} bytes)",
-        png.len()
-    );
+    // Text and bars take far more than a blank page.
+    assert_screenshot_has_content(&shot, 20_000);
 
     let out = a.cli(&["report", "--fleet", "--json"]);
     assert_ok(&out, "report --fleet");

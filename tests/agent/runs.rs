@@ -300,3 +300,143 @@ fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     let out = plain.cli(&["restore", "--run", "r", "--to", "/tmp/x"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Every `href="…"` and `src="…"` of a page, entity- and percent-decoded.
+fn links_of(page: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for attr in ["href=\"", "src=\""] {
+        for (i, _) in page.match_indices(attr) {
+            let rest = &page[i + attr.len()..];
+            let raw = &rest[..rest.find('"').unwrap()];
+            let unescaped = raw
+                .replace("&quot;", "\"")
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&amp;", "&");
+            out.push(
+                percent_encoding::percent_decode_str(&unescaped)
+                    .decode_utf8()
+                    .unwrap()
+                    .into_owned(),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_page_in_the_file_store_shows_every_file_and_every_link_resolves() {
+    let mut env = run_env();
+    // Compression on, but the report's pages and styles keep their own names.
+    env.pipeline =
+        "[pipeline]\ncompression = \"zstd\"\nuncompressed = [\"*.html\", \"*.css\"]\n".into();
+    env.cmd_env = github_env();
+    let run = "run-7";
+    write_run(&env, run);
+    env.write(
+        &format!("{run}/report/index.html"),
+        b"<link rel=stylesheet href=\"style.css\"><a href=\"sub/case%201.html\">case</a>",
+    );
+    env.write(&format!("{run}/report/style.css"), b"h1{color:red}");
+    env.write(&format!("{run}/report/sub/case 1.html"), b"<p>case 1</p>");
+    env.write(
+        &format!("{run}/logs/odd name #1 <b>.log"),
+        "odd\n".repeat(2000).as_bytes(),
+    );
+    // A real PNG (1x1), previewed inline.
+    env.write(
+        &format!("{run}/shots/pixel.png"),
+        &hex::decode(
+            "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cfc0f01f0005000201e2b9e7430000000049454e44ae426082",
+        )
+        .unwrap(),
+    );
+    let out = seal(&env, run, &["--label", "suite=<e2e>"]);
+    assert_ok(&out, "seal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let page_key = format!("ci/{NODE}/{run}/index.html");
+    assert!(stdout.contains(&format!("page: {page_key}")), "{stdout}");
+
+    let page_path = env.nas.join(&page_key);
+    let page = std::fs::read_to_string(&page_path).unwrap();
+    assert!(
+        !page.contains("src=\"http") && !page.contains("href=\"http://"),
+        "self-contained, relative links only"
+    );
+    assert!(
+        !page.contains("<b>") && page.contains("&lt;e2e&gt;"),
+        "escaped"
+    );
+    // Every link resolves to an object in the store (followed relative to the page).
+    let links = links_of(&page);
+    let files = tree(&env.watch.join(run));
+    assert!(links.len() > files.len(), "{links:?}");
+    let base = page_path.parent().unwrap();
+    for link in links.iter().filter(|l| !l.starts_with("https://")) {
+        assert!(base.join(link).is_file(), "{link} does not resolve");
+    }
+    // The report's own relative links work too: its files kept their names.
+    assert!(base.join("report/style.css").is_file());
+    assert!(base.join("report/sub/case 1.html").is_file());
+    // Compressed files are linked under their stored names.
+    assert!(links.iter().any(|l| l == "logs/test.log.zst"), "{links:?}");
+
+    // Chromium shows every file (the rendered DOM) and the screenshot has content.
+    let profile = env.tmp.path().join("chromium");
+    let dom = chromium(
+        &profile,
+        &[
+            "--dump-dom".into(),
+            format!("file://{}", page_path.display()),
+        ],
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for path in files.keys() {
+        let name = path
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        assert!(dom.contains(&name), "{name} not on the page");
+    }
+    assert!(
+        dom.contains("acme/widgets") && dom.contains("<img"),
+        "{dom}"
+    );
+    let shot = env.tmp.path().join("page.png");
+    chromium(
+        &profile,
+        &[
+            format!("--screenshot={}", shot.display()),
+            format!("file://{}", page_path.display()),
+        ],
+    );
+    assert_screenshot_has_content(&shot, 20_000);
+
+    // `url DIR` gives the page; `report --run` renders it and summarises the run.
+    let dir = env.watch.join(run);
+    let out = env.cli(&["url", dir.to_str().unwrap(), "--dest", "nas"]);
+    assert_ok(&out, "url DIR");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("file://{}", page_path.display())
+    );
+    let local = env.tmp.path().join("local.html");
+    let out = env.cli(&["report", "--run", run, "--html", local.to_str().unwrap()]);
+    assert_ok(&out, "report --run --html");
+    assert!(
+        std::fs::read_to_string(&local)
+            .unwrap()
+            .contains("case 1.html")
+    );
+    let out = env.cli(&["report", "--run", run]);
+    assert_ok(&out, "report --run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("github-actions") && text.contains("files"),
+        "{text}"
+    );
+    let out = env.cli(&["report", "--run", "never-sealed"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

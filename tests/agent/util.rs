@@ -568,3 +568,42 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     HEAVY.lock().await
 }
+
+/// Headless Chromium (scripts/test installs it) with a profile under `profile_dir`, no
+/// network services, and `args` (e.g. `--screenshot=..` or `--dump-dom`, then a URL).
+pub fn chromium(profile_dir: &Path, args: &[String]) -> std::process::Output {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=900,1400",
+        ])
+        .arg(format!("--user-data-dir={}", profile_dir.display()))
+        .args(args)
+        .output()
+        .expect("chromium (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "chromium {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A PNG screenshot that shows something: a blank page compresses to a few KiB.
+pub fn assert_screenshot_has_content(png: &Path, min_bytes: usize) {
+    let data = std::fs::read(png).unwrap();
+    assert_eq!(&data[1..4], b"PNG", "{}", png.display());
+    assert!(
+        data.len() > min_bytes,
+        "screenshot {} looks empty ({} bytes)",
+        png.display(),
+        data.len()
+    );
+}
