@@ -83,23 +83,48 @@ pub fn run_once(
     retention: &Retention,
 ) -> anyhow::Result<CleanupReport> {
     let mut report = CleanupReport::default();
+    // With `local_runs_sealed_only`, a run's files wait for its seal: the sealed runs of each
+    // runs root, read once per pass.
+    let mut sealed: Vec<(&Path, std::collections::HashSet<String>)> = Vec::new();
+    if retention.local_runs_sealed_only {
+        for root in roots.iter().filter(|r| r.runs) {
+            let names = index.sealed_runs(&root.path)?.into_iter().map(|r| r.name);
+            sealed.push((&root.path, names.collect()));
+        }
+    }
+    let releasable = |path: &Path| {
+        sealed.iter().all(|(root, names)| {
+            let Ok(rel) = path.strip_prefix(root) else {
+                return true;
+            };
+            let run = rel.components().next().and_then(|c| c.as_os_str().to_str());
+            run.is_some_and(|run| names.contains(run))
+        })
+    };
+    let gated = !sealed.is_empty();
     let mut delete_batch = |max_mtime: i64, within: Option<&Path>, stop: &dyn Fn() -> bool| {
+        // Oldest first. Files that cannot go yet (changed, or of an unsealed run) are paged
+        // past when runs are gated; otherwise a batch without progress ends the pass (the
+        // files it could not delete are retried next pass).
+        let mut after = (i64::MIN, i64::MIN);
         loop {
             if stop() {
                 return anyhow::Ok(());
             }
-            let batch = index.stored_everywhere(dests, max_mtime, 512)?;
-            let candidates: Vec<_> = batch
-                .into_iter()
-                .filter(|f| within.is_none_or(|w| f.path.starts_with(w)))
-                .collect();
-            if candidates.is_empty() {
+            let batch = index.stored_everywhere(dests, max_mtime, after, 512)?;
+            let Some(last) = batch.last() else {
                 return Ok(());
+            };
+            if gated {
+                after = (last.stat.mtime_ns, last.id);
             }
             let mut progressed = false;
-            for StoredFile { id, path, stat } in candidates {
+            for StoredFile { id, path, stat } in batch {
                 if stop() {
                     return Ok(());
+                }
+                if within.is_some_and(|w| !path.starts_with(w)) || !releasable(&path) {
+                    continue;
                 }
                 if let Some(bytes) = delete_if_unchanged(index, roots, id, &path, &stat) {
                     report.deleted += 1;
@@ -107,7 +132,7 @@ pub fn run_once(
                     progressed = true;
                 }
             }
-            if !progressed {
+            if !progressed && !gated {
                 return Ok(());
             }
         }

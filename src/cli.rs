@@ -524,6 +524,15 @@ fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
 }
 
 fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
+    for run in &r.runs {
+        println!(
+            "{}run {} ({}): {}",
+            if dry_run { "would delete " } else { "deleted " },
+            crate::destination::printable(&run.run),
+            crate::destination::printable(&run.key_prefix),
+            run.rule
+        );
+    }
     for x in &r.expired {
         println!(
             "{}{}: {}",
@@ -539,7 +548,8 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
         eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
     }
     println!(
-        "{} objects {}",
+        "{} runs, {} objects {}",
+        r.runs.len(),
         r.expired.len(),
         if dry_run {
             "would be deleted"

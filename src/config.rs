@@ -149,6 +149,35 @@ pub struct Retention {
     /// every destination holds until it is reached again.
     #[serde(default, deserialize_with = "de_percent")]
     pub local_min_free_percent: Option<f64>,
+    /// Local cleanup deletes a file of a run (a `runs = "dir"` watch) only once the run is
+    /// sealed, besides being in every destination.
+    #[serde(default)]
+    pub local_runs_sealed_only: bool,
+    /// `[retention.runs]`: remote retention by whole sealed runs.
+    #[serde(default)]
+    pub runs: Option<RunRetention>,
+}
+
+/// The `[retention.runs]` table: which sealed runs `prune` keeps. For each sealed run of this
+/// node the first rule that applies decides: a tagged run is kept while `keep_tags`; a
+/// pull-request run while younger than `pull_requests`; a run with a branch while it is among
+/// the `keep_latest_per_branch` newest of its branch; any other run while younger than
+/// `max_age` (default: the watch's or the global `remote_max_age`; neither: kept).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRetention {
+    /// Keep runs built from a tag forever.
+    #[serde(default = "default_true")]
+    pub keep_tags: bool,
+    /// Keep this many newest sealed runs of each branch (pull requests and tags aside).
+    #[serde(default)]
+    pub keep_latest_per_branch: Option<usize>,
+    /// Keep pull- and merge-request runs this long after their seal.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub pull_requests: Option<Duration>,
+    /// Keep every other run this long after its seal.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_age: Option<Duration>,
 }
 
 /// The `[metrics]` table.

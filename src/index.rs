@@ -1245,6 +1245,15 @@ impl Index {
         Ok(())
     }
 
+    /// Forget a sealed run (retention deleted it).
+    pub fn forget_run(&self, watch: &Path, name: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "DELETE FROM runs WHERE watch = ?1 AND name = ?2",
+            params![path_bytes(watch), name],
+        )?;
+        Ok(())
+    }
+
     /// The sealed runs of the watch rooted at `watch`.
     pub fn sealed_runs(&self, watch: &Path) -> anyhow::Result<Vec<SealedRun>> {
         let conn = self.conn();
@@ -1360,21 +1369,23 @@ impl Index {
     }
 
     /// Files whose current content is stored in every one of `dests`, modified at or before
-    /// `mtime_ns_max`, oldest first (candidates for local cleanup).
+    /// `mtime_ns_max`, oldest first (candidates for local cleanup), after the file
+    /// `after` (mtime, id) in that order, so a caller that skips some can page on.
     pub fn stored_everywhere(
         &self,
         dests: &[String],
         mtime_ns_max: i64,
+        after: (i64, i64),
         limit: usize,
     ) -> anyhow::Result<Vec<StoredFile>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT f.id, f.path, f.size, f.mtime_ns, f.inode, f.dev FROM files f
-             WHERE f.mtime_ns <= ?1
+             WHERE f.mtime_ns <= ?1 AND (f.mtime_ns, f.id) > (?6, ?7)
                AND (SELECT count(*) FROM uploads u
                     WHERE u.file_id = f.id AND u.state = ?5 AND u.gen = f.gen
                       AND u.dest IN (SELECT value FROM json_each(?2))) = ?3
-             ORDER BY f.mtime_ns LIMIT ?4",
+             ORDER BY f.mtime_ns, f.id LIMIT ?4",
         )?;
         let names = serde_json::to_string(dests)?;
         let rows = stmt.query_map(
@@ -1383,7 +1394,9 @@ impl Index {
                 names,
                 dests.len() as i64,
                 limit as i64,
-                UploadState::Done
+                UploadState::Done,
+                after.0,
+                after.1
             ],
             |r| {
                 Ok(StoredFile {

@@ -4,15 +4,20 @@
 //! node's and that tree is skipped with a warning. Status objects (`_panoptic-sync/`) are never
 //! touched. Pruned objects are forgotten by the index (never used as a copy source), while
 //! the uploads stay recorded as done, so an unchanged local file is not uploaded again.
+//!
+//! On a `runs = "dir"` watch retention works by whole runs, never object by object, and never
+//! on an unsealed run: `[retention.runs]` rules (see [`crate::config::RunRetention`]) pick the
+//! sealed runs of this node to delete, from the manifests kept in the index, and each is
+//! deleted entirely (its objects, manifest and page) from every destination, then forgotten.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::ObjectStoreExt;
 
-use crate::config::Config;
+use crate::config::{Config, RunRetention};
 use crate::destination::{self, Destination};
-use crate::index::Index;
+use crate::index::{Index, SealedRun};
 
 /// How often the daemon applies retention.
 pub(crate) const INTERVAL: Duration = Duration::from_secs(3600);
@@ -20,12 +25,27 @@ pub(crate) const INTERVAL: Duration = Duration::from_secs(3600);
 /// What `prune` did (or would do).
 #[derive(Debug, Default, serde::Serialize)]
 pub(crate) struct PruneReport {
+    /// Every sealed run deleted, or that would be with `--dry-run`.
+    pub runs: Vec<PrunedRun>,
     /// Every object deleted, or that would be with `--dry-run`.
     pub expired: Vec<Expired>,
     /// Watch prefixes skipped because they do not contain the node id.
     pub skipped_prefixes: Vec<String>,
     /// Objects that could not be deleted, with the reason.
     pub failed: Vec<PruneFailure>,
+}
+
+/// A sealed run retention deleted (or would delete), and the rule that decided.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct PrunedRun {
+    /// The run's key prefix (`<watch prefix>/<run>`).
+    pub key_prefix: String,
+    /// Run name.
+    pub run: String,
+    /// When it was sealed (ms since the epoch).
+    pub sealed_ms: i64,
+    /// Why: the rule that let it go.
+    pub rule: String,
 }
 
 /// An object retention deleted (or would delete).
@@ -51,6 +71,7 @@ pub(crate) struct PruneFailure {
 /// Whether any remote retention is configured.
 pub(crate) fn enabled(config: &Config) -> bool {
     config.retention.remote_max_age.is_some()
+        || config.retention.runs.is_some()
         || config.watch.iter().any(|w| w.remote_max_age.is_some())
 }
 
@@ -61,21 +82,154 @@ pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<Prun
     let mut report = PruneReport::default();
     let now = chrono_now();
     for watch in &config.watch {
-        let Some(age) = watch.remote_max_age.or(config.retention.remote_max_age) else {
+        let age = watch.remote_max_age.or(config.retention.remote_max_age);
+        let by_run = watch.runs == crate::config::Runs::Dir;
+        if age.is_none() && !(by_run && config.retention.runs.is_some()) {
             continue;
-        };
+        }
         let prefix = watch.prefix.replace("{node}", &config.node_id);
         if !prefix.split('/').any(|seg| seg == config.node_id) {
             tracing::warn!(prefix = %prefix, node = %config.node_id, "not pruning: the watch prefix does not contain the node id, so this node's objects cannot be told from others'");
             report.skipped_prefixes.push(prefix);
             continue;
         }
+        if by_run {
+            let rules = config.retention.runs.clone().unwrap_or(RunRetention {
+                keep_tags: true,
+                keep_latest_per_branch: None,
+                pull_requests: None,
+                max_age: None,
+            });
+            let max_age = rules.max_age.or(age);
+            let (i, w) = (index.clone(), watch.path.clone());
+            let sealed = tokio::task::spawn_blocking(move || i.sealed_runs(&w)).await??;
+            for (run, rule) in expired_runs(&sealed, &rules, max_age, now_ms()) {
+                prune_run(
+                    &index,
+                    &dests,
+                    watch,
+                    &prefix,
+                    run,
+                    rule,
+                    dry_run,
+                    &mut report,
+                )
+                .await?;
+            }
+            continue;
+        }
+        let Some(age) = age else { continue };
         let cutoff = now - age.as_secs_f64();
         for dest in &dests {
             prune_prefix(&index, dest, &prefix, cutoff, dry_run, &mut report).await?;
         }
     }
     Ok(report)
+}
+
+fn now_ms() -> i64 {
+    crate::index::now_ms()
+}
+
+/// The sealed runs `rules` let go at `now`, each with the rule that decided. For each run the
+/// first rule that applies decides: tag, pull request, branch, age.
+fn expired_runs<'a>(
+    sealed: &'a [SealedRun],
+    rules: &RunRetention,
+    max_age: Option<Duration>,
+    now: i64,
+) -> Vec<(&'a SealedRun, String)> {
+    let ci = |r: &SealedRun| -> Option<crate::runs::Ci> {
+        serde_json::from_str::<crate::runs::Manifest>(&r.manifest)
+            .ok()
+            .and_then(|m| m.ci)
+    };
+    let older = |r: &SealedRun, d: Duration| now.saturating_sub(r.sealed_ms) > d.as_millis() as i64;
+    // The newest runs of each branch, for the branch rule.
+    let mut by_branch: std::collections::HashMap<String, Vec<(i64, &str)>> = Default::default();
+    let contexts: Vec<Option<crate::runs::Ci>> = sealed.iter().map(ci).collect();
+    for (r, c) in sealed.iter().zip(&contexts) {
+        if let Some(c) = c
+            && c.tag.is_none()
+            && c.pull_request.is_none()
+            && let Some(b) = &c.branch
+        {
+            by_branch
+                .entry(b.clone())
+                .or_default()
+                .push((r.sealed_ms, &r.name));
+        }
+    }
+    for runs in by_branch.values_mut() {
+        runs.sort_by(|a, b| b.cmp(a));
+    }
+    let mut out = Vec::new();
+    for (r, c) in sealed.iter().zip(&contexts) {
+        let c = c.as_ref();
+        let verdict: Option<String> = if c.is_some_and(|c| c.tag.is_some()) && rules.keep_tags {
+            None
+        } else if let (Some(_), Some(d)) =
+            (c.and_then(|c| c.pull_request.as_ref()), rules.pull_requests)
+        {
+            older(r, d)
+                .then(|| format!("pull request older than {}", humantime::format_duration(d)))
+        } else if let (Some(b), Some(n)) = (
+            c.and_then(|c| c.branch.as_ref())
+                .filter(|_| c.is_some_and(|c| c.tag.is_none() && c.pull_request.is_none())),
+            rules.keep_latest_per_branch,
+        ) {
+            let rank = by_branch
+                .get(b)
+                .and_then(|v| v.iter().position(|(_, name)| *name == r.name))
+                .unwrap_or(0);
+            (rank >= n).then(|| format!("not among the {n} newest runs of branch {b}"))
+        } else if let Some(d) = max_age {
+            older(r, d).then(|| format!("older than {}", humantime::format_duration(d)))
+        } else {
+            None
+        };
+        if let Some(rule) = verdict {
+            out.push((r, rule));
+        }
+    }
+    out
+}
+
+/// Delete one sealed run entirely from every destination (or only list it), then forget it.
+#[allow(clippy::too_many_arguments)]
+async fn prune_run(
+    index: &Arc<Index>,
+    dests: &[Destination],
+    watch: &crate::config::Watch,
+    prefix: &str,
+    run: &SealedRun,
+    rule: String,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> anyhow::Result<()> {
+    let key_prefix = if prefix.is_empty() {
+        run.name.clone()
+    } else {
+        format!("{prefix}/{}", run.name)
+    };
+    let failed_before = report.failed.len();
+    for dest in dests {
+        // A cutoff in the future: everything under the run's prefix goes.
+        prune_prefix(index, dest, &key_prefix, f64::INFINITY, dry_run, report).await?;
+    }
+    if report.failed.len() == failed_before && !dry_run {
+        // Forgotten only once every object is gone: a failed delete is retried next time.
+        let (i, w, n) = (index.clone(), watch.path.clone(), run.name.clone());
+        tokio::task::spawn_blocking(move || i.forget_run(&w, &n)).await??;
+        tracing::info!(run = %run.name, prefix = %key_prefix, rule = %rule, "pruned run");
+    }
+    report.runs.push(PrunedRun {
+        key_prefix,
+        run: run.name.clone(),
+        sealed_ms: run.sealed_ms,
+        rule,
+    });
+    Ok(())
 }
 
 fn chrono_now() -> f64 {
@@ -134,4 +288,78 @@ async fn prune_prefix(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn run(name: &str, age_days: i64, ci: serde_json::Value) -> SealedRun {
+        let manifest = serde_json::json!({
+            "format": 1, "run": name, "key_prefix": format!("ci/n/{name}"), "node": "n",
+            "ci": ci, "labels": {}, "first_file_ms": null, "last_file_ms": null,
+            "sealed_ms": 0, "files": [], "totals": {"files": 0, "bytes": 0}
+        });
+        SealedRun {
+            watch: "/w".into(),
+            name: name.into(),
+            sealed_ms: 100 * DAY - age_days * DAY,
+            manifest_sha256: vec![],
+            files: 0,
+            bytes: 0,
+            manifest: manifest.to_string(),
+        }
+    }
+
+    fn ci(branch: Option<&str>, tag: Option<&str>, pr: Option<&str>) -> serde_json::Value {
+        serde_json::json!({"provider": "github-actions", "branch": branch, "tag": tag,
+            "pull_request": pr})
+    }
+
+    #[test]
+    fn each_sealed_run_is_decided_by_the_first_rule_that_applies() {
+        let runs = vec![
+            run("main-1", 40, ci(Some("main"), None, None)),
+            run("main-2", 30, ci(Some("main"), None, None)),
+            run("main-3", 20, ci(Some("main"), None, None)),
+            run("dev-1", 50, ci(Some("dev"), None, None)),
+            run("tag-old", 400, ci(Some("main"), Some("v1.0"), None)),
+            run("pr-old", 15, ci(Some("feature"), None, Some("42"))),
+            run("pr-new", 5, ci(Some("feature"), None, Some("43"))),
+            run("local-old", 31, serde_json::Value::Null),
+            run("local-new", 29, serde_json::Value::Null),
+        ];
+        let rules = RunRetention {
+            keep_tags: true,
+            keep_latest_per_branch: Some(2),
+            pull_requests: Some(Duration::from_secs(7 * 86_400)),
+            max_age: Some(Duration::from_secs(30 * 86_400)),
+        };
+        let gone: Vec<(&str, String)> = expired_runs(&runs, &rules, rules.max_age, 100 * DAY)
+            .into_iter()
+            .map(|(r, rule)| (r.name.as_str(), rule))
+            .collect();
+        let names: Vec<&str> = gone.iter().map(|g| g.0).collect();
+        // main keeps its 2 newest (however old), dev its only one; the tag stays forever; the
+        // old pull request goes; runs without CI context go after max_age.
+        assert_eq!(names, ["main-1", "pr-old", "local-old"], "{gone:?}");
+        assert!(
+            gone[0].1.contains("2 newest runs of branch main"),
+            "{gone:?}"
+        );
+        assert!(gone[1].1.contains("pull request"), "{gone:?}");
+
+        // Without keep_tags the tag falls through to the age rule.
+        let rules = RunRetention {
+            keep_tags: false,
+            ..rules
+        };
+        let names: Vec<&str> = expired_runs(&runs, &rules, rules.max_age, 100 * DAY)
+            .into_iter()
+            .map(|(r, _)| r.name.as_str())
+            .collect();
+        assert!(names.contains(&"tag-old"), "{names:?}");
+    }
 }

@@ -44,6 +44,8 @@ pub struct Root {
     pub nested: Vec<PathBuf>,
     /// The directory handle every access goes through.
     pub tree: Arc<Tree>,
+    /// `runs = "dir"`: each top-level directory is a run.
+    pub runs: bool,
     own_ids: Arc<Mutex<Vec<Id>>>,
 }
 
@@ -74,6 +76,7 @@ impl Root {
                     .map(Path::to_path_buf)
                     .collect(),
                 tree: Arc::new(Tree::new(w.path.clone(), w.one_file_system)),
+                runs: w.runs == crate::config::Runs::Dir,
                 own_ids: Arc::default(),
             })
             .collect();
@@ -462,6 +465,7 @@ mod tests {
             own: vec!["/w/state".into()],
             nested: vec![],
             tree: Arc::new(Tree::new("/w".into(), true)),
+            runs: false,
             own_ids: Arc::default(),
         }
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use crate::core::assert_ok;
 use crate::util::*;
@@ -439,4 +440,120 @@ async fn the_run_page_in_the_file_store_shows_every_file_and_every_link_resolves
     );
     let out = env.cli(&["report", "--run", "never-sealed"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// GitHub Actions' environment for a push to `branch`.
+fn github_push_env(branch: &str) -> Vec<(String, String)> {
+    github_env()
+        .into_iter()
+        .filter(|(k, _)| k != "GITHUB_HEAD_REF")
+        .map(|(k, v)| match k.as_str() {
+            "GITHUB_REF" => (k, format!("refs/heads/{branch}")),
+            "GITHUB_REF_NAME" => (k, branch.to_string()),
+            _ => (k, v),
+        })
+        .collect()
+}
+
+/// Every object key under `ci/<node>/<run>/` in the S3 bucket and in the file:// store.
+fn run_objects(env: &Env, run: &str) -> (usize, usize) {
+    let prefix = format!("ci/{NODE}/{run}/");
+    let count = |m: BTreeMap<String, String>| m.keys().filter(|k| k.starts_with(&prefix)).count();
+    (count(env.s3_objects(shared_s3())), count(env.nas_objects()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_run_keeps_exactly_what_each_rule_says_and_never_an_unsealed_run() {
+    let mut env = run_env();
+    env.tail = "[retention.runs]\nkeep_latest_per_branch = 1\npull_requests = \"1s\"\n".into();
+    // Oldest first: two pushes to main, a tag, a pull request; one run never sealed.
+    for (run, ci) in [
+        ("main-1", github_push_env("main")),
+        ("main-2", github_push_env("main")),
+        ("tagged", gitlab_env()),
+        ("pr", github_env()),
+    ] {
+        write_run(&env, run);
+        env.cmd_env = ci;
+        assert_ok(&seal(&env, run, &[]), run);
+    }
+    write_run(&env, "open");
+    env.cmd_env.clear();
+    assert_ok(&env.cli(&["sync"]), "sync");
+    for run in ["main-1", "main-2", "tagged", "pr", "open"] {
+        let (s3, nas) = run_objects(&env, run);
+        assert!(s3 >= 4 && nas >= 4, "{run}: {s3} {nas}");
+    }
+
+    // The pull request expires one second after its seal: wait for the rule, not a clock.
+    let mut listed = String::new();
+    wait_until(
+        Duration::from_secs(20),
+        "the pull request to expire",
+        || {
+            let out = env.cli(&["prune", "--dry-run"]);
+            listed = String::from_utf8_lossy(&out.stdout).to_string();
+            listed.contains("run pr ")
+        },
+    )
+    .await;
+    let would: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.strip_prefix("would delete run "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(would, ["main-1", "pr"], "{listed}");
+    assert!(
+        listed.contains("not among the 1 newest runs of branch main"),
+        "{listed}"
+    );
+    // A dry run deletes nothing.
+    assert!(run_objects(&env, "main-1").0 > 0);
+
+    let out = env.cli(&["prune"]);
+    assert_ok(&out, "prune");
+    for run in ["main-1", "pr"] {
+        assert_eq!(run_objects(&env, run), (0, 0), "{run} deleted everywhere");
+    }
+    for run in ["main-2", "tagged", "open"] {
+        let (s3, nas) = run_objects(&env, run);
+        assert!(s3 >= 4 && nas >= 4, "{run} kept: {s3} {nas}");
+    }
+    // Forgotten: no longer listed as sealed, and a second prune has nothing to do.
+    let runs = runs_json(&env);
+    assert_eq!(runs["main-2"]["state"], "sealed");
+    assert_ne!(runs["main-1"]["state"], "sealed");
+    let out = env.cli(&["prune", "--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 runs, 0 objects"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_cleanup_can_wait_for_a_runs_seal() {
+    let mut env = run_env();
+    env.tail =
+        "[retention]\nlocal_delete_after_upload = true\nlocal_runs_sealed_only = true\n".into();
+    write_run(&env, "waiting");
+    write_run(&env, "sealed");
+    let _daemon = env.spawn_run();
+    // Both runs are everywhere; only the sealed one may go.
+    assert_ok(
+        &env.cli(&["flush", "--all-destinations", "--timeout", "60s"]),
+        "flush",
+    );
+    assert!(env.watch.join("waiting/logs/test.log").exists());
+    assert_ok(&seal(&env, "sealed", &[]), "seal");
+    let sealed_log = env.watch.join("sealed/logs/test.log");
+    wait_until(
+        Duration::from_secs(30),
+        "the sealed run's files deleted",
+        || !sealed_log.exists(),
+    )
+    .await;
+    // The pass that deleted them saw the other run's files (stored earlier) and kept them.
+    assert!(env.watch.join("waiting/logs/test.log").exists());
+    assert!(env.watch.join("waiting/shots/a.png").exists());
+    assert_eq!(tree(&env.watch.join("sealed")).len(), 0);
 }
