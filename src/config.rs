@@ -241,6 +241,10 @@ pub struct Watch {
     /// How the tree is divided into runs (`seal`, `runs`).
     #[serde(default, deserialize_with = "de_runs")]
     pub runs: Runs,
+    /// With `runs = "dir"`: the daemon seals a run by itself once no file of it changed for
+    /// this long and every destination holds all of it. Off when absent.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub seal_after: Option<Duration>,
 }
 
 /// How a watched tree is divided into runs.
@@ -558,6 +562,11 @@ impl Config {
                     w.prefix
                 ));
             }
+            if w.seal_after.is_some() && w.runs != Runs::Dir {
+                return Err(format!(
+                    "watch[{i}].seal_after needs runs = \"dir\" on the same watch"
+                ));
+            }
             if w.settle_ms > 24 * 3600 * 1000 {
                 return Err(format!(
                     "watch[{i}].settle_ms {} is longer than a day",
@@ -860,6 +869,7 @@ mod tests {
             remote_max_age: None,
             one_file_system: true,
             runs: Runs::None,
+            seal_after: None,
         };
         let f = Filter::new(&w);
         assert!(f.matches(Path::new("a/b/c.log")));

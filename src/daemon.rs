@@ -320,6 +320,32 @@ async fn cleanup_loop(
     }
 }
 
+/// `seal_after`: seal quiet runs, checking a few times per the shortest `seal_after`
+/// (between 1 s and a minute apart).
+async fn seal_loop(config: Config, index: Arc<Index>, cancel: CancellationToken) -> &'static str {
+    let shortest = config
+        .watch
+        .iter()
+        .filter_map(|w| w.seal_after)
+        .min()
+        .unwrap_or(Duration::from_secs(60));
+    let every = (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return "seal",
+            _ = tokio::time::sleep(every) => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return "seal",
+            r = crate::runs::seal_quiet(&config, &index) => {
+                if let Err(e) = r {
+                    tracing::error!(error = %format!("{e:#}"), "sealing quiet runs failed");
+                }
+            }
+        }
+    }
+}
+
 /// Remote retention every [`crate::retention::INTERVAL`].
 async fn prune_loop(config: Config, cancel: CancellationToken) -> &'static str {
     loop {
@@ -349,6 +375,12 @@ impl Running {
     ) -> anyhow::Result<Running> {
         let retention = parts.config.retention.clone();
         let prune_config = crate::retention::enabled(&parts.config).then(|| parts.config.clone());
+        let seal_config = parts
+            .config
+            .watch
+            .iter()
+            .any(|w| w.seal_after.is_some())
+            .then(|| parts.config.clone());
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
         let agent = Agent::start(parts, index, None, metrics)?;
         let rescan = Arc::new(Notify::new());
@@ -386,6 +418,9 @@ impl Running {
         }
         if let Some(config) = prune_config {
             loops.spawn(prune_loop(config, tasks_cancel.clone()));
+        }
+        if let Some(config) = seal_config {
+            loops.spawn(seal_loop(config, agent.index.clone(), tasks_cancel.clone()));
         }
         Ok(Running {
             agent,

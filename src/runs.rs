@@ -847,6 +847,8 @@ pub(crate) struct RunInfo {
     /// Paths (relative to the run) added or changed after the seal.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changed: Vec<String>,
+    /// Newest modification time of an indexed file of the run (ms since the epoch).
+    pub last_file_ms: Option<i64>,
 }
 
 /// The manifest of run `name` as sealed by this node (kept in the index), newest first if
@@ -924,6 +926,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 sealed_files: None,
                 sealed_bytes: None,
                 changed: Vec::new(),
+                last_file_ms: files.iter().map(|f| f.mtime_ns.div_euclid(1_000_000)).max(),
             };
             info.complete = info.destinations.iter().all(|d| d.missing == 0);
             if let Some((ms, n, bytes, text)) = sealed.get(&name) {
@@ -984,6 +987,49 @@ fn indexed_under(index: &Index, dir: &Path) -> anyhow::Result<Vec<Indexed>> {
             held_by: f.held_by,
         })
         .collect())
+}
+
+/// `seal_after`: seal every run that has been quiet that long and is complete everywhere
+/// (open, or changed after its seal), as `seal DIR` would. Returns the runs sealed; a run
+/// that cannot be sealed now is named in the log and tried again on the next pass.
+pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::Result<Vec<String>> {
+    let quiet_after: HashMap<PathBuf, Duration> = run_watches(config)
+        .filter_map(|(_, w)| w.seal_after.map(|d| (w.path.clone(), d)))
+        .collect();
+    if quiet_after.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs = {
+        let (c, i) = (config.clone(), index.clone());
+        tokio::task::spawn_blocking(move || list(&c, &i)).await??
+    };
+    let now = crate::index::now_ms();
+    let mut sealed = Vec::new();
+    for r in runs {
+        let Some(after) = quiet_after.get(&r.watch) else {
+            continue;
+        };
+        let quiet = r
+            .last_file_ms
+            .is_some_and(|ms| now.saturating_sub(ms) >= after.as_millis() as i64);
+        if r.state == State::Sealed || !r.complete || !quiet {
+            continue;
+        }
+        let dir = r.watch.join(&r.name);
+        match seal(config, &dir, Duration::from_secs(10), Vec::new()).await {
+            Ok(Sealed::Done { .. }) => {
+                tracing::info!(run = %r.name, "sealed a quiet run (seal_after)");
+                sealed.push(r.name);
+            }
+            Ok(Sealed::Incomplete(_)) => {
+                tracing::debug!(run = %r.name, "quiet run not complete yet; sealing later");
+            }
+            Err(e) => {
+                tracing::warn!(run = %r.name, error = %format!("{e:#}"), "cannot seal a quiet run");
+            }
+        }
+    }
+    Ok(sealed)
 }
 
 /// How many runs are open (not sealed), for `status`. Blocking.

@@ -456,6 +456,7 @@ mod tests {
             remote_max_age: None,
             one_file_system: true,
             runs: crate::config::Runs::None,
+            seal_after: None,
         };
         Root {
             path: "/w".into(),

@@ -557,3 +557,31 @@ async fn local_cleanup_can_wait_for_a_runs_seal() {
     assert!(env.watch.join("waiting/shots/a.png").exists());
     assert_eq!(tree(&env.watch.join("sealed")).len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seal_after_seals_a_quiet_complete_run_by_itself() {
+    let mut env = run_env();
+    env.watch_extra = "runs = \"dir\"\nseal_after = \"2s\"\n".into();
+    write_run(&env, "quiet");
+    let _daemon = env.spawn_run();
+    wait_until(Duration::from_secs(60), "the quiet run sealed", || {
+        runs_json(&env)
+            .get("quiet")
+            .is_some_and(|r| r["state"] == "sealed")
+    })
+    .await;
+    let m = check_manifest(&env, "quiet");
+    assert!(m["ci"].is_null());
+    assert!(
+        env.nas
+            .join(format!("ci/{NODE}/quiet/index.html"))
+            .is_file()
+    );
+
+    // seal_after belongs to runs.
+    let mut bad = Env::new();
+    bad.watch_extra = "seal_after = \"2s\"\n".into();
+    let out = bad.cli(&["check-config", "--offline"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seal_after needs runs"));
+}
