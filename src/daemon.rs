@@ -595,6 +595,12 @@ pub async fn run_with_reload(
                 if let Ok(line) = tokio::task::spawn_blocking(move || status_line(&i, &names)).await {
                     notify(&[sd_notify::NotifyState::Status(&line)]);
                 }
+                if config.watch.iter().any(|w| w.runs == crate::config::Runs::Dir) {
+                    let (c, i) = (config.clone(), index.clone());
+                    if let Ok(Ok(open)) = tokio::task::spawn_blocking(move || crate::runs::count_open(&c, &i)).await {
+                        metrics.runs_open.set(open as i64);
+                    }
+                }
             }
             _ = heartbeat.tick() => {
                 log_progress(&running.agent);

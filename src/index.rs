@@ -1245,6 +1245,15 @@ impl Index {
         Ok(())
     }
 
+    /// How many runs are sealed, and when the latest was (ms since the epoch).
+    pub fn run_totals(&self) -> anyhow::Result<(u64, Option<i64>)> {
+        Ok(self
+            .conn()
+            .query_row("SELECT count(*), max(sealed_ms) FROM runs", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })?)
+    }
+
     /// Forget a sealed run (retention deleted it).
     pub fn forget_run(&self, watch: &Path, name: &str) -> anyhow::Result<()> {
         self.conn().execute(

@@ -63,6 +63,12 @@ pub struct Metrics {
     pub max_rate: Family<Dest, Gauge>,
     /// Failed writes to the index (state disk full or read-only); work pauses meanwhile.
     pub index_errors: Counter,
+    /// Runs sealed by this node and still kept (read from the index at scrape time).
+    pub runs_sealed: Gauge,
+    /// Unix time of this node's latest seal.
+    pub runs_last_seal: Gauge,
+    /// Run directories not sealed yet (refreshed every 10 s by the daemon).
+    pub runs_open: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,6 +95,9 @@ impl Metrics {
             throttled: Family::default(),
             max_rate: Family::default(),
             index_errors: Counter::default(),
+            runs_sealed: Gauge::default(),
+            runs_last_seal: Gauge::default(),
+            runs_open: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -156,6 +165,21 @@ impl Metrics {
             "Bandwidth cap of the destination in bytes per second (0: none)",
             m.max_rate.clone(),
         );
+        registry.register(
+            "runs_sealed",
+            "Runs sealed by this node and still kept",
+            m.runs_sealed.clone(),
+        );
+        registry.register(
+            "runs_last_seal_timestamp_seconds",
+            "Unix time of this node's latest seal",
+            m.runs_last_seal.clone(),
+        );
+        registry.register(
+            "runs_open",
+            "Run directories not sealed yet",
+            m.runs_open.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -206,6 +230,10 @@ impl Metrics {
                     .get_or_create(&label)
                     .set(d.oldest_pending_secs.unwrap_or(0) as i64);
             }
+        }
+        if let Ok((sealed, last_ms)) = index.run_totals() {
+            self.runs_sealed.set(sealed as i64);
+            self.runs_last_seal.set(last_ms.unwrap_or(0) / 1000);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -562,6 +562,8 @@ async fn local_cleanup_can_wait_for_a_runs_seal() {
 async fn seal_after_seals_a_quiet_complete_run_by_itself() {
     let mut env = run_env();
     env.watch_extra = "runs = \"dir\"\nseal_after = \"2s\"\n".into();
+    let port = free_port();
+    env.tail = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     write_run(&env, "quiet");
     let _daemon = env.spawn_run();
     wait_until(Duration::from_secs(60), "the quiet run sealed", || {
