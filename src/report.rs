@@ -100,6 +100,8 @@ pub(crate) struct Report {
     pub destinations: Vec<DestReport>,
     /// Advice computed from the numbers above.
     pub recommendations: Vec<String>,
+    /// The latest sealed runs (newest first): sizes and how long each job wrote.
+    pub runs: Vec<crate::runs::RunSummary>,
 }
 
 fn ext_of(key: &str) -> String {
@@ -130,6 +132,11 @@ pub(crate) fn human(bytes: u64) -> String {
         format!("{v:.1} {}", units[u])
     }
 }
+
+/// Sealed runs listed in a report.
+const REPORT_RUNS: usize = 50;
+/// Sealed runs each node lists in its status object.
+const STATUS_RUNS: usize = 5;
 
 /// Build the report from the index.
 pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
@@ -205,6 +212,7 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         report.destinations.push(d);
     }
     report.recommendations = recommend(config, &report);
+    report.runs = crate::runs::latest(config, index, REPORT_RUNS)?;
     Ok(report)
 }
 
@@ -316,6 +324,12 @@ pub(crate) fn render_text(r: &Report) -> String {
             let _ = writeln!(o, "  failing ({n}): {cause}");
         }
     }
+    if !r.runs.is_empty() {
+        let _ = writeln!(o, "\nlatest runs:");
+        for run in &r.runs {
+            let _ = writeln!(o, "  {}", run_line(run));
+        }
+    }
     if !r.recommendations.is_empty() {
         let _ = writeln!(o, "\nrecommendations:");
         for rec in &r.recommendations {
@@ -323,6 +337,24 @@ pub(crate) fn render_text(r: &Report) -> String {
         }
     }
     o
+}
+
+/// One run in text: name, branch, files, bytes, how long the job wrote (escaped: names come
+/// from trees and other nodes).
+fn run_line(r: &crate::runs::RunSummary) -> String {
+    format!(
+        "{}{}: {} files, {}{}",
+        destination::printable(&r.run),
+        r.branch
+            .as_deref()
+            .map(|b| format!(" ({})", destination::printable(b)))
+            .unwrap_or_default(),
+        r.files,
+        human(r.bytes),
+        r.duration_secs
+            .map(|s| format!(", written over {}m {}s", s / 60, s % 60))
+            .unwrap_or_default()
+    )
 }
 
 /// The page's style sheet (static, no user data).
@@ -418,6 +450,18 @@ pub(crate) fn render_html(r: &Report) -> String {
                     ul { @for rec in &r.recommendations { li { (rec) } } }
                 }
                 @for d in &r.destinations { (destination_html(d)) }
+                @if !r.runs.is_empty() {
+                    section {
+                        h2 { "Latest runs" }
+                        (bars(
+                            "Bytes per run",
+                            &r.runs.iter().map(|x| (x.run.clone(), x.bytes, format!(
+                                "{} files, {}{}", x.files, human(x.bytes),
+                                x.duration_secs.map(|s| format!(", {}m {}s", s / 60, s % 60)).unwrap_or_default()
+                            ))).collect::<Vec<_>>(),
+                        ))
+                    }
+                }
             }
         }
     }
@@ -459,6 +503,8 @@ pub(crate) struct NodeStatus {
     pub last_error: Option<String>,
     /// done / (done + failing + failed permanently), over all destinations.
     pub success_rate: f64,
+    /// The node's latest sealed runs, newest first (absent before runs existed).
+    pub latest_runs: Vec<crate::runs::RunSummary>,
 }
 
 impl Default for NodeStatus {
@@ -474,6 +520,7 @@ impl Default for NodeStatus {
             oldest_pending_secs: None,
             last_error: None,
             success_rate: 1.0,
+            latest_runs: Vec::new(),
         }
     }
 }
@@ -572,6 +619,7 @@ impl NodeStatus {
             } else {
                 done as f64 / (done as f64 + bad as f64)
             },
+            latest_runs: Vec::new(),
         }
     }
 
@@ -602,9 +650,15 @@ fn nodes_path(primary: &Destination, file: Option<&str>) -> anyhow::Result<Objec
 pub(crate) async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::Result<()> {
     let primary = destination::open_primary(config)?;
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
-    let i = index.clone();
-    let status = tokio::task::spawn_blocking(move || i.status(&names)).await??;
-    let node = NodeStatus::from_status(config, &status);
+    let (i, c) = (index.clone(), config.clone());
+    let (status, latest_runs) = tokio::task::spawn_blocking(move || {
+        anyhow::Ok((i.status(&names)?, crate::runs::latest(&c, &i, STATUS_RUNS)?))
+    })
+    .await??;
+    let node = NodeStatus {
+        latest_runs,
+        ..NodeStatus::from_status(config, &status)
+    };
     let path = nodes_path(&primary, Some(&format!("{}.json", config.node_id)))?;
     primary
         .store
@@ -766,6 +820,16 @@ pub(crate) fn render_fleet(f: &Fleet) -> String {
                 "ok".into()
             }
         );
+    }
+    for FleetNode { status: n, .. } in &f.nodes {
+        for run in &n.latest_runs {
+            let _ = writeln!(
+                o,
+                "  {}: {}",
+                destination::printable(&n.node_id),
+                run_line(run)
+            );
+        }
     }
     let t = &f.totals;
     let _ = writeln!(

@@ -1032,6 +1032,51 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
     Ok(sealed)
 }
 
+/// A sealed run in reports and in the node status object other nodes read (named fields:
+/// unknown ones are ignored and missing ones default, so versions mix).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RunSummary {
+    /// Run name.
+    pub run: String,
+    /// When it was sealed (ms since the epoch).
+    pub sealed_ms: i64,
+    /// Files in it.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// From its first file to its last, seconds (how long the job wrote).
+    pub duration_secs: Option<u64>,
+    /// Its CI branch, when sealed in a CI job.
+    pub branch: Option<String>,
+}
+
+/// The `n` most recently sealed runs of this node, newest first. Blocking.
+pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result<Vec<RunSummary>> {
+    let mut all = Vec::new();
+    for (_, w) in run_watches(config) {
+        all.extend(index.sealed_runs(&w.path)?);
+    }
+    all.sort_by_key(|r| std::cmp::Reverse(r.sealed_ms));
+    Ok(all
+        .into_iter()
+        .take(n)
+        .map(|r| {
+            let m = serde_json::from_str::<Manifest>(&r.manifest).ok();
+            RunSummary {
+                duration_secs: m
+                    .as_ref()
+                    .and_then(|m| Some((m.last_file_ms? - m.first_file_ms?).max(0) as u64 / 1000)),
+                branch: m.and_then(|m| m.ci).and_then(|c| c.branch.or(c.tag)),
+                run: r.name,
+                sealed_ms: r.sealed_ms,
+                files: r.files,
+                bytes: r.bytes,
+            }
+        })
+        .collect())
+}
+
 /// How many runs are open (not sealed), for `status`. Blocking.
 pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
     Ok(list(config, index)?

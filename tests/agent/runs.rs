@@ -587,3 +587,109 @@ async fn seal_after_seals_a_quiet_complete_run_by_itself() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("seal_after needs runs"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_three_runs_each_share_one_bucket_and_one_backup() {
+    let mut a = run_env();
+    let mut b = run_env();
+    b.bucket = a.bucket.clone();
+    b.nas = a.nas.clone();
+    b.node = "node-b".into();
+    // Node a: GitHub Actions (pushes to main, then a pull request); node b: GitLab CI (a tag).
+    for (on_a, run, ci) in [
+        (true, "a-1", github_push_env("main")),
+        (false, "b-1", gitlab_env()),
+        (true, "a-2", github_push_env("main")),
+        (false, "b-2", gitlab_env()),
+        (true, "a-pr", github_env()),
+        (false, "b-3", gitlab_env()),
+    ] {
+        let env = if on_a { &mut a } else { &mut b };
+        write_run(env, run);
+        env.cmd_env = ci;
+        let out = seal(env, run, &[]);
+        assert_ok(&out, run);
+        // Sealed means every destination holds every file, and the manifest says so.
+        let node = env.node.clone();
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(env.nas.join(format!("ci/{node}/{run}/_run/manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m["node"], node.as_str());
+        let s3 = env.s3_objects(shared_s3());
+        for f in m["files"].as_array().unwrap() {
+            let key = f["stored_key"].as_str().unwrap();
+            assert_eq!(
+                s3.get(key).map(String::as_str),
+                f["sha256"].as_str(),
+                "{key}"
+            );
+            assert!(env.nas.join(key).is_file(), "{key}");
+        }
+        assert!(
+            env.nas
+                .join(format!("ci/{node}/{run}/index.html"))
+                .is_file()
+        );
+    }
+    assert_eq!(
+        check_manifest(&a, "a-pr")["ci"]["pull_request"],
+        "42",
+        "the pull request run"
+    );
+    let tag = &check_manifest_of(&b, "b-3")["ci"];
+    assert_eq!(tag["tag"], "v2.1.0");
+
+    // Each node restores its own runs exactly, from either store.
+    for (env, run, from) in [(&a, "a-2", None), (&b, "b-1", Some("nas"))] {
+        let to = env.tmp.path().join(format!("restored-{run}"));
+        assert_ok(&restore_run(env, run, from, &to), run);
+        assert_eq!(tree(&to), tree(&env.watch.join(run)), "{run}");
+    }
+
+    // Both publish their status; the fleet view lists each node's latest runs.
+    a.cmd_env.clear();
+    b.cmd_env.clear();
+    assert_ok(&a.cli(&["sync"]), "sync a");
+    assert_ok(&b.cli(&["sync"]), "sync b");
+    let out = a.cli(&["report", "--fleet"]);
+    assert_ok(&out, "report --fleet");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (node, run) in [
+        (NODE, "a-pr"),
+        (NODE, "a-1"),
+        ("node-b", "b-3"),
+        ("node-b", "b-1"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(node) && l.contains(run)),
+            "{node} {run} missing from:\n{text}"
+        );
+    }
+    // This node's report: sizes and durations of its runs, newest first.
+    let out = a.cli(&["report", "--json"]);
+    assert_ok(&out, "report --json");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs: Vec<&str> = r["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["run"].as_str().unwrap())
+        .collect();
+    assert_eq!(runs, ["a-pr", "a-2", "a-1"]);
+    assert_eq!(r["runs"][1]["branch"], "main");
+    assert_eq!(r["runs"][0]["files"], 4);
+    assert!(r["runs"][0]["duration_secs"].as_u64().is_some());
+}
+
+/// The manifest of `run` as this env's node wrote it to the file:// store.
+fn check_manifest_of(env: &Env, run: &str) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(
+            env.nas
+                .join(format!("ci/{}/{run}/_run/manifest.json", env.node)),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
