@@ -1,0 +1,203 @@
+//! Listings that survive keys object_store cannot parse.
+//!
+//! object_store 0.14 turns every listed key into a `Path` and ends the whole listing at the
+//! first one `Path::parse` refuses, so one key written by another client hides every other
+//! key of the prefix (upstream: apache/arrow-rs-object-store#341). The listers here make the
+//! request object_store would make, with its credentials and its HTTP client, and parse the
+//! keys one by one: a key it cannot address goes to [`Listing::bad_keys`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectMeta;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientConfigKey, ClientOptions};
+
+use super::{BadKey, Listing, error_chain, printable};
+
+/// How a destination lists.
+#[derive(Clone)]
+pub(super) enum Lister {
+    /// object_store's own listing. It parses every key of a page into a `Path` and ends the
+    /// whole listing at the first key it cannot parse (the key is named in the error).
+    Store,
+    /// S3: our own paginated ListObjectsV2, signed with object_store's credentials, which
+    /// keeps every key as the raw string the server sent.
+    S3(Arc<S3Lister>),
+}
+
+/// A ListObjectsV2 client that tolerates keys object_store cannot parse.
+///
+/// object_store 0.14 turns every `<Key>` of a page into a `Path` and fails the page (and with
+/// it the stream) on the first one `Path::parse` refuses, so one key written by another client
+/// hides every other key of the prefix (upstream: apache/arrow-rs-object-store#341). This is the
+/// smallest workaround: the same request object_store makes, signed with its
+/// `AwsAuthorizer` and sent with its HTTP client, but the keys are parsed one by one.
+pub(super) struct S3Lister {
+    store: Arc<AmazonS3>,
+    client: HttpClient,
+    /// `https://host/bucket` or, virtual-hosted, `https://bucket.host`: as object_store builds it.
+    bucket_endpoint: String,
+    region: String,
+}
+
+/// The part of a ListObjectsV2 answer we use.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListPage {
+    #[serde(default)]
+    contents: Vec<ListEntry>,
+    #[serde(default)]
+    is_truncated: bool,
+    next_continuation_token: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListEntry {
+    key: String,
+    size: u64,
+    last_modified: chrono::DateTime<chrono::Utc>,
+    #[serde(rename = "ETag")]
+    e_tag: Option<String>,
+}
+
+/// Keys per ListObjectsV2 page (the S3 maximum).
+const LIST_PAGE: &str = "1000";
+
+impl S3Lister {
+    pub(super) fn new(
+        b: &AmazonS3Builder,
+        bucket: &str,
+        store: Arc<AmazonS3>,
+    ) -> Result<S3Lister, String> {
+        let get = |k: AmazonS3ConfigKey| b.get_config_value(&k);
+        let region = get(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+        let virtual_hosted = get(AmazonS3ConfigKey::VirtualHostedStyleRequest)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        // As object_store's builder does (S3 Express zonal endpoints aside).
+        let bucket_endpoint = match (get(AmazonS3ConfigKey::Endpoint), virtual_hosted) {
+            (Some(e), true) => e,
+            (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
+            (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+        };
+        let mut options = ClientOptions::new();
+        for key in [
+            ClientConfigKey::AllowHttp,
+            ClientConfigKey::AllowInvalidCertificates,
+            ClientConfigKey::ConnectTimeout,
+            ClientConfigKey::Timeout,
+            ClientConfigKey::ProxyUrl,
+            ClientConfigKey::ProxyCaCertificate,
+            ClientConfigKey::ProxyExcludes,
+        ] {
+            if let Some(v) = get(AmazonS3ConfigKey::Client(key)) {
+                options = options.with_config(key, v);
+            }
+        }
+        let client = ReqwestConnector::default()
+            .connect(&options)
+            .map_err(|e| error_chain(&e))?;
+        Ok(S3Lister {
+            store,
+            client,
+            bucket_endpoint,
+            region,
+        })
+    }
+
+    /// Every key under `prefix` (a full key ending in `/`, or empty for the whole bucket).
+    pub(super) async fn list(&self, prefix: &str, out: &mut Listing) -> Result<(), String> {
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = url::Url::parse(&self.bucket_endpoint)
+                .map_err(|e| format!("bad endpoint {}: {e}", self.bucket_endpoint))?;
+            {
+                let mut q = url.query_pairs_mut();
+                if let Some(t) = &token {
+                    q.append_pair("continuation-token", t);
+                }
+                q.append_pair("list-type", "2");
+                q.append_pair("max-keys", LIST_PAGE);
+                if !prefix.is_empty() {
+                    q.append_pair("prefix", prefix);
+                }
+            }
+            let page = self.page(&url).await?;
+            for entry in page.contents {
+                match ObjectPath::parse(&entry.key) {
+                    Ok(location) => out.objects.push(ObjectMeta {
+                        location,
+                        last_modified: entry.last_modified,
+                        size: entry.size,
+                        e_tag: entry.e_tag,
+                        version: None,
+                    }),
+                    Err(e) => out.bad_keys.push(BadKey::new(&entry.key, &e)),
+                }
+            }
+            match page.next_continuation_token {
+                Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// One page, retried like object_store retries (a few times, on errors worth retrying).
+    async fn page(&self, url: &url::Url) -> Result<ListPage, String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.page_once(url).await {
+                Ok(page) => return Ok(page),
+                Err((retry, e)) if retry && attempt < 4 => {
+                    tracing::debug!(error = %e, attempt, "listing page failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn page_once(&self, url: &url::Url) -> Result<ListPage, (bool, String)> {
+        let credential = self
+            .store
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(|e| (true, format!("getting credentials: {}", error_chain(&e))))?;
+        let mut request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(url.as_str())
+            .body(HttpRequestBody::empty())
+            .map_err(|e| (false, format!("building the request: {e}")))?;
+        AwsAuthorizer::new(&credential, "s3", &self.region)
+            .try_authorize(&mut request, None)
+            .map_err(|e| (false, format!("signing the request: {}", error_chain(&e))))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| (true, error_chain(&e)))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .bytes()
+            .await
+            .map_err(|e| (true, error_chain(&e)))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            let text: String = text.chars().take(500).collect();
+            let retry = status.is_server_error() || status.as_u16() == 429;
+            return Err((
+                retry,
+                format!("status code: {status}: {}", printable(text.trim())),
+            ));
+        }
+        quick_xml::de::from_reader(body.as_ref())
+            .map_err(|e| (false, format!("parsing the listing: {e}")))
+    }
+}
