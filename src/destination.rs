@@ -25,7 +25,7 @@ use crate::config::{self, Kind, kind_of};
 
 mod list;
 
-use list::{Lister, S3Lister};
+use list::{Lister, LocalLister, S3Lister};
 
 /// A store error, split by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +206,9 @@ impl Destination {
                     let fs = LocalFileSystem::new_with_prefix(&dir)
                         .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
                         .with_fsync(true);
-                    (Arc::new(fs), None, Lister::Store)
+                    let lister = LocalLister::new(&dir)
+                        .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
+                    (Arc::new(fs), None, Lister::Local(Arc::new(lister)))
                 }
                 Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey, |b, s| {
                     // object_store parses the URL only in build(): the bucket of an `s3://`
@@ -307,11 +309,15 @@ impl fmt::Display for BadKey {
 
 impl BadKey {
     fn new(raw_key: &str, err: &object_store::path::Error) -> BadKey {
+        Self::with_reason(raw_key, &error_chain(err))
+    }
+
+    fn with_reason(raw_key: &str, why: &str) -> BadKey {
         BadKey {
             key: printable(raw_key),
             reason: format!(
                 "object_store cannot address this key ({}); rename or delete it with another tool",
-                printable(&error_chain(err))
+                printable(why)
             ),
         }
     }
@@ -352,42 +358,29 @@ impl Destination {
             .then(|| ObjectPath::parse(&list_key))
             .transpose()
             .map_err(|e| StoreError::Permanent(format!("bad prefix {prefix:?}: {e}")))?;
-        let mut out = Listing {
-            list_key,
-            ..Default::default()
-        };
-        match &self.lister {
-            Lister::S3(s3) => {
-                let raw_prefix = list_path
-                    .as_ref()
-                    .map(|p| format!("{p}/"))
-                    .unwrap_or_default();
-                s3.list(&raw_prefix, &mut out).await.map_err(|e| {
-                    StoreError::Retryable(format!(
-                        "listing {:?} under {:?} ({}): {e}",
-                        self.name, out.list_key, self.url
-                    ))
-                })?;
-            }
+        let context = || format!("listing {:?} under {list_key:?} ({})", self.name, self.url);
+        let raw_prefix = list_path
+            .as_ref()
+            .map(|p| format!("{p}/"))
+            .unwrap_or_default();
+        let (objects, bad_keys) = match &self.lister {
+            Lister::S3(s3) => s3.list(&raw_prefix).await,
+            Lister::Local(local) => local.list(&raw_prefix).await,
             Lister::Store => {
+                let mut objects = Vec::new();
                 let mut stream = self.store.list(list_path.as_ref());
                 while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(meta) => out.objects.push(meta),
-                        Err(e) => {
-                            return Err(StoreError::classify(
-                                format_args!(
-                                    "listing {:?} under {:?} ({})",
-                                    self.name, out.list_key, self.url
-                                ),
-                                &e,
-                            ));
-                        }
-                    }
+                    objects.push(item.map_err(|e| StoreError::classify(context(), &e))?);
                 }
+                Ok((objects, Vec::new()))
             }
         }
-        Ok(out)
+        .map_err(|e| StoreError::Retryable(format!("{}: {e}", context())))?;
+        Ok(Listing {
+            list_key,
+            objects,
+            bad_keys,
+        })
     }
 }
 

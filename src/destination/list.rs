@@ -4,7 +4,7 @@
 //! first one `Path::parse` refuses, so one key written by another client hides every other
 //! key of the prefix (upstream: apache/arrow-rs-object-store#341). The listers here make the
 //! request object_store would make, with its credentials and its HTTP client, and parse the
-//! keys one by one: a key it cannot address goes to [`Listing::bad_keys`].
+//! keys one by one: a key it cannot address goes to `Listing::bad_keys`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,10 @@ use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestCo
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientConfigKey, ClientOptions};
 
-use super::{BadKey, Listing, error_chain, printable};
+use super::{BadKey, error_chain, printable};
+
+/// What a lister found: the objects object_store can address, and the keys it cannot.
+pub(super) type Listed = (Vec<ObjectMeta>, Vec<BadKey>);
 
 /// How a destination lists.
 #[derive(Clone)]
@@ -26,6 +29,8 @@ pub(super) enum Lister {
     /// S3: our own paginated ListObjectsV2, signed with object_store's credentials, which
     /// keeps every key as the raw string the server sent.
     S3(Arc<S3Lister>),
+    /// `file://`: our own walk of the directory, as object_store's `LocalFileSystem` walks it.
+    Local(Arc<LocalLister>),
 }
 
 /// A ListObjectsV2 client that tolerates keys object_store cannot parse.
@@ -110,7 +115,8 @@ impl S3Lister {
     }
 
     /// Every key under `prefix` (a full key ending in `/`, or empty for the whole bucket).
-    pub(super) async fn list(&self, prefix: &str, out: &mut Listing) -> Result<(), String> {
+    pub(super) async fn list(&self, prefix: &str) -> Result<Listed, String> {
+        let mut out = Listed::default();
         let mut token: Option<String> = None;
         loop {
             let mut url = url::Url::parse(&self.bucket_endpoint)
@@ -129,19 +135,19 @@ impl S3Lister {
             let page = self.page(&url).await?;
             for entry in page.contents {
                 match ObjectPath::parse(&entry.key) {
-                    Ok(location) => out.objects.push(ObjectMeta {
+                    Ok(location) => out.0.push(ObjectMeta {
                         location,
                         last_modified: entry.last_modified,
                         size: entry.size,
                         e_tag: entry.e_tag,
                         version: None,
                     }),
-                    Err(e) => out.bad_keys.push(BadKey::new(&entry.key, &e)),
+                    Err(e) => out.1.push(BadKey::new(&entry.key, &e)),
                 }
             }
             match page.next_continuation_token {
                 Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
-                _ => return Ok(()),
+                _ => return Ok(out),
             }
         }
     }
@@ -199,5 +205,100 @@ impl S3Lister {
         }
         quick_xml::de::from_reader(body.as_ref())
             .map_err(|e| (false, format!("parsing the listing: {e}")))
+    }
+}
+
+/// A `file://` listing that tolerates file names object_store cannot address.
+///
+/// `LocalFileSystem::list` walks the directory and converts each file's path into a `Path`;
+/// the first name it cannot convert (a control character, bytes that are not UTF-8) ends the
+/// walk with an error. This walks the same way (walkdir,
+/// symbolic links followed, broken ones and vanished files skipped, object_store's staging
+/// files `name#<digits>` skipped) but converts the names one by one. `e_tag` is left out:
+/// object_store makes one from inode, mtime and size, and no caller of a listing reads it.
+pub(super) struct LocalLister {
+    /// The store's directory, canonicalised as `LocalFileSystem::new_with_prefix` does.
+    root: std::path::PathBuf,
+}
+
+impl LocalLister {
+    pub(super) fn new(dir: &std::path::Path) -> Result<LocalLister, String> {
+        let root = std::fs::canonicalize(dir)
+            .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+        Ok(LocalLister { root })
+    }
+
+    /// Every file under `prefix` (a parsed `Path` and a `/`, or empty for the whole store),
+    /// walked on a blocking thread.
+    pub(super) async fn list(self: &Arc<Self>, prefix: &str) -> Result<Listed, String> {
+        let (this, prefix) = (self.clone(), prefix.to_string());
+        tokio::task::spawn_blocking(move || this.walk(&prefix))
+            .await
+            .map_err(|e| format!("the listing task failed: {e}"))?
+    }
+
+    fn walk(&self, prefix: &str) -> Result<Listed, String> {
+        let mut dir = self.root.clone();
+        dir.extend(prefix.split('/').filter(|s| !s.is_empty()));
+        let (mut objects, mut bad_keys) = (Vec::new(), Vec::new());
+        for entry in walkdir::WalkDir::new(&dir).min_depth(1).follow_links(true) {
+            let entry = match entry {
+                Ok(entry) => entry,
+                // Gone since the directory was read (a staging file renamed, a file deleted).
+                Err(e)
+                    if e.io_error().map(|io| io.kind()) == Some(std::io::ErrorKind::NotFound) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(format!("walking {}: {e}", dir.display())),
+            };
+            let path = entry.path();
+            // `is_file` follows links: directories, broken links and other kinds are skipped.
+            if !path.is_file() {
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(&self.root) else {
+                continue;
+            };
+            let raw = rel.to_string_lossy().into_owned();
+            // object_store's staging files (`<name>#<digits>`) are not objects.
+            if let Some((_, suffix)) = raw.rsplit('/').next().unwrap_or_default().split_once('#')
+                && !suffix.is_empty()
+                && suffix.bytes().all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let Some(key) = rel.to_str() else {
+                bad_keys.push(BadKey::with_reason(&raw, "the file name is not UTF-8"));
+                continue;
+            };
+            let location = match ObjectPath::parse(key) {
+                Ok(location) => location,
+                Err(e) => {
+                    bad_keys.push(BadKey::new(key, &e));
+                    continue;
+                }
+            };
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e)
+                    if e.io_error().map(|io| io.kind()) == Some(std::io::ErrorKind::NotFound) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(format!("reading the metadata of {}: {e}", path.display())),
+            };
+            let last_modified = meta
+                .modified()
+                .map_err(|e| format!("reading the mtime of {}: {e}", path.display()))?;
+            objects.push(ObjectMeta {
+                location,
+                last_modified: last_modified.into(),
+                size: meta.len(),
+                e_tag: None,
+                version: None,
+            });
+        }
+        Ok((objects, bad_keys))
     }
 }
