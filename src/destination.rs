@@ -25,7 +25,7 @@ use crate::config::{self, Kind, kind_of};
 
 mod list;
 
-use list::{Lister, LocalLister, S3Lister};
+use list::{Lister, LocalLister, RemoteLister};
 
 /// A store error, split by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +160,11 @@ impl Destination {
         let bad_option =
             |k: &str| anyhow::anyhow!("destination {name:?}: unknown {kind:?} option {k:?}");
         let built = |e: object_store::Error| anyhow::anyhow!("destination {name:?} ({url}): {e}");
+        let remote = |lister: Result<RemoteLister, String>| {
+            lister
+                .map(|l| Lister::Remote(Arc::new(l)))
+                .map_err(|e| anyhow::anyhow!("destination {name:?} ({url}): {e}"))
+        };
         // The three cloud builders share their API but no trait: from_env(), then the URL,
         // then the options, then our client defaults where nothing set them.
         macro_rules! cloud_store {
@@ -210,23 +215,30 @@ impl Destination {
                         .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
                     (Arc::new(fs), None, Lister::Local(Arc::new(lister)))
                 }
+                // object_store parses the URL only in build(): the bucket or container of an
+                // `s3://`, `gs://` or `az://` URL is its host. Other URL forms (an account or
+                // endpoint in the URL) keep object_store's listing.
                 Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey, |b, s| {
-                    // object_store parses the URL only in build(): the bucket of an `s3://`
-                    // URL is its host. Other S3 URL forms keep object_store's listing.
                     match (url.scheme(), url.host_str()) {
                         ("s3" | "s3a", Some(bucket)) => {
-                            Lister::S3(Arc::new(S3Lister::new(b, bucket, s.clone()).map_err(
-                                |e| anyhow::anyhow!("destination {name:?} ({url}): {e}"),
-                            )?))
+                            remote(RemoteLister::s3(b, bucket, s.clone()))?
                         }
                         _ => Lister::Store,
                     }
                 }),
-                Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |_b, _s| {
-                    Lister::Store
+                Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |b, s| {
+                    match (url.scheme(), url.host_str()) {
+                        ("gs", Some(bucket)) => remote(RemoteLister::gcs(b, bucket, s.clone()))?,
+                        _ => Lister::Store,
+                    }
                 }),
-                Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |_b, _s| {
-                    Lister::Store
+                Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |b, s| {
+                    match (url.scheme(), url.host_str(), url.username()) {
+                        ("az" | "adl" | "azure" | "abfs" | "abfss", Some(container), "") => {
+                            remote(RemoteLister::azure(b, container, s.clone()))?
+                        }
+                        _ => Lister::Store,
+                    }
                 }),
             };
         let base = if kind == Kind::Local {
@@ -364,7 +376,7 @@ impl Destination {
             .map(|p| format!("{p}/"))
             .unwrap_or_default();
         let (objects, bad_keys) = match &self.lister {
-            Lister::S3(s3) => s3.list(&raw_prefix).await,
+            Lister::Remote(remote) => remote.list(&raw_prefix).await,
             Lister::Local(local) => local.list(&raw_prefix).await,
             Lister::Store => {
                 let mut objects = Vec::new();
