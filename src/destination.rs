@@ -6,6 +6,9 @@
 //! `EnvironmentFile=`) and credential chains work, then the URL and the configured `options`
 //! are applied on top. `file://` destinations use `LocalFileSystem`, which writes to a staging
 //! file and renames it, so no object is ever visible half-written.
+//!
+//! Listings are made here, not by object_store, which ends a listing at the first key it
+//! cannot parse (see the `list` submodule).
 
 use std::fmt;
 use std::str::FromStr;
@@ -120,7 +123,7 @@ pub struct Destination {
     pub signer: Option<Arc<dyn Signer>>,
     /// The destination's bandwidth cap (`max_rate`).
     pub limiter: Option<Arc<crate::throttle::Limiter>>,
-    /// How listings are made (S3: our own tolerant ListObjectsV2, see [`Destination::list_under`]).
+    /// How listings are made (our own, tolerant of bad keys: see [`Destination::list_under`]).
     lister: Lister,
 }
 
@@ -297,8 +300,8 @@ pub struct Listing {
     pub list_key: String,
     /// The objects object_store can address.
     pub objects: Vec<ObjectMeta>,
-    /// Keys object_store cannot address (`//`, a `.` or `..` segment, a control character),
-    /// written into the bucket by some other client. They fail alone: each caller names them
+    /// Keys object_store cannot address (`//`, a `.` or `..` segment, a control character; a
+    /// file name that is not UTF-8), written into the bucket by some other client. They fail alone: each caller names them
     /// and goes on with the rest.
     pub bad_keys: Vec<BadKey>,
 }
@@ -355,8 +358,10 @@ pub fn printable(s: &str) -> String {
 impl Destination {
     /// Every object under `prefix` (relative to the base; empty for everything), listed once
     /// for restore, rebuild, retention and the fleet view. Keys object_store cannot address
-    /// come back in [`Listing::bad_keys`] (S3), so the rest of the prefix is still usable.
-    /// Other stores use object_store's listing, which stops at such a key: that is an error
+    /// come back in [`Listing::bad_keys`], so the rest of the prefix is still usable: S3, GCS
+    /// and Azure are listed with requests of our own, `file://` with a walk of our own
+    /// (`destination/list.rs`). A cloud URL naming an account or endpoint rather than a bucket
+    /// or container uses object_store's listing, which stops at such a key: that is an error
     /// naming the key.
     pub async fn list_under(&self, prefix: &str) -> Result<Listing, StoreError> {
         let prefix = prefix.trim_matches('/');
