@@ -6,6 +6,9 @@
 //! `EnvironmentFile=`) and credential chains work, then the URL and the configured `options`
 //! are applied on top. `file://` destinations use `LocalFileSystem`, which writes to a staging
 //! file and renames it, so no object is ever visible half-written.
+//!
+//! Listings are made here, not by object_store, which ends a listing at the first key it
+//! cannot parse (see the `list` submodule).
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,16 +16,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{ClientConfigKey, ClientOptions, ObjectMeta, ObjectStore, RetryConfig};
+use object_store::{ClientConfigKey, ObjectMeta, ObjectStore, RetryConfig};
 
 use crate::config::{self, Kind, kind_of};
+
+mod list;
+
+use list::{Lister, LocalLister, RemoteLister};
 
 /// A store error, split by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +123,7 @@ pub struct Destination {
     pub signer: Option<Arc<dyn Signer>>,
     /// The destination's bandwidth cap (`max_rate`).
     pub limiter: Option<Arc<crate::throttle::Limiter>>,
-    /// How listings are made (S3: our own tolerant ListObjectsV2, see [`Destination::list_under`]).
+    /// How listings are made (our own, tolerant of bad keys: see [`Destination::list_under`]).
     lister: Lister,
 }
 
@@ -157,6 +163,11 @@ impl Destination {
         let bad_option =
             |k: &str| anyhow::anyhow!("destination {name:?}: unknown {kind:?} option {k:?}");
         let built = |e: object_store::Error| anyhow::anyhow!("destination {name:?} ({url}): {e}");
+        let remote = |lister: Result<RemoteLister, String>| {
+            lister
+                .map(|l| Lister::Remote(Arc::new(l)))
+                .map_err(|e| anyhow::anyhow!("destination {name:?} ({url}): {e}"))
+        };
         // The three cloud builders share their API but no trait: from_env(), then the URL,
         // then the options, then our client defaults where nothing set them.
         macro_rules! cloud_store {
@@ -203,25 +214,34 @@ impl Destination {
                     let fs = LocalFileSystem::new_with_prefix(&dir)
                         .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
                         .with_fsync(true);
-                    (Arc::new(fs), None, Lister::Store)
+                    let lister = LocalLister::new(&dir)
+                        .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
+                    (Arc::new(fs), None, Lister::Local(Arc::new(lister)))
                 }
+                // object_store parses the URL only in build(): the bucket or container of an
+                // `s3://`, `gs://` or `az://` URL is its host. Other URL forms (an account or
+                // endpoint in the URL) keep object_store's listing.
                 Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey, |b, s| {
-                    // object_store parses the URL only in build(): the bucket of an `s3://`
-                    // URL is its host. Other S3 URL forms keep object_store's listing.
                     match (url.scheme(), url.host_str()) {
                         ("s3" | "s3a", Some(bucket)) => {
-                            Lister::S3(Arc::new(S3Lister::new(b, bucket, s.clone()).map_err(
-                                |e| anyhow::anyhow!("destination {name:?} ({url}): {e}"),
-                            )?))
+                            remote(RemoteLister::s3(b, bucket, s.clone()))?
                         }
                         _ => Lister::Store,
                     }
                 }),
-                Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |_b, _s| {
-                    Lister::Store
+                Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |b, s| {
+                    match (url.scheme(), url.host_str()) {
+                        ("gs", Some(bucket)) => remote(RemoteLister::gcs(b, bucket, s.clone()))?,
+                        _ => Lister::Store,
+                    }
                 }),
-                Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |_b, _s| {
-                    Lister::Store
+                Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |b, s| {
+                    match (url.scheme(), url.host_str(), url.username()) {
+                        ("az" | "adl" | "azure" | "abfs" | "abfss", Some(container), "") => {
+                            remote(RemoteLister::azure(b, container, s.clone()))?
+                        }
+                        _ => Lister::Store,
+                    }
                 }),
             };
         let base = if kind == Kind::Local {
@@ -280,8 +300,8 @@ pub struct Listing {
     pub list_key: String,
     /// The objects object_store can address.
     pub objects: Vec<ObjectMeta>,
-    /// Keys object_store cannot address (`//`, a `.` or `..` segment, a control character),
-    /// written into the bucket by some other client. They fail alone: each caller names them
+    /// Keys object_store cannot address (`//`, a `.` or `..` segment, a control character; a
+    /// file name that is not UTF-8), written into the bucket by some other client. They fail alone: each caller names them
     /// and goes on with the rest.
     pub bad_keys: Vec<BadKey>,
 }
@@ -304,11 +324,15 @@ impl fmt::Display for BadKey {
 
 impl BadKey {
     fn new(raw_key: &str, err: &object_store::path::Error) -> BadKey {
+        Self::with_reason(raw_key, &error_chain(err))
+    }
+
+    fn with_reason(raw_key: &str, why: &str) -> BadKey {
         BadKey {
             key: printable(raw_key),
             reason: format!(
                 "object_store cannot address this key ({}); rename or delete it with another tool",
-                printable(&error_chain(err))
+                printable(why)
             ),
         }
     }
@@ -331,192 +355,13 @@ pub(crate) fn printable(s: &str) -> String {
         .collect()
 }
 
-/// How a destination lists.
-#[derive(Clone)]
-enum Lister {
-    /// object_store's own listing. It parses every key of a page into a `Path` and ends the
-    /// whole listing at the first key it cannot parse (the key is named in the error).
-    Store,
-    /// S3: our own paginated ListObjectsV2, signed with object_store's credentials, which
-    /// keeps every key as the raw string the server sent.
-    S3(Arc<S3Lister>),
-}
-
-/// A ListObjectsV2 client that tolerates keys object_store cannot parse.
-///
-/// object_store 0.14 turns every `<Key>` of a page into a `Path` and fails the page (and with
-/// it the stream) on the first one `Path::parse` refuses, so one key written by another client
-/// hides every other key of the prefix (upstream: apache/arrow-rs-object-store#341). This is the
-/// smallest workaround: the same request object_store makes, signed with its
-/// `AwsAuthorizer` and sent with its HTTP client, but the keys are parsed one by one.
-struct S3Lister {
-    store: Arc<AmazonS3>,
-    client: HttpClient,
-    /// `https://host/bucket` or, virtual-hosted, `https://bucket.host`: as object_store builds it.
-    bucket_endpoint: String,
-    region: String,
-}
-
-/// The part of a ListObjectsV2 answer we use.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ListPage {
-    #[serde(default)]
-    contents: Vec<ListEntry>,
-    #[serde(default)]
-    is_truncated: bool,
-    next_continuation_token: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ListEntry {
-    key: String,
-    size: u64,
-    last_modified: chrono::DateTime<chrono::Utc>,
-    #[serde(rename = "ETag")]
-    e_tag: Option<String>,
-}
-
-/// Keys per ListObjectsV2 page (the S3 maximum).
-const LIST_PAGE: &str = "1000";
-
-impl S3Lister {
-    fn new(b: &AmazonS3Builder, bucket: &str, store: Arc<AmazonS3>) -> Result<S3Lister, String> {
-        let get = |k: AmazonS3ConfigKey| b.get_config_value(&k);
-        let region = get(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
-        let virtual_hosted = get(AmazonS3ConfigKey::VirtualHostedStyleRequest)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        // As object_store's builder does (S3 Express zonal endpoints aside).
-        let bucket_endpoint = match (get(AmazonS3ConfigKey::Endpoint), virtual_hosted) {
-            (Some(e), true) => e,
-            (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
-            (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
-            (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
-        };
-        let mut options = ClientOptions::new();
-        for key in [
-            ClientConfigKey::AllowHttp,
-            ClientConfigKey::AllowInvalidCertificates,
-            ClientConfigKey::ConnectTimeout,
-            ClientConfigKey::Timeout,
-            ClientConfigKey::ProxyUrl,
-            ClientConfigKey::ProxyCaCertificate,
-            ClientConfigKey::ProxyExcludes,
-        ] {
-            if let Some(v) = get(AmazonS3ConfigKey::Client(key)) {
-                options = options.with_config(key, v);
-            }
-        }
-        let client = ReqwestConnector::default()
-            .connect(&options)
-            .map_err(|e| error_chain(&e))?;
-        Ok(S3Lister {
-            store,
-            client,
-            bucket_endpoint,
-            region,
-        })
-    }
-
-    /// Every key under `prefix` (a full key ending in `/`, or empty for the whole bucket).
-    async fn list(&self, prefix: &str, out: &mut Listing) -> Result<(), String> {
-        let mut token: Option<String> = None;
-        loop {
-            let mut url = url::Url::parse(&self.bucket_endpoint)
-                .map_err(|e| format!("bad endpoint {}: {e}", self.bucket_endpoint))?;
-            {
-                let mut q = url.query_pairs_mut();
-                if let Some(t) = &token {
-                    q.append_pair("continuation-token", t);
-                }
-                q.append_pair("list-type", "2");
-                q.append_pair("max-keys", LIST_PAGE);
-                if !prefix.is_empty() {
-                    q.append_pair("prefix", prefix);
-                }
-            }
-            let page = self.page(&url).await?;
-            for entry in page.contents {
-                match ObjectPath::parse(&entry.key) {
-                    Ok(location) => out.objects.push(ObjectMeta {
-                        location,
-                        last_modified: entry.last_modified,
-                        size: entry.size,
-                        e_tag: entry.e_tag,
-                        version: None,
-                    }),
-                    Err(e) => out.bad_keys.push(BadKey::new(&entry.key, &e)),
-                }
-            }
-            match page.next_continuation_token {
-                Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
-                _ => return Ok(()),
-            }
-        }
-    }
-
-    /// One page, retried like object_store retries (a few times, on errors worth retrying).
-    async fn page(&self, url: &url::Url) -> Result<ListPage, String> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.page_once(url).await {
-                Ok(page) => return Ok(page),
-                Err((retry, e)) if retry && attempt < 4 => {
-                    tracing::debug!(error = %e, attempt, "listing page failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                Err((_, e)) => return Err(e),
-            }
-        }
-    }
-
-    async fn page_once(&self, url: &url::Url) -> Result<ListPage, (bool, String)> {
-        let credential = self
-            .store
-            .credentials()
-            .get_credential()
-            .await
-            .map_err(|e| (true, format!("getting credentials: {}", error_chain(&e))))?;
-        let mut request = http::Request::builder()
-            .method(http::Method::GET)
-            .uri(url.as_str())
-            .body(HttpRequestBody::empty())
-            .map_err(|e| (false, format!("building the request: {e}")))?;
-        AwsAuthorizer::new(&credential, "s3", &self.region)
-            .try_authorize(&mut request, None)
-            .map_err(|e| (false, format!("signing the request: {}", error_chain(&e))))?;
-        let response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|e| (true, error_chain(&e)))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .bytes()
-            .await
-            .map_err(|e| (true, error_chain(&e)))?;
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&body);
-            let text: String = text.chars().take(500).collect();
-            let retry = status.is_server_error() || status.as_u16() == 429;
-            return Err((
-                retry,
-                format!("status code: {status}: {}", printable(text.trim())),
-            ));
-        }
-        quick_xml::de::from_reader(body.as_ref())
-            .map_err(|e| (false, format!("parsing the listing: {e}")))
-    }
-}
-
 impl Destination {
     /// Every object under `prefix` (relative to the base; empty for everything), listed once
     /// for restore, rebuild, retention and the fleet view. Keys object_store cannot address
-    /// come back in [`Listing::bad_keys`] (S3), so the rest of the prefix is still usable.
-    /// Other stores use object_store's listing, which stops at such a key: that is an error
+    /// come back in [`Listing::bad_keys`], so the rest of the prefix is still usable: S3, GCS
+    /// and Azure are listed with requests of our own, `file://` with a walk of our own
+    /// (`destination/list.rs`). A cloud URL naming an account or endpoint rather than a bucket
+    /// or container uses object_store's listing, which stops at such a key: that is an error
     /// naming the key.
     pub async fn list_under(&self, prefix: &str) -> Result<Listing, StoreError> {
         let prefix = prefix.trim_matches('/');
@@ -530,42 +375,29 @@ impl Destination {
             .then(|| ObjectPath::parse(&list_key))
             .transpose()
             .map_err(|e| StoreError::Permanent(format!("bad prefix {prefix:?}: {e}")))?;
-        let mut out = Listing {
-            list_key,
-            ..Default::default()
-        };
-        match &self.lister {
-            Lister::S3(s3) => {
-                let raw_prefix = list_path
-                    .as_ref()
-                    .map(|p| format!("{p}/"))
-                    .unwrap_or_default();
-                s3.list(&raw_prefix, &mut out).await.map_err(|e| {
-                    StoreError::Retryable(format!(
-                        "listing {:?} under {:?} ({}): {e}",
-                        self.name, out.list_key, self.url
-                    ))
-                })?;
-            }
+        let context = || format!("listing {:?} under {list_key:?} ({})", self.name, self.url);
+        let raw_prefix = list_path
+            .as_ref()
+            .map(|p| format!("{p}/"))
+            .unwrap_or_default();
+        let (objects, bad_keys) = match &self.lister {
+            Lister::Remote(remote) => remote.list(&raw_prefix).await,
+            Lister::Local(local) => local.list(&raw_prefix).await,
             Lister::Store => {
+                let mut objects = Vec::new();
                 let mut stream = self.store.list(list_path.as_ref());
                 while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(meta) => out.objects.push(meta),
-                        Err(e) => {
-                            return Err(StoreError::classify(
-                                format_args!(
-                                    "listing {:?} under {:?} ({})",
-                                    self.name, out.list_key, self.url
-                                ),
-                                &e,
-                            ));
-                        }
-                    }
+                    objects.push(item.map_err(|e| StoreError::classify(context(), &e))?);
                 }
+                Ok((objects, Vec::new()))
             }
         }
-        Ok(out)
+        .map_err(|e| StoreError::Retryable(format!("{}: {e}", context())))?;
+        Ok(Listing {
+            list_key,
+            objects,
+            bad_keys,
+        })
     }
 }
 

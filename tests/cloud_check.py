@@ -3,9 +3,11 @@
 
   cloud_check.py azure ENDPOINT create CONTAINER
   cloud_check.py azure ENDPOINT list CONTAINER PREFIX      -> {name: sha256 hex}
+  cloud_check.py azure ENDPOINT put CONTAINER NAME          a small blob under any name
   cloud_check.py gcs ENDPOINT create BUCKET                 (fake-gcs-server JSON API)
   cloud_check.py gcs ENDPOINT seed BUCKET DIR PREFIX        upload DIR/* as PREFIX/<rel>
   cloud_check.py gcs ENDPOINT list BUCKET PREFIX            -> {name: sha256 hex}
+  cloud_check.py gcs ENDPOINT put BUCKET NAME               a small object under any name
 """
 import hashlib
 import json
@@ -28,6 +30,9 @@ def azure(endpoint, op, container, *rest):
     if op == "create":
         client.create_container()
         return {}
+    if op == "put":
+        client.upload_blob(rest[0], b"planted")
+        return {}
     out = {}
     for blob in client.list_blobs(name_starts_with=rest[0]):
         data = client.download_blob(blob.name).readall()
@@ -42,18 +47,23 @@ def gcs(endpoint, op, bucket, *rest):
                                      headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req).read()
         return {}
+    def upload(key, data):
+        url = (f"{endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+               + urllib.parse.quote(key, safe=""))
+        req = urllib.request.Request(url, method="POST", data=data,
+                                     headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(req).read()
+
     if op == "seed":
         directory, prefix = rest
         for root, _, files in os.walk(directory):
             for name in files:
                 path = os.path.join(root, name)
                 rel = os.path.relpath(path, directory)
-                key = f"{prefix}/{rel}" if prefix else rel
-                url = (f"{endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
-                       + urllib.parse.quote(key, safe=""))
-                req = urllib.request.Request(url, method="POST", data=open(path, "rb").read(),
-                                             headers={"Content-Type": "application/octet-stream"})
-                urllib.request.urlopen(req).read()
+                upload(f"{prefix}/{rel}" if prefix else rel, open(path, "rb").read())
+        return {}
+    if op == "put":
+        upload(rest[0], b"planted")
         return {}
     out = {}
     token = None

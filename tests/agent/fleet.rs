@@ -386,27 +386,21 @@ async fn a_100_mb_status_object_is_reported_unreadable_without_being_read() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_and_fleet() {
-    let mut env = Env::new();
+/// Four genuine files under `run/`, synced to every destination.
+pub(crate) fn sync_genuine_files(env: &Env) {
     for i in 0..4 {
         env.write(&format!("run/{i}.log"), format!("genuine {i}").as_bytes());
     }
     assert_ok(&env.cli(&["sync"]), "sync");
-    // Keys with a control character, written straight into the bucket (s3s-fs keeps objects
-    // as files; a name with \x01 is a valid file name but not an object_store `Path`).
-    // s3s-fs cannot hold `//`, `.` or `..` segments: the file system folds them.
-    let bucket = shared_s3().root.join(&env.bucket);
-    let bad_object = bucket.join(format!("base/ci/{NODE}/run/bad\u{1}key.log"));
-    std::fs::write(&bad_object, b"planted").unwrap();
-    std::fs::write(
-        bucket.join("base/_panoptic-sync/nodes/bad\u{1}node.json"),
-        b"{}",
-    )
-    .unwrap();
-    let shown = "bad\\u{1}key.log";
+}
 
-    // Restore: every genuine file, the crafted key named, exit 1.
+/// With keys object_store cannot parse planted in the primary (beside the files of
+/// [`sync_genuine_files`]), each of restore, `--rebuild-index`, `report --fleet` and prune
+/// names them, escaped as `shown` (the objects) and `node_shown` (a status object), and does
+/// the rest: four files restored, four objects recorded, this node shown, every genuine
+/// object of both destinations pruned. What is left in the store is for the caller to check.
+pub(crate) async fn planted_keys_fail_alone(env: &mut Env, shown: &[&str], node_shown: &str) {
+    // Restore: every genuine file, each crafted key named, exit 1.
     let to = env.tmp.path().join("restored");
     let out = env.cli(&[
         "restore",
@@ -419,18 +413,22 @@ async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_an
     ]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(shown), "{err}");
-    assert!(!err.contains('\u{1}'), "{err:?}");
+    for s in shown {
+        assert!(err.contains(s), "restore does not name {s}: {err}");
+    }
+    assert!(!err.chars().any(|c| c.is_control() && c != '\n'), "{err:?}");
     let restored = tree(&to);
     assert_eq!(restored.len(), 4, "{:?}", restored.keys());
     assert_eq!(restored["run/2.log"], b"genuine 2");
 
-    // Rebuild: every genuine object recorded, the crafted key named.
+    // Rebuild: every genuine object recorded, each crafted key named.
     let out = env.cli(&["sync", "--rebuild-index"]);
     assert_ok(&out, "sync --rebuild-index");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("primary: 4 objects recorded"), "{err}");
-    assert!(err.contains(shown), "{err}");
+    for s in shown {
+        assert!(err.contains(s), "the rebuild does not name {s}: {err}");
+    }
 
     // Fleet: this node shown, the crafted status key named.
     let out = env.cli(&["report", "--fleet"]);
@@ -440,20 +438,40 @@ async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_an
         text.contains(NODE) && text.contains("fleet: 1 nodes"),
         "{text}"
     );
-    assert!(text.contains("bad\\u{1}node.json"), "{text}");
+    assert!(text.contains(node_shown), "{text}");
 
-    // Prune: every expired genuine object deleted, the crafted key named, exit 1.
+    // Prune: every expired genuine object deleted, each crafted key named, exit 1.
     env.tail = "[retention]\nremote_max_age = \"1s\"\n".into();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let out = env.cli(&["prune"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(shown), "{err}");
+    for s in shown {
+        assert!(err.contains(s), "prune does not name {s}: {err}");
+    }
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("8 objects deleted"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_and_fleet() {
+    let mut env = Env::new();
+    sync_genuine_files(&env);
+    // Keys with a control character, written straight into the bucket (s3s-fs keeps objects
+    // as files; a name with \x01 is a valid file name but not an object_store `Path`).
+    // s3s-fs cannot hold `//`, `.` or `..` segments: the file system folds them.
+    let bucket = shared_s3().root.join(&env.bucket);
+    let bad_object = bucket.join(format!("base/ci/{NODE}/run/bad\u{1}key.log"));
+    std::fs::write(&bad_object, b"planted").unwrap();
+    std::fs::write(
+        bucket.join("base/_panoptic-sync/nodes/bad\u{1}node.json"),
+        b"{}",
+    )
+    .unwrap();
+    planted_keys_fail_alone(&mut env, &["bad\\u{1}key.log"], "bad\\u{1}node.json").await;
     // (boto3 cannot parse a listing with a control character either: look at the files.)
     let left: Vec<String> = tree(&bucket.join(format!("base/ci/{NODE}")))
         .into_keys()
@@ -462,6 +480,51 @@ async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_an
         left,
         vec!["run/bad\u{1}key.log".to_string()],
         "only the crafted object is left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_name_object_store_cannot_parse_fails_alone_on_a_file_destination() {
+    use std::os::unix::ffi::OsStrExt;
+    // Encrypted: a file:// store keeps no metadata, the rebuild reads hashes from the records.
+    let (mut env, _key) = crate::restore::encrypted_env();
+    let store = env.tmp.path().join("store");
+    env.primary = Some(format!(
+        "[[destination]]\nname = \"primary\"\nurl = \"file://{}\"\n",
+        store.display()
+    ));
+    sync_genuine_files(&env);
+    // Names a file system holds but object_store cannot address: a control character, bytes
+    // that are not UTF-8. Beside them, a staging file of object_store's own (`name#digits`),
+    // which listings skip, as object_store's own listing does.
+    let run = store.join(format!("ci/{NODE}/run"));
+    std::fs::write(run.join("bad\u{1}key.log"), b"planted").unwrap();
+    std::fs::write(
+        run.join(std::ffi::OsStr::from_bytes(b"bad\xffname.log")),
+        b"planted",
+    )
+    .unwrap();
+    std::fs::write(run.join("3.log#42"), b"staging").unwrap();
+    std::fs::write(store.join("_panoptic-sync/nodes/bad\u{1}node.json"), b"{}").unwrap();
+    planted_keys_fail_alone(
+        &mut env,
+        &["bad\\u{1}key.log", "bad\u{fffd}name.log"],
+        "bad\\u{1}node.json",
+    )
+    .await;
+    let mut left: Vec<Vec<u8>> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            b"3.log#42".to_vec(),
+            b"bad\x01key.log".to_vec(),
+            b"bad\xffname.log".to_vec()
+        ],
+        "only the crafted files are left"
     );
 }
 
