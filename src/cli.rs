@@ -509,10 +509,22 @@ fn render_seal(s: &crate::runs::Sealed) {
         crate::runs::Sealed::Done {
             manifest,
             stored_key,
-        } => println!(
-            "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
-            manifest.run, manifest.totals.files, manifest.totals.bytes
-        ),
+            notifications,
+        } => {
+            println!(
+                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
+                manifest.run, manifest.totals.files, manifest.totals.bytes
+            );
+            for n in notifications {
+                match &n.error {
+                    None => println!("notify {}: sent", n.notifier),
+                    Some(e) => eprintln!(
+                        "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",
+                        n.notifier
+                    ),
+                }
+            }
+        }
         crate::runs::Sealed::Incomplete(s) => {
             render_unstored(s);
             eprintln!(

@@ -85,6 +85,8 @@ pub struct Parts {
     pipeline: Arc<crate::pipeline::Pipeline>,
     roots: Arc<Vec<Root>>,
     global_limit: Option<Arc<crate::throttle::Limiter>>,
+    /// Sends run notifications (`None` without `[[notify]]` entries).
+    notifier: Option<Arc<crate::notify::Sender>>,
 }
 
 impl Parts {
@@ -97,12 +99,16 @@ impl Parts {
             .limits
             .max_rate
             .map(|r| Arc::new(crate::throttle::Limiter::new(r)));
+        let notifier = (!config.notify.is_empty())
+            .then(|| crate::notify::Sender::new(&config).map(Arc::new))
+            .transpose()?;
         Ok(Parts {
             config,
             dests,
             pipeline,
             roots,
             global_limit,
+            notifier,
         })
     }
 }
@@ -231,7 +237,7 @@ struct Running {
     tasks_cancel: CancellationToken,
     /// Its end is the daemon's error (a `select!` branch of the daemon loop).
     watcher: tokio::task::JoinHandle<anyhow::Result<()>>,
-    /// The scanner, cleanup and prune loops; each returns its name when it ends.
+    /// The scanner, cleanup, prune and notify loops; each returns its name when it ends.
     loops: tokio::task::JoinSet<&'static str>,
     /// A loop that ended before shutdown (the daemon is then unhealthy).
     ended: Option<&'static str>,
@@ -350,7 +356,8 @@ impl Running {
         let retention = parts.config.retention.clone();
         let prune_config = crate::retention::enabled(&parts.config).then(|| parts.config.clone());
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
-        let agent = Agent::start(parts, index, None, metrics)?;
+        let notifier = parts.notifier.clone();
+        let agent = Agent::start(parts, index, None, metrics.clone())?;
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks_cancel = CancellationToken::new();
@@ -386,6 +393,14 @@ impl Running {
         }
         if let Some(config) = prune_config {
             loops.spawn(prune_loop(config, tasks_cancel.clone()));
+        }
+        if let Some(sender) = notifier {
+            loops.spawn(crate::notify::run_loop(
+                sender,
+                agent.index.clone(),
+                metrics,
+                tasks_cancel.clone(),
+            ));
         }
         Ok(Running {
             agent,

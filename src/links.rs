@@ -11,6 +11,11 @@ use crate::config::Config;
 use crate::index::Index;
 use crate::scan::Root;
 
+/// The public link of the object at `stored_key` under a destination's `public_base_url`.
+pub(crate) fn public_url(base: &str, stored_key: &str) -> String {
+    format!("{}/{stored_key}", base.trim_end_matches('/'))
+}
+
 /// The link for the local file `path` in destination `dest` (default: the primary).
 pub(crate) async fn link(
     config: &Config,
@@ -39,11 +44,7 @@ pub(crate) async fn link(
         )
     })?;
     if let Some(base) = &dest.public_base_url {
-        return Ok(format!(
-            "{}/{}",
-            base.trim_end_matches('/'),
-            object.stored_key
-        ));
+        return Ok(public_url(base, &object.stored_key));
     }
     let location = dest.path(&object.stored_key)?;
     match &dest.signer {

@@ -28,6 +28,13 @@ fn dest(name: &str) -> Dest {
     Dest { dest: name.into() }
 }
 
+/// The `result` label of notification attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifyResult {
+    /// `sent`, `failed` (retried) or `given_up`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -63,6 +70,12 @@ pub struct Metrics {
     pub max_rate: Family<Dest, Gauge>,
     /// Failed writes to the index (state disk full or read-only); work pauses meanwhile.
     pub index_errors: Counter,
+    /// Notification attempts by the daemon, by result.
+    pub notifications: Family<NotifyResult, Counter>,
+    /// Notifications not delivered yet.
+    pub notifications_pending: Gauge,
+    /// Notifications given up.
+    pub notifications_given_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,8 +102,26 @@ impl Metrics {
             throttled: Family::default(),
             max_rate: Family::default(),
             index_errors: Counter::default(),
+            notifications: Family::default(),
+            notifications_pending: Gauge::default(),
+            notifications_given_up: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "notifications",
+            "Run notification attempts by the daemon, by result (sent, failed and retried, given_up)",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "notifications_pending",
+            "Run notifications not delivered yet (including those failing and retried)",
+            m.notifications_pending.clone(),
+        );
+        registry.register(
+            "notifications_given_up",
+            "Run notifications given up after failing for days",
+            m.notifications_given_up.clone(),
+        );
         registry.register(
             "index_errors",
             "Failed writes to the index (state disk full or read-only); work pauses meanwhile",
@@ -191,6 +222,13 @@ impl Metrics {
             .inc_by(waited.as_secs_f64());
     }
 
+    /// Record a notification attempt: `sent`, `failed` or `given_up`.
+    pub fn notification(&self, result: &'static str) {
+        self.notifications
+            .get_or_create(&NotifyResult { result })
+            .inc();
+    }
+
     /// Record a failed attempt.
     pub fn failure(&self, name: &str) {
         self.failed.get_or_create(&dest(name)).inc();
@@ -206,6 +244,10 @@ impl Metrics {
                     .get_or_create(&label)
                     .set(d.oldest_pending_secs.unwrap_or(0) as i64);
             }
+        }
+        if let Ok(n) = index.notify_status() {
+            self.notifications_pending.set(n.pending as i64);
+            self.notifications_given_up.set(n.given_up as i64);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
