@@ -437,8 +437,22 @@ fn de_headers<'de, D: Deserializer<'de>>(
 ) -> Result<Option<Spanned<BTreeMap<String, String>>>, D::Error> {
     let headers = Spanned::<BTreeMap<String, String>>::deserialize(d)?;
     for (name, value) in headers.get_ref() {
-        http::HeaderName::from_bytes(name.as_bytes())
+        let header = http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| serde::de::Error::custom(format!("bad header name {name:?}")))?;
+        // The agent sets these itself; a second value would make the request ambiguous.
+        if [
+            "content-type",
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "idempotency-key",
+        ]
+        .contains(&header.as_str())
+        {
+            return Err(serde::de::Error::custom(format!(
+                "header {name:?} is set by the agent and cannot be configured"
+            )));
+        }
         // The value is not repeated: it may be a secret.
         http::HeaderValue::from_str(value).map_err(|_| {
             serde::de::Error::custom(format!(
@@ -1066,6 +1080,11 @@ mod tests {
             (
                 "url = \"https://h/x\"\nheaders = { \"a b\" = \"c\" }\n",
                 "header name",
+                8,
+            ),
+            (
+                "url = \"https://h/x\"\nheaders = { Idempotency-Key = \"c\" }\n",
+                "set by the agent",
                 8,
             ),
             ("url = \"https://h/x\"\ntimeout = \"0s\"\n", "timeout", 8),

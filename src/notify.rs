@@ -559,12 +559,12 @@ pub(crate) async fn run_loop(
                 match leased {
                     Ok(Ok(true)) => {}
                     // Sent, or taken by `seal`, since it was read.
-                    Ok(Ok(false)) => return,
+                    Ok(Ok(false)) => return false,
                     Ok(Err(e)) => {
                         tracing::error!(error = %format!("{e:#}"), "cannot lease a notification");
-                        return;
+                        return false;
                     }
-                    Err(_) => return,
+                    Err(_) => return false,
                 }
                 let outcome = match sender.attempt(&n).await {
                     Ok(()) => NotifyOutcome::Sent { failures: 0 },
@@ -576,19 +576,22 @@ pub(crate) async fn run_loop(
                     NotifyOutcome::Failed { .. } => "failed",
                 });
                 record(&index, &n, outcome).await;
+                true
             }
         });
         let round = futures::future::join_all(sends);
         tokio::pin!(round);
-        tokio::select! {
-            _ = &mut round => {}
+        let sent = tokio::select! {
+            done = &mut round => done.into_iter().filter(|leased| *leased).count(),
             _ = cancel.cancelled() => {
                 // Sends in flight may finish; one abandoned stays leased and is sent again later.
                 let _ = tokio::time::timeout(DRAIN, &mut round).await;
                 return "notify";
             }
-        }
-        if full {
+        };
+        // More may be due at once; but a round that could lease nothing (the index refuses
+        // writes) waits like an idle one instead of spinning.
+        if full && sent > 0 {
             continue;
         }
         let i = index.clone();
