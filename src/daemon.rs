@@ -85,8 +85,8 @@ pub struct Parts {
     pipeline: Arc<crate::pipeline::Pipeline>,
     roots: Arc<Vec<Root>>,
     global_limit: Option<Arc<crate::throttle::Limiter>>,
-    /// Sends run notifications (`None` without `[[notify]]` entries).
-    notifier: Option<Arc<crate::notify::Sender>>,
+    /// Sends run notifications.
+    notifier: Arc<crate::notify::Sender>,
 }
 
 impl Parts {
@@ -99,9 +99,7 @@ impl Parts {
             .limits
             .max_rate
             .map(|r| Arc::new(crate::throttle::Limiter::new(r)));
-        let notifier = (!config.notify.is_empty())
-            .then(|| crate::notify::Sender::new(&config).map(Arc::new))
-            .transpose()?;
+        let notifier = Arc::new(crate::notify::Sender::new(&config)?);
         Ok(Parts {
             config,
             dests,
@@ -394,14 +392,14 @@ impl Running {
         if let Some(config) = prune_config {
             loops.spawn(prune_loop(config, tasks_cancel.clone()));
         }
-        if let Some(sender) = notifier {
-            loops.spawn(crate::notify::run_loop(
-                sender,
-                agent.index.clone(),
-                metrics,
-                tasks_cancel.clone(),
-            ));
-        }
+        // Also without `[[notify]]` entries: notifications queued under an earlier
+        // configuration are still tried (and fail, named, until given up).
+        loops.spawn(crate::notify::run_loop(
+            notifier,
+            agent.index.clone(),
+            metrics,
+            tasks_cancel.clone(),
+        ));
         Ok(Running {
             agent,
             tasks_cancel,

@@ -492,12 +492,7 @@ async fn try_after_seal(
                 permanent: false,
             });
             let error = f.error.clone();
-            record(
-                &index,
-                &n,
-                failed(&n, f, tries.max(1), crate::index::now_ms()),
-            )
-            .await;
+            record(&index, &n, failed(&n, f, tries, crate::index::now_ms())).await;
             Delivery {
                 notifier: n.notifier.clone(),
                 error: Some(error),
