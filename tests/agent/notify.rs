@@ -178,23 +178,10 @@ fn write_run(env: &Env, run: &str) -> u64 {
     bytes
 }
 
-/// `seal` on a blocking thread (the test's runtime keeps serving meanwhile).
+/// `seal` on a blocking thread.
 async fn seal(env: &Env, run: &str) -> Output {
-    let (cfg, dir, vars) = (env.config_path(), env.watch.join(run), env.cmd_env.clone());
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
-            .arg("--config")
-            .arg(cfg)
-            .arg("seal")
-            .arg(dir)
-            .args(["--timeout", "90s"])
-            .env("PANOPTIC_SYNC_LOG", "warn")
-            .envs(vars)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    let dir = env.watch.join(run);
+    cli_async(env, &["seal", dir.to_str().unwrap(), "--timeout", "90s"]).await
 }
 
 fn notifications(env: &Env) -> serde_json::Value {
