@@ -489,27 +489,6 @@ async fn a_key_object_store_cannot_parse_fails_alone_in_restore_prune_rebuild_an
     );
 }
 
-/// Parse the Prometheus text format into (name{labels}, value) pairs.
-fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').expect("a sample line");
-            (name.to_string(), value.parse::<f64>().expect("a number"))
-        })
-        .collect()
-}
-
-fn http_get(url: &str) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", url])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap_or(0), body.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_healthz_answer_while_the_daemon_runs() {
     let mut env = Env::new();

@@ -2,7 +2,8 @@
 //! server on its own thread that records every request and answers 500 to the first N) gets
 //! exactly one successful POST per seal, through 500 answers, and when the daemon is killed
 //! with -9 between the seal and the send; a `command` notifier runs exactly once per seal;
-//! bad entries are refused with exit 2 naming the key and line.
+//! bad entries are refused with exit 2 naming the key and line. `status`, `runs --json` and
+//! the metrics count what was sent.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -309,7 +310,11 @@ async fn a_notification_queued_before_a_kill_9_is_sent_once_after_restart() {
     // notification, fails to send it and leaves it to the daemon, which is killed with -9.
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/hooks/{PATH_SECRET}");
-    let env = notify_env(&webhook(&url));
+    let metrics = free_port();
+    let env = notify_env(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        webhook(&url)
+    ));
     let daemon = env.spawn_run();
     write_run(&env, "r1");
     let out = seal(&env, "r1").await;
@@ -356,6 +361,20 @@ async fn a_notification_queued_before_a_kill_9_is_sent_once_after_restart() {
         hits[0].headers["idempotency-key"],
         hits[1].headers["idempotency-key"]
     );
+    // The restarted daemon's attempts: one failed, one sent; nothing pending.
+    let (code, body) = http_get(&format!("http://127.0.0.1:{metrics}/metrics"));
+    assert_eq!(code, 200, "{body}");
+    let m = parse_metrics(&body);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in:\n{body}"));
+    assert_eq!(
+        get("panoptic_sync_notifications_total{result=\"sent\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("panoptic_sync_notifications_total{result=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(get("panoptic_sync_notifications_pending"), 0.0);
     assert!(daemon.terminate().await.success());
     let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap();
     // The daemon sent it: once answered 500 and retried, then delivered.
