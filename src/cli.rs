@@ -576,6 +576,7 @@ fn render_seal(s: &crate::runs::Sealed) {
             manifest,
             stored_key,
             page_key,
+            notifications,
         } => {
             println!(
                 "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
@@ -583,6 +584,15 @@ fn render_seal(s: &crate::runs::Sealed) {
             );
             if let Some(page) = page_key {
                 println!("page: {page}");
+            }
+            for n in notifications {
+                match &n.error {
+                    None => println!("notify {}: sent", n.notifier),
+                    Some(e) => eprintln!(
+                        "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",
+                        n.notifier
+                    ),
+                }
             }
         }
         crate::runs::Sealed::Incomplete(s) => {

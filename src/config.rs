@@ -73,6 +73,9 @@ pub struct Config {
     /// Agent-wide limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Who is told about each sealed run (`[[notify]]` tables).
+    #[serde(default)]
+    pub notify: Vec<Spanned<Notify>>,
     /// Lines of the keys that checks across several keys name.
     #[serde(skip)]
     pub lines: Lines,
@@ -338,6 +341,176 @@ pub struct Destination {
     pub max_rate: Option<u64>,
 }
 
+/// One `[[notify]]` table: each sealed run is announced by an HTTP POST of a JSON document
+/// (`url`) or by running a program (`command`); exactly one of the two.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// Unique name (in the index, logs and `status`); default `notify-N`, N its position
+    /// among the `[[notify]]` tables from 1 (filled in by [`Config::parse`]).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where the document is POSTed (`http://` or `https://`). May hold a secret (a token in
+    /// the path or query): never logged.
+    #[serde(default, deserialize_with = "de_notify_url")]
+    pub url: Option<url::Url>,
+    /// A program and its arguments, run without a shell; `{run}`, `{manifest}` (the
+    /// manifest's stored key) and `{node}` are replaced in each argument. The document is
+    /// written to its standard input.
+    #[serde(default, deserialize_with = "de_command")]
+    pub command: Option<Vec<String>>,
+    /// Extra headers of the POST (`url` only). Values may be secrets: never logged.
+    #[serde(default, deserialize_with = "de_headers")]
+    pub headers: Option<Spanned<BTreeMap<String, String>>>,
+    /// How long one attempt may take (the whole request, or the command until it exits).
+    #[serde(
+        default = "default_notify_timeout",
+        deserialize_with = "de_notify_timeout"
+    )]
+    pub timeout: Duration,
+}
+
+impl Notify {
+    /// The notifier's name (its default is filled in while parsing).
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("notify")
+    }
+
+    /// The headers configured (empty if none).
+    pub fn headers(&self) -> BTreeMap<String, String> {
+        self.headers
+            .as_ref()
+            .map(|h| h.get_ref().clone())
+            .unwrap_or_default()
+    }
+}
+
+// By hand: the URL and the header values may carry secrets, so neither is ever printed.
+impl fmt::Debug for Notify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notify")
+            .field("name", &self.name)
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_ref()
+                    .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or(""))),
+            )
+            .field("command", &self.command)
+            .field(
+                "headers",
+                &self.headers().keys().cloned().collect::<Vec<String>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The placeholders a `[[notify]] command` may use.
+pub const NOTIFY_PLACEHOLDERS: [&str; 3] = ["{run}", "{manifest}", "{node}"];
+
+/// Every `{word}` in `arg` (word: ASCII letters, digits and `_`), braces included.
+fn placeholders_in(arg: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let tail = &rest[start..];
+        let len = tail[1..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len() - 1);
+        if len > 0 && tail[1 + len..].starts_with('}') {
+            out.push(&tail[..len + 2]);
+            rest = &tail[len + 2..];
+        } else {
+            rest = &tail[1..];
+        }
+    }
+    out
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn de_notify_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<url::Url>, D::Error> {
+    let s = String::deserialize(d)?;
+    // The text is not repeated in the message: it may hold a token.
+    let url = url::Url::parse(&s)
+        .map_err(|e| serde::de::Error::custom(format!("bad notify url: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(serde::de::Error::custom(format!(
+            "notify url must be http:// or https:// with a host, not {}:",
+            url.scheme()
+        )));
+    }
+    Ok(Some(url))
+}
+
+fn de_command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let argv = Vec::<String>::deserialize(d)?;
+    if argv.first().is_none_or(|p| p.is_empty()) {
+        return Err(serde::de::Error::custom(
+            "command must be a non-empty array: the program, then its arguments",
+        ));
+    }
+    for arg in &argv {
+        // Every `{word}` must be a known placeholder: a typo would be passed on as it is.
+        // Other braces (a script's `{ print $1 }`, a JSON literal) are left alone.
+        for word in placeholders_in(arg) {
+            if !NOTIFY_PLACEHOLDERS.contains(&word) {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown placeholder {word} in command argument {arg:?}; known: {}",
+                    NOTIFY_PLACEHOLDERS.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(Some(argv))
+}
+
+fn de_headers<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<BTreeMap<String, String>>>, D::Error> {
+    let headers = Spanned::<BTreeMap<String, String>>::deserialize(d)?;
+    for (name, value) in headers.get_ref() {
+        let header = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| serde::de::Error::custom(format!("bad header name {name:?}")))?;
+        // The agent sets these itself; a second value would make the request ambiguous.
+        if [
+            "content-type",
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "idempotency-key",
+        ]
+        .contains(&header.as_str())
+        {
+            return Err(serde::de::Error::custom(format!(
+                "header {name:?} is set by the agent and cannot be configured"
+            )));
+        }
+        // The value is not repeated: it may be a secret.
+        http::HeaderValue::from_str(value).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "the value of header {name:?} is not a valid header value (visible ASCII)"
+            ))
+        })?;
+    }
+    Ok(Some(headers))
+}
+
+fn de_notify_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    let t = parse_duration(&s).map_err(serde::de::Error::custom)?;
+    if t.is_zero() || t > Duration::from_secs(300) {
+        return Err(serde::de::Error::custom(format!(
+            "timeout {s:?} must be more than 0 and at most 5 minutes"
+        )));
+    }
+    Ok(t)
+}
+
 fn default_node_id() -> String {
     hostname().unwrap_or_else(|| "unknown-node".to_string())
 }
@@ -513,6 +686,11 @@ impl Config {
         };
         let mut config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         config.lines = Lines::of(text);
+        for (i, n) in config.notify.iter_mut().enumerate() {
+            n.get_mut()
+                .name
+                .get_or_insert_with(|| format!("notify-{}", i + 1));
+        }
         config.validate(text).map_err(err)?;
         Ok(config)
     }
@@ -612,6 +790,39 @@ impl Config {
                         dest.name
                     )
                 })?;
+            }
+        }
+        self.check_notify(text)
+    }
+
+    /// Each `[[notify]]` has exactly one of `url` and `command`, headers only with `url`,
+    /// and a name of its own.
+    fn check_notify(&self, text: &str) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for n in &self.notify {
+            let line = line_of(text, n.span().start);
+            let notify = n.get_ref();
+            let name = notify.name();
+            let at = format!("[[notify]] {name:?} at line {line}");
+            match (&notify.url, &notify.command) {
+                (Some(_), Some(_)) => {
+                    return Err(format!("{at}: set either `url` or `command`, not both"));
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "{at}: set one of `url` (an HTTP POST) or `command` (a program to run)"
+                    ));
+                }
+                _ => {}
+            }
+            if let (Some(h), None) = (&notify.headers, &notify.url) {
+                return Err(format!(
+                    "{at}: `headers` (line {}) only apply to a `url`",
+                    line_of(text, h.span().start)
+                ));
+            }
+            if name.is_empty() || name.chars().any(char::is_control) || !names.insert(name) {
+                return Err(format!("{at}: name {name:?} is empty or used twice"));
             }
         }
         Ok(())
@@ -856,6 +1067,83 @@ mod tests {
         let text = "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"p\"\nurl = \"s3://b/x\"\noptions = { regoin = \"x\" }\n";
         let e = Config::parse(text, "t.toml").unwrap_err().to_string();
         assert!(e.contains("regoin") && e.contains("line 6"), "{e}");
+    }
+
+    const BASE: &str =
+        "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"p\"\nurl = \"file:///x\"\n";
+
+    #[test]
+    fn notify_entries_get_names_and_defaults() {
+        let text = format!(
+            "{BASE}[[notify]]\nurl = \"https://hooks.example/T/x\"\nheaders = {{ Authorization = \"Bearer t\" }}\n\
+             [[notify]]\nname = \"log\"\ncommand = [\"/usr/bin/logger\", \"sealed {{run}} at {{manifest}} on {{node}}\"]\ntimeout = \"30s\"\n"
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let (a, b) = (c.notify[0].get_ref(), c.notify[1].get_ref());
+        assert_eq!((a.name(), b.name()), ("notify-1", "log"));
+        assert_eq!(
+            (a.timeout, b.timeout),
+            (Duration::from_secs(10), Duration::from_secs(30))
+        );
+        assert_eq!(a.headers()["Authorization"], "Bearer t");
+        let debug = format!("{a:?}");
+        assert!(
+            !debug.contains("Bearer") && !debug.contains("/T/x"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn only_words_in_braces_are_placeholders() {
+        assert_eq!(
+            placeholders_in("{run}-{x_1} { print $1 } {'a': 1} {} {{node}}"),
+            vec!["{run}", "{x_1}", "{node}"]
+        );
+    }
+
+    #[test]
+    fn bad_notify_entries_name_key_and_line() {
+        // Checks across keys name the table's line (6), a bad value its own key's line.
+        for (entry, want, line) in [
+            (
+                "url = \"https://h/x\"\ncommand = [\"true\"]\n",
+                "not both",
+                6,
+            ),
+            ("name = \"n\"\n", "one of `url`", 6),
+            ("url = \"ftp://h/x\"\n", "http:// or https://", 7),
+            ("command = []\n", "non-empty", 7),
+            ("command = [\"echo\", \"{runn}\"]\n", "{runn}", 7),
+            (
+                "command = [\"true\"]\nheaders = { A = \"b\" }\n",
+                "only apply to a `url`",
+                8,
+            ),
+            (
+                "url = \"https://h/x\"\nheaders = { \"a b\" = \"c\" }\n",
+                "header name",
+                8,
+            ),
+            (
+                "url = \"https://h/x\"\nheaders = { Idempotency-Key = \"c\" }\n",
+                "set by the agent",
+                8,
+            ),
+            ("url = \"https://h/x\"\ntimeout = \"0s\"\n", "timeout", 8),
+            ("url = \"https://h/x\"\nmethod = \"PUT\"\n", "method", 8),
+        ] {
+            let text = format!("{BASE}[[notify]]\n{entry}");
+            let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains(&format!("line {line}")),
+                "{entry:?}: {e}"
+            );
+        }
+        let text = format!(
+            "{BASE}[[notify]]\nurl = \"https://h/x\"\n[[notify]]\nname = \"notify-1\"\ncommand = [\"true\"]\n"
+        );
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("used twice") && e.contains("line 8"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub struct Parts {
     pipeline: Arc<crate::pipeline::Pipeline>,
     roots: Arc<Vec<Root>>,
     global_limit: Option<Arc<crate::throttle::Limiter>>,
+    /// Sends run notifications.
+    notifier: Arc<crate::notify::Sender>,
 }
 
 impl Parts {
@@ -97,12 +99,14 @@ impl Parts {
             .limits
             .max_rate
             .map(|r| Arc::new(crate::throttle::Limiter::new(r)));
+        let notifier = Arc::new(crate::notify::Sender::new(&config)?);
         Ok(Parts {
             config,
             dests,
             pipeline,
             roots,
             global_limit,
+            notifier,
         })
     }
 }
@@ -231,7 +235,7 @@ struct Running {
     tasks_cancel: CancellationToken,
     /// Its end is the daemon's error (a `select!` branch of the daemon loop).
     watcher: tokio::task::JoinHandle<anyhow::Result<()>>,
-    /// The scanner, cleanup and prune loops; each returns its name when it ends.
+    /// The scanner, cleanup, prune and notify loops; each returns its name when it ends.
     loops: tokio::task::JoinSet<&'static str>,
     /// A loop that ended before shutdown (the daemon is then unhealthy).
     ended: Option<&'static str>,
@@ -382,7 +386,8 @@ impl Running {
             .any(|w| w.seal_after.is_some())
             .then(|| parts.config.clone());
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
-        let agent = Agent::start(parts, index, None, metrics)?;
+        let notifier = parts.notifier.clone();
+        let agent = Agent::start(parts, index, None, metrics.clone())?;
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks_cancel = CancellationToken::new();
@@ -422,6 +427,14 @@ impl Running {
         if let Some(config) = seal_config {
             loops.spawn(seal_loop(config, agent.index.clone(), tasks_cancel.clone()));
         }
+        // Also without `[[notify]]` entries: notifications queued under an earlier
+        // configuration are still tried (and fail, named, until given up).
+        loops.spawn(crate::notify::run_loop(
+            notifier,
+            agent.index.clone(),
+            metrics,
+            tasks_cancel.clone(),
+        ));
         Ok(Running {
             agent,
             tasks_cancel,

@@ -11,7 +11,8 @@
 //! 5. [`daemon`]: wires the parts together for `run`, `sync` and `flush`;
 //!    [`status`] reads the index; [`restore`] reads destinations back; [`links`] makes
 //!    public or presigned URLs.
-//! 6. [`runs`]: run directories sealed with a manifest, listed, restored as a whole.
+//! 6. [`runs`]: run directories sealed with a manifest, listed, restored as a whole;
+//!    [`notify`] announces each seal (webhook or command), durably queued in the index.
 
 pub mod cleanup;
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod ingest;
 pub mod layout;
 pub(crate) mod links;
 pub mod metrics;
+pub(crate) mod notify;
 pub mod pipeline;
 pub(crate) mod rebuild;
 pub(crate) mod report;

@@ -28,6 +28,13 @@ fn dest(name: &str) -> Dest {
     Dest { dest: name.into() }
 }
 
+/// The `result` label of notification attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifyResult {
+    /// `sent`, `failed` (retried) or `given_up`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -69,6 +76,12 @@ pub struct Metrics {
     pub runs_last_seal: Gauge,
     /// Run directories not sealed yet (refreshed every 10 s by the daemon).
     pub runs_open: Gauge,
+    /// Notification attempts by the daemon, by result.
+    pub notifications: Family<NotifyResult, Counter>,
+    /// Notifications not delivered yet.
+    pub notifications_pending: Gauge,
+    /// Notifications given up.
+    pub notifications_given_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -98,8 +111,26 @@ impl Metrics {
             runs_sealed: Gauge::default(),
             runs_last_seal: Gauge::default(),
             runs_open: Gauge::default(),
+            notifications: Family::default(),
+            notifications_pending: Gauge::default(),
+            notifications_given_up: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "notifications",
+            "Run notification attempts by the daemon, by result (sent, failed and retried, given_up)",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "notifications_pending",
+            "Run notifications not delivered yet (including those failing and retried)",
+            m.notifications_pending.clone(),
+        );
+        registry.register(
+            "notifications_given_up",
+            "Run notifications given up after failing for days",
+            m.notifications_given_up.clone(),
+        );
         registry.register(
             "index_errors",
             "Failed writes to the index (state disk full or read-only); work pauses meanwhile",
@@ -215,6 +246,13 @@ impl Metrics {
             .inc_by(waited.as_secs_f64());
     }
 
+    /// Record a notification attempt: `sent`, `failed` or `given_up`.
+    pub fn notification(&self, result: &'static str) {
+        self.notifications
+            .get_or_create(&NotifyResult { result })
+            .inc();
+    }
+
     /// Record a failed attempt.
     pub fn failure(&self, name: &str) {
         self.failed.get_or_create(&dest(name)).inc();
@@ -234,6 +272,10 @@ impl Metrics {
         if let Ok((sealed, last_ms)) = index.run_totals() {
             self.runs_sealed.set(sealed as i64);
             self.runs_last_seal.set(last_ms.unwrap_or(0) / 1000);
+        }
+        if let Ok(n) = index.notify_status() {
+            self.notifications_pending.set(n.pending as i64);
+            self.notifications_given_up.set(n.given_up as i64);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -317,6 +317,8 @@ pub(crate) enum Sealed {
         stored_key: String,
         /// The page's key (relative to each destination base), when one was written.
         page_key: Option<String>,
+        /// What became of each notification of the seal.
+        notifications: Vec<crate::notify::Delivery>,
     },
     /// Not every file reached every destination in time (or some failed): not sealed.
     Incomplete(FlushSummary),
@@ -330,6 +332,7 @@ pub(crate) async fn seal(
     timeout: Duration,
     labels: Vec<(String, String)>,
 ) -> anyhow::Result<Sealed> {
+    let started = std::time::Instant::now();
     let run = locate(config, dir)?;
     let roots = Root::from_config(config);
     let root = roots
@@ -355,7 +358,7 @@ pub(crate) async fn seal(
         let (config, run, root) = (config.clone(), run.clone(), root.clone());
         let files = flushed.files;
         tokio::task::spawn_blocking(move || {
-            let index = Index::open(&config.state_dir)?;
+            let index = Arc::new(Index::open(&config.state_dir)?);
             let files = manifest_files(&index, &root, &run, &files, &dests)?;
             let manifest = build_manifest(&config, &root, &run, files, ci, labels);
             anyhow::Ok((index, manifest))
@@ -424,23 +427,44 @@ pub(crate) async fn seal(
     };
     let sha = Sha256::digest(&body).to_vec();
     let text = String::from_utf8(body)?;
-    let (m, watch) = (manifest.clone(), root.path.clone());
+    // The notifications are leased to this process while it tries them itself.
+    let lease = crate::notify::seal_lease(config, timeout.saturating_sub(started.elapsed()));
+    let lease_until_ms = crate::index::now_ms() + lease.as_millis() as i64;
+    let queued = crate::notify::queue(
+        config,
+        &manifest,
+        &root.prefix,
+        &stored_key,
+        page_key.as_deref(),
+        lease_until_ms,
+    )?;
+    let (m, watch, i, q) = (
+        manifest.clone(),
+        root.path.clone(),
+        index.clone(),
+        queued.clone(),
+    );
     tokio::task::spawn_blocking(move || {
-        index.record_run(&crate::index::SealedRun {
-            watch,
-            name: m.run.clone(),
-            sealed_ms: m.sealed_ms,
-            manifest_sha256: sha,
-            files: m.totals.files,
-            bytes: m.totals.bytes,
-            manifest: text,
-        })
+        i.record_run(
+            &crate::index::SealedRun {
+                watch,
+                name: m.run.clone(),
+                sealed_ms: m.sealed_ms,
+                manifest_sha256: sha,
+                files: m.totals.files,
+                bytes: m.totals.bytes,
+                manifest: text,
+            },
+            &q,
+        )
     })
     .await??;
+    let notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
     Ok(Sealed::Done {
         manifest: Box::new(manifest),
         stored_key,
         page_key,
+        notifications,
     })
 }
 
@@ -847,6 +871,9 @@ pub(crate) struct RunInfo {
     /// Paths (relative to the run) added or changed after the seal.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changed: Vec<String>,
+    /// The notifications of the latest seal.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<crate::index::RunNotification>,
     /// Newest modification time of an indexed file of the run (ms since the epoch).
     pub last_file_ms: Option<i64>,
 }
@@ -927,6 +954,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 sealed_bytes: None,
                 changed: Vec::new(),
                 last_file_ms: files.iter().map(|f| f.mtime_ns.div_euclid(1_000_000)).max(),
+                notifications: Vec::new(),
             };
             info.complete = info.destinations.iter().all(|d| d.missing == 0);
             if let Some((ms, n, bytes, text)) = sealed.get(&name) {
@@ -955,6 +983,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 } else {
                     State::ChangedAfterSeal
                 };
+                info.notifications = index.run_notifications(&w.path, &name, *ms)?;
                 info.sealed_ms = Some(*ms);
                 info.sealed_files = Some(*n);
                 info.sealed_bytes = Some(*bytes);
@@ -1104,7 +1133,7 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
             .filter(|d| d.missing > 0)
             .map(|d| format!("{} missing {}", d.name, d.missing))
             .collect();
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{}: {state}, {} files, {} bytes, {}",
             r.name,
@@ -1116,6 +1145,15 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
                 missing.join(", ")
             }
         );
+        for n in &r.notifications {
+            let state = match n.state {
+                crate::index::NotifyState::Pending => "pending",
+                crate::index::NotifyState::Sent => "sent",
+                crate::index::NotifyState::GivenUp => "given up",
+            };
+            let _ = write!(out, "; notify {}: {state}", n.name);
+        }
+        out.push('\n');
     }
     out
 }

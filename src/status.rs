@@ -14,6 +14,9 @@ pub(crate) struct StatusView {
     /// Runs (of `runs = "dir"` watches) not sealed yet; absent without such watches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_runs: Option<u64>,
+    /// Run notifications by state; absent without `[[notify]]` entries or queued ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<crate::index::NotifyStatus>,
 }
 
 /// Read the status of every configured destination from the index.
@@ -27,7 +30,14 @@ pub(crate) fn read(config: &Config) -> anyhow::Result<StatusView> {
         .any(|w| w.runs == crate::config::Runs::Dir)
         .then(|| crate::runs::count_open(config, &index))
         .transpose()?;
-    Ok(StatusView { status, open_runs })
+    let n = index.notify_status()?;
+    let notifications =
+        (!config.notify.is_empty() || n.pending + n.sent + n.given_up > 0).then_some(n);
+    Ok(StatusView {
+        status,
+        open_runs,
+        notifications,
+    })
 }
 
 /// A human-readable rendering of [`StatusView`].
@@ -46,6 +56,16 @@ pub(crate) fn render(view: &StatusView) -> String {
     );
     if let Some(n) = view.open_runs {
         let _ = writeln!(out, "{n} runs open (not sealed)");
+    }
+    if let Some(n) = &view.notifications {
+        let _ = writeln!(
+            out,
+            "notifications: {} sent, {} pending ({} failing), {} given up",
+            n.sent, n.pending, n.failing, n.given_up
+        );
+        if let Some(e) = &n.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
     }
     for d in &status.destinations {
         let _ = write!(

@@ -14,6 +14,7 @@ mod core;
 mod fleet;
 mod format;
 mod hostile;
+mod notify;
 mod reliability;
 mod restore;
 mod runs;

@@ -595,6 +595,14 @@ async fn two_nodes_three_runs_each_share_one_bucket_and_one_backup() {
     b.bucket = a.bucket.clone();
     b.nas = a.nas.clone();
     b.node = "node-b".into();
+    // Both nodes announce their seals to one loopback webhook receiver.
+    let receiver = crate::notify::Receiver::start(0, 0);
+    let hook = format!(
+        "[[notify]]\nname = \"hook\"\nurl = \"{}\"\n",
+        receiver.url()
+    );
+    a.tail = hook.clone();
+    b.tail = hook;
     // Node a: GitHub Actions (pushes to main, then a pull request); node b: GitLab CI (a tag).
     for (on_a, run, ci) in [
         (true, "a-1", github_push_env("main")),
@@ -639,6 +647,39 @@ async fn two_nodes_three_runs_each_share_one_bucket_and_one_backup() {
     );
     let tag = &check_manifest_of(&b, "b-3")["ci"];
     assert_eq!(tag["tag"], "v2.1.0");
+
+    // Exactly one POST per seal, each naming its node and run, sent by `seal` itself.
+    let mut posted: Vec<(String, String)> = receiver
+        .delivered()
+        .iter()
+        .map(|h| {
+            assert_eq!(
+                h.body["page_key"],
+                format!(
+                    "ci/{}/{}/index.html",
+                    h.body["node"].as_str().unwrap(),
+                    h.body["run"].as_str().unwrap()
+                )
+            );
+            (
+                h.body["node"].as_str().unwrap().to_string(),
+                h.body["run"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    posted.sort();
+    let mut want: Vec<(String, String)> = ["a-1", "a-2", "a-pr"]
+        .iter()
+        .map(|r| (NODE.to_string(), r.to_string()))
+        .chain(
+            ["b-1", "b-2", "b-3"]
+                .iter()
+                .map(|r| ("node-b".to_string(), r.to_string())),
+        )
+        .collect();
+    want.sort();
+    assert_eq!(posted, want);
+    assert_eq!(receiver.hits().len(), 6);
 
     // Each node restores its own runs exactly, from either store.
     for (env, run, from) in [(&a, "a-2", None), (&b, "b-1", Some("nas"))] {

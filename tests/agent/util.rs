@@ -522,16 +522,17 @@ impl Daemon {
     }
 }
 
-/// Run `flush --all-destinations` on a blocking thread and return its output.
-pub async fn flush_all(env: &Env, timeout: &str) -> Output {
+/// Run the CLI binary with this setup's config on a blocking thread (the test's runtime keeps
+/// serving meanwhile) and return its output.
+pub async fn cli_async(env: &Env, args: &[&str]) -> Output {
     let cfg = env.config_path();
-    let timeout = timeout.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let vars = env.cmd_env.clone();
     tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
             .arg("--config")
             .arg(cfg)
-            .args(["flush", "--all-destinations", "--timeout", &timeout])
+            .args(args)
             .env("PANOPTIC_SYNC_LOG", "warn")
             .envs(vars)
             .output()
@@ -539,6 +540,11 @@ pub async fn flush_all(env: &Env, timeout: &str) -> Output {
     })
     .await
     .unwrap()
+}
+
+/// Run `flush --all-destinations` on a blocking thread and return its output.
+pub async fn flush_all(env: &Env, timeout: &str) -> Output {
+    cli_async(env, &["flush", "--all-destinations", "--timeout", timeout]).await
 }
 
 /// The content of a file:// store at `dir`: every file under it (staging files included),

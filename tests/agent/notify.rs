@@ -1,0 +1,494 @@
+//! Notifications of sealed runs (`[[notify]]`): a loopback webhook receiver (a small HTTP
+//! server on its own thread that records every request and answers 500 to the first N) gets
+//! exactly one successful POST per seal, through 500 answers, and when the daemon is killed
+//! with -9 between the seal and the send; a `command` notifier runs exactly once per seal;
+//! bad entries are refused with exit 2 naming the key and line. `status`, `runs --json` and
+//! the metrics count what was sent.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::core::assert_ok;
+use crate::util::*;
+
+/// A secret in the URL's path and one in a header: neither may appear in any output or log.
+const PATH_SECRET: &str = "T0KEN-in-path";
+const HEADER_SECRET: &str = "s3cret-header-value";
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// What it answered.
+    pub status: u16,
+    pub path: String,
+    /// Header names lower-cased.
+    pub headers: BTreeMap<String, String>,
+    pub body: serde_json::Value,
+}
+
+/// A webhook receiver on 127.0.0.1: records each POST and answers 500 to the first
+/// `fail_first` requests, 200 after.
+pub struct Receiver {
+    port: u16,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub fn start(port: u16, fail_first: usize) -> Receiver {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = AtomicUsize::new(0);
+        let thread = {
+            let (hits, stop) = (hits.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let status = if seen.fetch_add(1, Ordering::SeqCst) < fail_first {
+                        500
+                    } else {
+                        200
+                    };
+                    if let Some(hit) = serve(conn, status) {
+                        hits.lock().unwrap().push(hit);
+                    }
+                }
+            })
+        };
+        Receiver {
+            port,
+            hits,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hooks/{PATH_SECRET}", self.port)
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// The requests answered 200.
+    pub fn delivered(&self) -> Vec<Hit> {
+        self.hits()
+            .into_iter()
+            .filter(|h| h.status == 200)
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Read one HTTP/1.1 request from `conn`, answer `status` and close.
+fn serve(conn: TcpStream, status: u16) -> Option<Hit> {
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut reader = BufReader::new(conn.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let len: usize = headers.get("content-length")?.parse().ok()?;
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    let reason = if status == 200 {
+        "OK"
+    } else {
+        "Internal Server Error"
+    };
+    let mut conn = conn;
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let _ = conn.flush();
+    assert_eq!(method, "POST");
+    Some(Hit {
+        status,
+        path,
+        headers,
+        body: serde_json::from_slice(&body).unwrap(),
+    })
+}
+
+fn notify_env(tail: &str) -> Env {
+    let mut env = Env::new();
+    env.watch_extra = "runs = \"dir\"\n".into();
+    env.tail = tail.to_string();
+    env
+}
+
+fn webhook(url: &str) -> String {
+    format!(
+        "[[notify]]\nname = \"hook\"\nurl = \"{url}\"\nheaders = {{ Authorization = \"Bearer {HEADER_SECRET}\" }}\ntimeout = \"5s\"\n"
+    )
+}
+
+/// Three files of a run; returns their total size.
+fn write_run(env: &Env, run: &str) -> u64 {
+    let files: [(String, Vec<u8>); 3] = [
+        (
+            format!("{run}/logs/test.log"),
+            format!("{run} ok\n").repeat(300).into_bytes(),
+        ),
+        (
+            format!("{run}/junit.xml"),
+            b"<testsuite tests=\"1\"/>".to_vec(),
+        ),
+        (format!("{run}/shots/a.png"), vec![7u8; 20_000]),
+    ];
+    let mut bytes = 0;
+    for (rel, data) in &files {
+        env.write(rel, data);
+        bytes += data.len() as u64;
+    }
+    bytes
+}
+
+/// `seal` on a blocking thread.
+async fn seal(env: &Env, run: &str) -> Output {
+    let dir = env.watch.join(run);
+    cli_async(env, &["seal", dir.to_str().unwrap(), "--timeout", "90s"]).await
+}
+
+fn notifications(env: &Env) -> serde_json::Value {
+    env.status()["notifications"].clone()
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in [PATH_SECRET, HEADER_SECRET] {
+        assert!(!text.contains(secret), "{what} shows a secret:\n{text}");
+    }
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_post_per_seal_through_a_receiver_that_answers_500_twice() {
+    let receiver = Receiver::start(0, 2);
+    let mut env = notify_env(&webhook(&receiver.url()));
+    env.cmd_env = vec![
+        ("GITHUB_ACTIONS".into(), "true".into()),
+        ("GITHUB_REPOSITORY".into(), "acme/widgets".into()),
+        ("GITHUB_SHA".into(), "0123abcd".into()),
+    ];
+    let mut daemon = env.spawn_run();
+    let bytes = write_run(&env, "r1");
+    let out = seal(&env, "r1").await;
+    assert_ok(&out, "seal r1");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("notify hook: sent"),
+        "{}",
+        output_text(&out)
+    );
+    // Two 500s, then one delivery, all of the same notification.
+    let hits = receiver.hits();
+    let statuses: Vec<u16> = hits.iter().map(|h| h.status).collect();
+    assert_eq!(statuses, vec![500, 500, 200], "{hits:#?}");
+    let key = hits[0].headers["idempotency-key"].clone();
+    assert!(hits.iter().all(|h| h.headers["idempotency-key"] == key));
+    let hit = &hits[2];
+    assert_eq!(hit.path, format!("/hooks/{PATH_SECRET}"));
+    assert_eq!(
+        hit.headers["authorization"],
+        format!("Bearer {HEADER_SECRET}")
+    );
+    assert_eq!(hit.headers["content-type"], "application/json");
+    let doc = &hit.body;
+    assert_eq!(doc["format"], 1);
+    assert_eq!(doc["event"], "run.sealed");
+    assert_eq!(doc["id"], key.as_str());
+    assert_eq!(doc["notifier"], "hook");
+    assert_eq!(doc["run"], "r1");
+    assert_eq!(doc["node"], NODE);
+    assert_eq!(doc["prefix"], format!("ci/{NODE}"));
+    assert_eq!(doc["files"], 3);
+    assert_eq!(doc["bytes"], bytes);
+    assert_eq!(
+        doc["manifest_key"],
+        format!("ci/{NODE}/r1/_run/manifest.json")
+    );
+    assert_eq!(doc["destinations"], serde_json::json!(["primary", "nas"]));
+    assert_eq!(doc["ci"]["provider"], "github-actions");
+    assert_eq!(doc["ci"]["repository"], "acme/widgets");
+    assert!(doc["tests"].is_null() && doc["page_url"].is_null());
+    // Never before every destination holds the manifest (and so every file).
+    assert!(
+        env.nas
+            .join(format!("ci/{NODE}/r1/_run/manifest.json"))
+            .exists()
+    );
+
+    // A second seal: one more POST, with a key of its own.
+    write_run(&env, "r2");
+    let out = seal(&env, "r2").await;
+    assert_ok(&out, "seal r2");
+    let delivered = receiver.delivered();
+    assert_eq!(delivered.len(), 2, "{delivered:#?}");
+    assert_eq!(delivered[1].body["run"], "r2");
+    assert_ne!(delivered[1].headers["idempotency-key"], key);
+
+    // Both recorded as sent: nothing is left for the daemon to send again.
+    let n = notifications(&env);
+    assert_eq!(
+        (n["sent"].as_u64(), n["pending"].as_u64()),
+        (Some(2), Some(0)),
+        "{n}"
+    );
+    let runs = env.cli(&["runs", "--json"]);
+    assert_ok(&runs, "runs --json");
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let r1 = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "r1")
+        .unwrap();
+    assert_eq!(r1["notifications"][0]["name"], "hook");
+    assert_eq!(r1["notifications"][0]["state"], "sent");
+    assert_eq!(r1["notifications"][0]["attempts"], 2);
+    assert_eq!(receiver.hits().len(), 4);
+
+    assert!(daemon.terminate().await.success());
+    let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap();
+    assert_no_secret("the daemon's log", &log);
+    assert_no_secret("seal", &output_text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_queued_before_a_kill_9_is_sent_once_after_restart() {
+    // The receiver's port is closed while the run is sealed: `seal` records the seal and its
+    // notification, fails to send it and leaves it to the daemon, which is killed with -9.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hooks/{PATH_SECRET}");
+    let metrics = free_port();
+    let env = notify_env(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        webhook(&url)
+    ));
+    let daemon = env.spawn_run();
+    write_run(&env, "r1");
+    let out = seal(&env, "r1").await;
+    assert_ok(&out, "seal r1 (sealed even though the receiver is down)");
+    let text = output_text(&out);
+    assert!(text.contains("notify hook: not delivered yet"), "{text}");
+    assert_no_secret("seal", &text);
+    let n = notifications(&env);
+    assert_eq!(
+        (n["pending"].as_u64(), n["failing"].as_u64()),
+        (Some(1), Some(1)),
+        "{n}"
+    );
+    assert!(n["last_error"].as_str().is_some(), "{n}");
+    assert_no_secret("status", &n.to_string());
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGKILL) };
+    drop(daemon);
+
+    // The receiver comes up, answering 500 once; the restarted daemon retries with backoff.
+    let receiver = Receiver::start(port, 1);
+    let mut daemon = env.spawn_run();
+    wait_until(
+        Duration::from_secs(120),
+        "one delivery after the restart",
+        || !receiver.delivered().is_empty(),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the delivery recorded as sent",
+        || notifications(&env)["sent"] == 1,
+    )
+    .await;
+    let n = notifications(&env);
+    assert_eq!(n["pending"], 0, "{n}");
+    // Recorded as sent, so nothing can be sent again: exactly one delivery, and every
+    // request was the same notification.
+    let hits = receiver.hits();
+    let statuses: Vec<u16> = hits.iter().map(|h| h.status).collect();
+    assert_eq!(statuses, vec![500, 200], "{hits:#?}");
+    assert_eq!(hits[1].body["run"], "r1");
+    assert_eq!(
+        hits[0].headers["idempotency-key"],
+        hits[1].headers["idempotency-key"]
+    );
+    // The restarted daemon's attempts: one failed, one sent; nothing pending.
+    let (code, body) = http_get(&format!("http://127.0.0.1:{metrics}/metrics"));
+    assert_eq!(code, 200, "{body}");
+    let m = parse_metrics(&body);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in:\n{body}"));
+    assert_eq!(
+        get("panoptic_sync_notifications_total{result=\"sent\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("panoptic_sync_notifications_total{result=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(get("panoptic_sync_notifications_pending"), 0.0);
+    assert!(daemon.terminate().await.success());
+    let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap();
+    // The daemon sent it: once answered 500 and retried, then delivered.
+    assert!(
+        log.contains("run notification failed; it will be retried")
+            && log.contains("run notification sent"),
+        "{log}"
+    );
+    assert_no_secret("the daemon's log", &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_notifier_runs_once_per_seal_with_its_placeholders() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("calls.jsonl");
+    // The test's own program appends its arguments and its standard input as one line.
+    let script = format!(
+        "import json, sys; open({:?}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'stdin': sys.stdin.read()}}) + '\\n')",
+        record.display().to_string()
+    );
+    let tail = format!(
+        "[[notify]]\ncommand = [\"python3\", \"-c\", {}, \"{{run}}\", \"{{manifest}}\", \"on {{node}}\"]\n",
+        toml_string(&script)
+    );
+    // No daemon: `seal` syncs by itself and runs the command.
+    let env = notify_env(&tail);
+    write_run(&env, "r1");
+    write_run(&env, "r2");
+    for run in ["r1", "r2"] {
+        let out = seal(&env, run).await;
+        assert_ok(&out, &format!("seal {run}"));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("notify notify-1: sent"),
+            "{}",
+            output_text(&out)
+        );
+    }
+    let calls: Vec<serde_json::Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    for (call, run) in calls.iter().zip(["r1", "r2"]) {
+        assert_eq!(
+            call["argv"],
+            serde_json::json!([
+                run,
+                format!("ci/{NODE}/{run}/_run/manifest.json"),
+                format!("on {NODE}")
+            ])
+        );
+        let doc: serde_json::Value = serde_json::from_str(call["stdin"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            (doc["run"].as_str(), doc["files"].as_u64()),
+            (Some(run), Some(3))
+        );
+        assert_eq!(doc["notifier"], "notify-1");
+    }
+    let n = notifications(&env);
+    assert_eq!(
+        (n["sent"].as_u64(), n["pending"].as_u64()),
+        (Some(2), Some(0)),
+        "{n}"
+    );
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+#[test]
+fn notify_entries_with_both_or_neither_target_exit_2_naming_the_keys() {
+    let env = Env::new();
+    let base = env.config_text();
+    let line = base.lines().count() + 1;
+    let cases = [
+        (
+            "[[notify]]\nurl = \"https://hooks.example/x\"\ncommand = [\"true\"]\n",
+            "not both",
+        ),
+        (
+            "[[notify]]\nname = \"lonely\"\ntimeout = \"5s\"\n",
+            "one of `url`",
+        ),
+    ];
+    for (entry, want) in cases {
+        let path = env.tmp.path().join("bad.toml");
+        std::fs::write(&path, format!("{base}\n{entry}")).unwrap();
+        let out = check_config(&path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{entry}: {err}");
+        assert!(
+            err.contains(want)
+                && err.contains("`url`")
+                && err.contains("`command`")
+                && err.contains(&format!("line {}", line + 1)),
+            "{entry}: {err}"
+        );
+    }
+    // A placeholder that does not exist is named with its key's line.
+    let path = env.tmp.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!("{base}\n[[notify]]\ncommand = [\"echo\", \"{{run_id}}\"]\n"),
+    )
+    .unwrap();
+    let out = check_config(&path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("{run_id}")
+            && err.contains("command")
+            && err.contains(&format!("line {}", line + 2)),
+        "{err}"
+    );
+}
+
+fn check_config(path: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+        .arg("--config")
+        .arg(path)
+        .args(["check-config", "--offline"])
+        .output()
+        .unwrap()
+}
