@@ -334,6 +334,9 @@ pub(crate) async fn seal(
 ) -> anyhow::Result<Sealed> {
     let started = std::time::Instant::now();
     let run = locate(config, dir)?;
+    // Held until the seal ends (or the process dies): `runs` shows the run as sealing, and a
+    // second `seal` of the same run is refused instead of racing this one.
+    let _sealing = SealingLock::take(config, &run)?;
     let roots = Root::from_config(config);
     let root = roots
         .get(run.watch)
@@ -830,6 +833,8 @@ async fn read_manifest(
 pub(crate) enum State {
     /// Not sealed yet.
     Open,
+    /// A `seal` of it is running now (it holds the run's sealing lock).
+    Sealing,
     /// Sealed, and its files are as the manifest says.
     Sealed,
     /// Sealed, but a file was added or changed since.
@@ -905,6 +910,55 @@ pub(crate) fn sealed_manifest(
 /// The run directory `dir`, if it is one (for `url`, which also takes files).
 pub(crate) fn run_at(config: &Config, dir: &Path) -> Option<RunDir> {
     locate(config, dir).ok()
+}
+
+/// A run's sealing lock: a file in the state directory, `flock`ed by the `seal` holding it
+/// (released by the kernel when that process ends, however it ends).
+struct SealingLock(#[allow(dead_code)] std::fs::File);
+
+impl SealingLock {
+    fn path(config: &Config, watch: &Path, run: &str) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        let mut h = Sha256::new();
+        h.update(watch.as_os_str().as_bytes());
+        h.update([0]);
+        h.update(run.as_bytes());
+        config
+            .state_dir
+            .join("sealing")
+            .join(hex::encode(&h.finalize()[..16]))
+    }
+
+    fn take(config: &Config, run: &RunDir) -> anyhow::Result<SealingLock> {
+        let watch = &config.watch[run.watch].path;
+        let path = Self::path(config, watch, &run.name);
+        crate::index::create_state_dir(path.parent().unwrap_or(&config.state_dir))?;
+        let file = crate::index::open_private(&path)
+            .with_context(|| format!("opening the sealing lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(SealingLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(UsageError(format!(
+                "run {} is being sealed by another process",
+                run.name
+            ))
+            .into()),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(anyhow::anyhow!("locking {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// Whether some process is sealing `run` of `watch` now.
+    fn held(config: &Config, watch: &Path, run: &str) -> bool {
+        let path = Self::path(config, watch, run);
+        let Ok(file) = std::fs::File::open(&path) else {
+            return false;
+        };
+        matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        )
+    }
 }
 
 /// Every run of every `runs = "dir"` watch: directories under the roots and sealed runs in
@@ -987,6 +1041,9 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 info.sealed_ms = Some(*ms);
                 info.sealed_files = Some(*n);
                 info.sealed_bytes = Some(*bytes);
+            }
+            if info.state != State::Sealed && SealingLock::held(config, &w.path, &name) {
+                info.state = State::Sealing;
             }
             out.push(info);
         }
@@ -1124,6 +1181,7 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
     for r in runs {
         let state = match r.state {
             State::Open => "open",
+            State::Sealing => "sealing",
             State::Sealed => "sealed",
             State::ChangedAfterSeal => "changed after seal",
         };

@@ -734,3 +734,43 @@ fn check_manifest_of(env: &Env, run: &str) -> serde_json::Value {
     )
     .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_being_sealed_shows_as_sealing_and_a_second_seal_is_refused() {
+    // A primary that never answers: the seal waits (for its timeout) with the run's lock held.
+    let mut env = Env::with_s3(&format!("http://127.0.0.1:{}", free_port()), "k", "s", None);
+    env.watch_extra = "runs = \"dir\"\n".into();
+    write_run(&env, "slow");
+    let dir = env.watch.join("slow");
+    let first = ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(env.config_path())
+            .args(["seal", dir.to_str().unwrap(), "--timeout", "120s"])
+            .env("PANOPTIC_SYNC_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(30), "the run shown as sealing", || {
+        runs_json(&env)
+            .get("slow")
+            .is_some_and(|r| r["state"] == "sealing")
+    })
+    .await;
+    let out = env.cli(&["seal", dir.to_str().unwrap(), "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("being sealed by another process"),
+        "{out:?}"
+    );
+    // The lock dies with its process, however it ends.
+    drop(first);
+    wait_until(Duration::from_secs(30), "the run open again", || {
+        runs_json(&env)
+            .get("slow")
+            .is_some_and(|r| r["state"] == "open")
+    })
+    .await;
+}
