@@ -12,8 +12,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use hkdf::Hkdf;
 use sha2::{Digest, Sha256};
 
@@ -159,7 +158,7 @@ impl MasterKey {
 
     /// The per-object cipher. Version 2 headers bind `bound` (the object's key relative to
     /// the destination base) into the derivation; version 1 headers bind nothing.
-    fn object_cipher(&self, header: &[u8], bound: &[u8]) -> Aes256Gcm {
+    fn object_cipher(&self, header: &[u8], bound: &[u8]) -> Result<ChunkCipher, CryptoError> {
         let salt = &header[18..50];
         let hk = Hkdf::<Sha256>::new(Some(salt), &self.key);
         let mut okm = [0u8; 32];
@@ -175,22 +174,52 @@ impl MasterKey {
         }
         // 32 bytes is always a valid HKDF-SHA256 output length.
         let _ = hk.expand(&info, &mut okm);
-        Aes256Gcm::new(&Key::<Aes256Gcm>::from(okm))
+        ChunkCipher::new(&okm)
     }
 }
 
-fn nonce(prefix: &[u8], counter: u32, last: bool) -> Nonce<aes_gcm::aead::consts::U12> {
+/// AES-256-GCM over one chunk at a time (aws-lc-rs: AES-NI/VAES and CLMUL where the CPU has
+/// them). Every chunk has its own nonce (see [`nonce`]) and no associated data.
+struct ChunkCipher(LessSafeKey);
+
+impl ChunkCipher {
+    fn new(key: &[u8; 32]) -> Result<ChunkCipher, CryptoError> {
+        let key = UnboundKey::new(&AES_256_GCM, key)
+            .map_err(|_| CryptoError::Format("AES-256-GCM refused the derived key".into()))?;
+        Ok(ChunkCipher(LessSafeKey::new(key)))
+    }
+
+    /// Encrypt `buf` in place and append the 16-byte tag.
+    fn seal(&self, nonce: [u8; 12], buf: &mut Vec<u8>) -> Result<(), ()> {
+        self.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), buf)
+            .map_err(|_| ())
+    }
+
+    /// Check and decrypt `chunk` (ciphertext + tag) in place, leaving the plaintext.
+    fn open(&self, nonce: [u8; 12], chunk: &mut Vec<u8>) -> Result<(), ()> {
+        let len = self
+            .0
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::empty(), chunk)
+            .map_err(|_| ())?
+            .len();
+        chunk.truncate(len);
+        Ok(())
+    }
+}
+
+fn nonce(prefix: &[u8], counter: u32, last: bool) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..7].copy_from_slice(prefix);
     n[7..11].copy_from_slice(&counter.to_be_bytes());
     n[11] = last as u8;
-    Nonce::from(n)
+    n
 }
 
 /// Streaming encryptor: a `Write` that seals whatever is written into `inner`.
 pub struct Encryptor<W: Write> {
     inner: W,
-    cipher: Aes256Gcm,
+    cipher: ChunkCipher,
     prefix: [u8; 7],
     counter: u32,
     chunk: usize,
@@ -229,7 +258,9 @@ impl<W: Write> Encryptor<W> {
         inner.write_all(&header)?;
         let chunk = 1usize << CHUNK_LOG2;
         Ok(Encryptor {
-            cipher: key.object_cipher(&header, bound.unwrap_or("").as_bytes()),
+            cipher: key
+                .object_cipher(&header, bound.unwrap_or("").as_bytes())
+                .map_err(std::io::Error::other)?,
             inner,
             prefix,
             counter: 0,
@@ -241,8 +272,8 @@ impl<W: Write> Encryptor<W> {
     fn seal(&mut self, last: bool) -> std::io::Result<()> {
         let n = nonce(&self.prefix, self.counter, last);
         self.cipher
-            .encrypt_in_place(&n, b"", &mut self.buf)
-            .map_err(|_| std::io::Error::other("AES-GCM encryption failed"))?;
+            .seal(n, &mut self.buf)
+            .map_err(|()| std::io::Error::other("AES-GCM encryption failed"))?;
         self.inner.write_all(&self.buf)?;
         self.buf.clear();
         self.counter = self
@@ -286,7 +317,7 @@ pub struct Decryptor {
     keys: Vec<MasterKey>,
     bound: Vec<u8>,
     version: u8,
-    state: Option<(Aes256Gcm, [u8; 7], usize)>,
+    state: Option<(ChunkCipher, [u8; 7], usize)>,
     counter: u32,
     buf: Vec<u8>,
 }
@@ -346,7 +377,7 @@ impl Decryptor {
         let mut prefix = [0u8; 7];
         prefix.copy_from_slice(&header[50..57]);
         self.state = Some((
-            key.object_cipher(&header, &self.bound),
+            key.object_cipher(&header, &self.bound)?,
             prefix,
             1usize << log2,
         ));
@@ -360,8 +391,8 @@ impl Decryptor {
         };
         let mut chunk: Vec<u8> = self.buf.drain(..len).collect();
         cipher
-            .decrypt_in_place(&nonce(prefix, self.counter, last), b"", &mut chunk)
-            .map_err(|_| {
+            .open(nonce(prefix, self.counter, last), &mut chunk)
+            .map_err(|()| {
                 if self.counter == 0 && self.version == VERSION {
                     CryptoError::Misplaced
                 } else {

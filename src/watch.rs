@@ -29,7 +29,7 @@ const SETTLE_TICK: Duration = Duration::from_millis(50);
 /// How long after a directory rename the trees are rescanned.
 const RENAME_RESCAN_AFTER: Duration = Duration::from_secs(3);
 /// How often the roots are looked at (replaced, vanished, appeared).
-const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
 
 /// Events buffered between the notify thread and the watcher task.
 const EVENT_QUEUE: usize = 65_536;
