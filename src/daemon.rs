@@ -742,7 +742,17 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
         if outstanding == 0 && in_flight == 0 && waiting == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if outstanding > 0 {
+            // Ingest is still checking files: wake the moment it is done (an unchanged re-run
+            // ends here), or in 100 ms to show progress.
+            tokio::select! {
+                _ = agent.feeder.drained() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        } else {
+            // Uploads in flight: each takes a round trip; look again soon.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
     progress.finish();
     let indexed = agent.ingest_stats.indexed.load(Ordering::Relaxed);
