@@ -550,8 +550,8 @@ pub async fn run_with_reload(
 
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
-    let mut health_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(30));
+    let mut health_tick = tokio::time::interval(Duration::from_secs(30));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(60));
     heartbeat.tick().await;
     let mut reloads_open = true;

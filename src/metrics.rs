@@ -74,7 +74,7 @@ pub struct Metrics {
     pub runs_sealed: Gauge,
     /// Unix time of this node's latest seal.
     pub runs_last_seal: Gauge,
-    /// Run directories not sealed yet (refreshed every 10 s by the daemon).
+    /// Run directories not sealed yet (refreshed every 30 s by the daemon).
     pub runs_open: Gauge,
     /// Notification attempts by the daemon, by result.
     pub notifications: Family<NotifyResult, Counter>,

@@ -38,7 +38,7 @@ const SEAL_ATTEMPTS: u32 = 3;
 /// A lease outlives the attempt it covers by this much (recording the outcome).
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// The daemon looks for notifications queued by other processes (`seal`) at least this often.
-const RESCAN: Duration = Duration::from_secs(15);
+const RESCAN: Duration = Duration::from_secs(30);
 /// Notifications the daemon sends at once.
 const BATCH: usize = 16;
 /// At shutdown, sends in flight get this long to finish before they are abandoned.

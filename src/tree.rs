@@ -481,6 +481,18 @@ impl Tree {
     /// open a new real directory that replaced it, and let go of one that is gone or was
     /// replaced by a symlink or a file (never followed; a warning names it, once).
     pub fn refresh(&self) -> Option<Arc<RootDir>> {
+        {
+            // The common case, cheaply: the path still names the directory we hold. A stat
+            // (not followed) opens nothing, so the root's own inotify watch sees no event.
+            use std::os::unix::fs::MetadataExt;
+            let st = self.lock();
+            if let (Some(held), Ok(m)) = (&st.0, std::fs::symlink_metadata(&self.path))
+                && m.is_dir()
+                && (m.dev(), m.ino()) == held.id
+            {
+                return Some(held.clone());
+            }
+        }
         let opened = RootDir::open(&self.path, self.one_file_system);
         let mut st = self.lock();
         match opened {

@@ -28,8 +28,12 @@ use crate::tree::{Id, Kind};
 const SETTLE_TICK: Duration = Duration::from_millis(50);
 /// How long after a directory rename the trees are rescanned.
 const RENAME_RESCAN_AFTER: Duration = Duration::from_secs(3);
-/// How often the roots are looked at (replaced, vanished, appeared).
+/// How often the roots are looked at while one is not watched (missing, or not a directory).
 const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
+/// How often they are looked at while every root is watched: a root that is removed, moved
+/// or replaced sends an event on its own watch, which makes the watcher look at once; this
+/// slow look is a safety net for what sends none (a mount over the root).
+const SUPERVISE_IDLE: Duration = Duration::from_secs(60);
 
 /// Events buffered between the notify thread and the watcher task.
 const EVENT_QUEUE: usize = 65_536;
@@ -87,6 +91,14 @@ impl WatchTask {
         let overflow_cb = overflow.clone();
         let mut watcher = RecommendedWatcher::new(
             move |ev: notify::Result<Event>| {
+                // notify 8 watches IN_OPEN and IN_CLOSE_NOWRITE too: every read of a watched
+                // file (ours included: hashing, uploading) would wake the watcher and take
+                // queue room for nothing. Only a close after writing matters.
+                if let Ok(e) = &ev
+                    && matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write))
+                {
+                    return;
+                }
                 // Never block the notify thread: a full queue means a rescan.
                 if tx.try_send(ev).is_err() {
                     overflow_cb.store(true, Ordering::SeqCst);
@@ -108,7 +120,8 @@ impl WatchTask {
         // When to rescan after a directory was renamed inside a tree (see `handle`).
         let mut rescan_at: Option<Instant> = None;
         // The tick runs every 50 ms only while something is settling or events were lost;
-        // otherwise once a second, to supervise the roots: an idle agent sleeps.
+        // otherwise every 2 s while a root is not watched, else once a minute: an idle agent
+        // sleeps.
         let mut next_tick = tokio::time::Instant::now();
         let mut last_supervise = Instant::now() - Duration::from_secs(10);
         let mut first = true;
@@ -118,6 +131,11 @@ impl WatchTask {
                 _ = cancel.cancelled() => break,
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
+                    if self.touches_a_root(&ev) {
+                        // Removed, moved or replaced: look at the roots now.
+                        last_supervise = Instant::now() - SUPERVISE_IDLE;
+                        next_tick = tokio::time::Instant::now();
+                    }
                     self.handle(ev, &mut settling, &overflow, &mut walks, &mut rescan_at).await;
                     if !settling.is_empty() || overflow.load(Ordering::Relaxed) {
                         next_tick = next_tick.min(tokio::time::Instant::now() + SETTLE_TICK);
@@ -146,7 +164,9 @@ impl WatchTask {
                         settling.remove(&path);
                         self.feeder.send(candidate(path, root)).await;
                     }
-                    if now.duration_since(last_supervise) >= SUPERVISE_EVERY {
+                    let all_watched = states.iter().all(|st| st.watched.is_some());
+                    let supervise_every = if all_watched { SUPERVISE_IDLE } else { SUPERVISE_EVERY };
+                    if now.duration_since(last_supervise) >= supervise_every {
                         last_supervise = now;
                         self.supervise(&mut watcher, &mut states, first, &mut walks);
                         if first {
@@ -155,8 +175,13 @@ impl WatchTask {
                         }
                     }
                     while walks.try_join_next().is_some() {}
+                    let supervise_every = if states.iter().all(|st| st.watched.is_some()) {
+                        SUPERVISE_IDLE
+                    } else {
+                        SUPERVISE_EVERY
+                    };
                     next_tick = tokio::time::Instant::now()
-                        + if settling.is_empty() { SUPERVISE_EVERY } else { SETTLE_TICK };
+                        + if settling.is_empty() { supervise_every } else { SETTLE_TICK };
                     if let Some(at) = rescan_at {
                         next_tick = next_tick.min(at.into());
                     }
@@ -209,6 +234,18 @@ impl WatchTask {
                 self.walk_in_background(root.path.clone(), i, walks);
             }
         }
+    }
+
+    /// Whether `ev` says a root itself was removed, moved or replaced.
+    fn touches_a_root(&self, ev: &notify::Result<Event>) -> bool {
+        let Ok(ev) = ev else { return false };
+        matches!(
+            ev.kind,
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) | EventKind::Other
+        ) && ev
+            .paths
+            .iter()
+            .any(|p| self.roots.iter().any(|r| &r.path == p))
     }
 
     fn walk_in_background(&self, dir: PathBuf, root: usize, walks: &mut JoinSet<()>) {
