@@ -860,23 +860,35 @@ pub async fn flush_under(
         failed: Vec::new(),
         files: Vec::new(),
     };
+    // The first pass uses the identities just listed; later passes look again, since a file
+    // may have changed (or gone) while it waited.
+    let mut first = true;
     loop {
         let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
         let batch = std::mem::take(&mut present);
+        let look_again = !std::mem::take(&mut first);
         let (rest, stored, failed) = tokio::task::spawn_blocking(move || {
             let mut rest = Vec::new();
             let (mut stored, mut failed) = (Vec::new(), Vec::new());
-            for (path, stat) in batch {
-                // A file changed since the call: wait for its new version; deleted: drop it.
-                let kind = scan::root_of(&r, &path).map(|n| r[n].kind(&path));
-                let now = match kind {
-                    Some(Ok(crate::tree::Kind::File(stat))) => stat,
-                    _ => continue,
-                };
-                let _ = stat;
-                match i.is_stored(&path, &now, &d)? {
-                    FlushState::Stored => stored.push((path, now)),
-                    FlushState::Waiting => rest.push((path, now)),
+            // A file changed since the call: wait for its new version; deleted: drop it.
+            let now: Vec<(PathBuf, Stat)> = batch
+                .into_iter()
+                .filter_map(|(path, listed)| {
+                    if !look_again {
+                        return Some((path, listed));
+                    }
+                    match scan::root_of(&r, &path).map(|n| r[n].kind(&path)) {
+                        Some(Ok(crate::tree::Kind::File(stat))) => Some((path, stat)),
+                        _ => None,
+                    }
+                })
+                .collect();
+            // One read transaction for the whole batch.
+            let states = i.is_stored_many(&now, &d)?;
+            for ((path, stat), state) in now.into_iter().zip(states) {
+                match state {
+                    FlushState::Stored => stored.push((path, stat)),
+                    FlushState::Waiting => rest.push((path, stat)),
                     FlushState::Failed(e) => failed.push((path, e)),
                 }
             }

@@ -1341,53 +1341,21 @@ impl Index {
 
     /// For `flush`: whether the file at `path` with identity `stat` is indexed as such and
     /// stored in every destination in `dests`. `Err` text when it can never be (permanent).
-    pub fn is_stored(
+    /// Many files in one read transaction (a seal or flush of a large tree: one lock round
+    /// trip instead of one per file).
+    pub fn is_stored_many(
         &self,
-        path: &Path,
-        stat: &Stat,
+        items: &[(PathBuf, Stat)],
         dests: &[String],
-    ) -> anyhow::Result<FlushState> {
-        let conn = self.conn();
-        let mut file = conn.prepare_cached(
-            "SELECT id, size, mtime_ns, inode, gen, dev FROM files WHERE path = ?1",
-        )?;
-        let Some((id, known, generation)) = file
-            .query_row(params![path_bytes(path)], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    stat_at(r, [1, 2, 3, 5])?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })
-            .optional()?
-        else {
-            return Ok(FlushState::Waiting);
-        };
-        if !known.same_file(stat) {
-            return Ok(FlushState::Waiting);
-        }
-        let mut up = conn.prepare_cached(
-            "SELECT state, gen, last_error FROM uploads WHERE file_id = ?1 AND dest = ?2",
-        )?;
-        for dest in dests {
-            let row = up
-                .query_row(params![id, dest], |r| {
-                    Ok((
-                        r.get::<_, UploadState>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                    ))
-                })
-                .optional()?;
-            match row {
-                Some((UploadState::Done, g, _)) if g == generation => {}
-                Some((UploadState::Failed, _, e)) => {
-                    return Ok(FlushState::Failed(e.unwrap_or_else(|| "failed".into())));
-                }
-                _ => return Ok(FlushState::Waiting),
-            }
-        }
-        Ok(FlushState::Stored)
+    ) -> anyhow::Result<Vec<FlushState>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let out = items
+            .iter()
+            .map(|(path, stat)| is_stored_in(&tx, path, stat, dests))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Record a sealed run (replacing an earlier seal of the same run) and queue its
@@ -1884,6 +1852,55 @@ pub enum FlushState {
     Waiting,
     /// Never will be as it is, and why.
     Failed(String),
+}
+
+/// Whether `path`, with identity `stat`, is stored in every one of `dests` (see
+/// [`Index::is_stored_many`]).
+fn is_stored_in(
+    conn: &Connection,
+    path: &Path,
+    stat: &Stat,
+    dests: &[String],
+) -> anyhow::Result<FlushState> {
+    let mut file = conn
+        .prepare_cached("SELECT id, size, mtime_ns, inode, gen, dev FROM files WHERE path = ?1")?;
+    let Some((id, known, generation)) = file
+        .query_row(params![path_bytes(path)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                stat_at(r, [1, 2, 3, 5])?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .optional()?
+    else {
+        return Ok(FlushState::Waiting);
+    };
+    if !known.same_file(stat) {
+        return Ok(FlushState::Waiting);
+    }
+    let mut up = conn.prepare_cached(
+        "SELECT state, gen, last_error FROM uploads WHERE file_id = ?1 AND dest = ?2",
+    )?;
+    for dest in dests {
+        let row = up
+            .query_row(params![id, dest], |r| {
+                Ok((
+                    r.get::<_, UploadState>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })
+            .optional()?;
+        match row {
+            Some((UploadState::Done, g, _)) if g == generation => {}
+            Some((UploadState::Failed, _, e)) => {
+                return Ok(FlushState::Failed(e.unwrap_or_else(|| "failed".into())));
+            }
+            _ => return Ok(FlushState::Waiting),
+        }
+    }
+    Ok(FlushState::Stored)
 }
 
 /// Delay before retry number `attempt`: exponential from 1 s with ±25% jitter, capped at
