@@ -577,6 +577,7 @@ fn render_seal(s: &crate::runs::Sealed) {
             stored_key,
             page_key,
             notifications,
+            record_problems,
         } => {
             println!(
                 "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
@@ -584,6 +585,21 @@ fn render_seal(s: &crate::runs::Sealed) {
             );
             if let Some(page) = page_key {
                 println!("page: {page}");
+            }
+            if let Some(t) = &manifest.tests {
+                println!("tests: {} ({})", t.verdict(), t.counts_line());
+                for bad in &t.unreadable {
+                    eprintln!(
+                        "{}",
+                        crate::destination::printable(&format!(
+                            "JUnit file left out: {}: {}",
+                            bad.path, bad.error
+                        ))
+                    );
+                }
+            }
+            for p in record_problems {
+                eprintln!("{}", crate::destination::printable(p));
             }
             for n in notifications {
                 match &n.error {

@@ -234,6 +234,10 @@ pub(crate) struct Manifest {
     pub files: Vec<ManifestFile>,
     /// Counts.
     pub totals: Totals,
+    /// Test results parsed from the run's JUnit XML (absent when it has none, and in
+    /// manifests written before results were parsed: readers of format 1 ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<crate::results::TestSummary>,
 }
 
 /// A run directory of a `runs = "dir"` watch.
@@ -319,6 +323,8 @@ pub(crate) enum Sealed {
         page_key: Option<String>,
         /// What became of each notification of the seal.
         notifications: Vec<crate::notify::Delivery>,
+        /// Destinations the run's summary record could not be written to, with the reason.
+        record_problems: Vec<String>,
     },
     /// Not every file reached every destination in time (or some failed): not sealed.
     Incomplete(FlushSummary),
@@ -354,14 +360,22 @@ pub(crate) async fn seal(
     }
     let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let ci = ci_context(|k| std::env::var(k).ok());
-    let (index, manifest) = {
+    let (index, manifest, collected, earlier_ms) = {
         let (config, run, root) = (config.clone(), run.clone(), root.clone());
         let files = flushed.files;
         tokio::task::spawn_blocking(move || {
             let index = Arc::new(Index::open(&config.state_dir)?);
-            let files = manifest_files(&index, &root, &run, &files, &dests)?;
-            let manifest = build_manifest(&config, &root, &run, files, ci, labels);
-            anyhow::Ok((index, manifest))
+            let listed = manifest_files(&index, &root, &run, &files, &dests)?;
+            let mut manifest = build_manifest(&config, &root, &run, listed, ci, labels);
+            // Parsed here, off the runtime, from the files as flushed (each capped).
+            let collected = crate::results::collect(&root, &run, &files, &config.watch[run.watch]);
+            manifest.tests = collected.summary.clone();
+            let earlier_ms = index
+                .sealed_runs(&root.path)?
+                .into_iter()
+                .find(|r| r.name == run.name)
+                .map(|r| r.sealed_ms);
+            anyhow::Ok((index, manifest, collected, earlier_ms))
         })
         .await??
     };
@@ -425,6 +439,13 @@ pub(crate) async fn seal(
     } else {
         None
     };
+    let record_problems = if config.writes_run_records() {
+        let record = crate::results::RunRecord::new(&manifest, &collected);
+        crate::results::write_record(&dests, &record, earlier_ms).await
+    } else {
+        Vec::new()
+    };
+    drop(collected);
     let sha = Sha256::digest(&body).to_vec();
     let text = String::from_utf8(body)?;
     // The notifications are leased to this process while it tries them itself.
@@ -465,6 +486,7 @@ pub(crate) async fn seal(
         stored_key,
         page_key,
         notifications,
+        record_problems,
     })
 }
 
@@ -556,6 +578,7 @@ fn build_manifest(
         first_file_ms: files.iter().map(ms).min(),
         last_file_ms: files.iter().map(ms).max(),
         sealed_ms: crate::index::now_ms(),
+        tests: None,
         totals: Totals {
             files: files.len() as u64,
             bytes: files.iter().map(|f| f.size).sum(),
