@@ -161,7 +161,7 @@ enum Done {
     },
     /// `report --fleet`.
     Fleet {
-        fleet: crate::report::Fleet,
+        fleet: Box<crate::report::Fleet>,
         json: bool,
     },
     /// `report` (text or JSON).
@@ -412,12 +412,27 @@ async fn dispatch(
             json,
             html,
             fleet,
+            since,
+            branch,
             run: None,
         } => {
             if fleet {
-                return Ok(Done::Fleet {
-                    fleet: crate::report::fleet(&config).await?,
-                    json,
+                let query = crate::results::fleet::Query {
+                    since,
+                    branch,
+                    now_ms: crate::index::now_ms(),
+                };
+                let fleet = crate::report::fleet(&config, &query).await?;
+                return Ok(match html {
+                    Some(path) => {
+                        std::fs::write(&path, crate::report::render_fleet_html(&fleet))
+                            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                        Done::WroteHtml(path)
+                    }
+                    None => Done::Fleet {
+                        fleet: Box::new(fleet),
+                        json,
+                    },
                 });
             }
             let c = config.clone();

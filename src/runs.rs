@@ -899,6 +899,9 @@ pub(crate) struct RunInfo {
     pub notifications: Vec<crate::index::RunNotification>,
     /// Newest modification time of an indexed file of the run (ms since the epoch).
     pub last_file_ms: Option<i64>,
+    /// The test results of the latest seal (absent: not sealed, or no JUnit XML).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tests: Option<crate::results::TestSummary>,
 }
 
 /// The manifest of run `name` as sealed by this node (kept in the index), newest first if
@@ -978,6 +981,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 changed: Vec::new(),
                 last_file_ms: files.iter().map(|f| f.mtime_ns.div_euclid(1_000_000)).max(),
                 notifications: Vec::new(),
+                tests: None,
             };
             info.complete = info.destinations.iter().all(|d| d.missing == 0);
             if let Some((ms, n, bytes, text)) = sealed.get(&name) {
@@ -1001,6 +1005,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                     }
                 }
                 info.changed.sort();
+                info.tests = manifest.tests;
                 info.state = if info.changed.is_empty() {
                     State::Sealed
                 } else {
@@ -1129,6 +1134,28 @@ pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result
         .collect())
 }
 
+/// Every run this node sealed that has a test summary: `f(sealed_ms, summary)`. Blocking.
+pub(crate) fn each_sealed_summary(
+    config: &Config,
+    index: &Index,
+    mut f: impl FnMut(i64, &crate::results::TestSummary),
+) -> anyhow::Result<()> {
+    /// Just the part of a manifest needed here.
+    #[derive(Deserialize)]
+    struct Tests {
+        #[serde(default)]
+        tests: Option<crate::results::TestSummary>,
+    }
+    for (_, w) in run_watches(config) {
+        for r in index.sealed_runs(&w.path)? {
+            if let Ok(Tests { tests: Some(t) }) = serde_json::from_str::<Tests>(&r.manifest) {
+                f(r.sealed_ms, &t);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How many runs are open (not sealed), for `status`. Blocking.
 pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
     Ok(list(config, index)?
@@ -1168,6 +1195,9 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
                 missing.join(", ")
             }
         );
+        if let Some(t) = &r.tests {
+            let _ = write!(out, "; tests {} ({})", t.verdict(), t.counts_line());
+        }
         for n in &r.notifications {
             let state = match n.state {
                 crate::index::NotifyState::Pending => "pending",
@@ -1229,6 +1259,51 @@ pub(crate) fn render_manifest(m: &Manifest) -> String {
     }
     for (k, v) in &m.labels {
         let _ = writeln!(out, "  label      {}={}", p(k), p(v));
+    }
+    if let Some(t) = &m.tests {
+        let _ = writeln!(out, "  tests      {}: {}", t.verdict(), t.counts_line());
+        let _ = writeln!(out, "  test time  {:.1} s", t.duration_ms as f64 / 1000.0);
+        for f in &t.failures {
+            let _ = writeln!(
+                out,
+                "    {} {}::{} ({}){}",
+                if f.outcome == crate::results::Outcome::Error {
+                    "ERROR "
+                } else {
+                    "FAILED"
+                },
+                p(&f.class),
+                p(&f.name),
+                p(&f.file),
+                f.message
+                    .as_deref()
+                    .map(|m| format!(": {}", p(&m.replace('\n', " "))))
+                    .unwrap_or_default()
+            );
+        }
+        if t.failures_omitted > 0 {
+            let _ = writeln!(out, "    ... and {} more failures", t.failures_omitted);
+        }
+        for b in &t.unreadable {
+            let _ = writeln!(
+                out,
+                "    JUnit file left out: {}: {}",
+                p(&b.path),
+                p(&b.error)
+            );
+        }
+        if !t.slowest.is_empty() {
+            out.push_str("  slowest tests:\n");
+        }
+        for s in &t.slowest {
+            let _ = writeln!(
+                out,
+                "    {:>9} ms  {}::{}",
+                s.duration_ms,
+                p(&s.class),
+                p(&s.name)
+            );
+        }
     }
     let mut largest: Vec<&ManifestFile> = m.files.iter().collect();
     largest.sort_by_key(|f| std::cmp::Reverse(f.size));
