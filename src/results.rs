@@ -734,7 +734,8 @@ pub(crate) struct RunRecord {
     pub build: Option<String>,
     /// Job name.
     pub job: Option<String>,
-    /// `--label` pairs.
+    /// `--label` pairs (a reader keeps the first [`MAX_LABELS`]).
+    #[serde(deserialize_with = "capped::<_, MAX_LABELS, _>")]
     pub labels: Vec<Label>,
     /// Test cases.
     pub tests: u64,
@@ -754,10 +755,40 @@ pub(crate) struct RunRecord {
     pub junit_files: u64,
     /// JUnit files left out.
     pub unreadable_files: u64,
-    /// The test cases (at most [`MAX_RECORD_CASES`]).
+    /// The test cases (at most [`MAX_RECORD_CASES`]; a reader skips any past that without
+    /// keeping them, so a record of a million empty cases costs no memory).
+    #[serde(deserialize_with = "capped::<_, MAX_RECORD_CASES, _>")]
     pub cases: Vec<RecordCase>,
     /// Cases not listed.
     pub cases_omitted: u64,
+}
+
+/// Labels a reader keeps per record.
+const MAX_LABELS: usize = 100;
+
+/// A JSON array of which the first `N` elements are kept and the rest skipped unparsed.
+fn capped<'de, T: Deserialize<'de>, const N: usize, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    struct Capped<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Capped<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while out.len() < N {
+                match seq.next_element()? {
+                    Some(x) => out.push(x),
+                    None => return Ok(out),
+                }
+            }
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Capped::<T, N>(std::marker::PhantomData))
 }
 
 impl RunRecord {

@@ -43,10 +43,17 @@ const READERS: usize = 4;
 const LISTERS: usize = 8;
 /// Distinct tests tracked (slowest, most failing, flaky).
 pub(crate) const MAX_TESTS: usize = 200_000;
-/// (revision, test) pairs tracked for the flaky check.
-pub(crate) const MAX_PAIRS: usize = 4_000_000;
+/// (revision, test) pairs tracked for the flaky check (13 bytes a slot, at most 4 Mi slots:
+/// about 52 MiB at the cap).
+pub(crate) const MAX_PAIRS: usize = 2_000_000;
 /// Distinct nodes, branches or suites listed; the rest are added up under `(other)`.
-const MAX_GROUPS: usize = 5_000;
+const MAX_GROUPS: usize = 1_000;
+/// Cells (group × day) of the per-day series; past this, new cells are left out of the series
+/// (the totals still count them).
+const MAX_DAY_CELLS: usize = 200_000;
+/// Bytes of names (tests and revisions) the aggregate keeps; past this, new tests and
+/// revisions are not tracked. Every name is also cut to [`super::MAX_NAME`] characters.
+const MAX_NAME_BYTES: usize = 48 << 20;
 /// Tests listed in each top list.
 const TOP: usize = 20;
 /// Commits named per flaky test.
@@ -313,15 +320,34 @@ struct Aggregate {
     revision_names: Vec<String>,
     pairs: HashMap<(u32, u32), u8>,
     capped: Capped,
+    name_bytes: usize,
+    day_cells: usize,
+}
+
+/// A name from a record, cut to [`super::MAX_NAME`] characters.
+fn clip(s: &str) -> String {
+    super::truncate(s, super::MAX_NAME)
 }
 
 fn group<'a>(map: &'a mut BTreeMap<String, GroupAcc>, name: &str) -> &'a mut GroupAcc {
-    let key = if map.len() < MAX_GROUPS || map.contains_key(name) {
+    let name = clip(name);
+    let key = if map.len() < MAX_GROUPS || map.contains_key(&name) {
         name
     } else {
-        "(other)"
+        "(other)".to_string()
     };
-    map.entry(key.to_string()).or_default()
+    map.entry(key).or_default()
+}
+
+/// Add `c` to `g`'s total and, while there is room, to its day `date`.
+fn add_to(g: &mut GroupAcc, date: &str, c: &Counts, cells: &mut usize) {
+    g.total.add(c);
+    if let Some(d) = g.days.get_mut(date) {
+        d.add(c);
+    } else if *cells < MAX_DAY_CELLS {
+        *cells += 1;
+        g.days.entry(date.to_string()).or_default().add(c);
+    }
 }
 
 impl Aggregate {
@@ -350,14 +376,13 @@ impl Aggregate {
         };
         let date = date_of(r.sealed_ms);
         self.totals.add(&run);
+        // One cell per day of the window at most (the window is bounded).
         self.days.entry(date.clone()).or_default().add(&run);
         for (map, name) in [
             (&mut self.nodes, node),
             (&mut self.branches, r.branch.as_deref().unwrap_or("(none)")),
         ] {
-            let g = group(map, name);
-            g.total.add(&run);
-            g.days.entry(date.clone()).or_default().add(&run);
+            add_to(group(map, name), &date, &run, &mut self.day_cells);
         }
         // Per suite, from the cases.
         let mut suites: BTreeMap<&str, Counts> = BTreeMap::new();
@@ -374,32 +399,39 @@ impl Aggregate {
         for (name, mut s) in suites {
             s.runs = 1;
             s.runs_passed = u64::from(s.failed == 0 && s.errors == 0);
-            let g = group(&mut self.suites, name);
-            g.total.add(&s);
-            g.days.entry(date.clone()).or_default().add(&s);
+            add_to(
+                group(&mut self.suites, name),
+                &date,
+                &s,
+                &mut self.day_cells,
+            );
         }
         // Per test, and the flaky check per (revision, test).
-        let revision = match r.commit.as_deref().filter(|c| !c.is_empty()) {
+        let revision = clip(&match r.commit.as_deref().filter(|c| !c.is_empty()) {
             Some(c) => c.to_string(),
             None => format!("run:{node}/{}", r.run),
-        };
+        });
         let rev = match self.revisions.get(&revision) {
-            Some(&i) => i,
-            None => {
+            Some(&i) => Some(i),
+            None if self.name_bytes < MAX_NAME_BYTES => {
                 let i = self.revision_names.len() as u32;
+                self.name_bytes += 2 * revision.len();
                 self.revision_names.push(revision.clone());
                 self.revisions.insert(revision, i);
-                i
+                Some(i)
             }
+            None => None,
         };
         for c in r.cases {
-            let key = (c.class, c.name);
+            let key = (clip(&c.class), clip(&c.name));
             let id = match self.test_ids.get(&key) {
                 Some(&i) => i,
-                None if self.tests.len() < MAX_TESTS => {
+                None if self.tests.len() < MAX_TESTS && self.name_bytes < MAX_NAME_BYTES => {
                     let i = self.tests.len() as u32;
+                    let suite = clip(&c.suite);
+                    self.name_bytes += suite.len() + 2 * (key.0.len() + key.1.len());
                     self.tests.push(TestAcc {
-                        suite: c.suite,
+                        suite,
                         class: key.0.clone(),
                         name: key.1.clone(),
                         ..Default::default()
@@ -432,11 +464,11 @@ impl Aggregate {
             if bits == 0 {
                 continue;
             }
-            let tracked = self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&(rev, id));
-            if tracked {
-                *self.pairs.entry((rev, id)).or_default() |= bits;
-            } else {
-                self.capped.cases_not_checked_for_flakiness += 1;
+            let tracked = rev
+                .filter(|rev| self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&(*rev, id)));
+            match tracked {
+                Some(rev) => *self.pairs.entry((rev, id)).or_default() |= bits,
+                None => self.capped.cases_not_checked_for_flakiness += 1,
             }
         }
     }
@@ -1094,6 +1126,36 @@ mod tests {
         assert_eq!(out.consistently_failing[0].name, "always");
         let outliers: Vec<&str> = out.outlier_nodes.iter().map(|o| o.node.as_str()).collect();
         assert_eq!(outliers, ["c"]);
+    }
+
+    #[test]
+    fn hostile_records_cost_bounded_memory() {
+        // A million empty cases: the first MAX_RECORD_CASES are kept, the rest skipped.
+        let mut json = String::from(r#"{"schema":1,"tests":1,"passed":1,"cases":["#);
+        json.push_str(&"{},".repeat(1_000_000));
+        json.push_str(r#"{}],"labels":[]}"#);
+        let r: RunRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(r.cases.len(), super::super::MAX_RECORD_CASES);
+        // Names are cut before they are kept.
+        let mut agg = Aggregate::default();
+        let mut r = record("r", &"c".repeat(100_000), &"b".repeat(100_000), &[]);
+        r.cases.push(RecordCase {
+            class: "x".repeat(100_000),
+            name: "y".repeat(100_000),
+            ..Default::default()
+        });
+        r.tests = 1;
+        agg.add("n", r);
+        assert!(
+            agg.name_bytes < 4 * super::super::MAX_NAME * 4,
+            "{}",
+            agg.name_bytes
+        );
+        assert!(
+            agg.branches
+                .keys()
+                .all(|b| b.chars().count() <= super::super::MAX_NAME + 1)
+        );
     }
 
     #[test]

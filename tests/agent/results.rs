@@ -503,6 +503,15 @@ async fn planted_run_records_are_named_and_never_read_whole() {
         f.write_all(b"\"}\n").unwrap();
     }
     std::fs::write(node.join("garbage.json"), b"not json\n").unwrap();
+    // Just under the 16 MiB cap: five million empty test cases, which would take hundreds of
+    // MiB parsed; a reader keeps the first 20,000.
+    let mut many = format!(
+        "{{\"schema\":1,\"run\":\"many\",\"sealed_ms\":{},\"tests\":1,\"passed\":1,\"cases\":[",
+        chrono::Utc::now().timestamp_millis()
+    );
+    many.push_str(&"{},".repeat(5_000_000));
+    many.push_str("{}]}\n");
+    std::fs::write(node.join("many.json"), many).unwrap();
     std::fs::write(node.join("future.json"), b"{\"schema\": 99}\n").unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     let escape = format!(
@@ -533,6 +542,6 @@ async fn planted_run_records_are_named_and_never_read_whole() {
     );
     // Counts saturate instead of wrapping.
     let r = fleet_json(&env, &[]);
-    assert_eq!(r["totals"]["runs"], 2);
+    assert_eq!(r["totals"]["runs"], 3);
     assert_eq!(r["totals"]["tests"], u64::MAX);
 }
