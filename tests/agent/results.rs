@@ -545,3 +545,46 @@ async fn planted_run_records_are_named_and_never_read_whole() {
     assert_eq!(r["totals"]["runs"], 3);
     assert_eq!(r["totals"]["tests"], u64::MAX);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_or_symlinked_junit_file_is_named_and_the_seal_goes_on() {
+    let mut env = runs_env(NODE);
+    env.pipeline = "[pipeline]\ncompression = \"zstd\"\n".into();
+    env.write("r/junit.xml", GOTESTSUM.as_bytes());
+    // 33 MiB of well-formed JUnit (over the 32 MiB cap): named, not parsed.
+    {
+        use std::io::Write;
+        let p = env.watch.join("r/big/junit-big.xml");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let mut f = std::io::BufWriter::new(std::fs::File::create(p).unwrap());
+        f.write_all(b"<testsuite name=\"big\">").unwrap();
+        let case = b"<testcase classname=\"c\" name=\"t\"/>\n";
+        for _ in 0..(33 << 20) / case.len() {
+            f.write_all(case).unwrap();
+        }
+        f.write_all(b"</testsuite>").unwrap();
+    }
+    // A link to a JUnit file outside the tree is never followed (nor uploaded).
+    let outside = env.tmp.path().join("outside.xml");
+    std::fs::write(&outside, GOTESTSUM).unwrap();
+    std::os::unix::fs::symlink(&outside, env.watch.join("r/junit-link.xml")).unwrap();
+    let out = seal(&env, "r");
+    assert_ok(&out, "seal");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("JUnit file left out: big/junit-big.xml") && err.contains("larger than"),
+        "{err}"
+    );
+    // The manifest is compressed in the stores: read it back as `report --run --json` does.
+    let out = env.cli(&["report", "--run", "r", "--json"]);
+    assert_ok(&out, "report --run --json");
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &m["tests"];
+    assert_eq!(
+        (t["tests"].as_u64(), t["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{t}"
+    );
+    assert_eq!(t["files"], serde_json::json!(["junit.xml"]));
+    assert_eq!(t["unreadable"].as_array().unwrap().len(), 1, "{t}");
+}
