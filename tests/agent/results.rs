@@ -476,6 +476,32 @@ async fn three_nodes_five_runs_give_exact_fleet_rates_flaky_tests_and_the_same_n
     if let Ok(keep) = std::env::var("PANOPTIC_KEEP_SCREENSHOT") {
         std::fs::copy(&shot, keep).unwrap();
     }
+
+    // This node's report has its time series: bytes per day, uploads, latency, test success.
+    let page = a.tmp.path().join("node.html");
+    assert_ok(
+        &a.cli(&["report", "--html", page.to_str().unwrap()]),
+        "report --html",
+    );
+    let dom = chromium(
+        &profile,
+        &["--dump-dom".into(), format!("file://{}", page.display())],
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for want in [
+        "original and stored side by side",
+        "Storage growth",
+        "uploaded and deduplicated",
+        "Upload latency per day",
+        "Run success rate per day",
+    ] {
+        assert!(dom.contains(want), "{want} not on the node report");
+    }
+    let r: serde_json::Value =
+        serde_json::from_slice(&a.cli(&["report", "--json"]).stdout).unwrap();
+    assert_eq!(r["test_days"][0]["runs"], 5);
+    assert_eq!(r["test_days"][0]["runs_passed"], 5);
+    assert!(r["destinations"][0]["days"][0]["objects"].as_u64().unwrap() > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
