@@ -161,7 +161,7 @@ enum Done {
     },
     /// `report --fleet`.
     Fleet {
-        fleet: crate::report::Fleet,
+        fleet: Box<crate::report::Fleet>,
         json: bool,
     },
     /// `report` (text or JSON).
@@ -412,12 +412,27 @@ async fn dispatch(
             json,
             html,
             fleet,
+            since,
+            branch,
             run: None,
         } => {
             if fleet {
-                return Ok(Done::Fleet {
-                    fleet: crate::report::fleet(&config).await?,
-                    json,
+                let query = crate::results::fleet::Query {
+                    since,
+                    branch,
+                    now_ms: crate::index::now_ms(),
+                };
+                let fleet = crate::report::fleet(&config, &query).await?;
+                return Ok(match html {
+                    Some(path) => {
+                        std::fs::write(&path, crate::report::render_fleet_html(&fleet))
+                            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+                        Done::WroteHtml(path)
+                    }
+                    None => Done::Fleet {
+                        fleet: Box::new(fleet),
+                        json,
+                    },
                 });
             }
             let c = config.clone();
@@ -577,6 +592,7 @@ fn render_seal(s: &crate::runs::Sealed) {
             stored_key,
             page_key,
             notifications,
+            record_problems,
         } => {
             println!(
                 "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
@@ -584,6 +600,21 @@ fn render_seal(s: &crate::runs::Sealed) {
             );
             if let Some(page) = page_key {
                 println!("page: {page}");
+            }
+            if let Some(t) = &manifest.tests {
+                println!("tests: {} ({})", t.verdict(), t.counts_line());
+                for bad in &t.unreadable {
+                    eprintln!(
+                        "{}",
+                        crate::destination::printable(&format!(
+                            "JUnit file left out: {}: {}",
+                            bad.path, bad.error
+                        ))
+                    );
+                }
+            }
+            for p in record_problems {
+                eprintln!("{}", crate::destination::printable(p));
             }
             for n in notifications {
                 match &n.error {

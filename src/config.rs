@@ -76,6 +76,9 @@ pub struct Config {
     /// Who is told about each sealed run (`[[notify]]` tables).
     #[serde(default)]
     pub notify: Vec<Spanned<Notify>>,
+    /// Test results of sealed runs (`[results]`).
+    #[serde(default)]
+    pub results: Results,
     /// Lines of the keys that checks across several keys name.
     #[serde(skip)]
     pub lines: Lines,
@@ -248,6 +251,58 @@ pub struct Watch {
     /// this long and every destination holds all of it. Off when absent.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub seal_after: Option<Duration>,
+    /// With `runs = "dir"`: globs (relative to the run directory) of the JUnit XML files
+    /// parsed when a run is sealed.
+    #[serde(default = "default_junit", deserialize_with = "de_globs")]
+    pub junit: Vec<String>,
+    /// With `runs = "dir"`: also parse every other `.xml` file of a run whose root element is
+    /// `<testsuites>` or `<testsuite>`.
+    #[serde(default = "default_true")]
+    pub junit_sniff: bool,
+}
+
+/// The `[results]` table: what sealing does with the test results it parses.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Results {
+    /// Whether each sealed run's summary record is written, in the clear, under
+    /// `_panoptic-sync/runs/` (for `report --fleet` and query engines).
+    #[serde(default, deserialize_with = "de_records")]
+    pub records: Records,
+}
+
+/// When run summary records are written (`[results] records`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Records {
+    /// When encryption is off (records are plaintext: with a key they would leak test names).
+    #[default]
+    Auto,
+    /// Always, even with encryption on (an explicit opt-in to plaintext test names).
+    Always,
+    /// Never.
+    Never,
+}
+
+fn de_records<'de, D: Deserializer<'de>>(d: D) -> Result<Records, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "auto" => Ok(Records::Auto),
+        "always" => Ok(Records::Always),
+        "never" => Ok(Records::Never),
+        v => Err(serde::de::Error::custom(format!(
+            "unknown records {v:?}; expected \"auto\", \"always\" or \"never\""
+        ))),
+    }
+}
+
+impl Config {
+    /// Whether sealing writes plaintext run summary records (see [`Records`]).
+    pub fn writes_run_records(&self) -> bool {
+        match self.results.records {
+            Records::Auto => self.pipeline.encryption == Encryption::None,
+            Records::Always => true,
+            Records::Never => false,
+        }
+    }
 }
 
 /// How a watched tree is divided into runs.
@@ -528,6 +583,12 @@ fn default_settle_ms() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_junit() -> Vec<String> {
+    ["**/junit*.xml", "**/TEST-*.xml", "**/*.junit.xml"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 fn default_concurrency() -> usize {
     16
@@ -1158,6 +1219,8 @@ mod tests {
             one_file_system: true,
             runs: Runs::None,
             seal_after: None,
+            junit: default_junit(),
+            junit_sniff: true,
         };
         let f = Filter::new(&w);
         assert!(f.matches(Path::new("a/b/c.log")));

@@ -314,6 +314,10 @@ const OBJECTS_WITH_METHOD: &str =
 /// Queue-to-stored latencies of a destination's stored files, ascending.
 const LATENCIES: &str = "SELECT done_ms - queued_ms FROM uploads
      WHERE dest = ?1 AND state = ?2 AND done_ms IS NOT NULL ORDER BY 1";
+/// When each file stored in a destination was stored, and how long it had waited (the
+/// report's latency per day).
+const LATENCIES_BY_TIME: &str = "SELECT done_ms, done_ms - queued_ms FROM uploads
+     WHERE dest = ?1 AND state = ?2 AND done_ms IS NOT NULL";
 /// First and last upload of a destination and the bytes stored by uploads.
 const UPLOAD_SPAN: &str = "SELECT min(u.done_ms), max(u.done_ms), coalesce(sum(o.stored_size), 0)
      FROM uploads u JOIN objects o ON o.dest = u.dest AND o.key = u.key
@@ -1780,6 +1784,18 @@ impl Index {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// For each file stored in `dest`: when it was stored and how long it had waited, in ms
+    /// (unordered).
+    pub fn latencies_by_time(&self, dest: &str, mut f: impl FnMut(i64, i64)) -> anyhow::Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(LATENCIES_BY_TIME)?;
+        let mut rows = stmt.query(params![dest, UploadState::Done])?;
+        while let Some(r) = rows.next()? {
+            f(r.get(0)?, r.get(1)?);
+        }
+        Ok(())
+    }
+
     /// When the first and the last file sent to `dest` were stored, and the bytes sent.
     pub fn upload_span(&self, dest: &str) -> anyhow::Result<UploadSpan> {
         let conn = self.conn();
@@ -2046,7 +2062,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let idx = Index::open(dir.path()).unwrap();
         let conn = idx.conn();
-        for sql in [OBJECTS_WITH_METHOD, LATENCIES, UPLOAD_SPAN, CURRENT_ERRORS] {
+        for sql in [
+            OBJECTS_WITH_METHOD,
+            LATENCIES,
+            LATENCIES_BY_TIME,
+            UPLOAD_SPAN,
+            CURRENT_ERRORS,
+        ] {
             let plan = plan_of(&conn, sql);
             assert!(
                 plan.iter().all(|s| !s.starts_with("SCAN")),

@@ -12,7 +12,9 @@
 //!    [`status`] reads the index; [`restore`] reads destinations back; [`links`] makes
 //!    public or presigned URLs.
 //! 6. [`runs`]: run directories sealed with a manifest, listed, restored as a whole;
-//!    [`notify`] announces each seal (webhook or command), durably queued in the index.
+//!    [`notify`] announces each seal (webhook or command), durably queued in the index;
+//!    [`results`] parses the run's JUnit XML into a test summary and a record that
+//!    `report --fleet` and query engines read from the bucket.
 
 pub mod cleanup;
 pub mod cli;
@@ -31,6 +33,7 @@ pub mod pipeline;
 pub(crate) mod rebuild;
 pub(crate) mod report;
 pub mod restore;
+pub(crate) mod results;
 pub(crate) mod retention;
 pub(crate) mod runs;
 pub mod scan;

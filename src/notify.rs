@@ -91,8 +91,8 @@ pub(crate) struct Payload<'a> {
     /// Link to the run's page: the primary's `public_base_url` + its key, or a `file://` URL
     /// when the primary is a local store; null otherwise (presigned links expire).
     pub page_url: Option<String>,
-    /// Test summary; null until the agent parses test results.
-    pub tests: Option<serde_json::Value>,
+    /// The run's test summary (as in the manifest); null when the run has no JUnit XML.
+    pub tests: Option<&'a crate::results::TestSummary>,
 }
 
 /// The notifications to queue for a seal, one per `[[notify]]` entry, leased to the sealing
@@ -150,7 +150,7 @@ pub(crate) fn queue(
             manifest_url: manifest_url.clone(),
             page_key,
             page_url: page_url.clone(),
-            tests: None,
+            tests: manifest.tests.as_ref(),
         };
         out.push(NewNotification {
             notifier: n.name().to_string(),
@@ -657,6 +657,12 @@ mod tests {
             sealed_ms: 3,
             files: Vec::new(),
             totals: crate::runs::Totals { files: 4, bytes: 5 },
+            tests: Some(crate::results::TestSummary {
+                tests: 3,
+                passed: 2,
+                failed: 1,
+                ..Default::default()
+            }),
         };
         let q = queue(
             &config,
@@ -689,7 +695,11 @@ mod tests {
             "https://cdn.example/b/n1/r1/_run/manifest.json"
         );
         assert_eq!(v["page_url"], "https://cdn.example/b/n1/r1/index.html");
-        assert!(v["tests"].is_null() && v["ci"].is_null());
+        assert!(v["ci"].is_null());
+        assert_eq!(
+            (v["tests"]["tests"].as_u64(), v["tests"]["failed"].as_u64()),
+            (Some(3), Some(1))
+        );
         assert!(
             !q[0].payload.contains("secret"),
             "the URL is not in the document"

@@ -16,6 +16,8 @@ use crate::config::{Compression, Config};
 use crate::destination::{self, Destination};
 use crate::index::{Index, Method, Status};
 
+pub(crate) mod charts;
+
 /// Where node status objects live, under the primary's base.
 pub(crate) use crate::layout::NODES_PREFIX;
 /// A node not seen for this long is flagged stale.
@@ -64,6 +66,44 @@ pub(crate) struct DestReport {
     pub backlog: Backlog,
     /// Current failures grouped by cause.
     pub failures: BTreeMap<String, u64>,
+    /// Per day (UTC) of storing, oldest first: what was stored and how fast.
+    pub days: Vec<DayUsage>,
+}
+
+/// One day of a destination in the report.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub(crate) struct DayUsage {
+    /// `YYYY-MM-DD` (UTC).
+    pub date: String,
+    /// Files stored that day (uploaded, copied or skipped).
+    pub objects: u64,
+    /// Of which sent as an upload.
+    pub uploads: u64,
+    /// Of which placed by dedup (server-side copy or already there).
+    pub deduplicated: u64,
+    /// Original bytes of the files stored that day.
+    pub bytes_original: u64,
+    /// Bytes stored for them.
+    pub bytes_stored: u64,
+    /// Bytes stored up to the end of that day (storage growth).
+    pub bytes_stored_total: u64,
+    /// Latency (queued → stored) of the files stored that day, p50 and p90, ms.
+    pub latency_ms: [u64; 2],
+}
+
+/// One day of this node's sealed runs in the report.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub(crate) struct TestDay {
+    /// `YYYY-MM-DD` (UTC, the day of the seal).
+    pub date: String,
+    /// Sealed runs with test results.
+    pub runs: u64,
+    /// Of which passed.
+    pub runs_passed: u64,
+    /// Test cases.
+    pub tests: u64,
+    /// Of which failed or erred.
+    pub failed: u64,
 }
 
 /// A destination's queue: in the JSON report a `[pending, failing, oldest_pending_secs]`
@@ -102,6 +142,8 @@ pub(crate) struct Report {
     pub recommendations: Vec<String>,
     /// The latest sealed runs (newest first): sizes and how long each job wrote.
     pub runs: Vec<crate::runs::RunSummary>,
+    /// Test results of this node's sealed runs per day, oldest first.
+    pub test_days: Vec<TestDay>,
 }
 
 fn ext_of(key: &str) -> String {
@@ -165,7 +207,19 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
             },
             ..Default::default()
         };
+        let mut days: BTreeMap<String, DayUsage> = BTreeMap::new();
         index.each_object_of(name, |o| {
+            let day = days
+                .entry(crate::results::date_of(o.stored_ms))
+                .or_default();
+            day.objects += 1;
+            day.bytes_original = day.bytes_original.saturating_add(o.size);
+            day.bytes_stored = day.bytes_stored.saturating_add(o.stored_size);
+            if o.method.is_some_and(Method::deduplicated) {
+                day.deduplicated += 1;
+            } else {
+                day.uploads += 1;
+            }
             let add = |u: &mut Usage| {
                 u.objects += 1;
                 u.bytes_original += o.size;
@@ -195,6 +249,26 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
                 d.compression_saved_bytes += o.size.saturating_sub(o.stored_size);
             }
         })?;
+        let mut lat_days: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        index.latencies_by_time(name, |done_ms, ms| {
+            lat_days
+                .entry(crate::results::date_of(done_ms))
+                .or_default()
+                .push(ms);
+        })?;
+        let mut total = 0u64;
+        for (date, mut day) in days {
+            total = total.saturating_add(day.bytes_stored);
+            day.date = date;
+            day.bytes_stored_total = total;
+            if let Some(l) = lat_days.get_mut(&day.date) {
+                l.sort_unstable();
+                let pick =
+                    |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)].max(0) as u64;
+                day.latency_ms = [pick(0.5), pick(0.9)];
+            }
+            d.days.push(day);
+        }
         let lat = index.latencies_ms(name)?;
         if !lat.is_empty() {
             let pick =
@@ -213,6 +287,23 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
     }
     report.recommendations = recommend(config, &report);
     report.runs = crate::runs::latest(config, index, REPORT_RUNS)?;
+    let mut test_days: BTreeMap<String, TestDay> = BTreeMap::new();
+    crate::runs::each_sealed_summary(config, index, |sealed_ms, t| {
+        if t.tests == 0 {
+            return;
+        }
+        let day = test_days
+            .entry(crate::results::date_of(sealed_ms))
+            .or_default();
+        day.runs += 1;
+        day.runs_passed += u64::from(t.passed_run());
+        day.tests = day.tests.saturating_add(t.tests);
+        day.failed = day.failed.saturating_add(t.failed.saturating_add(t.errors));
+    })?;
+    report.test_days = test_days
+        .into_iter()
+        .map(|(date, d)| TestDay { date, ..d })
+        .collect();
     Ok(report)
 }
 
@@ -362,6 +453,10 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:760px;margi
      figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}\
      .recs{background:#fef9c3;padding:.5em 1.5em;border-radius:6px}";
 
+/// Tables of the fleet page (static).
+const TABLE_STYLE: &str = "table{border-collapse:collapse;width:100%;margin:.5em 0 1em}\
+     td,th{text-align:left;padding:.15em .6em;border-bottom:1px solid #eee}td.n,th.n{text-align:right}";
+
 /// Horizontal bars as inline SVG: (label, value, text shown).
 fn bars(title: &str, items: &[(String, u64, String)]) -> Markup {
     let max = items.iter().map(|i| i.1).max().unwrap_or(1).max(1) as f64;
@@ -379,6 +474,60 @@ fn bars(title: &str, items: &[(String, u64, String)]) -> Markup {
                 }
             }
         }
+    }
+}
+
+/// Days shown in the report's time series (the latest).
+const SERIES_DAYS: usize = 60;
+
+/// A destination's time series: bytes per day (original and stored side by side), storage
+/// growth, uploads per day and latency per day.
+fn time_series(d: &DestReport) -> Markup {
+    let days = &d.days[d.days.len().saturating_sub(SERIES_DAYS)..];
+    if days.is_empty() {
+        return html! {};
+    }
+    let x: Vec<String> = days.iter().map(|d| d.date.clone()).collect();
+    let h = |v: u64| human(v);
+    let n = |v: u64| v.to_string();
+    let growth_max = days.iter().map(|d| d.bytes_stored_total).max().unwrap_or(0) as f64;
+    let lat_max = days.iter().map(|d| d.latency_ms[1]).max().unwrap_or(0) as f64;
+    html! {
+        (charts::columns(
+            "Bytes stored per day: original and stored side by side",
+            &x,
+            &[
+                ("original".into(), days.iter().map(|d| d.bytes_original).collect()),
+                ("stored".into(), days.iter().map(|d| d.bytes_stored).collect()),
+            ],
+            &h,
+        ))
+        (charts::lines(
+            "Storage growth (bytes stored, cumulative)",
+            &x,
+            &[("stored".into(), days.iter().map(|d| Some(d.bytes_stored_total as f64)).collect())],
+            growth_max,
+            &|v| human(v as u64),
+        ))
+        (charts::columns(
+            "Files per day: uploaded and deduplicated",
+            &x,
+            &[
+                ("uploaded".into(), days.iter().map(|d| d.uploads).collect()),
+                ("deduplicated".into(), days.iter().map(|d| d.deduplicated).collect()),
+            ],
+            &n,
+        ))
+        (charts::lines(
+            "Upload latency per day (queued → stored)",
+            &x,
+            &[
+                ("p50".into(), days.iter().map(|d| Some(d.latency_ms[0] as f64)).collect()),
+                ("p90".into(), days.iter().map(|d| Some(d.latency_ms[1] as f64)).collect()),
+            ],
+            lat_max,
+            &|v| format!("{v:.0} ms"),
+        ))
     }
 }
 
@@ -417,6 +566,7 @@ fn destination_html(d: &DestReport) -> Markup {
                 (d.latency_ms[2]) " ms · backlog " (d.backlog.pending) " ("
                 (d.backlog.failing) " failing)"
             }
+            (time_series(d))
             (bars("Bytes by file type (original → stored)", &types))
             (bars("Bytes stored by watch root", &roots))
             @if !d.failures.is_empty() {
@@ -450,6 +600,29 @@ pub(crate) fn render_html(r: &Report) -> String {
                     ul { @for rec in &r.recommendations { li { (rec) } } }
                 }
                 @for d in &r.destinations { (destination_html(d)) }
+                @if !r.test_days.is_empty() {
+                    section {
+                        h2 { "Test results of this node's sealed runs" }
+                        @let days = &r.test_days[r.test_days.len().saturating_sub(SERIES_DAYS)..];
+                        @let x: Vec<String> = days.iter().map(|d| d.date.clone()).collect();
+                        (charts::lines(
+                            "Run success rate per day",
+                            &x,
+                            &[("runs passed".into(), days.iter().map(|d| (d.runs > 0).then(|| d.runs_passed as f64 / d.runs as f64)).collect())],
+                            1.0,
+                            &|v| format!("{:.0}%", v * 100.0),
+                        ))
+                        (charts::columns(
+                            "Test cases per day: run and failed",
+                            &x,
+                            &[
+                                ("tests".into(), days.iter().map(|d| d.tests).collect()),
+                                ("failed".into(), days.iter().map(|d| d.failed).collect()),
+                            ],
+                            &|v| v.to_string(),
+                        ))
+                    }
+                }
                 @if !r.runs.is_empty() {
                     section {
                         h2 { "Latest runs" }
@@ -677,6 +850,8 @@ pub(crate) struct Fleet {
     pub unreadable: Vec<Unreadable>,
     /// Fleet totals.
     pub totals: FleetTotals,
+    /// Test results of every node's sealed runs in the window (from their summary records).
+    pub results: crate::results::fleet::FleetResults,
 }
 
 /// One node in the fleet view.
@@ -743,8 +918,11 @@ async fn read_status(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result
     Ok(status)
 }
 
-/// Read every node status object from the primary.
-pub(crate) async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
+/// Read every node status object and the window's run records from the primary.
+pub(crate) async fn fleet(
+    config: &Config,
+    query: &crate::results::fleet::Query,
+) -> anyhow::Result<Fleet> {
     let primary = destination::open_primary(config)?;
     let listing = primary.list_under(NODES_PREFIX).await?;
     let mut fleet = Fleet::default();
@@ -788,6 +966,7 @@ pub(crate) async fn fleet(config: &Config) -> anyhow::Result<Fleet> {
         .nodes
         .sort_by(|a, b| a.status.node_id.cmp(&b.status.node_id));
     fleet.unreadable.sort_by(|a, b| a.key.cmp(&b.key));
+    fleet.results = crate::results::fleet::read(&primary, query).await?;
     Ok(fleet)
 }
 
@@ -849,7 +1028,50 @@ pub(crate) fn render_fleet(f: &Fleet) -> String {
             destination::printable(&u.error)
         );
     }
+    o.push_str(&crate::results::fleet::render_text(&f.results));
     o
+}
+
+/// The fleet as one self-contained HTML page: the nodes, and the test results with inline
+/// SVG charts. Every value is escaped by the template (all of it was written by other nodes).
+pub(crate) fn render_fleet_html(f: &Fleet) -> String {
+    let now = now_secs();
+    html! {
+        (DOCTYPE)
+        html {
+            head {
+                meta charset="utf-8";
+                title { "panoptic-sync fleet" }
+                style { (PreEscaped(STYLE)) (PreEscaped(TABLE_STYLE)) }
+            }
+            body {
+                h1 { "panoptic-sync fleet" }
+                p {
+                    (f.totals.nodes) " nodes · " (f.totals.files) " files · " (human(f.totals.bytes))
+                    " · " (f.totals.pending) " pending · " (f.totals.failing) " failing"
+                }
+                table {
+                    thead { tr { th { "node" } th class="n" { "files" } th class="n" { "bytes" } th class="n" { "pending" } th class="n" { "failing" } th class="n" { "upload success" } th { "state" } } }
+                    tbody {
+                        @for FleetNode { status: n, stale } in &f.nodes {
+                            tr {
+                                td { (n.node_id) }
+                                td class="n" { (n.files) }
+                                td class="n" { (human(n.bytes)) }
+                                td class="n" { (n.pending()) }
+                                td class="n" { (n.failing()) }
+                                td class="n" { (format!("{:.1}%", n.success_rate * 100.0)) }
+                                td { @if *stale { "stale (last seen " (now.saturating_sub(n.last_seen)) " s ago)" } @else { "ok" } }
+                            }
+                        }
+                    }
+                }
+                @for u in &f.unreadable { p { "unreadable status object: " (u.key) ": " (u.error) } }
+                (crate::results::fleet::render_html(&f.results))
+            }
+        }
+    }
+    .into_string()
 }
 
 #[cfg(test)]

@@ -234,6 +234,10 @@ pub(crate) struct Manifest {
     pub files: Vec<ManifestFile>,
     /// Counts.
     pub totals: Totals,
+    /// Test results parsed from the run's JUnit XML (absent when it has none, and in
+    /// manifests written before results were parsed: readers of format 1 ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<crate::results::TestSummary>,
 }
 
 /// A run directory of a `runs = "dir"` watch.
@@ -319,6 +323,8 @@ pub(crate) enum Sealed {
         page_key: Option<String>,
         /// What became of each notification of the seal.
         notifications: Vec<crate::notify::Delivery>,
+        /// Destinations the run's summary record could not be written to, with the reason.
+        record_problems: Vec<String>,
     },
     /// Not every file reached every destination in time (or some failed): not sealed.
     Incomplete(FlushSummary),
@@ -357,14 +363,22 @@ pub(crate) async fn seal(
     }
     let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let ci = ci_context(|k| std::env::var(k).ok());
-    let (index, manifest) = {
+    let (index, manifest, collected, earlier_ms) = {
         let (config, run, root) = (config.clone(), run.clone(), root.clone());
         let files = flushed.files;
         tokio::task::spawn_blocking(move || {
             let index = Arc::new(Index::open(&config.state_dir)?);
-            let files = manifest_files(&index, &root, &run, &files, &dests)?;
-            let manifest = build_manifest(&config, &root, &run, files, ci, labels);
-            anyhow::Ok((index, manifest))
+            let listed = manifest_files(&index, &root, &run, &files, &dests)?;
+            let mut manifest = build_manifest(&config, &root, &run, listed, ci, labels);
+            // Parsed here, off the runtime, from the files as flushed (each capped).
+            let collected = crate::results::collect(&root, &run, &files, &config.watch[run.watch]);
+            manifest.tests = collected.summary.clone();
+            let earlier_ms = index
+                .sealed_runs(&root.path)?
+                .into_iter()
+                .find(|r| r.name == run.name)
+                .map(|r| r.sealed_ms);
+            anyhow::Ok((index, manifest, collected, earlier_ms))
         })
         .await??
     };
@@ -428,6 +442,13 @@ pub(crate) async fn seal(
     } else {
         None
     };
+    let record_problems = if config.writes_run_records() {
+        let record = crate::results::RunRecord::new(&manifest, &collected);
+        crate::results::write_record(&dests, &record, earlier_ms).await
+    } else {
+        Vec::new()
+    };
+    drop(collected);
     let sha = Sha256::digest(&body).to_vec();
     let text = String::from_utf8(body)?;
     // The notifications are leased to this process while it tries them itself.
@@ -468,6 +489,7 @@ pub(crate) async fn seal(
         stored_key,
         page_key,
         notifications,
+        record_problems,
     })
 }
 
@@ -559,6 +581,7 @@ fn build_manifest(
         first_file_ms: files.iter().map(ms).min(),
         last_file_ms: files.iter().map(ms).max(),
         sealed_ms: crate::index::now_ms(),
+        tests: None,
         totals: Totals {
             files: files.len() as u64,
             bytes: files.iter().map(|f| f.size).sum(),
@@ -881,6 +904,9 @@ pub(crate) struct RunInfo {
     pub notifications: Vec<crate::index::RunNotification>,
     /// Newest modification time of an indexed file of the run (ms since the epoch).
     pub last_file_ms: Option<i64>,
+    /// The test results of the latest seal (absent: not sealed, or no JUnit XML).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tests: Option<crate::results::TestSummary>,
 }
 
 /// The manifest of run `name` as sealed by this node (kept in the index), newest first if
@@ -1009,6 +1035,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 changed: Vec::new(),
                 last_file_ms: files.iter().map(|f| f.mtime_ns.div_euclid(1_000_000)).max(),
                 notifications: Vec::new(),
+                tests: None,
             };
             info.complete = info.destinations.iter().all(|d| d.missing == 0);
             if let Some((ms, n, bytes, text)) = sealed.get(&name) {
@@ -1032,6 +1059,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                     }
                 }
                 info.changed.sort();
+                info.tests = manifest.tests;
                 info.state = if info.changed.is_empty() {
                     State::Sealed
                 } else {
@@ -1163,6 +1191,28 @@ pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result
         .collect())
 }
 
+/// Every run this node sealed that has a test summary: `f(sealed_ms, summary)`. Blocking.
+pub(crate) fn each_sealed_summary(
+    config: &Config,
+    index: &Index,
+    mut f: impl FnMut(i64, &crate::results::TestSummary),
+) -> anyhow::Result<()> {
+    /// Just the part of a manifest needed here.
+    #[derive(Deserialize)]
+    struct Tests {
+        #[serde(default)]
+        tests: Option<crate::results::TestSummary>,
+    }
+    for (_, w) in run_watches(config) {
+        for r in index.sealed_runs(&w.path)? {
+            if let Ok(Tests { tests: Some(t) }) = serde_json::from_str::<Tests>(&r.manifest) {
+                f(r.sealed_ms, &t);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How many runs are open (not sealed), for `status`. Blocking.
 pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
     Ok(list(config, index)?
@@ -1203,6 +1253,9 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
                 missing.join(", ")
             }
         );
+        if let Some(t) = &r.tests {
+            let _ = write!(out, "; tests {} ({})", t.verdict(), t.counts_line());
+        }
         for n in &r.notifications {
             let state = match n.state {
                 crate::index::NotifyState::Pending => "pending",
@@ -1264,6 +1317,51 @@ pub(crate) fn render_manifest(m: &Manifest) -> String {
     }
     for (k, v) in &m.labels {
         let _ = writeln!(out, "  label      {}={}", p(k), p(v));
+    }
+    if let Some(t) = &m.tests {
+        let _ = writeln!(out, "  tests      {}: {}", t.verdict(), t.counts_line());
+        let _ = writeln!(out, "  test time  {:.1} s", t.duration_ms as f64 / 1000.0);
+        for f in &t.failures {
+            let _ = writeln!(
+                out,
+                "    {} {}::{} ({}){}",
+                if f.outcome == crate::results::Outcome::Error {
+                    "ERROR "
+                } else {
+                    "FAILED"
+                },
+                p(&f.class),
+                p(&f.name),
+                p(&f.file),
+                f.message
+                    .as_deref()
+                    .map(|m| format!(": {}", p(&m.replace('\n', " "))))
+                    .unwrap_or_default()
+            );
+        }
+        if t.failures_omitted > 0 {
+            let _ = writeln!(out, "    ... and {} more failures", t.failures_omitted);
+        }
+        for b in &t.unreadable {
+            let _ = writeln!(
+                out,
+                "    JUnit file left out: {}: {}",
+                p(&b.path),
+                p(&b.error)
+            );
+        }
+        if !t.slowest.is_empty() {
+            out.push_str("  slowest tests:\n");
+        }
+        for s in &t.slowest {
+            let _ = writeln!(
+                out,
+                "    {:>9} ms  {}::{}",
+                s.duration_ms,
+                p(&s.class),
+                p(&s.name)
+            );
+        }
     }
     let mut largest: Vec<&ManifestFile> = m.files.iter().collect();
     largest.sort_by_key(|f| std::cmp::Reverse(f.size));

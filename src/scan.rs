@@ -457,6 +457,8 @@ mod tests {
             one_file_system: true,
             runs: crate::config::Runs::None,
             seal_after: None,
+            junit: Vec::new(),
+            junit_sniff: false,
         };
         Root {
             path: "/w".into(),

@@ -129,9 +129,16 @@ pub enum Command {
         /// Write a self-contained HTML page with charts to this file.
         #[arg(long)]
         html: Option<PathBuf>,
-        /// Every node sharing the primary, from their status objects.
+        /// Every node sharing the primary, from their status objects, and the test results
+        /// of every node's sealed runs, from their summary records.
         #[arg(long, conflicts_with = "run")]
         fleet: bool,
+        /// With --fleet: test results of runs sealed this long ago or later (e.g. "7d").
+        #[arg(long, requires = "fleet", default_value = "30d", value_parser = parse_duration)]
+        since: Duration,
+        /// With --fleet: test results of this branch only.
+        #[arg(long, requires = "fleet")]
+        branch: Option<String>,
         /// One sealed run of this node, from its manifest (--html writes the run's page, as
         /// sealing stores it when encryption is off).
         #[arg(long, value_name = "RUN")]

@@ -93,7 +93,9 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1000px;marg
      dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{color:#555}\
      dd{margin:0}.shots{display:flex;flex-wrap:wrap;gap:1em}\
      .shots figure{margin:0;max-width:300px}.shots img{max-width:300px;max-height:200px;\
-     border:1px solid #ddd}.note{background:#fef9c3;padding:.5em 1em;border-radius:6px}";
+     border:1px solid #ddd}.note{background:#fef9c3;padding:.5em 1em;border-radius:6px}\
+     p.pass{background:#dcfce7;padding:.4em 1em}p.fail{background:#fee2e2;padding:.4em 1em}\
+     pre{white-space:pre-wrap;margin:0;font-size:.85em}";
 
 /// The page of `manifest`, whose own object is at `manifest_key`. `up` leads from the page
 /// back to the run's directory (see [`location`]). `encrypted`: the objects cannot be opened
@@ -130,6 +132,9 @@ pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypte
                     }
                 }
                 (summary(manifest))
+                @if let Some(t) = &manifest.tests {
+                    (tests(t))
+                }
                 @if !reports.is_empty() {
                     h2 { "Reports" }
                     ul {
@@ -206,6 +211,52 @@ fn summary(m: &Manifest) -> Markup {
             }
             @for (k, v) in &m.labels {
                 dt { (k) } dd { (v) }
+            }
+        }
+    }
+}
+
+/// The run's test results: counts, failures with their messages, the slowest tests, the
+/// JUnit files left out.
+fn tests(t: &crate::results::TestSummary) -> Markup {
+    let class = if t.passed_run() { "pass" } else { "fail" };
+    html! {
+        h2 { "Tests" }
+        p class=(class) {
+            strong { (t.verdict()) } " · " (t.counts_line()) " · "
+            (format!("{:.1}", t.duration_ms as f64 / 1000.0)) " s"
+        }
+        @if !t.failures.is_empty() {
+            h3 { "Failures" }
+            table {
+                thead { tr { th { "Test" } th { "Suite" } th { "Message" } } }
+                tbody {
+                    @for f in &t.failures {
+                        tr {
+                            td { (f.class) "::" (f.name)
+                                @if f.outcome == crate::results::Outcome::Error { " (error)" } }
+                            td { (f.suite) }
+                            td { pre { (f.message.as_deref().unwrap_or("")) } }
+                        }
+                    }
+                }
+            }
+            @if t.failures_omitted > 0 {
+                p { "… and " (t.failures_omitted) " more" }
+            }
+        }
+        @if !t.unreadable.is_empty() {
+            h3 { "JUnit files left out" }
+            ul { @for b in &t.unreadable { li { code { (b.path) } ": " (b.error) } } }
+        }
+        @if !t.slowest.is_empty() {
+            h3 { "Slowest tests" }
+            table {
+                tbody {
+                    @for s in &t.slowest {
+                        tr { td { (s.class) "::" (s.name) } td class="n" { (s.duration_ms) " ms" } }
+                    }
+                }
             }
         }
     }

@@ -318,7 +318,7 @@ async fn node_ids_with_terminal_escapes_are_shown_without_control_characters() {
 /// this test process would start with the test's own memory mapped (Linux records the
 /// pre-exec high-water mark in `ru_maxrss`), so under the whole suite the figure was the test
 /// binary's, not the agent's.
-fn run_measured(env: &Env, args: &[&str]) -> (i32, String, u64) {
+pub(crate) fn run_measured(env: &Env, args: &[&str]) -> (i32, String, u64) {
     let out_path = env.tmp.path().join("measured.out");
     let script = "import os, sys\n\
 pid = os.fork()\n\

@@ -17,5 +17,6 @@ mod hostile;
 mod notify;
 mod reliability;
 mod restore;
+mod results;
 mod runs;
 mod service;

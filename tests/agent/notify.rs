@@ -167,7 +167,8 @@ fn write_run(env: &Env, run: &str) -> u64 {
         ),
         (
             format!("{run}/junit.xml"),
-            b"<testsuite tests=\"1\"/>".to_vec(),
+            b"<testsuite name=\"unit\"><testcase classname=\"c\" name=\"t\" time=\"0.5\"/></testsuite>"
+                .to_vec(),
         ),
         (format!("{run}/shots/a.png"), vec![7u8; 20_000]),
     ];
@@ -251,7 +252,16 @@ async fn one_post_per_seal_through_a_receiver_that_answers_500_twice() {
     assert_eq!(doc["destinations"], serde_json::json!(["primary", "nas"]));
     assert_eq!(doc["ci"]["provider"], "github-actions");
     assert_eq!(doc["ci"]["repository"], "acme/widgets");
-    assert!(doc["tests"].is_null() && doc["page_url"].is_null());
+    assert!(doc["page_url"].is_null());
+    // The run's test summary, as in the manifest.
+    assert_eq!(
+        (
+            doc["tests"]["tests"].as_u64(),
+            doc["tests"]["passed"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(doc["tests"]["files"], serde_json::json!(["junit.xml"]));
     // Never before every destination holds the manifest (and so every file).
     assert!(
         env.nas

@@ -1,0 +1,1049 @@
+//! Test results: the JUnit XML files of a run, parsed when it is sealed.
+//!
+//! `seal` picks a run's JUnit files by the watch's `junit` globs (relative to the run) and, with
+//! `junit_sniff`, every other `.xml` file whose root element is `<testsuites>` or `<testsuite>`.
+//! Each is read through the run root's directory handle (never by path: the tree is written by
+//! the CI job), capped at [`MAX_FILE_BYTES`], and parsed with quick-xml's streaming reader on
+//! the sealing blocking thread. A file that is too large, not well-formed or not JUnit is
+//! counted and named in the summary, and its test cases are left out; it never fails the seal.
+//!
+//! What comes out: a [`TestSummary`] for the manifest (counts, duration, the first failures
+//! with their messages truncated, the slowest tests, totals per suite), the notification and
+//! the run page; and the run's test cases for its summary record ([`RunRecord`]), written in
+//! the clear under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/<run>.json` for
+//! `report --fleet` ([`fleet`]) and for query engines (schema in docs/FORMAT.md).
+//!
+//! A test is identified by its class (`classname`, or the suite's name when there is none) and
+//! its name; JUnit's own totals (`tests="…"` on a suite) are never trusted, only the cases.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
+use quick_xml::events::{BytesStart, Event};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Watch;
+use crate::destination::{self, Destination};
+use crate::index::Stat;
+use crate::runs::{Manifest, RunDir};
+use crate::scan::Root;
+
+pub(crate) mod fleet;
+
+/// A JUnit file larger than this is named and not parsed.
+pub(crate) const MAX_FILE_BYTES: u64 = 32 << 20;
+/// JUnit files parsed per run; more are counted, not parsed.
+pub(crate) const MAX_FILES: usize = 1000;
+/// Test cases one file may hold; a file with more is named and left out.
+const MAX_FILE_CASES: usize = 200_000;
+/// Failures listed in a summary (all are counted).
+pub(crate) const MAX_FAILURES: usize = 50;
+/// Slowest tests listed in a summary.
+pub(crate) const SLOWEST: usize = 10;
+/// Suites listed in a summary; the rest are added up under [`OTHER_SUITES`].
+const MAX_SUITES: usize = 200;
+/// Where the suites past [`MAX_SUITES`] are counted.
+const OTHER_SUITES: &str = "(other suites)";
+/// Characters of a failure message kept.
+pub(crate) const MAX_MESSAGE: usize = 500;
+/// Characters of a suite, class or test name kept.
+pub(crate) const MAX_NAME: usize = 300;
+/// Test cases listed in a run's record (all are counted).
+pub(crate) const MAX_RECORD_CASES: usize = 20_000;
+/// Bytes read from an `.xml` file to find its root element.
+const SNIFF_BYTES: u64 = 4096;
+
+/// The outcome of one test case.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    /// Passed (possibly after a retry: see `flaky`).
+    #[default]
+    Passed,
+    /// Skipped.
+    Skipped,
+    /// An assertion failed (`<failure>`).
+    Failed,
+    /// An unexpected error (`<error>`).
+    Error,
+}
+
+impl Outcome {
+    /// Failed or error.
+    pub(crate) fn is_failure(self) -> bool {
+        matches!(self, Outcome::Failed | Outcome::Error)
+    }
+}
+
+/// One test case as parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Case {
+    /// The innermost `<testsuite>`'s name.
+    pub suite: String,
+    /// `classname` (the suite's name when absent).
+    pub class: String,
+    /// `name`.
+    pub name: String,
+    /// What happened.
+    pub outcome: Outcome,
+    /// `time`, in milliseconds.
+    pub duration_ms: u64,
+    /// Passed after failing first (surefire's and nextest's `<flakyFailure>`/`<flakyError>`).
+    pub flaky: bool,
+    /// The failure's message (truncated), for failures and errors.
+    pub message: Option<String>,
+}
+
+/// A failure or error listed in a [`TestSummary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Failure {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Test name.
+    pub name: String,
+    /// `failed` or `error`.
+    pub outcome: Outcome,
+    /// The message, at most [`MAX_MESSAGE`] characters.
+    pub message: Option<String>,
+    /// The JUnit file it came from, relative to the run.
+    pub file: String,
+}
+
+/// A test listed among the slowest of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Timed {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Test name.
+    pub name: String,
+    /// Milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Totals of one suite of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct SuiteTotals {
+    /// Suite name.
+    pub name: String,
+    /// Test cases.
+    pub tests: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Sum of the cases' times, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A JUnit file that could not be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct BadFile {
+    /// Path relative to the run.
+    pub path: String,
+    /// Why.
+    pub error: String,
+}
+
+/// A run's test results, as the manifest carries them (`tests`, see docs/FORMAT.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct TestSummary {
+    /// Test cases.
+    pub tests: u64,
+    /// Passed (retried ones included).
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed only after a retry.
+    pub flaky: u64,
+    /// Sum of the cases' times, milliseconds.
+    pub duration_ms: u64,
+    /// JUnit files parsed, relative to the run.
+    pub files: Vec<String>,
+    /// JUnit files left out (too large, not well-formed, not JUnit), each with the reason.
+    pub unreadable: Vec<BadFile>,
+    /// JUnit files past [`MAX_FILES`], not parsed.
+    pub files_omitted: u64,
+    /// The first [`MAX_FAILURES`] failures and errors.
+    pub failures: Vec<Failure>,
+    /// Failures and errors not listed.
+    pub failures_omitted: u64,
+    /// The [`SLOWEST`] slowest test cases, slowest first.
+    pub slowest: Vec<Timed>,
+    /// Totals per suite, by name.
+    pub suites: Vec<SuiteTotals>,
+}
+
+impl TestSummary {
+    /// No failure and no error among at least one test.
+    pub(crate) fn passed_run(&self) -> bool {
+        self.tests > 0 && self.failed == 0 && self.errors == 0
+    }
+
+    /// `passed`, `FAILED` or `no tests`, for one-line listings.
+    pub(crate) fn verdict(&self) -> &'static str {
+        if self.tests == 0 {
+            "no tests"
+        } else if self.passed_run() {
+            "passed"
+        } else {
+            "FAILED"
+        }
+    }
+
+    /// `12 tests: 10 passed, 1 failed, 0 errors, 1 skipped` (and the unreadable files).
+    pub(crate) fn counts_line(&self) -> String {
+        let mut s = format!(
+            "{} tests: {} passed, {} failed, {} errors, {} skipped",
+            self.tests, self.passed, self.failed, self.errors, self.skipped
+        );
+        if self.flaky > 0 {
+            s.push_str(&format!(", {} passed on retry", self.flaky));
+        }
+        if !self.unreadable.is_empty() {
+            s.push_str(&format!(
+                "; {} unreadable JUnit file{}",
+                self.unreadable.len(),
+                if self.unreadable.len() == 1 { "" } else { "s" }
+            ));
+        }
+        s
+    }
+}
+
+/// What parsing a run's JUnit files gave.
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    /// The summary (None when the run has no JUnit file at all).
+    pub summary: Option<TestSummary>,
+    /// The test cases, at most [`MAX_RECORD_CASES`].
+    pub cases: Vec<Case>,
+    /// Cases not kept.
+    pub cases_omitted: u64,
+}
+
+/// Adds up test cases as they are parsed.
+#[derive(Default)]
+struct Accumulator {
+    summary: TestSummary,
+    suites: BTreeMap<String, SuiteTotals>,
+    cases: Vec<Case>,
+    cases_omitted: u64,
+    any_file: bool,
+}
+
+impl Accumulator {
+    fn add(&mut self, c: Case, file: &str) {
+        let s = &mut self.summary;
+        s.tests = s.tests.saturating_add(1);
+        s.duration_ms = s.duration_ms.saturating_add(c.duration_ms);
+        match c.outcome {
+            Outcome::Passed => s.passed += 1,
+            Outcome::Skipped => s.skipped += 1,
+            Outcome::Failed => s.failed += 1,
+            Outcome::Error => s.errors += 1,
+        }
+        if c.flaky && c.outcome == Outcome::Passed {
+            s.flaky += 1;
+        }
+        if c.outcome.is_failure() {
+            if s.failures.len() < MAX_FAILURES {
+                s.failures.push(Failure {
+                    suite: c.suite.clone(),
+                    class: c.class.clone(),
+                    name: c.name.clone(),
+                    outcome: c.outcome,
+                    message: c.message.clone(),
+                    file: file.to_string(),
+                });
+            } else {
+                s.failures_omitted += 1;
+            }
+        }
+        if c.outcome != Outcome::Skipped {
+            let slower = s.slowest.len() < SLOWEST
+                || s.slowest
+                    .last()
+                    .is_some_and(|t| c.duration_ms > t.duration_ms);
+            if slower {
+                s.slowest.push(Timed {
+                    suite: c.suite.clone(),
+                    class: c.class.clone(),
+                    name: c.name.clone(),
+                    duration_ms: c.duration_ms,
+                });
+                s.slowest.sort_by_key(|t| std::cmp::Reverse(t.duration_ms));
+                s.slowest.truncate(SLOWEST);
+            }
+        }
+        let key = if self.suites.len() < MAX_SUITES || self.suites.contains_key(&c.suite) {
+            c.suite.clone()
+        } else {
+            OTHER_SUITES.to_string()
+        };
+        let t = self
+            .suites
+            .entry(key.clone())
+            .or_insert_with(|| SuiteTotals {
+                name: key,
+                ..Default::default()
+            });
+        t.tests += 1;
+        t.duration_ms = t.duration_ms.saturating_add(c.duration_ms);
+        match c.outcome {
+            Outcome::Failed => t.failed += 1,
+            Outcome::Error => t.errors += 1,
+            Outcome::Skipped => t.skipped += 1,
+            Outcome::Passed => {}
+        }
+        if self.cases.len() < MAX_RECORD_CASES {
+            self.cases.push(c);
+        } else {
+            self.cases_omitted += 1;
+        }
+    }
+
+    fn finish(mut self) -> Collected {
+        let any =
+            self.any_file || !self.summary.unreadable.is_empty() || self.summary.files_omitted > 0;
+        self.summary.suites = self.suites.into_values().collect();
+        Collected {
+            summary: any.then_some(self.summary),
+            cases: self.cases,
+            cases_omitted: self.cases_omitted,
+        }
+    }
+}
+
+/// The compiled `junit` globs of a watch (relative to a run directory).
+pub(crate) fn junit_globs(watch: &Watch) -> GlobSet {
+    let mut b = GlobSetBuilder::new();
+    for g in &watch.junit {
+        if let Ok(g) = GlobBuilder::new(g).literal_separator(true).build() {
+            b.add(g);
+        }
+    }
+    b.build().unwrap_or_else(|_| GlobSet::empty())
+}
+
+/// Parse the JUnit files among `files` (the run's files as flushed) through `root`'s handle.
+/// Blocking.
+pub(crate) fn collect(
+    root: &Root,
+    run: &RunDir,
+    files: &[(PathBuf, Stat)],
+    watch: &Watch,
+) -> Collected {
+    let globs = junit_globs(watch);
+    let mut acc = Accumulator::default();
+    let mut candidates: Vec<(&Path, String, bool)> = Vec::new();
+    for (path, _) in files {
+        let Some(rel) = path.strip_prefix(&run.path).ok() else {
+            continue;
+        };
+        let Some(rel_str) = rel.to_str() else {
+            continue;
+        };
+        let by_glob = globs.is_match(rel);
+        let xml = rel_str.to_ascii_lowercase().ends_with(".xml");
+        if by_glob || (watch.junit_sniff && xml) {
+            candidates.push((path, rel_str.to_string(), by_glob));
+        }
+    }
+    candidates.sort_by(|a, b| a.1.cmp(&b.1));
+    for (path, rel, by_glob) in candidates {
+        if !by_glob {
+            match sniff(root, path) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(file = %rel, error = %e, "cannot look into an .xml file");
+                    continue;
+                }
+            }
+        }
+        if acc.summary.files.len() + acc.summary.unreadable.len() >= MAX_FILES {
+            acc.summary.files_omitted += 1;
+            continue;
+        }
+        acc.any_file = true;
+        match parse_path(root, path) {
+            Ok(cases) => {
+                acc.summary.files.push(rel.clone());
+                for c in cases {
+                    acc.add(c, &rel);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(file = %destination::printable(&rel), %error, "JUnit file left out of the run's test summary");
+                acc.summary.unreadable.push(BadFile { path: rel, error });
+            }
+        }
+    }
+    acc.finish()
+}
+
+/// Whether the `.xml` file at `path` starts with a JUnit root element.
+fn sniff(root: &Root, path: &Path) -> std::io::Result<bool> {
+    let (file, _) = root.open_file(path)?;
+    let mut head = Vec::with_capacity(SNIFF_BYTES as usize);
+    file.take(SNIFF_BYTES).read_to_end(&mut head)?;
+    let mut reader = quick_xml::Reader::from_reader(head.as_slice());
+    let mut buf = Vec::new();
+    loop {
+        match reader.read_event_into(&mut buf) {
+            Ok(Event::Start(e) | Event::Empty(e)) => {
+                return Ok(matches!(
+                    e.local_name().as_ref(),
+                    b"testsuites" | b"testsuite"
+                ));
+            }
+            Ok(Event::Eof) | Err(_) => return Ok(false),
+            Ok(_) => {}
+        }
+        buf.clear();
+    }
+}
+
+/// Open and parse one JUnit file; the error says why it was left out.
+fn parse_path(root: &Root, path: &Path) -> Result<Vec<Case>, String> {
+    let (file, stat) = root
+        .open_file(path)
+        .map_err(|e| format!("cannot open: {e}"))?;
+    if stat.size > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} bytes, larger than the {} MiB a JUnit file may have; not parsed",
+            stat.size,
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    // The cap holds even if the file grows while it is read.
+    let reader = std::io::BufReader::new(file.take(MAX_FILE_BYTES + 1));
+    let mut cases = Vec::new();
+    parse(reader, &mut cases)?;
+    Ok(cases)
+}
+
+/// `s` cut to `max` characters (an ellipsis marks the cut).
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// JUnit's `time` (seconds, maybe with thousands separators) in milliseconds; 0 when absent
+/// or not a finite positive number.
+fn millis(time: Option<&str>) -> u64 {
+    let Some(t) = time else { return 0 };
+    let t: String = t.chars().filter(|c| *c != ',').collect();
+    match t.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => (v * 1000.0).round().min(u64::MAX as f64) as u64,
+        _ => 0,
+    }
+}
+
+fn attr(e: &BytesStart<'_>, name: &[u8]) -> Option<String> {
+    let a = e.try_get_attribute(name).ok()??;
+    Some(
+        match a.normalized_value(quick_xml::XmlVersion::Implicit1_0) {
+            Ok(v) => v.into_owned(),
+            // An entity the reader does not know (no DTD is ever read): the raw text.
+            Err(_) => String::from_utf8_lossy(&a.value).into_owned(),
+        },
+    )
+}
+
+/// The test case being read.
+struct Open {
+    case: Case,
+    /// Collecting the text of a `<failure>`/`<error>` without a `message` attribute.
+    collecting: bool,
+    /// Nesting depth of the `<testcase>` element.
+    depth: usize,
+}
+
+/// Parse one JUnit document (any of the common shapes: a `<testsuites>` or `<testsuite>` root,
+/// nested suites, surefire's and nextest's `flakyFailure`/`rerunFailure`), appending its test
+/// cases to `out`. A document that is not well-formed fails whole.
+pub(crate) fn parse(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> {
+    let start = out.len();
+    let res = parse_inner(reader, out);
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> {
+    let mut reader = quick_xml::Reader::from_reader(reader);
+    let mut buf = Vec::new();
+    let mut depth = 0usize;
+    let mut suites: Vec<(usize, String)> = Vec::new();
+    let mut open: Option<Open> = None;
+    let mut seen_root = false;
+    let start_len = out.len();
+    loop {
+        let at = reader.buffer_position();
+        let event = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| format!("not well-formed XML near byte {at}: {e}"))?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let empty = matches!(event, Event::Empty(_));
+                let local = e.local_name();
+                let tag = local.as_ref();
+                if !seen_root {
+                    seen_root = true;
+                    if !matches!(tag, b"testsuites" | b"testsuite") {
+                        return Err(format!(
+                            "the root element is <{}>, not <testsuites> or <testsuite>",
+                            truncate(&String::from_utf8_lossy(tag), 40)
+                        ));
+                    }
+                }
+                if !empty {
+                    depth += 1;
+                }
+                match (tag, open.as_mut()) {
+                    (b"testsuite", None) if !empty => {
+                        let name = attr(e, b"name").unwrap_or_default();
+                        suites.push((depth, truncate(&name, MAX_NAME)));
+                    }
+                    (b"testcase", None) => {
+                        let suite = suites.last().map(|s| s.1.clone()).unwrap_or_default();
+                        let class = attr(e, b"classname")
+                            .filter(|c| !c.is_empty())
+                            .map(|c| truncate(&c, MAX_NAME))
+                            .unwrap_or_else(|| suite.clone());
+                        let name = attr(e, b"name")
+                            .filter(|n| !n.is_empty())
+                            .map(|n| truncate(&n, MAX_NAME))
+                            .unwrap_or_else(|| "(unnamed)".into());
+                        let case = Case {
+                            suite,
+                            class,
+                            name,
+                            duration_ms: millis(attr(e, b"time").as_deref()),
+                            ..Default::default()
+                        };
+                        if empty {
+                            push(out, case, start_len)?;
+                        } else {
+                            open = Some(Open {
+                                case,
+                                collecting: false,
+                                depth,
+                            });
+                        }
+                    }
+                    (_, Some(o)) => {
+                        let outcome = match tag {
+                            b"failure" => Some(Outcome::Failed),
+                            b"error" => Some(Outcome::Error),
+                            b"skipped" => Some(Outcome::Skipped),
+                            _ => None,
+                        };
+                        if let Some(outcome) = outcome {
+                            // The worst outcome wins: error, failure, skipped.
+                            if outcome > o.case.outcome {
+                                o.case.outcome = outcome;
+                            }
+                            if outcome.is_failure() && o.case.message.is_none() {
+                                let message = attr(e, b"message").filter(|m| !m.trim().is_empty());
+                                match message {
+                                    Some(m) => {
+                                        o.case.message = Some(truncate(m.trim(), MAX_MESSAGE))
+                                    }
+                                    None => o.collecting = !empty,
+                                }
+                            }
+                        } else if matches!(tag, b"flakyFailure" | b"flakyError") {
+                            o.case.flaky = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::End(ref e) => {
+                let local = e.local_name();
+                let tag = local.as_ref();
+                if let Some(o) = open.as_mut() {
+                    if matches!(tag, b"failure" | b"error") {
+                        o.collecting = false;
+                    }
+                    if tag == b"testcase" && depth == o.depth {
+                        let mut o = open.take().ok_or("unbalanced <testcase>")?;
+                        if let Some(m) = o.case.message.take() {
+                            let m = m.trim();
+                            o.case.message = (!m.is_empty()).then(|| truncate(m, MAX_MESSAGE));
+                        }
+                        if !o.case.outcome.is_failure() {
+                            o.case.message = None;
+                        }
+                        push(out, o.case, start_len)?;
+                    }
+                }
+                if suites.last().is_some_and(|s| s.0 == depth) {
+                    suites.pop();
+                }
+                depth = depth.saturating_sub(1);
+            }
+            Event::Text(ref t) => {
+                if let Some(o) = open.as_mut().filter(|o| o.collecting) {
+                    let text = t.decode().unwrap_or_default();
+                    append_message(&mut o.case, &text);
+                }
+            }
+            Event::CData(ref t) => {
+                if let Some(o) = open.as_mut().filter(|o| o.collecting) {
+                    let text = String::from_utf8_lossy(t.as_ref()).into_owned();
+                    append_message(&mut o.case, &text);
+                }
+            }
+            Event::GeneralRef(ref r) => {
+                if let Some(o) = open.as_mut().filter(|o| o.collecting) {
+                    let c = match r.resolve_char_ref() {
+                        Ok(Some(c)) => Some(c),
+                        _ => match r.decode().ok().as_deref() {
+                            Some("lt") => Some('<'),
+                            Some("gt") => Some('>'),
+                            Some("amp") => Some('&'),
+                            Some("quot") => Some('"'),
+                            Some("apos") => Some('\''),
+                            _ => None,
+                        },
+                    };
+                    if let Some(c) = c {
+                        append_message(&mut o.case, &c.to_string());
+                    }
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    if !seen_root {
+        return Err("no root element (an empty or truncated file)".into());
+    }
+    if depth != 0 {
+        return Err("the document ends inside an element (a truncated file)".into());
+    }
+    Ok(())
+}
+
+fn append_message(case: &mut Case, text: &str) {
+    let m = case.message.get_or_insert_with(String::new);
+    // Enough to truncate later; the rest of a long stack trace is not kept.
+    if m.chars().count() <= MAX_MESSAGE {
+        m.push_str(&truncate(text, MAX_MESSAGE + 1));
+    }
+}
+
+fn push(out: &mut Vec<Case>, case: Case, start: usize) -> Result<(), String> {
+    if out.len() - start >= MAX_FILE_CASES {
+        return Err(format!(
+            "more than {MAX_FILE_CASES} test cases in one file; not parsed"
+        ));
+    }
+    out.push(case);
+    Ok(())
+}
+
+/// Version of the run summary record (`schema` in each line).
+pub(crate) const RECORD_SCHEMA: u32 = 1;
+
+/// One test case in a [`RunRecord`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RecordCase {
+    /// Suite.
+    pub suite: String,
+    /// Class (`classname`, else the suite).
+    pub class: String,
+    /// Test name.
+    pub name: String,
+    /// `passed`, `skipped`, `failed` or `error`.
+    pub status: Outcome,
+    /// Milliseconds.
+    pub duration_ms: u64,
+    /// Passed only after a retry.
+    pub flaky: bool,
+}
+
+/// A label of the run, as a key/value pair (one schema for every record, whatever the keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Label {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: String,
+}
+
+/// A sealed run's summary record: one line of newline-delimited JSON at
+/// `_panoptic-sync/runs/date=<sealed date, UTC>/node=<node>/<run>.json` (schema 1, see
+/// docs/FORMAT.md). The partition columns `date` and `node` are not repeated inside (query
+/// engines refuse a column that is both), hence `node_id` and `sealed_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RunRecord {
+    /// [`RECORD_SCHEMA`].
+    pub schema: u32,
+    /// Run name.
+    pub run: String,
+    /// The node that sealed it.
+    pub node_id: String,
+    /// When it was sealed (ms since the epoch).
+    pub sealed_ms: i64,
+    /// The run's key prefix.
+    pub key_prefix: String,
+    /// CI provider.
+    pub provider: Option<String>,
+    /// Repository.
+    pub repository: Option<String>,
+    /// Branch.
+    pub branch: Option<String>,
+    /// Tag.
+    pub tag: Option<String>,
+    /// Commit.
+    pub commit: Option<String>,
+    /// Pull or merge request.
+    pub pull_request: Option<String>,
+    /// Build or pipeline id.
+    pub build: Option<String>,
+    /// Job name.
+    pub job: Option<String>,
+    /// `--label` pairs (a reader keeps the first [`MAX_LABELS`]).
+    #[serde(deserialize_with = "capped::<_, MAX_LABELS, _>")]
+    pub labels: Vec<Label>,
+    /// Test cases.
+    pub tests: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed on retry.
+    pub flaky: u64,
+    /// Sum of the cases' times, ms.
+    pub duration_ms: u64,
+    /// JUnit files parsed.
+    pub junit_files: u64,
+    /// JUnit files left out.
+    pub unreadable_files: u64,
+    /// The test cases (at most [`MAX_RECORD_CASES`]; a reader skips any past that without
+    /// keeping them, so a record of a million empty cases costs no memory).
+    #[serde(deserialize_with = "capped::<_, MAX_RECORD_CASES, _>")]
+    pub cases: Vec<RecordCase>,
+    /// Cases not listed.
+    pub cases_omitted: u64,
+}
+
+/// Labels a reader keeps per record.
+const MAX_LABELS: usize = 100;
+
+/// A JSON array of which the first `N` elements are kept and the rest skipped unparsed.
+fn capped<'de, T: Deserialize<'de>, const N: usize, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    struct Capped<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Capped<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while out.len() < N {
+                match seq.next_element()? {
+                    Some(x) => out.push(x),
+                    None => return Ok(out),
+                }
+            }
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Capped::<T, N>(std::marker::PhantomData))
+}
+
+impl RunRecord {
+    /// The record of a sealed run.
+    pub(crate) fn new(m: &Manifest, collected: &Collected) -> RunRecord {
+        let ci = m.ci.clone().unwrap_or_default();
+        let s = collected.summary.clone().unwrap_or_default();
+        RunRecord {
+            schema: RECORD_SCHEMA,
+            run: m.run.clone(),
+            node_id: m.node.clone(),
+            sealed_ms: m.sealed_ms,
+            key_prefix: m.key_prefix.clone(),
+            provider: m.ci.as_ref().map(|c| c.provider.clone()),
+            repository: ci.repository,
+            branch: ci.branch,
+            tag: ci.tag,
+            commit: ci.commit,
+            pull_request: ci.pull_request,
+            build: ci.build,
+            job: ci.job,
+            labels: m
+                .labels
+                .iter()
+                .map(|(k, v)| Label {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            tests: s.tests,
+            passed: s.passed,
+            failed: s.failed,
+            errors: s.errors,
+            skipped: s.skipped,
+            flaky: s.flaky,
+            duration_ms: s.duration_ms,
+            junit_files: s.files.len() as u64,
+            unreadable_files: s.unreadable.len() as u64,
+            cases: collected
+                .cases
+                .iter()
+                .map(|c| RecordCase {
+                    suite: c.suite.clone(),
+                    class: c.class.clone(),
+                    name: c.name.clone(),
+                    status: c.outcome,
+                    duration_ms: c.duration_ms,
+                    flaky: c.flaky,
+                })
+                .collect(),
+            cases_omitted: collected.cases_omitted,
+        }
+    }
+}
+
+/// The UTC date (`YYYY-MM-DD`) of a time in ms since the epoch.
+pub(crate) fn date_of(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "1970-01-01".into())
+}
+
+/// The record's key (relative to a destination base).
+pub(crate) fn record_key(node: &str, run: &str, sealed_ms: i64) -> String {
+    format!(
+        "{}/date={}/node={node}/{run}.json",
+        crate::layout::RUNS_PREFIX,
+        date_of(sealed_ms)
+    )
+}
+
+/// Write the run's record to every destination, and delete the record of an earlier seal of
+/// the same run when it lies in another date's partition (so a run is counted once). A
+/// failure is logged and returned as text (the seal stands: the manifest is what proves it).
+pub(crate) async fn write_record(
+    dests: &[Destination],
+    record: &RunRecord,
+    earlier_sealed_ms: Option<i64>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut line = match serde_json::to_vec(record) {
+        Ok(l) => l,
+        Err(e) => return vec![format!("cannot encode the run's record: {e}")],
+    };
+    line.push(b'\n');
+    let key = record_key(&record.node_id, &record.run, record.sealed_ms);
+    let earlier = earlier_sealed_ms
+        .map(|ms| record_key(&record.node_id, &record.run, ms))
+        .filter(|k| *k != key);
+    let body = bytes::Bytes::from(line);
+    for dest in dests {
+        let res = async {
+            let location = dest.path(&key)?;
+            let mut attributes = Attributes::new();
+            if dest.supports_attributes {
+                attributes.insert(Attribute::ContentType, "application/x-ndjson".into());
+            }
+            let opts = PutOptions {
+                attributes,
+                ..Default::default()
+            };
+            dest.store
+                .put_opts(&location, PutPayload::from_bytes(body.clone()), opts)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", destination::error_chain(&e)))?;
+            if let Some(old) = &earlier {
+                let old = dest.path(old)?;
+                match dest.store.delete(&old).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => anyhow::bail!(
+                        "deleting the earlier record {old}: {}",
+                        destination::error_chain(&e)
+                    ),
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            let msg = format!("writing the run's record {key} to {}: {e:#}", dest.name);
+            tracing::warn!(run = %destination::printable(&record.run), error = %msg, "run record not written");
+            problems.push(msg);
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Vec<Case>, String> {
+        let mut out = Vec::new();
+        parse(s.as_bytes(), &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn pytest_surefire_gotestsum_and_nextest_shapes() {
+        // pytest --junitxml (a <testsuites> root, classname = module.Class).
+        let py = r#"<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="3" time="0.5"><testcase classname="test_app.TestLogin" name="test_ok" time="0.100" /><testcase classname="test_app.TestLogin" name="test_bad" time="0.250"><failure message="AssertionError: assert 1 == 2">def test_bad():
+&gt;       assert 1 == 2</failure></testcase><testcase classname="test_app" name="test_skip" time="0.000"><skipped type="pytest.skip" message="later">skip</skipped></testcase></testsuite></testsuites>"#;
+        let c = parse_str(py).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(
+            (
+                c[0].suite.as_str(),
+                c[0].class.as_str(),
+                c[0].name.as_str(),
+                c[0].duration_ms
+            ),
+            ("pytest", "test_app.TestLogin", "test_ok", 100)
+        );
+        assert_eq!(c[1].outcome, Outcome::Failed);
+        assert_eq!(
+            c[1].message.as_deref(),
+            Some("AssertionError: assert 1 == 2")
+        );
+        assert_eq!(c[2].outcome, Outcome::Skipped);
+        assert_eq!(c[2].message, None);
+
+        // Maven surefire: a <testsuite> root, a flaky pass, an error whose message is its text.
+        let surefire = r#"<testsuite name="com.acme.CartTest" time="1,234.5" tests="3"><properties><property name="java.version" value="21"/></properties><testcase name="adds" classname="com.acme.CartTest" time="1.5"><flakyFailure message="timeout" type="java.lang.AssertionError"><stackTrace>at x</stackTrace></flakyFailure></testcase><testcase name="removes" classname="com.acme.CartTest" time="2"><error type="java.lang.NullPointerException"><![CDATA[java.lang.NullPointerException: cart is null
+	at com.acme.Cart.remove]]></error><system-out>noise</system-out></testcase><testcase name="totals" classname="com.acme.CartTest" time="1,000.25"/></testsuite>"#;
+        let c = parse_str(surefire).unwrap();
+        assert_eq!(c.len(), 3);
+        assert!(c[0].flaky && c[0].outcome == Outcome::Passed);
+        assert_eq!(c[1].outcome, Outcome::Error);
+        assert!(
+            c[1].message
+                .as_deref()
+                .unwrap()
+                .starts_with("java.lang.NullPointerException: cart is null"),
+            "{:?}",
+            c[1].message
+        );
+        assert_eq!(c[2].duration_ms, 1_000_250);
+
+        // gotestsum: nested suites per package; nextest: rerunFailure then failure.
+        let go = r#"<testsuites tests="2"><testsuite name="example.com/api" tests="2"><testsuite name="inner"><testcase classname="example.com/api" name="TestGet" time="0.010"></testcase></testsuite><testcase classname="" name="TestPut" time="0.020"><failure message="Failed" type="">=== RUN TestPut</failure></testcase></testsuite></testsuites>"#;
+        let c = parse_str(go).unwrap();
+        assert_eq!(c[0].suite, "inner");
+        assert_eq!(
+            (c[1].suite.as_str(), c[1].class.as_str()),
+            ("example.com/api", "example.com/api")
+        );
+        let nextest = r#"<testsuites name="nextest-run"><testsuite name="widgets::bin/widgets"><testcase name="tests::slow" classname="widgets::bin/widgets" timestamp="2024-01-01T00:00:00Z" time="3.5"><rerunFailure type="test failure" message="thread panicked"/><failure type="test failure" message="thread panicked again"/></testcase></testsuite></testsuites>"#;
+        let c = parse_str(nextest).unwrap();
+        assert_eq!((c[0].outcome, c[0].flaky), (Outcome::Failed, false));
+        assert_eq!(c[0].message.as_deref(), Some("thread panicked again"));
+    }
+
+    #[test]
+    fn broken_or_foreign_documents_fail_whole() {
+        for (doc, want) in [
+            ("", "no root element"),
+            ("<testsuite><testcase name=\"a\"/>", "ends inside"),
+            (
+                "<testsuite><testcase name=\"a\"></testsuite>",
+                "not well-formed",
+            ),
+            (
+                "<project><testcase name=\"a\"/></project>",
+                "root element is <project>",
+            ),
+            (
+                "<testsuite><testcase name=\"a\"/></testsuite><x",
+                "not well-formed",
+            ),
+        ] {
+            let mut out = vec![Case::default()];
+            let e = parse(doc.as_bytes(), &mut out).unwrap_err();
+            assert!(e.contains(want), "{doc:?}: {e}");
+            assert_eq!(out.len(), 1, "{doc:?}: partial cases dropped");
+        }
+        // Entities are never expanded from a DTD (no billion laughs): the raw text is kept.
+        let doc =
+            r#"<!DOCTYPE x [<!ENTITY a "aaaa">]><testsuite><testcase name="&a;"/></testsuite>"#;
+        assert_eq!(parse_str(doc).unwrap()[0].name, "&a;");
+    }
+
+    #[test]
+    fn summaries_cap_what_they_keep_and_count_everything() {
+        let mut acc = Accumulator {
+            any_file: true,
+            ..Default::default()
+        };
+        for i in 0..(MAX_FAILURES as u64 + 10) {
+            acc.add(
+                Case {
+                    suite: format!("s{}", i % 3),
+                    class: "c".into(),
+                    name: format!("t{i}"),
+                    outcome: Outcome::Failed,
+                    duration_ms: i,
+                    message: Some("m".into()),
+                    flaky: false,
+                },
+                "junit.xml",
+            );
+        }
+        let s = acc.finish().summary.unwrap();
+        assert_eq!((s.tests, s.failed), (60, 60));
+        assert_eq!(s.failures.len(), MAX_FAILURES);
+        assert_eq!(s.failures_omitted, 10);
+        assert_eq!(s.slowest.len(), SLOWEST);
+        assert_eq!(s.slowest[0].duration_ms, 59);
+        assert_eq!(s.suites.len(), 3);
+        assert_eq!(truncate("héllo", 2), "hé…");
+        assert_eq!(millis(Some("0.0005")), 1);
+        assert_eq!(millis(Some("NaN")), 0);
+        assert_eq!(millis(Some("-3")), 0);
+        assert_eq!(millis(Some("1e300")), u64::MAX);
+        assert_eq!(
+            record_key("n", "r", 0),
+            "_panoptic-sync/runs/date=1970-01-01/node=n/r.json"
+        );
+    }
+}

@@ -1,0 +1,1179 @@
+//! Fleet test analytics from the bucket alone: `report --fleet` reads the run summary records
+//! every node writes under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/` and aggregates
+//! them: success rates per node, branch and suite (each also per day), the slowest and most
+//! often failing tests, flaky tests, and nodes whose failure rate stands out.
+//!
+//! Only the partitions of the window are listed (one listing per `date=` prefix from the first
+//! day of `--since` to today). Records are streamed through a fixed-size aggregate: at most
+//! [`READERS`] objects of at most [`MAX_RECORD_BYTES`] are held at once, tests are interned
+//! once (at most [`MAX_TESTS`]) and the flaky check keeps two bits per (revision, test) pair (at
+//! most [`MAX_PAIRS`]); past a cap, what is left out is counted and reported. Every record is
+//! written by some other node: sizes are capped, counts are added with saturation, and text is
+//! escaped by whoever prints it.
+//!
+//! Definitions (docs/OPERATIONS.md gives the same in SQL):
+//! - a run with results has at least one test case; it *passed* when none failed or erred.
+//!   Runs without test cases are counted apart and are in no rate.
+//! - success rate: passed runs / runs with results; pass rate: passed cases / (passed +
+//!   failed + errors).
+//! - a suite's run passed when none of its cases in that run failed or erred.
+//! - a test is (class, name); a revision is the commit, or for a run without one the run itself
+//!   (node and name). A test is *flaky* when for one revision it both failed (or erred) and
+//!   passed, across retries, shards or nodes, or passed only on a retry (`flaky` in a case).
+//! - a node *stands out* with at least [`OUTLIER_MIN_RUNS`] runs when its run failure rate is
+//!   at least 25 points above the rest of the fleet's and at least two standard errors above it
+//!   (binomial, the rest's rate clamped to 5–95 % so a clean fleet still needs evidence).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt;
+use object_store::{ObjectMeta, ObjectStoreExt};
+use serde::Serialize;
+
+use super::{Outcome, RECORD_SCHEMA, RunRecord, date_of};
+use crate::destination::{self, Destination};
+use crate::layout::RUNS_PREFIX;
+
+/// The largest record object read; larger ones are reported as unreadable, never downloaded.
+pub(crate) const MAX_RECORD_BYTES: u64 = 16 << 20;
+/// Records downloaded at once.
+const READERS: usize = 4;
+/// Partition listings at once.
+const LISTERS: usize = 8;
+/// Distinct tests tracked (slowest, most failing, flaky).
+pub(crate) const MAX_TESTS: usize = 200_000;
+/// (revision, test) pairs tracked for the flaky check (13 bytes a slot, at most 4 Mi slots:
+/// about 52 MiB at the cap).
+pub(crate) const MAX_PAIRS: usize = 2_000_000;
+/// Distinct nodes, branches or suites listed; the rest are added up under `(other)`.
+const MAX_GROUPS: usize = 1_000;
+/// Cells (group × day) of the per-day series; past this, new cells are left out of the series
+/// (the totals still count them).
+const MAX_DAY_CELLS: usize = 200_000;
+/// Bytes of names (tests and revisions) the aggregate keeps; past this, new tests and
+/// revisions are not tracked. Every name is also cut to [`super::MAX_NAME`] characters.
+const MAX_NAME_BYTES: usize = 48 << 20;
+/// Tests listed in each top list.
+const TOP: usize = 20;
+/// Commits named per flaky test.
+const FLAKY_COMMITS: usize = 5;
+/// Runs a node needs before it can stand out.
+pub(crate) const OUTLIER_MIN_RUNS: u64 = 3;
+/// The longest window: a partition listing per day.
+const MAX_DAYS: u64 = 3660;
+
+/// What `report --fleet` asks of the records.
+#[derive(Debug, Clone)]
+pub(crate) struct Query {
+    /// How far back (from now).
+    pub since: Duration,
+    /// Only runs of this branch.
+    pub branch: Option<String>,
+    /// Now, ms since the epoch.
+    pub now_ms: i64,
+}
+
+/// Counts of runs and cases, with the rates derived from them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct Rates {
+    /// Runs with results.
+    pub runs: u64,
+    /// Of which passed.
+    pub runs_passed: u64,
+    /// Passed runs / runs (null without runs).
+    pub success_rate: Option<f64>,
+    /// Test cases.
+    pub tests: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed / (passed + failed + errors) (null without such cases).
+    pub pass_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    runs: u64,
+    runs_passed: u64,
+    tests: u64,
+    passed: u64,
+    failed: u64,
+    errors: u64,
+    skipped: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.runs = self.runs.saturating_add(o.runs);
+        self.runs_passed = self.runs_passed.saturating_add(o.runs_passed);
+        self.tests = self.tests.saturating_add(o.tests);
+        self.passed = self.passed.saturating_add(o.passed);
+        self.failed = self.failed.saturating_add(o.failed);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.skipped = self.skipped.saturating_add(o.skipped);
+    }
+
+    fn rates(&self) -> Rates {
+        let judged = self
+            .passed
+            .saturating_add(self.failed)
+            .saturating_add(self.errors);
+        Rates {
+            runs: self.runs,
+            runs_passed: self.runs_passed,
+            success_rate: (self.runs > 0).then(|| self.runs_passed as f64 / self.runs as f64),
+            tests: self.tests,
+            passed: self.passed,
+            failed: self.failed,
+            errors: self.errors,
+            skipped: self.skipped,
+            pass_rate: (judged > 0).then(|| self.passed as f64 / judged as f64),
+        }
+    }
+}
+
+/// One day of a group.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Day {
+    /// `YYYY-MM-DD` (UTC, the day of the seal).
+    pub date: String,
+    /// That day's numbers.
+    #[serde(flatten)]
+    pub rates: Rates,
+}
+
+/// A node, branch or suite: its rates over the window and per day.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Group {
+    /// The node id, branch or suite name (`(none)`: runs without a branch).
+    pub name: String,
+    /// Over the window.
+    #[serde(flatten)]
+    pub rates: Rates,
+    /// Per day, oldest first (days without runs left out).
+    pub days: Vec<Day>,
+}
+
+/// A test in the top lists.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TestStat {
+    /// Suite (where it was first seen).
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// Times it ran (skips included).
+    pub runs: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed or erred.
+    pub failed: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// failed / (runs − skipped).
+    pub failure_rate: Option<f64>,
+    /// Mean time when not skipped, ms.
+    pub mean_ms: u64,
+    /// Longest time, ms.
+    pub max_ms: u64,
+}
+
+/// A flaky test.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Flaky {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// Revisions (commits, or runs without one) for which it both failed and passed.
+    pub revisions: u64,
+    /// Some of those commits (`run:<node>/<run>` for a run without one).
+    pub commits: Vec<String>,
+}
+
+/// A node whose failure rate stands out.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Outlier {
+    /// Node id.
+    pub node: String,
+    /// Its runs with results.
+    pub runs: u64,
+    /// Its run failure rate.
+    pub failure_rate: f64,
+    /// The rest of the fleet's.
+    pub fleet_failure_rate: f64,
+    /// Standard errors above the rest.
+    pub z: f64,
+}
+
+/// A record object that could not be used.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BadRecord {
+    /// Its key (control characters escaped).
+    pub key: String,
+    /// Why.
+    pub error: String,
+}
+
+/// What was left out because a cap was reached.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Capped {
+    /// Test cases of tests past [`MAX_TESTS`] (in the counts, not in the test lists).
+    pub cases_of_untracked_tests: u64,
+    /// Cases past [`MAX_PAIRS`] left out of the flaky check.
+    pub cases_not_checked_for_flakiness: u64,
+    /// Cases the writing nodes left out of their records (counted in the totals).
+    pub cases_omitted_by_writers: u64,
+}
+
+/// The fleet's test results (`results` in `report --fleet --json`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct FleetResults {
+    /// The window's first day (`YYYY-MM-DD`, UTC).
+    pub from: String,
+    /// Its last day.
+    pub to: String,
+    /// Runs sealed at or after this (ms since the epoch) are counted.
+    pub since_ms: i64,
+    /// `--branch`, when given.
+    pub branch: Option<String>,
+    /// `date=` partitions listed.
+    pub partitions: u64,
+    /// Records read (in the window and on the branch).
+    pub records: u64,
+    /// Runs without test cases (in no rate).
+    pub runs_without_tests: u64,
+    /// JUnit files the nodes could not parse.
+    pub unreadable_junit_files: u64,
+    /// Over every run.
+    pub totals: Rates,
+    /// Per day.
+    pub days: Vec<Day>,
+    /// Per node.
+    pub nodes: Vec<Group>,
+    /// Per branch.
+    pub branches: Vec<Group>,
+    /// Per suite.
+    pub suites: Vec<Group>,
+    /// Flaky tests, most revisions first.
+    pub flaky: Vec<Flaky>,
+    /// Tests that failed every time they ran (at least twice).
+    pub consistently_failing: Vec<TestStat>,
+    /// Most often failing tests.
+    pub most_failing: Vec<TestStat>,
+    /// Slowest tests by mean time.
+    pub slowest: Vec<TestStat>,
+    /// Nodes whose failure rate stands out.
+    pub outlier_nodes: Vec<Outlier>,
+    /// Records that could not be read.
+    pub unreadable: Vec<BadRecord>,
+    /// What caps left out.
+    pub capped: Capped,
+}
+
+#[derive(Default)]
+struct GroupAcc {
+    total: Counts,
+    days: BTreeMap<String, Counts>,
+}
+
+#[derive(Default)]
+struct TestAcc {
+    suite: String,
+    class: String,
+    name: String,
+    runs: u64,
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+    total_ms: u64,
+    max_ms: u64,
+}
+
+const PASS: u8 = 1;
+const FAIL: u8 = 2;
+const RETRIED: u8 = 4;
+
+/// The streaming aggregate.
+#[derive(Default)]
+struct Aggregate {
+    records: u64,
+    runs_without_tests: u64,
+    unreadable_junit_files: u64,
+    totals: Counts,
+    days: BTreeMap<String, Counts>,
+    nodes: BTreeMap<String, GroupAcc>,
+    branches: BTreeMap<String, GroupAcc>,
+    suites: BTreeMap<String, GroupAcc>,
+    test_ids: HashMap<(String, String), u32>,
+    tests: Vec<TestAcc>,
+    revisions: HashMap<String, u32>,
+    revision_names: Vec<String>,
+    pairs: HashMap<(u32, u32), u8>,
+    capped: Capped,
+    name_bytes: usize,
+    day_cells: usize,
+}
+
+/// A name from a record, cut to [`super::MAX_NAME`] characters.
+fn clip(s: &str) -> String {
+    super::truncate(s, super::MAX_NAME)
+}
+
+fn group<'a>(map: &'a mut BTreeMap<String, GroupAcc>, name: &str) -> &'a mut GroupAcc {
+    let name = clip(name);
+    let key = if map.len() < MAX_GROUPS || map.contains_key(&name) {
+        name
+    } else {
+        "(other)".to_string()
+    };
+    map.entry(key).or_default()
+}
+
+/// Add `c` to `g`'s total and, while there is room, to its day `date`.
+fn add_to(g: &mut GroupAcc, date: &str, c: &Counts, cells: &mut usize) {
+    g.total.add(c);
+    if let Some(d) = g.days.get_mut(date) {
+        d.add(c);
+    } else if *cells < MAX_DAY_CELLS {
+        *cells += 1;
+        g.days.entry(date.to_string()).or_default().add(c);
+    }
+}
+
+impl Aggregate {
+    fn add(&mut self, node: &str, r: RunRecord) {
+        self.records = self.records.saturating_add(1);
+        self.unreadable_junit_files = self
+            .unreadable_junit_files
+            .saturating_add(r.unreadable_files);
+        self.capped.cases_omitted_by_writers = self
+            .capped
+            .cases_omitted_by_writers
+            .saturating_add(r.cases_omitted);
+        if r.tests == 0 {
+            self.runs_without_tests = self.runs_without_tests.saturating_add(1);
+            return;
+        }
+        let passed_run = r.failed == 0 && r.errors == 0;
+        let run = Counts {
+            runs: 1,
+            runs_passed: u64::from(passed_run),
+            tests: r.tests,
+            passed: r.passed,
+            failed: r.failed,
+            errors: r.errors,
+            skipped: r.skipped,
+        };
+        let date = date_of(r.sealed_ms);
+        self.totals.add(&run);
+        // One cell per day of the window at most (the window is bounded).
+        self.days.entry(date.clone()).or_default().add(&run);
+        for (map, name) in [
+            (&mut self.nodes, node),
+            (&mut self.branches, r.branch.as_deref().unwrap_or("(none)")),
+        ] {
+            add_to(group(map, name), &date, &run, &mut self.day_cells);
+        }
+        // Per suite, from the cases.
+        let mut suites: BTreeMap<&str, Counts> = BTreeMap::new();
+        for c in &r.cases {
+            let s = suites.entry(c.suite.as_str()).or_default();
+            s.tests += 1;
+            match c.status {
+                Outcome::Passed => s.passed += 1,
+                Outcome::Skipped => s.skipped += 1,
+                Outcome::Failed => s.failed += 1,
+                Outcome::Error => s.errors += 1,
+            }
+        }
+        for (name, mut s) in suites {
+            s.runs = 1;
+            s.runs_passed = u64::from(s.failed == 0 && s.errors == 0);
+            add_to(
+                group(&mut self.suites, name),
+                &date,
+                &s,
+                &mut self.day_cells,
+            );
+        }
+        // Per test, and the flaky check per (revision, test).
+        let revision = clip(&match r.commit.as_deref().filter(|c| !c.is_empty()) {
+            Some(c) => c.to_string(),
+            None => format!("run:{node}/{}", r.run),
+        });
+        let rev = match self.revisions.get(&revision) {
+            Some(&i) => Some(i),
+            None if self.name_bytes < MAX_NAME_BYTES => {
+                let i = self.revision_names.len() as u32;
+                self.name_bytes += 2 * revision.len();
+                self.revision_names.push(revision.clone());
+                self.revisions.insert(revision, i);
+                Some(i)
+            }
+            None => None,
+        };
+        for c in r.cases {
+            let key = (clip(&c.class), clip(&c.name));
+            let id = match self.test_ids.get(&key) {
+                Some(&i) => i,
+                None if self.tests.len() < MAX_TESTS && self.name_bytes < MAX_NAME_BYTES => {
+                    let i = self.tests.len() as u32;
+                    let suite = clip(&c.suite);
+                    self.name_bytes += suite.len() + 2 * (key.0.len() + key.1.len());
+                    self.tests.push(TestAcc {
+                        suite,
+                        class: key.0.clone(),
+                        name: key.1.clone(),
+                        ..Default::default()
+                    });
+                    self.test_ids.insert(key, i);
+                    i
+                }
+                None => {
+                    self.capped.cases_of_untracked_tests += 1;
+                    continue;
+                }
+            };
+            let t = &mut self.tests[id as usize];
+            t.runs += 1;
+            match c.status {
+                Outcome::Passed => t.passed += 1,
+                Outcome::Skipped => t.skipped += 1,
+                Outcome::Failed | Outcome::Error => t.failed += 1,
+            }
+            if c.status != Outcome::Skipped {
+                t.total_ms = t.total_ms.saturating_add(c.duration_ms);
+                t.max_ms = t.max_ms.max(c.duration_ms);
+            }
+            let bits = match c.status {
+                Outcome::Passed if c.flaky => PASS | RETRIED,
+                Outcome::Passed => PASS,
+                Outcome::Failed | Outcome::Error => FAIL,
+                Outcome::Skipped => 0,
+            };
+            if bits == 0 {
+                continue;
+            }
+            let tracked = rev
+                .filter(|rev| self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&(*rev, id)));
+            match tracked {
+                Some(rev) => *self.pairs.entry((rev, id)).or_default() |= bits,
+                None => self.capped.cases_not_checked_for_flakiness += 1,
+            }
+        }
+    }
+
+    fn finish(self, out: &mut FleetResults) {
+        let days = |m: &BTreeMap<String, Counts>| -> Vec<Day> {
+            m.iter()
+                .map(|(d, c)| Day {
+                    date: d.clone(),
+                    rates: c.rates(),
+                })
+                .collect()
+        };
+        let groups = |m: &BTreeMap<String, GroupAcc>| -> Vec<Group> {
+            m.iter()
+                .map(|(name, g)| Group {
+                    name: name.clone(),
+                    rates: g.total.rates(),
+                    days: days(&g.days),
+                })
+                .collect()
+        };
+        out.records = self.records;
+        out.runs_without_tests = self.runs_without_tests;
+        out.unreadable_junit_files = self.unreadable_junit_files;
+        out.totals = self.totals.rates();
+        out.days = days(&self.days);
+        out.nodes = groups(&self.nodes);
+        out.branches = groups(&self.branches);
+        out.suites = groups(&self.suites);
+        out.capped = self.capped;
+
+        // Outliers: each node against the rest of the fleet.
+        for (name, g) in &self.nodes {
+            let n = g.total.runs;
+            if n < OUTLIER_MIN_RUNS || name == "(other)" {
+                continue;
+            }
+            let failed = |c: &Counts| c.runs.saturating_sub(c.runs_passed);
+            let rest_runs = self.totals.runs.saturating_sub(n);
+            if rest_runs == 0 {
+                continue;
+            }
+            let rest_failed = failed(&self.totals).saturating_sub(failed(&g.total));
+            let p = failed(&g.total) as f64 / n as f64;
+            let p0 = rest_failed as f64 / rest_runs as f64;
+            let clamped = p0.clamp(0.05, 0.95);
+            let z = (p - p0) / (clamped * (1.0 - clamped) / n as f64).sqrt();
+            if p - p0 >= 0.25 && z >= 2.0 {
+                out.outlier_nodes.push(Outlier {
+                    node: name.clone(),
+                    runs: n,
+                    failure_rate: p,
+                    fleet_failure_rate: p0,
+                    z: (z * 100.0).round() / 100.0,
+                });
+            }
+        }
+        out.outlier_nodes
+            .sort_by(|a, b| b.z.total_cmp(&a.z).then(a.node.cmp(&b.node)));
+
+        // Flaky: both outcomes for one revision, or a pass on retry.
+        let mut flaky: HashMap<u32, (u64, Vec<u32>)> = HashMap::new();
+        for (&(rev, id), &bits) in &self.pairs {
+            if bits & (PASS | FAIL) == PASS | FAIL || bits & RETRIED != 0 {
+                let e = flaky.entry(id).or_default();
+                e.0 += 1;
+                e.1.push(rev);
+            }
+        }
+        let stat = |t: &TestAcc| {
+            let ran = t.runs.saturating_sub(t.skipped);
+            TestStat {
+                suite: t.suite.clone(),
+                class: t.class.clone(),
+                name: t.name.clone(),
+                runs: t.runs,
+                passed: t.passed,
+                failed: t.failed,
+                skipped: t.skipped,
+                failure_rate: (ran > 0).then(|| t.failed as f64 / ran as f64),
+                mean_ms: t.total_ms.checked_div(ran).unwrap_or(0),
+                max_ms: t.max_ms,
+            }
+        };
+        let mut flaky: Vec<Flaky> = flaky
+            .into_iter()
+            .map(|(id, (revisions, mut revs))| {
+                let t = &self.tests[id as usize];
+                let mut commits: Vec<String> = revs
+                    .drain(..)
+                    .map(|r| self.revision_names[r as usize].clone())
+                    .collect();
+                commits.sort();
+                commits.truncate(FLAKY_COMMITS);
+                Flaky {
+                    suite: t.suite.clone(),
+                    class: t.class.clone(),
+                    name: t.name.clone(),
+                    revisions,
+                    commits,
+                }
+            })
+            .collect();
+        flaky.sort_by(|a, b| {
+            b.revisions
+                .cmp(&a.revisions)
+                .then_with(|| (&a.class, &a.name).cmp(&(&b.class, &b.name)))
+        });
+        flaky.truncate(TOP * 5);
+        out.flaky = flaky;
+
+        let by_name = |a: &TestStat, b: &TestStat| (&a.class, &a.name).cmp(&(&b.class, &b.name));
+        let mut failing: Vec<TestStat> = self
+            .tests
+            .iter()
+            .filter(|t| t.failed > 0)
+            .map(stat)
+            .collect();
+        failing.sort_by(|a, b| b.failed.cmp(&a.failed).then_with(|| by_name(a, b)));
+        out.consistently_failing = failing
+            .iter()
+            .filter(|t| t.failed >= 2 && t.passed == 0)
+            .take(TOP)
+            .cloned()
+            .collect();
+        failing.truncate(TOP);
+        out.most_failing = failing;
+
+        // The slowest: a bounded selection, never a sort of every test.
+        let mut slowest: Vec<TestStat> = Vec::with_capacity(TOP + 1);
+        for t in &self.tests {
+            let ran = t.runs.saturating_sub(t.skipped);
+            let Some(mean) = t.total_ms.checked_div(ran) else {
+                continue;
+            };
+            if slowest.len() < TOP || slowest.last().is_some_and(|s| mean > s.mean_ms) {
+                slowest.push(stat(t));
+                slowest.sort_by(|a, b| b.mean_ms.cmp(&a.mean_ms).then_with(|| by_name(a, b)));
+                slowest.truncate(TOP);
+            }
+        }
+        out.slowest = slowest;
+    }
+}
+
+/// Every `YYYY-MM-DD` from `from_ms`'s day to `to_ms`'s day (UTC).
+fn dates(from_ms: i64, to_ms: i64) -> Vec<String> {
+    let day = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.date_naive());
+    let (Some(mut d), Some(last)) = (day(from_ms), day(to_ms)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while d <= last && (out.len() as u64) <= MAX_DAYS {
+        out.push(d.format("%Y-%m-%d").to_string());
+        match d.succ_opt() {
+            Some(n) => d = n,
+            None => break,
+        }
+    }
+    out
+}
+
+/// The node of a record's key: its `node=` segment.
+fn node_of(key: &str) -> Option<&str> {
+    key.split('/').find_map(|s| s.strip_prefix("node="))
+}
+
+/// Read one record object (at most [`MAX_RECORD_BYTES`], streamed: the read stops past the
+/// cap) and parse its lines.
+async fn read_record(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result<Vec<RunRecord>> {
+    let too_big = || {
+        anyhow::anyhow!("larger than the {MAX_RECORD_BYTES} bytes a run record may have; not read")
+    };
+    if meta.size > MAX_RECORD_BYTES {
+        return Err(too_big());
+    }
+    let mut stream = primary
+        .store
+        .get(&meta.location)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", destination::error_chain(&e)))?
+        .into_stream();
+    let mut buf = Vec::with_capacity(meta.size as usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow::anyhow!("{}", destination::error_chain(&e)))?;
+        if (buf.len() + chunk.len()) as u64 > MAX_RECORD_BYTES {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let mut out = Vec::new();
+    for (i, line) in buf.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let r: RunRecord = serde_json::from_slice(line)
+            .map_err(|e| anyhow::anyhow!("line {}: not a run record: {e}", i + 1))?;
+        if r.schema != RECORD_SCHEMA {
+            anyhow::bail!(
+                "line {}: record schema {} is not known to this build (it reads {RECORD_SCHEMA})",
+                i + 1,
+                r.schema
+            );
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Read the records of the window from `primary` and aggregate them.
+pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<FleetResults> {
+    let since_ms = q
+        .now_ms
+        .saturating_sub(q.since.as_millis().min(i64::MAX as u128) as i64);
+    let days = dates(since_ms.max(0), q.now_ms);
+    let mut out = FleetResults {
+        from: days.first().cloned().unwrap_or_default(),
+        to: days.last().cloned().unwrap_or_default(),
+        since_ms,
+        branch: q.branch.clone(),
+        partitions: days.len() as u64,
+        ..Default::default()
+    };
+    let listings: Vec<_> = futures::stream::iter(days)
+        .map(|d| async move {
+            let prefix = format!("{RUNS_PREFIX}/date={d}");
+            (prefix.clone(), primary.list_under(&prefix).await)
+        })
+        .buffer_unordered(LISTERS)
+        .collect()
+        .await;
+    let mut objects = Vec::new();
+    for (prefix, listing) in listings {
+        match listing {
+            Ok(l) => {
+                for bad in l.bad_keys {
+                    out.unreadable.push(BadRecord {
+                        key: bad.key,
+                        error: bad.reason,
+                    });
+                }
+                objects.extend(l.objects);
+            }
+            Err(e) => anyhow::bail!("listing {prefix} in {}: {e}", primary.name),
+        }
+    }
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut agg = Aggregate::default();
+    let mut reads = futures::stream::iter(objects)
+        .map(|meta| async move {
+            let res = read_record(primary, &meta).await;
+            (meta, res)
+        })
+        .buffer_unordered(READERS);
+    while let Some((meta, res)) = reads.next().await {
+        let key = primary.relative(meta.location.as_ref()).to_string();
+        let Some(node) = node_of(&key).map(str::to_string) else {
+            out.unreadable.push(BadRecord {
+                key: destination::printable(&key),
+                error: "not under a node= partition".into(),
+            });
+            continue;
+        };
+        match res {
+            Ok(records) => {
+                for r in records {
+                    if r.sealed_ms < since_ms
+                        || q.branch
+                            .as_ref()
+                            .is_some_and(|b| r.branch.as_ref() != Some(b))
+                    {
+                        continue;
+                    }
+                    agg.add(&node, r);
+                }
+            }
+            Err(e) => out.unreadable.push(BadRecord {
+                key: destination::printable(&key),
+                error: destination::printable(&format!("{e:#}")),
+            }),
+        }
+    }
+    out.unreadable.sort_by(|a, b| a.key.cmp(&b.key));
+    agg.finish(&mut out);
+    Ok(out)
+}
+
+/// A test's id for people: `class::name`, escaped.
+fn test_id(class: &str, name: &str) -> String {
+    destination::printable(&format!("{class}::{name}"))
+}
+
+/// The fleet's test results as text (every string from a record escaped).
+pub(crate) fn render_text(r: &FleetResults) -> String {
+    use std::fmt::Write as _;
+    let p = destination::printable;
+    let pc = crate::report::charts::percent;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\ntest results {} – {}{}: {} runs with tests, {} passed ({}); {} tests, {} passed{}",
+        r.from,
+        r.to,
+        r.branch
+            .as_deref()
+            .map(|b| format!(" on branch {}", p(b)))
+            .unwrap_or_default(),
+        r.totals.runs,
+        r.totals.runs_passed,
+        pc(r.totals.success_rate),
+        r.totals.tests,
+        pc(r.totals.pass_rate),
+        if r.runs_without_tests > 0 {
+            format!("; {} runs without tests", r.runs_without_tests)
+        } else {
+            String::new()
+        }
+    );
+    for (what, groups) in [
+        ("node", &r.nodes),
+        ("branch", &r.branches),
+        ("suite", &r.suites),
+    ] {
+        if groups.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "  {:<30} {:>6} {:>7} {:>8} {:>8} {:>9}",
+            format!("by {what}"),
+            "runs",
+            "passed",
+            "success",
+            "tests",
+            "pass rate"
+        );
+        for g in groups {
+            let _ = writeln!(
+                o,
+                "  {:<30} {:>6} {:>7} {:>8} {:>8} {:>9}",
+                p(&g.name),
+                g.rates.runs,
+                g.rates.runs_passed,
+                pc(g.rates.success_rate),
+                g.rates.tests,
+                pc(g.rates.pass_rate)
+            );
+        }
+    }
+    if !r.flaky.is_empty() {
+        let _ = writeln!(o, "  flaky tests (failed and passed for one commit):");
+        for f in &r.flaky {
+            let _ = writeln!(
+                o,
+                "    {} ({}): {} revision{}: {}",
+                test_id(&f.class, &f.name),
+                p(&f.suite),
+                f.revisions,
+                if f.revisions == 1 { "" } else { "s" },
+                p(&f.commits.join(", "))
+            );
+        }
+    }
+    for (what, list) in [
+        ("consistently failing", &r.consistently_failing),
+        ("most often failing", &r.most_failing),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let _ = writeln!(o, "  {what}:");
+        for t in list {
+            let _ = writeln!(
+                o,
+                "    {} ({}): failed {} of {} ({})",
+                test_id(&t.class, &t.name),
+                p(&t.suite),
+                t.failed,
+                t.runs.saturating_sub(t.skipped),
+                pc(t.failure_rate)
+            );
+        }
+    }
+    if !r.slowest.is_empty() {
+        let _ = writeln!(o, "  slowest tests (mean):");
+        for t in &r.slowest {
+            let _ = writeln!(
+                o,
+                "    {:>9} ms  {} ({} runs, max {} ms)",
+                t.mean_ms,
+                test_id(&t.class, &t.name),
+                t.runs,
+                t.max_ms
+            );
+        }
+    }
+    for n in &r.outlier_nodes {
+        let _ = writeln!(
+            o,
+            "  node {} stands out: {} of its {} runs failed, against {} for the rest of the fleet",
+            p(&n.node),
+            pc(Some(n.failure_rate)),
+            n.runs,
+            pc(Some(n.fleet_failure_rate))
+        );
+    }
+    if r.unreadable_junit_files > 0 {
+        let _ = writeln!(
+            o,
+            "  {} JUnit files could not be parsed by their nodes (see each run's summary)",
+            r.unreadable_junit_files
+        );
+    }
+    for u in &r.unreadable {
+        let _ = writeln!(o, "unreadable run record: {}: {}", p(&u.key), p(&u.error));
+    }
+    o
+}
+
+/// Rate per day for each group (at most `max` groups, the ones with most runs).
+fn per_day(days: &[String], groups: &[Group], max: usize) -> Vec<(String, Vec<Option<f64>>)> {
+    let mut gs: Vec<&Group> = groups.iter().collect();
+    gs.sort_by(|a, b| b.rates.runs.cmp(&a.rates.runs).then(a.name.cmp(&b.name)));
+    gs.into_iter()
+        .take(max)
+        .map(|g| {
+            let by: HashMap<&str, Option<f64>> = g
+                .days
+                .iter()
+                .map(|d| (d.date.as_str(), d.rates.success_rate))
+                .collect();
+            (
+                g.name.clone(),
+                days.iter()
+                    .map(|d| by.get(d.as_str()).copied().flatten())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The fleet's test results as HTML: success rate over time (fleet, per node, per branch,
+/// per suite) as inline SVG, and tables of flaky, failing and slow tests.
+pub(crate) fn render_html(r: &FleetResults) -> maud::Markup {
+    use crate::report::charts::{lines, percent};
+    use maud::html;
+    // The whole window on the time axis (days without runs have no point), unless it is long.
+    let window = match (
+        chrono::NaiveDate::parse_from_str(&r.from, "%Y-%m-%d"),
+        chrono::NaiveDate::parse_from_str(&r.to, "%Y-%m-%d"),
+    ) {
+        (Ok(from), Ok(to)) if (to - from).num_days() <= 400 => from
+            .iter_days()
+            .take_while(|d| *d <= to)
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let days: Vec<String> = if window.is_empty() {
+        r.days.iter().map(|d| d.date.clone()).collect()
+    } else {
+        window
+    };
+    let fleet_by: HashMap<&str, Option<f64>> = r
+        .days
+        .iter()
+        .map(|d| (d.date.as_str(), d.rates.success_rate))
+        .collect();
+    let fleet = vec![(
+        "fleet".to_string(),
+        days.iter()
+            .map(|d| fleet_by.get(d.as_str()).copied().flatten())
+            .collect::<Vec<_>>(),
+    )];
+    let pct = |v: f64| format!("{:.0}%", v * 100.0);
+    let table = |groups: &[Group], what: &str| {
+        html! {
+            table {
+                thead { tr { th { (what) } th class="n" { "runs" } th class="n" { "passed" } th class="n" { "success" } th class="n" { "tests" } th class="n" { "pass rate" } } }
+                tbody {
+                    @for g in groups {
+                        tr {
+                            td { (g.name) }
+                            td class="n" { (g.rates.runs) }
+                            td class="n" { (g.rates.runs_passed) }
+                            td class="n" { (percent(g.rates.success_rate)) }
+                            td class="n" { (g.rates.tests) }
+                            td class="n" { (percent(g.rates.pass_rate)) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let tests = |list: &[TestStat]| {
+        html! {
+            table {
+                thead { tr { th { "test" } th { "suite" } th class="n" { "runs" } th class="n" { "failed" } th class="n" { "failure rate" } th class="n" { "mean" } th class="n" { "max" } } }
+                tbody {
+                    @for t in list {
+                        tr {
+                            td { (t.class) "::" (t.name) }
+                            td { (t.suite) }
+                            td class="n" { (t.runs) }
+                            td class="n" { (t.failed) }
+                            td class="n" { (percent(t.failure_rate)) }
+                            td class="n" { (t.mean_ms) " ms" }
+                            td class="n" { (t.max_ms) " ms" }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    html! {
+        section {
+            h2 { "Test results " (r.from) " – " (r.to) @if let Some(b) = &r.branch { " on branch " (b) } }
+            p {
+                (r.totals.runs) " runs with tests, " (r.totals.runs_passed) " passed ("
+                (percent(r.totals.success_rate)) "); " (r.totals.tests) " tests, "
+                (percent(r.totals.pass_rate)) " passed"
+                @if r.runs_without_tests > 0 { "; " (r.runs_without_tests) " runs without tests" }
+                @if r.unreadable_junit_files > 0 { "; JUnit files the nodes could not parse: " (r.unreadable_junit_files) }
+            }
+            @if !r.outlier_nodes.is_empty() {
+                div class="recs" {
+                    ul {
+                        @for n in &r.outlier_nodes {
+                            li { "node " (n.node) " stands out: " (percent(Some(n.failure_rate))) " of its "
+                                (n.runs) " runs failed, against " (percent(Some(n.fleet_failure_rate)))
+                                " for the rest of the fleet" }
+                        }
+                    }
+                }
+            }
+            (lines("Run success rate per day: fleet", &days, &fleet, 1.0, &pct))
+            (lines("Run success rate per day, per node", &days, &per_day(&days, &r.nodes, 8), 1.0, &pct))
+            (lines("Run success rate per day, per branch", &days, &per_day(&days, &r.branches, 8), 1.0, &pct))
+            (lines("Run success rate per day, per suite", &days, &per_day(&days, &r.suites, 8), 1.0, &pct))
+            h3 { "Nodes" } (table(&r.nodes, "node"))
+            h3 { "Branches" } (table(&r.branches, "branch"))
+            h3 { "Suites" } (table(&r.suites, "suite"))
+            h3 { "Flaky tests" }
+            @if r.flaky.is_empty() { p { "none" } } @else {
+                table {
+                    thead { tr { th { "test" } th { "suite" } th class="n" { "revisions" } th { "commits" } } }
+                    tbody {
+                        @for f in &r.flaky {
+                            tr { td { (f.class) "::" (f.name) } td { (f.suite) } td class="n" { (f.revisions) } td { (f.commits.join(", ")) } }
+                        }
+                    }
+                }
+            }
+            h3 { "Consistently failing" } (tests(&r.consistently_failing))
+            h3 { "Most often failing" } (tests(&r.most_failing))
+            h3 { "Slowest (mean)" } (tests(&r.slowest))
+            @if !r.unreadable.is_empty() {
+                h3 { "Unreadable run records" }
+                ul { @for u in &r.unreadable { li { (u.key) ": " (u.error) } } }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::RecordCase;
+    use super::*;
+
+    fn record(run: &str, commit: &str, branch: &str, cases: &[(&str, Outcome, bool)]) -> RunRecord {
+        let mut r = RunRecord {
+            schema: RECORD_SCHEMA,
+            run: run.into(),
+            commit: Some(commit.into()),
+            branch: Some(branch.into()),
+            sealed_ms: 86_400_000 * 3,
+            ..Default::default()
+        };
+        for (name, status, flaky) in cases {
+            r.tests += 1;
+            match status {
+                Outcome::Passed => r.passed += 1,
+                Outcome::Failed => r.failed += 1,
+                Outcome::Error => r.errors += 1,
+                Outcome::Skipped => r.skipped += 1,
+            }
+            r.cases.push(RecordCase {
+                suite: "s".into(),
+                class: "c".into(),
+                name: name.to_string(),
+                status: *status,
+                duration_ms: 10,
+                flaky: *flaky,
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn rates_flaky_tests_and_outliers() {
+        use Outcome::*;
+        let mut agg = Aggregate::default();
+        // Node a: three clean runs; node b: `t2` fails for commit 1 where a passed it;
+        // node c fails `always` every time.
+        for i in 0..3 {
+            let commit = format!("c{i}");
+            agg.add(
+                "a",
+                record(
+                    &format!("a{i}"),
+                    &commit,
+                    "main",
+                    &[("t1", Passed, false), ("t2", Passed, false)],
+                ),
+            );
+            let t2 = if i == 1 { Failed } else { Passed };
+            agg.add(
+                "b",
+                record(
+                    &format!("b{i}"),
+                    &commit,
+                    "main",
+                    &[("t1", Passed, false), ("t2", t2, false)],
+                ),
+            );
+            agg.add(
+                "c",
+                record(
+                    &format!("c{i}"),
+                    &commit,
+                    "dev",
+                    &[("always", Failed, false), ("t3", Passed, i == 2)],
+                ),
+            );
+        }
+        agg.add("c", record("empty", "c9", "dev", &[]));
+        let mut out = FleetResults::default();
+        agg.finish(&mut out);
+        assert_eq!(out.totals.runs, 9);
+        assert_eq!(out.runs_without_tests, 1);
+        assert_eq!(out.totals.success_rate, Some(5.0 / 9.0));
+        let rate =
+            |g: &[Group], n: &str| g.iter().find(|g| g.name == n).unwrap().rates.success_rate;
+        assert_eq!(rate(&out.nodes, "a"), Some(1.0));
+        assert_eq!(rate(&out.nodes, "b"), Some(2.0 / 3.0));
+        assert_eq!(rate(&out.nodes, "c"), Some(0.0));
+        assert_eq!(rate(&out.branches, "main"), Some(5.0 / 6.0));
+        assert_eq!(out.days.len(), 1);
+        assert_eq!(out.days[0].date, "1970-01-04");
+        let flaky: Vec<&str> = out.flaky.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(flaky, ["t2", "t3"]);
+        assert_eq!(out.flaky[0].commits, ["c1"]);
+        assert_eq!(out.consistently_failing.len(), 1);
+        assert_eq!(out.consistently_failing[0].name, "always");
+        let outliers: Vec<&str> = out.outlier_nodes.iter().map(|o| o.node.as_str()).collect();
+        assert_eq!(outliers, ["c"]);
+    }
+
+    #[test]
+    fn hostile_records_cost_bounded_memory() {
+        // A million empty cases: the first MAX_RECORD_CASES are kept, the rest skipped.
+        let mut json = String::from(r#"{"schema":1,"tests":1,"passed":1,"cases":["#);
+        json.push_str(&"{},".repeat(1_000_000));
+        json.push_str(r#"{}],"labels":[]}"#);
+        let r: RunRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(r.cases.len(), super::super::MAX_RECORD_CASES);
+        // Names are cut before they are kept.
+        let mut agg = Aggregate::default();
+        let mut r = record("r", &"c".repeat(100_000), &"b".repeat(100_000), &[]);
+        r.cases.push(RecordCase {
+            class: "x".repeat(100_000),
+            name: "y".repeat(100_000),
+            ..Default::default()
+        });
+        r.tests = 1;
+        agg.add("n", r);
+        assert!(
+            agg.name_bytes < 4 * super::super::MAX_NAME * 4,
+            "{}",
+            agg.name_bytes
+        );
+        assert!(
+            agg.branches
+                .keys()
+                .all(|b| b.chars().count() <= super::super::MAX_NAME + 1)
+        );
+    }
+
+    #[test]
+    fn windows_and_partitions() {
+        assert_eq!(
+            dates(0, 86_400_000 * 2),
+            ["1970-01-01", "1970-01-02", "1970-01-03"]
+        );
+        assert_eq!(
+            node_of("base/_panoptic-sync/runs/date=x/node=n-1/r.json"),
+            Some("n-1")
+        );
+        // Hostile counts saturate.
+        let mut agg = Aggregate::default();
+        let mut r = record("r", "c", "b", &[("t", Outcome::Passed, false)]);
+        r.passed = u64::MAX;
+        agg.add("n", r.clone());
+        agg.add("n", r);
+        assert_eq!(agg.totals.passed, u64::MAX);
+    }
+}
