@@ -834,9 +834,28 @@ impl Index {
                 path.display()
             )
         };
-        setup()
-            .with_context(|| format!("configuring index {}", path.display()))
-            .with_context(|| damaged(&path))?;
+        // Switching a fresh database to WAL needs an exclusive lock, and SQLite answers BUSY
+        // at once (without its busy handler) while another process (a `sync` or `seal`
+        // creating the same index) holds one: retry for as long as the busy timeout.
+        let mut tries = 0;
+        loop {
+            match setup() {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && tries < 300 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                res => {
+                    res.with_context(|| format!("configuring index {}", path.display()))
+                        .with_context(|| damaged(&path))?;
+                    break;
+                }
+            }
+        }
         let index = Index {
             conn: Mutex::new(conn),
             path,
