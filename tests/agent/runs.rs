@@ -546,12 +546,16 @@ async fn local_cleanup_can_wait_for_a_runs_seal() {
     assert!(env.watch.join("waiting/logs/test.log").exists());
     assert_ok(&seal(&env, "sealed", &[]), "seal");
     let sealed_log = env.watch.join("sealed/logs/test.log");
-    wait_until(
-        Duration::from_secs(30),
-        "the sealed run's files deleted",
-        || !sealed_log.exists(),
-    )
-    .await;
+    // Cleanup passes run every 5 s; a failure shows what the daemon said.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while sealed_log.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sealed run's files were not deleted; daemon log:\n{}",
+            std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The pass that deleted them saw the other run's files (stored earlier) and kept them.
     assert!(env.watch.join("waiting/logs/test.log").exists());
     assert!(env.watch.join("waiting/shots/a.png").exists());
