@@ -418,8 +418,8 @@ pub(crate) async fn seal(
     // Without a key the run gets its browsable page, stored as it is.
     let page_key = if pipeline.key.is_none() {
         let (logical, up) = page::location(&manifest);
-        let html = bytes::Bytes::from(page::render(&manifest, &stored_key, up, false));
         let page_key = layout::stored_key(&logical, pipeline::Plan::STORED);
+        let html = bytes::Bytes::from(page::render(&manifest, &stored_key, up, false));
         let meta = Meta {
             size: html.len() as u64,
             mtime_ns: manifest.sealed_ms * 1_000_000,
@@ -1274,11 +1274,7 @@ pub(crate) fn render(runs: &[RunInfo]) -> String {
 pub(crate) fn render_manifest(m: &Manifest) -> String {
     use std::fmt::Write as _;
     let p = destination::printable;
-    let when = |ms: i64| {
-        chrono::DateTime::from_timestamp_millis(ms)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-            .unwrap_or_else(|| ms.to_string())
-    };
+    let when = page::time;
     let mut out = String::new();
     let _ = writeln!(out, "run {} (node {})", p(&m.run), p(&m.node));
     let _ = writeln!(out, "  sealed     {}", when(m.sealed_ms));

@@ -35,6 +35,15 @@ const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
 /// slow look is a safety net for what sends none (a mount over the root).
 const SUPERVISE_IDLE: Duration = Duration::from_secs(60);
 
+/// How often the roots are looked at, given which are watched now.
+fn supervise_every(states: &[RootState]) -> Duration {
+    if states.iter().all(|st| st.watched.is_some()) {
+        SUPERVISE_IDLE
+    } else {
+        SUPERVISE_EVERY
+    }
+}
+
 /// Events buffered between the notify thread and the watcher task.
 const EVENT_QUEUE: usize = 65_536;
 
@@ -164,9 +173,7 @@ impl WatchTask {
                         settling.remove(&path);
                         self.feeder.send(candidate(path, root)).await;
                     }
-                    let all_watched = states.iter().all(|st| st.watched.is_some());
-                    let supervise_every = if all_watched { SUPERVISE_IDLE } else { SUPERVISE_EVERY };
-                    if now.duration_since(last_supervise) >= supervise_every {
+                    if now.duration_since(last_supervise) >= supervise_every(&states) {
                         last_supervise = now;
                         self.supervise(&mut watcher, &mut states, first, &mut walks);
                         if first {
@@ -175,13 +182,8 @@ impl WatchTask {
                         }
                     }
                     while walks.try_join_next().is_some() {}
-                    let supervise_every = if states.iter().all(|st| st.watched.is_some()) {
-                        SUPERVISE_IDLE
-                    } else {
-                        SUPERVISE_EVERY
-                    };
                     next_tick = tokio::time::Instant::now()
-                        + if settling.is_empty() { supervise_every } else { SETTLE_TICK };
+                        + if settling.is_empty() { supervise_every(&states) } else { SETTLE_TICK };
                     if let Some(at) = rescan_at {
                         next_tick = next_tick.min(at.into());
                     }

@@ -57,6 +57,15 @@ pub(crate) fn location(manifest: &Manifest) -> (String, &'static str) {
     }
 }
 
+/// The page's stored key (it is stored as it is) and the way back to the run's directory.
+pub(crate) fn stored_location(manifest: &Manifest) -> (String, &'static str) {
+    let (logical, up) = location(manifest);
+    (
+        crate::layout::stored_key(&logical, crate::pipeline::Plan::STORED),
+        up,
+    )
+}
+
 /// The relative link from the page to the object at `stored_key` (relative to the
 /// destination base), each segment percent-encoded.
 fn href(manifest: &Manifest, up: &str, stored_key: &str) -> String {
@@ -80,7 +89,8 @@ fn as_is(manifest: &Manifest, f: &ManifestFile) -> bool {
     f.stored_key == format!("{}/{}", manifest.key_prefix, f.path)
 }
 
-fn time(ms: i64) -> String {
+/// A time for people: `2026-11-26 12:00:00 UTC`.
+pub(crate) fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_else(|| ms.to_string())
