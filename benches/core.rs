@@ -57,9 +57,9 @@ async fn indexing() {
     let roots = Arc::new(Root::from_config(&config));
     for pass in [
         "fresh index (stat + hash + record)",
-        "unchanged tree (stat + lookup only)",
+        "unchanged tree (stat + one index range scan per directory)",
     ] {
-        let (feeder, rx, outstanding) = Feeder::new(65_536);
+        let (feeder, rx, outstanding) = Feeder::new(65_536, Some(index.clone()));
         let ingest = Ingest {
             index: index.clone(),
             roots: roots.clone(),

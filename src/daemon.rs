@@ -138,7 +138,7 @@ impl Agent {
         } = parts;
         // Each multipart upload holds a few parts in memory; bound how many run at once.
         let multipart_slots = Arc::new(tokio::sync::Semaphore::new(3));
-        let (feeder, rx, outstanding) = Feeder::new(65_536);
+        let (feeder, rx, outstanding) = Feeder::new(65_536, Some(index.clone()));
         let wakes: Vec<Arc<Notify>> = dests.iter().map(|_| Arc::new(Notify::new())).collect();
         let ingest_stats = Arc::new(IngestStats::default());
         let ingest = Ingest {
@@ -196,7 +196,8 @@ impl Agent {
     async fn catch_up(&self) -> anyhow::Result<u64> {
         let (roots, feeder, index) = (self.roots.clone(), self.feeder.clone(), self.index.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            let n = scan::walk_all(&roots, &feeder);
+            let walked = scan::walk_all(&roots, &feeder);
+            let n = walked.queued;
             let dropped = scan::sweep_deleted(&index, &roots)?;
             if dropped > 0 {
                 tracing::info!(
@@ -266,19 +267,26 @@ async fn scan_loop(s: ScanLoop, cancel: CancellationToken) -> &'static str {
         let (r, f, i) = (s.roots.clone(), s.feeder.clone(), s.index.clone());
         let started = std::time::Instant::now();
         let res = tokio::task::spawn_blocking(move || {
-            let n = scan::walk_all(&r, &f);
-            scan::sweep_deleted(&i, &r).map(|d| (n, d))
+            let walked = scan::walk_all(&r, &f);
+            scan::sweep_deleted(&i, &r).map(|d| (walked, d))
         })
         .await;
         match res {
-            Ok(Ok((n, dropped))) => {
+            Ok(Ok((walked, dropped))) => {
                 // Done once every file found has been checked against the index.
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     _ = s.feeder.drained() => {}
                 }
                 let secs = started.elapsed().as_secs_f64();
-                tracing::info!(files = n, dropped, secs, "catch-up scan done")
+                let files = walked.queued + walked.unchanged;
+                tracing::info!(
+                    files,
+                    unchanged = walked.unchanged,
+                    dropped,
+                    secs,
+                    "catch-up scan done"
+                )
             }
             Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "catch-up scan failed"),
             Err(e) => tracing::error!(error = %e, "catch-up scan task failed"),

@@ -1687,6 +1687,44 @@ impl Index {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The indexed files directly in directory `dir` (absolute), as (file name, identity),
+    /// in byte order. Rows of subdirectories are skipped over, not read: each time the scan
+    /// meets one it starts again just past that subdirectory's range, so a directory costs
+    /// one query per indexed subdirectory plus one row per file in it, whatever lies below.
+    pub fn files_in_dir(&self, dir: &Path) -> anyhow::Result<Vec<(Vec<u8>, Stat)>> {
+        let mut prefix = path_bytes(dir).to_vec();
+        if prefix.last() != Some(&b'/') {
+            prefix.push(b'/');
+        }
+        // Every path under `dir/` sorts below `dir0` ('0' follows '/').
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends with '/'") = b'0';
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT path, size, mtime_ns, inode, dev FROM files
+             WHERE path >= ?1 AND path < ?2 ORDER BY path",
+        )?;
+        let mut out = Vec::new();
+        let mut from = prefix.clone();
+        'scan: loop {
+            let mut rows = stmt.query(params![from, end])?;
+            while let Some(r) = rows.next()? {
+                let path: Vec<u8> = r.get(0)?;
+                let name = &path[prefix.len()..];
+                if let Some(slash) = name.iter().position(|&b| b == b'/') {
+                    // A subdirectory: continue past everything under `dir/sub/`.
+                    from.clear();
+                    from.extend_from_slice(&path[..prefix.len() + slash]);
+                    from.push(b'0');
+                    continue 'scan;
+                }
+                out.push((name.to_vec(), stat_at(r, [1, 2, 3, 4])?));
+            }
+            break;
+        }
+        Ok(out)
+    }
+
     /// After a failed write (disk full): move the write-ahead log into the database and
     /// truncate it, which gives its space back (the log otherwise keeps its size and is only
     /// checkpointed every 1,000 pages). Best effort.
@@ -2013,6 +2051,45 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn files_in_dir_lists_one_directory_and_skips_over_subdirectories() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        // Names sorting before '/' ('!', ' ', '.') and after it, siblings sharing a prefix
+        // ("/w/a b", "/w/a0"), and subdirectories between the files.
+        let paths = [
+            "/w/a/1",
+            "/w/a/!x",
+            "/w/a/ sp",
+            "/w/a/.hidden",
+            "/w/a/b/2",
+            "/w/a/b/c/3",
+            "/w/a/b!/4",
+            "/w/a/c",
+            "/w/a/d/5",
+            "/w/a/z",
+            "/w/a b/6",
+            "/w/a0/7",
+            "/w/a!/8",
+            "/w/1",
+        ];
+        let obs: Vec<Observation> = paths.iter().map(|p| obs(p, 1, 1)).collect();
+        idx.apply(&obs, &[]).unwrap();
+        let names = |d: &str| -> Vec<String> {
+            idx.files_in_dir(Path::new(d))
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| String::from_utf8(n).unwrap())
+                .collect()
+        };
+        assert_eq!(names("/w/a"), [" sp", "!x", ".hidden", "1", "c", "z"]);
+        assert_eq!(names("/w/a/"), names("/w/a"));
+        assert_eq!(names("/w/a/b"), ["2"]);
+        assert_eq!(names("/w/a/b!"), ["4"]);
+        assert_eq!(names("/w"), ["1"]);
+        assert!(names("/w/none").is_empty());
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 
 use object_store::path::Path as ObjectPath;
 use tokio::sync::mpsc;
@@ -166,6 +167,18 @@ impl Root {
     /// Every wanted regular file under `dir` (the root or a directory in it), confined to the
     /// root; `visit` returns false to stop. Blocking.
     pub fn walk_files(&self, dir: &Path, visit: &mut dyn FnMut(PathBuf, Stat) -> bool) {
+        self.walk_listed(dir, visit, &mut |_| {});
+    }
+
+    /// [`Root::walk_files`], also calling `listed` with each directory (absolute) once all of
+    /// its entries were read; its wanted files were visited just before (see
+    /// [`RootDir::walk`](crate::tree::RootDir::walk)).
+    pub fn walk_listed(
+        &self,
+        dir: &Path,
+        visit: &mut dyn FnMut(PathBuf, Stat) -> bool,
+        listed: &mut dyn FnMut(&Path),
+    ) {
         let Some(handle) = self.tree.dir() else {
             return;
         };
@@ -177,16 +190,22 @@ impl Root {
                 None => return,
             }
         };
-        handle.walk(rel, &self.own_ids(), &self.nested, &mut |rel, stat| {
-            if !self.filter.matches(&rel) {
-                return true;
-            }
-            let path = self.path.join(&rel);
-            if self.own.iter().any(|o| path.starts_with(o)) {
-                return true;
-            }
-            visit(path, stat)
-        });
+        handle.walk(
+            rel,
+            &self.own_ids(),
+            &self.nested,
+            &mut |rel, stat| {
+                if !self.filter.matches(&rel) {
+                    return true;
+                }
+                let path = self.path.join(&rel);
+                if self.own.iter().any(|o| path.starts_with(o)) {
+                    return true;
+                }
+                visit(path, stat)
+            },
+            &mut |rel| listed(&self.path.join(rel)),
+        );
     }
 
     /// The object key (relative to a destination's base) for `path`, or why there is none.
@@ -291,18 +310,26 @@ impl Outstanding {
 #[derive(Clone)]
 pub struct Feeder {
     tx: mpsc::Sender<Candidate>,
+    /// The index walks compare each directory with (see [`walk`]); `None`: every file found
+    /// is queued.
+    index: Option<Arc<Index>>,
     outstanding: Arc<Outstanding>,
     closed: CancellationToken,
 }
 
 impl Feeder {
-    /// A new queue holding at most `capacity` candidates.
-    pub fn new(capacity: usize) -> (Feeder, mpsc::Receiver<Candidate>, Arc<Outstanding>) {
+    /// A new queue holding at most `capacity` candidates, fed by walks that compare with
+    /// `index`.
+    pub fn new(
+        capacity: usize,
+        index: Option<Arc<Index>>,
+    ) -> (Feeder, mpsc::Receiver<Candidate>, Arc<Outstanding>) {
         let (tx, rx) = mpsc::channel(capacity);
         let outstanding = Arc::new(Outstanding::default());
         (
             Feeder {
                 tx,
+                index,
                 outstanding: outstanding.clone(),
                 closed: CancellationToken::new(),
             },
@@ -354,33 +381,100 @@ impl Feeder {
     }
 }
 
+/// What a walk did: files queued for the ingest stage and files found unchanged (not
+/// queued).
+#[derive(Debug)]
+pub struct Walked {
+    /// Files queued (new or changed).
+    pub queued: u64,
+    /// Files whose identity matched the index: not queued.
+    pub unchanged: u64,
+    /// False if the walk stopped early (the ingest stage closed).
+    pub complete: bool,
+}
+
+impl Walked {
+    fn new() -> Walked {
+        Walked {
+            queued: 0,
+            unchanged: 0,
+            complete: true,
+        }
+    }
+}
+
 /// Walk `dir` (a root or a directory inside root `root_idx`) through the root's handle and
-/// queue every regular file the root wants. Blocking. Returns the number of files queued.
-pub fn walk(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder) -> u64 {
-    let mut n = 0;
-    root.walk_files(dir, &mut |path, stat| {
-        if !feeder.blocking_send(Candidate {
+/// queue every regular file the root wants that the index does not hold as it is now: each
+/// directory's files are compared with the index's rows for that directory in one range
+/// scan ([`Index::files_in_dir`]), instead of one lookup per file in the ingest stage (which
+/// would find them unchanged). Files gone from disk are [`sweep_deleted`]'s. Blocking.
+pub fn walk(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder) -> Walked {
+    let mut out = Walked::new();
+    walk_into(dir, root_idx, root, feeder, &mut out);
+    out
+}
+
+fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mut Walked) {
+    // The wanted files of the directory being listed.
+    let files: std::cell::RefCell<Vec<(PathBuf, Stat)>> = Default::default();
+    let send = |path: PathBuf, stat: Option<Stat>, out: &mut Walked| -> bool {
+        let sent = feeder.blocking_send(Candidate {
             path,
             root: root_idx,
-            stat: Some(stat),
-        }) {
-            return false;
-        }
-        n += 1;
-        true
-    });
-    n
+            stat,
+        });
+        out.queued += sent as u64;
+        out.complete &= sent;
+        sent
+    };
+    root.walk_listed(
+        dir,
+        &mut |path, stat| {
+            files.borrow_mut().push((path, stat));
+            true
+        },
+        &mut |listed| {
+            let mut files = files.borrow_mut();
+            if !out.complete {
+                files.clear();
+                return;
+            }
+            let rows = match feeder.index.as_ref().map(|i| i.files_in_dir(listed)) {
+                Some(Ok(rows)) => Some(rows),
+                Some(Err(e)) => {
+                    // Without the rows every file goes to the ingest stage, as if new.
+                    tracing::debug!(dir = %listed.display(), error = %format!("{e:#}"), "cannot read a directory's rows from the index");
+                    None
+                }
+                None => None,
+            };
+            let known: HashMap<&[u8], Stat> = rows
+                .iter()
+                .flatten()
+                .map(|(name, stat)| (name.as_slice(), *stat))
+                .collect();
+            for (path, stat) in files.drain(..) {
+                let name = path.file_name().map_or(&[][..], |n| n.as_bytes());
+                if known.get(name).is_some_and(|k| k.same_file(&stat)) {
+                    out.unchanged += 1;
+                } else if out.complete {
+                    send(path, Some(stat), out);
+                }
+            }
+        },
+    );
 }
 
 /// Look at every root again (a root replaced by a symlink is let go, a new directory opened)
 /// and walk those that exist. Blocking.
-pub fn walk_all(roots: &[Root], feeder: &Feeder) -> u64 {
-    roots
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.refresh().is_some())
-        .map(|(i, r)| walk(&r.path, i, r, feeder))
-        .sum()
+pub fn walk_all(roots: &[Root], feeder: &Feeder) -> Walked {
+    let mut out = Walked::new();
+    for (i, r) in roots.iter().enumerate() {
+        if r.refresh().is_some() {
+            walk_into(&r.path, i, r, feeder, &mut out);
+        }
+    }
+    out
 }
 
 /// The names of the regular files in the directory `dir` (absolute), listed through the
@@ -501,6 +595,65 @@ mod tests {
                 .unwrap_err()
                 .contains("1024")
         );
+    }
+
+    #[test]
+    fn a_walk_queues_only_what_the_index_does_not_hold_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("w");
+        let mut r = root("");
+        r.path = top.clone();
+        r.tree = Arc::new(Tree::new(top.clone(), true));
+        r.own = vec![];
+        for rel in ["a/1", "a/2", "a/3", "a/sub/x", "b/1", "c/1"] {
+            let p = top.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, rel).unwrap();
+        }
+        r.refresh();
+        let index = Arc::new(Index::open(&tmp.path().join("state")).unwrap());
+        let mut obs = Vec::new();
+        r.walk_files(&top, &mut |path, stat| {
+            obs.push(Observation::Indexed {
+                key: Ok(path.display().to_string()),
+                path,
+                stat,
+                sha256: [1; 32],
+            });
+            true
+        });
+        index.apply(&obs, &[]).unwrap();
+        std::fs::write(top.join("a/2"), "changed size").unwrap();
+        std::fs::remove_file(top.join("a/3")).unwrap();
+        std::fs::write(top.join("a/4"), "new").unwrap();
+        std::fs::remove_dir_all(top.join("c")).unwrap();
+
+        let (feeder, mut rx, _) = Feeder::new(64, Some(index.clone()));
+        let walked = walk_all(std::slice::from_ref(&r), &feeder);
+        let mut queued: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|c| {
+                assert!(c.stat.is_some(), "a walk passes on what it saw");
+                c.path.strip_prefix(&top).unwrap().display().to_string()
+            })
+            .collect();
+        queued.sort();
+        // Only the changed and the new file; deleted ones are the sweep's.
+        assert_eq!(queued, ["a/2", "a/4"]);
+        assert_eq!((walked.queued, walked.unchanged), (2, 3));
+        assert!(walked.complete);
+        assert_eq!(sweep_deleted(&index, &[r]).unwrap(), 2);
+        assert_eq!(index.lookup_many(&[&top.join("c/1")]).unwrap(), [None]);
+        assert_eq!(index.lookup_many(&[&top.join("a/3")]).unwrap(), [None]);
+
+        // Without an index every file found is queued.
+        let (feeder, mut rx, _) = Feeder::new(64, None);
+        let mut r2 = root("");
+        r2.path = top.clone();
+        r2.tree = Arc::new(Tree::new(top.clone(), true));
+        r2.own = vec![];
+        r2.refresh();
+        assert_eq!(walk(&top, 0, &r2, &feeder).queued, 5);
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 5);
     }
 
     #[test]

@@ -318,12 +318,17 @@ impl RootDir {
     /// is in `own`, directories named in `skip` (nested watch roots), other filesystems (with
     /// `one_file_system`) and anything that is not a directory or regular file are passed
     /// over. `visit` returns false to stop. Unreadable parts are logged and skipped.
+    ///
+    /// The files of one directory are visited one after the other, and `listed` is called with
+    /// the directory once every entry of it was read (not for one whose listing failed part
+    /// way), so a caller can compare each directory as a whole.
     pub fn walk(
         &self,
         rel: &Path,
         own: &[Id],
         skip: &[PathBuf],
         visit: &mut dyn FnMut(PathBuf, Stat) -> bool,
+        listed: &mut dyn FnMut(&Path),
     ) {
         let start = match self.open_dir(rel) {
             Ok(fd) => fd,
@@ -343,11 +348,13 @@ impl RootDir {
                     continue;
                 }
             };
+            let mut complete = true;
             for entry in entries {
                 let entry = match entry {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::warn!(path = %dir_rel.display(), error = %e, "cannot read a directory of a watched tree");
+                        complete = false;
                         break;
                     }
                 };
@@ -399,6 +406,9 @@ impl RootDir {
                     }
                     _ => {}
                 }
+            }
+            if complete {
+                listed(&dir_rel);
             }
         }
     }
@@ -579,10 +589,16 @@ mod tests {
                 Kind::File(_)
             ));
             let mut seen = Vec::new();
-            dir.walk(Path::new(""), &[], &[], &mut |p, _| {
-                seen.push(p);
-                true
-            });
+            dir.walk(
+                Path::new(""),
+                &[],
+                &[],
+                &mut |p, _| {
+                    seen.push(p);
+                    true
+                },
+                &mut |_| {},
+            );
             assert_eq!(seen, vec![PathBuf::from("d/ok")]);
         });
     }
@@ -680,12 +696,18 @@ mod tests {
                 if let Ok((f, _)) = dir.open_file(&rel) {
                     opened.push(f);
                 }
-                dir.walk(Path::new(""), &[], &[], &mut |p, _| {
-                    if let Ok((f, _)) = dir.open_file(&p) {
-                        opened.push(f);
-                    }
-                    opened.len() < 64
-                });
+                dir.walk(
+                    Path::new(""),
+                    &[],
+                    &[],
+                    &mut |p, _| {
+                        if let Ok((f, _)) = dir.open_file(&p) {
+                            opened.push(f);
+                        }
+                        opened.len() < 64
+                    },
+                    &mut |_| {},
+                );
                 for f in opened {
                     use std::os::fd::AsRawFd;
                     let at =
