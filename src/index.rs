@@ -15,6 +15,8 @@
 //! - `notifications`: one row per seal and `[[notify]]` entry, inserted in the transaction
 //!   that records the seal: the document to send, its state (pending, sent, given up),
 //!   attempts, next attempt time, a lease held by the process sending it, and the last error.
+//! - `index_totals`, `upload_totals`: running counts of the tables above, kept by triggers
+//!   (migration 6), so `status` never reads every file.
 //!
 //! Writes are batched into one transaction per batch; every call is blocking and meant to run
 //! on a blocking thread.
