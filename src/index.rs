@@ -15,6 +15,8 @@
 //! - `notifications`: one row per seal and `[[notify]]` entry, inserted in the transaction
 //!   that records the seal: the document to send, its state (pending, sent, given up),
 //!   attempts, next attempt time, a lease held by the process sending it, and the last error.
+//! - `index_totals`, `upload_totals`: running counts of the tables above, kept by triggers
+//!   (migration 6), so `status` never reads every file.
 //!
 //! Writes are batched into one transaction per batch; every call is blocking and meant to run
 //! on a blocking thread.
@@ -233,6 +235,101 @@ CREATE TABLE notifications (
 CREATE INDEX notifications_due ON notifications(state, next_attempt_ms);
 CREATE INDEX notifications_of_run ON notifications(watch, run, sealed_ms);
 "#,
+    // 6: running totals kept by triggers, so `status` reads counts instead of scanning every
+    // file and upload row (issue 16). `index_totals` is one row (files, their bytes, distinct
+    // contents); `upload_totals` has one row per (destination, state) with its upload rows,
+    // those with a last error, and those whose generation is not the file's current one
+    // ("stale": only a destination left out of a re-index has them). A row's stale share is
+    // `coalesce(gen != file's gen, 0)`: 0 while its file is missing, so a file's rows leave the
+    // stale count in the BEFORE DELETE trigger on `files`, before the cascade deletes them.
+    // No trigger spells an upload state: they count per state, whatever its value.
+    r#"
+CREATE TABLE index_totals (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    files    INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    contents INTEGER NOT NULL
+);
+INSERT INTO index_totals (id, files, bytes, contents) VALUES (1,
+    (SELECT count(*) FROM files), (SELECT coalesce(sum(size), 0) FROM files),
+    (SELECT count(*) FROM contents));
+CREATE TABLE upload_totals (
+    dest     TEXT NOT NULL,
+    state    INTEGER NOT NULL,
+    rows     INTEGER NOT NULL,
+    errors   INTEGER NOT NULL,
+    stale    INTEGER NOT NULL,
+    PRIMARY KEY (dest, state)
+) WITHOUT ROWID;
+INSERT INTO upload_totals (dest, state, rows, errors, stale)
+    SELECT u.dest, u.state, count(*), sum(u.last_error IS NOT NULL),
+           sum(coalesce(u.gen != f.gen, 0))
+    FROM uploads u LEFT JOIN files f ON f.id = u.file_id GROUP BY u.dest, u.state;
+
+CREATE TRIGGER files_totals_insert AFTER INSERT ON files BEGIN
+    UPDATE index_totals SET files = files + 1, bytes = bytes + new.size WHERE id = 1;
+    UPDATE upload_totals SET stale = stale + (SELECT count(*) FROM uploads u
+        WHERE u.file_id = new.id AND u.dest = upload_totals.dest
+          AND u.state = upload_totals.state AND u.gen != new.gen)
+    WHERE (dest, state) IN (SELECT dest, state FROM uploads WHERE file_id = new.id);
+END;
+CREATE TRIGGER files_totals_delete_rows BEFORE DELETE ON files BEGIN
+    UPDATE upload_totals SET stale = stale - (SELECT count(*) FROM uploads u
+        WHERE u.file_id = old.id AND u.dest = upload_totals.dest
+          AND u.state = upload_totals.state AND u.gen != old.gen)
+    WHERE (dest, state) IN (SELECT dest, state FROM uploads WHERE file_id = old.id);
+END;
+CREATE TRIGGER files_totals_delete AFTER DELETE ON files BEGIN
+    UPDATE index_totals SET files = files - 1, bytes = bytes - old.size WHERE id = 1;
+END;
+CREATE TRIGGER files_totals_size AFTER UPDATE OF size ON files WHEN old.size != new.size BEGIN
+    UPDATE index_totals SET bytes = bytes - old.size + new.size WHERE id = 1;
+END;
+CREATE TRIGGER files_totals_gen AFTER UPDATE OF id, gen ON files
+WHEN old.id != new.id OR old.gen != new.gen BEGIN
+    UPDATE upload_totals SET stale = stale - (SELECT count(*) FROM uploads u
+        WHERE u.file_id = old.id AND u.dest = upload_totals.dest
+          AND u.state = upload_totals.state AND u.gen != old.gen)
+    WHERE (dest, state) IN (SELECT dest, state FROM uploads WHERE file_id = old.id);
+    UPDATE upload_totals SET stale = stale + (SELECT count(*) FROM uploads u
+        WHERE u.file_id = new.id AND u.dest = upload_totals.dest
+          AND u.state = upload_totals.state AND u.gen != new.gen)
+    WHERE (dest, state) IN (SELECT dest, state FROM uploads WHERE file_id = new.id);
+END;
+
+CREATE TRIGGER contents_totals_insert AFTER INSERT ON contents BEGIN
+    UPDATE index_totals SET contents = contents + 1 WHERE id = 1;
+END;
+CREATE TRIGGER contents_totals_delete AFTER DELETE ON contents BEGIN
+    UPDATE index_totals SET contents = contents - 1 WHERE id = 1;
+END;
+
+CREATE TRIGGER uploads_totals_insert AFTER INSERT ON uploads BEGIN
+    INSERT INTO upload_totals (dest, state, rows, errors, stale)
+    VALUES (new.dest, new.state, 1, new.last_error IS NOT NULL,
+            coalesce(new.gen != (SELECT gen FROM files WHERE id = new.file_id), 0))
+    ON CONFLICT (dest, state) DO UPDATE SET rows = rows + 1,
+        errors = errors + excluded.errors, stale = stale + excluded.stale;
+END;
+CREATE TRIGGER uploads_totals_delete AFTER DELETE ON uploads BEGIN
+    UPDATE upload_totals SET rows = rows - 1, errors = errors - (old.last_error IS NOT NULL),
+        stale = stale - coalesce(old.gen != (SELECT gen FROM files WHERE id = old.file_id), 0)
+    WHERE dest = old.dest AND state = old.state;
+END;
+CREATE TRIGGER uploads_totals_update AFTER UPDATE OF file_id, dest, state, gen, last_error
+ON uploads
+WHEN old.file_id != new.file_id OR old.dest != new.dest OR old.state != new.state
+  OR old.gen != new.gen OR (old.last_error IS NULL) != (new.last_error IS NULL) BEGIN
+    UPDATE upload_totals SET rows = rows - 1, errors = errors - (old.last_error IS NOT NULL),
+        stale = stale - coalesce(old.gen != (SELECT gen FROM files WHERE id = old.file_id), 0)
+    WHERE dest = old.dest AND state = old.state;
+    INSERT INTO upload_totals (dest, state, rows, errors, stale)
+    VALUES (new.dest, new.state, 1, new.last_error IS NOT NULL,
+            coalesce(new.gen != (SELECT gen FROM files WHERE id = new.file_id), 0))
+    ON CONFLICT (dest, state) DO UPDATE SET rows = rows + 1,
+        errors = errors + excluded.errors, stale = stale + excluded.stale;
+END;
+"#,
 ];
 
 /// Every indexed file in a path range (the files of one run directory), with the
@@ -325,6 +422,35 @@ const UPLOAD_SPAN: &str = "SELECT min(u.done_ms), max(u.done_ms), coalesce(sum(o
 /// The last errors of a destination's files not stored, with how many files have each.
 const CURRENT_ERRORS: &str = "SELECT last_error, count(*) FROM uploads
      WHERE dest = ?1 AND last_error IS NOT NULL AND state != ?2 GROUP BY 1";
+
+/// Whole-index totals (kept by the triggers of migration 6).
+const INDEX_TOTALS: &str = "SELECT files, bytes, contents FROM index_totals WHERE id = 1";
+/// A destination's upload rows per state (kept by the triggers of migration 6).
+const UPLOAD_TOTALS: &str =
+    "SELECT state, rows, errors, stale FROM upload_totals WHERE dest = ?1 AND rows > 0";
+/// When a destination's oldest pending file was queued (reads the pending part of
+/// `uploads_queue` only).
+const OLDEST_PENDING: &str = "SELECT min(queued_ms) FROM uploads WHERE dest = ?1 AND state = ?2";
+/// The latest error of a destination's files in one state (walks that state's part of
+/// `uploads_queue` backwards, from the latest next attempt).
+const LAST_ERROR: &str = "SELECT last_error, next_attempt_ms FROM uploads
+     WHERE dest = ?1 AND state = ?2 AND last_error IS NOT NULL
+     ORDER BY next_attempt_ms DESC LIMIT 1";
+/// Files not in every destination, by reading every file: what [`Index::awaiting_destinations`]
+/// falls back to when two or more destinations lack rows (added to the config after the files
+/// were indexed) or hold done rows of an older generation (left out of a re-index).
+const AWAITING_SCAN: &str = "SELECT count(*) FROM files f
+     WHERE (SELECT count(*) FROM uploads u
+            WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen
+              AND u.dest IN (SELECT value FROM json_each(?1))) < ?2";
+/// Of the files with a row not done (pending `?2` or failed `?5`) in the destinations `?1`,
+/// those whose current generation is done (`?4`) in destination `?3`.
+const AWAITING_ELSEWHERE: &str = "SELECT count(*) FROM (
+         SELECT DISTINCT u.file_id FROM uploads u
+         WHERE u.dest IN (SELECT value FROM json_each(?1)) AND u.state IN (?2, ?5)) b
+     WHERE EXISTS (SELECT 1 FROM uploads a JOIN files f ON f.id = a.file_id
+                   WHERE a.file_id = b.file_id AND a.dest = ?3 AND a.state = ?4
+                     AND a.gen = f.gen)";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -825,6 +951,8 @@ impl Index {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+            // The totals' triggers (migration 6) must see the rows a REPLACE deletes.
+            conn.pragma_update(None, "recursive_triggers", "ON")?;
             Ok(())
         };
         let damaged = |path: &Path| {
@@ -962,11 +1090,18 @@ impl Index {
             let mut current = tx.prepare_cached(
                 "SELECT key, sha256 FROM uploads WHERE file_id = ?1 AND dest = ?2",
             )?;
+            // An upsert rather than INSERT OR REPLACE: the row REPLACE deletes fires no
+            // DELETE trigger (unless recursive triggers are on), and the totals would drift.
             let mut enqueue = tx.prepare_cached(
-                "INSERT OR REPLACE INTO uploads
+                "INSERT INTO uploads
                  (file_id, dest, key, sha256, gen, state, attempts, next_attempt_ms, last_error,
                   permanent, queued_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, ?7, ?8, ?9)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, ?7, ?8, ?9)
+                 ON CONFLICT (file_id, dest) DO UPDATE SET key = excluded.key,
+                  sha256 = excluded.sha256, gen = excluded.gen, state = excluded.state,
+                  attempts = 0, next_attempt_ms = 0, last_error = excluded.last_error,
+                  permanent = excluded.permanent, queued_ms = excluded.queued_ms,
+                  done_ms = NULL, method = NULL",
             )?;
             for obs in batch {
                 match obs {
@@ -1285,58 +1420,69 @@ impl Index {
         Ok(())
     }
 
-    /// Counts for `status`, for the destinations named (in that order).
+    /// Counts for `status`, for the destinations named (in that order). Reads the totals
+    /// the triggers keep, and of the uploads table only the rows not done: its cost follows
+    /// the work left, not the files indexed.
     pub fn status(&self, dests: &[String]) -> anyhow::Result<Status> {
-        let conn = self.conn();
-        let (files, bytes): (i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(size), 0) FROM files",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let contents: i64 = conn.query_row("SELECT count(*) FROM contents", [], |r| r.get(0))?;
-        let now = now_ms();
+        self.status_at(dests, now_ms())
+    }
+
+    /// [`Index::status`] with the ages counted up to `now` (ms since the epoch).
+    fn status_at(&self, dests: &[String], now: i64) -> anyhow::Result<Status> {
+        let mut conn = self.conn();
+        // One read transaction: the totals and the rows agree.
+        let tx = conn.transaction()?;
+        let (files, bytes, contents): (i64, i64, i64) = tx
+            .prepare_cached(INDEX_TOTALS)?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let mut out = Vec::new();
+        let mut totals = Vec::with_capacity(dests.len());
         for name in dests {
             let mut d = DestStatus {
                 name: name.clone(),
                 ..Default::default()
             };
-            let mut stmt = conn.prepare_cached(
-                "SELECT state, count(*), sum(last_error IS NOT NULL), min(queued_ms)
-                 FROM uploads WHERE dest = ?1 GROUP BY state",
-            )?;
-            let mut rows = stmt.query(params![name])?;
-            while let Some(r) = rows.next()? {
-                let state: UploadState = r.get(0)?;
-                let n = r.get::<_, i64>(1)? as u64;
-                match state {
+            let t = dest_totals(&tx, name)?;
+            // The latest error among the states holding any (only these are read).
+            let mut last: Option<(i64, String)> = None;
+            for s in &t {
+                let n = s.rows as u64;
+                match s.state {
                     UploadState::Pending => {
                         d.pending = n;
-                        d.failing = r.get::<_, i64>(2)? as u64;
-                        let oldest: i64 = r.get(3)?;
+                        d.failing = s.errors as u64;
+                        let oldest: i64 = tx
+                            .prepare_cached(OLDEST_PENDING)?
+                            .query_row(params![name, UploadState::Pending], |r| r.get(0))?;
                         d.oldest_pending_secs = Some(((now - oldest).max(0) / 1000) as u64);
                     }
                     UploadState::Done => d.done = n,
                     UploadState::Failed => d.failed_permanently = n,
                 }
+                if s.errors > 0 {
+                    let row: Option<(String, i64)> = tx
+                        .prepare_cached(LAST_ERROR)?
+                        .query_row(params![name, s.state], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    if let Some((e, at)) = row
+                        && last.as_ref().is_none_or(|(l, _)| at > *l)
+                    {
+                        last = Some((at, e));
+                    }
+                }
             }
-            d.last_error = conn
-                .query_row(
-                    "SELECT last_error FROM uploads WHERE dest = ?1 AND last_error IS NOT NULL
-                     ORDER BY next_attempt_ms DESC LIMIT 1",
-                    params![name],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            d.last_error = last.map(|(_, e)| e);
             out.push(d);
+            totals.push(t);
         }
-        drop(conn);
+        let awaiting = awaiting_in(&tx, dests, files, &totals)?;
+        tx.commit()?;
         Ok(Status {
             files: files as u64,
             bytes: bytes as u64,
             contents: contents as u64,
             destinations: out,
-            awaiting_all_destinations: self.awaiting_destinations(dests)?,
+            awaiting_all_destinations: awaiting,
         })
     }
 
@@ -1783,22 +1929,21 @@ impl Index {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// How many indexed files are not yet stored in every one of `dests`.
+    /// How many indexed files are not yet stored in every one of `dests` (see
+    /// [`awaiting_in`] for what it reads).
     pub fn awaiting_destinations(&self, dests: &[String]) -> anyhow::Result<u64> {
-        let conn = self.conn();
-        let n: i64 = conn.query_row(
-            "SELECT count(*) FROM files f
-             WHERE (SELECT count(*) FROM uploads u
-                    WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen
-                      AND u.dest IN (SELECT value FROM json_each(?1))) < ?2",
-            params![
-                serde_json::to_string(dests)?,
-                dests.len() as i64,
-                UploadState::Done
-            ],
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let files: i64 = tx
+            .prepare_cached(INDEX_TOTALS)?
+            .query_row([], |r| r.get(0))?;
+        let totals = dests
+            .iter()
+            .map(|d| dest_totals(&tx, d))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let n = awaiting_in(&tx, dests, files, &totals)?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Forget a file deleted by local cleanup (its objects stay).
@@ -1889,6 +2034,111 @@ impl Index {
         anyhow::ensure!(r == "ok", "index {} is damaged: {r}", self.path.display());
         Ok(())
     }
+}
+
+/// A destination's upload rows in one state, as `upload_totals` counts them.
+#[derive(Debug, Clone, Copy)]
+struct StateTotals {
+    state: UploadState,
+    /// Rows.
+    rows: i64,
+    /// Rows with a last error.
+    errors: i64,
+    /// Rows whose generation is not their file's current one.
+    stale: i64,
+}
+
+/// The upload totals of `dest`, per state present (ordered by state).
+fn dest_totals(conn: &Connection, dest: &str) -> anyhow::Result<Vec<StateTotals>> {
+    let mut stmt = conn.prepare_cached(UPLOAD_TOTALS)?;
+    let rows = stmt.query_map(params![dest], |r| {
+        Ok(StateTotals {
+            state: r.get(0)?,
+            rows: r.get(1)?,
+            errors: r.get(2)?,
+            stale: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// How many of `files` indexed files are not stored (current generation, done) in every one of
+/// `dests`, whose totals are `totals` (same order).
+///
+/// A destination is "complete" when every file has a row in it (its rows number the files: a
+/// row's file always exists, the foreign key cascades) and none of its done rows is stale:
+/// then the files it lacks are exactly those of its rows not done, which `uploads_queue`
+/// lists. One destination, the anchor, may be incomplete: the files it lacks number the files
+/// less its current done rows. So with at most one incomplete destination the answer is the
+/// anchor's count plus the files of the other destinations' rows not done that the anchor
+/// holds, which reads only rows not done. With two or more, every file is read
+/// ([`AWAITING_SCAN`]); that needs two destinations added to the config after their files were
+/// indexed (or left out of a re-index).
+fn awaiting_in(
+    conn: &Connection,
+    dests: &[String],
+    files: i64,
+    totals: &[Vec<StateTotals>],
+) -> anyhow::Result<u64> {
+    let distinct: HashSet<&String> = dests.iter().collect();
+    if dests.is_empty() {
+        return Ok(0);
+    }
+    if distinct.len() < dests.len() {
+        // A name twice can never be matched twice: every file counts as waiting.
+        return Ok(files as u64);
+    }
+    let sum = |t: &[StateTotals], f: fn(&StateTotals) -> i64, done: bool| -> i64 {
+        t.iter()
+            .filter(|s| (s.state == UploadState::Done) == done)
+            .map(f)
+            .sum()
+    };
+    let not_done = |t: &[StateTotals]| sum(t, |s| s.rows, false);
+    let complete = |t: &[StateTotals]| {
+        t.iter().map(|s| s.rows).sum::<i64>() == files && sum(t, |s| s.stale, true) == 0
+    };
+    let incomplete: Vec<usize> = (0..dests.len())
+        .filter(|&i| !complete(&totals[i]))
+        .collect();
+    let anchor = match incomplete[..] {
+        [] => (0..dests.len())
+            .max_by_key(|&i| not_done(&totals[i]))
+            .unwrap_or(0),
+        [i] => i,
+        _ => {
+            let n: i64 = conn.prepare_cached(AWAITING_SCAN)?.query_row(
+                params![
+                    serde_json::to_string(dests)?,
+                    dests.len() as i64,
+                    UploadState::Done
+                ],
+                |r| r.get(0),
+            )?;
+            return Ok(n as u64);
+        }
+    };
+    let t = &totals[anchor];
+    let current_done = sum(t, |s| s.rows, true) - sum(t, |s| s.stale, true);
+    let mut n = files - current_done;
+    let others: Vec<&String> = (0..dests.len())
+        .filter(|&i| i != anchor && not_done(&totals[i]) > 0)
+        .map(|i| &dests[i])
+        .collect();
+    if !others.is_empty() {
+        let held: i64 = conn.prepare_cached(AWAITING_ELSEWHERE)?.query_row(
+            params![
+                serde_json::to_string(&others)?,
+                UploadState::Pending,
+                dests[anchor],
+                UploadState::Done,
+                UploadState::Failed
+            ],
+            |r| r.get(0),
+        )?;
+        n += held;
+    }
+    Ok(n as u64)
 }
 
 fn pending_notification(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingNotification> {
@@ -2112,6 +2362,10 @@ mod tests {
             LEASE_NOTIFICATION,
             NEXT_NOTIFICATION,
             NOTIFICATIONS_OF_RUN,
+            INDEX_TOTALS,
+            UPLOAD_TOTALS,
+            OLDEST_PENDING,
+            LAST_ERROR,
         ] {
             let plan = plan_of(&conn, sql);
             for step in &plan {
@@ -2139,6 +2393,14 @@ mod tests {
                     "{plan:?}"
                 );
             }
+            if sql == OLDEST_PENDING || sql == LAST_ERROR {
+                // Only the rows of one state: never the destination's done ones.
+                assert!(
+                    plan.iter()
+                        .any(|p| p.contains("uploads_queue") && p.contains("state=?")),
+                    "{plan:?}"
+                );
+            }
             if sql == CLAIM {
                 // The state is a bound parameter: the queue index must still take it.
                 assert!(
@@ -2149,6 +2411,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn awaiting_reads_only_rows_not_done() {
+        // Regression (issue 16): the files not in every destination were counted by reading
+        // every file. The fast path reads the rows not done (it may sort those).
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let conn = idx.conn();
+        let plan = plan_of(&conn, AWAITING_ELSEWHERE);
+        for step in &plan {
+            assert!(
+                !step.starts_with("SCAN u") && !step.starts_with("SCAN f"),
+                "{plan:?}"
+            );
+        }
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("uploads_queue") && p.contains("state=?")),
+            "{plan:?}"
+        );
     }
 
     #[test]
@@ -2262,6 +2545,353 @@ mod tests {
         assert_eq!((s.pending, s.sent, s.last_error), (0, 1, None));
         let of_run = idx.run_notifications(Path::new("/w"), "r", 5).unwrap();
         assert_eq!(of_run[0].state, NotifyState::Sent);
+    }
+
+    /// `status` as it was computed before the totals: every query reads every file or every
+    /// upload row of a destination. The oracle of `status_matches_full_scans`.
+    fn status_by_full_scans(idx: &Index, dests: &[String], now: i64) -> Status {
+        let conn = idx.conn();
+        let (files, bytes): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(size), 0) FROM files",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let contents: i64 = conn
+            .query_row("SELECT count(*) FROM contents", [], |r| r.get(0))
+            .unwrap();
+        let mut out = Vec::new();
+        for name in dests {
+            let mut d = DestStatus {
+                name: name.clone(),
+                ..Default::default()
+            };
+            let mut stmt = conn
+                .prepare(
+                    "SELECT state, count(*), sum(last_error IS NOT NULL), min(queued_ms)
+                     FROM uploads WHERE dest = ?1 GROUP BY state",
+                )
+                .unwrap();
+            let mut rows = stmt.query(params![name]).unwrap();
+            while let Some(r) = rows.next().unwrap() {
+                let n = r.get::<_, i64>(1).unwrap() as u64;
+                match r.get::<_, UploadState>(0).unwrap() {
+                    UploadState::Pending => {
+                        d.pending = n;
+                        d.failing = r.get::<_, i64>(2).unwrap() as u64;
+                        let oldest: i64 = r.get(3).unwrap();
+                        d.oldest_pending_secs = Some(((now - oldest).max(0) / 1000) as u64);
+                    }
+                    UploadState::Done => d.done = n,
+                    UploadState::Failed => d.failed_permanently = n,
+                }
+            }
+            d.last_error = conn
+                .query_row(
+                    "SELECT last_error FROM uploads WHERE dest = ?1 AND last_error IS NOT NULL
+                     ORDER BY next_attempt_ms DESC LIMIT 1",
+                    params![name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .unwrap();
+            out.push(d);
+        }
+        let awaiting: i64 = conn
+            .query_row(
+                AWAITING_SCAN,
+                params![
+                    serde_json::to_string(dests).unwrap(),
+                    dests.len() as i64,
+                    UploadState::Done
+                ],
+                |r| r.get(0),
+            )
+            .unwrap();
+        Status {
+            files: files as u64,
+            bytes: bytes as u64,
+            contents: contents as u64,
+            destinations: out,
+            awaiting_all_destinations: awaiting as u64,
+        }
+    }
+
+    /// `index_totals` (files, bytes, contents) and `upload_totals` (dest, state, rows, errors,
+    /// stale) as rows.
+    type Totals = (Vec<i64>, Vec<(String, i64, i64, i64, i64)>);
+
+    /// The totals tables as the migration's backfill computes them from the rows.
+    fn totals_from_rows(idx: &Index) -> Totals {
+        let conn = idx.conn();
+        let index: Vec<i64> = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM files), (SELECT coalesce(sum(size), 0) FROM files),
+                        (SELECT count(*) FROM contents)",
+                [],
+                |r| Ok(vec![r.get(0)?, r.get(1)?, r.get(2)?]),
+            )
+            .unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT u.dest, u.state, count(*), sum(u.last_error IS NOT NULL),
+                        sum(coalesce(u.gen != f.gen, 0))
+                 FROM uploads u LEFT JOIN files f ON f.id = u.file_id
+                 GROUP BY u.dest, u.state ORDER BY 1, 2",
+            )
+            .unwrap();
+        let uploads = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        (index, uploads)
+    }
+
+    /// The totals tables as the triggers left them (rows counting nothing left out).
+    fn totals_kept(idx: &Index) -> Totals {
+        let conn = idx.conn();
+        let index: Vec<i64> = conn
+            .query_row(INDEX_TOTALS, [], |r| {
+                Ok(vec![r.get(0)?, r.get(1)?, r.get(2)?])
+            })
+            .unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT dest, state, rows, errors, stale FROM upload_totals
+                 WHERE rows != 0 OR errors != 0 OR stale != 0 ORDER BY 1, 2",
+            )
+            .unwrap();
+        let uploads = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        (index, uploads)
+    }
+
+    /// Status equals the full scans' for many destination lists, and the totals equal a
+    /// recount from the rows.
+    fn assert_status_exact(idx: &Index, step: &str) {
+        assert_eq!(
+            totals_kept(idx),
+            totals_from_rows(idx),
+            "totals after {step}"
+        );
+        let now = now_ms();
+        let s = |v: &[&str]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+        for dests in [
+            s(&["a"]),
+            s(&["b"]),
+            s(&["c"]),
+            s(&["a", "b"]),
+            s(&["b", "a"]),
+            s(&["a", "c"]),
+            s(&["c", "b"]),
+            s(&["a", "b", "c"]),
+            s(&["a", "a"]),
+            s(&[]),
+        ] {
+            let fast = serde_json::to_value(idx.status_at(&dests, now).unwrap()).unwrap();
+            let full = serde_json::to_value(status_by_full_scans(idx, &dests, now)).unwrap();
+            assert_eq!(fast, full, "status of {dests:?} after {step}");
+            assert_eq!(
+                idx.awaiting_destinations(&dests).unwrap(),
+                full["awaiting_all_destinations"].as_u64().unwrap(),
+                "awaiting {dests:?} after {step}"
+            );
+        }
+    }
+
+    fn failed(job: &Job, error: &str, permanent: bool) -> Outcome {
+        Outcome::Failed {
+            job: job.clone(),
+            error: error.into(),
+            permanent,
+        }
+    }
+
+    fn claim_all(idx: &Index, dest: &str) -> Vec<Job> {
+        idx.claim(dest, 100, &HashSet::new(), None).unwrap()
+    }
+
+    #[test]
+    fn status_matches_full_scans() {
+        // Regression (issue 16): status read every file and every upload row; it now reads
+        // totals kept by triggers. It must give exactly what the full scans gave.
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let ab = vec!["a".to_string(), "b".to_string()];
+        assert_status_exact(&idx, "nothing");
+        // Six files, two of them with the same content, one whose name cannot be a key.
+        let mut batch: Vec<Observation> = (1..=5)
+            .map(|i| obs(&format!("/f{i}"), i, i as u8))
+            .collect();
+        batch.push(obs("/same", 1, 1));
+        batch.push(Observation::Indexed {
+            path: PathBuf::from("/bad"),
+            key: Err("name is not UTF-8".into()),
+            stat: Stat {
+                size: 7,
+                mtime_ns: 1,
+                inode: 1,
+                dev: 0,
+            },
+            sha256: [7; 32],
+        });
+        idx.apply(&batch, &ab).unwrap();
+        assert_status_exact(&idx, "indexing");
+
+        let jobs = claim_all(&idx, "a");
+        assert_eq!(jobs.len(), 6);
+        let by = |jobs: &[Job], p: &str| {
+            jobs.iter()
+                .find(|j| j.path == Path::new(p))
+                .unwrap()
+                .clone()
+        };
+        idx.finish(
+            "a",
+            &[
+                stored(&by(&jobs, "/f1")),
+                stored(&by(&jobs, "/f2")),
+                stored(&by(&jobs, "/same")),
+                failed(&by(&jobs, "/f3"), "timed out", false),
+                failed(&by(&jobs, "/f4"), "access denied", true),
+                Outcome::Changed {
+                    job: by(&jobs, "/f5"),
+                },
+            ],
+        )
+        .unwrap();
+        assert_status_exact(&idx, "a's first round");
+        let jobs_b = claim_all(&idx, "b");
+        idx.finish(
+            "b",
+            &jobs_b
+                .iter()
+                .filter(|j| j.path != Path::new("/f5"))
+                .map(stored)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_status_exact(&idx, "b's first round");
+
+        // A late failure of a generation already stored leaves a done row with an error.
+        idx.finish("a", &[failed(&by(&jobs, "/f2"), "late", false)])
+            .unwrap();
+        assert_status_exact(&idx, "a late failure");
+        // f3 is stored at its retry, clearing its error.
+        idx.finish("a", &[stored(&by(&jobs, "/f3"))]).unwrap();
+        assert_status_exact(&idx, "a retry");
+
+        // Re-indexing: f1 changes (a new generation), f2 is seen again unchanged, /same
+        // gets a new key with the same content, f4 shrinks.
+        let mut moved = obs("/same", 1, 1);
+        if let Observation::Indexed { key, .. } = &mut moved {
+            *key = Ok("moved".into());
+        }
+        idx.apply(
+            &[
+                obs("/f1", 10, 11),
+                obs("/f2", 2, 2),
+                moved,
+                obs("/f4", 1, 4),
+            ],
+            &ab,
+        )
+        .unwrap();
+        assert_status_exact(&idx, "re-indexing");
+
+        // Only "a" is configured while f2 changes: b's done row of f2 is of an older
+        // generation now (stale), and "c" never had a row.
+        idx.apply(&[obs("/f2", 3, 12)], &["a".to_string()]).unwrap();
+        assert_status_exact(&idx, "a re-index for a alone");
+        let jobs = claim_all(&idx, "a");
+        idx.finish("a", &jobs.iter().map(stored).collect::<Vec<_>>())
+            .unwrap();
+        assert_status_exact(&idx, "a stores everything");
+        let jobs = claim_all(&idx, "b");
+        idx.finish("b", &jobs.iter().map(stored).collect::<Vec<_>>())
+            .unwrap();
+        assert_status_exact(&idx, "b stores what it can");
+
+        // Local cleanup forgets a file stored everywhere (its upload rows cascade), a
+        // deletion drops another, and a new file may take a freed id.
+        let f3 = idx
+            .stored_everywhere(&ab, i64::MAX, (i64::MIN, i64::MIN), 100)
+            .unwrap()
+            .into_iter()
+            .find(|f| f.path == Path::new("/f3"))
+            .unwrap();
+        idx.forget_file(f3.id).unwrap();
+        assert_status_exact(&idx, "forget_file");
+        idx.apply(&[Observation::Gone(PathBuf::from("/same"))], &[])
+            .unwrap();
+        idx.apply(&[Observation::Gone(PathBuf::from("/bad"))], &[])
+            .unwrap();
+        assert_status_exact(&idx, "deletions");
+        // A file with a stale row is deleted: the row leaves the stale count with it.
+        idx.apply(&[obs("/f5", 5, 15)], &["a".to_string()]).unwrap();
+        assert_status_exact(&idx, "f5 re-indexed for a alone");
+        idx.apply(&[Observation::Gone(PathBuf::from("/f5"))], &[])
+            .unwrap();
+        assert_status_exact(&idx, "deleting a file with a stale row");
+        idx.apply(&[obs("/new", 9, 9)], &ab).unwrap();
+        idx.apply(&[obs("/new2", 9, 9)], &["b".to_string(), "c".to_string()])
+            .unwrap();
+        assert_status_exact(&idx, "new files");
+        // f2 changes again with every destination: b's stale row is rewritten.
+        idx.apply(&[obs("/f2", 4, 13)], &ab).unwrap();
+        assert_status_exact(&idx, "f2 again");
+        let jobs = claim_all(&idx, "b");
+        idx.finish("b", &jobs.iter().map(stored).collect::<Vec<_>>())
+            .unwrap();
+        assert_status_exact(&idx, "b stores again");
+        idx.retry_now().unwrap();
+        assert_status_exact(&idx, "retry_now");
+
+        // The migration's backfill gives the same totals from an index without them.
+        let kept = totals_kept(&idx);
+        {
+            let conn = idx.conn();
+            conn.execute_batch(
+                "DROP TABLE index_totals; DROP TABLE upload_totals;
+                 DROP TRIGGER files_totals_insert; DROP TRIGGER files_totals_delete_rows;
+                 DROP TRIGGER files_totals_delete; DROP TRIGGER files_totals_size;
+                 DROP TRIGGER files_totals_gen; DROP TRIGGER contents_totals_insert;
+                 DROP TRIGGER contents_totals_delete; DROP TRIGGER uploads_totals_insert;
+                 DROP TRIGGER uploads_totals_delete; DROP TRIGGER uploads_totals_update;
+                 PRAGMA user_version = 5;",
+            )
+            .unwrap();
+        }
+        drop(idx);
+        let idx = Index::open(dir.path()).unwrap();
+        assert_eq!(totals_kept(&idx), kept);
+        assert_status_exact(&idx, "migrating an index without totals");
+    }
+
+    #[test]
+    fn replace_into_uploads_keeps_the_totals() {
+        // The index's own connections turn recursive triggers on, so a REPLACE (which deletes
+        // the row it replaces) is counted as a deletion too.
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        idx.apply(&[obs("/x", 1, 1)], &["a".to_string()]).unwrap();
+        idx.conn()
+            .execute(
+                "INSERT OR REPLACE INTO uploads (file_id, dest, key, sha256, gen, state, queued_ms)
+                 SELECT file_id, dest, key, sha256, gen, ?1, 0 FROM uploads",
+                params![UploadState::Done],
+            )
+            .unwrap();
+        assert_eq!(totals_kept(&idx), totals_from_rows(&idx));
     }
 
     #[test]
