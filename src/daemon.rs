@@ -196,9 +196,9 @@ impl Agent {
     async fn catch_up(&self) -> anyhow::Result<u64> {
         let (roots, feeder, index) = (self.roots.clone(), self.feeder.clone(), self.index.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            let walked = scan::walk_all(&roots, &feeder);
+            let (walked, dropped) = scan::walk_and_sweep(&index, &roots, &feeder);
             let n = walked.queued;
-            let dropped = scan::sweep_deleted(&index, &roots)?;
+            let dropped = dropped?;
             if dropped > 0 {
                 tracing::info!(
                     dropped,
@@ -267,8 +267,8 @@ async fn scan_loop(s: ScanLoop, cancel: CancellationToken) -> &'static str {
         let (r, f, i) = (s.roots.clone(), s.feeder.clone(), s.index.clone());
         let started = std::time::Instant::now();
         let res = tokio::task::spawn_blocking(move || {
-            let walked = scan::walk_all(&r, &f);
-            scan::sweep_deleted(&i, &r).map(|d| (walked, d))
+            let (walked, dropped) = scan::walk_and_sweep(&i, &r, &f);
+            dropped.map(|d| (walked, d))
         })
         .await;
         match res {

@@ -114,7 +114,7 @@ impl Root {
     pub fn wants(&self, path: &Path) -> bool {
         self.relative(path).is_some_and(|r| {
             self.filter.matches(r) && !self.nested.iter().any(|n| r.starts_with(n))
-        }) && !self.own.iter().any(|o| path.starts_with(o))
+        }) && !self.own.iter().any(|o| within(path, o))
     }
 
     fn dir_and_rel<'a>(&self, path: &'a Path) -> std::io::Result<(Arc<RootDir>, &'a Path)> {
@@ -199,7 +199,7 @@ impl Root {
                     return true;
                 }
                 let path = self.path.join(&rel);
-                if self.own.iter().any(|o| path.starts_with(o)) {
+                if self.own.iter().any(|o| within(&path, o)) {
                     return true;
                 }
                 visit(path, stat)
@@ -242,6 +242,15 @@ impl Root {
             .map_err(|e| format!("{} cannot be an object key: {e}", path.display()))?;
         Ok(key)
     }
+}
+
+/// Whether `path` is `dir` or lies beneath it, comparing bytes (both absolute and normal, as
+/// the configuration's paths and the walks' joins are): [`Path::starts_with`] compares
+/// component by component, a cost paid for every file of every walk.
+fn within(path: &Path, dir: &Path) -> bool {
+    let (p, d) = (path.as_os_str().as_bytes(), dir.as_os_str().as_bytes());
+    let d = d.strip_suffix(b"/").unwrap_or(d);
+    p.starts_with(d) && matches!(p.get(d.len()), None | Some(b'/'))
 }
 
 /// The most specific root `path` lies in (nested roots own their files).
@@ -477,6 +486,29 @@ pub fn walk_all(roots: &[Root], feeder: &Feeder) -> Walked {
     out
 }
 
+/// [`walk_all`] and [`sweep_deleted`] side by side on two threads (they read different
+/// things: the trees, and the index's rows of files that may be gone). Blocking.
+pub fn walk_and_sweep(
+    index: &Index,
+    roots: &[Root],
+    feeder: &Feeder,
+) -> (Walked, anyhow::Result<u64>) {
+    std::thread::scope(|s| {
+        let sweep = std::thread::Builder::new()
+            .name("sweep".into())
+            .spawn_scoped(s, || sweep_deleted(index, roots));
+        let walked = walk_all(roots, feeder);
+        let dropped = match sweep {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the sweep thread panicked"))),
+            // No thread to be had: sweep here, after the walk.
+            Err(_) => sweep_deleted(index, roots),
+        };
+        (walked, dropped)
+    })
+}
+
 /// The names of the regular files in the directory `dir` (absolute), listed through the
 /// handle of the root it lies in; `None` if it cannot be listed.
 fn regular_files_in(roots: &[Root], dir: &Path) -> Option<HashSet<OsString>> {
@@ -565,6 +597,16 @@ mod tests {
             runs: false,
             own_ids: Arc::default(),
         }
+    }
+
+    #[test]
+    fn within_compares_whole_components() {
+        assert!(within(Path::new("/w/state"), Path::new("/w/state")));
+        assert!(within(Path::new("/w/state/x"), Path::new("/w/state")));
+        assert!(within(Path::new("/w/state/x"), Path::new("/w/state/")));
+        assert!(!within(Path::new("/w/stateful"), Path::new("/w/state")));
+        assert!(!within(Path::new("/w"), Path::new("/w/state")));
+        assert!(within(Path::new("/w/x"), Path::new("/")));
     }
 
     #[test]
