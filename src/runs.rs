@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -511,7 +510,9 @@ fn manifest_files(
         ));
     }
     let rows = index.files_and_objects(&items, dests)?;
-    for ((path, stat), row) in files.iter().zip(rows) {
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let modes = root.modes(&paths);
+    for (((path, stat), row), mode) in files.iter().zip(rows).zip(modes) {
         let changed = || {
             anyhow::anyhow!(
                 "{} changed while the run was being sealed; seal again",
@@ -535,11 +536,11 @@ fn manifest_files(
             .ok()
             .and_then(Path::to_str)
             .with_context(|| format!("{} is not a UTF-8 path in the run", path.display()))?;
-        let mode = root
-            .open_file(path)
-            .and_then(|(f, _)| f.metadata())
-            .map(|m| m.permissions().mode() & 0o7777)
-            .map_err(|_| changed())?;
+        // Looked at again through the root's handle: still the file that was stored.
+        let mode = match mode {
+            Ok((mode, now)) if now.same_file(stat) => mode,
+            _ => return Err(changed()),
+        };
         out.push(ManifestFile {
             path: rel.to_string(),
             size: known.size,

@@ -258,6 +258,35 @@ impl RootDir {
         }
     }
 
+    /// The permission bits and identity of many regular files at once. Consecutive files of
+    /// one directory share one confined open of that directory, and each file is one `statx`
+    /// beneath it, never followed: a path through a symlink, or one that is not a regular
+    /// file, gives an error like [`RootDir::open_file`] would.
+    pub fn modes(&self, rels: &[&Path]) -> Vec<io::Result<(u32, Stat)>> {
+        let mut dir: Option<(&Path, io::Result<OwnedFd>)> = None;
+        rels.iter()
+            .map(|rel| {
+                let (parent, name) = split(rel)?;
+                if dir.as_ref().is_none_or(|(p, _)| *p != parent) {
+                    dir = Some((parent, self.open_dir(parent)));
+                }
+                let fd = match dir.as_ref().map(|(_, fd)| fd) {
+                    Some(Ok(fd)) => fd,
+                    Some(Err(e)) => return Err(io::Error::new(e.kind(), e.to_string())),
+                    None => return Err(io::Error::other("no directory")),
+                };
+                let x = statx_at(fd, name)?;
+                match kind_of(&x) {
+                    Kind::File(stat) => Ok((u32::from(x.stx_mode) & 0o7777, stat)),
+                    _ => Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a regular file",
+                    )),
+                }
+            })
+            .collect()
+    }
+
     /// What `rel` is, without following it or any link on the way to it.
     pub fn kind(&self, rel: &Path) -> io::Result<Kind> {
         let (parent, name) = split(rel)?;
@@ -564,6 +593,34 @@ mod tests {
         NO_OPENAT2.store(true, Ordering::Relaxed);
         f();
         NO_OPENAT2.store(false, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn modes_are_read_beneath_the_root_without_following_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_tmp, root, outside) = fresh();
+        std::fs::set_permissions(root.join("d/ok"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        std::fs::write(root.join("top"), "t").unwrap();
+        std::fs::set_permissions(root.join("top"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        symlink(outside.join("secret"), root.join("d/link")).unwrap();
+        symlink(&outside, root.join("out")).unwrap();
+        both_ways(|| {
+            let dir = RootDir::open(&root, true).unwrap();
+            let got = dir.modes(&[
+                Path::new("d/ok"),
+                Path::new("d/link"),
+                Path::new("d"),
+                Path::new("top"),
+                Path::new("out/secret"),
+                Path::new("d/gone"),
+            ]);
+            let modes: Vec<Option<u32>> =
+                got.iter().map(|r| r.as_ref().ok().map(|m| m.0)).collect();
+            assert_eq!(modes, [Some(0o640), None, None, Some(0o755), None, None]);
+            let ok = got[0].as_ref().unwrap().1;
+            assert!(ok.same_file(&dir.open_file(Path::new("d/ok")).unwrap().1));
+        });
     }
 
     #[test]

@@ -307,9 +307,13 @@ url = "file://{nas}"
 
     /// Start the CLI binary's `run` in the background (killed if the test fails); its log
     /// goes to `daemon.log` in the temp dir.
+    ///
+    /// Returns once the daemon holds the state directory (its pid is in the lock file) or has
+    /// exited: a CLI command run right after would otherwise take the state lock first and
+    /// the daemon would exit, saying another process uses the state directory.
     pub fn spawn_run(&self) -> ChildGuard {
         let log = std::fs::File::create(self.tmp.path().join("daemon.log")).unwrap();
-        ChildGuard(
+        let mut child = ChildGuard(
             Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
                 .arg("--config")
                 .arg(self.config_path())
@@ -319,7 +323,22 @@ url = "file://{nas}"
                 .stderr(log)
                 .spawn()
                 .unwrap(),
-        )
+        );
+        let pid = child.0.id().to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_to_string(self.state.join("lock"))
+            .unwrap_or_default()
+            .trim()
+            != pid
+            && child.0.try_wait().unwrap().is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not take the state directory within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
     }
 
     /// Create a key file with `keygen` (mode 0600) and return its path.
