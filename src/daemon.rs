@@ -730,9 +730,20 @@ pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Resul
             .map(|(_, _, s)| s.in_flight.load(Ordering::Relaxed))
             .sum();
         let (i, n) = (index.clone(), names.clone());
+        // While files are being checked or uploaded, the pending count comes from the
+        // index's running totals (reading every pending row 40 times a second made a large
+        // first sync quadratic); only when nothing is in flight are the pending rows split
+        // into those still to try and those out of attempts, to decide whether to stop.
+        let idle = outstanding == 0 && in_flight == 0;
         let open: Vec<(u64, u64)> = tokio::task::spawn_blocking(move || {
             n.iter()
-                .map(|d| i.pending_counts(d, SYNC_ATTEMPTS))
+                .map(|d| {
+                    if idle {
+                        i.pending_counts(d, SYNC_ATTEMPTS)
+                    } else {
+                        i.pending_total(d).map(|p| (p, 0))
+                    }
+                })
                 .collect::<anyhow::Result<Vec<_>>>()
         })
         .await??;

@@ -951,6 +951,7 @@ impl Index {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+
             // The totals' triggers (migration 6) must see the rows a REPLACE deletes.
             conn.pragma_update(None, "recursive_triggers", "ON")?;
             Ok(())
@@ -1493,6 +1494,17 @@ impl Index {
             params![UploadState::Pending],
         )?;
         Ok(())
+    }
+
+    /// Pending uploads of `dest`, from the running totals (no row is read): what `sync`
+    /// shows while it works; [`Index::pending_counts`] splits them when it is about to stop.
+    pub fn pending_total(&self, dest: &str) -> anyhow::Result<u64> {
+        let conn = self.conn();
+        Ok(dest_totals(&conn, dest)?
+            .iter()
+            .filter(|t| t.state == UploadState::Pending)
+            .map(|t| t.rows.max(0) as u64)
+            .sum())
     }
 
     /// Pending uploads that can still be attempted (fewer than `max_attempts` tries), and
@@ -2683,6 +2695,15 @@ mod tests {
             totals_from_rows(idx),
             "totals after {step}"
         );
+        // `sync`'s progress reads the pending count from the totals.
+        for d in ["a", "b", "c"] {
+            let (open, exhausted) = idx.pending_counts(d, 3).unwrap();
+            assert_eq!(
+                idx.pending_total(d).unwrap(),
+                open + exhausted,
+                "pending of {d} after {step}"
+            );
+        }
         let now = now_ms();
         let s = |v: &[&str]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
         for dests in [
