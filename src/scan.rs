@@ -494,8 +494,11 @@ fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mu
                 .map(|(name, stat)| (name.as_slice(), *stat))
                 .collect();
             for (path, stat) in files.drain(..) {
+                // Files of a directory whose listing failed part way were never compared:
+                // they go to the ingest stage as they are.
+                let here = path.parent() == Some(listed);
                 let name = path.file_name().map_or(&[][..], |n| n.as_bytes());
-                if known.get(name).is_some_and(|k| k.same_file(&stat)) {
+                if here && known.get(name).is_some_and(|k| k.same_file(&stat)) {
                     out.unchanged += 1;
                 } else if out.complete {
                     send(path, Some(stat), out);
@@ -503,6 +506,12 @@ fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mu
             }
         },
     );
+    // The same for files of a last directory whose listing failed part way.
+    for (path, stat) in files.into_inner() {
+        if !out.complete || !send(path, Some(stat), out) {
+            break;
+        }
+    }
 }
 
 /// Look at every root again (a root replaced by a symlink is let go, a new directory opened)
