@@ -2645,22 +2645,25 @@ mod tests {
                 |r| Ok(vec![r.get(0)?, r.get(1)?, r.get(2)?]),
             )
             .unwrap();
-        let mut stmt = conn
-            .prepare(
-                "SELECT u.dest, u.state, count(*), sum(u.last_error IS NOT NULL),
-                        sum(coalesce(u.gen != f.gen, 0))
-                 FROM uploads u LEFT JOIN files f ON f.id = u.file_id
-                 GROUP BY u.dest, u.state ORDER BY 1, 2",
-            )
-            .unwrap();
-        let uploads = stmt
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let uploads = upload_rows(
+            &conn,
+            "SELECT u.dest, u.state, count(*), sum(u.last_error IS NOT NULL),
+                    sum(coalesce(u.gen != f.gen, 0))
+             FROM uploads u LEFT JOIN files f ON f.id = u.file_id
+             GROUP BY u.dest, u.state ORDER BY 1, 2",
+        );
         (index, uploads)
+    }
+
+    /// Rows of (destination, state, rows, errors, stale) from `sql`.
+    fn upload_rows(conn: &Connection, sql: &str) -> Vec<(String, i64, i64, i64, i64)> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
     }
 
     /// The totals tables as the triggers left them (rows counting nothing left out).
@@ -2671,19 +2674,11 @@ mod tests {
                 Ok(vec![r.get(0)?, r.get(1)?, r.get(2)?])
             })
             .unwrap();
-        let mut stmt = conn
-            .prepare(
-                "SELECT dest, state, rows, errors, stale FROM upload_totals
-                 WHERE rows != 0 OR errors != 0 OR stale != 0 ORDER BY 1, 2",
-            )
-            .unwrap();
-        let uploads = stmt
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let uploads = upload_rows(
+            &conn,
+            "SELECT dest, state, rows, errors, stale FROM upload_totals
+             WHERE rows != 0 OR errors != 0 OR stale != 0 ORDER BY 1, 2",
+        );
         (index, uploads)
     }
 

@@ -457,11 +457,11 @@ pub fn walk(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder) -> Walked
 fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mut Walked) {
     // The wanted files of the directory being listed.
     let files: std::cell::RefCell<Vec<(PathBuf, Stat)>> = Default::default();
-    let send = |path: PathBuf, stat: Option<Stat>, out: &mut Walked| -> bool {
+    let send = |path: PathBuf, stat: Stat, out: &mut Walked| -> bool {
         let sent = feeder.blocking_send(Candidate {
             path,
             root: root_idx,
-            stat,
+            stat: Some(stat),
         });
         out.queued += sent as u64;
         out.complete &= sent;
@@ -501,14 +501,14 @@ fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mu
                 if here && known.get(name).is_some_and(|k| k.same_file(&stat)) {
                     out.unchanged += 1;
                 } else if out.complete {
-                    send(path, Some(stat), out);
+                    send(path, stat, out);
                 }
             }
         },
     );
     // The same for files of a last directory whose listing failed part way.
     for (path, stat) in files.into_inner() {
-        if !out.complete || !send(path, Some(stat), out) {
+        if !out.complete || !send(path, stat, out) {
             break;
         }
     }
@@ -639,6 +639,15 @@ mod tests {
         }
     }
 
+    /// A root with no filters or own paths at the real directory `top`.
+    fn root_at(top: &Path) -> Root {
+        let mut r = root("");
+        r.path = top.to_path_buf();
+        r.tree = Arc::new(Tree::new(top.to_path_buf(), true));
+        r.own = vec![];
+        r
+    }
+
     #[test]
     fn within_compares_whole_components() {
         assert!(within(Path::new("/w/state"), Path::new("/w/state")));
@@ -683,10 +692,7 @@ mod tests {
     fn a_walk_queues_only_what_the_index_does_not_hold_as_it_is() {
         let tmp = tempfile::tempdir().unwrap();
         let top = tmp.path().join("w");
-        let mut r = root("");
-        r.path = top.clone();
-        r.tree = Arc::new(Tree::new(top.clone(), true));
-        r.own = vec![];
+        let r = root_at(&top);
         for rel in ["a/1", "a/2", "a/3", "a/sub/x", "b/1", "c/1"] {
             let p = top.join(rel);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -729,10 +735,7 @@ mod tests {
 
         // Without an index every file found is queued.
         let (feeder, mut rx, _) = Feeder::new(64, None);
-        let mut r2 = root("");
-        r2.path = top.clone();
-        r2.tree = Arc::new(Tree::new(top.clone(), true));
-        r2.own = vec![];
+        let r2 = root_at(&top);
         r2.refresh();
         assert_eq!(walk(&top, 0, &r2, &feeder).queued, 5);
         assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 5);
@@ -742,10 +745,7 @@ mod tests {
     fn sweep_forgets_deleted_files_and_directories_only() {
         let tmp = tempfile::tempdir().unwrap();
         let top = tmp.path().join("w");
-        let mut r = root("");
-        r.path = top.clone();
-        r.tree = Arc::new(Tree::new(top.clone(), true));
-        r.own = vec![];
+        let r = root_at(&top);
         let index = Index::open(&tmp.path().join("state")).unwrap();
         let mut obs = Vec::new();
         for rel in ["a/1", "a/2", "a/3", "b/1", "b/2", "c/1", "c/d/1"] {
