@@ -26,8 +26,10 @@ use object_store::{ClientConfigKey, ObjectMeta, ObjectStore, RetryConfig};
 
 use crate::config::{self, Kind, kind_of};
 
+mod durable;
 mod list;
 
+use durable::{Durability, Ticket};
 use list::{Lister, LocalLister, RemoteLister};
 
 /// A store error, split by what the caller should do about it.
@@ -125,6 +127,10 @@ pub struct Destination {
     pub limiter: Option<Arc<crate::throttle::Limiter>>,
     /// How listings are made (our own, tolerant of bad keys: see [`Destination::list_under`]).
     lister: Lister,
+    /// `file://`: writes are made durable in groups (see [`Destination::persist`]).
+    durability: Option<Arc<Durability>>,
+    /// `file://`: the store, to map keys to files (its root resolved once, when opened).
+    local: Option<Arc<LocalFileSystem>>,
 }
 
 impl fmt::Debug for Destination {
@@ -197,6 +203,7 @@ impl Destination {
                 )
             }};
         }
+        let (mut durability, mut local) = (None, None);
         let (store, signer, lister): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Lister) =
             match kind {
                 Kind::Local => {
@@ -211,12 +218,20 @@ impl Destination {
                             dir.display()
                         )
                     })?;
-                    let fs = LocalFileSystem::new_with_prefix(&dir)
-                        .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
-                        .with_fsync(true);
+                    // No sync per object: `persist` syncs the filesystem once for every
+                    // object written before it.
+                    let fs = Arc::new(
+                        LocalFileSystem::new_with_prefix(&dir)
+                            .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
+                            .with_fsync(false),
+                    );
+                    local = Some(fs.clone());
+                    durability = Some(Arc::new(Durability::open(&dir).map_err(|e| {
+                        anyhow::anyhow!("destination {name:?}: cannot open {}: {e}", dir.display())
+                    })?));
                     let lister = LocalLister::new(&dir)
                         .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
-                    (Arc::new(fs), None, Lister::Local(Arc::new(lister)))
+                    (fs, None, Lister::Local(Arc::new(lister)))
                 }
                 // object_store parses the URL only in build(): the bucket or container of an
                 // `s3://`, `gs://` or `az://` URL is its host. Other URL forms (an account or
@@ -267,7 +282,34 @@ impl Destination {
                 .max_rate
                 .map(|r| Arc::new(crate::throttle::Limiter::new(r))),
             lister,
+            durability,
+            local,
         })
+    }
+
+    /// The file holding `stored_key`, when this is a `file://` store.
+    pub(crate) fn local_file(&self, stored_key: &str) -> Option<std::path::PathBuf> {
+        let fs = self.local.as_ref()?;
+        fs.path_to_filesystem(&self.path(stored_key).ok()?).ok()
+    }
+
+    /// Take before writing an object that must be durable before it is counted stored, and
+    /// hand to [`Destination::persist`] after.
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        self.durability.as_ref().map(|d| d.ticket())
+    }
+
+    /// Return once what was written since `ticket` is durable. A cloud store's successful PUT
+    /// already is; a `file://` store writes objects without syncing each one (a staging file
+    /// renamed into place), so this syncs its filesystem once for every object written by then
+    /// (group commit: see the `durable` module).
+    pub(crate) async fn persist(&self, ticket: Option<Ticket>) -> Result<(), StoreError> {
+        match (&self.durability, ticket) {
+            (Some(d), Some(t)) => d.wait(t).await.map_err(|e| {
+                StoreError::Retryable(format!("making writes to {} durable: {e}", self.name))
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A listed object's key relative to this destination's base (the inverse of

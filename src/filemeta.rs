@@ -4,25 +4,10 @@
 //! Encrypted objects keep all of this inside the encryption instead.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use object_store::local::LocalFileSystem;
-
-use crate::destination::Destination;
 use crate::layout::LONGNAME_XATTR;
-
-/// The file holding `stored_key` when `dest` is a `file://` store.
-pub(crate) fn local_path(dest: &Destination, stored_key: &str) -> Option<PathBuf> {
-    let url = url::Url::parse(&dest.url).ok()?;
-    if url.scheme() != "file" {
-        return None;
-    }
-    let dir = url.to_file_path().ok()?;
-    let fs = LocalFileSystem::new_with_prefix(&dir).ok()?;
-    let location = dest.path(stored_key).ok()?;
-    fs.path_to_filesystem(&location).ok()
-}
 
 /// What a stored file says about its original.
 #[derive(Debug, Clone, Default)]

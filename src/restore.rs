@@ -484,7 +484,7 @@ async fn restore_one(
         .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
     let mut expect = attr_expect(&get);
     if !plan.encrypt
-        && let Some(file) = crate::filemeta::local_path(dest, &stored_key)
+        && let Some(file) = dest.local_file(&stored_key)
     {
         let m = tokio::task::spawn_blocking(move || crate::filemeta::read(&file))
             .await

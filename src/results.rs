@@ -890,10 +890,13 @@ pub(crate) async fn write_record(
                 attributes,
                 ..Default::default()
             };
+            let ticket = dest.ticket();
             dest.store
                 .put_opts(&location, PutPayload::from_bytes(body.clone()), opts)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", destination::error_chain(&e)))?;
+            // Durable before the earlier record goes.
+            dest.persist(ticket).await?;
             if let Some(old) = &earlier {
                 let old = dest.path(old)?;
                 match dest.store.delete(&old).await {

@@ -650,6 +650,7 @@ async fn put_own(
         attributes,
         ..Default::default()
     };
+    let ticket = dest.ticket();
     dest.store
         .put_opts(&location, PutPayload::from_bytes(object), opts)
         .await
@@ -661,7 +662,7 @@ async fn put_own(
             )
         })?;
     if !plan.encrypt
-        && let Some(file) = crate::filemeta::local_path(dest, stored_key)
+        && let Some(file) = dest.local_file(stored_key)
     {
         let fm = crate::filemeta::FileMeta {
             mode: 0o644,
@@ -672,6 +673,9 @@ async fn put_own(
             .await?
             .with_context(|| format!("setting mode and mtime of {location} in {}", dest.name))?;
     }
+    dest.persist(ticket)
+        .await
+        .with_context(|| format!("writing the run's {name} {location}"))?;
     Ok(())
 }
 

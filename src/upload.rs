@@ -346,6 +346,9 @@ impl Worker {
         {
             return Ok(Step::Done(Method::Skip, h.clone()));
         }
+        // Taken before anything is written: the object must be durable before it is
+        // recorded stored (and before an old version is deleted).
+        let ticket = self.dest.ticket();
         let mut step = None;
         if let Some(src) = elsewhere {
             step = self.copy(job, src).await?;
@@ -354,6 +357,9 @@ impl Worker {
             Some(s) => s,
             None => self.upload(job, &identity).await?,
         };
+        if let Step::Done(..) = step {
+            self.dest.persist(ticket).await?;
+        }
         // A new version under a different stored key: remove the old one, so the destination
         // (and a restore from it) holds only the last version.
         if let (Step::Done(_, new), Some(old)) = (&step, &here)
@@ -415,7 +421,7 @@ impl Worker {
         if plan.encrypt {
             return Ok(());
         }
-        let Some(file) = crate::filemeta::local_path(&self.dest, stored_key) else {
+        let Some(file) = self.dest.local_file(stored_key) else {
             return Ok(());
         };
         let long_name = layout::parse(stored_key)
@@ -463,7 +469,7 @@ impl Worker {
             return false;
         };
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
-        if let Some(file) = crate::filemeta::local_path(&self.dest, &src.stored_key) {
+        if let Some(file) = self.dest.local_file(&src.stored_key) {
             let stored = crate::filemeta::read(&file);
             return stored.is_ok_and(|m| m.mode == mode && m.mtime_ns == job.stat.mtime_ns);
         }
