@@ -77,8 +77,8 @@ impl Durability {
         let mut synced = self.synced.lock().await;
         if self.failures.load(Ordering::SeqCst) != ticket.failures {
             return Err(format!(
-                "syncing {} failed after the object was written (see the earlier error); \
-                 it is written again",
+                "syncing {} failed after the object was written (see the earlier error), \
+                 so it may not be on disk",
                 self.path.display()
             ));
         }
