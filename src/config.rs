@@ -394,6 +394,23 @@ pub struct Destination {
     /// Cap on bytes sent per second to this destination (e.g. `"20MiB/s"`).
     #[serde(default, deserialize_with = "de_opt_rate")]
     pub max_rate: Option<u64>,
+    /// `file://` only: how an object is made durable before it counts as stored.
+    #[serde(default)]
+    pub sync: SyncMode,
+}
+
+/// How a `file://` destination makes an object durable before it counts as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// `fsync` of each object and its directory: costs two synchronous writes per object,
+    /// touches nothing else.
+    #[default]
+    Each,
+    /// One `syncfs` of the destination's filesystem for every object written by then (group
+    /// commit): far fewer synchronous writes, but each call also flushes whatever else is
+    /// waiting to be written on that filesystem. For a filesystem that holds the store alone.
+    Batch,
 }
 
 /// One `[[notify]]` table: each sealed run is announced by an HTTP POST of a JSON document
@@ -843,6 +860,13 @@ impl Config {
                     dest.name
                 ));
             }
+            if dest.sync == SyncMode::Batch && !matches!(kind_of(&dest.url), Ok((Kind::Local, _))) {
+                return Err(format!(
+                    "destination {:?} at line {line}: sync = \"batch\" applies to file:// \
+                     destinations only (a cloud store's PUT is durable when acknowledged)",
+                    dest.name
+                ));
+            }
             if let Some(options) = &dest.options {
                 let opt_line = line_of(text, options.span().start);
                 check_options(&dest.url, options.get_ref()).map_err(|e| {
@@ -1132,6 +1156,24 @@ mod tests {
 
     const BASE: &str =
         "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"p\"\nurl = \"file:///x\"\n";
+
+    #[test]
+    fn batch_sync_is_for_file_destinations_and_each_is_the_default() {
+        let c = Config::parse(BASE, "t.toml").unwrap();
+        assert_eq!(c.destination[0].get_ref().sync, SyncMode::Each);
+        let c = Config::parse(&format!("{BASE}sync = \"batch\"\n"), "t.toml").unwrap();
+        assert_eq!(c.destination[0].get_ref().sync, SyncMode::Batch);
+        let text = "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"cloud\"\nurl = \"s3://b/x\"\nsync = \"batch\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("\"cloud\"") && e.contains("line 3") && e.contains("file://"),
+            "{e}"
+        );
+        let e = Config::parse(&format!("{BASE}sync = \"never\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("never") && e.contains("line 6"), "{e}");
+    }
 
     #[test]
     fn notify_entries_get_names_and_defaults() {

@@ -127,7 +127,8 @@ pub struct Destination {
     pub limiter: Option<Arc<crate::throttle::Limiter>>,
     /// How listings are made (our own, tolerant of bad keys: see [`Destination::list_under`]).
     lister: Lister,
-    /// `file://`: writes are made durable in groups (see [`Destination::persist`]).
+    /// `file://` with `sync = "batch"`: writes are made durable in groups (see
+    /// [`Destination::persist`]).
     durability: Option<Arc<Durability>>,
     /// `file://`: the store, to map keys to files (its root resolved once, when opened).
     local: Option<Arc<LocalFileSystem>>,
@@ -218,17 +219,24 @@ impl Destination {
                             dir.display()
                         )
                     })?;
-                    // No sync per object: `persist` syncs the filesystem once for every
-                    // object written before it.
+                    // `each`: object_store syncs every object and its directory before the
+                    // write returns. `batch`: no sync per object; `persist` syncs the
+                    // filesystem once for every object written before it.
+                    let batch = cfg.sync == config::SyncMode::Batch;
                     let fs = Arc::new(
                         LocalFileSystem::new_with_prefix(&dir)
                             .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?
-                            .with_fsync(false),
+                            .with_fsync(!batch),
                     );
                     local = Some(fs.clone());
-                    durability = Some(Arc::new(Durability::open(&dir).map_err(|e| {
-                        anyhow::anyhow!("destination {name:?}: cannot open {}: {e}", dir.display())
-                    })?));
+                    if batch {
+                        durability = Some(Arc::new(Durability::open(&dir).map_err(|e| {
+                            anyhow::anyhow!(
+                                "destination {name:?}: cannot open {}: {e}",
+                                dir.display()
+                            )
+                        })?));
+                    }
                     let lister = LocalLister::new(&dir)
                         .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
                     (fs, None, Lister::Local(Arc::new(lister)))
@@ -300,9 +308,10 @@ impl Destination {
     }
 
     /// Return once what was written since `ticket` is durable. A cloud store's successful PUT
-    /// already is; a `file://` store writes objects without syncing each one (a staging file
-    /// renamed into place), so this syncs its filesystem once for every object written by then
-    /// (group commit: see the `durable` module).
+    /// already is, and so is a `file://` object written with `sync = "each"`; with
+    /// `sync = "batch"` objects are written without a sync each (a staging file renamed into
+    /// place), so this syncs the filesystem once for every object written by then (group
+    /// commit: see the `durable` module).
     pub(crate) async fn persist(&self, ticket: Option<Ticket>) -> Result<(), StoreError> {
         match (&self.durability, ticket) {
             (Some(d), Some(t)) => d.wait(t).await.map_err(|e| {

@@ -174,6 +174,27 @@ async fn sync_alone_gives_the_same_result_and_rereads_nothing() {
     assert!(text.contains("primary: 0 stored, 0 missing"), "{text}");
 }
 
+/// `sync = "batch"` on the `file://` backup: objects written without a sync each, made durable
+/// by one `syncfs` per group, land exactly as with the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_backup_synced_in_batches_gets_every_file() {
+    let mut env = Env::new();
+    // Right after the backup's `url`: a key of its table.
+    env.tail = "sync = \"batch\"\n".into();
+    assert_eq!(
+        env.config().destination[1].get_ref().sync,
+        panoptic_sync::config::SyncMode::Batch
+    );
+    write_ci_job(&env, "job").await;
+    let out = env.cli(&["sync"]);
+    assert_ok(&out, "sync");
+    assert_destinations_match(&env, shared_s3());
+    let out = env.cli(&["sync"]);
+    assert_ok(&out, "second sync");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nas: 0 stored, 0 missing"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_is_down_at_first_catches_up_and_never_stalls_the_backup() {
     let port = free_port();
