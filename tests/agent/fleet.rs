@@ -117,8 +117,13 @@ async fn reports_have_the_numbers_and_the_fleet_view_shows_every_node() {
             format!("INFO line {i}\n").repeat(8000).as_bytes(),
         );
     }
+    // The same bytes, mode and mtime: a copy keeps the source's metadata, so only files that
+    // agree on all three are copied (files written back to back share an mtime only when the
+    // kernel's coarse clock did not tick between them, which made this test flaky).
     for i in 0..4 {
-        a.write(&format!("dup/{i}/same.png"), b"the same screenshot bytes");
+        let p = a.watch.join(format!("dup/{i}/same.png"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_preserved(&p, b"the same screenshot bytes", 1_700_000_000);
     }
     assert_ok(&a.cli(&["sync"]), "sync a");
     // A second node sharing the same bucket.
