@@ -951,7 +951,6 @@ impl Index {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
-
             // The totals' triggers (migration 6) must see the rows a REPLACE deletes.
             conn.pragma_update(None, "recursive_triggers", "ON")?;
             Ok(())

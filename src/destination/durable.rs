@@ -1,6 +1,7 @@
-//! Durability of a `file://` store by group commit: objects are written without a sync each,
-//! and one `syncfs` of the store's filesystem makes every object written before it durable,
-//! shared by every task waiting at that moment.
+//! Durability of a `file://` store with `sync = "batch"`, by group commit (with the default,
+//! `sync = "each"`, object_store syncs every object): objects are written without a sync
+//! each, and one `syncfs` of the store's filesystem makes every object written before it
+//! durable, shared by every task waiting at that moment.
 //!
 //! A stored object must be on disk before the index counts it stored (local cleanup may then
 //! delete its source). Syncing each object and its directory (object_store's `with_fsync`)

@@ -163,15 +163,24 @@ pub fn count_methods(env: &Env, method: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_alone_gives_the_same_result_and_rereads_nothing() {
     let env = Env::new();
-    write_ci_job(&env, "job").await;
+    sync_twice_and_check(&env, "primary").await;
+}
+
+/// Write a CI job, sync it, check both destinations hold it exactly, then sync again and check
+/// that `dest` had nothing more to store.
+async fn sync_twice_and_check(env: &Env, dest: &str) {
+    write_ci_job(env, "job").await;
     let out = env.cli(&["sync"]);
     assert_ok(&out, "sync");
-    assert_destinations_match(&env, shared_s3());
+    assert_destinations_match(env, shared_s3());
 
     let out = env.cli(&["sync"]);
     assert_ok(&out, "second sync");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("primary: 0 stored, 0 missing"), "{text}");
+    assert!(
+        text.contains(&format!("{dest}: 0 stored, 0 missing")),
+        "{text}"
+    );
 }
 
 /// `sync = "batch"` on the `file://` backup: objects written without a sync each, made durable
@@ -185,14 +194,7 @@ async fn a_file_backup_synced_in_batches_gets_every_file() {
         env.config().destination[1].get_ref().sync,
         panoptic_sync::config::SyncMode::Batch
     );
-    write_ci_job(&env, "job").await;
-    let out = env.cli(&["sync"]);
-    assert_ok(&out, "sync");
-    assert_destinations_match(&env, shared_s3());
-    let out = env.cli(&["sync"]);
-    assert_ok(&out, "second sync");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("nas: 0 stored, 0 missing"), "{text}");
+    sync_twice_and_check(&env, "nas").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
