@@ -77,8 +77,11 @@ impl Ingest {
             // At shutdown what is still queued is left to the next catch-up scan: draining a
             // queue filled by rescans could hold the exit for minutes.
             if self.closed.is_cancelled() {
-                let left = 1 + std::iter::from_fn(|| rx.try_recv().ok()).count() as u64;
-                self.outstanding.done(left);
+                let left: Vec<Candidate> = std::iter::once(first)
+                    .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    .collect();
+                self.outstanding.done(&left);
+                let left = left.len();
                 tracing::debug!(
                     left,
                     "shutting down: queued candidates left to the next scan"
@@ -105,7 +108,7 @@ impl Ingest {
                         files = n,
                         "shutting down with files not recorded; the next catch-up scan finds them again"
                     );
-                    self.outstanding.done(n);
+                    self.outstanding.done(&batch);
                     return;
                 }
                 // Sleep in slices, so shutdown is never held up by a long pause.
@@ -116,8 +119,8 @@ impl Ingest {
                 self.index.relieve();
                 pause = (pause * 2).min(std::time::Duration::from_secs(10));
             }
+            self.outstanding.done(&batch);
             batch.clear();
-            self.outstanding.done(n);
         }
     }
 

@@ -307,27 +307,57 @@ pub struct Candidate {
 
 /// Candidates sent but not yet handled by the ingest stage, with a notification when that
 /// count drops to zero (so `sync` and the catch-up scan wait without polling).
+///
+/// Events (candidates without a stat: the watcher's, and paths the upload workers send
+/// back) are also counted on their own, because handling one can delete an index row (the
+/// path is gone, or now a symlink). A walk trusts the index's rows of a directory only if no
+/// event was waiting while it read them (see [`walk`]).
 #[derive(Debug, Default)]
 pub struct Outstanding {
     count: AtomicU64,
+    /// Events ever sent, and ever handled (recorded in the index, or given up at shutdown).
+    events_sent: AtomicU64,
+    events_done: AtomicU64,
     drained: tokio::sync::Notify,
 }
 
 impl Outstanding {
-    /// Count `n` candidates as handled; wakes the waiters when none are left.
-    pub fn done(&self, n: u64) {
+    /// Count `handled` as done, once their outcome is in the index; wakes the waiters when
+    /// none are left.
+    pub fn done(&self, handled: &[Candidate]) {
+        let events = handled.iter().filter(|c| c.stat.is_none()).count() as u64;
+        self.finish(handled.len() as u64, events);
+    }
+
+    fn finish(&self, n: u64, events: u64) {
+        self.events_done.fetch_add(events, Ordering::SeqCst);
         if n > 0 && self.count.fetch_sub(n, Ordering::SeqCst) == n {
             self.drained.notify_waiters();
         }
     }
 
-    fn add(&self) {
+    fn add(&self, event: bool) {
+        self.events_sent.fetch_add(event as u64, Ordering::SeqCst);
         self.count.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Candidates not yet handled.
     pub fn get(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// `Some(mark)` if every event sent so far has been handled: index rows read after this
+    /// call reflect them. Pass the mark to [`Outstanding::quiet_since`] once the rows are read.
+    fn quiet(&self) -> Option<u64> {
+        // Sent first: an event sent and handled between the two loads still counts as done.
+        let sent = self.events_sent.load(Ordering::SeqCst);
+        let done = self.events_done.load(Ordering::SeqCst);
+        (done >= sent).then_some(sent)
+    }
+
+    /// Whether no event was sent since [`Outstanding::quiet`] returned `mark`.
+    fn quiet_since(&self, mark: u64) -> bool {
+        self.events_sent.load(Ordering::SeqCst) == mark
     }
 
     /// Wait until every candidate sent so far has been handled.
@@ -384,13 +414,14 @@ impl Feeder {
         if self.closed.is_cancelled() {
             return false;
         }
-        self.outstanding.add();
+        let event = c.stat.is_none();
+        self.outstanding.add(event);
         let sent = tokio::select! {
             _ = self.closed.cancelled() => false,
             r = self.tx.send(c) => r.is_ok(),
         };
         if !sent {
-            self.outstanding.done(1);
+            self.outstanding.finish(1, event as u64);
         }
         sent
     }
@@ -479,8 +510,17 @@ fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mu
                 files.clear();
                 return;
             }
-            let rows = match feeder.index.as_ref().map(|i| i.files_in_dir(listed)) {
-                Some(Ok(rows)) => Some(rows),
+            // Rows are trusted only if no event waited in the queue while they were read:
+            // handling one may delete the row of a file this walk would otherwise skip as
+            // unchanged, and the file would stay unindexed until the next walk. Otherwise
+            // every file goes through the queue behind those events, as if new.
+            let quiet = feeder.outstanding.quiet();
+            let index = feeder.index.as_ref().filter(|_| quiet.is_some());
+            let rows = match index.map(|i| i.files_in_dir(listed)) {
+                Some(Ok(rows)) if quiet.is_some_and(|m| feeder.outstanding.quiet_since(m)) => {
+                    Some(rows)
+                }
+                Some(Ok(_)) => None,
                 Some(Err(e)) => {
                     // Without the rows every file goes to the ingest stage, as if new.
                     tracing::debug!(dir = %listed.display(), error = %format!("{e:#}"), "cannot read a directory's rows from the index");
@@ -739,6 +779,53 @@ mod tests {
         r2.refresh();
         assert_eq!(walk(&top, 0, &r2, &feeder).queued, 5);
         assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 5);
+    }
+
+    #[test]
+    fn a_walk_does_not_skip_files_while_an_event_waits_in_the_queue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("w");
+        std::fs::create_dir_all(top.join("d")).unwrap();
+        for n in ["1", "2"] {
+            std::fs::write(top.join("d").join(n), n).unwrap();
+        }
+        let r = root_at(&top);
+        r.refresh();
+        let index = Arc::new(Index::open(&tmp.path().join("state")).unwrap());
+        let mut obs = Vec::new();
+        r.walk_files(&top, &mut |path, stat| {
+            obs.push(Observation::Indexed {
+                key: Ok(path.display().to_string()),
+                path,
+                stat,
+                sha256: [1; 32],
+            });
+            true
+        });
+        index.apply(&obs, &[]).unwrap();
+        let (feeder, mut rx, outstanding) = Feeder::new(64, Some(index.clone()));
+        // An event for d/1 is queued (say it was seen through a symlink swapped in for a
+        // moment): once handled, it deletes d/1's row. A walk that skipped d/1 as unchanged
+        // now would leave it unindexed.
+        let event = Candidate {
+            path: top.join("d/1"),
+            root: 0,
+            stat: None,
+        };
+        assert!(feeder.blocking_send(event));
+        let walked = walk(&top, 0, &r, &feeder);
+        assert_eq!((walked.queued, walked.unchanged), (2, 0));
+        let queued: Vec<Candidate> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            queued.len(),
+            3,
+            "the event first, then both files behind it"
+        );
+        assert!(queued[0].stat.is_none());
+        outstanding.done(&queued);
+        // Nothing waiting: the rows are trusted again.
+        let walked = walk(&top, 0, &r, &feeder);
+        assert_eq!((walked.queued, walked.unchanged), (0, 2));
     }
 
     #[test]
