@@ -3,7 +3,7 @@
 //! objects, `runs --json` and the open-run count of `status`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -545,21 +545,32 @@ async fn local_cleanup_can_wait_for_a_runs_seal() {
     );
     assert!(env.watch.join("waiting/logs/test.log").exists());
     assert_ok(&seal(&env, "sealed", &[]), "seal");
-    let sealed_log = env.watch.join("sealed/logs/test.log");
-    // Cleanup passes run every 5 s; a failure shows what the daemon said.
+    // Names only: a file may go between the listing and a read.
+    let files_in = |dir: &Path| -> Vec<PathBuf> {
+        walkdir::WalkDir::new(dir)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.into_path())
+            .collect()
+    };
+    let sealed = env.watch.join("sealed");
+    // Cleanup passes run every 5 s and delete file by file: wait for the whole run to go. A
+    // failure shows what the daemon said.
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while sealed_log.exists() {
+    while !files_in(&sealed).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the sealed run's files were not deleted; daemon log:\n{}",
+            "the sealed run's files were not all deleted ({:?} left); daemon log:\n{}",
+            files_in(&sealed),
             std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The pass that deleted them saw the other run's files (stored earlier) and kept them.
+    // The passes that deleted them saw the other run's files (stored earlier) and kept them.
     assert!(env.watch.join("waiting/logs/test.log").exists());
     assert!(env.watch.join("waiting/shots/a.png").exists());
-    assert_eq!(tree(&env.watch.join("sealed")).len(), 0);
+    assert_eq!(tree(&env.watch.join("waiting")).len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
