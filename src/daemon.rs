@@ -851,111 +851,194 @@ pub async fn flush_under(
 ) -> anyhow::Result<FlushSummary> {
     let deadline = Instant::now() + timeout;
     let roots = Root::from_config(config);
-    // Present at call time.
-    let mut present: Vec<(PathBuf, Stat)> = {
-        let roots = roots.clone();
-        let under = under.map(Path::to_path_buf);
-        tokio::task::spawn_blocking(move || match under {
-            Some(dir) => list_files_under(&roots, &dir),
-            None => list_files(&roots),
-        })
-        .await?
-    };
-    let daemon_running = StateLock::try_acquire(&config.state_dir)?.is_none();
-    if !daemon_running {
-        tracing::info!("no daemon is running on this state directory; syncing now");
-        let mut quiet = NoProgress;
-        sync(config, &mut quiet).await?;
-    }
-    let index = open_index(config)?;
     let dests: Vec<String> = config
         .destinations()
         .take(if all { usize::MAX } else { 1 })
         .map(|d| d.name.clone())
         .collect();
+    let under = under.map(Path::to_path_buf);
     let mut summary = FlushSummary {
         stored: 0,
         waiting: Vec::new(),
         failed: Vec::new(),
         files: Vec::new(),
     };
-    // The first pass uses the identities just listed; later passes look again, since a file
-    // may have changed (or gone) while it waited.
-    let mut first = true;
-    loop {
-        let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
-        let batch = std::mem::take(&mut present);
-        let look_again = !std::mem::take(&mut first);
-        let (rest, stored, failed) = tokio::task::spawn_blocking(move || {
-            let mut rest = Vec::new();
-            let (mut stored, mut failed) = (Vec::new(), Vec::new());
-            // A file changed since the call: wait for its new version; deleted: drop it.
-            let now: Vec<(PathBuf, Stat)> = batch
-                .into_iter()
-                .filter_map(|(path, listed)| {
-                    if !look_again {
-                        return Some((path, listed));
+    let daemon_running = StateLock::try_acquire(&config.state_dir)?.is_none();
+    // The files present at call time, and the index to check them against.
+    let (index, mut present) = if daemon_running {
+        // The daemon keeps the index current: the listing is checked chunk by chunk while
+        // the walk goes on (the first pass, with the identities just listed).
+        let index = open_index(config)?;
+        let (i, d, r, u) = (index.clone(), dests.clone(), roots.clone(), under.clone());
+        let first = tokio::task::spawn_blocking(move || {
+            let (tx, rx) = std::sync::mpsc::sync_channel(4);
+            std::thread::scope(|s| {
+                let lister = std::thread::Builder::new()
+                    .name("flush-list".into())
+                    .spawn_scoped(s, || list_in_chunks(&r, u.as_deref(), tx));
+                let mut pass = FlushPass::default();
+                if let Err(e) = &lister {
+                    // No thread to be had: list here, then check.
+                    tracing::debug!(error = %e, "listing on the checking thread");
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    list_in_chunks(&r, u.as_deref(), tx);
+                    for chunk in rx {
+                        pass.add(flush_pass(&i, &d, &r, chunk, false)?);
                     }
-                    match scan::root_of(&r, &path).map(|n| r[n].kind(&path)) {
-                        Some(Ok(crate::tree::Kind::File(stat))) => Some((path, stat)),
-                        _ => None,
-                    }
-                })
-                .collect();
-            // One read transaction for the whole batch.
-            let states = i.is_stored_many(&now, &d)?;
-            for ((path, stat), state) in now.into_iter().zip(states) {
-                match state {
-                    FlushState::Stored => stored.push((path, stat)),
-                    FlushState::Waiting => rest.push((path, stat)),
-                    FlushState::Failed(e) => failed.push((path, e)),
+                    return Ok(pass);
                 }
-            }
-            anyhow::Ok((rest, stored, failed))
+                for chunk in rx {
+                    pass.add(flush_pass(&i, &d, &r, chunk, false)?);
+                }
+                anyhow::Ok(pass)
+            })
         })
         .await??;
-        summary.stored += stored.len() as u64;
-        summary.files.extend(stored);
-        summary.failed.extend(failed);
-        present = rest;
-        if present.is_empty() {
-            break;
+        summary.stored += first.stored.len() as u64;
+        summary.files.extend(first.stored);
+        summary.failed.extend(first.failed);
+        (index, first.rest)
+    } else {
+        let (r, u) = (roots.clone(), under.clone());
+        let present = tokio::task::spawn_blocking(move || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            list_in_chunks(&r, u.as_deref(), tx);
+            rx.into_iter().flatten().collect::<Vec<_>>()
+        })
+        .await?;
+        tracing::info!("no daemon is running on this state directory; syncing now");
+        let mut quiet = NoProgress;
+        sync(config, &mut quiet).await?;
+        (open_index(config)?, present)
+    };
+    // Later passes look again, since a file may have changed (or gone) while it waited.
+    let mut first = !daemon_running;
+    loop {
+        if !first {
+            if present.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                summary.waiting = present.into_iter().map(|(p, _)| p).collect();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if Instant::now() >= deadline {
-            summary.waiting = present.into_iter().map(|(p, _)| p).collect();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let look_again = !std::mem::take(&mut first);
+        let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
+        let batch = std::mem::take(&mut present);
+        let pass = tokio::task::spawn_blocking(move || flush_pass(&i, &d, &r, batch, look_again))
+            .await??;
+        summary.stored += pass.stored.len() as u64;
+        summary.files.extend(pass.stored);
+        summary.failed.extend(pass.failed);
+        present = pass.rest;
     }
     Ok(summary)
 }
 
-/// Every wanted regular file in the trees, with its identity, walked through each root's
-/// handle. Blocking.
-fn list_files(roots: &[Root]) -> Vec<(PathBuf, Stat)> {
-    let mut out = Vec::new();
-    for root in roots.iter().filter(|r| r.refresh().is_some()) {
-        root.walk_files(&root.path, &mut |path, stat| {
-            out.push((path, stat));
-            true
-        });
-    }
-    out
+/// What one pass of a flush found.
+#[derive(Default)]
+struct FlushPass {
+    /// Not stored yet.
+    rest: Vec<(PathBuf, Stat)>,
+    /// Stored in every destination asked for.
+    stored: Vec<(PathBuf, Stat)>,
+    /// Failed for good, and why.
+    failed: Vec<(PathBuf, String)>,
 }
 
-/// Every wanted regular file below `dir` (inside one of the trees). Blocking.
-fn list_files_under(roots: &[Root], dir: &Path) -> Vec<(PathBuf, Stat)> {
-    let mut out = Vec::new();
-    let Some(root) = scan::root_of(roots, dir).map(|i| &roots[i]) else {
-        return out;
-    };
-    if root.refresh().is_some() {
-        root.walk_files(dir, &mut |path, stat| {
-            out.push((path, stat));
-            true
-        });
+impl FlushPass {
+    fn add(&mut self, other: FlushPass) {
+        self.rest.extend(other.rest);
+        self.stored.extend(other.stored);
+        self.failed.extend(other.failed);
     }
-    out
+}
+
+/// One pass of a flush over `batch`, in one read transaction. With `look_again`, each file is
+/// looked at again first: changed since it was listed, its new version is waited for; gone,
+/// it is dropped. Blocking.
+fn flush_pass(
+    index: &Index,
+    dests: &[String],
+    roots: &[Root],
+    batch: Vec<(PathBuf, Stat)>,
+    look_again: bool,
+) -> anyhow::Result<FlushPass> {
+    let now: Vec<(PathBuf, Stat)> = batch
+        .into_iter()
+        .filter_map(|(path, listed)| {
+            if !look_again {
+                return Some((path, listed));
+            }
+            match scan::root_of(roots, &path).map(|n| roots[n].kind(&path)) {
+                Some(Ok(crate::tree::Kind::File(stat))) => Some((path, stat)),
+                _ => None,
+            }
+        })
+        .collect();
+    let states = index.is_stored_many(&now, dests)?;
+    let mut pass = FlushPass::default();
+    for ((path, stat), state) in now.into_iter().zip(states) {
+        match state {
+            FlushState::Stored => pass.stored.push((path, stat)),
+            FlushState::Waiting => pass.rest.push((path, stat)),
+            FlushState::Failed(e) => pass.failed.push((path, e)),
+        }
+    }
+    Ok(pass)
+}
+
+/// Every wanted regular file in the trees (or below `under`, inside one of them), with its
+/// identity, walked through each root's handle and sent to `chunks` a few thousand at a
+/// time, so they can be checked while the walk goes on. Blocking.
+fn list_in_chunks(roots: &[Root], under: Option<&Path>, chunks: impl ChunkSink) {
+    const CHUNK: usize = 2048;
+    let walks: Vec<(&Root, &Path)> = match under {
+        Some(dir) => scan::root_of(roots, dir)
+            .map(|i| (&roots[i], dir))
+            .into_iter()
+            .collect(),
+        None => roots.iter().map(|r| (r, r.path.as_path())).collect(),
+    };
+    let mut chunk = Vec::with_capacity(CHUNK);
+    for (root, dir) in walks {
+        if root.refresh().is_none() {
+            continue;
+        }
+        let mut open = true;
+        root.walk_files(dir, &mut |path, stat| {
+            chunk.push((path, stat));
+            if chunk.len() == CHUNK {
+                open = chunks.put(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+            }
+            open
+        });
+        if !open {
+            return;
+        }
+    }
+    if !chunk.is_empty() {
+        chunks.put(chunk);
+    }
+}
+
+/// Where [`list_in_chunks`] sends its chunks; false once nobody takes them.
+trait ChunkSink {
+    fn put(&self, chunk: Vec<(PathBuf, Stat)>) -> bool;
+}
+
+impl ChunkSink for std::sync::mpsc::SyncSender<Vec<(PathBuf, Stat)>> {
+    fn put(&self, chunk: Vec<(PathBuf, Stat)>) -> bool {
+        self.send(chunk).is_ok()
+    }
+}
+
+impl ChunkSink for std::sync::mpsc::Sender<Vec<(PathBuf, Stat)>> {
+    fn put(&self, chunk: Vec<(PathBuf, Stat)>) -> bool {
+        self.send(chunk).is_ok()
+    }
 }
 
 /// A [`Progress`] that shows nothing.

@@ -342,6 +342,9 @@ const FILES_UNDER: &str = "SELECT f.path, f.size, f.mtime_ns, f.sha256,
 const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes, manifest
      FROM runs WHERE watch = ?1";
 
+/// When one run was sealed.
+const SEALED_MS: &str = "SELECT sealed_ms FROM runs WHERE watch = ?1 AND name = ?2";
+
 /// Pending notifications due now and not leased, oldest due first (walks `notifications_due`).
 const DUE_NOTIFICATIONS: &str =
     "SELECT id, notifier, idempotency_key, run, sealed_ms, manifest_key,
@@ -1765,6 +1768,15 @@ impl Index {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// When the run `name` of the watch rooted at `watch` was last sealed, if it was (one
+    /// primary-key lookup; its manifest is not read).
+    pub fn sealed_ms(&self, watch: &Path, name: &str) -> anyhow::Result<Option<i64>> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(SEALED_MS)?;
+        Ok(s.query_row(params![path_bytes(watch), name], |r| r.get(0))
+            .optional()?)
+    }
+
     /// Each path's indexed content and identity (`None`: not indexed), and for each of
     /// `dests` the stored key and content of `key` there; one read transaction.
     pub fn files_and_objects(
@@ -2369,6 +2381,7 @@ mod tests {
             "SELECT size FROM files WHERE path = ?1",
             FILES_UNDER,
             SEALED_RUNS,
+            SEALED_MS,
             DUE_NOTIFICATIONS,
             LEASE_NOTIFICATION,
             NEXT_NOTIFICATION,

@@ -372,36 +372,44 @@ pub(crate) async fn seal(
             // Parsed here, off the runtime, from the files as flushed (each capped).
             let collected = crate::results::collect(&root, &run, &files, &config.watch[run.watch]);
             manifest.tests = collected.summary.clone();
-            let earlier_ms = index
-                .sealed_runs(&root.path)?
-                .into_iter()
-                .find(|r| r.name == run.name)
-                .map(|r| r.sealed_ms);
+            let earlier_ms = index.sealed_ms(&root.path, &run.name)?;
             anyhow::Ok((index, manifest, collected, earlier_ms))
         })
         .await??
     };
-    let body = serde_json::to_vec_pretty(&manifest)?;
+    let text = serde_json::to_string_pretty(&manifest)?;
+    let body = text.as_bytes();
+    let body_sha = Sha256::digest(body);
     let logical = root
         .key_for(&run.path.join(RUN_DIR).join(MANIFEST_NAME))
         .map_err(anyhow::Error::msg)?;
     let pipeline = Pipeline::from_config(config)?;
-    let plan = pipeline.plan(Path::new(MANIFEST_NAME), &body);
+    let plan = pipeline.plan(Path::new(MANIFEST_NAME), body);
     let stored_key = layout::stored_key(&logical, plan);
     let meta = Meta {
         size: body.len() as u64,
         mtime_ns: manifest.sealed_ms * 1_000_000,
-        sha256: hex::encode(Sha256::digest(&body)),
+        sha256: hex::encode(body_sha),
         mode: Some(0o644),
         path: Some(logical.clone()),
     };
     let sink = Buffer::default();
     let mut w = pipeline::encoder(&pipeline, plan, &meta, &stored_key, Box::new(sink.clone()))?;
-    w.write_all(&body)?;
+    w.write_all(body)?;
     w.finish()?;
     let object = bytes::Bytes::from(std::mem::take(
         &mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()),
     ));
+    let manifest = Arc::new(manifest);
+    // Without a key the run gets its browsable page, stored as it is; rendered while the
+    // manifest is stored.
+    let page = pipeline.key.is_none().then(|| {
+        let (manifest, stored_key) = (manifest.clone(), stored_key.clone());
+        tokio::task::spawn_blocking(move || {
+            let (logical, up) = page::location(&manifest);
+            (logical, page::render(&manifest, &stored_key, up, false))
+        })
+    });
     let dests = destination::open_all(config)?;
     for dest in &dests {
         put_own(
@@ -414,11 +422,10 @@ pub(crate) async fn seal(
         )
         .await?;
     }
-    // Without a key the run gets its browsable page, stored as it is.
-    let page_key = if pipeline.key.is_none() {
-        let (logical, up) = page::location(&manifest);
+    let page_key = if let Some(page) = page {
+        let (logical, html) = page.await.context("rendering the run's page failed")?;
         let page_key = layout::stored_key(&logical, pipeline::Plan::STORED);
-        let html = bytes::Bytes::from(page::render(&manifest, &stored_key, up, false));
+        let html = bytes::Bytes::from(html);
         let meta = Meta {
             size: html.len() as u64,
             mtime_ns: manifest.sealed_ms * 1_000_000,
@@ -448,8 +455,7 @@ pub(crate) async fn seal(
         Vec::new()
     };
     drop(collected);
-    let sha = Sha256::digest(&body).to_vec();
-    let text = String::from_utf8(body)?;
+    let sha = body_sha.to_vec();
     // The notifications are leased to this process while it tries them itself.
     let lease = crate::notify::seal_lease(config, timeout.saturating_sub(started.elapsed()));
     let lease_until_ms = crate::index::now_ms() + lease.as_millis() as i64;
@@ -484,7 +490,7 @@ pub(crate) async fn seal(
     .await??;
     let notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
     Ok(Sealed::Done {
-        manifest: Box::new(manifest),
+        manifest: Box::new(Arc::unwrap_or_clone(manifest)),
         stored_key,
         page_key,
         notifications,
@@ -509,9 +515,24 @@ fn manifest_files(
             root.key_for(path).map_err(anyhow::Error::msg)?,
         ));
     }
-    let rows = index.files_and_objects(&items, dests)?;
     let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-    let modes = root.modes(&paths);
+    // The index's rows and the files' modes (a `statx` each) are independent: read them side
+    // by side.
+    let (rows, modes) = std::thread::scope(|s| {
+        let modes = std::thread::Builder::new()
+            .name("seal-modes".into())
+            .spawn_scoped(s, || root.modes(&paths));
+        let rows = index.files_and_objects(&items, dests);
+        let modes = match modes {
+            Ok(handle) => handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("reading the modes of the run's files panicked")),
+            // No thread to be had: read them here.
+            Err(_) => Ok(root.modes(&paths)),
+        };
+        (rows, modes)
+    });
+    let (rows, modes) = (rows?, modes?);
     for (((path, stat), row), mode) in files.iter().zip(rows).zip(modes) {
         let changed = || {
             anyhow::anyhow!(
