@@ -281,7 +281,7 @@ impl Destination {
             name: name.clone(),
             store,
             base,
-            concurrency: cfg.concurrency,
+            concurrency: cfg.concurrency(),
             public_base_url: cfg.public_base_url.clone(),
             url: url.to_string(),
             supports_attributes: kind != Kind::Local,
