@@ -62,7 +62,7 @@ fn delete_if_unchanged(
         // longer reachable without a link.
         Ok(false) => None,
         Ok(true) => {
-            if let Err(e) = index.forget_file(id) {
+            if let Err(e) = index.forget_file(id, path) {
                 tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "deleted, but cannot update the index");
             }
             tracing::debug!(path = %path.display(), "deleted locally: every destination has it");

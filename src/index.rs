@@ -1368,17 +1368,23 @@ impl Index {
         let tx = conn.transaction()?;
         let now = now_ms();
         {
+            // Each outcome is for the upload row of the job's file, generation, key and
+            // content: a file id freed while its upload was in flight may have been given to a
+            // new file since (SQLite reuses the largest row id), at the same generation.
             let mut done = tx.prepare_cached(
                 "UPDATE uploads SET state = ?6, done_ms = ?4, method = ?5, last_error = NULL,
-                 permanent = 0 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
+                 permanent = 0
+                 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3 AND key = ?7 AND sha256 = ?8",
             )?;
             let mut object = tx.prepare_cached(INSERT_OBJECT)?;
             let mut failed = tx.prepare_cached(
                 "UPDATE uploads SET attempts = attempts + 1, next_attempt_ms = ?4,
-                 last_error = ?5, permanent = ?6 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
+                 last_error = ?5, permanent = ?6
+                 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3 AND key = ?7 AND sha256 = ?8",
             )?;
             let mut later = tx.prepare_cached(
-                "UPDATE uploads SET next_attempt_ms = ?4 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3",
+                "UPDATE uploads SET next_attempt_ms = ?4
+                 WHERE file_id = ?1 AND dest = ?2 AND gen = ?3 AND key = ?5 AND sha256 = ?6",
             )?;
             for o in outcomes {
                 match o {
@@ -1393,7 +1399,9 @@ impl Index {
                             job.generation,
                             now,
                             method,
-                            UploadState::Done
+                            UploadState::Done,
+                            job.key,
+                            job.sha256
                         ])?;
                         object.execute(object_params(dest, o, now))?;
                     }
@@ -1409,12 +1417,21 @@ impl Index {
                             job.generation,
                             now + delay.as_millis() as i64,
                             error,
-                            *permanent as i64
+                            *permanent as i64,
+                            job.key,
+                            job.sha256
                         ])?;
                     }
                     Outcome::Changed { job } => {
                         // Re-indexing will bump the generation; until then, do not spin.
-                        later.execute(params![job.file_id, dest, job.generation, now + 1000])?;
+                        later.execute(params![
+                            job.file_id,
+                            dest,
+                            job.generation,
+                            now + 1000,
+                            job.key,
+                            job.sha256
+                        ])?;
                     }
                 }
             }
@@ -1969,10 +1986,13 @@ impl Index {
         Ok(n)
     }
 
-    /// Forget a file deleted by local cleanup (its objects stay).
-    pub fn forget_file(&self, id: i64) -> anyhow::Result<()> {
-        self.conn()
-            .execute("DELETE FROM files WHERE id = ?1", params![id])?;
+    /// Forget a file deleted by local cleanup (its objects stay). The path guards against a
+    /// row id freed and given to another file since the file was picked.
+    pub fn forget_file(&self, id: i64, path: &Path) -> anyhow::Result<()> {
+        self.conn().execute(
+            "DELETE FROM files WHERE id = ?1 AND path = ?2",
+            params![id, path_bytes(path)],
+        )?;
         Ok(())
     }
 
@@ -2324,6 +2344,43 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_finished_job_never_marks_a_file_that_took_over_its_row_id_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let dests = vec!["a".to_string()];
+        idx.apply(&[obs("/gone", 1, 1)], &dests).unwrap();
+        let jobs = idx.claim("a", 10, &HashSet::new(), None).unwrap();
+        // While its upload is in flight the file goes, and a new file is indexed: SQLite
+        // gives it the freed row id (the largest), and its first generation.
+        idx.apply(&[Observation::Gone(PathBuf::from("/gone"))], &dests)
+            .unwrap();
+        idx.apply(&[obs("/new", 2, 2)], &dests).unwrap();
+        let new = idx.claim("a", 10, &HashSet::new(), None).unwrap();
+        assert_eq!(
+            (new[0].file_id, new[0].generation),
+            (jobs[0].file_id, jobs[0].generation),
+            "the set-up reuses the row id"
+        );
+        // The old job's outcomes land: none of them is the new file's.
+        idx.finish("a", &[stored(&jobs[0])]).unwrap();
+        let cleanup = idx
+            .stored_everywhere(&dests, i64::MAX, (i64::MIN, i64::MIN), 10)
+            .unwrap();
+        assert!(cleanup.is_empty(), "{cleanup:?}");
+        idx.finish("a", &[failed(&jobs[0], "late", true)]).unwrap();
+        let again = idx.claim("a", 10, &HashSet::new(), None).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].sha256, again[0].attempts), ([2; 32], 0));
+        // Its own outcome does.
+        idx.finish("a", &[stored(&again[0])]).unwrap();
+        let cleanup = idx
+            .stored_everywhere(&dests, i64::MAX, (i64::MIN, i64::MIN), 10)
+            .unwrap();
+        assert_eq!(cleanup.len(), 1);
+        assert_eq!(cleanup[0].path, PathBuf::from("/new"));
     }
 
     #[test]
@@ -2857,7 +2914,7 @@ mod tests {
             .into_iter()
             .find(|f| f.path == Path::new("/f3"))
             .unwrap();
-        idx.forget_file(f3.id).unwrap();
+        idx.forget_file(f3.id, &f3.path).unwrap();
         assert_status_exact(&idx, "forget_file");
         idx.apply(&[Observation::Gone(PathBuf::from("/same"))], &[])
             .unwrap();

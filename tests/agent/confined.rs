@@ -192,6 +192,11 @@ async fn a_twenty_second_exchange_race_never_escapes_the_root() {
     let link = env.watch.join("race-link");
     std::fs::create_dir_all(&race).unwrap();
     symlink(&outside_dir, &link).unwrap();
+    // Each object stored is logged, for the diagnosis of a failure.
+    env.cmd_env.push((
+        "PANOPTIC_SYNC_LOG".into(),
+        "info,panoptic_sync::upload=debug".into(),
+    ));
     let mut daemon = env.spawn_run();
     let seconds: u64 = std::env::var("PANOPTIC_RACE_SECONDS")
         .ok()
@@ -254,17 +259,29 @@ async fn a_twenty_second_exchange_race_never_escapes_the_root() {
     if std::fs::symlink_metadata(&race).unwrap().is_symlink() {
         renameat_with(CWD, &race, CWD, &link, RenameFlags::EXCHANGE).unwrap();
     }
-    wait_until(
-        Duration::from_secs(120),
-        "every file written during the race stored in both destinations",
-        || {
-            let bucket = PathBuf::from(test_var("PANOPTIC_TEST_S3_ROOT")).join(&env.bucket);
-            let s3: BTreeSet<String> = dir_objects(&bucket).into_values().collect();
-            let nas: BTreeSet<String> = env.nas_objects().into_values().collect();
-            written.iter().all(|h| s3.contains(h) && nas.contains(h))
-        },
-    )
-    .await;
+    // (index of the file written, missing from s3, missing from nas)
+    let missing = || -> Vec<(usize, bool, bool)> {
+        let bucket = PathBuf::from(test_var("PANOPTIC_TEST_S3_ROOT")).join(&env.bucket);
+        let s3: BTreeSet<String> = dir_objects(&bucket).into_values().collect();
+        let nas: BTreeSet<String> = env.nas_objects().into_values().collect();
+        written
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !s3.contains(*h) || !nas.contains(*h))
+            .map(|(i, h)| (i, !s3.contains(h), !nas.contains(h)))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = missing();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            panic!("{}", race_diagnosis(&env, &left, &written));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(daemon.terminate().await.success());
     assert_outside_untouched(&env, &outside);
     eprintln!(
@@ -425,4 +442,126 @@ fn a_fresh_state_directory_is_private_whatever_the_umask() {
         }
     }
     assert_eq!(mode(&env.state.join("index.sqlite3")), 0o600);
+}
+
+/// What the index and the daemon's log say of the race's files still missing (a failure of
+/// the exchange race is otherwise a bare timeout).
+fn race_diagnosis(env: &Env, left: &[(usize, bool, bool)], hashes: &[String]) -> String {
+    let written = hashes.len();
+    use std::fmt::Write;
+    let mut out = format!(
+        "timed out waiting for: every file written during the race stored in both destinations\n\
+         {} of {written} missing ({} from s3, {} from nas)\n",
+        left.len(),
+        left.iter().filter(|m| m.1).count(),
+        left.iter().filter(|m| m.2).count()
+    );
+    let conn = rusqlite::Connection::open_with_flags(
+        env.state.join("index.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    );
+    for (i, s3, nas) in left.iter().take(5) {
+        let name = format!("f{i}.log");
+        let on_disk = env.watch.join("race").join(&name).exists();
+        let _ = writeln!(
+            out,
+            "{name}: content {}, missing from s3 {s3}, from nas {nas}; on disk under race/ {on_disk}",
+            hashes[*i]
+        );
+        let Ok(conn) = &conn else { continue };
+        let pattern = format!("%/{name}");
+        let mut rows = conn
+            .prepare(
+                "SELECT f.path, f.gen, u.dest, u.state, u.gen, u.attempts, u.last_error
+                 FROM files f LEFT JOIN uploads u ON u.file_id = f.id
+                 WHERE CAST(f.path AS TEXT) LIKE ?1",
+            )
+            .unwrap();
+        let found = rows
+            .query_map([&pattern], |r| {
+                Ok(format!(
+                    "  row {} gen {}: {:?} state {:?} gen {:?} attempts {:?} error {:?}",
+                    String::from_utf8_lossy(&r.get::<_, Vec<u8>>(0)?),
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<String>>(6)?
+                ))
+            })
+            .unwrap()
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>();
+        if found.is_empty() {
+            out.push_str("  not in the index\n");
+        }
+        for f in found {
+            let _ = writeln!(out, "{f}");
+        }
+        let mut objects = conn
+            .prepare(
+                "SELECT dest, key, stored_key, hex(sha256), stored_ms FROM objects
+                 WHERE key LIKE ?1",
+            )
+            .unwrap();
+        for o in objects
+            .query_map([&pattern], |r| {
+                Ok(format!(
+                    "  object {}: {} stored as {} content {} at {}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?.to_lowercase(),
+                    r.get::<_, i64>(4)?
+                ))
+            })
+            .unwrap()
+            .filter_map(Result::ok)
+        {
+            let _ = writeln!(out, "{o}");
+        }
+        let bucket = PathBuf::from(test_var("PANOPTIC_TEST_S3_ROOT")).join(&env.bucket);
+        for (key, sha) in dir_objects(&bucket) {
+            if key.ends_with(&format!("/{name}")) {
+                let _ = writeln!(out, "  in the bucket: {key} content {sha}");
+            }
+        }
+        let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default();
+        for l in log
+            .lines()
+            .filter(|l| l.contains(&format!("/{name}")))
+            .take(20)
+        {
+            let _ = writeln!(out, "  log: {l}");
+        }
+    }
+    for entry in std::fs::read_dir(&env.watch)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = entry.path();
+        let kind = std::fs::symlink_metadata(&path).map(|m| m.file_type());
+        let files = std::fs::read_dir(&path).map(|d| d.count()).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "watch/{}: {kind:?}, {files} entries through it",
+            entry.file_name().to_string_lossy()
+        );
+    }
+    let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default();
+    let _ = writeln!(out, "daemon log, first 30 lines:");
+    for l in log.lines().take(30) {
+        let _ = writeln!(out, "  {l}");
+    }
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("scan"))
+        .collect();
+    let _ = writeln!(out, "daemon log, warnings, errors and scans (last 40):");
+    for l in &notable[notable.len().saturating_sub(40)..] {
+        let _ = writeln!(out, "  {l}");
+    }
+    out
 }
