@@ -204,17 +204,19 @@ async fn a_twenty_second_exchange_race_never_escapes_the_root() {
         .unwrap_or(20);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The writer writes through a handle on the real directory, wherever its name is now,
-    // so every file it writes is an inside file.
+    // so every file it writes is an inside file. The handle is opened before the swapper
+    // starts: opened by name once the swaps run, it may be the outside directory (the name
+    // then being the symlink).
+    let dir = openat(
+        CWD,
+        &race,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .unwrap();
     let writer = {
-        let (stop, race) = (stop.clone(), race.clone());
+        let stop = stop.clone();
         std::thread::spawn(move || {
-            let dir = openat(
-                CWD,
-                &race,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .unwrap();
             let mut written = Vec::new();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
