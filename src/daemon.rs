@@ -875,17 +875,21 @@ pub async fn flush_under(
             std::thread::scope(|s| {
                 let lister = std::thread::Builder::new()
                     .name("flush-list".into())
-                    .spawn_scoped(s, || list_in_chunks(&r, u.as_deref(), tx));
+                    .spawn_scoped(s, || {
+                        // Owned here: dropped when the walk ends, which ends the checking.
+                        let tx = tx;
+                        list_in_chunks(&r, u.as_deref(), &mut |c| tx.send(c).is_ok())
+                    });
                 let mut pass = FlushPass::default();
                 if let Err(e) = &lister {
                     // No thread to be had: list here, then check.
                     tracing::debug!(error = %e, "listing on the checking thread");
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    list_in_chunks(&r, u.as_deref(), tx);
-                    for chunk in rx {
-                        pass.add(flush_pass(&i, &d, &r, chunk, false)?);
-                    }
-                    return Ok(pass);
+                    let mut listed = Vec::new();
+                    list_in_chunks(&r, u.as_deref(), &mut |c| {
+                        listed.extend(c);
+                        true
+                    });
+                    return flush_pass(&i, &d, &r, listed, false);
                 }
                 for chunk in rx {
                     pass.add(flush_pass(&i, &d, &r, chunk, false)?);
@@ -901,9 +905,12 @@ pub async fn flush_under(
     } else {
         let (r, u) = (roots.clone(), under.clone());
         let present = tokio::task::spawn_blocking(move || {
-            let (tx, rx) = std::sync::mpsc::channel();
-            list_in_chunks(&r, u.as_deref(), tx);
-            rx.into_iter().flatten().collect::<Vec<_>>()
+            let mut listed = Vec::new();
+            list_in_chunks(&r, u.as_deref(), &mut |c| {
+                listed.extend(c);
+                true
+            });
+            listed
         })
         .await?;
         tracing::info!("no daemon is running on this state directory; syncing now");
@@ -991,9 +998,14 @@ fn flush_pass(
 }
 
 /// Every wanted regular file in the trees (or below `under`, inside one of them), with its
-/// identity, walked through each root's handle and sent to `chunks` a few thousand at a
-/// time, so they can be checked while the walk goes on. Blocking.
-fn list_in_chunks(roots: &[Root], under: Option<&Path>, chunks: impl ChunkSink) {
+/// identity, walked through each root's handle and handed to `chunk_done` a few thousand at
+/// a time, so they can be checked while the walk goes on; it returns false to stop the walk.
+/// Blocking.
+fn list_in_chunks(
+    roots: &[Root],
+    under: Option<&Path>,
+    chunk_done: &mut dyn FnMut(Vec<(PathBuf, Stat)>) -> bool,
+) {
     const CHUNK: usize = 2048;
     let walks: Vec<(&Root, &Path)> = match under {
         Some(dir) => scan::root_of(roots, dir)
@@ -1011,7 +1023,7 @@ fn list_in_chunks(roots: &[Root], under: Option<&Path>, chunks: impl ChunkSink) 
         root.walk_files(dir, &mut |path, stat| {
             chunk.push((path, stat));
             if chunk.len() == CHUNK {
-                open = chunks.put(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+                open = chunk_done(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
             }
             open
         });
@@ -1020,24 +1032,7 @@ fn list_in_chunks(roots: &[Root], under: Option<&Path>, chunks: impl ChunkSink) 
         }
     }
     if !chunk.is_empty() {
-        chunks.put(chunk);
-    }
-}
-
-/// Where [`list_in_chunks`] sends its chunks; false once nobody takes them.
-trait ChunkSink {
-    fn put(&self, chunk: Vec<(PathBuf, Stat)>) -> bool;
-}
-
-impl ChunkSink for std::sync::mpsc::SyncSender<Vec<(PathBuf, Stat)>> {
-    fn put(&self, chunk: Vec<(PathBuf, Stat)>) -> bool {
-        self.send(chunk).is_ok()
-    }
-}
-
-impl ChunkSink for std::sync::mpsc::Sender<Vec<(PathBuf, Stat)>> {
-    fn put(&self, chunk: Vec<(PathBuf, Stat)>) -> bool {
-        self.send(chunk).is_ok()
+        chunk_done(chunk);
     }
 }
 

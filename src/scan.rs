@@ -688,6 +688,23 @@ mod tests {
         r
     }
 
+    /// An index at `state` holding every file of root `r` as a walk finds it now.
+    fn indexed_as_walked(r: &Root, state: &Path) -> Arc<Index> {
+        let index = Arc::new(Index::open(state).unwrap());
+        let mut obs = Vec::new();
+        r.walk_files(&r.path, &mut |path, stat| {
+            obs.push(Observation::Indexed {
+                key: Ok(path.display().to_string()),
+                path,
+                stat,
+                sha256: [1; 32],
+            });
+            true
+        });
+        index.apply(&obs, &[]).unwrap();
+        index
+    }
+
     #[test]
     fn within_compares_whole_components() {
         assert!(within(Path::new("/w/state"), Path::new("/w/state")));
@@ -739,18 +756,7 @@ mod tests {
             std::fs::write(&p, rel).unwrap();
         }
         r.refresh();
-        let index = Arc::new(Index::open(&tmp.path().join("state")).unwrap());
-        let mut obs = Vec::new();
-        r.walk_files(&top, &mut |path, stat| {
-            obs.push(Observation::Indexed {
-                key: Ok(path.display().to_string()),
-                path,
-                stat,
-                sha256: [1; 32],
-            });
-            true
-        });
-        index.apply(&obs, &[]).unwrap();
+        let index = indexed_as_walked(&r, &tmp.path().join("state"));
         std::fs::write(top.join("a/2"), "changed size").unwrap();
         std::fs::remove_file(top.join("a/3")).unwrap();
         std::fs::write(top.join("a/4"), "new").unwrap();
@@ -791,18 +797,7 @@ mod tests {
         }
         let r = root_at(&top);
         r.refresh();
-        let index = Arc::new(Index::open(&tmp.path().join("state")).unwrap());
-        let mut obs = Vec::new();
-        r.walk_files(&top, &mut |path, stat| {
-            obs.push(Observation::Indexed {
-                key: Ok(path.display().to_string()),
-                path,
-                stat,
-                sha256: [1; 32],
-            });
-            true
-        });
-        index.apply(&obs, &[]).unwrap();
+        let index = indexed_as_walked(&r, &tmp.path().join("state"));
         let (feeder, mut rx, outstanding) = Feeder::new(64, Some(index.clone()));
         // An event for d/1 is queued (say it was seen through a symlink swapped in for a
         // moment): once handled, it deletes d/1's row. A walk that skipped d/1 as unchanged
