@@ -826,7 +826,18 @@ pub struct FlushSummary {
     /// Files that can never be stored as they are, with the reason.
     pub failed: Vec<(PathBuf, String)>,
     /// The stored files, with the identity they were stored with.
-    pub files: Vec<(PathBuf, Stat)>,
+    pub files: Vec<Flushed>,
+}
+
+/// A file a flush found stored in every destination asked for.
+#[derive(Debug, Clone)]
+pub struct Flushed {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its identity (and mode) as listed, which the index matched.
+    pub stat: Stat,
+    /// Its content and objects, as the index had them then.
+    pub stored: crate::index::StoredAs,
 }
 
 impl FlushSummary {
@@ -839,16 +850,17 @@ impl FlushSummary {
 /// Wait until every file present in the watched trees now is in the primary (or in every
 /// destination with `all`). If no daemon is running, do the work with a `sync` first.
 pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Result<FlushSummary> {
-    flush_under(config, timeout, all, None).await
+    Ok(flush_under(config, timeout, all, None).await?.0)
 }
 
-/// [`flush`] for the files under `under` only (a run directory), or every watched file.
+/// [`flush`] for the files under `under` only (a run directory), or every watched file; also
+/// returns the index it checked them against, for the caller's next reads.
 pub async fn flush_under(
     config: &Config,
     timeout: Duration,
     all: bool,
     under: Option<&Path>,
-) -> anyhow::Result<FlushSummary> {
+) -> anyhow::Result<(FlushSummary, Arc<Index>)> {
     let deadline = Instant::now() + timeout;
     let roots = Root::from_config(config);
     let dests: Vec<String> = config
@@ -941,7 +953,7 @@ pub async fn flush_under(
         summary.failed.extend(pass.failed);
         present = pass.rest;
     }
-    Ok(summary)
+    Ok((summary, index))
 }
 
 /// What one pass of a flush found.
@@ -950,7 +962,7 @@ struct FlushPass {
     /// Not stored yet.
     rest: Vec<(PathBuf, Stat)>,
     /// Stored in every destination asked for.
-    stored: Vec<(PathBuf, Stat)>,
+    stored: Vec<Flushed>,
     /// Failed for good, and why.
     failed: Vec<(PathBuf, String)>,
 }
@@ -989,7 +1001,7 @@ fn flush_pass(
     let mut pass = FlushPass::default();
     for ((path, stat), state) in now.into_iter().zip(states) {
         match state {
-            FlushState::Stored => pass.stored.push((path, stat)),
+            FlushState::Stored(stored) => pass.stored.push(Flushed { path, stat, stored }),
             FlushState::Waiting => pass.rest.push((path, stat)),
             FlushState::Failed(e) => pass.failed.push((path, e)),
         }

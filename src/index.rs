@@ -330,6 +330,12 @@ WHEN old.file_id != new.file_id OR old.dest != new.dest OR old.state != new.stat
         errors = errors + excluded.errors, stale = stale + excluded.stale;
 END;
 "#,
+    // 7: a seal's lookup of the run's earlier seal time reads a small index entry. A `runs`
+    // row holds its manifest (megabytes for a large run), and SQLite reads a row's whole
+    // overflowing record to compare keys while seeking in a `WITHOUT ROWID` table.
+    r#"
+CREATE INDEX IF NOT EXISTS runs_sealed_ms ON runs(watch, name, sealed_ms);
+"#,
 ];
 
 /// Every indexed file in a path range (the files of one run directory), with the
@@ -343,7 +349,10 @@ const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes
      FROM runs WHERE watch = ?1";
 
 /// When one run was sealed.
-const SEALED_MS: &str = "SELECT sealed_ms FROM runs WHERE watch = ?1 AND name = ?2";
+/// The earlier seal's time of a run, from the small index entry (migration 7): the planner
+/// would seek the table's rows, and read the whole manifest of each row it compares.
+const SEALED_MS: &str =
+    "SELECT sealed_ms FROM runs INDEXED BY runs_sealed_ms WHERE watch = ?1 AND name = ?2";
 
 /// Pending notifications due now and not leased, oldest due first (walks `notifications_due`).
 const DUE_NOTIFICATIONS: &str =
@@ -464,7 +473,9 @@ pub fn now_ms() -> i64 {
 }
 
 /// The identity of a file's state on disk: unchanged identity means unchanged content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Equal when the identity is (size, mtime, inode, device); the mode is carried along, not
+/// compared.
+#[derive(Debug, Clone, Copy)]
 pub struct Stat {
     /// Size in bytes.
     pub size: u64,
@@ -474,10 +485,22 @@ pub struct Stat {
     pub inode: u64,
     /// Device number (0: not recorded, by an index from before it was).
     pub dev: u64,
+    /// Permission bits as read from the file (a seal's manifest records them); 0 when the
+    /// identity comes from the index, which does not keep them. Not part of the identity.
+    pub mode: u32,
 }
 
+impl PartialEq for Stat {
+    fn eq(&self, other: &Stat) -> bool {
+        (self.size, self.mtime_ns, self.inode, self.dev)
+            == (other.size, other.mtime_ns, other.inode, other.dev)
+    }
+}
+
+impl Eq for Stat {}
+
 impl Stat {
-    /// Read the identity from metadata.
+    /// Read the identity (and permission bits) from metadata.
     pub fn of(meta: &std::fs::Metadata) -> Stat {
         use std::os::unix::fs::MetadataExt;
         Stat {
@@ -485,6 +508,7 @@ impl Stat {
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             inode: meta.ino(),
             dev: meta.dev(),
+            mode: meta.mode() & 0o7777,
         }
     }
 
@@ -608,12 +632,13 @@ pub struct NotifyStatus {
     pub last_error: Option<String>,
 }
 
-/// One path's indexed state and what each destination holds at its key.
-#[derive(Debug, Clone)]
-pub struct FileAndObjects {
-    /// The indexed content and identity, if indexed.
-    pub indexed: Option<([u8; 32], Stat)>,
-    /// Per destination: (stored key, content) at the file's key, if any.
+/// A file stored in every destination asked for, as the index has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAs {
+    /// Its content.
+    pub sha256: [u8; 32],
+    /// Per destination: the stored key and content of the object at the file's key, if the
+    /// index has one (a seal checks that each holds `sha256`).
     pub held: Vec<Option<(String, [u8; 32])>>,
 }
 
@@ -855,6 +880,7 @@ fn stat_at(r: &rusqlite::Row<'_>, [size, mtime, inode, dev]: [usize; 4]) -> rusq
         mtime_ns: r.get(mtime)?,
         inode: r.get::<_, i64>(inode)? as u64,
         dev: r.get::<_, i64>(dev)? as u64,
+        mode: 0,
     })
 }
 
@@ -956,6 +982,7 @@ impl Index {
             conn.pragma_update(None, "foreign_keys", "ON")?;
             // The totals' triggers (migration 6) must see the rows a REPLACE deletes.
             conn.pragma_update(None, "recursive_triggers", "ON")?;
+            conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
             Ok(())
         };
         let damaged = |path: &Path| {
@@ -1550,10 +1577,21 @@ impl Index {
     ) -> anyhow::Result<Vec<FlushState>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let out = items
-            .iter()
-            .map(|(path, stat)| is_stored_in(&tx, path, stat, dests))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let out = {
+            // Prepared once for the batch: a flush checks thousands of files per call.
+            let mut file = tx.prepare(
+                "SELECT id, size, mtime_ns, inode, gen, dev, sha256 FROM files WHERE path = ?1",
+            )?;
+            let mut upload = tx.prepare(
+                "SELECT u.state, u.gen, u.last_error, o.stored_key, o.sha256
+                 FROM uploads u LEFT JOIN objects o ON o.dest = u.dest AND o.key = u.key
+                 WHERE u.file_id = ?1 AND u.dest = ?2",
+            )?;
+            items
+                .iter()
+                .map(|(path, stat)| is_stored_in(&mut file, &mut upload, path, stat, dests))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
         tx.commit()?;
         Ok(out)
     }
@@ -1792,46 +1830,6 @@ impl Index {
         let mut s = conn.prepare_cached(SEALED_MS)?;
         Ok(s.query_row(params![path_bytes(watch), name], |r| r.get(0))
             .optional()?)
-    }
-
-    /// Each path's indexed content and identity (`None`: not indexed), and for each of
-    /// `dests` the stored key and content of `key` there; one read transaction.
-    pub fn files_and_objects(
-        &self,
-        items: &[(PathBuf, String)],
-        dests: &[String],
-    ) -> anyhow::Result<Vec<FileAndObjects>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut out = Vec::with_capacity(items.len());
-        {
-            let mut file = tx.prepare_cached(
-                "SELECT sha256, size, mtime_ns, inode, dev FROM files WHERE path = ?1",
-            )?;
-            let mut object = tx.prepare_cached(
-                "SELECT stored_key, sha256 FROM objects WHERE dest = ?1 AND key = ?2",
-            )?;
-            for (path, key) in items {
-                let indexed = file
-                    .query_row(params![path_bytes(path)], |r| {
-                        Ok((sha_from(r.get(0)?), stat_at(r, [1, 2, 3, 4])?))
-                    })
-                    .optional()?;
-                let mut held = Vec::with_capacity(dests.len());
-                for d in dests {
-                    held.push(
-                        object
-                            .query_row(params![d, key], |r| {
-                                Ok((r.get::<_, String>(0)?, sha_from(r.get(1)?)))
-                            })
-                            .optional()?,
-                    );
-                }
-                out.push(FileAndObjects { indexed, held });
-            }
-        }
-        tx.commit()?;
-        Ok(out)
     }
 
     /// Every indexed file under the directory `dir`, with the destinations holding its
@@ -2213,7 +2211,7 @@ fn object_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum FlushState {
     /// In every destination asked for.
-    Stored,
+    Stored(StoredAs),
     /// Not yet.
     Waiting,
     /// Never will be as it is, and why.
@@ -2221,21 +2219,21 @@ pub enum FlushState {
 }
 
 /// Whether `path`, with identity `stat`, is stored in every one of `dests` (see
-/// [`Index::is_stored_many`]).
+/// [`Index::is_stored_many`], which prepares `file` and `upload`).
 fn is_stored_in(
-    conn: &Connection,
+    file: &mut rusqlite::Statement<'_>,
+    upload: &mut rusqlite::Statement<'_>,
     path: &Path,
     stat: &Stat,
     dests: &[String],
 ) -> anyhow::Result<FlushState> {
-    let mut file = conn
-        .prepare_cached("SELECT id, size, mtime_ns, inode, gen, dev FROM files WHERE path = ?1")?;
-    let Some((id, known, generation)) = file
+    let Some((id, known, generation, sha256)) = file
         .query_row(params![path_bytes(path)], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 stat_at(r, [1, 2, 3, 5])?,
                 r.get::<_, i64>(4)?,
+                sha_from(r.get(6)?),
             ))
         })
         .optional()?
@@ -2245,28 +2243,31 @@ fn is_stored_in(
     if !known.same_file(stat) {
         return Ok(FlushState::Waiting);
     }
-    let mut up = conn.prepare_cached(
-        "SELECT state, gen, last_error FROM uploads WHERE file_id = ?1 AND dest = ?2",
-    )?;
+    let mut held = Vec::with_capacity(dests.len());
     for dest in dests {
-        let row = up
+        let row = upload
             .query_row(params![id, dest], |r| {
+                let object = match r.get::<_, Option<String>>(3)? {
+                    Some(k) => Some((k, sha_from(r.get(4)?))),
+                    None => None,
+                };
                 Ok((
                     r.get::<_, UploadState>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, Option<String>>(2)?,
+                    object,
                 ))
             })
             .optional()?;
         match row {
-            Some((UploadState::Done, g, _)) if g == generation => {}
-            Some((UploadState::Failed, _, e)) => {
+            Some((UploadState::Done, g, _, object)) if g == generation => held.push(object),
+            Some((UploadState::Failed, _, e, _)) => {
                 return Ok(FlushState::Failed(e.unwrap_or_else(|| "failed".into())));
             }
             _ => return Ok(FlushState::Waiting),
         }
     }
-    Ok(FlushState::Stored)
+    Ok(FlushState::Stored(StoredAs { sha256, held }))
 }
 
 /// Delay before retry number `attempt`: exponential from 1 s with ±25% jitter, capped at
@@ -2291,6 +2292,7 @@ mod tests {
                 mtime_ns: 1,
                 inode: 1,
                 dev: 0,
+                mode: 0,
             },
             sha256: [sha; 32],
         }
@@ -2826,6 +2828,7 @@ mod tests {
                 mtime_ns: 1,
                 inode: 1,
                 dev: 0,
+                mode: 0,
             },
             sha256: [7; 32],
         });

@@ -240,15 +240,22 @@ impl Plan {
     }
 
     /// Content-Type for the object of `path`: the original's type, unless encrypted.
-    pub fn content_type(&self, path: &Path) -> String {
+    pub fn content_type(&self, path: &Path) -> &'static str {
         if self.encrypt {
-            return "application/octet-stream".into();
+            return OCTET_STREAM;
         }
-        mime_guess::from_path(path)
-            .first_or_octet_stream()
-            .essence_str()
-            .to_string()
+        guess_type(path)
     }
+}
+
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// The media type of `path` by its extension (`application/octet-stream` if unknown), read
+/// from the table as it is (parsing it into a `Mime` for every file showed in profiles).
+pub fn guess_type(path: &Path) -> &'static str {
+    mime_guess::from_path(path)
+        .first_raw()
+        .unwrap_or(OCTET_STREAM)
 }
 
 fn compression_suffix(c: Compression) -> &'static str {

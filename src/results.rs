@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
@@ -27,7 +27,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Watch;
 use crate::destination::{self, Destination};
-use crate::index::Stat;
 use crate::runs::{Manifest, RunDir};
 use crate::scan::Root;
 
@@ -350,13 +349,13 @@ pub(crate) fn junit_globs(watch: &Watch) -> GlobSet {
 pub(crate) fn collect(
     root: &Root,
     run: &RunDir,
-    files: &[(PathBuf, Stat)],
+    files: &[crate::daemon::Flushed],
     watch: &Watch,
 ) -> Collected {
     let globs = junit_globs(watch);
     let mut acc = Accumulator::default();
     let mut candidates: Vec<(&Path, String, bool)> = Vec::new();
-    for (path, _) in files {
+    for path in files.iter().map(|f| &f.path) {
         let Some(rel) = path.strip_prefix(&run.path).ok() else {
             continue;
         };

@@ -842,6 +842,7 @@ mod tests {
                     mtime_ns: 1,
                     inode: 1,
                     dev: 0,
+                    mode: 0,
                 },
                 sha256: [1; 32],
             });

@@ -71,6 +71,7 @@ fn stat_of(x: &rfs::Statx) -> Stat {
             .saturating_add(i64::from(x.stx_mtime.tv_nsec)),
         inode: x.stx_ino,
         dev: rfs::makedev(x.stx_dev_major, x.stx_dev_minor),
+        mode: u32::from(x.stx_mode) & 0o7777,
     }
 }
 

@@ -65,6 +65,12 @@ fn write_run(env: &Env, run: &str) {
     fastrand::fill(&mut shot);
     env.write(&format!("{run}/shots/a.png"), &shot);
     env.write(&format!("{run}/deep/er/still/x.json"), b"{}");
+    // A mode other than the default, which the manifest must record.
+    std::fs::set_permissions(
+        env.watch.join(run).join("deep/er/still/x.json"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o751),
+    )
+    .unwrap();
 }
 
 fn seal(env: &Env, run: &str, extra: &[&str]) -> Output {
@@ -120,7 +126,18 @@ fn check_manifest(env: &Env, run: &str) -> serde_json::Value {
             Some(sha),
             "nas holds {key}"
         );
-        assert!(f["size"].as_u64().is_some() && f["mode"].as_u64().is_some());
+        assert!(f["size"].as_u64().is_some());
+        // The mode is the one listed with the file (the flush's look), not read again.
+        let on_disk = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(env.watch.join(run).join(path))
+                .unwrap()
+                .permissions(),
+        ) & 0o7777;
+        assert_eq!(
+            f["mode"].as_u64(),
+            Some(u64::from(on_disk)),
+            "mode of {path}"
+        );
         got.insert(path.to_string(), sha.to_string());
     }
     assert_eq!(got, want, "the manifest lists exactly the run");
