@@ -881,6 +881,7 @@ pub async fn flush_under(
         // The daemon keeps the index current: the listing is checked chunk by chunk while
         // the walk goes on (the first pass, with the identities just listed).
         let index = open_index(config)?;
+        index.map_for_reading()?;
         let (i, d, r, u) = (index.clone(), dests.clone(), roots.clone(), under.clone());
         let first = tokio::task::spawn_blocking(move || {
             let (tx, rx) = std::sync::mpsc::sync_channel(4);
@@ -928,7 +929,9 @@ pub async fn flush_under(
         tracing::info!("no daemon is running on this state directory; syncing now");
         let mut quiet = NoProgress;
         sync(config, &mut quiet).await?;
-        (open_index(config)?, present)
+        let index = open_index(config)?;
+        index.map_for_reading()?;
+        (index, present)
     };
     // Later passes look again, since a file may have changed (or gone) while it waited.
     let mut first = !daemon_running;

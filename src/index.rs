@@ -330,11 +330,44 @@ WHEN old.file_id != new.file_id OR old.dest != new.dest OR old.state != new.stat
         errors = errors + excluded.errors, stale = stale + excluded.stale;
 END;
 "#,
-    // 7: a seal's lookup of the run's earlier seal time reads a small index entry. A `runs`
-    // row holds its manifest (megabytes for a large run), and SQLite reads a row's whole
-    // overflowing record to compare keys while seeking in a `WITHOUT ROWID` table.
+    // 7: a run's manifest (megabytes for a large run) moves out of `runs` into its own
+    // rowid table. In a `WITHOUT ROWID` table SQLite reads a row's whole record to compare
+    // keys while seeking, so every lookup of a run read its manifest; and `status`, cleanup
+    // and retention read every manifest for a few fields. Those fields (the CI context, the
+    // first and last file times, the test summary) become columns, filled from the manifests
+    // (left empty for one that is not JSON). New manifests are stored zstd-compressed (a
+    // BLOB); older ones stay text.
     r#"
-CREATE INDEX IF NOT EXISTS runs_sealed_ms ON runs(watch, name, sealed_ms);
+CREATE TABLE run_manifests (
+    id       INTEGER PRIMARY KEY,
+    watch    BLOB NOT NULL,
+    name     TEXT NOT NULL,
+    manifest NOT NULL,
+    UNIQUE (watch, name)
+);
+INSERT INTO run_manifests (watch, name, manifest) SELECT watch, name, manifest FROM runs;
+CREATE TABLE runs_new (
+    watch    BLOB NOT NULL,
+    name     TEXT NOT NULL,
+    sealed_ms INTEGER NOT NULL,
+    manifest_sha256 BLOB NOT NULL,
+    files    INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    ci       TEXT,
+    first_file_ms INTEGER,
+    last_file_ms INTEGER,
+    tests    TEXT,
+    PRIMARY KEY (watch, name)
+) WITHOUT ROWID;
+INSERT INTO runs_new
+    SELECT watch, name, sealed_ms, manifest_sha256, files, bytes,
+        CASE WHEN json_valid(manifest) THEN json_extract(manifest, '$.ci') END,
+        CASE WHEN json_valid(manifest) THEN json_extract(manifest, '$.first_file_ms') END,
+        CASE WHEN json_valid(manifest) THEN json_extract(manifest, '$.last_file_ms') END,
+        CASE WHEN json_valid(manifest) THEN json_extract(manifest, '$.tests') END
+    FROM runs;
+DROP TABLE runs;
+ALTER TABLE runs_new RENAME TO runs;
 "#,
 ];
 
@@ -345,14 +378,15 @@ const FILES_UNDER: &str = "SELECT f.path, f.size, f.mtime_ns, f.sha256,
          WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen)
      FROM files f WHERE f.path >= ?1 AND f.path < ?2";
 /// The sealed runs of one watch.
-const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes, manifest
+const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes,
+        ci, first_file_ms, last_file_ms, tests
      FROM runs WHERE watch = ?1";
 
 /// When one run was sealed.
-/// The earlier seal's time of a run, from the small index entry (migration 7): the planner
-/// would seek the table's rows, and read the whole manifest of each row it compares.
-const SEALED_MS: &str =
-    "SELECT sealed_ms FROM runs INDEXED BY runs_sealed_ms WHERE watch = ?1 AND name = ?2";
+const SEALED_MS: &str = "SELECT sealed_ms FROM runs WHERE watch = ?1 AND name = ?2";
+
+/// One run's manifest as recorded.
+const RUN_MANIFEST: &str = "SELECT manifest FROM run_manifests WHERE watch = ?1 AND name = ?2";
 
 /// Pending notifications due now and not leased, oldest due first (walks `notifications_due`).
 const DUE_NOTIFICATIONS: &str =
@@ -522,8 +556,9 @@ impl Stat {
     }
 }
 
-/// A sealed run as the index records it.
-#[derive(Debug, Clone)]
+/// A sealed run as the index records it; its manifest is apart (see
+/// [`Index::run_manifest`]), the few fields read without it are columns.
+#[derive(Debug, Clone, Default)]
 pub struct SealedRun {
     /// The watch root the run lies in.
     pub watch: PathBuf,
@@ -537,8 +572,21 @@ pub struct SealedRun {
     pub files: u64,
     /// Their bytes.
     pub bytes: u64,
-    /// The manifest's JSON text.
-    pub manifest: String,
+    /// The manifest's CI context (its JSON), if any.
+    pub ci: Option<String>,
+    /// The manifest's earliest and latest file modification times (ms).
+    pub first_file_ms: Option<i64>,
+    /// See `first_file_ms`.
+    pub last_file_ms: Option<i64>,
+    /// The manifest's test summary (its JSON), if any.
+    pub tests: Option<String>,
+}
+
+/// A manifest as the index keeps it: zstd at its fastest level (about 6x smaller for a
+/// manifest's JSON, compressed at hundreds of MB/s), so recording a large run's seal writes
+/// a few hundred kilobytes, not megabytes.
+pub fn pack_manifest(text: &str) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(text.as_bytes(), 1)
 }
 
 /// A notification to queue with a seal.
@@ -982,7 +1030,6 @@ impl Index {
             conn.pragma_update(None, "foreign_keys", "ON")?;
             // The totals' triggers (migration 6) must see the rows a REPLACE deletes.
             conn.pragma_update(None, "recursive_triggers", "ON")?;
-            conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
             Ok(())
         };
         let damaged = |path: &Path| {
@@ -1025,6 +1072,15 @@ impl Index {
     /// Where the database file is.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Read the index through a memory map from now on (up to 1 GiB): a command reading
+    /// every row of a large tree (`flush`, `seal`) saves a copy per page. Not for the daemon:
+    /// every mapped page it touched would count in its resident memory.
+    pub fn map_for_reading(&self) -> anyhow::Result<()> {
+        self.conn()
+            .pragma_update(None, "mmap_size", 1i64 << 30)
+            .context("mapping the index")
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -1599,17 +1655,20 @@ impl Index {
     /// Record a sealed run (replacing an earlier seal of the same run) and queue its
     /// notifications, in one transaction: a seal is never recorded without them, nor they
     /// without it.
+    /// `manifest` is the manifest as [`pack_manifest`] gives it.
     pub fn record_run(
         &self,
         run: &SealedRun,
+        manifest: &[u8],
         notifications: &[NewNotification],
     ) -> anyhow::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO runs
-             (watch, name, sealed_ms, manifest_sha256, files, bytes, manifest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             (watch, name, sealed_ms, manifest_sha256, files, bytes,
+              ci, first_file_ms, last_file_ms, tests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 path_bytes(&run.watch),
                 run.name,
@@ -1617,8 +1676,16 @@ impl Index {
                 run.manifest_sha256,
                 run.files as i64,
                 run.bytes as i64,
-                run.manifest
+                run.ci,
+                run.first_file_ms,
+                run.last_file_ms,
+                run.tests
             ],
+        )?;
+        tx.execute(
+            "INSERT INTO run_manifests (watch, name, manifest) VALUES (?1, ?2, ?3)
+             ON CONFLICT (watch, name) DO UPDATE SET manifest = excluded.manifest",
+            params![path_bytes(&run.watch), run.name, manifest],
         )?;
         {
             let mut insert = tx.prepare_cached(
@@ -1658,10 +1725,15 @@ impl Index {
 
     /// Forget a sealed run (retention deleted it).
     pub fn forget_run(&self, watch: &Path, name: &str) -> anyhow::Result<()> {
-        self.conn().execute(
-            "DELETE FROM runs WHERE watch = ?1 AND name = ?2",
-            params![path_bytes(watch), name],
-        )?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["runs", "run_manifests"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE watch = ?1 AND name = ?2"),
+                params![path_bytes(watch), name],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -1817,14 +1889,41 @@ impl Index {
                 manifest_sha256: r.get(2)?,
                 files: r.get::<_, i64>(3)? as u64,
                 bytes: r.get::<_, i64>(4)? as u64,
-                manifest: r.get(5)?,
+                ci: r.get(5)?,
+                first_file_ms: r.get(6)?,
+                last_file_ms: r.get(7)?,
+                tests: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The recorded manifest of run `name` of the watch rooted at `watch`, as JSON text.
+    pub fn run_manifest(&self, watch: &Path, name: &str) -> anyhow::Result<Option<String>> {
+        let stored = {
+            let conn = self.conn();
+            let mut s = conn.prepare_cached(RUN_MANIFEST)?;
+            s.query_row(params![path_bytes(watch), name], |r| {
+                Ok(match r.get_ref(0)? {
+                    ValueRef::Blob(b) => Err(b.to_vec()),
+                    v => Ok(v.as_str()?.to_string()),
+                })
+            })
+            .optional()?
+        };
+        let what = || format!("the recorded manifest of run {name:?}");
+        match stored {
+            None => Ok(None),
+            Some(Ok(text)) => Ok(Some(text)),
+            Some(Err(packed)) => {
+                let bytes = zstd::stream::decode_all(packed.as_slice()).with_context(what)?;
+                Ok(Some(String::from_utf8(bytes).with_context(what)?))
+            }
+        }
+    }
+
     /// When the run `name` of the watch rooted at `watch` was last sealed, if it was (one
-    /// primary-key lookup; its manifest is not read).
+    /// primary-key lookup).
     pub fn sealed_ms(&self, watch: &Path, name: &str) -> anyhow::Result<Option<i64>> {
         let conn = self.conn();
         let mut s = conn.prepare_cached(SEALED_MS)?;
@@ -2441,6 +2540,7 @@ mod tests {
             FILES_UNDER,
             SEALED_RUNS,
             SEALED_MS,
+            RUN_MANIFEST,
             DUE_NOTIFICATIONS,
             LEASE_NOTIFICATION,
             NEXT_NOTIFICATION,
@@ -2579,7 +2679,7 @@ mod tests {
             manifest_sha256: vec![0; 32],
             files: 1,
             bytes: 1,
-            manifest: "{}".into(),
+            ..Default::default()
         };
         let now = now_ms();
         let new = |key: &str| NewNotification {
@@ -2590,11 +2690,14 @@ mod tests {
             lease_until_ms: now + 60_000,
         };
         // A failing insert (a duplicate key) records neither the seal nor its notifications.
-        assert!(idx.record_run(&run, &[new("k1"), new("k1")]).is_err());
+        assert!(
+            idx.record_run(&run, b"{}", &[new("k1"), new("k1")])
+                .is_err()
+        );
         assert!(idx.sealed_runs(Path::new("/w")).unwrap().is_empty());
         assert_eq!(idx.notify_status().unwrap().pending, 0);
 
-        idx.record_run(&run, &[new("k1")]).unwrap();
+        idx.record_run(&run, b"{}", &[new("k1")]).unwrap();
         assert_eq!(idx.sealed_runs(Path::new("/w")).unwrap().len(), 1);
         let id = idx.notifications_by_key(&["k1".into()]).unwrap()[0].id;
         // Leased to the sealing process: nobody else sees it as due or can take it.
@@ -2958,11 +3061,86 @@ mod tests {
                  PRAGMA user_version = 5;",
             )
             .unwrap();
+            runs_as_before_migration_7(&conn);
         }
         drop(idx);
         let idx = Index::open(dir.path()).unwrap();
         assert_eq!(totals_kept(&idx), kept);
         assert_status_exact(&idx, "migrating an index without totals");
+    }
+
+    /// Put the `runs` table back as migrations 4 to 6 left it.
+    fn runs_as_before_migration_7(conn: &Connection) {
+        conn.execute_batch("DROP TABLE run_manifests; DROP TABLE runs;")
+            .unwrap();
+        conn.execute_batch(MIGRATIONS[3]).unwrap();
+    }
+
+    #[test]
+    fn migration_7_moves_manifests_out_and_keeps_their_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = r#"{"format":1,"run":"r1","ci":{"provider":"github-actions","branch":"main"},
+            "first_file_ms":10,"last_file_ms":4010,"tests":{"tests":3,"failed":1},"files":[]}"#;
+        {
+            let idx = Index::open(dir.path()).unwrap();
+            let conn = idx.conn();
+            runs_as_before_migration_7(&conn);
+            conn.execute(
+                "INSERT INTO runs VALUES (?1, 'r1', 5, x'00', 0, 0, ?2),
+                                         (?1, 'broken', 6, x'00', 0, 0, 'not json')",
+                params![path_bytes(Path::new("/w")), manifest],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 6).unwrap();
+        }
+        let idx = Index::open(dir.path()).unwrap();
+        let mut runs = idx.sealed_runs(Path::new("/w")).unwrap();
+        runs.sort_by(|a, b| a.name.cmp(&b.name));
+        let (broken, r1) = (&runs[0], &runs[1]);
+        assert_eq!((r1.name.as_str(), r1.sealed_ms), ("r1", 5));
+        assert_eq!(
+            r1.ci.as_deref(),
+            Some(r#"{"provider":"github-actions","branch":"main"}"#)
+        );
+        assert_eq!((r1.first_file_ms, r1.last_file_ms), (Some(10), Some(4010)));
+        assert_eq!(r1.tests.as_deref(), Some(r#"{"tests":3,"failed":1}"#));
+        assert_eq!(
+            idx.run_manifest(Path::new("/w"), "r1").unwrap().as_deref(),
+            Some(manifest)
+        );
+        // A manifest that is not JSON moves as it is, with empty fields.
+        assert_eq!((broken.ci.as_deref(), broken.first_file_ms), (None, None));
+        assert_eq!(
+            idx.run_manifest(Path::new("/w"), "broken")
+                .unwrap()
+                .as_deref(),
+            Some("not json")
+        );
+        // A new seal's manifest is packed, and read back as it was.
+        let big = format!(
+            "{{\"files\":[{}]}}",
+            "{\"path\":\"a\"},".repeat(1000) + "{}"
+        );
+        let packed = pack_manifest(&big).unwrap();
+        assert!(
+            packed.len() * 5 < big.len(),
+            "{} of {}",
+            packed.len(),
+            big.len()
+        );
+        let run = SealedRun {
+            watch: "/w".into(),
+            name: "r1".into(),
+            sealed_ms: 7,
+            ..Default::default()
+        };
+        idx.record_run(&run, &packed, &[]).unwrap();
+        assert_eq!(idx.run_manifest(Path::new("/w"), "r1").unwrap(), Some(big));
+        assert_eq!(idx.sealed_ms(Path::new("/w"), "r1").unwrap(), Some(7));
+        assert_eq!(idx.run_manifest(Path::new("/w"), "r2").unwrap(), None);
+        idx.forget_run(Path::new("/w"), "r1").unwrap();
+        assert_eq!(idx.run_manifest(Path::new("/w"), "r1").unwrap(), None);
+        assert_eq!(idx.sealed_ms(Path::new("/w"), "r1").unwrap(), None);
     }
 
     #[test]

@@ -428,6 +428,11 @@ pub(crate) async fn seal(
             (logical, page::render(&manifest, &stored_key, up, false))
         })
     });
+    // Packed for the index while the manifest is stored.
+    let packed = {
+        let text = text.clone();
+        tokio::task::spawn_blocking(move || crate::index::pack_manifest(&text))
+    };
     let dests = destination::open_all(config)?;
     // The manifest and the page are stored side by side; the seal fails if either does.
     let manifest_stored = async {
@@ -491,27 +496,32 @@ pub(crate) async fn seal(
         page_key.as_deref(),
         lease_until_ms,
     )?;
-    let (m, watch, i, q) = (
-        manifest.clone(),
-        root.path.clone(),
-        index.clone(),
-        queued.clone(),
-    );
-    tokio::task::spawn_blocking(move || {
-        i.record_run(
-            &crate::index::SealedRun {
-                watch,
-                name: m.run.clone(),
-                sealed_ms: m.sealed_ms,
-                manifest_sha256: sha,
-                files: m.totals.files,
-                bytes: m.totals.bytes,
-                manifest: text,
-            },
-            &q,
-        )
-    })
-    .await??;
+    let packed = packed
+        .await
+        .context("packing the manifest for the index panicked")?
+        .context("packing the manifest for the index")?;
+    let run = crate::index::SealedRun {
+        watch: root.path.clone(),
+        name: manifest.run.clone(),
+        sealed_ms: manifest.sealed_ms,
+        manifest_sha256: sha,
+        files: manifest.totals.files,
+        bytes: manifest.totals.bytes,
+        ci: manifest
+            .ci
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?,
+        first_file_ms: manifest.first_file_ms,
+        last_file_ms: manifest.last_file_ms,
+        tests: manifest
+            .tests
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?,
+    };
+    let (i, q) = (index.clone(), queued.clone());
+    tokio::task::spawn_blocking(move || i.record_run(&run, &packed, &q)).await??;
     let notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
     Ok(Sealed::Done {
         manifest: Box::new(Arc::unwrap_or_clone(manifest)),
@@ -937,15 +947,18 @@ pub(crate) fn sealed_manifest(
     if !valid_name(name) {
         return Err(UsageError(format!("{name:?} cannot name a run")).into());
     }
-    let mut found: Option<(i64, String)> = None;
+    let mut found: Option<(i64, &Path)> = None;
     for (_, w) in run_watches(config) {
-        for r in index.sealed_runs(&w.path)? {
-            if r.name == name && found.as_ref().is_none_or(|(ms, _)| r.sealed_ms > *ms) {
-                found = Some((r.sealed_ms, r.manifest));
-            }
+        if let Some(ms) = index.sealed_ms(&w.path, name)?
+            && found.is_none_or(|(newest, _)| ms > newest)
+        {
+            found = Some((ms, &w.path));
         }
     }
-    let (_, text) = found
+    let text = found
+        .map(|(_, watch)| index.run_manifest(watch, name))
+        .transpose()?
+        .flatten()
         .ok_or_else(|| UsageError(format!("run {name:?} has not been sealed on this node")))?;
     serde_json::from_str(&text)
         .with_context(|| format!("the manifest of run {name:?} in the index"))
@@ -1022,10 +1035,10 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let sealed: HashMap<String, (i64, u64, u64, String)> = index
+        let sealed: HashMap<String, (i64, u64, u64)> = index
             .sealed_runs(&w.path)?
             .into_iter()
-            .map(|r| (r.name, (r.sealed_ms, r.files, r.bytes, r.manifest)))
+            .map(|r| (r.name, (r.sealed_ms, r.files, r.bytes)))
             .collect();
         names.extend(sealed.keys().cloned());
         names.sort();
@@ -1056,8 +1069,11 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 tests: None,
             };
             info.complete = info.destinations.iter().all(|d| d.missing == 0);
-            if let Some((ms, n, bytes, text)) = sealed.get(&name) {
-                let manifest: Manifest = serde_json::from_str(text)
+            if let Some((ms, n, bytes)) = sealed.get(&name) {
+                let text = index
+                    .run_manifest(&w.path, &name)?
+                    .with_context(|| format!("the recorded manifest of run {name:?} is missing"))?;
+                let manifest: Manifest = serde_json::from_str(&text)
                     .with_context(|| format!("the recorded manifest of run {name:?}"))?;
                 let by_path: HashMap<&str, &ManifestFile> = manifest
                     .files
@@ -1194,12 +1210,15 @@ pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result
         .into_iter()
         .take(n)
         .map(|r| {
-            let m = serde_json::from_str::<Manifest>(&r.manifest).ok();
+            let ci =
+                r.ci.as_deref()
+                    .and_then(|c| serde_json::from_str::<Ci>(c).ok());
             RunSummary {
-                duration_secs: m
-                    .as_ref()
-                    .and_then(|m| Some((m.last_file_ms? - m.first_file_ms?).max(0) as u64 / 1000)),
-                branch: m.and_then(|m| m.ci).and_then(|c| c.branch.or(c.tag)),
+                duration_secs: r
+                    .last_file_ms
+                    .zip(r.first_file_ms)
+                    .map(|(last, first)| (last - first).max(0) as u64 / 1000),
+                branch: ci.and_then(|c| c.branch.or(c.tag)),
                 run: r.name,
                 sealed_ms: r.sealed_ms,
                 files: r.files,
@@ -1215,15 +1234,10 @@ pub(crate) fn each_sealed_summary(
     index: &Index,
     mut f: impl FnMut(i64, &crate::results::TestSummary),
 ) -> anyhow::Result<()> {
-    /// Just the part of a manifest needed here.
-    #[derive(Deserialize)]
-    struct Tests {
-        #[serde(default)]
-        tests: Option<crate::results::TestSummary>,
-    }
     for (_, w) in run_watches(config) {
         for r in index.sealed_runs(&w.path)? {
-            if let Ok(Tests { tests: Some(t) }) = serde_json::from_str::<Tests>(&r.manifest) {
+            let tests = r.tests.as_deref();
+            if let Some(Ok(t)) = tests.map(serde_json::from_str::<crate::results::TestSummary>) {
                 f(r.sealed_ms, &t);
             }
         }
@@ -1232,11 +1246,28 @@ pub(crate) fn each_sealed_summary(
 }
 
 /// How many runs are open (not sealed), for `status`. Blocking.
+/// A run is open while its directory has no seal recorded and no `seal` holds it: the
+/// directories and the names of the sealed runs are all it reads (the daemon refreshes this
+/// every 30 s; [`list`] reads every file of every run).
 pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
-    Ok(list(config, index)?
-        .iter()
-        .filter(|r| r.state == State::Open)
-        .count() as u64)
+    let mut open = 0;
+    for (_, w) in run_watches(config) {
+        let listed =
+            crate::tree::RootDir::open(&w.path, w.one_file_system).and_then(|d| d.subdirectories());
+        let Ok(names) = listed else { continue };
+        let sealed: std::collections::HashSet<String> = index
+            .sealed_runs(&w.path)?
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        open += names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .filter(|n| valid_name(n) && !sealed.contains(n))
+            .filter(|n| !SealingLock::held(config, &w.path, n))
+            .count() as u64;
+    }
+    Ok(open)
 }
 
 /// A human-readable table of runs.
