@@ -1013,15 +1013,15 @@ fn flush_pass(
 }
 
 /// Every wanted regular file in the trees (or below `under`, inside one of them), with its
-/// identity, walked through each root's handle and handed to `chunk_done` a few thousand at
-/// a time, so they can be checked while the walk goes on; it returns false to stop the walk.
-/// Blocking.
+/// identity, walked through each root's handle and handed to `chunk_done` 512 at a time, so
+/// they can be checked while the walk goes on (small chunks keep the check after the walk's
+/// end short); it returns false to stop the walk. Blocking.
 fn list_in_chunks(
     roots: &[Root],
     under: Option<&Path>,
     chunk_done: &mut dyn FnMut(Vec<(PathBuf, Stat)>) -> bool,
 ) {
-    const CHUNK: usize = 2048;
+    const CHUNK: usize = 512;
     let walks: Vec<(&Root, &Path)> = match under {
         Some(dir) => scan::root_of(roots, dir)
             .map(|i| (&roots[i], dir))
