@@ -152,37 +152,6 @@ impl Root {
         Ok((file, stat))
     }
 
-    /// The permission bits and identity of the regular files at `paths` (see
-    /// [`RootDir::modes`]); faster than opening each when many share directories.
-    pub fn modes(&self, paths: &[PathBuf]) -> Vec<std::io::Result<(u32, Stat)>> {
-        let Some(dir) = self.tree.dir() else {
-            return paths
-                .iter()
-                .map(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("watch root {} is not available", self.path.display()),
-                    ))
-                })
-                .collect();
-        };
-        let rels: Vec<Option<&Path>> = paths.iter().map(|p| self.relative(p)).collect();
-        let inside: Vec<&Path> = rels.iter().flatten().copied().collect();
-        let mut modes = dir.modes(&inside).into_iter();
-        rels.iter()
-            .zip(paths)
-            .map(|(rel, path)| match rel {
-                Some(_) => modes
-                    .next()
-                    .unwrap_or_else(|| Err(std::io::Error::other("missing"))),
-                None => Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("{} is not inside {}", path.display(), self.path.display()),
-                )),
-            })
-            .collect()
-    }
-
     /// What `path` is, looked at through this root without following any link.
     pub fn kind(&self, path: &Path) -> std::io::Result<Kind> {
         let (dir, rel) = self.dir_and_rel(path)?;
