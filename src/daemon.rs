@@ -825,7 +825,8 @@ pub struct FlushSummary {
     pub waiting: Vec<PathBuf>,
     /// Files that can never be stored as they are, with the reason.
     pub failed: Vec<(PathBuf, String)>,
-    /// The stored files, with the identity they were stored with.
+    /// The stored files, with the identity they were stored with: kept for a run (a seal
+    /// builds its manifest from them), not for a whole tree.
     pub files: Vec<Flushed>,
 }
 
@@ -869,6 +870,7 @@ pub async fn flush_under(
         .map(|d| d.name.clone())
         .collect();
     let under = under.map(Path::to_path_buf);
+    let keep = under.is_some();
     let mut summary = FlushSummary {
         stored: 0,
         waiting: Vec::new(),
@@ -902,16 +904,16 @@ pub async fn flush_under(
                         listed.extend(c);
                         true
                     });
-                    return flush_pass(&i, &d, &r, listed, false);
+                    return flush_pass(&i, &d, &r, listed, false, keep);
                 }
                 for chunk in rx {
-                    pass.add(flush_pass(&i, &d, &r, chunk, false)?);
+                    pass.add(flush_pass(&i, &d, &r, chunk, false, keep)?);
                 }
                 anyhow::Ok(pass)
             })
         })
         .await??;
-        summary.stored += first.stored.len() as u64;
+        summary.stored += first.stored_count;
         summary.files.extend(first.stored);
         summary.failed.extend(first.failed);
         (index, first.rest)
@@ -949,9 +951,10 @@ pub async fn flush_under(
         let look_again = !std::mem::take(&mut first);
         let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
         let batch = std::mem::take(&mut present);
-        let pass = tokio::task::spawn_blocking(move || flush_pass(&i, &d, &r, batch, look_again))
-            .await??;
-        summary.stored += pass.stored.len() as u64;
+        let pass =
+            tokio::task::spawn_blocking(move || flush_pass(&i, &d, &r, batch, look_again, keep))
+                .await??;
+        summary.stored += pass.stored_count;
         summary.files.extend(pass.stored);
         summary.failed.extend(pass.failed);
         present = pass.rest;
@@ -964,7 +967,8 @@ pub async fn flush_under(
 struct FlushPass {
     /// Not stored yet.
     rest: Vec<(PathBuf, Stat)>,
-    /// Stored in every destination asked for.
+    /// Stored in every destination asked for: how many, and (when kept) which.
+    stored_count: u64,
     stored: Vec<Flushed>,
     /// Failed for good, and why.
     failed: Vec<(PathBuf, String)>,
@@ -973,6 +977,7 @@ struct FlushPass {
 impl FlushPass {
     fn add(&mut self, other: FlushPass) {
         self.rest.extend(other.rest);
+        self.stored_count += other.stored_count;
         self.stored.extend(other.stored);
         self.failed.extend(other.failed);
     }
@@ -980,13 +985,14 @@ impl FlushPass {
 
 /// One pass of a flush over `batch`, in one read transaction. With `look_again`, each file is
 /// looked at again first: changed since it was listed, its new version is waited for; gone,
-/// it is dropped. Blocking.
+/// it is dropped. With `keep`, the stored files are returned, not only counted. Blocking.
 fn flush_pass(
     index: &Index,
     dests: &[String],
     roots: &[Root],
     batch: Vec<(PathBuf, Stat)>,
     look_again: bool,
+    keep: bool,
 ) -> anyhow::Result<FlushPass> {
     let now: Vec<(PathBuf, Stat)> = batch
         .into_iter()
@@ -1004,7 +1010,12 @@ fn flush_pass(
     let mut pass = FlushPass::default();
     for ((path, stat), state) in now.into_iter().zip(states) {
         match state {
-            FlushState::Stored(stored) => pass.stored.push(Flushed { path, stat, stored }),
+            FlushState::Stored(stored) => {
+                pass.stored_count += 1;
+                if keep {
+                    pass.stored.push(Flushed { path, stat, stored });
+                }
+            }
             FlushState::Waiting => pass.rest.push((path, stat)),
             FlushState::Failed(e) => pass.failed.push((path, e)),
         }
