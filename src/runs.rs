@@ -429,10 +429,7 @@ pub(crate) async fn seal(
         })
     });
     // Packed for the index while the manifest is stored.
-    let packed = {
-        let text = text.clone();
-        tokio::task::spawn_blocking(move || crate::index::pack_manifest(&text))
-    };
+    let packed = tokio::task::spawn_blocking(move || crate::index::pack_manifest(&text));
     let dests = destination::open_all(config)?;
     // The manifest and the page are stored side by side; the seal fails if either does.
     let manifest_stored = async {
