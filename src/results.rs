@@ -356,13 +356,10 @@ pub(crate) fn collect(
     let mut acc = Accumulator::default();
     let mut candidates: Vec<(&Path, String, bool)> = Vec::new();
     for path in files.iter().map(|f| &f.path) {
-        let Some(rel) = path.strip_prefix(&run.path).ok() else {
+        let Some(rel_str) = crate::runs::relative_str(path, &run.path) else {
             continue;
         };
-        let Some(rel_str) = rel.to_str() else {
-            continue;
-        };
-        let by_glob = globs.is_match(rel);
+        let by_glob = globs.is_match(rel_str);
         let xml = rel_str.to_ascii_lowercase().ends_with(".xml");
         if by_glob || (watch.junit_sniff && xml) {
             candidates.push((path, rel_str.to_string(), by_glob));

@@ -566,9 +566,22 @@ fn manifest_files(run: &RunDir, files: &[Flushed]) -> anyhow::Result<Vec<Manifes
     Ok(out)
 }
 
+/// The run directories of watch `w` (names that can name a run), listed through the root's
+/// own handle: a root replaced by a symlink lists nothing.
+fn run_dirs(w: &crate::config::Watch) -> Vec<String> {
+    match crate::tree::RootDir::open(&w.path, w.one_file_system).and_then(|d| d.subdirectories()) {
+        Ok(names) => names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .filter(|n| valid_name(n))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// `path` relative to `dir` as text, comparing bytes (both absolute and normal, as walks
 /// build them): [`Path::strip_prefix`] compares component by component, for every file.
-fn relative_str<'a>(path: &'a Path, dir: &Path) -> Option<&'a str> {
+pub(crate) fn relative_str<'a>(path: &'a Path, dir: &Path) -> Option<&'a str> {
     use std::os::unix::ffi::OsStrExt;
     let dir = dir.as_os_str().as_bytes();
     let rest = path.as_os_str().as_bytes().strip_prefix(dir)?;
@@ -1021,17 +1034,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
     let dests: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let mut out = Vec::new();
     for (_, w) in run_watches(config) {
-        // Listed through the root's own handle: a root replaced by a symlink lists nothing.
-        let listed =
-            crate::tree::RootDir::open(&w.path, w.one_file_system).and_then(|d| d.subdirectories());
-        let mut names: Vec<String> = match listed {
-            Ok(names) => names
-                .into_iter()
-                .filter_map(|n| n.into_string().ok())
-                .filter(|n| valid_name(n))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let mut names = run_dirs(w);
         let sealed: HashMap<String, (i64, u64, u64)> = index
             .sealed_runs(&w.path)?
             .into_iter()
@@ -1078,7 +1081,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                     .map(|f| (f.path.as_str(), f))
                     .collect();
                 for f in &files {
-                    let rel = f.path.strip_prefix(&dir).ok().and_then(Path::to_str);
+                    let rel = relative_str(&f.path, &dir);
                     let same = rel.and_then(|r| by_path.get(r)).is_some_and(|m| {
                         m.sha256 == f.sha256 && m.mtime_ns == f.mtime_ns && m.size == f.size
                     });
@@ -1249,19 +1252,15 @@ pub(crate) fn each_sealed_summary(
 pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> {
     let mut open = 0;
     for (_, w) in run_watches(config) {
-        let listed =
-            crate::tree::RootDir::open(&w.path, w.one_file_system).and_then(|d| d.subdirectories());
-        let Ok(names) = listed else { continue };
+        let names = run_dirs(w);
         let sealed: std::collections::HashSet<String> = index
             .sealed_runs(&w.path)?
             .into_iter()
             .map(|r| r.name)
             .collect();
         open += names
-            .into_iter()
-            .filter_map(|n| n.into_string().ok())
-            .filter(|n| valid_name(n) && !sealed.contains(n))
-            .filter(|n| !SealingLock::held(config, &w.path, n))
+            .iter()
+            .filter(|n| !sealed.contains(*n) && !SealingLock::held(config, &w.path, n))
             .count() as u64;
     }
     Ok(open)
