@@ -65,8 +65,11 @@ pub(super) struct Link<'a> {
 
 /// What flows from the reading thread to the sending task.
 enum Msg {
-    /// How the file is encoded, and its permission bits.
-    Plan(Plan, u32),
+    /// How the file is encoded, its permission bits, and the first part of the output. One
+    /// message, so that a small file (one part) crosses to the sending task once and its
+    /// reader never waits on the channel.
+    Start(Plan, u32, Bytes),
+    /// Every further part.
     Data(Bytes),
 }
 
@@ -90,7 +93,7 @@ pub(super) async fn send(
         Ok(Err(e)) => Err(read_error(job, e)),
         Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
     };
-    let Some(Msg::Plan(plan, mode)) = rx.recv().await else {
+    let Some(Msg::Start(plan, mode, first)) = rx.recv().await else {
         drop(rx);
         return match read_ok(producer.await)? {
             false => Ok(Transferred::Changed),
@@ -113,6 +116,7 @@ pub(super) async fn send(
 
     // Gather parts until the output is known to need a multipart upload.
     let mut head: Vec<Bytes> = Vec::with_capacity(SINGLE_PUT_PARTS + 1);
+    head.push(first);
     let mut slot = None;
     while head.len() <= SINGLE_PUT_PARTS {
         if head.len() == SINGLE_PUT_PARTS {
@@ -131,9 +135,6 @@ pub(super) async fn send(
         drop(rx);
         if !read_ok(producer.await)? {
             return Ok(Transferred::Changed);
-        }
-        if head.is_empty() {
-            return Err(StoreError::Retryable(format!("{}: no data", ctx())));
         }
         let payload = PutPayload::from_iter(head);
         throttle(link, payload.content_length()).await;
@@ -249,16 +250,20 @@ fn attributes(dest: &Destination, plan: Plan, job: &Job, mode: u32) -> Attribute
 struct ChunkSink {
     tx: mpsc::Sender<Msg>,
     buf: Vec<u8>,
-    sent: bool,
+    /// The plan and mode, until the first part carries them.
+    start: Option<(Plan, u32)>,
 }
 
 impl ChunkSink {
     fn send(&mut self) -> std::io::Result<()> {
         // The next buffer is allocated by the next write, if any.
-        let data = std::mem::take(&mut self.buf);
-        self.sent = true;
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        let msg = match self.start.take() {
+            Some((plan, mode)) => Msg::Start(plan, mode, data),
+            None => Msg::Data(data),
+        };
         self.tx
-            .blocking_send(Msg::Data(Bytes::from(data)))
+            .blocking_send(msg)
             .map_err(|_| std::io::Error::other("upload cancelled"))
     }
 }
@@ -282,7 +287,7 @@ impl Write for ChunkSink {
 
 impl Finish for ChunkSink {
     fn finish(mut self: Box<Self>) -> std::io::Result<()> {
-        if !self.buf.is_empty() || !self.sent {
+        if !self.buf.is_empty() || self.start.is_some() {
             self.send()?;
         }
         Ok(())
@@ -322,8 +327,6 @@ fn produce(
     first.truncate(n);
     let plan = pipeline.plan(path, &first);
     let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions()) & 0o7777;
-    tx.blocking_send(Msg::Plan(plan, mode))
-        .map_err(|_| std::io::Error::other("upload cancelled"))?;
     // Small files (most of a CI tree) get a buffer of their size, not a whole part.
     let expected = (stat.size as usize)
         .saturating_add(64 * 1024)
@@ -331,7 +334,7 @@ fn produce(
     let sink = ChunkSink {
         tx,
         buf: Vec::with_capacity(expected),
-        sent: false,
+        start: Some((plan, mode)),
     };
     let record = Meta {
         size: stat.size,
