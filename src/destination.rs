@@ -301,6 +301,13 @@ impl Destination {
         fs.path_to_filesystem(&self.path(stored_key).ok()?).ok()
     }
 
+    /// Whether this is a `file://` store that syncs each object as it is written
+    /// (`sync = "each"`): what is set on an object afterwards (its mode and mtime) must then
+    /// be synced too, as nothing else will sync it before it is counted stored.
+    pub(crate) fn syncs_each_object(&self) -> bool {
+        self.local.is_some() && self.durability.is_none()
+    }
+
     /// Take before writing an object that must be durable before it is counted stored, and
     /// hand to [`Destination::persist`] after.
     pub(crate) fn ticket(&self) -> Option<Ticket> {
@@ -469,6 +476,27 @@ pub(crate) fn open_all(cfg: &config::Config) -> anyhow::Result<Vec<Destination>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_file_store_syncing_each_object_syncs_what_is_set_after_the_write() {
+        // Regression: with `sync = "each"` the object's bytes were synced by the store, but
+        // the mode, mtime and long name set on it afterwards were never synced before it was
+        // counted stored.
+        let dir = tempfile::tempdir().unwrap();
+        let url = url::Url::from_directory_path(dir.path()).unwrap();
+        let text = format!(
+            "[[watch]]\npath = \"/a\"\n\
+             [[destination]]\nname = \"each\"\nurl = \"{url}each\"\n\
+             [[destination]]\nname = \"batch\"\nurl = \"{url}batch\"\nsync = \"batch\"\n\
+             [[destination]]\nname = \"cloud\"\nurl = \"s3://b/x\"\n\
+             options = {{ access_key_id = \"k\", secret_access_key = \"s\", region = \"r\", \
+             endpoint = \"http://127.0.0.1:9\", metadata_endpoint = \"http://127.0.0.1:9\" }}\n"
+        );
+        let cfg = config::Config::parse(&text, "t.toml").unwrap();
+        let dests = open_all(&cfg).unwrap();
+        let syncs: Vec<bool> = dests.iter().map(|d| d.syncs_each_object()).collect();
+        assert_eq!(syncs, [true, false, false]);
+    }
 
     #[test]
     fn printable_escapes_every_control_character() {

@@ -20,8 +20,12 @@ pub(crate) struct FileMeta {
     pub long_name: Option<String>,
 }
 
-/// Give the stored file at `path` the original's mode and mtime (and long name).
-pub(crate) fn apply(path: &Path, meta: &FileMeta) -> std::io::Result<()> {
+/// Give the stored file at `path` the original's mode and mtime (and long name). With `sync`,
+/// also make them durable before returning: a store that syncs each object (`sync = "each"`)
+/// has already synced the object's bytes, and a crash must not leave it without the mode,
+/// mtime or full name that `restore` applies (a store syncing in batches covers them with its
+/// next `syncfs`).
+pub(crate) fn apply(path: &Path, meta: &FileMeta, sync: bool) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
     if let Some(name) = &meta.long_name {
         rustix::fs::fsetxattr(
@@ -43,7 +47,11 @@ pub(crate) fn apply(path: &Path, meta: &FileMeta) -> std::io::Result<()> {
         UNIX_EPOCH - Duration::from_nanos(meta.mtime_ns.unsigned_abs())
     };
     file.set_modified(mtime)?;
-    file.set_permissions(std::fs::Permissions::from_mode(meta.mode & 0o7777))
+    file.set_permissions(std::fs::Permissions::from_mode(meta.mode & 0o7777))?;
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Read back what [`apply`] recorded on the stored file at `path`.

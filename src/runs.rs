@@ -702,7 +702,8 @@ async fn put_own(
             mtime_ns: meta.mtime_ns,
             long_name: None,
         };
-        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &fm))
+        let sync = dest.syncs_each_object();
+        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &fm, sync))
             .await?
             .with_context(|| format!("setting mode and mtime of {location} in {}", dest.name))?;
     }

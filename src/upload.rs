@@ -432,7 +432,8 @@ impl Worker {
             mtime_ns: job.stat.mtime_ns,
             long_name,
         };
-        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &meta))
+        let sync = self.dest.syncs_each_object();
+        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &meta, sync))
             .await
             .map_err(|e| StoreError::Retryable(format!("metadata task failed: {e}")))?
             .map_err(|e| {
