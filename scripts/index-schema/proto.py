@@ -52,12 +52,16 @@ CREATE TABLE index_totals (id INTEGER PRIMARY KEY CHECK (id = 1), files INTEGER 
 CREATE TABLE upload_totals (dest TEXT NOT NULL, state INTEGER NOT NULL, rows INTEGER NOT NULL, errors INTEGER NOT NULL, stale INTEGER NOT NULL, PRIMARY KEY (dest, state)) WITHOUT ROWID;
 """
     def __init__(s, c): s.c = c; s.ids = {}
-    def index(s, f):
+    def file_and_content(s, f):
+        """The file's row and its content's (A and B keep both as today); the file's id."""
         c = s.c
         c.execute("INSERT INTO files (path,size,mtime_ns,inode,sha256,gen,indexed_ms,dev) VALUES (?,?,?,?,?,1,?,?)",
                   (f['path'], f['size'], f['mtime'], f['inode'], f['sha'], f['now'], f['dev']))
         fid = c.lastrowid; s.ids[f['path']] = fid
         c.execute("INSERT OR IGNORE INTO contents VALUES (?,?,?)", (f['sha'], f['size'], f['now']))
+        return fid
+    def index(s, f):
+        c = s.c; fid = s.file_and_content(f)
         c.execute("INSERT INTO uploads (file_id,dest,key,sha256,gen,state,attempts,next_attempt_ms,last_error,permanent,queued_ms) VALUES (?,?,?,?,1,0,0,0,NULL,0,?)",
                   (fid, 'primary', f['key'], f['sha'], f['now']))
     def done(s, u):
@@ -90,11 +94,7 @@ CREATE INDEX objects_by_stored_key ON objects(dest, stored_key) WHERE stored_key
 INSERT INTO dests VALUES (1, 'primary'); INSERT INTO pipelines VALUES (0, 'none');
 """
     def index(s, f):
-        c = s.c
-        c.execute("INSERT INTO files (path,size,mtime_ns,inode,sha256,gen,indexed_ms,dev) VALUES (?,?,?,?,?,1,?,?)",
-                  (f['path'], f['size'], f['mtime'], f['inode'], f['sha'], f['now'], f['dev']))
-        fid = c.lastrowid; s.ids[f['path']] = fid
-        c.execute("INSERT OR IGNORE INTO contents VALUES (?,?,?)", (f['sha'], f['size'], f['now']))
+        c = s.c; fid = s.file_and_content(f)
         c.execute("INSERT INTO uploads (file_id,dest,gen,state,queued_ms) VALUES (?,1,1,0,?)", (fid, f['now']))
     def done(s, u):
         c = s.c; fid = s.ids[u['path']]
@@ -208,6 +208,9 @@ CREATE INDEX uploads_by_stored_key ON uploads(dest, o_stored_key) WHERE o_stored
 class Dm(C):
     """Merged uploads+objects; key derived from the path (dirs.kdir + name); orphans in objects."""
     ddl = NORM_COMMON + CONTENTS_ID + MERGED
+    def object_content(s, u):
+        """What the merged row's o_content holds for a stored upload."""
+        return s.cids[u['sha']]
     def done(s, u):
         c = s.c; fid = s.ids[u['path']]
         kp, kn = split(u['key'], '/'); _, n = split(u['path'], b'/')
@@ -218,7 +221,7 @@ class Dm(C):
                      o_stored_size=?7, o_stored_ms=NULL, o_stored_key=?8
                      WHERE file_id=?3 AND dest=1 AND gen=1""",
                   (u['now'], METHODS[u['method']], fid, None if derived else s.kdir_id(kp), None if derived else kn,
-                   s.cids[u['sha']], None if u['stored_size'] == u['size'] else u['stored_size'], sk))
+                   s.object_content(u), None if u['stored_size'] == u['size'] else u['stored_size'], sk))
 
 class E(Dm):
     """Dm + contents id = first 6 bytes of sha256 (no sha256 index)."""
@@ -246,17 +249,8 @@ class F(En):
     """En + the merged row's object content NULL when it is the file's current content
     (dedup goes through an index files(content)); o_pipeline NOT NULL marks a stored object."""
     ddl = En.ddl + "\nCREATE INDEX files_by_content ON files(content);\n"
-    def done(s, u):
-        c = s.c; fid = s.ids[u['path']]
-        kp, kn = split(u['key'], '/'); _, n = split(u['path'], b'/')
-        derived = (s.kdirs.get(kp) is not None and kn.encode() == n)
-        sk = None if u['stored_key'] == u['key'] else u['stored_key']
-        c.execute("""UPDATE uploads SET state=1, done_ms=?1, method=?2, last_error=NULL, permanent=0,
-                     key_kdir=?4, key_name=?5, o_content=NULL, o_pipeline=0,
-                     o_stored_size=?6, o_stored_ms=NULL, o_stored_key=?7
-                     WHERE file_id=?3 AND dest=1 AND gen=1""",
-                  (u['now'], METHODS[u['method']], fid, None if derived else s.kdir_id(kp), None if derived else kn,
-                   None if u['stored_size'] == u['size'] else u['stored_size'], sk))
+    def object_content(s, u):
+        return None
 
 CANDS = dict(F=F, A=A, B=B, C=C, Cp=Cp, Dm=Dm, E=E)
 
