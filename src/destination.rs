@@ -304,8 +304,20 @@ impl Destination {
     /// Whether this is a `file://` store that syncs each object as it is written
     /// (`sync = "each"`): what is set on an object afterwards (its mode and mtime) must then
     /// be synced too, as nothing else will sync it before it is counted stored.
-    pub(crate) fn syncs_each_object(&self) -> bool {
+    fn syncs_each_object(&self) -> bool {
         self.local.is_some() && self.durability.is_none()
+    }
+
+    /// Give a stored file of this `file://` store (from [`Destination::local_file`]) the
+    /// original's mode and mtime (and long name), on a blocking thread; made durable before
+    /// this returns when the store syncs each object, and otherwise by [`Destination::persist`].
+    pub(crate) async fn apply_meta(
+        &self,
+        file: std::path::PathBuf,
+        meta: crate::filemeta::FileMeta,
+    ) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+        let sync = self.syncs_each_object();
+        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &meta, sync)).await
     }
 
     /// Take before writing an object that must be durable before it is counted stored, and

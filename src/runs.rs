@@ -702,8 +702,7 @@ async fn put_own(
             mtime_ns: meta.mtime_ns,
             long_name: None,
         };
-        let sync = dest.syncs_each_object();
-        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &fm, sync))
+        dest.apply_meta(file, fm)
             .await?
             .with_context(|| format!("setting mode and mtime of {location} in {}", dest.name))?;
     }

@@ -432,8 +432,8 @@ impl Worker {
             mtime_ns: job.stat.mtime_ns,
             long_name,
         };
-        let sync = self.dest.syncs_each_object();
-        tokio::task::spawn_blocking(move || crate::filemeta::apply(&file, &meta, sync))
+        self.dest
+            .apply_meta(file, meta)
             .await
             .map_err(|e| StoreError::Retryable(format!("metadata task failed: {e}")))?
             .map_err(|e| {
