@@ -10,9 +10,10 @@ use std::hint::black_box;
 use std::io::{self, Write};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use panoptic_sync::config::Compression;
 use panoptic_sync::crypto::MasterKey;
-use panoptic_sync::pipeline::{self, Finish, Meta, Pipeline, Plan};
+use panoptic_sync::format::layout::Compression;
+use panoptic_sync::format::layout::Plan;
+use panoptic_sync::pipeline::{self, Finish, Meta, Pipeline};
 
 const SIZE: usize = 16 << 20;
 

@@ -6,9 +6,10 @@
 //! never deleted, whatever the pressure; that is logged loudly.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::config::Retention;
+use crate::format::units::now_ns;
 use crate::index::{Index, Stat, StoredFile};
 use crate::scan::Root;
 
@@ -37,13 +38,6 @@ pub fn free_percent(root: &Root) -> Option<f64> {
         return None;
     }
     Some(st.f_bavail as f64 * 100.0 / st.f_blocks as f64)
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 /// Delete `path` if it is still exactly the indexed content (device, inode, size, mtime),

@@ -420,7 +420,7 @@ async fn dispatch(
                 let query = crate::results::fleet::Query {
                     since,
                     branch,
-                    now_ms: crate::index::now_ms(),
+                    now_ms: crate::format::units::now_ms(),
                 };
                 let fleet = crate::report::fleet(&config, &query).await?;
                 return Ok(match html {

@@ -16,6 +16,8 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+use crate::format::layout::Compression;
+
 /// The configuration used when no config file exists: watch `./artifacts`, store to
 /// `./.panoptic-sync/store`, keep state in `./.panoptic-sync/state` (all under `cwd`).
 pub fn embedded_default(cwd: &Path) -> String {
@@ -348,18 +350,6 @@ pub struct Pipeline {
     /// report's pages, styles and scripts stay browsable from a run's page).
     #[serde(default, deserialize_with = "de_globs")]
     pub uncompressed: Vec<String>,
-}
-
-/// Compression applied before upload.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Compression {
-    /// Stored as-is.
-    #[default]
-    None,
-    /// gzip (flate2 with the zlib-rs backend); objects end in `.gz`.
-    Gzip,
-    /// zstd; objects end in `.zst`.
-    Zstd,
 }
 
 /// Encryption applied before upload.
@@ -944,7 +934,7 @@ impl Config {
             outer.is_empty() || inner == outer || inner.starts_with(&format!("{outer}/"))
         };
         for (i, a) in prefixes.iter().enumerate() {
-            let internal = crate::layout::INTERNAL_PREFIX;
+            let internal = crate::format::layout::INTERNAL_PREFIX;
             if inside(a, internal) {
                 return Err(format!(
                     "{} has prefix {a:?}, inside the agent's own {internal:?} prefix",

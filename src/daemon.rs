@@ -1095,7 +1095,7 @@ pub async fn check_config(config: &Config, offline: bool) -> anyhow::Result<Vec<
         }
         let key = format!(
             "{}/{}-{}",
-            crate::layout::PROBE_PREFIX,
+            crate::format::layout::PROBE_PREFIX,
             config.node_id,
             fastrand::u64(..)
         );

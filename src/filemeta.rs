@@ -1,13 +1,13 @@
 //! Per-file metadata of plain objects in `file://` stores, kept on the stored file itself (as
 //! rclone's local backend does; no sidecar objects): its mode and mtime are the original's,
-//! and a shortened long name ([`crate::layout`]) keeps the full name in an extended attribute.
+//! and a shortened long name ([`crate::format::layout`]) keeps the full name in an extended attribute.
 //! Encrypted objects keep all of this inside the encryption instead.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::layout::LONGNAME_XATTR;
+use crate::format::layout::LONGNAME_XATTR;
 
 /// What a stored file says about its original.
 #[derive(Debug, Clone, Default)]

@@ -417,7 +417,7 @@ async fn record(index: &Arc<Index>, n: &PendingNotification, outcome: NotifyOutc
             notify = %n.notifier,
             run = %n.run,
             error = %error,
-            retry_in_ms = next_attempt_ms - crate::index::now_ms(),
+            retry_in_ms = next_attempt_ms - crate::format::units::now_ms(),
             "run notification failed; it will be retried"
         ),
     }
@@ -486,7 +486,8 @@ async fn try_after_seal(
             let mut tries = 0;
             while tries < SEAL_ATTEMPTS as i64 {
                 // Never past the lease: the daemon may take the row then.
-                let ends = crate::index::now_ms() + (timeout + LEASE_MARGIN).as_millis() as i64;
+                let ends =
+                    crate::format::units::now_ms() + (timeout + LEASE_MARGIN).as_millis() as i64;
                 if ends > lease_until_ms {
                     break;
                 }
@@ -511,7 +512,12 @@ async fn try_after_seal(
                 permanent: false,
             });
             let error = f.error.clone();
-            record(&index, &n, failed(&n, f, tries, crate::index::now_ms())).await;
+            record(
+                &index,
+                &n,
+                failed(&n, f, tries, crate::format::units::now_ms()),
+            )
+            .await;
             Delivery {
                 notifier: n.notifier.clone(),
                 error: Some(error),
@@ -546,7 +552,7 @@ pub(crate) async fn run_loop(
     cancel: CancellationToken,
 ) -> &'static str {
     loop {
-        let now = crate::index::now_ms();
+        let now = crate::format::units::now_ms();
         let i = index.clone();
         let due = tokio::task::spawn_blocking(move || i.due_notifications(now, BATCH)).await;
         let due = match due {
@@ -564,7 +570,7 @@ pub(crate) async fn run_loop(
         let sends = due.into_iter().map(|n| {
             let (sender, index, metrics) = (sender.clone(), index.clone(), metrics.clone());
             async move {
-                let now = crate::index::now_ms();
+                let now = crate::format::units::now_ms();
                 let until = now + (sender.timeout(&n.notifier) + LEASE_MARGIN).as_millis() as i64;
                 let i = index.clone();
                 let leased =
@@ -582,7 +588,7 @@ pub(crate) async fn run_loop(
                 }
                 let outcome = match sender.attempt(&n).await {
                     Ok(()) => NotifyOutcome::Sent { failures: 0 },
-                    Err(f) => failed(&n, f, 1, crate::index::now_ms()),
+                    Err(f) => failed(&n, f, 1, crate::format::units::now_ms()),
                 };
                 metrics.notification(match &outcome {
                     NotifyOutcome::Sent { .. } => "sent",
@@ -612,7 +618,7 @@ pub(crate) async fn run_loop(
         let next = tokio::task::spawn_blocking(move || i.next_notification_ms()).await;
         let wait = match next {
             Ok(Ok(Some(ms))) => {
-                let ms = (ms - crate::index::now_ms()).max(0) as u64;
+                let ms = (ms - crate::format::units::now_ms()).max(0) as u64;
                 Duration::from_millis(ms).min(RESCAN)
             }
             _ => RESCAN,

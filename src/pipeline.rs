@@ -3,7 +3,7 @@
 //! memory and run on blocking threads.
 //!
 //! Object keys carry one suffix per applied stage, in pipeline order: `.gz` or `.zst`, then
-//! `.enc` ([`crate::layout`] escapes names that already end like that). Files that would not
+//! `.enc` ([`crate::format::layout`] escapes names that already end like that). Files that would not
 //! shrink (known compressed formats by extension; small files whose compressed form is not
 //! smaller; larger ones whose first block compresses by less than 5%) are stored uncompressed.
 //! Encrypted objects carry a small metadata record (size, mtime, mode, SHA-256, logical key)
@@ -15,8 +15,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Compression, Config, Encryption};
+use crate::config::{Config, Encryption};
 use crate::crypto::{self, Decryptor, Encryptor, MasterKey};
+use crate::format::layout::{Compression, Plan};
 
 /// Size of the first block used to decide whether a file compresses.
 pub const PROBE_BLOCK: usize = 64 * 1024;
@@ -195,74 +196,6 @@ fn compresses(path: &Path, first: &[u8]) -> bool {
     match zstd::bulk::compress(first, 1) {
         Ok(c) => (c.len() as f64) < first.len() as f64 * 0.95,
         Err(_) => true,
-    }
-}
-
-/// How one file is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    /// Compression actually applied.
-    pub compression: Compression,
-    /// Whether the object is encrypted.
-    pub encrypt: bool,
-}
-
-impl Plan {
-    /// Stored as-is: no compression, no encryption.
-    pub const STORED: Plan = Plan {
-        compression: Compression::None,
-        encrypt: false,
-    };
-
-    /// The key suffix: `.gz`/`.zst`, then `.enc`.
-    pub fn suffix(&self) -> String {
-        let mut s = String::from(compression_suffix(self.compression));
-        if self.encrypt {
-            s.push_str(".enc");
-        }
-        s
-    }
-
-    /// Read a plan back from an object key's suffixes; returns the logical key (see
-    /// [`crate::layout::parse`]: for a shortened long name, the shortened key).
-    pub fn from_key(key: &str) -> (Plan, &str) {
-        let p = crate::layout::parse(key);
-        (p.plan, p.logical)
-    }
-
-    /// Content-Encoding for an unencrypted compressed object.
-    pub fn content_encoding(&self) -> Option<&'static str> {
-        match (self.encrypt, self.compression) {
-            (false, Compression::Gzip) => Some("gzip"),
-            (false, Compression::Zstd) => Some("zstd"),
-            _ => None,
-        }
-    }
-
-    /// Content-Type for the object of `path`: the original's type, unless encrypted.
-    pub fn content_type(&self, path: &Path) -> &'static str {
-        if self.encrypt {
-            return OCTET_STREAM;
-        }
-        guess_type(path)
-    }
-}
-
-const OCTET_STREAM: &str = "application/octet-stream";
-
-/// The media type of `path` by its extension (`application/octet-stream` if unknown), read
-/// from the table as it is (parsing it into a `Mime` for every file showed in profiles).
-pub fn guess_type(path: &Path) -> &'static str {
-    mime_guess::from_path(path)
-        .first_raw()
-        .unwrap_or(OCTET_STREAM)
-}
-
-fn compression_suffix(c: Compression) -> &'static str {
-    match c {
-        Compression::None => "",
-        Compression::Gzip => ".gz",
-        Compression::Zstd => ".zst",
     }
 }
 
@@ -527,7 +460,7 @@ mod tests {
             sha256: hex::encode(Sha256::digest(data)),
             ..Default::default()
         };
-        let key = crate::layout::stored_key(name, plan);
+        let key = crate::format::layout::stored_key(name, plan);
         let mut w = encoder(p, plan, &meta, &key, Box::new(sink.clone())).unwrap();
         w.write_all(data).unwrap();
         w.finish().unwrap();

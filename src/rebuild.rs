@@ -18,12 +18,13 @@ use anyhow::Context;
 use futures::StreamExt;
 use object_store::{Attribute, GetOptions, GetRange, ObjectMeta};
 
-use crate::config::{Compression, Config};
+use crate::config::Config;
 use crate::crypto::{CHUNK_LOG2, HEADER_LEN, TAG_LEN};
 use crate::destination::{BadKey, Destination};
+use crate::format::layout::INTERNAL_PREFIX;
+use crate::format::layout::{Compression, Plan};
 use crate::index::{Index, ObjectRow};
-use crate::layout::INTERNAL_PREFIX;
-use crate::pipeline::{self, Pipeline, Plan};
+use crate::pipeline::{self, Pipeline};
 use crate::scan::Root;
 
 /// Requests in flight per destination while reading hashes back.
@@ -65,7 +66,7 @@ pub(crate) async fn rebuild_index(config: &Config) -> anyhow::Result<Rebuilt> {
     let mut out = Rebuilt::default();
     let path = config.state_dir.join("index.sqlite3");
     if path.exists() {
-        let suffix = format!("damaged-{}", crate::index::now_ms());
+        let suffix = format!("damaged-{}", crate::format::units::now_ms());
         for ext in ["", "-wal", "-shm"] {
             let from = PathBuf::from(format!("{}{ext}", path.display()));
             let to = PathBuf::from(format!("{}.{suffix}{ext}", path.display()));

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -12,23 +12,18 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
-use crate::config::{Compression, Config};
+use crate::config::Config;
 use crate::destination::{self, Destination};
+use crate::format::layout::Compression;
+use crate::format::units::{human, now_secs};
 use crate::index::{Index, Method, Status};
 
 pub(crate) mod charts;
 
 /// Where node status objects live, under the primary's base.
-pub(crate) use crate::layout::NODES_PREFIX;
+pub(crate) use crate::format::layout::NODES_PREFIX;
 /// A node not seen for this long is flagged stale.
 pub(crate) const STALE_AFTER: Duration = Duration::from_secs(600);
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Totals for one group (a destination, a file type, a watch root).
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -147,7 +142,7 @@ pub(crate) struct Report {
 }
 
 fn ext_of(key: &str) -> String {
-    let (_, logical) = crate::pipeline::Plan::from_key(key);
+    let (_, logical) = crate::format::layout::Plan::from_key(key);
     let name = logical.rsplit('/').next().unwrap_or(logical);
     match name.rsplit_once('.') {
         Some((stem, ext)) if !stem.is_empty() && ext.len() <= 10 => ext.to_ascii_lowercase(),
@@ -158,22 +153,6 @@ fn ext_of(key: &str) -> String {
 const TEXT_TYPES: &[&str] = &[
     "log", "txt", "xml", "json", "html", "csv", "out", "err", "md",
 ];
-
-/// Bytes for people: `512 B`, `1.5 MiB`.
-pub(crate) fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
 
 /// Sealed runs listed in a report.
 const REPORT_RUNS: usize = 50;
@@ -189,7 +168,7 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         .iter()
         .map(|w| w.prefix.replace("{node}", &config.node_id))
         .collect();
-    let now_ms = crate::index::now_ms();
+    let now_ms = crate::format::units::now_ms();
     let mut report = Report {
         node_id: config.node_id.clone(),
         generated_at: now_secs(),

@@ -26,9 +26,10 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
 use crate::destination::{self, Destination};
+use crate::format::layout;
+use crate::format::layout::Plan;
 use crate::index::Index;
-use crate::layout;
-use crate::pipeline::{self, Pipeline, Plan};
+use crate::pipeline::{self, Pipeline};
 use rustix::fd::OwnedFd;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
@@ -387,7 +388,8 @@ pub async fn restore(
             .strip_prefix(list_key.as_str())
             .unwrap_or(key)
             .trim_start_matches('/');
-        if rel.starts_with(crate::layout::INTERNAL_PREFIX) || (prefix.is_empty() && rel.is_empty())
+        if rel.starts_with(crate::format::layout::INTERNAL_PREFIX)
+            || (prefix.is_empty() && rel.is_empty())
         {
             continue;
         }
@@ -493,7 +495,7 @@ async fn restore_one(
         expect.mode = Some(m.mode);
         expect.mtime_ns = Some(m.mtime_ns);
         expect.long_name = m.long_name;
-        if plan.compression == crate::config::Compression::None {
+        if plan.compression == crate::format::layout::Compression::None {
             expect.size = Some(meta.size);
         }
     }

@@ -851,7 +851,7 @@ pub(crate) fn date_of(ms: i64) -> String {
 pub(crate) fn record_key(node: &str, run: &str, sealed_ms: i64) -> String {
     format!(
         "{}/date={}/node={node}/{run}.json",
-        crate::layout::RUNS_PREFIX,
+        crate::format::layout::RUNS_PREFIX,
         date_of(sealed_ms)
     )
 }

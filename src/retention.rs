@@ -17,6 +17,7 @@ use object_store::ObjectStoreExt;
 
 use crate::config::{Config, RunRetention};
 use crate::destination::{self, Destination};
+use crate::format::units::now_ms;
 use crate::index::{Index, SealedRun};
 
 /// How often the daemon applies retention.
@@ -80,7 +81,7 @@ pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<Prun
     let index = Arc::new(Index::open(&config.state_dir)?);
     let dests = destination::open_all(config)?;
     let mut report = PruneReport::default();
-    let now = chrono_now();
+    let now = now_ms() as f64 / 1000.0;
     for watch in &config.watch {
         let age = watch.remote_max_age.or(config.retention.remote_max_age);
         let by_run = watch.runs == crate::config::Runs::Dir;
@@ -125,10 +126,6 @@ pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<Prun
         }
     }
     Ok(report)
-}
-
-fn now_ms() -> i64 {
-    crate::index::now_ms()
 }
 
 /// The sealed runs `rules` let go at `now`, each with the rule that decided. For each run the
@@ -231,13 +228,6 @@ async fn prune_run(
     Ok(())
 }
 
-fn chrono_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 async fn prune_prefix(
     index: &Arc<Index>,
     dest: &Destination,
@@ -261,7 +251,7 @@ async fn prune_prefix(
         let modified = meta.last_modified.timestamp() as f64;
         let key = meta.location.to_string();
         let rel = dest.relative(&key).to_string();
-        if modified >= cutoff || rel.starts_with(crate::layout::INTERNAL_PREFIX) {
+        if modified >= cutoff || rel.starts_with(crate::format::layout::INTERNAL_PREFIX) {
             continue;
         }
         if !dry_run {

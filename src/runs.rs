@@ -3,7 +3,7 @@
 //! `seal DIR` waits (with `flush`'s machinery) until every file now under the run is in every
 //! destination, then writes the run's manifest, `<prefix>/<run>/_run/manifest.json`, to every
 //! destination through the pipeline like any object (compressed and encrypted as configured;
-//! the stored key follows [`crate::layout`]) and records the seal in the index. The manifest
+//! the stored key follows [`crate::format::layout`]) and records the seal in the index. The manifest
 //! (schema in docs/FORMAT.md) lists every file with size, SHA-256, mtime, mode, content type
 //! and stored key, plus the CI context read from the job's environment and the labels.
 //! `restore --run` restores exactly the manifest's files and checks each against it; `runs`
@@ -25,8 +25,8 @@ use crate::config::{Config, Runs};
 use crate::daemon::FlushSummary;
 use crate::daemon::Flushed;
 use crate::destination::{self, Destination};
+use crate::format::layout;
 use crate::index::Index;
-use crate::layout;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
 
@@ -266,7 +266,7 @@ fn valid_name(name: &str) -> bool {
         && name != ".."
         && !name.contains('/')
         && !name.contains('\0')
-        && name != crate::layout::INTERNAL_PREFIX
+        && name != crate::format::layout::INTERNAL_PREFIX
 }
 
 /// The run `dir` is, or why it is none.
@@ -451,7 +451,7 @@ pub(crate) async fn seal(
             return anyhow::Ok(None);
         };
         let (logical, html) = page.await.context("rendering the run's page failed")?;
-        let page_key = layout::stored_key(&logical, pipeline::Plan::STORED);
+        let page_key = layout::stored_key(&logical, layout::Plan::STORED);
         let html = bytes::Bytes::from(html);
         let meta = Meta {
             size: html.len() as u64,
@@ -465,7 +465,7 @@ pub(crate) async fn seal(
                 dest,
                 &page_key,
                 html.clone(),
-                pipeline::Plan::STORED,
+                layout::Plan::STORED,
                 &meta,
                 page::PAGE_NAME,
             )
@@ -484,7 +484,7 @@ pub(crate) async fn seal(
     let sha = body_sha.to_vec();
     // The notifications are leased to this process while it tries them itself.
     let lease = crate::notify::seal_lease(config, timeout.saturating_sub(started.elapsed()));
-    let lease_until_ms = crate::index::now_ms() + lease.as_millis() as i64;
+    let lease_until_ms = crate::format::units::now_ms() + lease.as_millis() as i64;
     let queued = crate::notify::queue(
         config,
         &manifest,
@@ -558,7 +558,7 @@ fn manifest_files(run: &RunDir, files: &[Flushed]) -> anyhow::Result<Vec<Manifes
             sha256: hex::encode(stored.sha256),
             mtime_ns: stat.mtime_ns,
             mode: stat.mode,
-            content_type: pipeline::guess_type(path).to_string(),
+            content_type: layout::guess_type(path).to_string(),
             stored_key: stored_key.cloned().unwrap_or_default(),
         });
     }
@@ -614,7 +614,7 @@ fn build_manifest(
         labels: labels.into_iter().collect(),
         first_file_ms: files.iter().map(ms).min(),
         last_file_ms: files.iter().map(ms).max(),
-        sealed_ms: crate::index::now_ms(),
+        sealed_ms: crate::format::units::now_ms(),
         tests: None,
         totals: Totals {
             files: files.len() as u64,
@@ -654,7 +654,7 @@ async fn put_own(
     dest: &Destination,
     stored_key: &str,
     object: bytes::Bytes,
-    plan: pipeline::Plan,
+    plan: layout::Plan,
     meta: &Meta,
     name: &str,
 ) -> anyhow::Result<()> {
@@ -1151,7 +1151,7 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
         let (c, i) = (config.clone(), index.clone());
         tokio::task::spawn_blocking(move || list(&c, &i)).await??
     };
-    let now = crate::index::now_ms();
+    let now = crate::format::units::now_ms();
     let mut sealed = Vec::new();
     for r in runs {
         let Some(after) = quiet_after.get(&r.watch) else {
@@ -1338,7 +1338,7 @@ pub(crate) fn render_manifest(m: &Manifest) -> String {
         out,
         "  totals     {} files, {}",
         m.totals.files,
-        crate::report::human(m.totals.bytes)
+        crate::format::units::human(m.totals.bytes)
     );
     if let Some(ci) = &m.ci {
         let _ = writeln!(out, "  ci         {}", p(&ci.provider));
@@ -1413,7 +1413,7 @@ pub(crate) fn render_manifest(m: &Manifest) -> String {
         let _ = writeln!(
             out,
             "    {:>10}  {}",
-            crate::report::human(f.size),
+            crate::format::units::human(f.size),
             p(&f.path)
         );
     }

@@ -220,7 +220,7 @@ impl Root {
             )
         })?;
         let key = if self.prefix.is_empty() {
-            let internal = crate::layout::INTERNAL_PREFIX;
+            let internal = crate::format::layout::INTERNAL_PREFIX;
             if rel == internal || rel.starts_with(&format!("{internal}/")) {
                 return Err(format!(
                     "{} would be stored under the agent's own {internal:?} prefix (the watch has an empty prefix)",

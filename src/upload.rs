@@ -27,9 +27,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::destination::{Destination, StoreError};
+use crate::format::layout;
+use crate::format::layout::Plan;
 use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outcome};
-use crate::layout;
-use crate::pipeline::{Pipeline, Plan};
+use crate::pipeline::Pipeline;
 use crate::scan::{Candidate, Feeder, Root};
 
 mod transfer;
@@ -259,7 +260,7 @@ impl Worker {
             Ok(claimed) => Round {
                 claimed,
                 next_due: next_due_ms.map_or(tokio::time::Instant::now() + IDLE_CHECK, |due| {
-                    let wait = due.saturating_sub(crate::index::now_ms()).max(0) as u64;
+                    let wait = due.saturating_sub(crate::format::units::now_ms()).max(0) as u64;
                     tokio::time::Instant::now() + Duration::from_millis(wait).min(IDLE_CHECK)
                 }),
             },

@@ -4,7 +4,7 @@
 use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
-use panoptic_sync::pipeline::Plan;
+use panoptic_sync::format::layout::Plan;
 use panoptic_sync::restore::safe_target;
 
 fuzz_target!(|data: &[u8]| {

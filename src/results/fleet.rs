@@ -33,7 +33,7 @@ use serde::Serialize;
 
 use super::{Outcome, RECORD_SCHEMA, RunRecord, date_of};
 use crate::destination::{self, Destination};
-use crate::layout::RUNS_PREFIX;
+use crate::format::layout::RUNS_PREFIX;
 
 /// The largest record object read; larger ones are reported as unreadable, never downloaded.
 pub(crate) const MAX_RECORD_BYTES: u64 = 16 << 20;

@@ -16,7 +16,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::{Manifest, ManifestFile, RUN_DIR};
-use crate::report::human;
+use crate::format::units::human;
 
 /// The page's name.
 pub(crate) const PAGE_NAME: &str = "index.html";
@@ -61,7 +61,7 @@ pub(crate) fn location(manifest: &Manifest) -> (String, &'static str) {
 pub(crate) fn stored_location(manifest: &Manifest) -> (String, &'static str) {
     let (logical, up) = location(manifest);
     (
-        crate::layout::stored_key(&logical, crate::pipeline::Plan::STORED),
+        crate::format::layout::stored_key(&logical, crate::format::layout::Plan::STORED),
         up,
     )
 }

@@ -18,9 +18,10 @@ use object_store::{
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::destination::{Destination, StoreError};
+use crate::format::layout;
+use crate::format::layout::Plan;
 use crate::index::{Job, Stat};
-use crate::layout;
-use crate::pipeline::{self, Finish, Meta, Pipeline, Plan};
+use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
 use crate::throttle::Limiter;
 

@@ -205,7 +205,7 @@ async fn a_crafted_bucket_is_refused_by_name_while_every_genuine_file_restores()
     // ... and sealed by someone holding the key, with a record that says 100 bytes.
     let key = panoptic_sync::crypto::MasterKey::load(&key_file).unwrap();
     let pipeline = panoptic_sync::pipeline::Pipeline {
-        compression: panoptic_sync::config::Compression::Zstd,
+        compression: panoptic_sync::format::layout::Compression::Zstd,
         level: 3,
         key: Some(key.clone()),
         keys: vec![key],
@@ -221,8 +221,8 @@ async fn a_crafted_bucket_is_refused_by_name_while_every_genuine_file_restores()
     let sealed_key = format!("ci/{NODE}/sealed-bomb.log.zst.enc");
     let buf = SharedBuf::default();
     // Encrypt the bomb's frame as the payload (the encoder would compress again).
-    let stored = panoptic_sync::pipeline::Plan {
-        compression: panoptic_sync::config::Compression::None,
+    let stored = panoptic_sync::format::layout::Plan {
+        compression: panoptic_sync::format::layout::Compression::None,
         encrypt: true,
     };
     let mut w = panoptic_sync::pipeline::encoder(

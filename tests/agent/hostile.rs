@@ -125,9 +125,9 @@ async fn a_hostile_tree_never_blocks_and_every_ordinary_file_arrives() {
         .map(|(k, v)| {
             // Stored as-is (no pipeline), under the layout rule's key: the 250-byte name is
             // shortened (docs/FORMAT.md), its full name kept with the object.
-            let key = panoptic_sync::layout::stored_key(
+            let key = panoptic_sync::format::layout::stored_key(
                 &format!("ci/{NODE}/{k}"),
-                panoptic_sync::pipeline::Plan::STORED,
+                panoptic_sync::format::layout::Plan::STORED,
             );
             (key, sha_hex(v))
         })

@@ -93,7 +93,7 @@ async fn encrypted_objects_are_ciphertext_and_restore_byte_identical_from_every_
             String::from_utf8_lossy(&out.stderr)
         );
         let rel = name.strip_prefix(&format!("base/ci/{NODE}/")).unwrap();
-        let (_, logical) = panoptic_sync::pipeline::Plan::from_key(rel);
+        let (_, logical) = panoptic_sync::format::layout::Plan::from_key(rel);
         assert_eq!(
             out.stdout,
             std::fs::read(env.watch.join(logical)).unwrap(),

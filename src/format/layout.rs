@@ -15,8 +15,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::config::Compression;
-use crate::pipeline::Plan;
+use std::path::Path;
 
 /// Builds an internal key from the one spelling of the internal prefix.
 macro_rules! internal_key {
@@ -140,6 +139,86 @@ pub fn long_name_matches(short: &str, name: &str) -> bool {
 pub fn with_name(short: &str, name: &str) -> String {
     let (dir, _) = split(short);
     format!("{dir}{name}")
+}
+
+/// Compression applied before upload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Stored as-is.
+    #[default]
+    None,
+    /// gzip (flate2 with the zlib-rs backend); objects end in `.gz`.
+    Gzip,
+    /// zstd; objects end in `.zst`.
+    Zstd,
+}
+
+/// How one file is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Compression actually applied.
+    pub compression: Compression,
+    /// Whether the object is encrypted.
+    pub encrypt: bool,
+}
+
+impl Plan {
+    /// Stored as-is: no compression, no encryption.
+    pub const STORED: Plan = Plan {
+        compression: Compression::None,
+        encrypt: false,
+    };
+
+    /// The key suffix: `.gz`/`.zst`, then `.enc`.
+    pub fn suffix(&self) -> String {
+        let mut s = String::from(compression_suffix(self.compression));
+        if self.encrypt {
+            s.push_str(".enc");
+        }
+        s
+    }
+
+    /// Read a plan back from an object key's suffixes; returns the logical key (see
+    /// [`crate::format::layout::parse`]: for a shortened long name, the shortened key).
+    pub fn from_key(key: &str) -> (Plan, &str) {
+        let p = parse(key);
+        (p.plan, p.logical)
+    }
+
+    /// Content-Encoding for an unencrypted compressed object.
+    pub fn content_encoding(&self) -> Option<&'static str> {
+        match (self.encrypt, self.compression) {
+            (false, Compression::Gzip) => Some("gzip"),
+            (false, Compression::Zstd) => Some("zstd"),
+            _ => None,
+        }
+    }
+
+    /// Content-Type for the object of `path`: the original's type, unless encrypted.
+    pub fn content_type(&self, path: &Path) -> &'static str {
+        if self.encrypt {
+            return OCTET_STREAM;
+        }
+        guess_type(path)
+    }
+}
+
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// The media type of `path` by its extension (`application/octet-stream` if unknown), read
+/// from the table as it is (parsing it into a `Mime` for every file showed in profiles).
+pub fn guess_type(path: &Path) -> &'static str {
+    mime_guess::from_path(path)
+        .first_raw()
+        .unwrap_or(OCTET_STREAM)
+}
+
+fn compression_suffix(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "",
+        Compression::Gzip => ".gz",
+        Compression::Zstd => ".zst",
+    }
 }
 
 #[cfg(test)]
