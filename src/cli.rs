@@ -187,7 +187,7 @@ enum Done {
     },
     /// `report --run` (text or JSON).
     Run {
-        manifest: Box<crate::runs::Manifest>,
+        manifest: Box<crate::format::manifest::Manifest>,
         json: bool,
     },
     /// `restore --run`.
@@ -392,8 +392,8 @@ async fn dispatch(
                     let manifest_key = format!(
                         "{}/{}/{}",
                         manifest.key_prefix,
-                        crate::runs::RUN_DIR,
-                        crate::runs::MANIFEST_NAME
+                        crate::format::manifest::RUN_DIR,
+                        crate::format::manifest::MANIFEST_NAME
                     );
                     let encrypted = config.pipeline.encryption != crate::config::Encryption::None;
                     let page = crate::runs::page::render(&manifest, &manifest_key, up, encrypted);

@@ -26,8 +26,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Notify};
+use crate::format::ci::Ci;
+use crate::format::manifest::Manifest;
 use crate::index::{Index, NewNotification, NotifyOutcome, PendingNotification};
-use crate::runs::{Ci, Manifest};
 
 /// Version of the notification document; receivers should refuse versions they do not know.
 pub(crate) const FORMAT: u32 = 1;
@@ -92,7 +93,7 @@ pub(crate) struct Payload<'a> {
     /// when the primary is a local store; null otherwise (presigned links expire).
     pub page_url: Option<String>,
     /// The run's test summary (as in the manifest); null when the run has no JUnit XML.
-    pub tests: Option<&'a crate::results::TestSummary>,
+    pub tests: Option<&'a crate::format::tests::TestSummary>,
 }
 
 /// The notifications to queue for a seal, one per `[[notify]]` entry, leased to the sealing
@@ -662,8 +663,8 @@ mod tests {
             last_file_ms: Some(2),
             sealed_ms: 3,
             files: Vec::new(),
-            totals: crate::runs::Totals { files: 4, bytes: 5 },
-            tests: Some(crate::results::TestSummary {
+            totals: crate::format::manifest::Totals { files: 4, bytes: 5 },
+            tests: Some(crate::format::tests::TestSummary {
                 tests: 3,
                 passed: 2,
                 failed: 1,

@@ -136,7 +136,7 @@ pub(crate) struct Report {
     /// Advice computed from the numbers above.
     pub recommendations: Vec<String>,
     /// The latest sealed runs (newest first): sizes and how long each job wrote.
-    pub runs: Vec<crate::runs::RunSummary>,
+    pub runs: Vec<crate::format::manifest::RunSummary>,
     /// Test results of this node's sealed runs per day, oldest first.
     pub test_days: Vec<TestDay>,
 }
@@ -189,7 +189,7 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         let mut days: BTreeMap<String, DayUsage> = BTreeMap::new();
         index.each_object_of(name, |o| {
             let day = days
-                .entry(crate::results::date_of(o.stored_ms))
+                .entry(crate::format::record::date_of(o.stored_ms))
                 .or_default();
             day.objects += 1;
             day.bytes_original = day.bytes_original.saturating_add(o.size);
@@ -231,7 +231,7 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         let mut lat_days: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         index.latencies_by_time(name, |done_ms, ms| {
             lat_days
-                .entry(crate::results::date_of(done_ms))
+                .entry(crate::format::record::date_of(done_ms))
                 .or_default()
                 .push(ms);
         })?;
@@ -272,7 +272,7 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
             return;
         }
         let day = test_days
-            .entry(crate::results::date_of(sealed_ms))
+            .entry(crate::format::record::date_of(sealed_ms))
             .or_default();
         day.runs += 1;
         day.runs_passed += u64::from(t.passed_run());
@@ -411,7 +411,7 @@ pub(crate) fn render_text(r: &Report) -> String {
 
 /// One run in text: name, branch, files, bytes, how long the job wrote (escaped: names come
 /// from trees and other nodes).
-fn run_line(r: &crate::runs::RunSummary) -> String {
+fn run_line(r: &crate::format::manifest::RunSummary) -> String {
     format!(
         "{}{}: {} files, {}{}",
         destination::printable(&r.run),
@@ -656,7 +656,7 @@ pub(crate) struct NodeStatus {
     /// done / (done + failing + failed permanently), over all destinations.
     pub success_rate: f64,
     /// The node's latest sealed runs, newest first (absent before runs existed).
-    pub latest_runs: Vec<crate::runs::RunSummary>,
+    pub latest_runs: Vec<crate::format::manifest::RunSummary>,
 }
 
 impl Default for NodeStatus {

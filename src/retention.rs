@@ -136,14 +136,14 @@ fn expired_runs<'a>(
     max_age: Option<Duration>,
     now: i64,
 ) -> Vec<(&'a SealedRun, String)> {
-    let ci = |r: &SealedRun| -> Option<crate::runs::Ci> {
+    let ci = |r: &SealedRun| -> Option<crate::format::ci::Ci> {
         r.ci.as_deref()
-            .and_then(|c| serde_json::from_str::<crate::runs::Ci>(c).ok())
+            .and_then(|c| serde_json::from_str::<crate::format::ci::Ci>(c).ok())
     };
     let older = |r: &SealedRun, d: Duration| now.saturating_sub(r.sealed_ms) > d.as_millis() as i64;
     // The newest runs of each branch, for the branch rule.
     let mut by_branch: std::collections::HashMap<String, Vec<(i64, &str)>> = Default::default();
-    let contexts: Vec<Option<crate::runs::Ci>> = sealed.iter().map(ci).collect();
+    let contexts: Vec<Option<crate::format::ci::Ci>> = sealed.iter().map(ci).collect();
     for (r, c) in sealed.iter().zip(&contexts) {
         if let Some(c) = c
             && c.tag.is_none()

@@ -9,7 +9,7 @@
 //! `restore --run` restores exactly the manifest's files and checks each against it; `runs`
 //! compares the index with the manifest kept in the index to show runs changed after a seal.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -25,19 +25,17 @@ use crate::config::{Config, Runs};
 use crate::daemon::FlushSummary;
 use crate::daemon::Flushed;
 use crate::destination::{self, Destination};
+use crate::format::ci::{Ci, ci_context};
 use crate::format::layout;
+use crate::format::manifest::{
+    MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, RunSummary, Totals,
+};
 use crate::index::Index;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
 
 pub(crate) mod page;
 
-/// Version of the manifest document; readers refuse versions they do not know.
-pub(crate) const MANIFEST_FORMAT: u32 = 1;
-/// The directory of a run reserved for the agent's own objects.
-pub(crate) const RUN_DIR: &str = "_run";
-/// The manifest's name in [`RUN_DIR`].
-pub(crate) const MANIFEST_NAME: &str = "manifest.json";
 /// Largest manifest `restore --run` reads.
 const MAX_MANIFEST: u64 = 256 * 1024 * 1024;
 /// Files restored at once.
@@ -47,198 +45,6 @@ const CONCURRENCY: usize = 8;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct UsageError(pub String);
-
-/// The CI job a run came from, read from the provider's documented environment variables.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Ci {
-    /// `github-actions`, `gitlab-ci`, `buildkite`, `jenkins` or `circleci`.
-    pub provider: String,
-    /// Repository (`owner/name`, a project path or a clone URL, as the provider gives it).
-    pub repository: Option<String>,
-    /// Branch (for pull/merge requests: the source branch).
-    pub branch: Option<String>,
-    /// Tag, for tag builds.
-    pub tag: Option<String>,
-    /// Commit SHA.
-    pub commit: Option<String>,
-    /// Pull or merge request number.
-    pub pull_request: Option<String>,
-    /// Build, pipeline or workflow-run id.
-    pub build: Option<String>,
-    /// Job name.
-    pub job: Option<String>,
-    /// Link to the job or build.
-    pub url: Option<String>,
-}
-
-/// The CI context from environment variables (`var` reads one; empty counts as unset), or
-/// `None` outside the supported providers.
-pub(crate) fn ci_context(var: impl Fn(&str) -> Option<String>) -> Option<Ci> {
-    let v = |k: &str| var(k).filter(|s| !s.is_empty());
-    let is = |k: &str, want: &str| v(k).is_some_and(|s| s.eq_ignore_ascii_case(want));
-    if is("GITHUB_ACTIONS", "true") {
-        let tag = (v("GITHUB_REF_TYPE").as_deref() == Some("tag"))
-            .then(|| v("GITHUB_REF_NAME"))
-            .flatten();
-        let branch = v("GITHUB_HEAD_REF").or_else(|| {
-            (v("GITHUB_REF_TYPE").as_deref() == Some("branch"))
-                .then(|| v("GITHUB_REF_NAME"))
-                .flatten()
-        });
-        let pull_request = v("GITHUB_REF").and_then(|r| {
-            r.strip_prefix("refs/pull/")
-                .and_then(|r| r.split('/').next())
-                .map(str::to_string)
-        });
-        let url = match (
-            v("GITHUB_SERVER_URL"),
-            v("GITHUB_REPOSITORY"),
-            v("GITHUB_RUN_ID"),
-        ) {
-            (Some(s), Some(r), Some(id)) => Some(match v("GITHUB_RUN_ATTEMPT") {
-                Some(a) => format!("{s}/{r}/actions/runs/{id}/attempts/{a}"),
-                None => format!("{s}/{r}/actions/runs/{id}"),
-            }),
-            _ => None,
-        };
-        return Some(Ci {
-            provider: "github-actions".into(),
-            repository: v("GITHUB_REPOSITORY"),
-            branch,
-            tag,
-            commit: v("GITHUB_SHA"),
-            pull_request,
-            build: v("GITHUB_RUN_ID"),
-            job: v("GITHUB_JOB"),
-            url,
-        });
-    }
-    if is("GITLAB_CI", "true") {
-        return Some(Ci {
-            provider: "gitlab-ci".into(),
-            repository: v("CI_PROJECT_PATH"),
-            branch: v("CI_COMMIT_BRANCH").or_else(|| v("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME")),
-            tag: v("CI_COMMIT_TAG"),
-            commit: v("CI_COMMIT_SHA"),
-            pull_request: v("CI_MERGE_REQUEST_IID"),
-            build: v("CI_PIPELINE_ID"),
-            job: v("CI_JOB_NAME"),
-            url: v("CI_JOB_URL"),
-        });
-    }
-    if is("BUILDKITE", "true") {
-        let url = v("BUILDKITE_BUILD_URL").map(|u| match v("BUILDKITE_JOB_ID") {
-            Some(j) => format!("{u}#{j}"),
-            None => u,
-        });
-        return Some(Ci {
-            provider: "buildkite".into(),
-            repository: v("BUILDKITE_REPO"),
-            branch: v("BUILDKITE_BRANCH"),
-            tag: v("BUILDKITE_TAG"),
-            commit: v("BUILDKITE_COMMIT"),
-            pull_request: v("BUILDKITE_PULL_REQUEST").filter(|p| p != "false"),
-            build: v("BUILDKITE_BUILD_NUMBER"),
-            job: v("BUILDKITE_LABEL"),
-            url,
-        });
-    }
-    if is("CIRCLECI", "true") {
-        let repository = match (v("CIRCLE_PROJECT_USERNAME"), v("CIRCLE_PROJECT_REPONAME")) {
-            (Some(u), Some(r)) => Some(format!("{u}/{r}")),
-            _ => v("CIRCLE_REPOSITORY_URL"),
-        };
-        let pull_request = v("CIRCLE_PR_NUMBER").or_else(|| {
-            v("CIRCLE_PULL_REQUEST").and_then(|u| u.rsplit('/').next().map(str::to_string))
-        });
-        return Some(Ci {
-            provider: "circleci".into(),
-            repository,
-            branch: v("CIRCLE_BRANCH"),
-            tag: v("CIRCLE_TAG"),
-            commit: v("CIRCLE_SHA1"),
-            pull_request,
-            build: v("CIRCLE_BUILD_NUM"),
-            job: v("CIRCLE_JOB"),
-            url: v("CIRCLE_BUILD_URL"),
-        });
-    }
-    if v("JENKINS_URL").is_some() {
-        return Some(Ci {
-            provider: "jenkins".into(),
-            repository: v("GIT_URL"),
-            branch: v("CHANGE_BRANCH")
-                .or_else(|| v("BRANCH_NAME"))
-                .or_else(|| v("GIT_BRANCH")),
-            tag: v("TAG_NAME"),
-            commit: v("GIT_COMMIT"),
-            pull_request: v("CHANGE_ID"),
-            build: v("BUILD_NUMBER"),
-            job: v("JOB_NAME"),
-            url: v("BUILD_URL"),
-        });
-    }
-    None
-}
-
-/// One file of a sealed run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ManifestFile {
-    /// Path relative to the run directory, `/`-separated.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// SHA-256 of the content, hex.
-    pub sha256: String,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    /// Permission bits.
-    pub mode: u32,
-    /// Content type guessed from the name.
-    pub content_type: String,
-    /// The object's key relative to the destination base (stage suffixes included).
-    pub stored_key: String,
-}
-
-/// Totals of a manifest.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Totals {
-    /// Files.
-    pub files: u64,
-    /// Bytes of all files.
-    pub bytes: u64,
-}
-
-/// The manifest of a sealed run (`"format": 1`, see docs/FORMAT.md).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Manifest {
-    /// [`MANIFEST_FORMAT`].
-    pub format: u32,
-    /// Run name (the directory's name).
-    pub run: String,
-    /// The run's logical key prefix (`<watch prefix>/<run>`), relative to the destination base.
-    pub key_prefix: String,
-    /// Node that sealed the run.
-    pub node: String,
-    /// CI context, when sealed inside a supported CI job.
-    pub ci: Option<Ci>,
-    /// `--label K=V` pairs.
-    pub labels: BTreeMap<String, String>,
-    /// Oldest file modification time, milliseconds since the epoch.
-    pub first_file_ms: Option<i64>,
-    /// Newest file modification time, milliseconds since the epoch.
-    pub last_file_ms: Option<i64>,
-    /// When the run was sealed, milliseconds since the epoch.
-    pub sealed_ms: i64,
-    /// Every file, by path.
-    pub files: Vec<ManifestFile>,
-    /// Counts.
-    pub totals: Totals,
-    /// Test results parsed from the run's JUnit XML (absent when it has none, and in
-    /// manifests written before results were parsed: readers of format 1 ignore it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tests: Option<crate::results::TestSummary>,
-}
 
 /// A run directory of a `runs = "dir"` watch.
 #[derive(Debug, Clone)]
@@ -475,7 +281,7 @@ pub(crate) async fn seal(
     };
     let ((), page_key) = tokio::try_join!(manifest_stored, page_stored)?;
     let record_problems = if config.writes_run_records() {
-        let record = crate::results::RunRecord::new(&manifest, &collected);
+        let record = crate::format::record::RunRecord::new(&manifest, &collected);
         crate::results::write_record(&dests, &record, earlier_ms).await
     } else {
         Vec::new()
@@ -944,7 +750,7 @@ pub(crate) struct RunInfo {
     pub last_file_ms: Option<i64>,
     /// The test results of the latest seal (absent: not sealed, or no JUnit XML).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tests: Option<crate::results::TestSummary>,
+    pub tests: Option<crate::format::tests::TestSummary>,
 }
 
 /// The manifest of run `name` as sealed by this node (kept in the index), newest first if
@@ -1180,25 +986,6 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
     Ok(sealed)
 }
 
-/// A sealed run in reports and in the node status object other nodes read (named fields:
-/// unknown ones are ignored and missing ones default, so versions mix).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub(crate) struct RunSummary {
-    /// Run name.
-    pub run: String,
-    /// When it was sealed (ms since the epoch).
-    pub sealed_ms: i64,
-    /// Files in it.
-    pub files: u64,
-    /// Their bytes.
-    pub bytes: u64,
-    /// From its first file to its last, seconds (how long the job wrote).
-    pub duration_secs: Option<u64>,
-    /// Its CI branch, when sealed in a CI job.
-    pub branch: Option<String>,
-}
-
 /// The `n` most recently sealed runs of this node, newest first. Blocking.
 pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result<Vec<RunSummary>> {
     let mut all = Vec::new();
@@ -1232,12 +1019,14 @@ pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result
 pub(crate) fn each_sealed_summary(
     config: &Config,
     index: &Index,
-    mut f: impl FnMut(i64, &crate::results::TestSummary),
+    mut f: impl FnMut(i64, &crate::format::tests::TestSummary),
 ) -> anyhow::Result<()> {
     for (_, w) in run_watches(config) {
         for r in index.sealed_runs(&w.path)? {
             let tests = r.tests.as_deref();
-            if let Some(Ok(t)) = tests.map(serde_json::from_str::<crate::results::TestSummary>) {
+            if let Some(Ok(t)) =
+                tests.map(serde_json::from_str::<crate::format::tests::TestSummary>)
+            {
                 f(r.sealed_ms, &t);
             }
         }
@@ -1366,7 +1155,7 @@ pub(crate) fn render_manifest(m: &Manifest) -> String {
             let _ = writeln!(
                 out,
                 "    {} {}::{} ({}){}",
-                if f.outcome == crate::results::Outcome::Error {
+                if f.outcome == crate::format::tests::Outcome::Error {
                     "ERROR "
                 } else {
                     "FAILED"
@@ -1423,55 +1212,6 @@ pub(crate) fn render_manifest(m: &Manifest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
-    }
-
-    #[test]
-    fn github_pull_request_and_gitlab_tag() {
-        let gh = ci_context(env(&[
-            ("GITHUB_ACTIONS", "true"),
-            ("GITHUB_REPOSITORY", "o/r"),
-            ("GITHUB_REF", "refs/pull/42/merge"),
-            ("GITHUB_REF_NAME", "42/merge"),
-            ("GITHUB_REF_TYPE", "branch"),
-            ("GITHUB_HEAD_REF", "feature"),
-            ("GITHUB_SHA", "abc"),
-            ("GITHUB_SERVER_URL", "https://github.com"),
-            ("GITHUB_RUN_ID", "7"),
-            ("GITHUB_JOB", "test"),
-        ]))
-        .unwrap();
-        assert_eq!(gh.pull_request.as_deref(), Some("42"));
-        assert_eq!(gh.branch.as_deref(), Some("feature"));
-        assert_eq!(gh.tag, None);
-        assert_eq!(
-            gh.url.as_deref(),
-            Some("https://github.com/o/r/actions/runs/7")
-        );
-        let gl = ci_context(env(&[
-            ("GITLAB_CI", "true"),
-            ("CI_COMMIT_TAG", "v1.0"),
-            ("CI_COMMIT_BRANCH", ""),
-            ("CI_JOB_NAME", "unit"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (gl.provider.as_str(), gl.tag.as_deref(), gl.branch),
-            ("gitlab-ci", Some("v1.0"), None)
-        );
-        assert_eq!(ci_context(env(&[("HOME", "/root")])), None);
-        let bk = ci_context(env(&[
-            ("BUILDKITE", "true"),
-            ("BUILDKITE_PULL_REQUEST", "false"),
-        ]));
-        assert_eq!(bk.unwrap().pull_request, None);
-    }
 
     #[test]
     fn relative_paths_compare_bytes() {

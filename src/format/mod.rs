@@ -3,7 +3,15 @@
 //!
 //! - [`layout`]: how a file's logical key becomes a stored key (escapes, long names, stage
 //!   suffixes), the internal prefixes, and the [`layout::Plan`] that names the stages.
+//! - [`manifest`]: a sealed run's manifest and the short summary reports carry.
+//! - [`ci`]: the CI context of a run, read from the job's environment.
+//! - [`tests`]: test results as a manifest carries them.
+//! - [`record`]: the run summary record, one NDJSON line per sealed run.
 //! - [`units`]: sizes, durations and "now", spelled one way everywhere.
 
+pub(crate) mod ci;
 pub mod layout;
+pub(crate) mod manifest;
+pub(crate) mod record;
+pub(crate) mod tests;
 pub mod units;

@@ -31,9 +31,10 @@ use futures::StreamExt;
 use object_store::{ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
 
-use super::{Outcome, RECORD_SCHEMA, RunRecord, date_of};
 use crate::destination::{self, Destination};
 use crate::format::layout::RUNS_PREFIX;
+use crate::format::record::{RECORD_SCHEMA, RunRecord, date_of};
+use crate::format::tests::Outcome;
 
 /// The largest record object read; larger ones are reported as unreadable, never downloaded.
 pub(crate) const MAX_RECORD_BYTES: u64 = 16 << 20;
@@ -1036,8 +1037,8 @@ pub(crate) fn render_html(r: &FleetResults) -> maud::Markup {
 
 #[cfg(test)]
 mod tests {
-    use super::super::RecordCase;
     use super::*;
+    use crate::format::record::RecordCase;
 
     fn record(run: &str, commit: &str, branch: &str, cases: &[(&str, Outcome, bool)]) -> RunRecord {
         let mut r = RunRecord {

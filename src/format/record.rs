@@ -1,0 +1,201 @@
+//! The run summary record: one line of newline-delimited JSON per sealed run, written in the
+//! clear under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/<run>.json` for `report --fleet`
+//! and for query engines (schema 1 in docs/FORMAT.md).
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::Manifest;
+use super::tests::{Collected, Outcome};
+
+/// Test cases listed in a run's record (all are counted).
+pub(crate) const MAX_RECORD_CASES: usize = 20_000;
+
+/// Version of the run summary record (`schema` in each line).
+pub(crate) const RECORD_SCHEMA: u32 = 1;
+
+/// One test case in a [`RunRecord`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RecordCase {
+    /// Suite.
+    pub suite: String,
+    /// Class (`classname`, else the suite).
+    pub class: String,
+    /// Test name.
+    pub name: String,
+    /// `passed`, `skipped`, `failed` or `error`.
+    pub status: Outcome,
+    /// Milliseconds.
+    pub duration_ms: u64,
+    /// Passed only after a retry.
+    pub flaky: bool,
+}
+
+/// A label of the run, as a key/value pair (one schema for every record, whatever the keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Label {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: String,
+}
+
+/// A sealed run's summary record: one line of newline-delimited JSON at
+/// `_panoptic-sync/runs/date=<sealed date, UTC>/node=<node>/<run>.json` (schema 1, see
+/// docs/FORMAT.md). The partition columns `date` and `node` are not repeated inside (query
+/// engines refuse a column that is both), hence `node_id` and `sealed_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RunRecord {
+    /// [`RECORD_SCHEMA`].
+    pub schema: u32,
+    /// Run name.
+    pub run: String,
+    /// The node that sealed it.
+    pub node_id: String,
+    /// When it was sealed (ms since the epoch).
+    pub sealed_ms: i64,
+    /// The run's key prefix.
+    pub key_prefix: String,
+    /// CI provider.
+    pub provider: Option<String>,
+    /// Repository.
+    pub repository: Option<String>,
+    /// Branch.
+    pub branch: Option<String>,
+    /// Tag.
+    pub tag: Option<String>,
+    /// Commit.
+    pub commit: Option<String>,
+    /// Pull or merge request.
+    pub pull_request: Option<String>,
+    /// Build or pipeline id.
+    pub build: Option<String>,
+    /// Job name.
+    pub job: Option<String>,
+    /// `--label` pairs (a reader keeps the first [`MAX_LABELS`]).
+    #[serde(deserialize_with = "capped::<_, MAX_LABELS, _>")]
+    pub labels: Vec<Label>,
+    /// Test cases.
+    pub tests: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed on retry.
+    pub flaky: u64,
+    /// Sum of the cases' times, ms.
+    pub duration_ms: u64,
+    /// JUnit files parsed.
+    pub junit_files: u64,
+    /// JUnit files left out.
+    pub unreadable_files: u64,
+    /// The test cases (at most [`MAX_RECORD_CASES`]; a reader skips any past that without
+    /// keeping them, so a record of a million empty cases costs no memory).
+    #[serde(deserialize_with = "capped::<_, MAX_RECORD_CASES, _>")]
+    pub cases: Vec<RecordCase>,
+    /// Cases not listed.
+    pub cases_omitted: u64,
+}
+
+/// Labels a reader keeps per record.
+const MAX_LABELS: usize = 100;
+
+/// A JSON array of which the first `N` elements are kept and the rest skipped unparsed.
+fn capped<'de, T: Deserialize<'de>, const N: usize, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    struct Capped<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Capped<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while out.len() < N {
+                match seq.next_element()? {
+                    Some(x) => out.push(x),
+                    None => return Ok(out),
+                }
+            }
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Capped::<T, N>(std::marker::PhantomData))
+}
+
+impl RunRecord {
+    /// The record of a sealed run.
+    pub(crate) fn new(m: &Manifest, collected: &Collected) -> RunRecord {
+        let ci = m.ci.clone().unwrap_or_default();
+        let s = collected.summary.clone().unwrap_or_default();
+        RunRecord {
+            schema: RECORD_SCHEMA,
+            run: m.run.clone(),
+            node_id: m.node.clone(),
+            sealed_ms: m.sealed_ms,
+            key_prefix: m.key_prefix.clone(),
+            provider: m.ci.as_ref().map(|c| c.provider.clone()),
+            repository: ci.repository,
+            branch: ci.branch,
+            tag: ci.tag,
+            commit: ci.commit,
+            pull_request: ci.pull_request,
+            build: ci.build,
+            job: ci.job,
+            labels: m
+                .labels
+                .iter()
+                .map(|(k, v)| Label {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            tests: s.tests,
+            passed: s.passed,
+            failed: s.failed,
+            errors: s.errors,
+            skipped: s.skipped,
+            flaky: s.flaky,
+            duration_ms: s.duration_ms,
+            junit_files: s.files.len() as u64,
+            unreadable_files: s.unreadable.len() as u64,
+            cases: collected
+                .cases
+                .iter()
+                .map(|c| RecordCase {
+                    suite: c.suite.clone(),
+                    class: c.class.clone(),
+                    name: c.name.clone(),
+                    status: c.outcome,
+                    duration_ms: c.duration_ms,
+                    flaky: c.flaky,
+                })
+                .collect(),
+            cases_omitted: collected.cases_omitted,
+        }
+    }
+}
+
+/// The UTC date (`YYYY-MM-DD`) of a time in ms since the epoch.
+pub(crate) fn date_of(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "1970-01-01".into())
+}
+
+/// The record's key (relative to a destination base).
+pub(crate) fn record_key(node: &str, run: &str, sealed_ms: i64) -> String {
+    format!(
+        "{}/date={}/node={node}/{run}.json",
+        crate::format::layout::RUNS_PREFIX,
+        date_of(sealed_ms)
+    )
+}

@@ -1,0 +1,201 @@
+//! Test results as the manifest, the notification and the run page carry them: the outcome
+//! of one case, a run's [`TestSummary`], and what parsing a run's JUnit files gives
+//! ([`Collected`]). The parsing itself is a feature (`results`); these are its words.
+
+use serde::{Deserialize, Serialize};
+
+pub(crate) use super::record::MAX_RECORD_CASES;
+
+/// JUnit files parsed per run; more are counted, not parsed.
+pub(crate) const MAX_FILES: usize = 1000;
+/// Failures listed in a summary (all are counted).
+pub(crate) const MAX_FAILURES: usize = 50;
+/// Slowest tests listed in a summary.
+pub(crate) const SLOWEST: usize = 10;
+/// Characters of a failure message kept.
+pub(crate) const MAX_MESSAGE: usize = 500;
+
+/// The outcome of one test case.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    /// Passed (possibly after a retry: see `flaky`).
+    #[default]
+    Passed,
+    /// Skipped.
+    Skipped,
+    /// An assertion failed (`<failure>`).
+    Failed,
+    /// An unexpected error (`<error>`).
+    Error,
+}
+
+impl Outcome {
+    /// Failed or error.
+    pub(crate) fn is_failure(self) -> bool {
+        matches!(self, Outcome::Failed | Outcome::Error)
+    }
+}
+
+/// One test case as parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Case {
+    /// The innermost `<testsuite>`'s name.
+    pub suite: String,
+    /// `classname` (the suite's name when absent).
+    pub class: String,
+    /// `name`.
+    pub name: String,
+    /// What happened.
+    pub outcome: Outcome,
+    /// `time`, in milliseconds.
+    pub duration_ms: u64,
+    /// Passed after failing first (surefire's and nextest's `<flakyFailure>`/`<flakyError>`).
+    pub flaky: bool,
+    /// The failure's message (truncated), for failures and errors.
+    pub message: Option<String>,
+}
+
+/// A failure or error listed in a [`TestSummary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Failure {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Test name.
+    pub name: String,
+    /// `failed` or `error`.
+    pub outcome: Outcome,
+    /// The message, at most [`MAX_MESSAGE`] characters.
+    pub message: Option<String>,
+    /// The JUnit file it came from, relative to the run.
+    pub file: String,
+}
+
+/// A test listed among the slowest of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Timed {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Test name.
+    pub name: String,
+    /// Milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Totals of one suite of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct SuiteTotals {
+    /// Suite name.
+    pub name: String,
+    /// Test cases.
+    pub tests: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Sum of the cases' times, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A JUnit file that could not be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct BadFile {
+    /// Path relative to the run.
+    pub path: String,
+    /// Why.
+    pub error: String,
+}
+
+/// A run's test results, as the manifest carries them (`tests`, see docs/FORMAT.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct TestSummary {
+    /// Test cases.
+    pub tests: u64,
+    /// Passed (retried ones included).
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed only after a retry.
+    pub flaky: u64,
+    /// Sum of the cases' times, milliseconds.
+    pub duration_ms: u64,
+    /// JUnit files parsed, relative to the run.
+    pub files: Vec<String>,
+    /// JUnit files left out (too large, not well-formed, not JUnit), each with the reason.
+    pub unreadable: Vec<BadFile>,
+    /// JUnit files past [`MAX_FILES`], not parsed.
+    pub files_omitted: u64,
+    /// The first [`MAX_FAILURES`] failures and errors.
+    pub failures: Vec<Failure>,
+    /// Failures and errors not listed.
+    pub failures_omitted: u64,
+    /// The [`SLOWEST`] slowest test cases, slowest first.
+    pub slowest: Vec<Timed>,
+    /// Totals per suite, by name.
+    pub suites: Vec<SuiteTotals>,
+}
+
+impl TestSummary {
+    /// No failure and no error among at least one test.
+    pub(crate) fn passed_run(&self) -> bool {
+        self.tests > 0 && self.failed == 0 && self.errors == 0
+    }
+
+    /// `passed`, `FAILED` or `no tests`, for one-line listings.
+    pub(crate) fn verdict(&self) -> &'static str {
+        if self.tests == 0 {
+            "no tests"
+        } else if self.passed_run() {
+            "passed"
+        } else {
+            "FAILED"
+        }
+    }
+
+    /// `12 tests: 10 passed, 1 failed, 0 errors, 1 skipped` (and the unreadable files).
+    pub(crate) fn counts_line(&self) -> String {
+        let mut s = format!(
+            "{} tests: {} passed, {} failed, {} errors, {} skipped",
+            self.tests, self.passed, self.failed, self.errors, self.skipped
+        );
+        if self.flaky > 0 {
+            s.push_str(&format!(", {} passed on retry", self.flaky));
+        }
+        if !self.unreadable.is_empty() {
+            s.push_str(&format!(
+                "; {} unreadable JUnit file{}",
+                self.unreadable.len(),
+                if self.unreadable.len() == 1 { "" } else { "s" }
+            ));
+        }
+        s
+    }
+}
+
+/// What parsing a run's JUnit files gave.
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    /// The summary (None when the run has no JUnit file at all).
+    pub summary: Option<TestSummary>,
+    /// The test cases, at most [`MAX_RECORD_CASES`].
+    pub cases: Vec<Case>,
+    /// Cases not kept.
+    pub cases_omitted: u64,
+}
