@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::daemon::{self, Progress};
+use crate::daemon;
+use crate::sync::Progress;
 
 mod args;
 pub use args::{Cli, Command, LogFormat};
@@ -141,9 +142,9 @@ enum Done {
     /// The daemon ran and stopped cleanly.
     Ran,
     /// `sync`.
-    Synced(daemon::SyncSummary),
+    Synced(crate::sync::SyncSummary),
     /// `flush`.
-    Flushed(daemon::FlushSummary),
+    Flushed(crate::sync::FlushSummary),
     /// `status`.
     Status {
         status: crate::status::StatusView,
@@ -312,12 +313,14 @@ async fn dispatch(
                 rebuild(&config).await?;
             }
             let mut progress = SyncProgress::new();
-            Done::Synced(daemon::sync(&config, &mut progress).await?)
+            let summary = crate::sync::sync(&config, &mut progress).await?;
+            crate::node_status::publish_after_sync(&config).await;
+            Done::Synced(summary)
         }
         Command::Flush {
             timeout,
             all_destinations,
-        } => Done::Flushed(daemon::flush(&config, timeout, all_destinations).await?),
+        } => Done::Flushed(crate::sync::flush(&config, timeout, all_destinations).await?),
         Command::Seal {
             dir,
             timeout,
@@ -461,12 +464,12 @@ async fn dispatch(
         } => Done::Link(crate::links::link(&config, &path, dest.as_deref(), expires).await?),
         Command::Keygen { .. } => Done::Nothing,
         Command::CheckConfig { offline } => {
-            Done::Checked(daemon::check_config(&config, offline).await)
+            Done::Checked(crate::agent::check_config(&config, offline).await)
         }
     })
 }
 
-fn render_sync(summary: &daemon::SyncSummary) {
+fn render_sync(summary: &crate::sync::SyncSummary) {
     for root in &summary.refused_roots {
         eprintln!(
             "panoptic-sync: watch root {} is not a real directory (a symbolic link is never followed); nothing under it was synced",
@@ -489,7 +492,7 @@ fn render_sync(summary: &daemon::SyncSummary) {
 }
 
 /// The files a flush or seal found failed or not stored yet (at most 20 of the latter).
-fn render_unstored(s: &daemon::FlushSummary) {
+fn render_unstored(s: &crate::sync::FlushSummary) {
     for (p, e) in &s.failed {
         eprintln!("failed: {}: {e}", p.display());
     }
@@ -501,7 +504,7 @@ fn render_unstored(s: &daemon::FlushSummary) {
     }
 }
 
-fn render_flush(s: &daemon::FlushSummary) {
+fn render_flush(s: &crate::sync::FlushSummary) {
     render_unstored(s);
     println!(
         "{} files stored, {} failed, {} not stored yet",
@@ -763,7 +766,7 @@ impl Progress for SyncProgress {
 
 /// `--rebuild-index`, with the state directory locked against a running daemon.
 async fn rebuild(config: &Config) -> anyhow::Result<()> {
-    let _lock = daemon::StateLock::acquire(&config.state_dir)?;
+    let _lock = crate::agent::StateLock::acquire(&config.state_dir)?;
     let r = crate::rebuild::rebuild_index(config).await?;
     // Shown at once: the daemon or sync that follows may run for a long time.
     render_rebuilt(&r);

@@ -1,235 +1,30 @@
-//! The agent's long-running parts wired together, and the commands that drive them:
-//! `run` (the daemon), `sync` (one pass) and `flush` (wait for what is on disk now).
+//! The daemon: the [`Agent`] plus the loops that feed it while running (watcher, scanner,
+//! cleanup, seal, prune, notify), the systemd conversation, and reloads. It calls the
+//! features; nothing below names it.
 //!
-//! ```text
-//! watcher ─┐
-//! scanner ─┼─> ingest thread (stat, hash, index batch) ─> uploads table ─> worker per destination
-//! workers ─┘   (changed files come back)
-//! ```
 //! Shutdown is ordered: watcher and scanner stop, workers stop claiming and drain (in-flight
 //! uploads get a grace period, then are abandoned uncommitted), the ingest thread finishes its
 //! queue, and the index is closed. Everything not done is still pending in the index.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::{Agent, Parts, StateLock, open_index};
 use crate::config::Config;
-use crate::destination::{self, Destination};
-use crate::index::{FlushState, Index, Stat};
-use crate::ingest::{Ingest, IngestStats};
+use crate::destination::Destination;
+use crate::index::Index;
 use crate::scan::{self, Feeder, Root};
-use crate::upload::{UploadStats, Worker};
 use crate::watch::WatchTask;
 
 /// How often the trees are reconciled with the index while running.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(300);
 /// How often while inotify is degraded (watch limit reached), since events may be missing.
 pub const DEGRADED_SCAN_INTERVAL: Duration = Duration::from_secs(30);
-/// Attempts per file in `sync` before it gives up on that file.
-pub const SYNC_ATTEMPTS: i64 = 3;
-
-/// An exclusive lock on the state directory: one daemon (or `sync`) per index.
-pub struct StateLock {
-    _file: std::fs::File,
-}
-
-impl StateLock {
-    /// Take the lock, or say who holds it.
-    pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
-        match Self::try_acquire(state_dir)? {
-            Some(l) => Ok(l),
-            None => {
-                let pid = std::fs::read_to_string(state_dir.join("lock")).unwrap_or_default();
-                anyhow::bail!(
-                    "another panoptic-sync (pid {}) is already using the state directory {}; \
-                     use `flush` to wait for it",
-                    pid.trim(),
-                    state_dir.display()
-                )
-            }
-        }
-    }
-
-    /// Take the lock if it is free.
-    pub fn try_acquire(state_dir: &Path) -> anyhow::Result<Option<StateLock>> {
-        use std::io::{Seek, Write};
-        crate::index::create_state_dir(state_dir)?;
-        let path = state_dir.join("lock");
-        let mut file = crate::index::open_private(&path)
-            .with_context(|| format!("opening lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
-        }
-        file.set_len(0)?;
-        file.rewind()?;
-        let _ = write!(file, "{}", std::process::id());
-        Ok(Some(StateLock { _file: file }))
-    }
-}
-
-/// Everything a configuration needs opened before work starts: stores, keys, roots. Built
-/// first on reload, so a configuration that cannot be used is rejected before anything stops.
-pub struct Parts {
-    config: Config,
-    dests: Vec<Destination>,
-    pipeline: Arc<crate::pipeline::Pipeline>,
-    roots: Arc<Vec<Root>>,
-    global_limit: Option<Arc<crate::throttle::Limiter>>,
-    /// Sends run notifications.
-    notifier: Arc<crate::notify::Sender>,
-}
-
-impl Parts {
-    /// Open destinations and load keys for `config`.
-    pub fn prepare(config: Config) -> anyhow::Result<Parts> {
-        let dests = destination::open_all(&config)?;
-        let pipeline = Arc::new(crate::pipeline::Pipeline::from_config(&config)?);
-        let roots = Arc::new(Root::from_config(&config));
-        let global_limit = config
-            .limits
-            .max_rate
-            .map(|r| Arc::new(crate::throttle::Limiter::new(r)));
-        let notifier = Arc::new(crate::notify::Sender::new(&config)?);
-        Ok(Parts {
-            config,
-            dests,
-            pipeline,
-            roots,
-            global_limit,
-            notifier,
-        })
-    }
-}
-
-/// The running pieces shared by `run` and `sync`.
-struct Agent {
-    index: Arc<Index>,
-    roots: Arc<Vec<Root>>,
-    feeder: Feeder,
-    ingest: Option<std::thread::JoinHandle<()>>,
-    ingest_stats: Arc<IngestStats>,
-    workers: Vec<(String, tokio::task::JoinHandle<()>, Arc<UploadStats>)>,
-    workers_cancel: CancellationToken,
-}
-
-impl Agent {
-    fn start(
-        parts: Parts,
-        index: Arc<Index>,
-        max_attempts: Option<i64>,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> anyhow::Result<Agent> {
-        let Parts {
-            dests,
-            pipeline,
-            roots,
-            global_limit,
-            ..
-        } = parts;
-        // Each multipart upload holds a few parts in memory; bound how many run at once.
-        let multipart_slots = Arc::new(tokio::sync::Semaphore::new(3));
-        let (feeder, rx, outstanding) = Feeder::new(65_536, Some(index.clone()));
-        let wakes: Vec<Arc<Notify>> = dests.iter().map(|_| Arc::new(Notify::new())).collect();
-        let ingest_stats = Arc::new(IngestStats::default());
-        let ingest = Ingest {
-            index: index.clone(),
-            roots: roots.clone(),
-            dests: dests.iter().map(|d| d.name.clone()).collect(),
-            wake: wakes.clone(),
-            outstanding,
-            stats: ingest_stats.clone(),
-            metrics: metrics.clone(),
-            closed: feeder.closed(),
-        };
-        let ingest = std::thread::Builder::new()
-            .name("ingest".into())
-            .spawn(move || ingest.run(rx))
-            .context("starting the ingest thread")?;
-        let workers_cancel = CancellationToken::new();
-        let workers = dests
-            .into_iter()
-            .zip(wakes)
-            .map(|(dest, wake)| {
-                let stats = Arc::new(UploadStats::default());
-                let name = dest.name.clone();
-                let worker = Worker {
-                    dest,
-                    index: index.clone(),
-                    wake,
-                    feeder: feeder.clone(),
-                    roots: roots.clone(),
-                    max_attempts,
-                    stats: stats.clone(),
-                    drain: Duration::from_secs(10),
-                    pipeline: pipeline.clone(),
-                    multipart_slots: multipart_slots.clone(),
-                    metrics: metrics.clone(),
-                    global_limit: global_limit.clone(),
-                    index_failures: Default::default(),
-                };
-                let handle = tokio::spawn(worker.run(workers_cancel.clone()));
-                (name, handle, stats)
-            })
-            .collect();
-        Ok(Agent {
-            index,
-            roots,
-            feeder,
-            ingest: Some(ingest),
-            ingest_stats,
-            workers,
-            workers_cancel,
-        })
-    }
-
-    /// Walk every tree and drop rows of deleted files. Returns files queued for ingest.
-    async fn catch_up(&self) -> anyhow::Result<u64> {
-        let (roots, feeder, index) = (self.roots.clone(), self.feeder.clone(), self.index.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            let (walked, dropped) = scan::walk_and_sweep(&index, &roots, &feeder);
-            let n = walked.queued;
-            let dropped = dropped?;
-            if dropped > 0 {
-                tracing::info!(
-                    dropped,
-                    "forgot files deleted from disk (their objects stay)"
-                );
-            }
-            Ok(n)
-        })
-        .await
-        .context("scan task failed")?
-    }
-
-    /// Stop workers (draining), then the ingest thread.
-    async fn stop(mut self) {
-        self.workers_cancel.cancel();
-        for (name, handle, _) in self.workers.drain(..) {
-            if let Err(e) = handle.await {
-                tracing::error!(dest = %name, error = %e, "worker ended abnormally");
-            }
-        }
-        drop(self.feeder);
-        if let Some(t) = self.ingest.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
-}
-
-fn open_index(config: &Config) -> anyhow::Result<Arc<Index>> {
-    Ok(Arc::new(Index::open(&config.state_dir)?))
-}
-
 /// The agent plus the tasks that feed it while running as a daemon.
 struct Running {
     agent: Agent,
@@ -379,12 +174,41 @@ async fn prune_loop(config: Config, cancel: CancellationToken) -> &'static str {
     }
 }
 
+/// A configuration opened for the daemon: the agent's parts and the notification sender,
+/// both built before anything running stops (a reload that cannot open is rejected).
+struct Prepared {
+    parts: Parts,
+    notifier: Arc<crate::notify::Sender>,
+    /// The primary, where the node status is published every minute.
+    primary: Destination,
+}
+
+impl Prepared {
+    fn open(config: Config) -> anyhow::Result<Prepared> {
+        let notifier = Arc::new(crate::notify::Sender::new(&config)?);
+        let parts = Parts::prepare(config)?;
+        let primary = parts
+            .dests
+            .first()
+            .cloned()
+            .context("no destination is configured")?;
+        Ok(Prepared {
+            parts,
+            notifier,
+            primary,
+        })
+    }
+}
+
 impl Running {
     fn start(
-        parts: Parts,
+        prepared: Prepared,
         index: Arc<Index>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Running> {
+        let Prepared {
+            parts, notifier, ..
+        } = prepared;
         let retention = parts.config.retention.clone();
         let prune_config = crate::retention::enabled(&parts.config).then(|| parts.config.clone());
         let seal_config = parts
@@ -394,7 +218,6 @@ impl Running {
             .any(|w| w.seal_after.is_some())
             .then(|| parts.config.clone());
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
-        let notifier = parts.notifier.clone();
         let agent = Agent::start(parts, index, None, metrics.clone())?;
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -530,10 +353,11 @@ pub async fn run_with_reload(
 ) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state_dir)?;
     let index = open_index(&config)?;
-    let parts = Parts::prepare(config)?;
-    let mut config = parts.config.clone();
+    let prepared = Prepared::open(config)?;
+    let mut config = prepared.parts.config.clone();
+    let mut primary = prepared.primary.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let mut running = Running::start(parts, index.clone(), metrics.clone())?;
+    let mut running = Running::start(prepared, index.clone(), metrics.clone())?;
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let metrics_stop = CancellationToken::new();
     let metrics_server = config.metrics.listen.map(|addr| {
@@ -554,7 +378,7 @@ pub async fn run_with_reload(
         "panoptic-sync running"
     );
     notify(&[sd_notify::NotifyState::Ready]);
-    publish_status(&config, &index).await;
+    publish_status(&primary, &config, &index).await;
 
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -579,15 +403,16 @@ pub async fn run_with_reload(
                         config.state_dir.display(),
                         c.state_dir.display()
                     );
-                    Parts::prepare(c)
+                    Prepared::open(c)
                 });
                 match prepared {
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "new configuration rejected; the running one is kept"),
-                    Ok(parts) => {
+                    Ok(prepared) => {
                         tracing::info!("reloading the configuration: draining workers");
                         running.stop().await;
-                        config = parts.config.clone();
-                        running = Running::start(parts, index.clone(), metrics.clone())?;
+                        config = prepared.parts.config.clone();
+                        primary = prepared.primary.clone();
+                        running = Running::start(prepared, index.clone(), metrics.clone())?;
                         tracing::info!(roots = config.watch.len(), destinations = config.destination.len(), "configuration reloaded");
                     }
                 }
@@ -625,7 +450,7 @@ pub async fn run_with_reload(
             }
             _ = heartbeat.tick() => {
                 log_progress(&running.agent);
-                publish_status(&config, &index).await;
+                publish_status(&primary, &config, &index).await;
             }
         }
     }
@@ -645,8 +470,8 @@ pub async fn run_with_reload(
 }
 
 /// Write this node's status object to the primary (the fleet view); failures are logged.
-async fn publish_status(config: &Config, index: &Arc<Index>) {
-    if let Err(e) = crate::report::publish(config, index).await {
+async fn publish_status(primary: &Destination, config: &Config, index: &Arc<Index>) {
+    if let Err(e) = crate::node_status::publish(primary, config, index).await {
         tracing::warn!(error = %format!("{e:#}"), "cannot publish the node status object");
     }
 }
@@ -663,471 +488,4 @@ fn log_progress(agent: &Agent) {
             "progress"
         );
     }
-}
-
-/// What `sync` achieved, per destination.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SyncSummary {
-    /// Files hashed into the index in this pass.
-    pub indexed: u64,
-    /// Per destination: (name, stored this pass, still pending, permanently failed).
-    pub destinations: Vec<SyncDest>,
-    /// Watch roots that exist but are not real directories (a symlink is never followed):
-    /// nothing under them was synced.
-    pub refused_roots: Vec<PathBuf>,
-}
-
-/// One destination's result of a `sync`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SyncDest {
-    /// Destination name.
-    pub name: String,
-    /// Files stored this pass (uploaded, copied or already there).
-    pub stored: u64,
-    /// Files still not in the destination.
-    pub missing: u64,
-    /// The last error, if any.
-    pub last_error: Option<String>,
-}
-
-impl SyncSummary {
-    /// Whether every destination has everything.
-    pub fn complete(&self) -> bool {
-        self.destinations.iter().all(|d| d.missing == 0) && self.refused_roots.is_empty()
-    }
-}
-
-/// How `sync` reports progress.
-pub trait Progress: Send {
-    /// Called a few times a second with files stored so far and files to store in total.
-    fn update(&mut self, done: u64, total: u64);
-    /// Called once at the end.
-    fn finish(&mut self);
-}
-
-/// One pass: scan, upload everything pending (each file tried up to [`SYNC_ATTEMPTS`] times),
-/// and report what is still missing.
-pub async fn sync(config: &Config, progress: &mut dyn Progress) -> anyhow::Result<SyncSummary> {
-    let _lock = StateLock::acquire(&config.state_dir)?;
-    let index = open_index(config)?;
-    {
-        let index = index.clone();
-        tokio::task::spawn_blocking(move || index.retry_now()).await??;
-    }
-    let agent = Agent::start(
-        Parts::prepare(config.clone())?,
-        index.clone(),
-        Some(SYNC_ATTEMPTS),
-        Arc::new(crate::metrics::Metrics::new()),
-    )?;
-    agent.catch_up().await?;
-    let names: Vec<String> = agent.workers.iter().map(|(n, _, _)| n.clone()).collect();
-    loop {
-        let outstanding = agent.feeder.outstanding();
-        let in_flight: u64 = agent
-            .workers
-            .iter()
-            .map(|(_, _, s)| s.in_flight.load(Ordering::Relaxed))
-            .sum();
-        let (i, n) = (index.clone(), names.clone());
-        // While files are being checked or uploaded, the pending count comes from the
-        // index's running totals (reading every pending row 40 times a second made a large
-        // first sync quadratic); only when nothing is in flight are the pending rows split
-        // into those still to try and those out of attempts, to decide whether to stop.
-        let idle = outstanding == 0 && in_flight == 0;
-        let open: Vec<(u64, u64)> = tokio::task::spawn_blocking(move || {
-            n.iter()
-                .map(|d| {
-                    if idle {
-                        i.pending_counts(d, SYNC_ATTEMPTS)
-                    } else {
-                        i.pending_total(d).map(|p| (p, 0))
-                    }
-                })
-                .collect::<anyhow::Result<Vec<_>>>()
-        })
-        .await??;
-        let stored: u64 = agent
-            .workers
-            .iter()
-            .map(|(_, _, s)| {
-                s.uploaded.load(Ordering::Relaxed)
-                    + s.copied.load(Ordering::Relaxed)
-                    + s.skipped.load(Ordering::Relaxed)
-            })
-            .sum();
-        let waiting: u64 = open.iter().map(|(o, _)| o).sum();
-        progress.update(stored, stored + waiting);
-        if outstanding == 0 && in_flight == 0 && waiting == 0 {
-            break;
-        }
-        if outstanding > 0 {
-            // Ingest is still checking files: wake the moment it is done (an unchanged re-run
-            // ends here), or in 100 ms to show progress.
-            tokio::select! {
-                _ = agent.feeder.drained() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-        } else {
-            // Uploads in flight: each takes a round trip; look again soon.
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-    progress.finish();
-    let indexed = agent.ingest_stats.indexed.load(Ordering::Relaxed);
-    let per_dest: Vec<(String, u64)> = agent
-        .workers
-        .iter()
-        .map(|(n, _, s)| {
-            (
-                n.clone(),
-                s.uploaded.load(Ordering::Relaxed)
-                    + s.copied.load(Ordering::Relaxed)
-                    + s.skipped.load(Ordering::Relaxed),
-            )
-        })
-        .collect();
-    let refused_roots = agent
-        .roots
-        .iter()
-        .filter(|r| r.tree.refused())
-        .map(|r| r.path.clone())
-        .collect();
-    agent.stop().await;
-    publish_status(config, &index).await;
-    let status = {
-        let i = index.clone();
-        tokio::task::spawn_blocking(move || i.status(&names)).await??
-    };
-    Ok(SyncSummary {
-        indexed,
-        destinations: status
-            .destinations
-            .into_iter()
-            .zip(per_dest)
-            .map(|(d, (_, stored))| SyncDest {
-                name: d.name,
-                stored,
-                missing: d.pending + d.failed_permanently,
-                last_error: d.last_error,
-            })
-            .collect(),
-        refused_roots,
-    })
-}
-
-/// What `flush` found.
-#[derive(Debug, Clone)]
-pub struct FlushSummary {
-    /// Files that were present at call time and are now stored.
-    pub stored: u64,
-    /// Files not stored when the time ran out.
-    pub waiting: Vec<PathBuf>,
-    /// Files that can never be stored as they are, with the reason.
-    pub failed: Vec<(PathBuf, String)>,
-    /// The stored files, with the identity they were stored with: kept for a run (a seal
-    /// builds its manifest from them), not for a whole tree.
-    pub files: Vec<Flushed>,
-}
-
-/// A file a flush found stored in every destination asked for.
-#[derive(Debug, Clone)]
-pub struct Flushed {
-    /// Its path.
-    pub path: PathBuf,
-    /// Its identity (and mode) as listed, which the index matched.
-    pub stat: Stat,
-    /// Its content and objects, as the index had them then.
-    pub stored: crate::index::StoredAs,
-}
-
-impl FlushSummary {
-    /// Whether everything is stored.
-    pub fn complete(&self) -> bool {
-        self.waiting.is_empty() && self.failed.is_empty()
-    }
-}
-
-/// Wait until every file present in the watched trees now is in the primary (or in every
-/// destination with `all`). If no daemon is running, do the work with a `sync` first.
-pub async fn flush(config: &Config, timeout: Duration, all: bool) -> anyhow::Result<FlushSummary> {
-    Ok(flush_under(config, timeout, all, None).await?.0)
-}
-
-/// [`flush`] for the files under `under` only (a run directory), or every watched file; also
-/// returns the index it checked them against, for the caller's next reads.
-pub async fn flush_under(
-    config: &Config,
-    timeout: Duration,
-    all: bool,
-    under: Option<&Path>,
-) -> anyhow::Result<(FlushSummary, Arc<Index>)> {
-    let deadline = Instant::now() + timeout;
-    let roots = Root::from_config(config);
-    let dests: Vec<String> = config
-        .destinations()
-        .take(if all { usize::MAX } else { 1 })
-        .map(|d| d.name.clone())
-        .collect();
-    let under = under.map(Path::to_path_buf);
-    let keep = under.is_some();
-    let mut summary = FlushSummary {
-        stored: 0,
-        waiting: Vec::new(),
-        failed: Vec::new(),
-        files: Vec::new(),
-    };
-    let daemon_running = StateLock::try_acquire(&config.state_dir)?.is_none();
-    // The files present at call time, and the index to check them against.
-    let (index, mut present) = if daemon_running {
-        // The daemon keeps the index current: the listing is checked chunk by chunk while
-        // the walk goes on (the first pass, with the identities just listed).
-        let index = open_index(config)?;
-        index.map_for_reading()?;
-        let (i, d, r, u) = (index.clone(), dests.clone(), roots.clone(), under.clone());
-        let first = tokio::task::spawn_blocking(move || {
-            let (tx, rx) = std::sync::mpsc::sync_channel(4);
-            std::thread::scope(|s| {
-                let lister = std::thread::Builder::new()
-                    .name("flush-list".into())
-                    .spawn_scoped(s, || {
-                        // Owned here: dropped when the walk ends, which ends the checking.
-                        let tx = tx;
-                        list_in_chunks(&r, u.as_deref(), &mut |c| tx.send(c).is_ok())
-                    });
-                let mut pass = FlushPass::default();
-                if let Err(e) = &lister {
-                    // No thread to be had: list here, then check.
-                    tracing::debug!(error = %e, "listing on the checking thread");
-                    let mut listed = Vec::new();
-                    list_in_chunks(&r, u.as_deref(), &mut |c| {
-                        listed.extend(c);
-                        true
-                    });
-                    return flush_pass(&i, &d, &r, listed, false, keep);
-                }
-                for chunk in rx {
-                    pass.add(flush_pass(&i, &d, &r, chunk, false, keep)?);
-                }
-                anyhow::Ok(pass)
-            })
-        })
-        .await??;
-        summary.stored += first.stored_count;
-        summary.files.extend(first.stored);
-        summary.failed.extend(first.failed);
-        (index, first.rest)
-    } else {
-        let (r, u) = (roots.clone(), under.clone());
-        let present = tokio::task::spawn_blocking(move || {
-            let mut listed = Vec::new();
-            list_in_chunks(&r, u.as_deref(), &mut |c| {
-                listed.extend(c);
-                true
-            });
-            listed
-        })
-        .await?;
-        tracing::info!("no daemon is running on this state directory; syncing now");
-        let mut quiet = NoProgress;
-        sync(config, &mut quiet).await?;
-        let index = open_index(config)?;
-        index.map_for_reading()?;
-        (index, present)
-    };
-    // Later passes look again, since a file may have changed (or gone) while it waited.
-    let mut first = !daemon_running;
-    loop {
-        if !first {
-            if present.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                summary.waiting = present.into_iter().map(|(p, _)| p).collect();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let look_again = !std::mem::take(&mut first);
-        let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
-        let batch = std::mem::take(&mut present);
-        let pass =
-            tokio::task::spawn_blocking(move || flush_pass(&i, &d, &r, batch, look_again, keep))
-                .await??;
-        summary.stored += pass.stored_count;
-        summary.files.extend(pass.stored);
-        summary.failed.extend(pass.failed);
-        present = pass.rest;
-    }
-    Ok((summary, index))
-}
-
-/// What one pass of a flush found.
-#[derive(Default)]
-struct FlushPass {
-    /// Not stored yet.
-    rest: Vec<(PathBuf, Stat)>,
-    /// Stored in every destination asked for: how many, and (when kept) which.
-    stored_count: u64,
-    stored: Vec<Flushed>,
-    /// Failed for good, and why.
-    failed: Vec<(PathBuf, String)>,
-}
-
-impl FlushPass {
-    fn add(&mut self, other: FlushPass) {
-        self.rest.extend(other.rest);
-        self.stored_count += other.stored_count;
-        self.stored.extend(other.stored);
-        self.failed.extend(other.failed);
-    }
-}
-
-/// One pass of a flush over `batch`, in one read transaction. With `look_again`, each file is
-/// looked at again first: changed since it was listed, its new version is waited for; gone,
-/// it is dropped. With `keep`, the stored files are returned, not only counted. Blocking.
-fn flush_pass(
-    index: &Index,
-    dests: &[String],
-    roots: &[Root],
-    batch: Vec<(PathBuf, Stat)>,
-    look_again: bool,
-    keep: bool,
-) -> anyhow::Result<FlushPass> {
-    let now: Vec<(PathBuf, Stat)> = batch
-        .into_iter()
-        .filter_map(|(path, listed)| {
-            if !look_again {
-                return Some((path, listed));
-            }
-            match scan::root_of(roots, &path).map(|n| roots[n].kind(&path)) {
-                Some(Ok(crate::tree::Kind::File(stat))) => Some((path, stat)),
-                _ => None,
-            }
-        })
-        .collect();
-    let states = index.is_stored_many(&now, dests)?;
-    let mut pass = FlushPass::default();
-    for ((path, stat), state) in now.into_iter().zip(states) {
-        match state {
-            FlushState::Stored(stored) => {
-                pass.stored_count += 1;
-                if keep {
-                    pass.stored.push(Flushed { path, stat, stored });
-                }
-            }
-            FlushState::Waiting => pass.rest.push((path, stat)),
-            FlushState::Failed(e) => pass.failed.push((path, e)),
-        }
-    }
-    Ok(pass)
-}
-
-/// Every wanted regular file in the trees (or below `under`, inside one of them), with its
-/// identity, walked through each root's handle and handed to `chunk_done` 512 at a time, so
-/// they can be checked while the walk goes on (small chunks keep the check after the walk's
-/// end short); it returns false to stop the walk. Blocking.
-fn list_in_chunks(
-    roots: &[Root],
-    under: Option<&Path>,
-    chunk_done: &mut dyn FnMut(Vec<(PathBuf, Stat)>) -> bool,
-) {
-    const CHUNK: usize = 512;
-    let walks: Vec<(&Root, &Path)> = match under {
-        Some(dir) => scan::root_of(roots, dir)
-            .map(|i| (&roots[i], dir))
-            .into_iter()
-            .collect(),
-        None => roots.iter().map(|r| (r, r.path.as_path())).collect(),
-    };
-    let mut chunk = Vec::with_capacity(CHUNK);
-    for (root, dir) in walks {
-        if root.refresh().is_none() {
-            continue;
-        }
-        let mut open = true;
-        root.walk_files(dir, &mut |path, stat| {
-            chunk.push((path, stat));
-            if chunk.len() == CHUNK {
-                open = chunk_done(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
-            }
-            open
-        });
-        if !open {
-            return;
-        }
-    }
-    if !chunk.is_empty() {
-        chunk_done(chunk);
-    }
-}
-
-/// A [`Progress`] that shows nothing.
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn update(&mut self, _: u64, _: u64) {}
-    fn finish(&mut self) {}
-}
-
-/// Validate the configuration; unless `offline`, prove each destination is reachable and
-/// writable with a small probe object that is removed afterwards. Returns one line per
-/// destination; `Err` names the first destination that failed.
-pub async fn check_config(config: &Config, offline: bool) -> anyhow::Result<Vec<String>> {
-    let mut lines = Vec::new();
-    if !offline {
-        let p = crate::pipeline::Pipeline::from_config(config)?;
-        if let Some(k) = &p.key {
-            lines.push(format!("encryption key id {} loaded", k.id_hex()));
-        }
-        if p.keys.len() > p.key.iter().count() {
-            lines.push(format!(
-                "{} key(s) for older objects loaded",
-                p.keys.len() - p.key.iter().count()
-            ));
-        }
-    }
-    for d in config.destinations() {
-        let dest = Destination::open(d)?;
-        if offline {
-            lines.push(format!("{}: {} (not contacted)", dest.name, dest.url));
-            continue;
-        }
-        let key = format!(
-            "{}/{}-{}",
-            crate::format::layout::PROBE_PREFIX,
-            config.node_id,
-            fastrand::u64(..)
-        );
-        let path = dest.path(&key)?;
-        use object_store::ObjectStoreExt;
-        let probe = async {
-            dest.store
-                .put(
-                    &path,
-                    object_store::PutPayload::from_static(b"panoptic-sync probe"),
-                )
-                .await?;
-            dest.store.head(&path).await?;
-            dest.store.delete(&path).await
-        };
-        match tokio::time::timeout(Duration::from_secs(60), probe).await {
-            Ok(Ok(())) => lines.push(format!(
-                "{}: {} is reachable and writable",
-                dest.name, dest.url
-            )),
-            Ok(Err(e)) => anyhow::bail!(
-                "destination {:?} ({}) failed the write probe at {path}: {}",
-                dest.name,
-                dest.url,
-                destination::error_chain(&e)
-            ),
-            Err(_) => anyhow::bail!(
-                "destination {:?} ({}) did not answer the write probe within 60 s",
-                dest.name,
-                dest.url
-            ),
-        }
-    }
-    Ok(lines)
 }

@@ -16,6 +16,7 @@
 //!    [`results`] parses the run's JUnit XML into a test summary and a record that
 //!    `report --fleet` and query engines read from the bucket.
 
+pub mod agent;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod index;
 pub mod ingest;
 pub(crate) mod links;
 pub mod metrics;
+pub(crate) mod node_status;
 pub(crate) mod notify;
 pub mod pipeline;
 pub(crate) mod rebuild;
@@ -38,6 +40,7 @@ pub(crate) mod retention;
 pub(crate) mod runs;
 pub mod scan;
 pub(crate) mod status;
+pub mod sync;
 pub(crate) mod throttle;
 pub(crate) mod tree;
 pub(crate) mod upload;

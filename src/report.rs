@@ -6,17 +6,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::Context;
 use futures::StreamExt;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
 use crate::config::Config;
-use crate::destination::{self, Destination};
+use crate::destination::{self};
 use crate::format::layout::Compression;
+use crate::format::node_status::NodeStatus;
 use crate::format::units::{human, now_secs};
-use crate::index::{Index, Method, Status};
+use crate::index::{Index, Method};
+use crate::node_status::read_status;
 
 pub(crate) mod charts;
 
@@ -156,8 +155,6 @@ const TEXT_TYPES: &[&str] = &[
 
 /// Sealed runs listed in a report.
 const REPORT_RUNS: usize = 50;
-/// Sealed runs each node lists in its status object.
-const STATUS_RUNS: usize = 5;
 
 /// Build the report from the index.
 pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
@@ -620,206 +617,6 @@ pub(crate) fn render_html(r: &Report) -> String {
     .into_string()
 }
 
-/// The status object format this version writes (`format` in the JSON).
-pub(crate) const STATUS_FORMAT: u32 = 2;
-/// The largest status object `report --fleet` reads; larger ones are reported as unreadable.
-pub(crate) const STATUS_MAX_BYTES: u64 = 1 << 20;
-
-/// What each node publishes about itself: `_panoptic-sync/nodes/<node_id>.json`, a small wire
-/// format read by every other node's `report --fleet`, whatever its version.
-///
-/// Readers ignore fields they do not know and default the ones that are missing, so a field
-/// can be added without breaking a fleet running two versions; a change that older readers
-/// would misread takes a new `format` number. Format 1 (no `format` field, destinations as
-/// `[name, done, pending, failing, failed]` arrays) is still read.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub(crate) struct NodeStatus {
-    /// The format of this object (1 when absent: written before formats were numbered).
-    pub format: u32,
-    /// The node (when missing, the name of the object is used).
-    pub node_id: String,
-    /// panoptic-sync version.
-    pub version: String,
-    /// When this was written (Unix seconds).
-    pub last_seen: u64,
-    /// Indexed files.
-    pub files: u64,
-    /// Their bytes.
-    pub bytes: u64,
-    /// Per destination upload counts.
-    pub destinations: Vec<DestStatus>,
-    /// Oldest pending upload, seconds.
-    pub oldest_pending_secs: Option<u64>,
-    /// The most recent error.
-    pub last_error: Option<String>,
-    /// done / (done + failing + failed permanently), over all destinations.
-    pub success_rate: f64,
-    /// The node's latest sealed runs, newest first (absent before runs existed).
-    pub latest_runs: Vec<crate::format::manifest::RunSummary>,
-}
-
-impl Default for NodeStatus {
-    fn default() -> Self {
-        NodeStatus {
-            format: 1,
-            node_id: String::new(),
-            version: String::new(),
-            last_seen: 0,
-            files: 0,
-            bytes: 0,
-            destinations: Vec::new(),
-            oldest_pending_secs: None,
-            last_error: None,
-            success_rate: 1.0,
-            latest_runs: Vec::new(),
-        }
-    }
-}
-
-/// One destination's upload counts in a [`NodeStatus`].
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-#[serde(from = "DestStatusWire")]
-pub(crate) struct DestStatus {
-    /// Destination name.
-    pub name: String,
-    /// Files stored.
-    pub done: u64,
-    /// Files waiting.
-    pub pending: u64,
-    /// Files failing (retried).
-    pub failing: u64,
-    /// Files failed permanently.
-    pub failed_permanently: u64,
-}
-
-/// What a destination entry may look like on the wire: named (format 2) or a format 1 array.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum DestStatusWire {
-    Named(DestStatusNamed),
-    V1(String, u64, u64, u64, u64),
-}
-
-#[derive(Default, serde::Deserialize)]
-#[serde(default)]
-struct DestStatusNamed {
-    name: String,
-    done: u64,
-    pending: u64,
-    failing: u64,
-    failed_permanently: u64,
-}
-
-impl From<DestStatusWire> for DestStatus {
-    fn from(w: DestStatusWire) -> DestStatus {
-        match w {
-            DestStatusWire::Named(n) => DestStatus {
-                name: n.name,
-                done: n.done,
-                pending: n.pending,
-                failing: n.failing,
-                failed_permanently: n.failed_permanently,
-            },
-            DestStatusWire::V1(name, done, pending, failing, failed_permanently) => DestStatus {
-                name,
-                done,
-                pending,
-                failing,
-                failed_permanently,
-            },
-        }
-    }
-}
-
-impl NodeStatus {
-    /// This node's status from the index.
-    pub(crate) fn from_status(config: &Config, s: &Status) -> NodeStatus {
-        let (done, bad) = s.destinations.iter().fold((0u64, 0u64), |a, d| {
-            (
-                a.0.saturating_add(d.done),
-                a.1.saturating_add(d.failing)
-                    .saturating_add(d.failed_permanently),
-            )
-        });
-        NodeStatus {
-            format: STATUS_FORMAT,
-            node_id: config.node_id.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            last_seen: now_secs(),
-            files: s.files,
-            bytes: s.bytes,
-            destinations: s
-                .destinations
-                .iter()
-                .map(|d| DestStatus {
-                    name: d.name.clone(),
-                    done: d.done,
-                    pending: d.pending,
-                    failing: d.failing,
-                    failed_permanently: d.failed_permanently,
-                })
-                .collect(),
-            oldest_pending_secs: s
-                .destinations
-                .iter()
-                .filter_map(|d| d.oldest_pending_secs)
-                .max(),
-            last_error: s.destinations.iter().find_map(|d| d.last_error.clone()),
-            success_rate: if done.saturating_add(bad) == 0 {
-                1.0
-            } else {
-                done as f64 / (done as f64 + bad as f64)
-            },
-            latest_runs: Vec::new(),
-        }
-    }
-
-    /// Files pending over all destinations (saturating: the numbers come from another node).
-    pub(crate) fn pending(&self) -> u64 {
-        self.destinations
-            .iter()
-            .fold(0, |a, d| a.saturating_add(d.pending))
-    }
-
-    /// Files failing over all destinations (saturating).
-    pub(crate) fn failing(&self) -> u64 {
-        self.destinations
-            .iter()
-            .fold(0, |a, d| a.saturating_add(d.failing))
-    }
-}
-
-fn nodes_path(primary: &Destination, file: Option<&str>) -> anyhow::Result<ObjectPath> {
-    let rel = match file {
-        Some(f) => format!("{NODES_PREFIX}/{f}"),
-        None => NODES_PREFIX.to_string(),
-    };
-    Ok(primary.path(&rel)?)
-}
-
-/// Write this node's status object to the primary.
-pub(crate) async fn publish(config: &Config, index: &std::sync::Arc<Index>) -> anyhow::Result<()> {
-    let primary = destination::open_primary(config)?;
-    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
-    let (i, c) = (index.clone(), config.clone());
-    let (status, latest_runs) = tokio::task::spawn_blocking(move || {
-        anyhow::Ok((i.status(&names)?, crate::runs::latest(&c, &i, STATUS_RUNS)?))
-    })
-    .await??;
-    let node = NodeStatus {
-        latest_runs,
-        ..NodeStatus::from_status(config, &status)
-    };
-    let path = nodes_path(&primary, Some(&format!("{}.json", config.node_id)))?;
-    primary
-        .store
-        .put(&path, PutPayload::from(serde_json::to_vec_pretty(&node)?))
-        .await
-        .map_err(|e| anyhow::anyhow!("writing {path}: {}", destination::error_chain(&e)))?;
-    Ok(())
-}
-
 /// Every node's status, read from the primary alone.
 #[derive(Debug, Default, serde::Serialize)]
 pub(crate) struct Fleet {
@@ -865,36 +662,6 @@ pub(crate) struct FleetTotals {
     pub pending: u64,
     /// Files failing.
     pub failing: u64,
-}
-
-/// Read one status object: never more than [`STATUS_MAX_BYTES`] (the object is streamed and
-/// the read stops past the cap), so a huge object costs no memory.
-async fn read_status(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result<NodeStatus> {
-    let too_big = || {
-        anyhow::anyhow!(
-            "larger than the {} bytes a status object may have; not read",
-            STATUS_MAX_BYTES
-        )
-    };
-    if meta.size > STATUS_MAX_BYTES {
-        return Err(too_big());
-    }
-    let mut stream = primary.store.get(&meta.location).await?.into_stream();
-    let mut buf = Vec::with_capacity(meta.size as usize);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        if (buf.len() + chunk.len()) as u64 > STATUS_MAX_BYTES {
-            // Dropping the stream closes the connection: the rest is never downloaded.
-            return Err(too_big());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    let mut status: NodeStatus = serde_json::from_slice(&buf).context("not a status object")?;
-    if status.node_id.is_empty() {
-        let name = meta.location.filename().unwrap_or_default();
-        status.node_id = name.strip_suffix(".json").unwrap_or(name).to_string();
-    }
-    Ok(status)
 }
 
 /// Read every node status object and the window's run records from the primary.

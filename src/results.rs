@@ -158,7 +158,7 @@ pub(crate) fn junit_globs(watch: &Watch) -> GlobSet {
 pub(crate) fn collect(
     root: &Root,
     run: &RunDir,
-    files: &[crate::daemon::Flushed],
+    files: &[crate::sync::Flushed],
     watch: &Watch,
 ) -> Collected {
     let globs = junit_globs(watch);

@@ -22,8 +22,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Runs};
-use crate::daemon::FlushSummary;
-use crate::daemon::Flushed;
 use crate::destination::{self, Destination};
 use crate::format::ci::{Ci, ci_context};
 use crate::format::layout;
@@ -33,6 +31,8 @@ use crate::format::manifest::{
 use crate::index::Index;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
+use crate::sync::FlushSummary;
+use crate::sync::Flushed;
 
 pub(crate) mod page;
 
@@ -163,8 +163,7 @@ pub(crate) async fn seal(
         ))
         .into());
     }
-    let (flushed, index) =
-        crate::daemon::flush_under(config, timeout, true, Some(&run.path)).await?;
+    let (flushed, index) = crate::sync::flush_under(config, timeout, true, Some(&run.path)).await?;
     if !flushed.complete() {
         return Ok(Sealed::Incomplete(flushed));
     }

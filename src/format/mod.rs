@@ -7,11 +7,13 @@
 //! - [`ci`]: the CI context of a run, read from the job's environment.
 //! - [`tests`]: test results as a manifest carries them.
 //! - [`record`]: the run summary record, one NDJSON line per sealed run.
+//! - [`node_status`]: the status object each node publishes for the fleet view.
 //! - [`units`]: sizes, durations and "now", spelled one way everywhere.
 
 pub(crate) mod ci;
 pub mod layout;
 pub(crate) mod manifest;
+pub(crate) mod node_status;
 pub(crate) mod record;
 pub(crate) mod tests;
 pub mod units;
