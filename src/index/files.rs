@@ -129,21 +129,6 @@ impl Index {
         Ok(out)
     }
 
-    /// Which of `paths` are indexed with exactly the given identity (unchanged files).
-    pub fn unchanged(&self, items: &[(PathBuf, Stat)]) -> anyhow::Result<Vec<bool>> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT size, mtime_ns, inode, dev FROM files WHERE path = ?1")?;
-        let mut out = Vec::with_capacity(items.len());
-        for (p, stat) in items {
-            let known = stmt
-                .query_row(params![path_bytes(p)], |r| stat_at(r, [0, 1, 2, 3]))
-                .optional()?;
-            out.push(known.is_some_and(|k| k.same_file(stat)));
-        }
-        Ok(out)
-    }
-
     /// Record a batch of observations in one transaction and queue uploads to `dests`.
     /// Returns how many uploads were newly queued.
     pub fn apply(&self, batch: &[Observation], dests: &[String]) -> anyhow::Result<usize> {
@@ -194,11 +179,7 @@ impl Index {
                     } => {
                         let existing = get
                             .query_row(params![path_bytes(path)], |r| {
-                                Ok((
-                                    r.get::<_, i64>(0)?,
-                                    sha_from(r.get(1)?),
-                                    r.get::<_, i64>(2)?,
-                                ))
+                                Ok((r.get::<_, i64>(0)?, sha_from(r, 1)?, r.get::<_, i64>(2)?))
                             })
                             .optional()?;
                         let (id, generation, content_changed) = match existing {
@@ -242,7 +223,7 @@ impl Index {
                         for dest in dests {
                             let cur = current
                                 .query_row(params![id, dest], |r| {
-                                    Ok((r.get::<_, String>(0)?, sha_from(r.get(1)?)))
+                                    Ok((r.get::<_, String>(0)?, sha_from(r, 1)?))
                                 })
                                 .optional()?;
                             // Same content at the same key: whatever state it is in still holds.
@@ -289,7 +270,7 @@ impl Index {
                 path: bytes_path(r.get(0)?),
                 size: r.get::<_, i64>(1)? as u64,
                 mtime_ns: r.get(2)?,
-                sha256: sha_from(r.get(3)?),
+                sha256: sha_from(r, 3)?,
                 held_by: r
                     .get::<_, Option<String>>(4)?
                     .map(|s| s.split('\n').map(str::to_string).collect())

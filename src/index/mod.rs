@@ -84,12 +84,18 @@ fn stat_at(r: &rusqlite::Row<'_>, [size, mtime, inode, dev]: [usize; 4]) -> rusq
     })
 }
 
-fn sha_from(v: Vec<u8>) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    if v.len() == 32 {
-        out.copy_from_slice(&v);
-    }
-    out
+/// The SHA-256 in column `col`. A blob of another length is an error naming the column and
+/// the length found: a hash is never made up (a zero-filled one would compare as content).
+fn sha_from(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<[u8; 32]> {
+    let v: Vec<u8> = r.get(col)?;
+    <[u8; 32]>::try_from(v.as_slice()).map_err(|_| {
+        let name = r.as_ref().column_name(col).unwrap_or("?");
+        rusqlite::Error::FromSqlConversionFailure(
+            col,
+            rusqlite::types::Type::Blob,
+            format!("column {name} holds a SHA-256 of {} bytes, not 32", v.len()).into(),
+        )
+    })
 }
 
 /// Create the state directory 0700 whatever the umask (the index names every artifact and
@@ -335,6 +341,7 @@ mod tests {
         CURRENT_ERRORS, INDEX_TOTALS, LAST_ERROR, LATENCIES, LATENCIES_BY_TIME, OLDEST_PENDING,
         UPLOAD_SPAN, UPLOAD_TOTALS,
     };
+    use super::testing::obs;
     use super::*;
 
     #[test]
@@ -472,5 +479,30 @@ mod tests {
         assert!(backoff(1, false) <= Duration::from_millis(1250));
         assert!(backoff(30, false) <= Duration::from_secs(150));
         assert!(backoff(30, true) >= Duration::from_secs(450));
+    }
+
+    #[test]
+    fn a_hash_of_the_wrong_length_is_an_error_not_zeros() {
+        // Regression: a SHA-256 column of another length read as 32 zero bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let dests = vec!["a".to_string()];
+        idx.apply(&[obs("/w/x", 1, 1)], &dests).unwrap();
+        idx.conn()
+            .execute("UPDATE files SET sha256 = x'0102'", [])
+            .unwrap();
+        let e = format!("{:#}", idx.files_under(Path::new("/w")).unwrap_err());
+        assert!(
+            e.contains("column sha256 holds a SHA-256 of 2 bytes"),
+            "{e}"
+        );
+        let e = idx.apply(&[obs("/w/x", 1, 1)], &dests).unwrap_err();
+        assert!(format!("{e:#}").contains("of 2 bytes, not 32"), "{e:#}");
+        // The upload row's own hash, read by the claim.
+        idx.conn()
+            .execute("UPDATE uploads SET sha256 = x'01'", [])
+            .unwrap();
+        let e = idx.claim("a", 10, &Default::default(), None).unwrap_err();
+        assert!(format!("{e:#}").contains("of 1 bytes, not 32"), "{e:#}");
     }
 }

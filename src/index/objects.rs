@@ -233,7 +233,7 @@ fn object_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
     Ok(ObjectRow {
         key: r.get(0)?,
         stored_key: r.get(1)?,
-        sha256: sha_from(r.get(2)?),
+        sha256: sha_from(r, 2)?,
         size: r.get::<_, i64>(3)? as u64,
         stored_size: r.get::<_, i64>(4)? as u64,
         pipeline: r.get(5)?,

@@ -185,7 +185,7 @@ impl Index {
                     generation: r.get(1)?,
                     path: bytes_path(r.get(2)?),
                     key: r.get(3)?,
-                    sha256: sha_from(r.get(4)?),
+                    sha256: sha_from(r, 4)?,
                     stat: stat_at(r, [5, 6, 7, 10])?,
                     attempts: r.get(8)?,
                     queued_ms: r.get(9)?,
@@ -566,7 +566,7 @@ fn is_stored_in(
                 r.get::<_, i64>(0)?,
                 stat_at(r, [1, 2, 3, 5])?,
                 r.get::<_, i64>(4)?,
-                sha_from(r.get(6)?),
+                sha_from(r, 6)?,
             ))
         })
         .optional()?
@@ -581,7 +581,7 @@ fn is_stored_in(
         let row = upload
             .query_row(params![id, dest], |r| {
                 let object = match r.get::<_, Option<String>>(3)? {
-                    Some(k) => Some((k, sha_from(r.get(4)?))),
+                    Some(k) => Some((k, sha_from(r, 4)?)),
                     None => None,
                 };
                 Ok((
