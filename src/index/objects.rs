@@ -1,0 +1,241 @@
+//! What each destination is known to hold (the objects table): looked up for dedup (skip or
+//! server-side copy), recorded as uploads end or an index is rebuilt, forgotten by retention.
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{OptionalExtension, ToSql, params};
+
+use super::{Index, UploadState, now_ms, sha_from};
+
+/// How a stored file got into its destination (the `uploads.method` column, stored as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Its bytes were sent.
+    Upload,
+    /// Copied server-side from an object holding the same content.
+    Copy,
+    /// The object at its key already held the content.
+    Skip,
+}
+
+impl Method {
+    /// The name stored in the index and shown in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Upload => "upload",
+            Method::Copy => "copy",
+            Method::Skip => "skip",
+        }
+    }
+
+    /// Whether no bytes of the file were sent (a copy or a skip: dedup).
+    pub fn deduplicated(self) -> bool {
+        match self {
+            Method::Upload => false,
+            Method::Copy | Method::Skip => true,
+        }
+    }
+}
+
+impl ToSql for Method {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for Method {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_str()? {
+            "upload" => Ok(Method::Upload),
+            "copy" => Ok(Method::Copy),
+            "skip" => Ok(Method::Skip),
+            other => Err(FromSqlError::Other(
+                format!("unknown upload method {other:?}").into(),
+            )),
+        }
+    }
+}
+
+/// Some object holding given content, other than at a given key. Without INDEXED BY, SQLite
+/// prefers the primary key's `dest` prefix (for the `key !=` term) and scans every object of
+/// the destination.
+pub(super) const OBJECT_WITH: &str = "SELECT key, stored_key, sha256, size, stored_size, pipeline
+    FROM objects INDEXED BY objects_by_sha
+    WHERE dest = ?1 AND sha256 = ?2 AND pipeline = ?3 AND key != ?4 LIMIT 1";
+
+/// Record that a destination holds an object (parameters: [`object_params`]).
+pub(super) const INSERT_OBJECT: &str = "INSERT OR REPLACE INTO objects
+    (dest, key, stored_key, sha256, size, stored_size, pipeline, stored_ms)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+#[allow(clippy::type_complexity)]
+pub(super) fn object_params<'a>(
+    dest: &'a str,
+    o: &'a ObjectRow,
+    now: i64,
+) -> (&'a str, &'a str, &'a str, &'a [u8], i64, i64, &'a str, i64) {
+    (
+        dest,
+        &o.key,
+        &o.stored_key,
+        &o.sha256[..],
+        o.size as i64,
+        o.stored_size as i64,
+        &o.pipeline,
+        now,
+    )
+}
+
+/// Forget an object by its stored key.
+pub(super) const FORGET_STORED: &str = "DELETE FROM objects WHERE dest = ?1 AND stored_key = ?2";
+
+/// Every object of a destination with how its upload got it there (for reports).
+pub(super) const OBJECTS_WITH_METHOD: &str =
+    "SELECT o.key, o.stored_key, o.size, o.stored_size, o.stored_ms, u.method
+     FROM objects o LEFT JOIN uploads u ON u.dest = o.dest AND u.key = o.key
+     WHERE o.dest = ?1";
+
+/// A file stored in every destination asked for, as the index has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAs {
+    /// Its content.
+    pub sha256: [u8; 32],
+    /// Per destination: the stored key and content of the object at the file's key, if the
+    /// index has one (a seal checks that each holds `sha256`).
+    pub held: Vec<Option<(String, [u8; 32])>>,
+}
+
+/// An object a destination holds, as the index knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRow {
+    /// Logical key (relative to the destination base, without pipeline suffixes).
+    pub key: String,
+    /// The key it is stored under (with suffixes such as `.zst.enc`).
+    pub stored_key: String,
+    /// SHA-256 of the original content.
+    pub sha256: [u8; 32],
+    /// Original size.
+    pub size: u64,
+    /// Size of the stored object.
+    pub stored_size: u64,
+    /// Identity of the pipeline settings that wrote it.
+    pub pipeline: String,
+}
+
+/// An object a destination holds, with how its file got there (for reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUse {
+    /// Logical key.
+    pub key: String,
+    /// The key it is stored under.
+    pub stored_key: String,
+    /// Original size.
+    pub size: u64,
+    /// Size of the stored object.
+    pub stored_size: u64,
+    /// When the index recorded it (ms since epoch).
+    pub stored_ms: i64,
+    /// How the file now tracked at its key got there (`None`: no such file, e.g. rebuilt).
+    pub method: Option<Method>,
+}
+
+impl Index {
+    /// The object known to be at logical `key` in `dest`.
+    pub fn object_at(&self, dest: &str, key: &str) -> anyhow::Result<Option<ObjectRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT key, stored_key, sha256, size, stored_size, pipeline FROM objects
+             WHERE dest = ?1 AND key = ?2",
+        )?;
+        Ok(stmt.query_row(params![dest, key], object_row).optional()?)
+    }
+
+    /// Some object in `dest` holding content `sha256` written by `pipeline`, other than at
+    /// logical key `not_key`.
+    pub fn object_with(
+        &self,
+        dest: &str,
+        sha256: &[u8; 32],
+        pipeline: &str,
+        not_key: &str,
+    ) -> anyhow::Result<Option<ObjectRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(OBJECT_WITH)?;
+        Ok(stmt
+            .query_row(params![dest, &sha256[..], pipeline, not_key], object_row)
+            .optional()?)
+    }
+
+    /// Every object the index says `dest` holds for files it tracks as done, with the
+    /// file's current hash (for `verify`).
+    pub fn objects_of(&self, dest: &str) -> anyhow::Result<Vec<ObjectRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT o.key, o.stored_key, o.sha256, o.size, o.stored_size, o.pipeline
+             FROM objects o JOIN uploads u ON u.dest = o.dest AND u.key = o.key
+             WHERE o.dest = ?1 AND u.state = ?2 AND u.sha256 = o.sha256
+             ORDER BY o.key",
+        )?;
+        let rows = stmt.query_map(params![dest, UploadState::Done], object_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Record objects `dest` is known to hold (`--rebuild-index`), in one transaction.
+    pub fn record_objects(&self, dest: &str, rows: &[ObjectRow]) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(INSERT_OBJECT)?;
+            let now = now_ms();
+            for o in rows {
+                insert.execute(object_params(dest, o, now))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forget that `dest` holds logical `key` (it was found missing).
+    pub fn forget_object(&self, dest: &str, key: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "DELETE FROM objects WHERE dest = ?1 AND key = ?2",
+            params![dest, key],
+        )?;
+        Ok(())
+    }
+
+    /// Forget objects removed from `dest` by retention, so they are never copied from.
+    pub fn forget_stored(&self, dest: &str, stored_key: &str) -> anyhow::Result<()> {
+        self.conn()
+            .execute(FORGET_STORED, params![dest, stored_key])?;
+        Ok(())
+    }
+
+    /// Call `f` with every object `dest` holds and how its file got there (reports).
+    pub fn each_object_of(&self, dest: &str, mut f: impl FnMut(ObjectUse)) -> anyhow::Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(OBJECTS_WITH_METHOD)?;
+        let mut rows = stmt.query(params![dest])?;
+        while let Some(r) = rows.next()? {
+            f(ObjectUse {
+                key: r.get(0)?,
+                stored_key: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                stored_size: r.get::<_, i64>(3)? as u64,
+                stored_ms: r.get(4)?,
+                method: r.get(5)?,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn object_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
+    Ok(ObjectRow {
+        key: r.get(0)?,
+        stored_key: r.get(1)?,
+        sha256: sha_from(r, 2)?,
+        size: r.get::<_, i64>(3)? as u64,
+        stored_size: r.get::<_, i64>(4)? as u64,
+        pipeline: r.get(5)?,
+    })
+}

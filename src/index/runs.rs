@@ -1,0 +1,196 @@
+//! Sealed runs: one row per seal with the few manifest fields read without the manifest, and
+//! the manifest itself apart (zstd-packed).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rusqlite::types::ValueRef;
+use rusqlite::{OptionalExtension, params};
+
+use super::{Index, NewNotification, NotifyState, now_ms, path_bytes};
+
+/// The sealed runs of one watch.
+pub(super) const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes,
+        ci, first_file_ms, last_file_ms, tests
+     FROM runs WHERE watch = ?1";
+
+/// When one run was sealed.
+pub(super) const SEALED_MS: &str = "SELECT sealed_ms FROM runs WHERE watch = ?1 AND name = ?2";
+
+/// One run's manifest as recorded.
+pub(super) const RUN_MANIFEST: &str =
+    "SELECT manifest FROM run_manifests WHERE watch = ?1 AND name = ?2";
+
+/// A sealed run as the index records it; its manifest is apart (see
+/// [`Index::run_manifest`]), the few fields read without it are columns.
+#[derive(Debug, Clone, Default)]
+pub struct SealedRun {
+    /// The watch root the run lies in.
+    pub watch: PathBuf,
+    /// The run's name (its top-level directory).
+    pub name: String,
+    /// When it was sealed.
+    pub sealed_ms: i64,
+    /// SHA-256 of the manifest as written.
+    pub manifest_sha256: Vec<u8>,
+    /// Files in the manifest.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The manifest's CI context (its JSON), if any.
+    pub ci: Option<String>,
+    /// The manifest's earliest and latest file modification times (ms).
+    pub first_file_ms: Option<i64>,
+    /// See `first_file_ms`.
+    pub last_file_ms: Option<i64>,
+    /// The manifest's test summary (its JSON), if any.
+    pub tests: Option<String>,
+}
+
+/// A manifest as the index keeps it: zstd at its fastest level (about 6x smaller for a
+/// manifest's JSON, compressed at hundreds of MB/s), so recording a large run's seal writes
+/// a few hundred kilobytes, not megabytes.
+pub fn pack_manifest(text: &str) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(text.as_bytes(), 1)
+}
+
+impl Index {
+    /// Record a sealed run (replacing an earlier seal of the same run) and queue its
+    /// notifications, in one transaction: a seal is never recorded without them, nor they
+    /// without it.
+    /// `manifest` is the manifest as [`pack_manifest`] gives it.
+    pub fn record_run(
+        &self,
+        run: &SealedRun,
+        manifest: &[u8],
+        notifications: &[NewNotification],
+    ) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO runs
+             (watch, name, sealed_ms, manifest_sha256, files, bytes,
+              ci, first_file_ms, last_file_ms, tests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                path_bytes(&run.watch),
+                run.name,
+                run.sealed_ms,
+                run.manifest_sha256,
+                run.files as i64,
+                run.bytes as i64,
+                run.ci,
+                run.first_file_ms,
+                run.last_file_ms,
+                run.tests
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO run_manifests (watch, name, manifest) VALUES (?1, ?2, ?3)
+             ON CONFLICT (watch, name) DO UPDATE SET manifest = excluded.manifest",
+            params![path_bytes(&run.watch), run.name, manifest],
+        )?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO notifications
+                 (notifier, idempotency_key, watch, run, sealed_ms, manifest_key, payload, state,
+                  lease_until_ms, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let now = now_ms();
+            for n in notifications {
+                insert.execute(params![
+                    n.notifier,
+                    n.idempotency_key,
+                    path_bytes(&run.watch),
+                    run.name,
+                    run.sealed_ms,
+                    n.manifest_key,
+                    n.payload,
+                    NotifyState::Pending,
+                    n.lease_until_ms,
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many runs are sealed, and when the latest was (ms since the epoch).
+    pub fn run_totals(&self) -> anyhow::Result<(u64, Option<i64>)> {
+        Ok(self
+            .conn()
+            .query_row("SELECT count(*), max(sealed_ms) FROM runs", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })?)
+    }
+
+    /// Forget a sealed run (retention deleted it).
+    pub fn forget_run(&self, watch: &Path, name: &str) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["runs", "run_manifests"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE watch = ?1 AND name = ?2"),
+                params![path_bytes(watch), name],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The sealed runs of the watch rooted at `watch`.
+    pub fn sealed_runs(&self, watch: &Path) -> anyhow::Result<Vec<SealedRun>> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(SEALED_RUNS)?;
+        let rows = s.query_map(params![path_bytes(watch)], |r| {
+            Ok(SealedRun {
+                watch: watch.to_path_buf(),
+                name: r.get(0)?,
+                sealed_ms: r.get(1)?,
+                manifest_sha256: r.get(2)?,
+                files: r.get::<_, i64>(3)? as u64,
+                bytes: r.get::<_, i64>(4)? as u64,
+                ci: r.get(5)?,
+                first_file_ms: r.get(6)?,
+                last_file_ms: r.get(7)?,
+                tests: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The recorded manifest of run `name` of the watch rooted at `watch`, as JSON text.
+    pub fn run_manifest(&self, watch: &Path, name: &str) -> anyhow::Result<Option<String>> {
+        let stored = {
+            let conn = self.conn();
+            let mut s = conn.prepare_cached(RUN_MANIFEST)?;
+            s.query_row(params![path_bytes(watch), name], |r| {
+                Ok(match r.get_ref(0)? {
+                    ValueRef::Blob(b) => Err(b.to_vec()),
+                    v => Ok(v.as_str()?.to_string()),
+                })
+            })
+            .optional()?
+        };
+        let what = || format!("the recorded manifest of run {name:?}");
+        match stored {
+            None => Ok(None),
+            Some(Ok(text)) => Ok(Some(text)),
+            Some(Err(packed)) => {
+                let bytes = zstd::stream::decode_all(packed.as_slice()).with_context(what)?;
+                Ok(Some(String::from_utf8(bytes).with_context(what)?))
+            }
+        }
+    }
+
+    /// When the run `name` of the watch rooted at `watch` was last sealed, if it was (one
+    /// primary-key lookup).
+    pub fn sealed_ms(&self, watch: &Path, name: &str) -> anyhow::Result<Option<i64>> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(SEALED_MS)?;
+        Ok(s.query_row(params![path_bytes(watch), name], |r| r.get(0))
+            .optional()?)
+    }
+}
