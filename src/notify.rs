@@ -6,7 +6,7 @@
 //! every file of the run and the manifest. The rows are queued leased to the sealing process,
 //! which tries each a few times at once ([`after_seal`]); whatever is still pending then is
 //! sent by the daemon's notify loop ([`run_loop`]), with exponential backoff and jitter
-//! ([`crate::index::backoff`]), across restarts and `kill -9`.
+//! ([`crate::format::units::backoff`]), across restarts and `kill -9`.
 //!
 //! Whoever sends a notification first takes its lease in the index (a conditional `UPDATE`),
 //! so `seal` and the daemon, both on the same index, never send one at the same time. A row
@@ -388,7 +388,8 @@ fn failed(n: &PendingNotification, f: Failure, tries: i64, now: i64) -> NotifyOu
     NotifyOutcome::Failed {
         error: f.error,
         tries,
-        next_attempt_ms: now + crate::index::backoff(attempts, f.permanent).as_millis() as i64,
+        next_attempt_ms: now
+            + crate::format::units::backoff(attempts, f.permanent).as_millis() as i64,
         give_up: now - n.created_ms >= GIVE_UP_AFTER.as_millis() as i64,
     }
 }
@@ -505,7 +506,8 @@ async fn try_after_seal(
                     Err(f) => last = Some(f),
                 }
                 if tries < SEAL_ATTEMPTS as i64 {
-                    tokio::time::sleep(crate::index::backoff(n.attempts + tries, false)).await;
+                    tokio::time::sleep(crate::format::units::backoff(n.attempts + tries, false))
+                        .await;
                 }
             }
             let f = last.unwrap_or(Failure {

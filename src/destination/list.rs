@@ -340,7 +340,12 @@ impl RemoteLister {
                 Ok(page) => return Ok(page),
                 Err((retry, e)) if retry && attempt < 4 => {
                     tracing::debug!(error = %e, attempt, "listing page failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    tokio::time::sleep(crate::format::units::retry_delay(
+                        attempt,
+                        Duration::from_millis(400),
+                        Duration::from_secs(2),
+                    ))
+                    .await;
                 }
                 Err((_, e)) => return Err(e),
             }

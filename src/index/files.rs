@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Index, UploadState, bytes_path, now_ms, path_bytes, sha_from, stat_at};
+use super::{
+    Index, UploadState, bytes_path, now_ms, path_bytes, sha_from, sha_or_damaged, stat_at,
+};
 
 /// Every indexed file in a path range (the files of one run directory), with the
 /// destinations holding its current generation.
@@ -179,7 +181,11 @@ impl Index {
                     } => {
                         let existing = get
                             .query_row(params![path_bytes(path)], |r| {
-                                Ok((r.get::<_, i64>(0)?, sha_from(r, 1)?, r.get::<_, i64>(2)?))
+                                Ok((
+                                    r.get::<_, i64>(0)?,
+                                    sha_or_damaged(r, 1)?,
+                                    r.get::<_, i64>(2)?,
+                                ))
                             })
                             .optional()?;
                         let (id, generation, content_changed) = match existing {
@@ -196,7 +202,7 @@ impl Index {
                                 (tx.last_insert_rowid(), 1, true)
                             }
                             Some((id, old_sha, old_gen)) => {
-                                let changed = old_sha != *sha256;
+                                let changed = old_sha != Some(*sha256);
                                 let generation = if changed { old_gen + 1 } else { old_gen };
                                 update.execute(params![
                                     id,
@@ -223,12 +229,12 @@ impl Index {
                         for dest in dests {
                             let cur = current
                                 .query_row(params![id, dest], |r| {
-                                    Ok((r.get::<_, String>(0)?, sha_from(r, 1)?))
+                                    Ok((r.get::<_, String>(0)?, sha_or_damaged(r, 1)?))
                                 })
                                 .optional()?;
                             // Same content at the same key: whatever state it is in still holds.
                             if !content_changed
-                                && cur.as_ref() == Some(&(key_text.clone(), *sha256))
+                                && cur.as_ref() == Some(&(key_text.clone(), Some(*sha256)))
                             {
                                 continue;
                             }
