@@ -180,7 +180,7 @@ enum Done {
     /// `url`.
     Link(String),
     /// `seal`.
-    Sealed(crate::runs::Sealed),
+    Sealed(crate::seal::Sealed),
     /// `runs`.
     Runs {
         runs: Vec<crate::runs::RunInfo>,
@@ -215,7 +215,7 @@ impl Done {
             Done::Verified { report, .. } => Exit::unless_failures(report.problems.is_empty()),
             Done::Pruned { report, .. } => Exit::unless_failures(report.failed.is_empty()),
             Done::Checked(Err(_)) => Exit::Usage,
-            Done::Sealed(s) => Exit::unless_failures(matches!(s, crate::runs::Sealed::Done { .. })),
+            Done::Sealed(s) => Exit::unless_failures(matches!(s, crate::seal::Sealed::Done { .. })),
             Done::RunRestored { report, .. } => Exit::unless_failures(report.failed.is_empty()),
             Done::Refused(_) => Exit::Usage,
             Done::Ran
@@ -326,7 +326,7 @@ async fn dispatch(
             timeout,
             labels,
         } => refused_or(
-            crate::runs::seal(&config, &dir, timeout, labels).await,
+            crate::seal::seal(&config, &dir, timeout, labels).await,
             Done::Sealed,
         )?,
         Command::Runs { json } => {
@@ -588,9 +588,9 @@ fn refused_or<T>(res: anyhow::Result<T>, done: impl FnOnce(T) -> Done) -> anyhow
 }
 
 /// `seal`: sealed, or what is not stored yet.
-fn render_seal(s: &crate::runs::Sealed) {
+fn render_seal(s: &crate::seal::Sealed) {
     match s {
-        crate::runs::Sealed::Done {
+        crate::seal::Sealed::Done {
             manifest,
             stored_key,
             page_key,
@@ -629,7 +629,7 @@ fn render_seal(s: &crate::runs::Sealed) {
                 }
             }
         }
-        crate::runs::Sealed::Incomplete(s) => {
+        crate::seal::Sealed::Incomplete(s) => {
             render_unstored(s);
             eprintln!(
                 "not sealed: {} files stored, {} failed, {} not stored yet in every destination",

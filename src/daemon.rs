@@ -144,7 +144,7 @@ async fn seal_loop(config: Config, index: Arc<Index>, cancel: CancellationToken)
         }
         tokio::select! {
             _ = cancel.cancelled() => return "seal",
-            r = crate::runs::seal_quiet(&config, &index) => {
+            r = crate::seal::seal_quiet(&config, &index) => {
                 if let Err(e) = r {
                     tracing::error!(error = %format!("{e:#}"), "sealing quiet runs failed");
                 }

@@ -39,6 +39,7 @@ pub(crate) mod results;
 pub(crate) mod retention;
 pub(crate) mod runs;
 pub mod scan;
+pub(crate) mod seal;
 pub(crate) mod status;
 pub mod sync;
 pub(crate) mod throttle;

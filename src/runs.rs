@@ -10,29 +10,26 @@
 //! compares the index with the manifest kept in the index to show runs changed after a seal.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
-use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
+use object_store::{Attribute, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Runs};
 use crate::destination::{self, Destination};
-use crate::format::ci::{Ci, ci_context};
+use crate::format::ci::Ci;
 use crate::format::layout;
 use crate::format::manifest::{
-    MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, RunSummary, Totals,
+    MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, RunSummary,
 };
 use crate::index::Index;
-use crate::pipeline::{self, Finish, Meta, Pipeline};
+use crate::pipeline::{self, Pipeline};
 use crate::scan::Root;
-use crate::sync::FlushSummary;
-use crate::sync::Flushed;
 
 pub(crate) mod page;
 
@@ -57,7 +54,7 @@ pub(crate) struct RunDir {
     pub watch: usize,
 }
 
-fn run_watches(config: &Config) -> impl Iterator<Item = (usize, &crate::config::Watch)> {
+pub(crate) fn run_watches(config: &Config) -> impl Iterator<Item = (usize, &crate::config::Watch)> {
     config
         .watch
         .iter()
@@ -116,261 +113,6 @@ pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// What `seal` did.
-#[derive(Debug)]
-pub(crate) enum Sealed {
-    /// The run is sealed.
-    Done {
-        /// The manifest written.
-        manifest: Box<Manifest>,
-        /// Its stored key (relative to each destination base).
-        stored_key: String,
-        /// The page's key (relative to each destination base), when one was written.
-        page_key: Option<String>,
-        /// What became of each notification of the seal.
-        notifications: Vec<crate::notify::Delivery>,
-        /// Destinations the run's summary record could not be written to, with the reason.
-        record_problems: Vec<String>,
-    },
-    /// Not every file reached every destination in time (or some failed): not sealed.
-    Incomplete(FlushSummary),
-}
-
-/// Seal the run at `dir`: wait until every file under it is in every destination, then write
-/// the manifest to every destination and record the seal.
-pub(crate) async fn seal(
-    config: &Config,
-    dir: &Path,
-    timeout: Duration,
-    labels: Vec<(String, String)>,
-) -> anyhow::Result<Sealed> {
-    let started = std::time::Instant::now();
-    let run = locate(config, dir)?;
-    // Held until the seal ends (or the process dies): `runs` shows the run as sealing, and a
-    // second `seal` of the same run is refused instead of racing this one.
-    let _sealing = SealingLock::take(config, &run)?;
-    let roots = Root::from_config(config);
-    let root = roots
-        .get(run.watch)
-        .cloned()
-        .context("the run's watch is gone")?;
-    // Looked at through the root's handle, like every access to the tree.
-    let reserved = root.kind(&run.path.join(RUN_DIR));
-    if !matches!(&reserved, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
-        return Err(UsageError(format!(
-            "{} contains {RUN_DIR:?}, which is reserved for the run's manifest",
-            run.path.display()
-        ))
-        .into());
-    }
-    let (flushed, index) = crate::sync::flush_under(config, timeout, true, Some(&run.path)).await?;
-    if !flushed.complete() {
-        return Ok(Sealed::Incomplete(flushed));
-    }
-    let ci = ci_context(|k| std::env::var(k).ok());
-    let (index, manifest, collected, earlier_ms) = {
-        let (config, run, root) = (config.clone(), run.clone(), root.clone());
-        let files = flushed.files;
-        tokio::task::spawn_blocking(move || {
-            // The JUnit files are parsed (each capped) while the manifest is built: both read
-            // only the files as flushed.
-            let watch = &config.watch[run.watch];
-            let (manifest, collected) = std::thread::scope(|s| {
-                let tests = std::thread::Builder::new()
-                    .name("seal-tests".into())
-                    .spawn_scoped(s, || crate::results::collect(&root, &run, &files, watch));
-                let manifest = manifest_files(&run, &files)
-                    .map(|listed| build_manifest(&config, &root, &run, listed, ci, labels));
-                let collected = match tests {
-                    Ok(handle) => handle
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("reading the run's test results panicked")),
-                    // No thread to be had: parse them here.
-                    Err(_) => Ok(crate::results::collect(&root, &run, &files, watch)),
-                };
-                (manifest, collected)
-            });
-            let (mut manifest, collected) = (manifest?, collected?);
-            manifest.tests = collected.summary.clone();
-            let earlier_ms = index.sealed_ms(&root.path, &run.name)?;
-            anyhow::Ok((index, manifest, collected, earlier_ms))
-        })
-        .await??
-    };
-    // About 300 bytes a file: one allocation instead of a doubling series of copies.
-    let mut json = Vec::with_capacity(4096 + manifest.files.len() * 320);
-    serde_json::to_writer_pretty(&mut json, &manifest)?;
-    let text = String::from_utf8(json).context("the manifest's JSON is not UTF-8")?;
-    let body = text.as_bytes();
-    let body_sha = Sha256::digest(body);
-    let logical = root
-        .key_for(&run.path.join(RUN_DIR).join(MANIFEST_NAME))
-        .map_err(anyhow::Error::msg)?;
-    let pipeline = Pipeline::from_config(config)?;
-    let plan = pipeline.plan(Path::new(MANIFEST_NAME), body);
-    let stored_key = layout::stored_key(&logical, plan);
-    let meta = Meta {
-        size: body.len() as u64,
-        mtime_ns: manifest.sealed_ms * 1_000_000,
-        sha256: hex::encode(body_sha),
-        mode: Some(0o644),
-        path: Some(logical.clone()),
-    };
-    let sink = Buffer::default();
-    let mut w = pipeline::encoder(&pipeline, plan, &meta, &stored_key, Box::new(sink.clone()))?;
-    w.write_all(body)?;
-    w.finish()?;
-    let object = bytes::Bytes::from(std::mem::take(
-        &mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()),
-    ));
-    let manifest = Arc::new(manifest);
-    // Without a key the run gets its browsable page, stored as it is; rendered while the
-    // manifest is stored.
-    let page = pipeline.key.is_none().then(|| {
-        let (manifest, stored_key) = (manifest.clone(), stored_key.clone());
-        tokio::task::spawn_blocking(move || {
-            let (logical, up) = page::location(&manifest);
-            (logical, page::render(&manifest, &stored_key, up, false))
-        })
-    });
-    // Packed for the index while the manifest is stored.
-    let packed = tokio::task::spawn_blocking(move || crate::index::pack_manifest(&text));
-    let dests = destination::open_all(config)?;
-    // The manifest and the page are stored side by side; the seal fails if either does.
-    let manifest_stored = async {
-        for dest in &dests {
-            put_own(
-                dest,
-                &stored_key,
-                object.clone(),
-                plan,
-                &meta,
-                MANIFEST_NAME,
-            )
-            .await?;
-        }
-        anyhow::Ok(())
-    };
-    let page_stored = async {
-        let Some(page) = page else {
-            return anyhow::Ok(None);
-        };
-        let (logical, html) = page.await.context("rendering the run's page failed")?;
-        let page_key = layout::stored_key(&logical, layout::Plan::STORED);
-        let html = bytes::Bytes::from(html);
-        let meta = Meta {
-            size: html.len() as u64,
-            mtime_ns: manifest.sealed_ms * 1_000_000,
-            sha256: hex::encode(Sha256::digest(&html)),
-            mode: Some(0o644),
-            path: Some(logical),
-        };
-        for dest in &dests {
-            put_own(
-                dest,
-                &page_key,
-                html.clone(),
-                layout::Plan::STORED,
-                &meta,
-                page::PAGE_NAME,
-            )
-            .await?;
-        }
-        Ok(Some(page_key))
-    };
-    let ((), page_key) = tokio::try_join!(manifest_stored, page_stored)?;
-    let record_problems = if config.writes_run_records() {
-        let record = crate::format::record::RunRecord::new(&manifest, &collected);
-        crate::results::write_record(&dests, &record, earlier_ms).await
-    } else {
-        Vec::new()
-    };
-    drop(collected);
-    let sha = body_sha.to_vec();
-    // The notifications are leased to this process while it tries them itself.
-    let lease = crate::notify::seal_lease(config, timeout.saturating_sub(started.elapsed()));
-    let lease_until_ms = crate::format::units::now_ms() + lease.as_millis() as i64;
-    let queued = crate::notify::queue(
-        config,
-        &manifest,
-        &root.prefix,
-        &stored_key,
-        page_key.as_deref(),
-        lease_until_ms,
-    )?;
-    let packed = packed
-        .await
-        .context("packing the manifest for the index panicked")?
-        .context("packing the manifest for the index")?;
-    let run = crate::index::SealedRun {
-        watch: root.path.clone(),
-        name: manifest.run.clone(),
-        sealed_ms: manifest.sealed_ms,
-        manifest_sha256: sha,
-        files: manifest.totals.files,
-        bytes: manifest.totals.bytes,
-        ci: manifest
-            .ci
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?,
-        first_file_ms: manifest.first_file_ms,
-        last_file_ms: manifest.last_file_ms,
-        tests: manifest
-            .tests
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?,
-    };
-    let (i, q) = (index.clone(), queued.clone());
-    tokio::task::spawn_blocking(move || i.record_run(&run, &packed, &q)).await??;
-    let notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
-    Ok(Sealed::Done {
-        manifest: Box::new(Arc::unwrap_or_clone(manifest)),
-        stored_key,
-        page_key,
-        notifications,
-        record_problems,
-    })
-}
-
-/// The manifest entries of the flushed files, as the flush found them stored: listed through
-/// the root's handle with the identity the index has, and every destination holding that
-/// content at the file's key. Nothing is read again: the flush's look is the one the manifest
-/// describes.
-fn manifest_files(run: &RunDir, files: &[Flushed]) -> anyhow::Result<Vec<ManifestFile>> {
-    let mut out = Vec::with_capacity(files.len());
-    for Flushed { path, stat, stored } in files {
-        let mut stored_key: Option<&String> = None;
-        for held in &stored.held {
-            match held {
-                Some((k, s)) if *s == stored.sha256 => {
-                    stored_key.get_or_insert(k);
-                }
-                // The object at the file's key holds other content (or the index lost it)
-                // since the upload was recorded: the run is changing under the seal.
-                _ => anyhow::bail!(
-                    "{} changed while the run was being sealed; seal again",
-                    path.display()
-                ),
-            }
-        }
-        let rel = relative_str(path, &run.path)
-            .with_context(|| format!("{} is not a UTF-8 path in the run", path.display()))?;
-        out.push(ManifestFile {
-            path: rel.to_string(),
-            size: stat.size,
-            sha256: hex::encode(stored.sha256),
-            mtime_ns: stat.mtime_ns,
-            mode: stat.mode,
-            content_type: layout::guess_type(path).to_string(),
-            stored_key: stored_key.cloned().unwrap_or_default(),
-        });
-    }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
-}
-
 /// The run directories of watch `w` (names that can name a run), listed through the root's
 /// own handle: a root replaced by a symlink lists nothing.
 fn run_dirs(w: &crate::config::Watch) -> Vec<String> {
@@ -394,127 +136,6 @@ pub(crate) fn relative_str<'a>(path: &'a Path, dir: &Path) -> Option<&'a str> {
         .strip_prefix(b"/")
         .or(dir.ends_with(b"/").then_some(rest))?;
     std::str::from_utf8(rest).ok().filter(|r| !r.is_empty())
-}
-
-fn build_manifest(
-    config: &Config,
-    root: &Root,
-    run: &RunDir,
-    files: Vec<ManifestFile>,
-    ci: Option<Ci>,
-    labels: Vec<(String, String)>,
-) -> Manifest {
-    let ms = |f: &ManifestFile| f.mtime_ns.div_euclid(1_000_000);
-    let key_prefix = if root.prefix.is_empty() {
-        run.name.clone()
-    } else {
-        format!("{}/{}", root.prefix, run.name)
-    };
-    Manifest {
-        format: MANIFEST_FORMAT,
-        run: run.name.clone(),
-        key_prefix,
-        node: config.node_id.clone(),
-        ci,
-        labels: labels.into_iter().collect(),
-        first_file_ms: files.iter().map(ms).min(),
-        last_file_ms: files.iter().map(ms).max(),
-        sealed_ms: crate::format::units::now_ms(),
-        tests: None,
-        totals: Totals {
-            files: files.len() as u64,
-            bytes: files.iter().map(|f| f.size).sum(),
-        },
-        files,
-    }
-}
-
-/// The encoded object collects here.
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Finish for Buffer {
-    fn finish(self: Box<Self>) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Write one of the run's own objects (the encoded manifest, the page) with the same
-/// attributes (or, in a `file://` store, file metadata) as any object, so plain `restore`
-/// treats it like one. `name` gives the content type.
-async fn put_own(
-    dest: &Destination,
-    stored_key: &str,
-    object: bytes::Bytes,
-    plan: layout::Plan,
-    meta: &Meta,
-    name: &str,
-) -> anyhow::Result<()> {
-    let location = dest.path(stored_key)?;
-    let mut attributes = Attributes::new();
-    if dest.supports_attributes {
-        attributes.insert(
-            Attribute::ContentType,
-            plan.content_type(Path::new(name)).into(),
-        );
-        if let Some(enc) = plan.content_encoding() {
-            attributes.insert(Attribute::ContentEncoding, enc.into());
-        }
-        if !plan.encrypt {
-            for (k, v) in [
-                ("sha256", meta.sha256.clone()),
-                ("mtimens", meta.mtime_ns.to_string()),
-                ("mode", "644".to_string()),
-                ("size", meta.size.to_string()),
-            ] {
-                attributes.insert(Attribute::Metadata(k.into()), v.into());
-            }
-        }
-    }
-    let opts = PutOptions {
-        attributes,
-        ..Default::default()
-    };
-    let ticket = dest.ticket();
-    dest.store
-        .put_opts(&location, PutPayload::from_bytes(object), opts)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "writing the run's {name} {location} to {}: {}",
-                dest.name,
-                destination::error_chain(&e)
-            )
-        })?;
-    if !plan.encrypt
-        && let Some(file) = dest.local_file(stored_key)
-    {
-        let fm = crate::filemeta::FileMeta {
-            mode: 0o644,
-            mtime_ns: meta.mtime_ns,
-            long_name: None,
-        };
-        dest.apply_meta(file, fm)
-            .await?
-            .with_context(|| format!("setting mode and mtime of {location} in {}", dest.name))?;
-    }
-    dest.persist(ticket)
-        .await
-        .with_context(|| format!("writing the run's {name} {location}"))?;
-    Ok(())
 }
 
 /// What `restore --run` did.
@@ -786,7 +407,7 @@ pub(crate) fn run_at(config: &Config, dir: &Path) -> Option<RunDir> {
 
 /// A run's sealing lock: a file in the state directory, `flock`ed by the `seal` holding it
 /// (released by the kernel when that process ends, however it ends).
-struct SealingLock(#[allow(dead_code)] std::fs::File);
+pub(crate) struct SealingLock(#[allow(dead_code)] std::fs::File);
 
 impl SealingLock {
     fn path(config: &Config, watch: &Path, run: &str) -> PathBuf {
@@ -801,7 +422,7 @@ impl SealingLock {
             .join(hex::encode(&h.finalize()[..16]))
     }
 
-    fn take(config: &Config, run: &RunDir) -> anyhow::Result<SealingLock> {
+    pub(crate) fn take(config: &Config, run: &RunDir) -> anyhow::Result<SealingLock> {
         let watch = &config.watch[run.watch].path;
         let path = Self::path(config, watch, &run.name);
         crate::index::create_state_dir(path.parent().unwrap_or(&config.state_dir))?;
@@ -940,49 +561,6 @@ fn indexed_under(index: &Index, dir: &Path) -> anyhow::Result<Vec<Indexed>> {
             held_by: f.held_by,
         })
         .collect())
-}
-
-/// `seal_after`: seal every run that has been quiet that long and is complete everywhere
-/// (open, or changed after its seal), as `seal DIR` would. Returns the runs sealed; a run
-/// that cannot be sealed now is named in the log and tried again on the next pass.
-pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::Result<Vec<String>> {
-    let quiet_after: HashMap<PathBuf, Duration> = run_watches(config)
-        .filter_map(|(_, w)| w.seal_after.map(|d| (w.path.clone(), d)))
-        .collect();
-    if quiet_after.is_empty() {
-        return Ok(Vec::new());
-    }
-    let runs = {
-        let (c, i) = (config.clone(), index.clone());
-        tokio::task::spawn_blocking(move || list(&c, &i)).await??
-    };
-    let now = crate::format::units::now_ms();
-    let mut sealed = Vec::new();
-    for r in runs {
-        let Some(after) = quiet_after.get(&r.watch) else {
-            continue;
-        };
-        let quiet = r
-            .last_file_ms
-            .is_some_and(|ms| now.saturating_sub(ms) >= after.as_millis() as i64);
-        if r.state == State::Sealed || !r.complete || !quiet {
-            continue;
-        }
-        let dir = r.watch.join(&r.name);
-        match seal(config, &dir, Duration::from_secs(10), Vec::new()).await {
-            Ok(Sealed::Done { .. }) => {
-                tracing::info!(run = %r.name, "sealed a quiet run (seal_after)");
-                sealed.push(r.name);
-            }
-            Ok(Sealed::Incomplete(_)) => {
-                tracing::debug!(run = %r.name, "quiet run not complete yet; sealing later");
-            }
-            Err(e) => {
-                tracing::warn!(run = %r.name, error = %format!("{e:#}"), "cannot seal a quiet run");
-            }
-        }
-    }
-    Ok(sealed)
 }
 
 /// The `n` most recently sealed runs of this node, newest first. Blocking.
