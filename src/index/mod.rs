@@ -334,10 +334,10 @@ mod tests {
     };
     use super::objects::{FORGET_STORED, OBJECT_WITH, OBJECTS_WITH_METHOD};
     use super::queue::{AWAITING_ELSEWHERE, CLAIM, NEXT_DUE};
+    use super::queue::{INDEX_TOTALS, UPLOAD_TOTALS};
     use super::runs::{RUN_MANIFEST, SEALED_MS, SEALED_RUNS};
     use super::stats::{
-        CURRENT_ERRORS, INDEX_TOTALS, LAST_ERROR, LATENCIES, LATENCIES_BY_TIME, OLDEST_PENDING,
-        UPLOAD_SPAN, UPLOAD_TOTALS,
+        CURRENT_ERRORS, LAST_ERROR, LATENCIES, LATENCIES_BY_TIME, OLDEST_PENDING, UPLOAD_SPAN,
     };
     use super::testing::obs;
     use super::*;

@@ -8,7 +8,6 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRe
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
 use super::objects::{INSERT_OBJECT, object_params};
-use super::stats::{INDEX_TOTALS, StateTotals, dest_totals};
 use super::{
     Index, Method, ObjectRow, Stat, StoredAs, StoredFile, backoff, bytes_path, now_ms, path_bytes,
     sha_from, stat_at,
@@ -602,6 +601,40 @@ fn is_stored_in(
     }
     Ok(FlushState::Stored(StoredAs { sha256, held }))
 }
+
+/// A destination's upload rows in one state, as `upload_totals` counts them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StateTotals {
+    pub(super) state: UploadState,
+    /// Rows.
+    pub(super) rows: i64,
+    /// Rows with a last error.
+    pub(super) errors: i64,
+    /// Rows whose generation is not their file's current one.
+    pub(super) stale: i64,
+}
+
+/// The upload totals of `dest`, per state present (ordered by state).
+pub(super) fn dest_totals(conn: &Connection, dest: &str) -> anyhow::Result<Vec<StateTotals>> {
+    let mut stmt = conn.prepare_cached(UPLOAD_TOTALS)?;
+    let rows = stmt.query_map(params![dest], |r| {
+        Ok(StateTotals {
+            state: r.get(0)?,
+            rows: r.get(1)?,
+            errors: r.get(2)?,
+            stale: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Whole-index totals (kept by the triggers of migration 6).
+pub(super) const INDEX_TOTALS: &str =
+    "SELECT files, bytes, contents FROM index_totals WHERE id = 1";
+
+/// A destination's upload rows per state (kept by the triggers of migration 6).
+pub(super) const UPLOAD_TOTALS: &str =
+    "SELECT state, rows, errors, stale FROM upload_totals WHERE dest = ?1 AND rows > 0";
 
 #[cfg(test)]
 mod tests {

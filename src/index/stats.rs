@@ -1,9 +1,9 @@
 //! Counts for `status`, metrics and reports: from the running totals the triggers keep, and
 //! per destination from its upload rows (latencies, errors, bytes sent).
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{OptionalExtension, params};
 
-use super::queue::awaiting_in;
+use super::queue::{INDEX_TOTALS, awaiting_in, dest_totals};
 use super::{Index, Method, UploadState, now_ms};
 
 /// Queue-to-stored latencies of a destination's stored files, ascending.
@@ -24,14 +24,6 @@ pub(super) const UPLOAD_SPAN: &str =
 /// The last errors of a destination's files not stored, with how many files have each.
 pub(super) const CURRENT_ERRORS: &str = "SELECT last_error, count(*) FROM uploads
      WHERE dest = ?1 AND last_error IS NOT NULL AND state != ?2 GROUP BY 1";
-
-/// Whole-index totals (kept by the triggers of migration 6).
-pub(super) const INDEX_TOTALS: &str =
-    "SELECT files, bytes, contents FROM index_totals WHERE id = 1";
-
-/// A destination's upload rows per state (kept by the triggers of migration 6).
-pub(super) const UPLOAD_TOTALS: &str =
-    "SELECT state, rows, errors, stale FROM upload_totals WHERE dest = ?1 AND rows > 0";
 
 /// When a destination's oldest pending file was queued (reads the pending part of
 /// `uploads_queue` only).
@@ -214,32 +206,6 @@ impl Index {
     }
 }
 
-/// A destination's upload rows in one state, as `upload_totals` counts them.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct StateTotals {
-    pub(super) state: UploadState,
-    /// Rows.
-    pub(super) rows: i64,
-    /// Rows with a last error.
-    pub(super) errors: i64,
-    /// Rows whose generation is not their file's current one.
-    pub(super) stale: i64,
-}
-
-/// The upload totals of `dest`, per state present (ordered by state).
-pub(super) fn dest_totals(conn: &Connection, dest: &str) -> anyhow::Result<Vec<StateTotals>> {
-    let mut stmt = conn.prepare_cached(UPLOAD_TOTALS)?;
-    let rows = stmt.query_map(params![dest], |r| {
-        Ok(StateTotals {
-            state: r.get(0)?,
-            rows: r.get(1)?,
-            errors: r.get(2)?,
-            stale: r.get(3)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -348,7 +314,7 @@ mod tests {
     }
 
     /// Rows of (destination, state, rows, errors, stale) from `sql`.
-    fn upload_rows(conn: &Connection, sql: &str) -> Vec<(String, i64, i64, i64, i64)> {
+    fn upload_rows(conn: &rusqlite::Connection, sql: &str) -> Vec<(String, i64, i64, i64, i64)> {
         let mut stmt = conn.prepare(sql).unwrap();
         stmt.query_map([], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
