@@ -16,7 +16,10 @@ use crate::daemon;
 use crate::sync::Progress;
 
 mod args;
+mod render;
+
 pub use args::{Cli, Command, LogFormat};
+use render::render_rebuilt;
 
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::config::parse_rate(&format!("{s}/s"))
@@ -162,12 +165,12 @@ enum Done {
     },
     /// `report --fleet`.
     Fleet {
-        fleet: Box<crate::report::Fleet>,
+        fleet: Box<crate::format::report::Fleet>,
         json: bool,
     },
     /// `report` (text or JSON).
     Report {
-        report: crate::report::Report,
+        report: crate::format::report::Report,
         json: bool,
     },
     /// `report --html`: the page was written here.
@@ -229,66 +232,6 @@ impl Done {
             | Done::Checked(Ok(_))
             | Done::Nothing => Exit::Success,
         }
-    }
-
-    /// Print the result: data on stdout, what went wrong on stderr.
-    fn render(&self) -> anyhow::Result<()> {
-        match self {
-            Done::Ran | Done::Nothing => {}
-            Done::Sealed(s) => render_seal(s),
-            Done::Runs { runs, json } => {
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(runs)?);
-                } else {
-                    print!("{}", crate::runs::render(runs));
-                }
-            }
-            Done::RunRestored { report, run, to } => render_run_restore(report, run, to),
-            Done::Run { manifest, json } => {
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(manifest)?);
-                } else {
-                    print!("{}", crate::runs::render_manifest(manifest));
-                }
-            }
-            Done::Refused(e) => eprintln!("panoptic-sync: {e:#}"),
-            Done::Synced(s) => render_sync(s),
-            Done::Flushed(s) => render_flush(s),
-            Done::Status { status, json } => {
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(status)?);
-                } else {
-                    print!("{}", crate::status::render(status));
-                }
-            }
-            Done::Restored { summary, to } => render_restore(summary, to),
-            Done::Verified { report, deep } => render_verify(report, *deep),
-            Done::Fleet { fleet, json } => {
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(fleet)?);
-                } else {
-                    print!("{}", crate::report::render_fleet(fleet));
-                }
-            }
-            Done::Report { report, json } => {
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(report)?);
-                } else {
-                    print!("{}", crate::report::render_text(report));
-                }
-            }
-            Done::WroteHtml(path) => println!("wrote {}", path.display()),
-            Done::Pruned { report, dry_run } => render_prune(report, *dry_run),
-            Done::Link(link) => println!("{link}"),
-            Done::Checked(Ok(lines)) => {
-                for l in lines {
-                    println!("{l}");
-                }
-                println!("configuration is valid");
-            }
-            Done::Checked(Err(e)) => eprintln!("panoptic-sync: {e:#}"),
-        }
-        Ok(())
     }
 }
 
@@ -391,7 +334,7 @@ async fn dispatch(
             };
             match html {
                 Some(path) => {
-                    let (logical, up) = crate::runs::page::location(&manifest);
+                    let (logical, up) = crate::html::run_page::location(&manifest);
                     let manifest_key = format!(
                         "{}/{}/{}",
                         manifest.key_prefix,
@@ -399,7 +342,8 @@ async fn dispatch(
                         crate::format::manifest::MANIFEST_NAME
                     );
                     let encrypted = config.pipeline.encryption != crate::config::Encryption::None;
-                    let page = crate::runs::page::render(&manifest, &manifest_key, up, encrypted);
+                    let page =
+                        crate::html::run_page::render(&manifest, &manifest_key, up, encrypted);
                     std::fs::write(&path, page)
                         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
                     tracing::debug!(page = %logical, "rendered the run's page locally");
@@ -428,7 +372,7 @@ async fn dispatch(
                 let fleet = crate::report::fleet(&config, &query).await?;
                 return Ok(match html {
                     Some(path) => {
-                        std::fs::write(&path, crate::report::render_fleet_html(&fleet))
+                        std::fs::write(&path, crate::html::report::fleet_page(&fleet))
                             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
                         Done::WroteHtml(path)
                     }
@@ -446,7 +390,7 @@ async fn dispatch(
             .await??;
             match html {
                 Some(path) => {
-                    std::fs::write(&path, crate::report::render_html(&report))
+                    std::fs::write(&path, crate::html::report::node_page(&report))
                         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
                     Done::WroteHtml(path)
                 }
@@ -469,114 +413,6 @@ async fn dispatch(
     })
 }
 
-fn render_sync(summary: &crate::sync::SyncSummary) {
-    for root in &summary.refused_roots {
-        eprintln!(
-            "panoptic-sync: watch root {} is not a real directory (a symbolic link is never followed); nothing under it was synced",
-            root.display()
-        );
-    }
-    for d in &summary.destinations {
-        println!(
-            "{}: {} stored, {} missing{}",
-            d.name,
-            d.stored,
-            d.missing,
-            d.last_error
-                .as_deref()
-                .filter(|_| d.missing > 0)
-                .map(|e| format!(" (last error: {e})"))
-                .unwrap_or_default()
-        );
-    }
-}
-
-/// The files a flush or seal found failed or not stored yet (at most 20 of the latter).
-fn render_unstored(s: &crate::sync::FlushSummary) {
-    for (p, e) in &s.failed {
-        eprintln!("failed: {}: {e}", p.display());
-    }
-    for p in s.waiting.iter().take(20) {
-        eprintln!("not stored yet: {}", p.display());
-    }
-    if s.waiting.len() > 20 {
-        eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
-    }
-}
-
-fn render_flush(s: &crate::sync::FlushSummary) {
-    render_unstored(s);
-    println!(
-        "{} files stored, {} failed, {} not stored yet",
-        s.stored,
-        s.failed.len(),
-        s.waiting.len()
-    );
-}
-
-fn render_restore(s: &crate::restore::RestoreSummary, to: &std::path::Path) {
-    for (key, e) in &s.failed {
-        eprintln!("failed: {key}: {e}");
-    }
-    for key in &s.superseded {
-        eprintln!("skipped (a newer object maps to the same file): {key}");
-    }
-    println!(
-        "{} files restored to {}, {} objects failed",
-        s.restored,
-        to.display(),
-        s.failed.len()
-    );
-}
-
-fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
-    for p in &r.problems {
-        eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
-    }
-    println!(
-        "{} objects checked{}, {} problems",
-        r.checked,
-        if deep { " deeply" } else { "" },
-        r.problems.len()
-    );
-}
-
-fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
-    for run in &r.runs {
-        println!(
-            "{}run {} ({}): {}",
-            if dry_run { "would delete " } else { "deleted " },
-            crate::destination::printable(&run.run),
-            crate::destination::printable(&run.key_prefix),
-            run.rule
-        );
-    }
-    for x in &r.expired {
-        println!(
-            "{}{}: {}",
-            if dry_run { "would delete " } else { "deleted " },
-            x.dest,
-            x.key
-        );
-    }
-    for p in &r.skipped_prefixes {
-        eprintln!("skipped prefix {p:?}: it does not contain the node id");
-    }
-    for f in &r.failed {
-        eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
-    }
-    println!(
-        "{} runs, {} objects {}",
-        r.runs.len(),
-        r.expired.len(),
-        if dry_run {
-            "would be deleted"
-        } else {
-            "deleted"
-        }
-    );
-}
-
 /// A usage error (not a run, no such run) becomes [`Done::Refused`] (exit 2); anything else
 /// goes on as an error.
 fn refused_or<T>(res: anyhow::Result<T>, done: impl FnOnce(T) -> Done) -> anyhow::Result<Done> {
@@ -585,78 +421,6 @@ fn refused_or<T>(res: anyhow::Result<T>, done: impl FnOnce(T) -> Done) -> anyhow
         Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => Ok(Done::Refused(e)),
         Err(e) => Err(e),
     }
-}
-
-/// `seal`: sealed, or what is not stored yet.
-fn render_seal(s: &crate::seal::Sealed) {
-    match s {
-        crate::seal::Sealed::Done {
-            manifest,
-            stored_key,
-            page_key,
-            notifications,
-            record_problems,
-        } => {
-            println!(
-                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
-                manifest.run, manifest.totals.files, manifest.totals.bytes
-            );
-            if let Some(page) = page_key {
-                println!("page: {page}");
-            }
-            if let Some(t) = &manifest.tests {
-                println!("tests: {} ({})", t.verdict(), t.counts_line());
-                for bad in &t.unreadable {
-                    eprintln!(
-                        "{}",
-                        crate::destination::printable(&format!(
-                            "JUnit file left out: {}: {}",
-                            bad.path, bad.error
-                        ))
-                    );
-                }
-            }
-            for p in record_problems {
-                eprintln!("{}", crate::destination::printable(p));
-            }
-            for n in notifications {
-                match &n.error {
-                    None => println!("notify {}: sent", n.notifier),
-                    Some(e) => eprintln!(
-                        "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",
-                        n.notifier
-                    ),
-                }
-            }
-        }
-        crate::seal::Sealed::Incomplete(s) => {
-            render_unstored(s);
-            eprintln!(
-                "not sealed: {} files stored, {} failed, {} not stored yet in every destination",
-                s.stored,
-                s.failed.len(),
-                s.waiting.len()
-            );
-        }
-    }
-}
-
-/// `restore --run`: each failure (escaped: names and errors come from the manifest, which
-/// anyone with bucket write can write when no key is configured), then the totals.
-fn render_run_restore(r: &crate::runs::RunRestore, run: &str, to: &std::path::Path) {
-    for (path, e) in &r.failed {
-        eprintln!(
-            "{}",
-            crate::destination::printable(&format!("failed: {path}: {e}"))
-        );
-    }
-    println!(
-        "run {run}: {} files restored to {} from manifest {}, {} failed",
-        r.restored,
-        to.display(),
-        r.manifest_key,
-        r.failed.len()
-    );
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Exit {
@@ -771,27 +535,6 @@ async fn rebuild(config: &Config) -> anyhow::Result<()> {
     // Shown at once: the daemon or sync that follows may run for a long time.
     render_rebuilt(&r);
     Ok(())
-}
-
-fn render_rebuilt(r: &crate::rebuild::Rebuilt) {
-    if let Some(old) = &r.moved_aside {
-        eprintln!("moved the old index aside to {}", old.display());
-    }
-    for d in &r.destinations {
-        eprintln!(
-            "{}: {} objects recorded from the destination{}",
-            d.name,
-            d.held,
-            if d.unknown > 0 {
-                format!(", {} without a readable hash (uploaded again)", d.unknown)
-            } else {
-                String::new()
-            }
-        );
-    }
-    for b in &r.bad_keys {
-        eprintln!("{}: not recorded: {}", b.dest, b.bad);
-    }
 }
 
 #[cfg(test)]

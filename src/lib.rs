@@ -25,6 +25,7 @@ pub mod daemon;
 pub(crate) mod destination;
 pub(crate) mod filemeta;
 pub mod format;
+pub(crate) mod html;
 pub mod index;
 pub mod ingest;
 pub(crate) mod links;

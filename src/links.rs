@@ -41,7 +41,7 @@ pub(crate) async fn link(
         }
         let index = Index::open(&config.state_dir)?;
         let manifest = crate::runs::sealed_manifest(config, &index, &run.name)?;
-        let (key, _) = crate::runs::page::stored_location(&manifest);
+        let (key, _) = crate::html::run_page::stored_location(&manifest);
         return link_to(&dest, &key, expires).await;
     }
     let roots = Root::from_config(config);

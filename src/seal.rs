@@ -29,10 +29,11 @@ use crate::format::manifest::{
     MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, Totals,
 };
 use crate::format::tests::Collected;
+use crate::html::run_page as page;
 use crate::index::Index;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::runs::{
-    RunDir, SealingLock, State, UsageError, list, locate, page, relative_str, run_watches,
+    RunDir, SealingLock, State, UsageError, list, locate, relative_str, run_watches,
 };
 use crate::scan::Root;
 use crate::sync::{FlushSummary, Flushed};

@@ -1,7 +1,5 @@
 //! `status`: what the index says about the queue, as text or JSON.
 
-use std::fmt::Write;
-
 use crate::config::Config;
 use crate::index::{Index, Status};
 
@@ -38,48 +36,4 @@ pub(crate) fn read(config: &Config) -> anyhow::Result<StatusView> {
         open_runs,
         notifications,
     })
-}
-
-/// A human-readable rendering of [`StatusView`].
-pub(crate) fn render(view: &StatusView) -> String {
-    let status = &view.status;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "index: {} files, {} bytes, {} distinct contents",
-        status.files, status.bytes, status.contents
-    );
-    let _ = writeln!(
-        out,
-        "{} files not yet in every destination (never deleted locally)",
-        status.awaiting_all_destinations
-    );
-    if let Some(n) = view.open_runs {
-        let _ = writeln!(out, "{n} runs open (not sealed)");
-    }
-    if let Some(n) = &view.notifications {
-        let _ = writeln!(
-            out,
-            "notifications: {} sent, {} pending ({} failing), {} given up",
-            n.sent, n.pending, n.failing, n.given_up
-        );
-        if let Some(e) = &n.last_error {
-            let _ = writeln!(out, "  last error: {e}");
-        }
-    }
-    for d in &status.destinations {
-        let _ = write!(
-            out,
-            "{}: {} done, {} pending ({} failing), {} failed permanently",
-            d.name, d.done, d.pending, d.failing, d.failed_permanently
-        );
-        if let Some(age) = d.oldest_pending_secs {
-            let _ = write!(out, ", oldest pending {age} s");
-        }
-        out.push('\n');
-        if let Some(e) = &d.last_error {
-            let _ = writeln!(out, "  last error: {e}");
-        }
-    }
-    out
 }

@@ -8,12 +8,15 @@
 //! - [`tests`]: test results as a manifest carries them.
 //! - [`record`]: the run summary record, one NDJSON line per sealed run.
 //! - [`node_status`]: the status object each node publishes for the fleet view.
+//! - [`report`] and [`fleet`]: the node report and the fleet view as `report --json` writes them.
 //! - [`units`]: sizes, durations and "now", spelled one way everywhere.
 
 pub(crate) mod ci;
+pub(crate) mod fleet;
 pub mod layout;
 pub(crate) mod manifest;
 pub(crate) mod node_status;
 pub(crate) mod record;
+pub(crate) mod report;
 pub(crate) mod tests;
 pub mod units;

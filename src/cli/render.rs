@@ -1,0 +1,747 @@
+//! Text for people: every command's result as `panoptic-sync` prints it (data on stdout, what
+//! went wrong on stderr). The JSON forms are the serde forms of the types in `format/` and of
+//! the features' results; the HTML pages are in `html/`.
+
+use std::fmt::Write as _;
+
+use super::Done;
+use crate::destination;
+use crate::format::manifest::ManifestFile;
+use crate::format::report::FleetNode;
+use crate::format::units::{human, now_secs};
+use crate::html::run_page as page;
+use crate::runs::State;
+
+impl Done {
+    /// Print the result: data on stdout, what went wrong on stderr.
+    pub(super) fn render(&self) -> anyhow::Result<()> {
+        match self {
+            Done::Ran | Done::Nothing => {}
+            Done::Sealed(s) => render_seal(s),
+            Done::Runs { runs, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(runs)?);
+                } else {
+                    print!("{}", runs_table(runs));
+                }
+            }
+            Done::RunRestored { report, run, to } => render_run_restore(report, run, to),
+            Done::Run { manifest, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(manifest)?);
+                } else {
+                    print!("{}", manifest_text(manifest));
+                }
+            }
+            Done::Refused(e) => eprintln!("panoptic-sync: {e:#}"),
+            Done::Synced(s) => render_sync(s),
+            Done::Flushed(s) => render_flush(s),
+            Done::Status { status, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(status)?);
+                } else {
+                    print!("{}", status_text(status));
+                }
+            }
+            Done::Restored { summary, to } => render_restore(summary, to),
+            Done::Verified { report, deep } => render_verify(report, *deep),
+            Done::Fleet { fleet, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(fleet)?);
+                } else {
+                    print!("{}", fleet_text(fleet));
+                }
+            }
+            Done::Report { report, json } => {
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(report)?);
+                } else {
+                    print!("{}", report_text(report));
+                }
+            }
+            Done::WroteHtml(path) => println!("wrote {}", path.display()),
+            Done::Pruned { report, dry_run } => render_prune(report, *dry_run),
+            Done::Link(link) => println!("{link}"),
+            Done::Checked(Ok(lines)) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                println!("configuration is valid");
+            }
+            Done::Checked(Err(e)) => eprintln!("panoptic-sync: {e:#}"),
+        }
+        Ok(())
+    }
+}
+
+fn render_sync(summary: &crate::sync::SyncSummary) {
+    for root in &summary.refused_roots {
+        eprintln!(
+            "panoptic-sync: watch root {} is not a real directory (a symbolic link is never followed); nothing under it was synced",
+            root.display()
+        );
+    }
+    for d in &summary.destinations {
+        println!(
+            "{}: {} stored, {} missing{}",
+            d.name,
+            d.stored,
+            d.missing,
+            d.last_error
+                .as_deref()
+                .filter(|_| d.missing > 0)
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// The files a flush or seal found failed or not stored yet (at most 20 of the latter).
+fn render_unstored(s: &crate::sync::FlushSummary) {
+    for (p, e) in &s.failed {
+        eprintln!("failed: {}: {e}", p.display());
+    }
+    for p in s.waiting.iter().take(20) {
+        eprintln!("not stored yet: {}", p.display());
+    }
+    if s.waiting.len() > 20 {
+        eprintln!("... and {} more not stored yet", s.waiting.len() - 20);
+    }
+}
+
+fn render_flush(s: &crate::sync::FlushSummary) {
+    render_unstored(s);
+    println!(
+        "{} files stored, {} failed, {} not stored yet",
+        s.stored,
+        s.failed.len(),
+        s.waiting.len()
+    );
+}
+
+fn render_restore(s: &crate::restore::RestoreSummary, to: &std::path::Path) {
+    for (key, e) in &s.failed {
+        eprintln!("failed: {key}: {e}");
+    }
+    for key in &s.superseded {
+        eprintln!("skipped (a newer object maps to the same file): {key}");
+    }
+    println!(
+        "{} files restored to {}, {} objects failed",
+        s.restored,
+        to.display(),
+        s.failed.len()
+    );
+}
+
+fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
+    for p in &r.problems {
+        eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
+    }
+    println!(
+        "{} objects checked{}, {} problems",
+        r.checked,
+        if deep { " deeply" } else { "" },
+        r.problems.len()
+    );
+}
+
+fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
+    for run in &r.runs {
+        println!(
+            "{}run {} ({}): {}",
+            if dry_run { "would delete " } else { "deleted " },
+            crate::destination::printable(&run.run),
+            crate::destination::printable(&run.key_prefix),
+            run.rule
+        );
+    }
+    for x in &r.expired {
+        println!(
+            "{}{}: {}",
+            if dry_run { "would delete " } else { "deleted " },
+            x.dest,
+            x.key
+        );
+    }
+    for p in &r.skipped_prefixes {
+        eprintln!("skipped prefix {p:?}: it does not contain the node id");
+    }
+    for f in &r.failed {
+        eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
+    }
+    println!(
+        "{} runs, {} objects {}",
+        r.runs.len(),
+        r.expired.len(),
+        if dry_run {
+            "would be deleted"
+        } else {
+            "deleted"
+        }
+    );
+}
+
+/// `seal`: sealed, or what is not stored yet.
+fn render_seal(s: &crate::seal::Sealed) {
+    match s {
+        crate::seal::Sealed::Done {
+            manifest,
+            stored_key,
+            page_key,
+            notifications,
+            record_problems,
+        } => {
+            println!(
+                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
+                manifest.run, manifest.totals.files, manifest.totals.bytes
+            );
+            if let Some(page) = page_key {
+                println!("page: {page}");
+            }
+            if let Some(t) = &manifest.tests {
+                println!("tests: {} ({})", t.verdict(), t.counts_line());
+                for bad in &t.unreadable {
+                    eprintln!(
+                        "{}",
+                        crate::destination::printable(&format!(
+                            "JUnit file left out: {}: {}",
+                            bad.path, bad.error
+                        ))
+                    );
+                }
+            }
+            for p in record_problems {
+                eprintln!("{}", crate::destination::printable(p));
+            }
+            for n in notifications {
+                match &n.error {
+                    None => println!("notify {}: sent", n.notifier),
+                    Some(e) => eprintln!(
+                        "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",
+                        n.notifier
+                    ),
+                }
+            }
+        }
+        crate::seal::Sealed::Incomplete(s) => {
+            render_unstored(s);
+            eprintln!(
+                "not sealed: {} files stored, {} failed, {} not stored yet in every destination",
+                s.stored,
+                s.failed.len(),
+                s.waiting.len()
+            );
+        }
+    }
+}
+
+/// `restore --run`: each failure (escaped: names and errors come from the manifest, which
+/// anyone with bucket write can write when no key is configured), then the totals.
+fn render_run_restore(r: &crate::runs::RunRestore, run: &str, to: &std::path::Path) {
+    for (path, e) in &r.failed {
+        eprintln!(
+            "{}",
+            crate::destination::printable(&format!("failed: {path}: {e}"))
+        );
+    }
+    println!(
+        "run {run}: {} files restored to {} from manifest {}, {} failed",
+        r.restored,
+        to.display(),
+        r.manifest_key,
+        r.failed.len()
+    );
+}
+
+pub(super) fn render_rebuilt(r: &crate::rebuild::Rebuilt) {
+    if let Some(old) = &r.moved_aside {
+        eprintln!("moved the old index aside to {}", old.display());
+    }
+    for d in &r.destinations {
+        eprintln!(
+            "{}: {} objects recorded from the destination{}",
+            d.name,
+            d.held,
+            if d.unknown > 0 {
+                format!(", {} without a readable hash (uploaded again)", d.unknown)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for b in &r.bad_keys {
+        eprintln!("{}: not recorded: {}", b.dest, b.bad);
+    }
+}
+
+/// A human-readable table of runs.
+fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if runs.is_empty() {
+        out.push_str("no runs (a watch needs runs = \"dir\")\n");
+    }
+    for r in runs {
+        let state = match r.state {
+            State::Open => "open",
+            State::Sealing => "sealing",
+            State::Sealed => "sealed",
+            State::ChangedAfterSeal => "changed after seal",
+        };
+        let missing: Vec<String> = r
+            .destinations
+            .iter()
+            .filter(|d| d.missing > 0)
+            .map(|d| format!("{} missing {}", d.name, d.missing))
+            .collect();
+        let _ = write!(
+            out,
+            "{}: {state}, {} files, {} bytes, {}",
+            r.name,
+            r.files,
+            r.bytes,
+            if r.complete {
+                "in every destination".to_string()
+            } else {
+                missing.join(", ")
+            }
+        );
+        if let Some(t) = &r.tests {
+            let _ = write!(out, "; tests {} ({})", t.verdict(), t.counts_line());
+        }
+        for n in &r.notifications {
+            let state = match n.state {
+                crate::index::NotifyState::Pending => "pending",
+                crate::index::NotifyState::Sent => "sent",
+                crate::index::NotifyState::GivenUp => "given up",
+            };
+            let _ = write!(out, "; notify {}: {state}", n.name);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `report --run`: one sealed run in text (every string escaped: the manifest's names come
+/// from the tree, its CI context from the job's environment).
+fn manifest_text(m: &crate::format::manifest::Manifest) -> String {
+    use std::fmt::Write as _;
+    let p = destination::printable;
+    let when = page::time;
+    let mut out = String::new();
+    let _ = writeln!(out, "run {} (node {})", p(&m.run), p(&m.node));
+    let _ = writeln!(out, "  sealed     {}", when(m.sealed_ms));
+    if let (Some(first), Some(last)) = (m.first_file_ms, m.last_file_ms) {
+        let secs = (last - first).max(0) / 1000;
+        let _ = writeln!(
+            out,
+            "  written    {} – {} ({}m {}s)",
+            when(first),
+            when(last),
+            secs / 60,
+            secs % 60
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  totals     {} files, {}",
+        m.totals.files,
+        crate::format::units::human(m.totals.bytes)
+    );
+    if let Some(ci) = &m.ci {
+        let _ = writeln!(out, "  ci         {}", p(&ci.provider));
+        for (k, v) in [
+            ("repository", &ci.repository),
+            ("branch", &ci.branch),
+            ("tag", &ci.tag),
+            ("commit", &ci.commit),
+            ("pull req.", &ci.pull_request),
+            ("job", &ci.job),
+            ("url", &ci.url),
+        ] {
+            if let Some(v) = v {
+                let _ = writeln!(out, "  {k:<10} {}", p(v));
+            }
+        }
+    }
+    for (k, v) in &m.labels {
+        let _ = writeln!(out, "  label      {}={}", p(k), p(v));
+    }
+    if let Some(t) = &m.tests {
+        let _ = writeln!(out, "  tests      {}: {}", t.verdict(), t.counts_line());
+        let _ = writeln!(out, "  test time  {:.1} s", t.duration_ms as f64 / 1000.0);
+        for f in &t.failures {
+            let _ = writeln!(
+                out,
+                "    {} {}::{} ({}){}",
+                if f.outcome == crate::format::tests::Outcome::Error {
+                    "ERROR "
+                } else {
+                    "FAILED"
+                },
+                p(&f.class),
+                p(&f.name),
+                p(&f.file),
+                f.message
+                    .as_deref()
+                    .map(|m| format!(": {}", p(&m.replace('\n', " "))))
+                    .unwrap_or_default()
+            );
+        }
+        if t.failures_omitted > 0 {
+            let _ = writeln!(out, "    ... and {} more failures", t.failures_omitted);
+        }
+        for b in &t.unreadable {
+            let _ = writeln!(
+                out,
+                "    JUnit file left out: {}: {}",
+                p(&b.path),
+                p(&b.error)
+            );
+        }
+        if !t.slowest.is_empty() {
+            out.push_str("  slowest tests:\n");
+        }
+        for s in &t.slowest {
+            let _ = writeln!(
+                out,
+                "    {:>9} ms  {}::{}",
+                s.duration_ms,
+                p(&s.class),
+                p(&s.name)
+            );
+        }
+    }
+    let mut largest: Vec<&ManifestFile> = m.files.iter().collect();
+    largest.sort_by_key(|f| std::cmp::Reverse(f.size));
+    if !largest.is_empty() {
+        out.push_str("  largest files:\n");
+    }
+    for f in largest.into_iter().take(10) {
+        let _ = writeln!(
+            out,
+            "    {:>10}  {}",
+            crate::format::units::human(f.size),
+            p(&f.path)
+        );
+    }
+    out
+}
+
+/// A human-readable rendering of [`StatusView`].
+fn status_text(view: &crate::status::StatusView) -> String {
+    let status = &view.status;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "index: {} files, {} bytes, {} distinct contents",
+        status.files, status.bytes, status.contents
+    );
+    let _ = writeln!(
+        out,
+        "{} files not yet in every destination (never deleted locally)",
+        status.awaiting_all_destinations
+    );
+    if let Some(n) = view.open_runs {
+        let _ = writeln!(out, "{n} runs open (not sealed)");
+    }
+    if let Some(n) = &view.notifications {
+        let _ = writeln!(
+            out,
+            "notifications: {} sent, {} pending ({} failing), {} given up",
+            n.sent, n.pending, n.failing, n.given_up
+        );
+        if let Some(e) = &n.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
+    }
+    for d in &status.destinations {
+        let _ = write!(
+            out,
+            "{}: {} done, {} pending ({} failing), {} failed permanently",
+            d.name, d.done, d.pending, d.failing, d.failed_permanently
+        );
+        if let Some(age) = d.oldest_pending_secs {
+            let _ = write!(out, ", oldest pending {age} s");
+        }
+        out.push('\n');
+        if let Some(e) = &d.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
+    }
+    out
+}
+
+/// The report as text.
+fn report_text(r: &crate::format::report::Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node {}: {} files, {}",
+        r.node_id,
+        r.files,
+        human(r.bytes)
+    );
+    for d in &r.destinations {
+        let _ = writeln!(
+            o,
+            "\n{}: {} objects, {} stored for {} original; saved {} by compression, {} by dedup",
+            d.name,
+            d.usage.objects,
+            human(d.usage.bytes_stored),
+            human(d.usage.bytes_original),
+            human(d.compression_saved_bytes),
+            human(d.dedup_saved_bytes)
+        );
+        let _ = writeln!(
+            o,
+            "  latency p50/p90/p99: {}/{}/{} ms; throughput {}/s; backlog {} ({} failing)",
+            d.latency_ms[0],
+            d.latency_ms[1],
+            d.latency_ms[2],
+            human(d.throughput_bytes_per_sec),
+            d.backlog.pending,
+            d.backlog.failing
+        );
+        let mut types: Vec<_> = d.by_type.iter().collect();
+        types.sort_by_key(|(_, u)| std::cmp::Reverse(u.bytes_original));
+        for (ext, u) in types.iter().take(8) {
+            let _ = writeln!(
+                o,
+                "  .{ext:<8} {:>6} objects {:>10} → {:>10}",
+                u.objects,
+                human(u.bytes_original),
+                human(u.bytes_stored)
+            );
+        }
+        for (cause, n) in &d.failures {
+            let _ = writeln!(o, "  failing ({n}): {cause}");
+        }
+    }
+    if !r.runs.is_empty() {
+        let _ = writeln!(o, "\nlatest runs:");
+        for run in &r.runs {
+            let _ = writeln!(o, "  {}", run_line(run));
+        }
+    }
+    if !r.recommendations.is_empty() {
+        let _ = writeln!(o, "\nrecommendations:");
+        for rec in &r.recommendations {
+            let _ = writeln!(o, "  - {rec}");
+        }
+    }
+    o
+}
+
+/// One run in text: name, branch, files, bytes, how long the job wrote (escaped: names come
+/// from trees and other nodes).
+fn run_line(r: &crate::format::manifest::RunSummary) -> String {
+    format!(
+        "{}{}: {} files, {}{}",
+        destination::printable(&r.run),
+        r.branch
+            .as_deref()
+            .map(|b| format!(" ({})", destination::printable(b)))
+            .unwrap_or_default(),
+        r.files,
+        human(r.bytes),
+        r.duration_secs
+            .map(|s| format!(", written over {}m {}s", s / 60, s % 60))
+            .unwrap_or_default()
+    )
+}
+
+/// The fleet as text. Every string from a status object has its control characters escaped:
+/// node ids and errors are written by other nodes, and must not drive the terminal.
+fn fleet_text(f: &crate::format::report::Fleet) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<24} {:>8} {:>10} {:>8} {:>8} {:>8}  state",
+        "node", "files", "bytes", "pending", "failing", "success"
+    );
+    let now = now_secs();
+    for FleetNode { status: n, stale } in &f.nodes {
+        let _ = writeln!(
+            o,
+            "{:<24} {:>8} {:>10} {:>8} {:>8} {:>7.1}%  {}",
+            destination::printable(&n.node_id),
+            n.files,
+            human(n.bytes),
+            n.pending(),
+            n.failing(),
+            n.success_rate * 100.0,
+            if *stale {
+                format!(
+                    "STALE (last seen {} s ago)",
+                    now.saturating_sub(n.last_seen)
+                )
+            } else {
+                "ok".into()
+            }
+        );
+    }
+    for FleetNode { status: n, .. } in &f.nodes {
+        for run in &n.latest_runs {
+            let _ = writeln!(
+                o,
+                "  {}: {}",
+                destination::printable(&n.node_id),
+                run_line(run)
+            );
+        }
+    }
+    let t = &f.totals;
+    let _ = writeln!(
+        o,
+        "fleet: {} nodes, {} files, {}, {} pending, {} failing",
+        t.nodes,
+        t.files,
+        human(t.bytes),
+        t.pending,
+        t.failing
+    );
+    for u in &f.unreadable {
+        let _ = writeln!(
+            o,
+            "unreadable status object: {}: {}",
+            destination::printable(&u.key),
+            destination::printable(&u.error)
+        );
+    }
+    o.push_str(&fleet_results_text(&f.results));
+    o
+}
+
+/// A test's id for people: `class::name`, escaped.
+fn test_id(class: &str, name: &str) -> String {
+    destination::printable(&format!("{class}::{name}"))
+}
+
+/// The fleet's test results as text (every string from a record escaped).
+fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
+    use std::fmt::Write as _;
+    let p = destination::printable;
+    let pc = crate::html::charts::percent;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\ntest results {} – {}{}: {} runs with tests, {} passed ({}); {} tests, {} passed{}",
+        r.from,
+        r.to,
+        r.branch
+            .as_deref()
+            .map(|b| format!(" on branch {}", p(b)))
+            .unwrap_or_default(),
+        r.totals.runs,
+        r.totals.runs_passed,
+        pc(r.totals.success_rate),
+        r.totals.tests,
+        pc(r.totals.pass_rate),
+        if r.runs_without_tests > 0 {
+            format!("; {} runs without tests", r.runs_without_tests)
+        } else {
+            String::new()
+        }
+    );
+    for (what, groups) in [
+        ("node", &r.nodes),
+        ("branch", &r.branches),
+        ("suite", &r.suites),
+    ] {
+        if groups.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "  {:<30} {:>6} {:>7} {:>8} {:>8} {:>9}",
+            format!("by {what}"),
+            "runs",
+            "passed",
+            "success",
+            "tests",
+            "pass rate"
+        );
+        for g in groups {
+            let _ = writeln!(
+                o,
+                "  {:<30} {:>6} {:>7} {:>8} {:>8} {:>9}",
+                p(&g.name),
+                g.rates.runs,
+                g.rates.runs_passed,
+                pc(g.rates.success_rate),
+                g.rates.tests,
+                pc(g.rates.pass_rate)
+            );
+        }
+    }
+    if !r.flaky.is_empty() {
+        let _ = writeln!(o, "  flaky tests (failed and passed for one commit):");
+        for f in &r.flaky {
+            let _ = writeln!(
+                o,
+                "    {} ({}): {} revision{}: {}",
+                test_id(&f.class, &f.name),
+                p(&f.suite),
+                f.revisions,
+                if f.revisions == 1 { "" } else { "s" },
+                p(&f.commits.join(", "))
+            );
+        }
+    }
+    for (what, list) in [
+        ("consistently failing", &r.consistently_failing),
+        ("most often failing", &r.most_failing),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let _ = writeln!(o, "  {what}:");
+        for t in list {
+            let _ = writeln!(
+                o,
+                "    {} ({}): failed {} of {} ({})",
+                test_id(&t.class, &t.name),
+                p(&t.suite),
+                t.failed,
+                t.runs.saturating_sub(t.skipped),
+                pc(t.failure_rate)
+            );
+        }
+    }
+    if !r.slowest.is_empty() {
+        let _ = writeln!(o, "  slowest tests (mean):");
+        for t in &r.slowest {
+            let _ = writeln!(
+                o,
+                "    {:>9} ms  {} ({} runs, max {} ms)",
+                t.mean_ms,
+                test_id(&t.class, &t.name),
+                t.runs,
+                t.max_ms
+            );
+        }
+    }
+    for n in &r.outlier_nodes {
+        let _ = writeln!(
+            o,
+            "  node {} stands out: {} of its {} runs failed, against {} for the rest of the fleet",
+            p(&n.node),
+            pc(Some(n.failure_rate)),
+            n.runs,
+            pc(Some(n.fleet_failure_rate))
+        );
+    }
+    if r.unreadable_junit_files > 0 {
+        let _ = writeln!(
+            o,
+            "  {} JUnit files could not be parsed by their nodes (see each run's summary)",
+            r.unreadable_junit_files
+        );
+    }
+    for u in &r.unreadable {
+        let _ = writeln!(o, "unreadable run record: {}: {}", p(&u.key), p(&u.error));
+    }
+    o
+}

@@ -1,0 +1,171 @@
+//! Fleet test analytics as `report --fleet --json` writes them: success and pass rates per
+//! node, branch and suite (each also per day), the slowest and most often failing tests,
+//! flaky tests, nodes that stand out, and what the caps left out. The aggregation that fills
+//! them is `results::fleet`.
+
+use serde::Serialize;
+
+/// Counts of runs and cases, with the rates derived from them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct Rates {
+    /// Runs with results.
+    pub runs: u64,
+    /// Of which passed.
+    pub runs_passed: u64,
+    /// Passed runs / runs (null without runs).
+    pub success_rate: Option<f64>,
+    /// Test cases.
+    pub tests: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed / (passed + failed + errors) (null without such cases).
+    pub pass_rate: Option<f64>,
+}
+
+/// One day of a group.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Day {
+    /// `YYYY-MM-DD` (UTC, the day of the seal).
+    pub date: String,
+    /// That day's numbers.
+    #[serde(flatten)]
+    pub rates: Rates,
+}
+
+/// A node, branch or suite: its rates over the window and per day.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Group {
+    /// The node id, branch or suite name (`(none)`: runs without a branch).
+    pub name: String,
+    /// Over the window.
+    #[serde(flatten)]
+    pub rates: Rates,
+    /// Per day, oldest first (days without runs left out).
+    pub days: Vec<Day>,
+}
+
+/// A test in the top lists.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TestStat {
+    /// Suite (where it was first seen).
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// Times it ran (skips included).
+    pub runs: u64,
+    /// Passed.
+    pub passed: u64,
+    /// Failed or erred.
+    pub failed: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// failed / (runs − skipped).
+    pub failure_rate: Option<f64>,
+    /// Mean time when not skipped, ms.
+    pub mean_ms: u64,
+    /// Longest time, ms.
+    pub max_ms: u64,
+}
+
+/// A flaky test.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Flaky {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// Revisions (commits, or runs without one) for which it both failed and passed.
+    pub revisions: u64,
+    /// Some of those commits (`run:<node>/<run>` for a run without one).
+    pub commits: Vec<String>,
+}
+
+/// A node whose failure rate stands out.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Outlier {
+    /// Node id.
+    pub node: String,
+    /// Its runs with results.
+    pub runs: u64,
+    /// Its run failure rate.
+    pub failure_rate: f64,
+    /// The rest of the fleet's.
+    pub fleet_failure_rate: f64,
+    /// Standard errors above the rest.
+    pub z: f64,
+}
+
+/// A record object that could not be used.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BadRecord {
+    /// Its key (control characters escaped).
+    pub key: String,
+    /// Why.
+    pub error: String,
+}
+
+/// What was left out because a cap was reached.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Capped {
+    /// Test cases of tests past the cap on tests (in the counts, not in the test lists).
+    pub cases_of_untracked_tests: u64,
+    /// Cases past the cap on pairs left out of the flaky check.
+    pub cases_not_checked_for_flakiness: u64,
+    /// Cases the writing nodes left out of their records (counted in the totals).
+    pub cases_omitted_by_writers: u64,
+}
+
+/// The fleet's test results (`results` in `report --fleet --json`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct FleetResults {
+    /// The window's first day (`YYYY-MM-DD`, UTC).
+    pub from: String,
+    /// Its last day.
+    pub to: String,
+    /// Runs sealed at or after this (ms since the epoch) are counted.
+    pub since_ms: i64,
+    /// `--branch`, when given.
+    pub branch: Option<String>,
+    /// `date=` partitions listed.
+    pub partitions: u64,
+    /// Records read (in the window and on the branch).
+    pub records: u64,
+    /// Runs without test cases (in no rate).
+    pub runs_without_tests: u64,
+    /// JUnit files the nodes could not parse.
+    pub unreadable_junit_files: u64,
+    /// Over every run.
+    pub totals: Rates,
+    /// Per day.
+    pub days: Vec<Day>,
+    /// Per node.
+    pub nodes: Vec<Group>,
+    /// Per branch.
+    pub branches: Vec<Group>,
+    /// Per suite.
+    pub suites: Vec<Group>,
+    /// Flaky tests, most revisions first.
+    pub flaky: Vec<Flaky>,
+    /// Tests that failed every time they ran (at least twice).
+    pub consistently_failing: Vec<TestStat>,
+    /// Most often failing tests.
+    pub most_failing: Vec<TestStat>,
+    /// Slowest tests by mean time.
+    pub slowest: Vec<TestStat>,
+    /// Nodes whose failure rate stands out.
+    pub outlier_nodes: Vec<Outlier>,
+    /// Records that could not be read.
+    pub unreadable: Vec<BadRecord>,
+    /// What caps left out.
+    pub capped: Capped,
+}

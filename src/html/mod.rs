@@ -1,0 +1,12 @@
+//! The pages: HTML views of what `format/` defines, and nothing else (no store, no index, no
+//! configuration). Every value from outside is escaped by maud's templates.
+//!
+//! - [`run_page`]: a sealed run's browsable page (`<run>/_run/index.html`);
+//! - [`report`]: the node report and the fleet page;
+//! - [`fleet`]: the fleet's test results section;
+//! - [`charts`]: inline SVG charts shared by both.
+
+pub(crate) mod charts;
+pub(crate) mod fleet;
+pub(crate) mod report;
+pub(crate) mod run_page;
