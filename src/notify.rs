@@ -93,7 +93,7 @@ pub(crate) struct Payload<'a> {
     /// when the primary is a local store; null otherwise (presigned links expire).
     pub page_url: Option<String>,
     /// The run's test summary (as in the manifest); null when the run has no JUnit XML.
-    pub tests: Option<&'a crate::format::tests::TestSummary>,
+    pub tests: Option<&'a crate::format::results::TestSummary>,
 }
 
 /// The notifications to queue for a seal, one per `[[notify]]` entry, leased to the sealing
@@ -666,7 +666,7 @@ mod tests {
             sealed_ms: 3,
             files: Vec::new(),
             totals: crate::format::manifest::Totals { files: 4, bytes: 5 },
-            tests: Some(crate::format::tests::TestSummary {
+            tests: Some(crate::format::results::TestSummary {
                 tests: 3,
                 passed: 2,
                 failed: 1,

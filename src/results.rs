@@ -27,7 +27,7 @@ use quick_xml::events::{BytesStart, Event};
 use crate::config::Watch;
 use crate::destination::{self, Destination};
 use crate::format::record::{RunRecord, record_key};
-use crate::format::tests::{
+use crate::format::results::{
     BadFile, Case, Collected, Failure, MAX_FAILURES, MAX_FILES, MAX_MESSAGE, MAX_RECORD_CASES,
     Outcome, SLOWEST, SuiteTotals, TestSummary, Timed,
 };

@@ -368,7 +368,7 @@ pub(crate) struct RunInfo {
     pub last_file_ms: Option<i64>,
     /// The test results of the latest seal (absent: not sealed, or no JUnit XML).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tests: Option<crate::format::tests::TestSummary>,
+    pub tests: Option<crate::format::results::TestSummary>,
 }
 
 /// The manifest of run `name` as sealed by this node (kept in the index), newest first if
@@ -594,13 +594,13 @@ pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result
 pub(crate) fn each_sealed_summary(
     config: &Config,
     index: &Index,
-    mut f: impl FnMut(i64, &crate::format::tests::TestSummary),
+    mut f: impl FnMut(i64, &crate::format::results::TestSummary),
 ) -> anyhow::Result<()> {
     for (_, w) in run_watches(config) {
         for r in index.sealed_runs(&w.path)? {
             let tests = r.tests.as_deref();
             if let Some(Ok(t)) =
-                tests.map(serde_json::from_str::<crate::format::tests::TestSummary>)
+                tests.map(serde_json::from_str::<crate::format::results::TestSummary>)
             {
                 f(r.sealed_ms, &t);
             }

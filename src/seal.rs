@@ -28,7 +28,7 @@ use crate::format::layout;
 use crate::format::manifest::{
     MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, Totals,
 };
-use crate::format::tests::Collected;
+use crate::format::results::Collected;
 use crate::html::run_page as page;
 use crate::index::Index;
 use crate::pipeline::{self, Finish, Meta, Pipeline};

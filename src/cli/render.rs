@@ -375,7 +375,7 @@ fn manifest_text(m: &crate::format::manifest::Manifest) -> String {
             let _ = writeln!(
                 out,
                 "    {} {}::{} ({}){}",
-                if f.outcome == crate::format::tests::Outcome::Error {
+                if f.outcome == crate::format::results::Outcome::Error {
                     "ERROR "
                 } else {
                     "FAILED"

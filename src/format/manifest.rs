@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::ci::Ci;
-use super::tests::TestSummary;
+use super::results::TestSummary;
 /// Version of the manifest document; readers refuse versions they do not know.
 pub(crate) const MANIFEST_FORMAT: u32 = 1;
 /// The directory of a run reserved for the agent's own objects.

@@ -5,7 +5,7 @@
 //!   suffixes), the internal prefixes, and the [`layout::Plan`] that names the stages.
 //! - [`manifest`]: a sealed run's manifest and the short summary reports carry.
 //! - [`ci`]: the CI context of a run, read from the job's environment.
-//! - [`tests`]: test results as a manifest carries them.
+//! - [`results`]: test results as a manifest carries them.
 //! - [`record`]: the run summary record, one NDJSON line per sealed run.
 //! - [`node_status`]: the status object each node publishes for the fleet view.
 //! - [`report`] and [`fleet`]: the node report and the fleet view as `report --json` writes them.
@@ -18,5 +18,5 @@ pub(crate) mod manifest;
 pub(crate) mod node_status;
 pub(crate) mod record;
 pub(crate) mod report;
-pub(crate) mod tests;
+pub(crate) mod results;
 pub mod units;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::manifest::Manifest;
-use super::tests::{Collected, Outcome};
+use super::results::{Collected, Outcome};
 
 /// Test cases listed in a run's record (all are counted).
 pub(crate) const MAX_RECORD_CASES: usize = 20_000;

@@ -228,7 +228,7 @@ fn summary(m: &Manifest) -> Markup {
 
 /// The run's test results: counts, failures with their messages, the slowest tests, the
 /// JUnit files left out.
-fn tests(t: &crate::format::tests::TestSummary) -> Markup {
+fn tests(t: &crate::format::results::TestSummary) -> Markup {
     let class = if t.passed_run() { "pass" } else { "fail" };
     html! {
         h2 { "Tests" }
@@ -244,7 +244,7 @@ fn tests(t: &crate::format::tests::TestSummary) -> Markup {
                     @for f in &t.failures {
                         tr {
                             td { (f.class) "::" (f.name)
-                                @if f.outcome == crate::format::tests::Outcome::Error { " (error)" } }
+                                @if f.outcome == crate::format::results::Outcome::Error { " (error)" } }
                             td { (f.suite) }
                             td { pre { (f.message.as_deref().unwrap_or("")) } }
                         }

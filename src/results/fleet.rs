@@ -36,7 +36,7 @@ use crate::format::fleet::{
 };
 use crate::format::layout::RUNS_PREFIX;
 use crate::format::record::{RECORD_SCHEMA, RunRecord, date_of};
-use crate::format::tests::Outcome;
+use crate::format::results::Outcome;
 
 /// The largest record object read; larger ones are reported as unreadable, never downloaded.
 pub(crate) const MAX_RECORD_BYTES: u64 = 16 << 20;
