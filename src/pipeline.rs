@@ -152,13 +152,7 @@ impl Pipeline {
 /// The `uncompressed` globs, matched against a file's whole path (so `*.html` matches at any
 /// depth). Validated when the configuration is read.
 fn uncompressed_globs(globs: &[String]) -> globset::GlobSet {
-    let mut b = globset::GlobSetBuilder::new();
-    for g in globs {
-        if let Ok(g) = globset::Glob::new(g) {
-            b.add(g);
-        }
-    }
-    b.build().unwrap_or_else(|_| globset::GlobSet::empty())
+    crate::config::compile_globs(globs, crate::config::Separator::Any)
 }
 
 /// A sink that only counts what is written to it.

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::path::Path;
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
 use quick_xml::events::{BytesStart, Event};
 
@@ -144,13 +144,7 @@ impl Accumulator {
 
 /// The compiled `junit` globs of a watch (relative to a run directory).
 pub(crate) fn junit_globs(watch: &Watch) -> GlobSet {
-    let mut b = GlobSetBuilder::new();
-    for g in &watch.junit {
-        if let Ok(g) = GlobBuilder::new(g).literal_separator(true).build() {
-            b.add(g);
-        }
-    }
-    b.build().unwrap_or_else(|_| GlobSet::empty())
+    crate::config::compile_globs(&watch.junit, crate::config::Separator::Literal)
 }
 
 /// Parse the JUnit files among `files` (the run's files as flushed) through `root`'s handle.

@@ -67,7 +67,7 @@ impl Root {
                 path: w.path.clone(),
                 prefix: w.prefix.replace("{node}", &cfg.node_id),
                 filter: Filter::new(w),
-                settle: std::time::Duration::from_millis(w.settle_ms),
+                settle: w.settle,
                 own: own.clone(),
                 nested: cfg
                     .watch
@@ -627,7 +627,7 @@ mod tests {
             prefix: prefix.into(),
             include: vec!["**/*".into()],
             exclude: vec![],
-            settle_ms: 10,
+            settle: std::time::Duration::from_millis(10),
             remote_max_age: None,
             one_file_system: true,
             runs: crate::config::Runs::None,

@@ -12,11 +12,16 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::format::layout::Compression;
+
+mod globs;
+mod validate;
+pub use globs::Filter;
+use globs::de_globs;
+pub(crate) use globs::{Separator, compile_globs};
 
 /// The configuration used when no config file exists: watch `./artifacts`, store to
 /// `./.panoptic-sync/store`, keep state in `./.panoptic-sync/state` (all under `cwd`).
@@ -236,9 +241,14 @@ pub struct Watch {
     /// Globs (relative to the root) that exclude a file.
     #[serde(default, deserialize_with = "de_globs")]
     pub exclude: Vec<String>,
-    /// How long a file must be quiet before it counts as complete, in milliseconds.
-    #[serde(default = "default_settle_ms")]
-    pub settle_ms: u64,
+    /// How long a file must be quiet before it counts as complete (`settle_ms`, milliseconds,
+    /// in the file).
+    #[serde(
+        rename = "settle_ms",
+        default = "default_settle",
+        deserialize_with = "de_millis"
+    )]
+    pub settle: Duration,
     /// Overrides `[retention] remote_max_age` for objects from this tree.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub remote_max_age: Option<Duration>,
@@ -585,8 +595,13 @@ fn default_prefix() -> String {
 fn default_include() -> Vec<String> {
     vec!["**/*".to_string()]
 }
-fn default_settle_ms() -> u64 {
-    2000
+fn default_settle() -> Duration {
+    Duration::from_millis(2000)
+}
+
+/// A duration given as whole milliseconds.
+fn de_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    Ok(Duration::from_millis(u64::deserialize(d)?))
 }
 fn default_true() -> bool {
     true
@@ -623,14 +638,6 @@ pub fn hostname() -> Option<String> {
     let uname = rustix::system::uname();
     let name = uname.nodename().to_string_lossy().trim().to_string();
     (!name.is_empty()).then_some(name)
-}
-
-fn de_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let globs = Vec::<String>::deserialize(d)?;
-    for g in &globs {
-        Glob::new(g).map_err(|e| serde::de::Error::custom(format!("bad glob {g:?}: {e}")))?;
-    }
-    Ok(globs)
 }
 
 fn de_compression<'de, D: Deserializer<'de>>(d: D) -> Result<Compression, D::Error> {
@@ -807,155 +814,6 @@ impl Config {
         }
     }
 
-    fn validate(&self, text: &str) -> Result<(), String> {
-        if self.node_id.is_empty() || self.node_id.contains('/') || self.node_id.contains('\\') {
-            return Err(format!(
-                "node_id {:?} must be non-empty and contain no slashes",
-                self.node_id
-            ));
-        }
-        if self.watch.is_empty() {
-            return Err("at least one [[watch]] table is required".into());
-        }
-        for (i, w) in self.watch.iter().enumerate() {
-            let prefix = w.prefix.replace("{node}", &self.node_id);
-            if !prefix.is_empty() && object_store::path::Path::parse(&prefix).is_err() {
-                return Err(format!(
-                    "watch[{i}].prefix {:?} is not a valid object key prefix (no empty, \".\" or \"..\" segments)",
-                    w.prefix
-                ));
-            }
-            if w.seal_after.is_some() && w.runs != Runs::Dir {
-                return Err(format!(
-                    "watch[{i}].seal_after needs runs = \"dir\" on the same watch"
-                ));
-            }
-            if w.settle_ms > 24 * 3600 * 1000 {
-                return Err(format!(
-                    "watch[{i}].settle_ms {} is longer than a day",
-                    w.settle_ms
-                ));
-            }
-        }
-        self.check_key_spaces()?;
-        if self.pipeline.encryption == Encryption::Aes256Gcm && self.pipeline.key_file.is_none() {
-            return Err("pipeline.key_file is required when encryption = \"aes-256-gcm\"".into());
-        }
-        if let Some(level) = self.pipeline.level {
-            let ok = match self.pipeline.compression {
-                Compression::Gzip => (0..=9).contains(&level),
-                Compression::Zstd => (1..=22).contains(&level),
-                Compression::None => true,
-            };
-            if !ok {
-                return Err(format!(
-                    "pipeline.level {level} is out of range for {:?} (gzip 0-9, zstd 1-22)",
-                    self.pipeline.compression
-                ));
-            }
-        }
-        if self.destination.is_empty() {
-            return Err("at least one [[destination]] table is required".into());
-        }
-        let mut names = std::collections::HashSet::new();
-        for d in &self.destination {
-            let line = line_of(text, d.span().start);
-            let dest = d.get_ref();
-            if dest.name.is_empty() || !names.insert(dest.name.clone()) {
-                return Err(format!(
-                    "destination at line {line}: name {:?} is empty or used twice",
-                    dest.name
-                ));
-            }
-            if dest.sync == SyncMode::Batch && !matches!(kind_of(&dest.url), Ok((Kind::Local, _))) {
-                return Err(format!(
-                    "destination {:?} at line {line}: sync = \"batch\" applies to file:// \
-                     destinations only (a cloud store's PUT is durable when acknowledged)",
-                    dest.name
-                ));
-            }
-            if let Some(options) = &dest.options {
-                let opt_line = line_of(text, options.span().start);
-                check_options(&dest.url, options.get_ref()).map_err(|e| {
-                    format!(
-                        "destination {:?}, options at line {opt_line}: {e}",
-                        dest.name
-                    )
-                })?;
-            }
-        }
-        self.check_notify(text)
-    }
-
-    /// Each `[[notify]]` has exactly one of `url` and `command`, headers only with `url`,
-    /// and a name of its own.
-    fn check_notify(&self, text: &str) -> Result<(), String> {
-        let mut names = std::collections::HashSet::new();
-        for n in &self.notify {
-            let line = line_of(text, n.span().start);
-            let notify = n.get_ref();
-            let name = notify.name();
-            let at = format!("[[notify]] {name:?} at line {line}");
-            match (&notify.url, &notify.command) {
-                (Some(_), Some(_)) => {
-                    return Err(format!("{at}: set either `url` or `command`, not both"));
-                }
-                (None, None) => {
-                    return Err(format!(
-                        "{at}: set one of `url` (an HTTP POST) or `command` (a program to run)"
-                    ));
-                }
-                _ => {}
-            }
-            if let (Some(h), None) = (&notify.headers, &notify.url) {
-                return Err(format!(
-                    "{at}: `headers` (line {}) only apply to a `url`",
-                    line_of(text, h.span().start)
-                ));
-            }
-            if name.is_empty() || name.chars().any(char::is_control) || !names.insert(name) {
-                return Err(format!("{at}: name {name:?} is empty or used twice"));
-            }
-        }
-        Ok(())
-    }
-
-    /// Watches whose object keys could meet in a destination (every watch goes to every
-    /// destination) are refused: equal prefixes, or one prefix inside another (an empty
-    /// prefix is inside every other), so no two files ever share a key and `prune` always
-    /// knows which watch's retention an object falls under.
-    fn check_key_spaces(&self) -> Result<(), String> {
-        let prefixes: Vec<String> = self
-            .watch
-            .iter()
-            .map(|w| w.prefix.replace("{node}", &self.node_id))
-            .collect();
-        let inside = |inner: &str, outer: &str| {
-            outer.is_empty() || inner == outer || inner.starts_with(&format!("{outer}/"))
-        };
-        for (i, a) in prefixes.iter().enumerate() {
-            let internal = crate::format::layout::INTERNAL_PREFIX;
-            if inside(a, internal) {
-                return Err(format!(
-                    "{} has prefix {a:?}, inside the agent's own {internal:?} prefix",
-                    Lines::name(&format!("watch[{i}]"), self.lines.watch.get(i))
-                ));
-            }
-            for (j, b) in prefixes.iter().enumerate().skip(i + 1) {
-                if inside(a, b) || inside(b, a) {
-                    return Err(format!(
-                        "{} and {} could write the same object keys: their prefixes {a:?} and \
-                         {b:?} are equal or one lies inside the other; give each watch a prefix \
-                         of its own",
-                        Lines::name(&format!("watch[{i}]"), self.lines.watch.get(i)),
-                        Lines::name(&format!("watch[{j}]"), self.lines.watch.get(j)),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Make paths absolute against `base` and resolve the directories above each watch root
     /// once (an admin's symlinked path keeps working; the root's own name must be a real
     /// directory, and a symlink found anywhere later is never followed). Then refuse a watch root that contains
@@ -1072,43 +930,6 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset)
         .map(|s| s.matches('\n').count() + 1)
         .unwrap_or(0)
-}
-
-/// Compiled include/exclude filters of one watch root.
-#[derive(Clone)]
-pub struct Filter {
-    include: GlobSet,
-    exclude: GlobSet,
-}
-
-impl fmt::Debug for Filter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Filter")
-    }
-}
-
-impl Filter {
-    /// Compile the globs of `watch` (already checked while parsing).
-    pub fn new(watch: &Watch) -> Filter {
-        let build = |globs: &[String]| {
-            let mut b = GlobSetBuilder::new();
-            for g in globs {
-                if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
-                    b.add(g);
-                }
-            }
-            b.build().unwrap_or_else(|_| GlobSet::empty())
-        };
-        Filter {
-            include: build(&watch.include),
-            exclude: build(&watch.exclude),
-        }
-    }
-
-    /// Whether a file at `rel` (relative to the root) is to be uploaded.
-    pub fn matches(&self, rel: &Path) -> bool {
-        self.include.is_match(rel) && !self.exclude.is_match(rel)
-    }
 }
 
 #[cfg(test)]
@@ -1288,7 +1109,7 @@ mod tests {
             prefix: String::new(),
             include: default_include(),
             exclude: vec!["**/*.tmp".into()],
-            settle_ms: 1,
+            settle: Duration::from_millis(1),
             remote_max_age: None,
             one_file_system: true,
             runs: Runs::None,
