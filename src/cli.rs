@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::daemon;
+use crate::error::UsageError;
 use crate::sync::Progress;
 
 mod args;
@@ -78,14 +79,18 @@ impl Exit {
         }
     }
 
-    /// The exit for an error that stopped a command: a configuration or key-file error is a
-    /// usage error, anything else a failure.
+    /// The exit for an error that stopped a command: a configuration or key-file error, or a
+    /// command line asking for what cannot be (not a run, no such run: [`UsageError`]), is a
+    /// usage error; anything else a failure.
     fn of_error(e: &anyhow::Error) -> Exit {
         let key_file = matches!(
             e.downcast_ref::<crate::crypto::CryptoError>(),
             Some(crate::crypto::CryptoError::KeyFile { .. })
         );
-        if e.downcast_ref::<ConfigError>().is_some() || key_file {
+        if e.downcast_ref::<ConfigError>().is_some()
+            || e.downcast_ref::<UsageError>().is_some()
+            || key_file
+        {
             Exit::Usage
         } else {
             Exit::Failed
@@ -200,8 +205,6 @@ enum Done {
         run: String,
         to: PathBuf,
     },
-    /// The command line asked for something that cannot be done (not a run, no such run).
-    Refused(anyhow::Error),
     /// `check-config`: what was checked, or why the configuration is not usable.
     Checked(anyhow::Result<Vec<String>>),
     /// Handled before the configuration is loaded.
@@ -220,7 +223,6 @@ impl Done {
             Done::Checked(Err(_)) => Exit::Usage,
             Done::Sealed(s) => Exit::unless_failures(matches!(s, crate::seal::Sealed::Done { .. })),
             Done::RunRestored { report, .. } => Exit::unless_failures(report.failed.is_empty()),
-            Done::Refused(_) => Exit::Usage,
             Done::Ran
             | Done::Status { .. }
             | Done::Fleet { .. }
@@ -268,10 +270,7 @@ async fn dispatch(
             dir,
             timeout,
             labels,
-        } => refused_or(
-            crate::seal::seal(&config, &dir, timeout, labels).await,
-            Done::Sealed,
-        )?,
+        } => Done::Sealed(crate::seal::seal(&config, &dir, timeout, labels).await?),
         Command::Runs { json } => {
             let c = config.clone();
             let runs = tokio::task::spawn_blocking(move || {
@@ -292,8 +291,8 @@ async fn dispatch(
             to,
             ..
         } => {
-            let restored = crate::runs::restore_run(&config, &run, from.as_deref(), &to).await;
-            refused_or(restored, |report| Done::RunRestored { report, run, to })?
+            let report = crate::runs::restore_run(&config, &run, from.as_deref(), &to).await?;
+            Done::RunRestored { report, run, to }
         }
         Command::Restore {
             run: None,
@@ -328,10 +327,7 @@ async fn dispatch(
                 crate::runs::sealed_manifest(&c, &index, &run)
             })
             .await?;
-            let manifest = match manifest {
-                Ok(m) => m,
-                Err(e) => return refused_or(Err(e), |()| Done::Nothing),
-            };
+            let manifest = manifest?;
             match html {
                 Some(path) => {
                     let (logical, up) = crate::html::run_page::location(&manifest);
@@ -411,16 +407,6 @@ async fn dispatch(
             Done::Checked(crate::agent::check_config(&config, offline).await)
         }
     })
-}
-
-/// A usage error (not a run, no such run) becomes [`Done::Refused`] (exit 2); anything else
-/// goes on as an error.
-fn refused_or<T>(res: anyhow::Result<T>, done: impl FnOnce(T) -> Done) -> anyhow::Result<Done> {
-    match res {
-        Ok(v) => Ok(done(v)),
-        Err(e) if e.downcast_ref::<crate::runs::UsageError>().is_some() => Ok(Done::Refused(e)),
-        Err(e) => Err(e),
-    }
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Exit {

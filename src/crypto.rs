@@ -342,11 +342,6 @@ impl Decryptor {
         self.version
     }
 
-    /// Whether `data` starts like one of our objects.
-    pub fn is_encrypted(data: &[u8]) -> bool {
-        data.starts_with(MAGIC)
-    }
-
     fn parse_header(&mut self) -> Result<bool, CryptoError> {
         if self.state.is_some() {
             return Ok(true);

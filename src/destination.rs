@@ -471,6 +471,11 @@ impl Destination {
     }
 }
 
+/// The public link of the object at `stored_key` under a destination's `public_base_url`.
+pub(crate) fn public_url(base: &str, stored_key: &str) -> String {
+    format!("{}/{stored_key}", base.trim_end_matches('/'))
+}
+
 /// Open the primary (the first configured destination).
 pub(crate) fn open_primary(cfg: &config::Config) -> anyhow::Result<Destination> {
     Destination::open(

@@ -1,20 +1,28 @@
 //! panoptic-sync: the artifact agent for test machines and CI runners.
 //!
-//! The data flows one way through these modules:
+//! The modules stand in layers, and imports point one way, down (docs/ARCHITECTURE.md):
 //!
-//! 1. [`config`]: the TOML configuration, validated before any work starts.
-//! 2. [`watch`] and [`scan`]: inotify events and tree walks produce candidate paths.
-//! 3. [`ingest`]: each candidate is stat'ed, hashed if new or changed, and recorded in the
-//!    [`index`] (SQLite), which queues one upload per destination.
-//! 4. [`upload`]: a worker per [`destination`] drains its queue: skip what is already there,
-//!    copy server-side what exists under another key, upload the rest.
-//! 5. [`daemon`]: wires the parts together for `run`, `sync` and `flush`;
-//!    [`status`] reads the index; [`restore`] reads destinations back; [`links`] makes
-//!    public or presigned URLs.
-//! 6. [`runs`]: run directories sealed with a manifest, listed, restored as a whole;
-//!    [`notify`] announces each seal (webhook or command), durably queued in the index;
-//!    [`results`] parses the run's JUnit XML into a test summary and a record that
-//!    `report --fleet` and query engines read from the bucket.
+//! 1. **Formats**, at the bottom, naming nothing above them: [`format`](mod@format) (every wire format:
+//!    key layout, manifest, CI context, test results, run record, node status, report and
+//!    fleet views, units), [`error`] (the usage error), [`crypto`] (the object encryption
+//!    format and keys), [`throttle`] (a byte-rate limiter).
+//! 2. **Stores and index**: [`config`] (the TOML configuration, validated before any work),
+//!    [`index`] (SQLite: files, queue, objects, runs, notifications, totals), [`tree`]
+//!    (confined access to watched trees), [`filemeta`], [`pipeline`] (compression and
+//!    encryption streams), [`destination`] (object stores, listing, durability), [`metrics`],
+//!    and [`html`] (pages rendered from formats alone).
+//! 3. **Engine**: [`scan`] and [`watch`] find candidate files, [`ingest`] hashes them into the
+//!    index, [`upload`] drains each destination's queue, [`cleanup`] frees local disk,
+//!    [`agent`] opens the parts and runs them, [`sync`] is one pass or a wait (`flush`).
+//! 4. **Features**: [`runs`] (run directories, their state, `restore --run`), [`results`]
+//!    (JUnit parsing, run records, fleet aggregation), [`seal`], [`notify`], [`retention`],
+//!    [`restore`], [`rebuild`], [`report`], [`node_status`], [`status`], [`links`].
+//! 5. **Daemon**: [`daemon`], the long-running loops wired together.
+//! 6. **Command line**: [`cli`], parsing, dispatch, text rendering and exit codes; `main.rs`
+//!    only calls it.
+
+// The crate doc names every module, private ones too (`cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod agent;
 pub mod cleanup;
@@ -23,6 +31,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub(crate) mod destination;
+pub(crate) mod error;
 pub(crate) mod filemeta;
 pub mod format;
 pub(crate) mod html;

@@ -13,11 +13,6 @@ use crate::config::Config;
 use crate::index::Index;
 use crate::scan::Root;
 
-/// The public link of the object at `stored_key` under a destination's `public_base_url`.
-pub(crate) fn public_url(base: &str, stored_key: &str) -> String {
-    format!("{}/{stored_key}", base.trim_end_matches('/'))
-}
-
 /// The link for the local file `path` in destination `dest` (default: the primary).
 pub(crate) async fn link(
     config: &Config,
@@ -68,7 +63,7 @@ async fn link_to(
     expires: Duration,
 ) -> anyhow::Result<String> {
     if let Some(base) = &dest.public_base_url {
-        return Ok(public_url(base, stored_key));
+        return Ok(crate::destination::public_url(base, stored_key));
     }
     let location = dest.path(stored_key)?;
     match &dest.signer {

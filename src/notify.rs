@@ -109,11 +109,11 @@ pub(crate) fn queue(
     let primary = config.destinations().next();
     let manifest_url = primary
         .and_then(|d| d.public_base_url.as_deref())
-        .map(|base| crate::links::public_url(base, manifest_key));
+        .map(|base| crate::destination::public_url(base, manifest_key));
     let page_url = page_key.and_then(|key| {
         let primary = primary?;
         match &primary.public_base_url {
-            Some(base) => Some(crate::links::public_url(base, key)),
+            Some(base) => Some(crate::destination::public_url(base, key)),
             None if primary.url.scheme() == "file" => {
                 let dir = primary.url.to_file_path().ok()?;
                 url::Url::from_file_path(dir.join(key))

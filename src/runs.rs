@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Runs};
 use crate::destination::{self, Destination};
+use crate::error::UsageError;
 use crate::format::ci::Ci;
 use crate::format::layout;
 use crate::format::manifest::{
@@ -35,11 +36,6 @@ use crate::scan::Root;
 const MAX_MANIFEST: u64 = 256 * 1024 * 1024;
 /// Files restored at once.
 const CONCURRENCY: usize = 8;
-
-/// A mistake in what was asked (exit code 2): not a run directory, a bad label, no such run.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct UsageError(pub String);
 
 /// A run directory of a `runs = "dir"` watch.
 #[derive(Debug, Clone)]

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::destination::{self, Destination};
+use crate::error::UsageError;
 use crate::format::ci::{Ci, ci_context};
 use crate::format::layout;
 use crate::format::manifest::{
@@ -32,9 +33,7 @@ use crate::format::results::Collected;
 use crate::html::run_page as page;
 use crate::index::Index;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
-use crate::runs::{
-    RunDir, SealingLock, State, UsageError, list, locate, relative_str, run_watches,
-};
+use crate::runs::{RunDir, SealingLock, State, list, locate, relative_str, run_watches};
 use crate::scan::Root;
 use crate::sync::{FlushSummary, Flushed};
 

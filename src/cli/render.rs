@@ -33,7 +33,6 @@ impl Done {
                     print!("{}", manifest_text(manifest));
                 }
             }
-            Done::Refused(e) => eprintln!("panoptic-sync: {e:#}"),
             Done::Synced(s) => render_sync(s),
             Done::Flushed(s) => render_flush(s),
             Done::Status { status, json } => {

@@ -4,7 +4,7 @@
 //! parser itself with the key, line and column. The few checks that span several keys
 //! (duplicate destination names, option names that depend on the URL scheme) use the span
 //! of the offending key to name its line too. All defaults live in the `default_*` functions
-//! below and in [`EMBEDDED_DEFAULT`].
+//! below and in [`embedded_default`].
 
 use std::collections::BTreeMap;
 use std::fmt;
