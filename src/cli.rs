@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::daemon;
 use crate::error::UsageError;
+use crate::index::Index;
 use crate::sync::Progress;
 
 mod args;
@@ -243,25 +244,8 @@ async fn dispatch(
     config_path: Option<PathBuf>,
 ) -> anyhow::Result<Done> {
     Ok(match command {
-        Command::Run { rebuild_index } => {
-            if rebuild_index {
-                rebuild(&config).await?;
-            }
-            let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone())?;
-            let reloads = spawn_reload_handler(config_path)?;
-            daemon::run_with_reload(config, shutdown, reloads).await?;
-            Done::Ran
-        }
-        Command::Sync { rebuild_index } => {
-            if rebuild_index {
-                rebuild(&config).await?;
-            }
-            let mut progress = SyncProgress::new();
-            let summary = crate::sync::sync(&config, &mut progress).await?;
-            crate::node_status::publish_after_sync(&config).await;
-            Done::Synced(summary)
-        }
+        Command::Run { rebuild_index } => run_daemon(config, config_path, rebuild_index).await?,
+        Command::Sync { rebuild_index } => sync_once(&config, rebuild_index).await?,
         Command::Flush {
             timeout,
             all_destinations,
@@ -273,11 +257,8 @@ async fn dispatch(
         } => Done::Sealed(crate::seal::seal(&config, &dir, timeout, labels).await?),
         Command::Runs { json } => {
             let c = config.clone();
-            let runs = tokio::task::spawn_blocking(move || {
-                let index = crate::index::Index::open(&c.state_dir)?;
-                crate::runs::list(&c, &index)
-            })
-            .await??;
+            let runs =
+                Index::open_and(&config.state_dir, move |i| crate::runs::list(&c, i)).await?;
             Done::Runs { runs, json }
         }
         Command::Status { json } => {
@@ -320,76 +301,27 @@ async fn dispatch(
             html,
             run: Some(run),
             ..
-        } => {
-            let c = config.clone();
-            let manifest = tokio::task::spawn_blocking(move || {
-                let index = crate::index::Index::open(&c.state_dir)?;
-                crate::runs::sealed_manifest(&c, &index, &run)
-            })
-            .await?;
-            let manifest = manifest?;
-            match html {
-                Some(path) => {
-                    let (logical, up) = crate::html::run_page::location(&manifest);
-                    let manifest_key = format!(
-                        "{}/{}/{}",
-                        manifest.key_prefix,
-                        crate::format::manifest::RUN_DIR,
-                        crate::format::manifest::MANIFEST_NAME
-                    );
-                    let encrypted = config.pipeline.encryption != crate::config::Encryption::None;
-                    let page =
-                        crate::html::run_page::render(&manifest, &manifest_key, up, encrypted);
-                    std::fs::write(&path, page)
-                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-                    tracing::debug!(page = %logical, "rendered the run's page locally");
-                    Done::WroteHtml(path)
-                }
-                None => Done::Run {
-                    manifest: Box::new(manifest),
-                    json,
-                },
-            }
-        }
+        } => report_run(&config, run, json, html).await?,
         Command::Report {
             json,
             html,
-            fleet,
+            fleet: true,
             since,
             branch,
             run: None,
+        } => report_fleet(&config, since, branch, json, html).await?,
+        Command::Report {
+            json,
+            html,
+            fleet: false,
+            run: None,
+            ..
         } => {
-            if fleet {
-                let query = crate::results::fleet::Query {
-                    since,
-                    branch,
-                    now_ms: crate::format::units::now_ms(),
-                };
-                let fleet = crate::report::fleet(&config, &query).await?;
-                return Ok(match html {
-                    Some(path) => {
-                        std::fs::write(&path, crate::html::report::fleet_page(&fleet))
-                            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-                        Done::WroteHtml(path)
-                    }
-                    None => Done::Fleet {
-                        fleet: Box::new(fleet),
-                        json,
-                    },
-                });
-            }
             let c = config.clone();
-            let report = tokio::task::spawn_blocking(move || {
-                let index = crate::index::Index::open(&c.state_dir)?;
-                crate::report::build(&c, &index)
-            })
-            .await??;
+            let report =
+                Index::open_and(&config.state_dir, move |i| crate::report::build(&c, i)).await?;
             match html {
-                Some(path) => {
-                    std::fs::write(&path, crate::html::report::node_page(&report))
-                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-                    Done::WroteHtml(path)
-                }
+                Some(path) => write_page(path, &crate::html::report::node_page(&report))?,
                 None => Done::Report { report, json },
             }
         }
@@ -407,6 +339,95 @@ async fn dispatch(
             Done::Checked(crate::agent::check_config(&config, offline).await)
         }
     })
+}
+
+/// `run`: the daemon, until SIGTERM or SIGINT, reloading on SIGHUP.
+async fn run_daemon(
+    config: Config,
+    config_path: Option<PathBuf>,
+    rebuild_index: bool,
+) -> anyhow::Result<Done> {
+    if rebuild_index {
+        rebuild(&config).await?;
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let reloads = spawn_reload_handler(config_path)?;
+    daemon::run_with_reload(config, shutdown, reloads).await?;
+    Ok(Done::Ran)
+}
+
+/// `sync`: one pass with a progress line, then this node's status published.
+async fn sync_once(config: &Config, rebuild_index: bool) -> anyhow::Result<Done> {
+    if rebuild_index {
+        rebuild(config).await?;
+    }
+    let mut progress = SyncProgress::new();
+    let summary = crate::sync::sync(config, &mut progress).await?;
+    crate::node_status::publish_after_sync(config).await;
+    Ok(Done::Synced(summary))
+}
+
+/// `report --run RUN`: the sealed run's manifest as text or JSON, or its page written to
+/// `html`.
+async fn report_run(
+    config: &Config,
+    run: String,
+    json: bool,
+    html: Option<PathBuf>,
+) -> anyhow::Result<Done> {
+    let c = config.clone();
+    let manifest = Index::open_and(&config.state_dir, move |i| {
+        crate::runs::sealed_manifest(&c, i, &run)
+    })
+    .await?;
+    let Some(path) = html else {
+        return Ok(Done::Run {
+            manifest: Box::new(manifest),
+            json,
+        });
+    };
+    let (logical, up) = crate::html::run_page::location(&manifest);
+    let manifest_key = format!(
+        "{}/{}/{}",
+        manifest.key_prefix,
+        crate::format::manifest::RUN_DIR,
+        crate::format::manifest::MANIFEST_NAME
+    );
+    let encrypted = config.pipeline.encryption != crate::config::Encryption::None;
+    let page = crate::html::run_page::render(&manifest, &manifest_key, up, encrypted);
+    let done = write_page(path, &page)?;
+    tracing::debug!(page = %logical, "rendered the run's page locally");
+    Ok(done)
+}
+
+/// `report --fleet`: every node's status and the window's test results, from the primary.
+async fn report_fleet(
+    config: &Config,
+    since: Duration,
+    branch: Option<String>,
+    json: bool,
+    html: Option<PathBuf>,
+) -> anyhow::Result<Done> {
+    let query = crate::results::fleet::Query {
+        since,
+        branch,
+        now_ms: crate::format::units::now_ms(),
+    };
+    let fleet = crate::report::fleet(config, &query).await?;
+    match html {
+        Some(path) => write_page(path, &crate::html::report::fleet_page(&fleet)),
+        None => Ok(Done::Fleet {
+            fleet: Box::new(fleet),
+            json,
+        }),
+    }
+}
+
+/// Write a rendered page for `--html PATH`.
+fn write_page(path: PathBuf, page: &str) -> anyhow::Result<Done> {
+    std::fs::write(&path, page).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(Done::WroteHtml(path))
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Exit {

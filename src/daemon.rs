@@ -396,25 +396,13 @@ pub async fn run_with_reload(
                     continue;
                 };
                 notify(&[sd_notify::NotifyState::Reloading]);
-                let prepared = new.and_then(|c| {
-                    anyhow::ensure!(
-                        c.state_dir == config.state_dir,
-                        "state_dir cannot change on reload (from {} to {}); restart the service",
-                        config.state_dir.display(),
-                        c.state_dir.display()
-                    );
-                    Prepared::open(c)
-                });
-                match prepared {
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "new configuration rejected; the running one is kept"),
-                    Ok(prepared) => {
-                        tracing::info!("reloading the configuration: draining workers");
-                        running.stop().await;
-                        config = prepared.parts.config.clone();
-                        primary = prepared.primary.clone();
-                        running = Running::start(prepared, index.clone(), metrics.clone())?;
-                        tracing::info!(roots = config.watch.len(), destinations = config.destination.len(), "configuration reloaded");
-                    }
+                if let Some(prepared) = open_reload(new, &config) {
+                    tracing::info!("reloading the configuration: draining workers");
+                    running.stop().await;
+                    config = prepared.parts.config.clone();
+                    primary = prepared.primary.clone();
+                    running = Running::start(prepared, index.clone(), metrics.clone())?;
+                    tracing::info!(roots = config.watch.len(), destinations = config.destination.len(), "configuration reloaded");
                 }
                 notify(&[sd_notify::NotifyState::Ready]);
             }
@@ -436,18 +424,7 @@ pub async fn run_with_reload(
                     tracing::error!("a worker stopped or the index is not writable; withholding the watchdog ping");
                 }
             }
-            _ = status_tick.tick() => {
-                let (i, names) = (index.clone(), config.destinations().map(|d| d.name.clone()).collect::<Vec<_>>());
-                if let Ok(line) = tokio::task::spawn_blocking(move || status_line(&i, &names)).await {
-                    notify(&[sd_notify::NotifyState::Status(&line)]);
-                }
-                if config.watch.iter().any(|w| w.runs == crate::config::Runs::Dir) {
-                    let (c, i) = (config.clone(), index.clone());
-                    if let Ok(Ok(open)) = tokio::task::spawn_blocking(move || crate::runs::count_open(&c, &i)).await {
-                        metrics.runs_open.set(open as i64);
-                    }
-                }
-            }
+            _ = status_tick.tick() => tell_status(&config, &index, &metrics).await,
             _ = heartbeat.tick() => {
                 log_progress(&running.agent);
                 publish_status(&primary, &config, &index).await;
@@ -467,6 +444,45 @@ pub async fn run_with_reload(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A configuration sent on reload, opened before anything running stops; `None` (logged)
+/// when it failed to load or to open, or moves the state directory: the running one is kept.
+fn open_reload(new: anyhow::Result<Config>, running: &Config) -> Option<Prepared> {
+    let prepared = new.and_then(|c| {
+        anyhow::ensure!(
+            c.state_dir == running.state_dir,
+            "state_dir cannot change on reload (from {} to {}); restart the service",
+            running.state_dir.display(),
+            c.state_dir.display()
+        );
+        Prepared::open(c)
+    });
+    match prepared {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "new configuration rejected; the running one is kept");
+            None
+        }
+    }
+}
+
+/// Every 30 s: systemd's STATUS= line, and the open-run gauge.
+async fn tell_status(config: &Config, index: &Arc<Index>, metrics: &crate::metrics::Metrics) {
+    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    if let Ok(line) = index.call(move |i| Ok(status_line(i, &names))).await {
+        notify(&[sd_notify::NotifyState::Status(&line)]);
+    }
+    if config
+        .watch
+        .iter()
+        .any(|w| w.runs == crate::config::Runs::Dir)
+    {
+        let c = config.clone();
+        if let Ok(open) = index.call(move |i| crate::runs::count_open(&c, i)).await {
+            metrics.runs_open.set(open as i64);
+        }
+    }
 }
 
 /// Write this node's status object to the primary (the fleet view); failures are logged.

@@ -44,7 +44,7 @@ pub use stats::{DestStatus, ErrorCount, Status, UploadSpan};
 
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -232,6 +232,30 @@ impl Index {
         };
         index.migrate().with_context(|| damaged(&index.path))?;
         Ok(index)
+    }
+
+    /// Open the index at `state_dir` on a blocking thread and run `f` on it there: the
+    /// commands that read the index once.
+    pub async fn open_and<T: Send + 'static>(
+        state_dir: &Path,
+        f: impl FnOnce(&Index) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let state_dir = state_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || f(&Index::open(&state_dir)?))
+            .await
+            .context("an index task panicked")?
+    }
+
+    /// Run `f` on this index on a blocking thread (SQLite calls block): the async handle that
+    /// replaces a clone and a `spawn_blocking` at every call.
+    pub async fn call<T: Send + 'static>(
+        self: &Arc<Index>,
+        f: impl FnOnce(&Index) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let index = self.clone();
+        tokio::task::spawn_blocking(move || f(&index))
+            .await
+            .context("an index task panicked")?
     }
 
     /// Where the database file is.
