@@ -250,15 +250,48 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-/// JUnit's `time` (seconds, maybe with thousands separators) in milliseconds; 0 when absent
-/// or not a finite positive number.
+/// JUnit's `time` (seconds) in milliseconds; 0 when absent or not a finite positive number.
+/// Decimal commas and thousands separators are read by [`decimal_seconds`]' rule.
 fn millis(time: Option<&str>) -> u64 {
     let Some(t) = time else { return 0 };
-    let t: String = t.chars().filter(|c| *c != ',').collect();
-    match t.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => (v * 1000.0).round().min(u64::MAX as f64) as u64,
+    match decimal_seconds(t.trim()).map(|t| t.parse::<f64>()) {
+        Some(Ok(v)) if v.is_finite() && v > 0.0 => (v * 1000.0).round().min(u64::MAX as f64) as u64,
         _ => 0,
     }
+}
+
+/// A `time` value as Rust parses it, by the rule of docs/FORMAT.md (tools write the decimal
+/// mark of their locale: Surefire and TestNG `0,160`, and group thousands: `1,204.5`):
+/// - with both `,` and `.`, the one that comes last is the decimal mark and the other groups
+///   thousands (`1,204.5` and `1.204,5` are both 1204.5 s);
+/// - with only commas, one comma is the decimal mark (`1,5` is 1.5 s, `0,051` is 0.051 s,
+///   `1,204` is 1.204 s) and several group thousands (`1,204,000` is 1204000 s);
+/// - with only dots, one dot is the decimal mark and several group thousands;
+/// - anything else (a decimal mark twice: `1,2,3.4.5`) is no number (`None`).
+fn decimal_seconds(t: &str) -> Option<String> {
+    let count = |m: char| t.matches(m).count();
+    let last = t.rfind([',', '.']);
+    let decimal = match (count(','), count('.')) {
+        (0, 0) => None,
+        (1, 0) | (0, 1) => last,
+        (_, 0) | (0, _) => None,
+        _ => {
+            let mark = t[last?..].chars().next()?;
+            if count(mark) != 1 {
+                return None;
+            }
+            last
+        }
+    };
+    Some(
+        t.char_indices()
+            .filter_map(|(i, c)| match c {
+                ',' | '.' if Some(i) == decimal => Some('.'),
+                ',' | '.' => None,
+                c => Some(c),
+            })
+            .collect(),
+    )
 }
 
 fn attr(e: &BytesStart<'_>, name: &[u8]) -> Option<String> {
@@ -535,6 +568,32 @@ mod tests {
     fn parse_str(s: &str) -> Result<Vec<Case>, String> {
         let mut out = Vec::new();
         parse(s.as_bytes(), &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn decimal_commas_and_thousands_separators() {
+        // Reproduced: every comma was dropped, so "1,5" became 15 s and "0,051" 51 s.
+        for (time, ms) in [
+            ("1,5", 1500),
+            ("0,051", 51),
+            ("0,160", 160),
+            ("0,03", 30),
+            ("1,204", 1204),
+            ("1,204.5", 1_204_500),
+            ("1.204,5", 1_204_500),
+            ("1,204,000", 1_204_000_000),
+            ("1.204.000", 1_204_000_000),
+            ("2.5", 2500),
+            (" 3 ", 3000),
+            ("12", 12_000),
+            ("-1", 0),
+            ("NaN", 0),
+            ("1,2,3.4.5", 0),
+            ("", 0),
+        ] {
+            assert_eq!(millis(Some(time)), ms, "time={time:?}");
+        }
+        assert_eq!(millis(None), 0);
     }
 
     #[test]
