@@ -6,6 +6,7 @@
 //! uploads get a grace period, then are abandoned uncommitted), the ingest thread finishes its
 //! queue, and the index is closed. Everything not done is still pending in the index.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -387,6 +388,7 @@ pub async fn run_with_reload(
     let mut heartbeat = tokio::time::interval(Duration::from_secs(60));
     heartbeat.tick().await;
     let mut reloads_open = true;
+    let mut logged = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -426,7 +428,7 @@ pub async fn run_with_reload(
             }
             _ = status_tick.tick() => tell_status(&config, &index, &metrics).await,
             _ = heartbeat.tick() => {
-                log_progress(&running.agent);
+                log_progress(&running.agent, &mut logged);
                 publish_status(&primary, &config, &index).await;
             }
         }
@@ -492,16 +494,48 @@ async fn publish_status(primary: &Destination, config: &Config, index: &Arc<Inde
     }
 }
 
-fn log_progress(agent: &Agent) {
+/// A worker's counters as the heartbeat last logged them.
+type Counts = [u64; 5];
+
+/// Log each worker's counters once a minute, but only those that moved since the last line
+/// (`logged`, per destination): an idle daemon logs nothing.
+fn log_progress(agent: &Agent, logged: &mut HashMap<String, Counts>) {
     for (name, _, s) in &agent.workers {
-        tracing::info!(
-            dest = %name,
-            uploaded = s.uploaded.load(Ordering::Relaxed),
-            copied = s.copied.load(Ordering::Relaxed),
-            skipped = s.skipped.load(Ordering::Relaxed),
-            failed = s.failed.load(Ordering::Relaxed),
-            bytes = s.bytes.load(Ordering::Relaxed),
-            "progress"
-        );
+        let now: Counts = [
+            s.uploaded.load(Ordering::Relaxed),
+            s.copied.load(Ordering::Relaxed),
+            s.skipped.load(Ordering::Relaxed),
+            s.failed.load(Ordering::Relaxed),
+            s.bytes.load(Ordering::Relaxed),
+        ];
+        if !moved(logged, name, now) {
+            continue;
+        }
+        let [uploaded, copied, skipped, failed, bytes] = now;
+        tracing::info!(dest = %name, uploaded, copied, skipped, failed, bytes, "progress");
+    }
+}
+
+/// Whether `now` differs from what was last logged for `dest` (a new destination's zero
+/// counters count as unchanged), remembering it.
+fn moved(logged: &mut HashMap<String, Counts>, dest: &str, now: Counts) -> bool {
+    let before = logged.insert(dest.to_string(), now).unwrap_or_default();
+    before != now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_daemon_logs_no_progress() {
+        // Reproduced: a `progress … uploaded=8` line per destination every minute while idle.
+        let mut logged = HashMap::new();
+        assert!(!moved(&mut logged, "primary", [0; 5]), "nothing done yet");
+        assert!(moved(&mut logged, "primary", [8, 0, 0, 0, 4096]));
+        assert!(!moved(&mut logged, "primary", [8, 0, 0, 0, 4096]), "idle");
+        assert!(!moved(&mut logged, "primary", [8, 0, 0, 0, 4096]), "still idle");
+        assert!(moved(&mut logged, "primary", [8, 0, 1, 0, 4096]));
+        assert!(moved(&mut logged, "backup", [1, 0, 0, 0, 1]), "each destination apart");
     }
 }
