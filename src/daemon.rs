@@ -534,8 +534,14 @@ mod tests {
         assert!(!moved(&mut logged, "primary", [0; 5]), "nothing done yet");
         assert!(moved(&mut logged, "primary", [8, 0, 0, 0, 4096]));
         assert!(!moved(&mut logged, "primary", [8, 0, 0, 0, 4096]), "idle");
-        assert!(!moved(&mut logged, "primary", [8, 0, 0, 0, 4096]), "still idle");
+        assert!(
+            !moved(&mut logged, "primary", [8, 0, 0, 0, 4096]),
+            "still idle"
+        );
         assert!(moved(&mut logged, "primary", [8, 0, 1, 0, 4096]));
-        assert!(moved(&mut logged, "backup", [1, 0, 0, 0, 1]), "each destination apart");
+        assert!(
+            moved(&mut logged, "backup", [1, 0, 0, 0, 1]),
+            "each destination apart"
+        );
     }
 }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
-use crate::config::Config;
+use crate::config::{Config, Encryption};
 use crate::destination::{self, Destination};
 use crate::format::layout::NODES_PREFIX;
 use crate::format::node_status::{DestStatus, NodeStatus, STATUS_FORMAT, STATUS_MAX_BYTES};
@@ -79,11 +79,17 @@ pub(crate) async fn publish(
     index: &Arc<Index>,
 ) -> anyhow::Result<()> {
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
-    let (i, c) = (index.clone(), config.clone());
-    let (status, latest_runs) = tokio::task::spawn_blocking(move || {
-        anyhow::Ok((i.status(&names)?, crate::runs::latest(&c, &i, STATUS_RUNS)?))
-    })
-    .await??;
+    let c = config.clone();
+    let (status, mut latest_runs) = index
+        .call(move |i| Ok((i.status(&names)?, crate::runs::latest(&c, i, STATUS_RUNS)?)))
+        .await?;
+    if config.pipeline.encryption != Encryption::None {
+        // The object is plaintext by design (every node reads it): what the admin chose to
+        // encrypt, the CI context among it, stays out (docs/FORMAT.md).
+        for run in &mut latest_runs {
+            run.branch = None;
+        }
+    }
     let node = NodeStatus {
         latest_runs,
         ..NodeStatus::from_status(config, &status)

@@ -291,6 +291,74 @@ async fn an_encrypted_manifest_restores_and_a_flipped_byte_fails_naming_it() {
     );
 }
 
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ci_value_of_an_encrypted_run_is_stored_in_the_clear() {
+    // Reproduced: the node status object carried `latest_runs[].branch` in plain JSON while
+    // encryption was on. Every CI value of an encrypted run is searched for in every byte of
+    // both stores (names and contents), after the node's status object is published.
+    let mut env = run_env();
+    let key = env.keygen("key");
+    env.pipeline = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    write_run(&env, "r1");
+    env.cmd_env = github_env();
+    assert_ok(&seal(&env, "r1", &[]), "seal r1");
+    assert_ok(&env.cli(&["sync"]), "sync (publishes the node status)");
+    let primary_root = shared_s3().root.join(&env.bucket);
+    let published: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            primary_root
+                .join("_panoptic-sync/nodes")
+                .join(format!("{}.json", env.node)),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(published["latest_runs"][0]["run"], "r1", "{published}");
+    let secrets = [
+        "acme/widgets",
+        "feature/x",
+        "0123456789abcdef0123456789abcdef01234567",
+        "integration",
+        "github.com/acme",
+    ];
+    let mut files = files_under(&primary_root);
+    if env.nas.exists() {
+        files.extend(files_under(&env.nas));
+    }
+    assert!(files.len() > 4, "{files:?}");
+    for f in files {
+        let data = std::fs::read(&f).unwrap();
+        for s in secrets {
+            assert!(
+                !f.to_string_lossy().contains(s)
+                    && !data.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{s:?} stored in the clear in {}",
+                f.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     let env = run_env();
