@@ -362,6 +362,9 @@ pub(crate) struct RunInfo {
     pub notifications: Vec<crate::index::RunNotification>,
     /// Newest modification time of an indexed file of the run (ms since the epoch).
     pub last_file_ms: Option<i64>,
+    /// When the agent last saw a file of the run change (ms since the epoch): what
+    /// `seal_after` judges quietness by (mtimes can be old: `cp -p`, `tar x`, `rsync -a`).
+    pub last_change_ms: Option<i64>,
     /// The test results of the latest seal (absent: not sealed, or no JUnit XML).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tests: Option<crate::format::results::TestSummary>,
@@ -485,6 +488,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 sealed_bytes: None,
                 changed: Vec::new(),
                 last_file_ms: files.iter().map(|f| f.mtime_ns.div_euclid(1_000_000)).max(),
+                last_change_ms: files.iter().map(|f| f.indexed_ms).max(),
                 notifications: Vec::new(),
                 tests: None,
             };
@@ -541,6 +545,8 @@ struct Indexed {
     sha256: String,
     /// Destinations holding its current content.
     held_by: Vec<String>,
+    /// When the agent indexed its current state.
+    indexed_ms: i64,
 }
 
 fn indexed_under(index: &Index, dir: &Path) -> anyhow::Result<Vec<Indexed>> {
@@ -553,6 +559,7 @@ fn indexed_under(index: &Index, dir: &Path) -> anyhow::Result<Vec<Indexed>> {
             mtime_ns: f.mtime_ns,
             sha256: hex::encode(f.sha256),
             held_by: f.held_by,
+            indexed_ms: f.indexed_ms,
         })
         .collect())
 }

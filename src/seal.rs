@@ -33,7 +33,7 @@ use crate::format::results::Collected;
 use crate::html::run_page as page;
 use crate::index::Index;
 use crate::pipeline::{self, Finish, Meta, Pipeline};
-use crate::runs::{RunDir, SealingLock, State, list, locate, relative_str, run_watches};
+use crate::runs::{RunDir, RunInfo, SealingLock, State, list, locate, relative_str, run_watches};
 use crate::scan::Root;
 use crate::sync::{FlushSummary, Flushed};
 
@@ -513,6 +513,13 @@ async fn put_own(
     Ok(())
 }
 
+/// Whether run `r` has been quiet for `after` at `now`: judged by when the agent last saw one
+/// of its files change, not by the files' mtimes (a tree copied with `cp -p` arrives old).
+fn quiet(r: &RunInfo, after: Duration, now: i64) -> bool {
+    r.last_change_ms
+        .is_some_and(|ms| now.saturating_sub(ms) >= after.as_millis() as i64)
+}
+
 /// `seal_after`: seal every run that has been quiet that long and is complete everywhere
 /// (open, or changed after its seal), as `seal DIR` would. Returns the runs sealed; a run
 /// that cannot be sealed now is named in the log and tried again on the next pass.
@@ -533,10 +540,7 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
         let Some(after) = quiet_after.get(&r.watch) else {
             continue;
         };
-        let quiet = r
-            .last_file_ms
-            .is_some_and(|ms| now.saturating_sub(ms) >= after.as_millis() as i64);
-        if r.state == State::Sealed || !r.complete || !quiet {
+        if r.state == State::Sealed || !r.complete || !quiet(&r, *after, now) {
             continue;
         }
         let dir = r.watch.join(&r.name);
@@ -554,4 +558,41 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
         }
     }
     Ok(sealed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quietness_is_judged_by_when_a_change_was_seen_not_by_mtimes() {
+        // Reproduced: a run copied with `cp -p` (mtimes a day old) was sealed ~13 s after it
+        // appeared, because quietness was judged by the files' mtimes.
+        let now = 1_000_000_000_000;
+        let day = 86_400_000;
+        let run = |last_change_ms| RunInfo {
+            name: "r".into(),
+            watch: "/w".into(),
+            state: State::Open,
+            files: 1,
+            bytes: 1,
+            complete: true,
+            destinations: Vec::new(),
+            sealed_ms: None,
+            sealed_files: None,
+            sealed_bytes: None,
+            changed: Vec::new(),
+            notifications: Vec::new(),
+            last_file_ms: Some(now - day),
+            last_change_ms,
+            tests: None,
+        };
+        let after = Duration::from_secs(60);
+        assert!(
+            !quiet(&run(Some(now - 2_000)), after, now),
+            "arrived 2 s ago"
+        );
+        assert!(quiet(&run(Some(now - 61_000)), after, now));
+        assert!(!quiet(&run(None), after, now), "nothing indexed yet");
+    }
 }

@@ -13,7 +13,8 @@ use super::{
 /// destinations holding its current generation.
 pub(super) const FILES_UNDER: &str = "SELECT f.path, f.size, f.mtime_ns, f.sha256,
         (SELECT group_concat(u.dest, char(10)) FROM uploads u
-         WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen)
+         WHERE u.file_id = f.id AND u.state = ?3 AND u.gen = f.gen),
+        f.indexed_ms
      FROM files f WHERE f.path >= ?1 AND f.path < ?2";
 
 /// The identity of a file's state on disk: unchanged identity means unchanged content.
@@ -79,6 +80,9 @@ pub struct FileUnder {
     pub sha256: [u8; 32],
     /// Destinations holding its current content.
     pub held_by: Vec<String>,
+    /// When the agent last indexed a change of it (ms since the epoch): whatever the file's
+    /// own mtime says (`cp -p`, `tar x` and `rsync -a` keep old ones).
+    pub indexed_ms: i64,
 }
 
 /// What the ingest stage learned about one path.
@@ -281,6 +285,7 @@ impl Index {
                     .get::<_, Option<String>>(4)?
                     .map(|s| s.split('\n').map(str::to_string).collect())
                     .unwrap_or_default(),
+                indexed_ms: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
