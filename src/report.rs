@@ -14,7 +14,7 @@ use crate::format::report::{
     Backlog, DayUsage, DestReport, Fleet, FleetNode, Report, TestDay, Unreadable, Usage,
 };
 use crate::format::units::{human, now_secs};
-use crate::index::{Index, Method};
+use crate::index::{DestStatus, Index, Method};
 use crate::node_status::read_status;
 
 /// Where node status objects live, under the primary's base.
@@ -42,11 +42,7 @@ const REPORT_RUNS: usize = 50;
 pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
     let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
     let status = index.status(&names)?;
-    let prefixes: Vec<String> = config
-        .watch
-        .iter()
-        .map(|w| w.prefix.replace("{node}", &config.node_id))
-        .collect();
+    let prefixes = watch_prefixes(config);
     let now_ms = crate::format::units::now_ms();
     let mut report = Report {
         node_id: config.node_id.clone(),
@@ -56,95 +52,160 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         ..Default::default()
     };
     for (name, st) in names.iter().zip(&status.destinations) {
-        let mut d = DestReport {
-            name: name.clone(),
-            backlog: Backlog {
-                pending: st.pending,
-                failing: st.failing,
-                oldest_pending_secs: st.oldest_pending_secs,
-            },
-            ..Default::default()
-        };
-        let mut days: BTreeMap<String, DayUsage> = BTreeMap::new();
-        index.each_object_of(name, |o| {
-            let day = days
-                .entry(crate::format::record::date_of(o.stored_ms))
-                .or_default();
-            day.objects += 1;
-            day.bytes_original = day.bytes_original.saturating_add(o.size);
-            day.bytes_stored = day.bytes_stored.saturating_add(o.stored_size);
-            if o.method.is_some_and(Method::deduplicated) {
-                day.deduplicated += 1;
-            } else {
-                day.uploads += 1;
-            }
-            let add = |u: &mut Usage| {
-                u.objects += 1;
-                u.bytes_original += o.size;
-                u.bytes_stored += o.stored_size;
-            };
-            add(&mut d.usage);
-            add(d.by_type.entry(ext_of(&o.stored_key)).or_default());
-            let root = prefixes
-                .iter()
-                .filter(|p| p.is_empty() || o.key.starts_with(&format!("{p}/")))
-                .max_by_key(|p| p.len())
-                .map(|p| {
-                    if p.is_empty() {
-                        "(root)".into()
-                    } else {
-                        p.clone()
-                    }
-                })
-                .unwrap_or_else(|| "(other)".into());
-            add(d.by_root.entry(root).or_default());
-            if now_ms - o.stored_ms < 86_400_000 {
-                add(&mut d.stored_last_24h);
-            }
-            if o.method.is_some_and(Method::deduplicated) {
-                d.dedup_saved_bytes += o.size;
-            } else {
-                d.compression_saved_bytes += o.size.saturating_sub(o.stored_size);
-            }
-        })?;
-        let mut lat_days: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        index.latencies_by_time(name, |done_ms, ms| {
-            lat_days
-                .entry(crate::format::record::date_of(done_ms))
-                .or_default()
-                .push(ms);
-        })?;
-        let mut total = 0u64;
-        for (date, mut day) in days {
-            total = total.saturating_add(day.bytes_stored);
-            day.date = date;
-            day.bytes_stored_total = total;
-            if let Some(l) = lat_days.get_mut(&day.date) {
-                l.sort_unstable();
-                let pick =
-                    |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)].max(0) as u64;
-                day.latency_ms = [pick(0.5), pick(0.9)];
-            }
-            d.days.push(day);
-        }
-        let lat = index.latencies_ms(name)?;
-        if !lat.is_empty() {
-            let pick =
-                |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].max(0) as u64;
-            d.latency_ms = [pick(0.5), pick(0.9), pick(0.99)];
-        }
-        let span = index.upload_span(name)?;
-        if let (Some(a), Some(b)) = (span.first_ms, span.last_ms) {
-            let secs = ((b - a).max(1000) as f64) / 1000.0;
-            d.throughput_bytes_per_sec = (span.stored_bytes as f64 / secs) as u64;
-        }
-        for e in index.current_errors(name)? {
-            *d.failures.entry(cause_of(&e.error)).or_default() += e.files;
-        }
+        let d = dest_report(index, name, st, &prefixes, now_ms)?;
         report.destinations.push(d);
     }
     report.recommendations = recommend(config, &report);
     report.runs = crate::runs::latest(config, index, REPORT_RUNS)?;
+    report.test_days = test_days(config, index)?;
+    Ok(report)
+}
+
+/// The watches' key prefixes on this node (`{node}` filled in), which group usage by root.
+fn watch_prefixes(config: &Config) -> Vec<String> {
+    config
+        .watch
+        .iter()
+        .map(|w| w.prefix.replace("{node}", &config.node_id))
+        .collect()
+}
+
+/// One destination's report: backlog, usage, days, latency, throughput and failures.
+fn dest_report(
+    index: &Index,
+    name: &str,
+    st: &DestStatus,
+    prefixes: &[String],
+    now_ms: i64,
+) -> anyhow::Result<DestReport> {
+    let mut d = DestReport {
+        name: name.to_string(),
+        backlog: Backlog {
+            pending: st.pending,
+            failing: st.failing,
+            oldest_pending_secs: st.oldest_pending_secs,
+        },
+        ..Default::default()
+    };
+    let days = tally_objects(index, name, &mut d, prefixes, now_ms)?;
+    let lat_days = latencies_by_day(index, name)?;
+    push_days(&mut d, days, lat_days);
+    let lat = index.latencies_ms(name)?;
+    if !lat.is_empty() {
+        d.latency_ms = [
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.9),
+            percentile(&lat, 0.99),
+        ];
+    }
+    let span = index.upload_span(name)?;
+    if let (Some(a), Some(b)) = (span.first_ms, span.last_ms) {
+        let secs = ((b - a).max(1000) as f64) / 1000.0;
+        d.throughput_bytes_per_sec = (span.stored_bytes as f64 / secs) as u64;
+    }
+    for e in index.current_errors(name)? {
+        *d.failures.entry(cause_of(&e.error)).or_default() += e.files;
+    }
+    Ok(d)
+}
+
+/// Count `name`'s stored objects into `d` (usage by type, by root, last 24 h, savings) and
+/// return their usage per day, by date (each day's date and running total not yet set).
+fn tally_objects(
+    index: &Index,
+    name: &str,
+    d: &mut DestReport,
+    prefixes: &[String],
+    now_ms: i64,
+) -> anyhow::Result<BTreeMap<String, DayUsage>> {
+    let mut days: BTreeMap<String, DayUsage> = BTreeMap::new();
+    index.each_object_of(name, |o| {
+        let day = days
+            .entry(crate::format::record::date_of(o.stored_ms))
+            .or_default();
+        day.objects += 1;
+        day.bytes_original = day.bytes_original.saturating_add(o.size);
+        day.bytes_stored = day.bytes_stored.saturating_add(o.stored_size);
+        if o.method.is_some_and(Method::deduplicated) {
+            day.deduplicated += 1;
+        } else {
+            day.uploads += 1;
+        }
+        let add = |u: &mut Usage| {
+            u.objects += 1;
+            u.bytes_original += o.size;
+            u.bytes_stored += o.stored_size;
+        };
+        add(&mut d.usage);
+        add(d.by_type.entry(ext_of(&o.stored_key)).or_default());
+        add(d.by_root.entry(watch_root(&o.key, prefixes)).or_default());
+        if now_ms - o.stored_ms < 86_400_000 {
+            add(&mut d.stored_last_24h);
+        }
+        if o.method.is_some_and(Method::deduplicated) {
+            d.dedup_saved_bytes += o.size;
+        } else {
+            d.compression_saved_bytes += o.size.saturating_sub(o.stored_size);
+        }
+    })?;
+    Ok(days)
+}
+
+/// The watch prefix `key` lies under (the longest; `(root)` for an empty prefix), or `(other)`.
+fn watch_root(key: &str, prefixes: &[String]) -> String {
+    prefixes
+        .iter()
+        .filter(|p| p.is_empty() || key.starts_with(&format!("{p}/")))
+        .max_by_key(|p| p.len())
+        .map(|p| {
+            if p.is_empty() {
+                "(root)".into()
+            } else {
+                p.clone()
+            }
+        })
+        .unwrap_or_else(|| "(other)".into())
+}
+
+/// `name`'s upload latencies (ms), grouped by the date each upload finished.
+fn latencies_by_day(index: &Index, name: &str) -> anyhow::Result<BTreeMap<String, Vec<i64>>> {
+    let mut lat_days: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    index.latencies_by_time(name, |done_ms, ms| {
+        lat_days
+            .entry(crate::format::record::date_of(done_ms))
+            .or_default()
+            .push(ms);
+    })?;
+    Ok(lat_days)
+}
+
+/// Append the days to `d.days` in date order, with the running stored total and that day's
+/// p50/p90 upload latency.
+fn push_days(
+    d: &mut DestReport,
+    days: BTreeMap<String, DayUsage>,
+    mut lat_days: BTreeMap<String, Vec<i64>>,
+) {
+    let mut total = 0u64;
+    for (date, mut day) in days {
+        total = total.saturating_add(day.bytes_stored);
+        day.date = date;
+        day.bytes_stored_total = total;
+        if let Some(l) = lat_days.get_mut(&day.date) {
+            l.sort_unstable();
+            day.latency_ms = [percentile(l, 0.5), percentile(l, 0.9)];
+        }
+        d.days.push(day);
+    }
+}
+
+/// The `p` quantile of non-empty, sorted latencies (ms; a negative one counts as 0).
+fn percentile(sorted: &[i64], p: f64) -> u64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].max(0) as u64
+}
+
+/// Test totals per day of the sealed runs that ran tests, by date.
+fn test_days(config: &Config, index: &Index) -> anyhow::Result<Vec<TestDay>> {
     let mut test_days: BTreeMap<String, TestDay> = BTreeMap::new();
     crate::runs::each_sealed_summary(config, index, |sealed_ms, t| {
         if t.tests == 0 {
@@ -158,11 +219,10 @@ pub(crate) fn build(config: &Config, index: &Index) -> anyhow::Result<Report> {
         day.tests = day.tests.saturating_add(t.tests);
         day.failed = day.failed.saturating_add(t.failed.saturating_add(t.errors));
     })?;
-    report.test_days = test_days
+    Ok(test_days
         .into_iter()
         .map(|(date, d)| TestDay { date, ..d })
-        .collect();
-    Ok(report)
+        .collect())
 }
 
 /// A failure message without the per-object parts, so equal causes group together.

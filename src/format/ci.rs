@@ -33,108 +33,133 @@ pub(crate) fn ci_context(var: impl Fn(&str) -> Option<String>) -> Option<Ci> {
     let v = |k: &str| var(k).filter(|s| !s.is_empty());
     let is = |k: &str, want: &str| v(k).is_some_and(|s| s.eq_ignore_ascii_case(want));
     if is("GITHUB_ACTIONS", "true") {
-        let tag = (v("GITHUB_REF_TYPE").as_deref() == Some("tag"))
-            .then(|| v("GITHUB_REF_NAME"))
-            .flatten();
-        let branch = v("GITHUB_HEAD_REF").or_else(|| {
-            (v("GITHUB_REF_TYPE").as_deref() == Some("branch"))
-                .then(|| v("GITHUB_REF_NAME"))
-                .flatten()
-        });
-        let pull_request = v("GITHUB_REF").and_then(|r| {
-            r.strip_prefix("refs/pull/")
-                .and_then(|r| r.split('/').next())
-                .map(str::to_string)
-        });
-        let url = match (
-            v("GITHUB_SERVER_URL"),
-            v("GITHUB_REPOSITORY"),
-            v("GITHUB_RUN_ID"),
-        ) {
-            (Some(s), Some(r), Some(id)) => Some(match v("GITHUB_RUN_ATTEMPT") {
-                Some(a) => format!("{s}/{r}/actions/runs/{id}/attempts/{a}"),
-                None => format!("{s}/{r}/actions/runs/{id}"),
-            }),
-            _ => None,
-        };
-        return Some(Ci {
-            provider: "github-actions".into(),
-            repository: v("GITHUB_REPOSITORY"),
-            branch,
-            tag,
-            commit: v("GITHUB_SHA"),
-            pull_request,
-            build: v("GITHUB_RUN_ID"),
-            job: v("GITHUB_JOB"),
-            url,
-        });
+        return Some(github_actions(&v));
     }
     if is("GITLAB_CI", "true") {
-        return Some(Ci {
-            provider: "gitlab-ci".into(),
-            repository: v("CI_PROJECT_PATH"),
-            branch: v("CI_COMMIT_BRANCH").or_else(|| v("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME")),
-            tag: v("CI_COMMIT_TAG"),
-            commit: v("CI_COMMIT_SHA"),
-            pull_request: v("CI_MERGE_REQUEST_IID"),
-            build: v("CI_PIPELINE_ID"),
-            job: v("CI_JOB_NAME"),
-            url: v("CI_JOB_URL"),
-        });
+        return Some(gitlab_ci(&v));
     }
     if is("BUILDKITE", "true") {
-        let url = v("BUILDKITE_BUILD_URL").map(|u| match v("BUILDKITE_JOB_ID") {
-            Some(j) => format!("{u}#{j}"),
-            None => u,
-        });
-        return Some(Ci {
-            provider: "buildkite".into(),
-            repository: v("BUILDKITE_REPO"),
-            branch: v("BUILDKITE_BRANCH"),
-            tag: v("BUILDKITE_TAG"),
-            commit: v("BUILDKITE_COMMIT"),
-            pull_request: v("BUILDKITE_PULL_REQUEST").filter(|p| p != "false"),
-            build: v("BUILDKITE_BUILD_NUMBER"),
-            job: v("BUILDKITE_LABEL"),
-            url,
-        });
+        return Some(buildkite(&v));
     }
     if is("CIRCLECI", "true") {
-        let repository = match (v("CIRCLE_PROJECT_USERNAME"), v("CIRCLE_PROJECT_REPONAME")) {
-            (Some(u), Some(r)) => Some(format!("{u}/{r}")),
-            _ => v("CIRCLE_REPOSITORY_URL"),
-        };
-        let pull_request = v("CIRCLE_PR_NUMBER").or_else(|| {
-            v("CIRCLE_PULL_REQUEST").and_then(|u| u.rsplit('/').next().map(str::to_string))
-        });
-        return Some(Ci {
-            provider: "circleci".into(),
-            repository,
-            branch: v("CIRCLE_BRANCH"),
-            tag: v("CIRCLE_TAG"),
-            commit: v("CIRCLE_SHA1"),
-            pull_request,
-            build: v("CIRCLE_BUILD_NUM"),
-            job: v("CIRCLE_JOB"),
-            url: v("CIRCLE_BUILD_URL"),
-        });
+        return Some(circleci(&v));
     }
     if v("JENKINS_URL").is_some() {
-        return Some(Ci {
-            provider: "jenkins".into(),
-            repository: v("GIT_URL"),
-            branch: v("CHANGE_BRANCH")
-                .or_else(|| v("BRANCH_NAME"))
-                .or_else(|| v("GIT_BRANCH")),
-            tag: v("TAG_NAME"),
-            commit: v("GIT_COMMIT"),
-            pull_request: v("CHANGE_ID"),
-            build: v("BUILD_NUMBER"),
-            job: v("JOB_NAME"),
-            url: v("BUILD_URL"),
-        });
+        return Some(jenkins(&v));
     }
     None
+}
+
+/// The GitHub Actions job, from its `GITHUB_*` variables (`v` reads one, empty as unset).
+fn github_actions(v: &impl Fn(&str) -> Option<String>) -> Ci {
+    let tag = (v("GITHUB_REF_TYPE").as_deref() == Some("tag"))
+        .then(|| v("GITHUB_REF_NAME"))
+        .flatten();
+    let branch = v("GITHUB_HEAD_REF").or_else(|| {
+        (v("GITHUB_REF_TYPE").as_deref() == Some("branch"))
+            .then(|| v("GITHUB_REF_NAME"))
+            .flatten()
+    });
+    let pull_request = v("GITHUB_REF").and_then(|r| {
+        r.strip_prefix("refs/pull/")
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string)
+    });
+    let url = match (
+        v("GITHUB_SERVER_URL"),
+        v("GITHUB_REPOSITORY"),
+        v("GITHUB_RUN_ID"),
+    ) {
+        (Some(s), Some(r), Some(id)) => Some(match v("GITHUB_RUN_ATTEMPT") {
+            Some(a) => format!("{s}/{r}/actions/runs/{id}/attempts/{a}"),
+            None => format!("{s}/{r}/actions/runs/{id}"),
+        }),
+        _ => None,
+    };
+    Ci {
+        provider: "github-actions".into(),
+        repository: v("GITHUB_REPOSITORY"),
+        branch,
+        tag,
+        commit: v("GITHUB_SHA"),
+        pull_request,
+        build: v("GITHUB_RUN_ID"),
+        job: v("GITHUB_JOB"),
+        url,
+    }
+}
+
+/// The GitLab CI job, from its `CI_*` variables (`v` reads one, empty as unset).
+fn gitlab_ci(v: &impl Fn(&str) -> Option<String>) -> Ci {
+    Ci {
+        provider: "gitlab-ci".into(),
+        repository: v("CI_PROJECT_PATH"),
+        branch: v("CI_COMMIT_BRANCH").or_else(|| v("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME")),
+        tag: v("CI_COMMIT_TAG"),
+        commit: v("CI_COMMIT_SHA"),
+        pull_request: v("CI_MERGE_REQUEST_IID"),
+        build: v("CI_PIPELINE_ID"),
+        job: v("CI_JOB_NAME"),
+        url: v("CI_JOB_URL"),
+    }
+}
+
+/// The Buildkite job, from its `BUILDKITE_*` variables (`v` reads one, empty as unset).
+fn buildkite(v: &impl Fn(&str) -> Option<String>) -> Ci {
+    let url = v("BUILDKITE_BUILD_URL").map(|u| match v("BUILDKITE_JOB_ID") {
+        Some(j) => format!("{u}#{j}"),
+        None => u,
+    });
+    Ci {
+        provider: "buildkite".into(),
+        repository: v("BUILDKITE_REPO"),
+        branch: v("BUILDKITE_BRANCH"),
+        tag: v("BUILDKITE_TAG"),
+        commit: v("BUILDKITE_COMMIT"),
+        pull_request: v("BUILDKITE_PULL_REQUEST").filter(|p| p != "false"),
+        build: v("BUILDKITE_BUILD_NUMBER"),
+        job: v("BUILDKITE_LABEL"),
+        url,
+    }
+}
+
+/// The CircleCI job, from its `CIRCLE_*` variables (`v` reads one, empty as unset).
+fn circleci(v: &impl Fn(&str) -> Option<String>) -> Ci {
+    let repository = match (v("CIRCLE_PROJECT_USERNAME"), v("CIRCLE_PROJECT_REPONAME")) {
+        (Some(u), Some(r)) => Some(format!("{u}/{r}")),
+        _ => v("CIRCLE_REPOSITORY_URL"),
+    };
+    let pull_request = v("CIRCLE_PR_NUMBER").or_else(|| {
+        v("CIRCLE_PULL_REQUEST").and_then(|u| u.rsplit('/').next().map(str::to_string))
+    });
+    Ci {
+        provider: "circleci".into(),
+        repository,
+        branch: v("CIRCLE_BRANCH"),
+        tag: v("CIRCLE_TAG"),
+        commit: v("CIRCLE_SHA1"),
+        pull_request,
+        build: v("CIRCLE_BUILD_NUM"),
+        job: v("CIRCLE_JOB"),
+        url: v("CIRCLE_BUILD_URL"),
+    }
+}
+
+/// The Jenkins build, from its job and Git plugin variables (`v` reads one, empty as unset).
+fn jenkins(v: &impl Fn(&str) -> Option<String>) -> Ci {
+    Ci {
+        provider: "jenkins".into(),
+        repository: v("GIT_URL"),
+        branch: v("CHANGE_BRANCH")
+            .or_else(|| v("BRANCH_NAME"))
+            .or_else(|| v("GIT_BRANCH")),
+        tag: v("TAG_NAME"),
+        commit: v("GIT_COMMIT"),
+        pull_request: v("CHANGE_ID"),
+        build: v("BUILD_NUMBER"),
+        job: v("JOB_NAME"),
+        url: v("BUILD_URL"),
+    }
 }
 
 #[cfg(test)]

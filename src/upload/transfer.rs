@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, Attributes, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, mpsc};
 
 use crate::destination::{Destination, StoreError};
 use crate::format::layout;
@@ -82,21 +83,9 @@ pub(super) async fn send(
     roots: Arc<Vec<Root>>,
     pipeline: Arc<Pipeline>,
 ) -> Result<Transferred, StoreError> {
-    let (tx, mut rx) = mpsc::channel::<Msg>(1);
-    let (path, key, stat, sha) = (job.path.clone(), job.key.clone(), job.stat, job.sha256);
-    let producer =
-        tokio::task::spawn_blocking(move || produce(&roots, &path, &key, stat, sha, &pipeline, tx));
-    // Whether the producer read the indexed content to its end (called once the channel is
-    // closed or dropped, so it never waits on a full channel).
-    let read_ok = |res: Result<std::io::Result<bool>, tokio::task::JoinError>| match res {
-        Ok(Ok(unchanged)) => Ok(unchanged),
-        Ok(Err(e)) if gone(&e) => Ok(false),
-        Ok(Err(e)) => Err(read_error(job, e)),
-        Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
-    };
-    let Some(Msg::Start(plan, mode, first)) = rx.recv().await else {
-        drop(rx);
-        return match read_ok(producer.await)? {
+    let mut reader = Reader::spawn(job, roots, pipeline);
+    let Some(Msg::Start(plan, mode, first)) = reader.rx.recv().await else {
+        return match reader.finish(job).await? {
             false => Ok(Transferred::Changed),
             true => Err(StoreError::Retryable(format!(
                 "reading {} produced no data",
@@ -106,16 +95,73 @@ pub(super) async fn send(
     };
     let stored_key = layout::stored_key(&job.key, plan);
     let location = link.dest.path(&stored_key)?;
-    let ctx = || format!("uploading {location} to {}", link.dest.name);
     let attributes = attributes(link.dest, plan, job, mode);
-    let stored = |stored_size| Transferred::Stored {
+    // Held until the end when the output filled two parts, even if it goes up in one PUT.
+    let (head, slot) = gather_head(link, &mut reader.rx, first).await;
+    let stored_size = if head.len() <= SINGLE_PUT_PARTS {
+        // Everything fits in one request: send it only if the file was unchanged.
+        if !reader.finish(job).await? {
+            return Ok(Transferred::Changed);
+        }
+        put_single(link, &location, head, attributes).await?
+    } else {
+        let multipart = put_multipart(link, job, &location, attributes, head, reader, slot);
+        match multipart.await? {
+            Some(stored_size) => stored_size,
+            None => return Ok(Transferred::Changed),
+        }
+    };
+    Ok(Transferred::Stored {
         plan,
         mode,
-        stored_key: stored_key.clone(),
+        stored_key,
         stored_size,
-    };
+    })
+}
 
-    // Gather parts until the output is known to need a multipart upload.
+/// The reading side of one transfer: the blocking task that reads and encodes the file, and
+/// the channel its parts arrive on.
+struct Reader {
+    /// The parts, in order; the first is a [`Msg::Start`].
+    rx: mpsc::Receiver<Msg>,
+    /// The producer; `true` if it read the indexed content to its end.
+    task: tokio::task::JoinHandle<std::io::Result<bool>>,
+}
+
+impl Reader {
+    /// Start reading `job`'s file through `pipeline` on a blocking thread.
+    fn spawn(job: &Job, roots: Arc<Vec<Root>>, pipeline: Arc<Pipeline>) -> Self {
+        let (tx, rx) = mpsc::channel::<Msg>(1);
+        let (path, key, stat, sha) = (job.path.clone(), job.key.clone(), job.stat, job.sha256);
+        let task = tokio::task::spawn_blocking(move || {
+            produce(&roots, &path, &key, stat, sha, &pipeline, tx)
+        });
+        Self { rx, task }
+    }
+
+    /// Whether the producer read the indexed content to its end (the channel is dropped first,
+    /// so the producer never waits on a full channel).
+    async fn finish(self, job: &Job) -> Result<bool, StoreError> {
+        drop(self.rx);
+        match self.task.await {
+            Ok(Ok(unchanged)) => Ok(unchanged),
+            Ok(Err(e)) if gone(&e) => Ok(false),
+            Ok(Err(e)) => Err(read_error(job, e)),
+            Err(e) => Err(StoreError::Retryable(format!("read task failed: {e}"))),
+        }
+    }
+}
+
+/// A multipart slot as `Semaphore::acquire` returns it: only held, never inspected.
+type Slot<'a> = Result<SemaphorePermit<'a>, AcquireError>;
+
+/// Gather parts after `first` until the output is known to need a multipart upload (more than
+/// [`SINGLE_PUT_PARTS`]) or ends; from the second part on, a multipart slot is held.
+async fn gather_head<'a>(
+    link: &Link<'a>,
+    rx: &mut mpsc::Receiver<Msg>,
+    first: Bytes,
+) -> (Vec<Bytes>, Option<Slot<'a>>) {
     let mut head: Vec<Bytes> = Vec::with_capacity(SINGLE_PUT_PARTS + 1);
     head.push(first);
     let mut slot = None;
@@ -129,39 +175,59 @@ pub(super) async fn send(
             _ => break,
         }
     }
+    (head, slot)
+}
+
+/// What a store error is about: the object and the destination.
+fn upload_context(link: &Link<'_>, location: &ObjectPath) -> String {
+    format!("uploading {location} to {}", link.dest.name)
+}
+
+/// Store the whole output (`head`) in one PUT; the bytes stored.
+async fn put_single(
+    link: &Link<'_>,
+    location: &ObjectPath,
+    head: Vec<Bytes>,
+    attributes: Attributes,
+) -> Result<u64, StoreError> {
+    let stored_size: u64 = head.iter().map(|b| b.len() as u64).sum();
+    let payload = PutPayload::from_iter(head);
+    throttle(link, payload.content_length()).await;
+    let opts = PutOptions {
+        attributes,
+        ..Default::default()
+    };
+    link.dest
+        .store
+        .put_opts(location, payload, opts)
+        .await
+        .map_err(|e| StoreError::classify(upload_context(link, location), &e))?;
+    link.bytes.fetch_add(stored_size, Ordering::Relaxed);
+    Ok(stored_size)
+}
+
+/// Store the output as a multipart upload: `head`, then the rest as it is read, a few parts in
+/// flight. Committed only if all was sent and the file was unchanged: the bytes stored, or
+/// `None` when the file changed (the upload is aborted).
+async fn put_multipart(
+    link: &Link<'_>,
+    job: &Job,
+    location: &ObjectPath,
+    attributes: Attributes,
+    head: Vec<Bytes>,
+    mut reader: Reader,
+    slot: Option<Slot<'_>>,
+) -> Result<Option<u64>, StoreError> {
     let mut stored_size: u64 = head.iter().map(|b| b.len() as u64).sum();
-
-    if head.len() <= SINGLE_PUT_PARTS {
-        // Everything fits in one request: send it only if the file was unchanged.
-        drop(rx);
-        if !read_ok(producer.await)? {
-            return Ok(Transferred::Changed);
-        }
-        let payload = PutPayload::from_iter(head);
-        throttle(link, payload.content_length()).await;
-        let opts = PutOptions {
-            attributes,
-            ..Default::default()
-        };
-        link.dest
-            .store
-            .put_opts(&location, payload, opts)
-            .await
-            .map_err(|e| StoreError::classify(ctx(), &e))?;
-        link.bytes.fetch_add(stored_size, Ordering::Relaxed);
-        return Ok(stored(stored_size));
-    }
-
     let opts = PutMultipartOptions {
         attributes,
         ..Default::default()
     };
-    let upload = match link.dest.store.put_multipart_opts(&location, opts).await {
+    let upload = match link.dest.store.put_multipart_opts(location, opts).await {
         Ok(u) => u,
         Err(e) => {
-            drop(rx);
-            let _ = producer.await;
-            return Err(StoreError::classify(ctx(), &e));
+            let _ = reader.finish(job).await;
+            return Err(StoreError::classify(upload_context(link, location), &e));
         }
     };
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
@@ -171,9 +237,9 @@ pub(super) async fn send(
     }
     let sent: Result<(), StoreError> = loop {
         if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
-            break Err(StoreError::classify(ctx(), &e));
+            break Err(StoreError::classify(upload_context(link, location), &e));
         }
-        match rx.recv().await {
+        match reader.rx.recv().await {
             Some(Msg::Data(b)) => {
                 stored_size += b.len() as u64;
                 throttle(link, b.len()).await;
@@ -182,24 +248,23 @@ pub(super) async fn send(
             _ => break Ok(()),
         }
     };
-    drop(rx);
-    let unchanged = read_ok(producer.await);
+    let unchanged = reader.finish(job).await;
     drop(slot);
     match (sent, unchanged) {
         (Ok(()), Ok(true)) => {
             writer
                 .finish()
                 .await
-                .map_err(|e| StoreError::classify(ctx(), &e))?;
+                .map_err(|e| StoreError::classify(upload_context(link, location), &e))?;
             link.bytes.fetch_add(stored_size, Ordering::Relaxed);
-            Ok(stored(stored_size))
+            Ok(Some(stored_size))
         }
         (sent, unchanged) => {
             // Never commit: the object stays invisible.
             let _ = writer.abort().await;
             sent?;
             unchanged?;
-            Ok(Transferred::Changed)
+            Ok(None)
         }
     }
 }
