@@ -215,8 +215,11 @@ async fn prune_run(
     }
     if report.failed.len() == failed_before && !dry_run {
         // Forgotten only once every object is gone: a failed delete is retried next time.
-        let (i, w, n) = (index.clone(), watch.path.clone(), run.name.clone());
-        tokio::task::spawn_blocking(move || i.forget_run(&w, &n)).await??;
+        let (w, n, sealed_ms) = (watch.path.clone(), run.name.clone(), run.sealed_ms);
+        let now = crate::format::units::now_ms();
+        index
+            .call(move |i| i.record_pruned(&w, &n, sealed_ms, now))
+            .await?;
         tracing::info!(run = %run.name, prefix = %key_prefix, rule = %rule, "pruned run");
     }
     report.runs.push(PrunedRun {

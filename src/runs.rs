@@ -320,6 +320,9 @@ pub(crate) enum State {
     Sealed,
     /// Sealed, but a file was added or changed since.
     ChangedAfterSeal,
+    /// Sealed once, then deleted from the destinations by retention (`prune`); the directory
+    /// is still on disk. Never open, never sealed again under this name.
+    Pruned,
 }
 
 /// One destination's view of a run.
@@ -365,6 +368,9 @@ pub(crate) struct RunInfo {
     /// When the agent last saw a file of the run change (ms since the epoch): what
     /// `seal_after` judges quietness by (mtimes can be old: `cp -p`, `tar x`, `rsync -a`).
     pub last_change_ms: Option<i64>,
+    /// When retention pruned it (ms since the epoch), for a pruned run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned_ms: Option<i64>,
     /// The test results of the latest seal (absent: not sealed, or no JUnit XML).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tests: Option<crate::format::results::TestSummary>,
@@ -392,9 +398,45 @@ pub(crate) fn sealed_manifest(
         .map(|(_, watch)| index.run_manifest(watch, name))
         .transpose()?
         .flatten()
-        .ok_or_else(|| UsageError(format!("run {name:?} has not been sealed on this node")))?;
+        .ok_or_else(|| not_sealed(config, index, name))?;
     serde_json::from_str(&text)
         .with_context(|| format!("the manifest of run {name:?} in the index"))
+}
+
+/// Why run `name` has no manifest here: pruned by retention (and when), or never sealed.
+fn not_sealed(config: &Config, index: &Index, name: &str) -> anyhow::Error {
+    for (_, w) in run_watches(config) {
+        if let Ok(pruned) = index.pruned_runs(&w.path)
+            && let Some((_, ms)) = pruned.iter().find(|(n, _)| n == name)
+        {
+            return UsageError(pruned_message(name, *ms)).into();
+        }
+    }
+    UsageError(format!("run {name:?} has not been sealed on this node")).into()
+}
+
+/// What a pruned run's refusal says.
+pub(crate) fn pruned_message(name: &str, pruned_ms: i64) -> String {
+    format!(
+        "run {name:?} was pruned by retention on {} (its objects are deleted from every \
+         destination); it cannot be sealed or linked again: write new output to a new run \
+         directory",
+        crate::format::record::date_of(pruned_ms)
+    )
+}
+
+/// When retention pruned the run `run`, if it did.
+pub(crate) fn pruned_ms(
+    config: &Config,
+    index: &Index,
+    run: &RunDir,
+) -> anyhow::Result<Option<i64>> {
+    let watch = &config.watch[run.watch].path;
+    Ok(index
+        .pruned_runs(watch)?
+        .into_iter()
+        .find(|(n, _)| *n == run.name)
+        .map(|(_, ms)| ms))
 }
 
 /// The run directory `dir`, if it is one (for `url`, which also takes files).
@@ -463,6 +505,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
             .into_iter()
             .map(|r| (r.name, (r.sealed_ms, r.files, r.bytes)))
             .collect();
+        let pruned: HashMap<String, i64> = index.pruned_runs(&w.path)?.into_iter().collect();
         names.extend(sealed.keys().cloned());
         names.sort();
         names.dedup();
@@ -491,6 +534,7 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 last_change_ms: files.iter().map(|f| f.indexed_ms).max(),
                 notifications: Vec::new(),
                 tests: None,
+                pruned_ms: None,
             };
             info.complete = info.destinations.iter().all(|d| d.missing == 0);
             if let Some((ms, n, bytes)) = sealed.get(&name) {
@@ -527,6 +571,14 @@ pub(crate) fn list(config: &Config, index: &Index) -> anyhow::Result<Vec<RunInfo
                 info.sealed_ms = Some(*ms);
                 info.sealed_files = Some(*n);
                 info.sealed_bytes = Some(*bytes);
+            }
+            if let Some(ms) = pruned.get(&name)
+                && !sealed.contains_key(&name)
+            {
+                // Its objects are gone: whatever the index says of its files' uploads.
+                info.state = State::Pruned;
+                info.pruned_ms = Some(*ms);
+                info.complete = false;
             }
             if info.state != State::Sealed && SealingLock::held(config, &w.path, &name) {
                 info.state = State::Sealing;
@@ -620,11 +672,13 @@ pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> 
     let mut open = 0;
     for (_, w) in run_watches(config) {
         let names = run_dirs(w);
-        let sealed: std::collections::HashSet<String> = index
+        let mut sealed: std::collections::HashSet<String> = index
             .sealed_runs(&w.path)?
             .into_iter()
             .map(|r| r.name)
             .collect();
+        // A pruned run is not open either.
+        sealed.extend(index.pruned_runs(&w.path)?.into_iter().map(|(n, _)| n));
         open += names
             .iter()
             .filter(|n| !sealed.contains(*n) && !SealingLock::held(config, &w.path, n))

@@ -129,6 +129,9 @@ pub(crate) async fn seal(
 fn claim(config: &Config, dir: &Path) -> anyhow::Result<(RunDir, Root, SealingLock)> {
     let run = locate(config, dir)?;
     let sealing = SealingLock::take(config, &run)?;
+    if let Some(ms) = crate::runs::pruned_ms(config, &Index::open(&config.state_dir)?, &run)? {
+        return Err(UsageError(crate::runs::pruned_message(&run.name, ms)).into());
+    }
     let roots = Root::from_config(config);
     let root = roots
         .get(run.watch)
@@ -540,7 +543,10 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
         let Some(after) = quiet_after.get(&r.watch) else {
             continue;
         };
-        if r.state == State::Sealed || !r.complete || !quiet(&r, *after, now) {
+        if matches!(r.state, State::Sealed | State::Pruned)
+            || !r.complete
+            || !quiet(&r, *after, now)
+        {
             continue;
         }
         let dir = r.watch.join(&r.name);
@@ -586,6 +592,7 @@ mod tests {
             last_file_ms: Some(now - day),
             last_change_ms,
             tests: None,
+            pruned_ms: None,
         };
         let after = Duration::from_secs(60);
         assert!(

@@ -144,7 +144,9 @@ pub enum Command {
         #[arg(long, value_name = "RUN")]
         run: Option<String>,
     },
-    /// Apply remote retention now: delete this node's objects older than remote_max_age.
+    /// Apply remote retention now: delete this node's objects older than remote_max_age (or
+    /// their watch's remote_max_age), and whole sealed runs that the [retention.runs] rules
+    /// let go (a pruned run reads as pruned and is not sealed again).
     Prune {
         /// Only list what would be deleted.
         #[arg(long)]

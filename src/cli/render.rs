@@ -287,6 +287,7 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
             State::Sealing => "sealing",
             State::Sealed => "sealed",
             State::ChangedAfterSeal => "changed after seal",
+            State::Pruned => "pruned",
         };
         let missing: Vec<String> = r
             .destinations
@@ -300,10 +301,13 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
             r.name,
             r.files,
             r.bytes,
-            if r.complete {
-                "in every destination".to_string()
-            } else {
-                missing.join(", ")
+            match r.pruned_ms {
+                Some(ms) => format!(
+                    "deleted from every destination by retention on {}",
+                    crate::format::record::date_of(ms)
+                ),
+                None if r.complete => "in every destination".to_string(),
+                None => missing.join(", "),
             }
         );
         if let Some(t) = &r.tests {

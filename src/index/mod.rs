@@ -359,7 +359,7 @@ mod tests {
     use super::objects::{FORGET_STORED, OBJECT_WITH, OBJECTS_WITH_METHOD};
     use super::queue::{AWAITING_ELSEWHERE, CLAIM, NEXT_DUE};
     use super::queue::{INDEX_TOTALS, UPLOAD_TOTALS};
-    use super::runs::{RUN_MANIFEST, SEALED_MS, SEALED_RUNS};
+    use super::runs::{PRUNED_RUNS, RUN_MANIFEST, SEALED_MS, SEALED_RUNS};
     use super::stats::{
         CURRENT_ERRORS, LAST_ERROR, LATENCIES, LATENCIES_BY_TIME, OLDEST_PENDING, UPLOAD_SPAN,
     };
@@ -382,6 +382,7 @@ mod tests {
             "SELECT size FROM files WHERE path = ?1",
             FILES_UNDER,
             SEALED_RUNS,
+            PRUNED_RUNS,
             SEALED_MS,
             RUN_MANIFEST,
             DUE_NOTIFICATIONS,

@@ -9,6 +9,9 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{Index, NewNotification, NotifyState, now_ms, path_bytes};
 
+/// The pruned runs of one watch.
+pub(super) const PRUNED_RUNS: &str = "SELECT name, pruned_ms FROM pruned_runs WHERE watch = ?1";
+
 /// The sealed runs of one watch.
 pub(super) const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes,
         ci, first_file_ms, last_file_ms, tests
@@ -90,6 +93,10 @@ impl Index {
              ON CONFLICT (watch, name) DO UPDATE SET manifest = excluded.manifest",
             params![path_bytes(&run.watch), run.name, manifest],
         )?;
+        tx.execute(
+            "DELETE FROM pruned_runs WHERE watch = ?1 AND name = ?2",
+            params![path_bytes(&run.watch), run.name],
+        )?;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO notifications
@@ -138,6 +145,40 @@ impl Index {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Record that retention deleted the objects of the run sealed at `sealed_ms`: its seal
+    /// is forgotten and the run reads as pruned (`pruned_ms`) from now on.
+    pub fn record_pruned(
+        &self,
+        watch: &Path,
+        name: &str,
+        sealed_ms: i64,
+        pruned_ms: i64,
+    ) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["runs", "run_manifests"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE watch = ?1 AND name = ?2"),
+                params![path_bytes(watch), name],
+            )?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO pruned_runs (watch, name, sealed_ms, pruned_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![path_bytes(watch), name, sealed_ms, pruned_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The runs of the watch rooted at `watch` that retention pruned: name and when.
+    pub fn pruned_runs(&self, watch: &Path) -> anyhow::Result<Vec<(String, i64)>> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(PRUNED_RUNS)?;
+        let rows = s.query_map(params![path_bytes(watch)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The sealed runs of the watch rooted at `watch`.
@@ -192,5 +233,42 @@ impl Index {
         let mut s = conn.prepare_cached(SEALED_MS)?;
         Ok(s.query_row(params![path_bytes(watch), name], |r| r.get(0))
             .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pruned_run_is_remembered_until_sealed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path()).unwrap();
+        let w = Path::new("/w");
+        let run = SealedRun {
+            watch: w.into(),
+            name: "r1".into(),
+            sealed_ms: 10,
+            manifest_sha256: vec![0; 32],
+            files: 1,
+            bytes: 1,
+            ci: None,
+            first_file_ms: None,
+            last_file_ms: None,
+            tests: None,
+        };
+        idx.record_run(&run, &pack_manifest("{}").unwrap(), &[])
+            .unwrap();
+        idx.record_pruned(w, "r1", 10, 99).unwrap();
+        assert!(
+            idx.sealed_runs(w).unwrap().is_empty(),
+            "the seal is forgotten"
+        );
+        assert_eq!(idx.run_manifest(w, "r1").unwrap(), None);
+        assert_eq!(idx.pruned_runs(w).unwrap(), vec![("r1".to_string(), 99)]);
+        assert!(idx.pruned_runs(Path::new("/v")).unwrap().is_empty());
+        idx.record_run(&run, &pack_manifest("{}").unwrap(), &[])
+            .unwrap();
+        assert!(idx.pruned_runs(w).unwrap().is_empty(), "sealed again");
     }
 }

@@ -235,6 +235,17 @@ INSERT INTO runs_new
 DROP TABLE runs;
 ALTER TABLE runs_new RENAME TO runs;
 "#,
+    // 8: runs pruned by retention are remembered, so a run directory still on disk reads as
+    // pruned (not open, not sealable) instead of as a run never sealed.
+    r#"
+CREATE TABLE IF NOT EXISTS pruned_runs (
+    watch    BLOB NOT NULL,
+    name     TEXT NOT NULL,
+    sealed_ms INTEGER NOT NULL,
+    pruned_ms INTEGER NOT NULL,
+    PRIMARY KEY (watch, name)
+) WITHOUT ROWID;
+"#,
 ];
 
 impl Index {

@@ -327,7 +327,7 @@ async fn no_ci_value_of_an_encrypted_run_is_stored_in_the_clear() {
     let published: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
             primary_root
-                .join("_panoptic-sync/nodes")
+                .join("base/_panoptic-sync/nodes")
                 .join(format!("{}.json", env.node)),
         )
         .unwrap(),
@@ -604,10 +604,37 @@ async fn retention_by_run_keeps_exactly_what_each_rule_says_and_never_an_unseale
         let (s3, nas) = run_objects(&env, run);
         assert!(s3 >= 4 && nas >= 4, "{run} kept: {s3} {nas}");
     }
-    // Forgotten: no longer listed as sealed, and a second prune has nothing to do.
+    // Pruned everywhere: listed as pruned (not open, not in every destination), not counted
+    // open, refused by `seal` and by `url` with a message that says so, and a second prune
+    // has nothing to do. Reproduced: the pruned runs read as "open, … in every destination",
+    // counted in "runs open", and `seal` failed with a false "changed while being sealed".
     let runs = runs_json(&env);
     assert_eq!(runs["main-2"]["state"], "sealed");
-    assert_ne!(runs["main-1"]["state"], "sealed");
+    for run in ["main-1", "pr"] {
+        assert_eq!(runs[run]["state"], "pruned", "{}", runs[run]);
+        assert_eq!(runs[run]["complete"], false, "{}", runs[run]);
+        assert!(
+            runs[run]["pruned_ms"].as_i64().unwrap() > 0,
+            "{}",
+            runs[run]
+        );
+    }
+    assert_eq!(env.status()["open_runs"], 1, "only the run never sealed");
+    let out = seal(&env, "main-1", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("was pruned by retention"), "{err}");
+    let dir = env.watch.join("pr");
+    let out = env.cli(&["url", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("was pruned by retention"), "{err}");
+    let table = env.cli(&["runs"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("main-1: pruned, ") && table.contains("deleted from every destination"),
+        "{table}"
+    );
     let out = env.cli(&["prune", "--dry-run"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("0 runs, 0 objects"),
