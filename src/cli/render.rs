@@ -329,10 +329,26 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
 /// `report --run`: one sealed run in text (every string escaped: the manifest's names come
 /// from the tree, its CI context from the job's environment).
 fn manifest_text(m: &crate::format::manifest::Manifest) -> String {
-    use std::fmt::Write as _;
+    let p = destination::printable;
+    let mut out = String::new();
+    write_run_header(&mut out, m);
+    if let Some(ci) = &m.ci {
+        write_ci(&mut out, ci);
+    }
+    for (k, v) in &m.labels {
+        let _ = writeln!(out, "  label      {}={}", p(k), p(v));
+    }
+    if let Some(t) = &m.tests {
+        write_run_tests(&mut out, t);
+    }
+    write_largest_files(&mut out, &m.files);
+    out
+}
+
+/// `report --run`: the run's name and node, when it was sealed and written, and its totals.
+fn write_run_header(out: &mut String, m: &crate::format::manifest::Manifest) {
     let p = destination::printable;
     let when = page::time;
-    let mut out = String::new();
     let _ = writeln!(out, "run {} (node {})", p(&m.run), p(&m.node));
     let _ = writeln!(out, "  sealed     {}", when(m.sealed_ms));
     if let (Some(first), Some(last)) = (m.first_file_ms, m.last_file_ms) {
@@ -352,71 +368,78 @@ fn manifest_text(m: &crate::format::manifest::Manifest) -> String {
         m.totals.files,
         crate::format::units::human(m.totals.bytes)
     );
-    if let Some(ci) = &m.ci {
-        let _ = writeln!(out, "  ci         {}", p(&ci.provider));
-        for (k, v) in [
-            ("repository", &ci.repository),
-            ("branch", &ci.branch),
-            ("tag", &ci.tag),
-            ("commit", &ci.commit),
-            ("pull req.", &ci.pull_request),
-            ("job", &ci.job),
-            ("url", &ci.url),
-        ] {
-            if let Some(v) = v {
-                let _ = writeln!(out, "  {k:<10} {}", p(v));
-            }
+}
+
+/// `report --run`: the CI context, one line per field the job had.
+fn write_ci(out: &mut String, ci: &crate::format::ci::Ci) {
+    let p = destination::printable;
+    let _ = writeln!(out, "  ci         {}", p(&ci.provider));
+    for (k, v) in [
+        ("repository", &ci.repository),
+        ("branch", &ci.branch),
+        ("tag", &ci.tag),
+        ("commit", &ci.commit),
+        ("pull req.", &ci.pull_request),
+        ("job", &ci.job),
+        ("url", &ci.url),
+    ] {
+        if let Some(v) = v {
+            let _ = writeln!(out, "  {k:<10} {}", p(v));
         }
     }
-    for (k, v) in &m.labels {
-        let _ = writeln!(out, "  label      {}={}", p(k), p(v));
+}
+
+/// `report --run`: the test summary, its failures, the JUnit files left out and the slowest.
+fn write_run_tests(out: &mut String, t: &crate::format::results::TestSummary) {
+    let p = destination::printable;
+    let _ = writeln!(out, "  tests      {}: {}", t.verdict(), t.counts_line());
+    let _ = writeln!(out, "  test time  {:.1} s", t.duration_ms as f64 / 1000.0);
+    for f in &t.failures {
+        let _ = writeln!(
+            out,
+            "    {} {}::{} ({}){}",
+            if f.outcome == crate::format::results::Outcome::Error {
+                "ERROR "
+            } else {
+                "FAILED"
+            },
+            p(&f.class),
+            p(&f.name),
+            p(&f.file),
+            f.message
+                .as_deref()
+                .map(|m| format!(": {}", p(&m.replace('\n', " "))))
+                .unwrap_or_default()
+        );
     }
-    if let Some(t) = &m.tests {
-        let _ = writeln!(out, "  tests      {}: {}", t.verdict(), t.counts_line());
-        let _ = writeln!(out, "  test time  {:.1} s", t.duration_ms as f64 / 1000.0);
-        for f in &t.failures {
-            let _ = writeln!(
-                out,
-                "    {} {}::{} ({}){}",
-                if f.outcome == crate::format::results::Outcome::Error {
-                    "ERROR "
-                } else {
-                    "FAILED"
-                },
-                p(&f.class),
-                p(&f.name),
-                p(&f.file),
-                f.message
-                    .as_deref()
-                    .map(|m| format!(": {}", p(&m.replace('\n', " "))))
-                    .unwrap_or_default()
-            );
-        }
-        if t.failures_omitted > 0 {
-            let _ = writeln!(out, "    ... and {} more failures", t.failures_omitted);
-        }
-        for b in &t.unreadable {
-            let _ = writeln!(
-                out,
-                "    JUnit file left out: {}: {}",
-                p(&b.path),
-                p(&b.error)
-            );
-        }
-        if !t.slowest.is_empty() {
-            out.push_str("  slowest tests:\n");
-        }
-        for s in &t.slowest {
-            let _ = writeln!(
-                out,
-                "    {:>9} ms  {}::{}",
-                s.duration_ms,
-                p(&s.class),
-                p(&s.name)
-            );
-        }
+    if t.failures_omitted > 0 {
+        let _ = writeln!(out, "    ... and {} more failures", t.failures_omitted);
     }
-    let mut largest: Vec<&ManifestFile> = m.files.iter().collect();
+    for b in &t.unreadable {
+        let _ = writeln!(
+            out,
+            "    JUnit file left out: {}: {}",
+            p(&b.path),
+            p(&b.error)
+        );
+    }
+    if !t.slowest.is_empty() {
+        out.push_str("  slowest tests:\n");
+    }
+    for s in &t.slowest {
+        let _ = writeln!(
+            out,
+            "    {:>9} ms  {}::{}",
+            s.duration_ms,
+            p(&s.class),
+            p(&s.name)
+        );
+    }
+}
+
+/// `report --run`: the ten largest files.
+fn write_largest_files(out: &mut String, files: &[ManifestFile]) {
+    let mut largest: Vec<&ManifestFile> = files.iter().collect();
     largest.sort_by_key(|f| std::cmp::Reverse(f.size));
     if !largest.is_empty() {
         out.push_str("  largest files:\n");
@@ -426,10 +449,9 @@ fn manifest_text(m: &crate::format::manifest::Manifest) -> String {
             out,
             "    {:>10}  {}",
             crate::format::units::human(f.size),
-            p(&f.path)
+            destination::printable(&f.path)
         );
     }
-    out
 }
 
 /// A human-readable rendering of [`StatusView`].
@@ -624,10 +646,31 @@ fn test_id(class: &str, name: &str) -> String {
 
 /// The fleet's test results as text (every string from a record escaped).
 fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
-    use std::fmt::Write as _;
+    let p = destination::printable;
+    let mut o = String::new();
+    write_fleet_totals(&mut o, r);
+    write_fleet_groups(&mut o, r);
+    write_flaky(&mut o, &r.flaky);
+    write_failing(&mut o, r);
+    write_slowest(&mut o, &r.slowest);
+    write_outliers(&mut o, &r.outlier_nodes);
+    if r.unreadable_junit_files > 0 {
+        let _ = writeln!(
+            o,
+            "  {} JUnit files could not be parsed by their nodes (see each run's summary)",
+            r.unreadable_junit_files
+        );
+    }
+    for u in &r.unreadable {
+        let _ = writeln!(o, "unreadable run record: {}: {}", p(&u.key), p(&u.error));
+    }
+    o
+}
+
+/// The fleet's test results: the window, the branch and the totals in one line.
+fn write_fleet_totals(o: &mut String, r: &crate::format::fleet::FleetResults) {
     let p = destination::printable;
     let pc = crate::html::charts::percent;
-    let mut o = String::new();
     let _ = writeln!(
         o,
         "\ntest results {} – {}{}: {} runs with tests, {} passed ({}); {} tests, {} passed{}",
@@ -648,6 +691,12 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
             String::new()
         }
     );
+}
+
+/// The fleet's test results: a table of rates by node, by branch and by suite.
+fn write_fleet_groups(o: &mut String, r: &crate::format::fleet::FleetResults) {
+    let p = destination::printable;
+    let pc = crate::html::charts::percent;
     for (what, groups) in [
         ("node", &r.nodes),
         ("branch", &r.branches),
@@ -679,9 +728,14 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
             );
         }
     }
-    if !r.flaky.is_empty() {
+}
+
+/// The fleet's test results: the flaky tests, with the commits they flaked on.
+fn write_flaky(o: &mut String, flaky: &[crate::format::fleet::Flaky]) {
+    let p = destination::printable;
+    if !flaky.is_empty() {
         let _ = writeln!(o, "  flaky tests (failed and passed for one commit):");
-        for f in &r.flaky {
+        for f in flaky {
             let _ = writeln!(
                 o,
                 "    {} ({}): {} revision{}: {}",
@@ -693,6 +747,12 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
             );
         }
     }
+}
+
+/// The fleet's test results: the consistently and the most often failing tests.
+fn write_failing(o: &mut String, r: &crate::format::fleet::FleetResults) {
+    let p = destination::printable;
+    let pc = crate::html::charts::percent;
     for (what, list) in [
         ("consistently failing", &r.consistently_failing),
         ("most often failing", &r.most_failing),
@@ -713,9 +773,13 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
             );
         }
     }
-    if !r.slowest.is_empty() {
+}
+
+/// The fleet's test results: the slowest tests by mean time.
+fn write_slowest(o: &mut String, slowest: &[crate::format::fleet::TestStat]) {
+    if !slowest.is_empty() {
         let _ = writeln!(o, "  slowest tests (mean):");
-        for t in &r.slowest {
+        for t in slowest {
             let _ = writeln!(
                 o,
                 "    {:>9} ms  {} ({} runs, max {} ms)",
@@ -726,25 +790,19 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
             );
         }
     }
-    for n in &r.outlier_nodes {
+}
+
+/// The fleet's test results: the nodes whose failure rate stands out.
+fn write_outliers(o: &mut String, outliers: &[crate::format::fleet::Outlier]) {
+    let pc = crate::html::charts::percent;
+    for n in outliers {
         let _ = writeln!(
             o,
             "  node {} stands out: {} of its {} runs failed, against {} for the rest of the fleet",
-            p(&n.node),
+            destination::printable(&n.node),
             pc(Some(n.failure_rate)),
             n.runs,
             pc(Some(n.fleet_failure_rate))
         );
     }
-    if r.unreadable_junit_files > 0 {
-        let _ = writeln!(
-            o,
-            "  {} JUnit files could not be parsed by their nodes (see each run's summary)",
-            r.unreadable_junit_files
-        );
-    }
-    for u in &r.unreadable {
-        let _ = writeln!(o, "unreadable run record: {}: {}", p(&u.key), p(&u.error));
-    }
-    o
 }

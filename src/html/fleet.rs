@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::format::fleet::{FleetResults, Group, TestStat};
+use crate::format::fleet::{BadRecord, Flaky, FleetResults, Group, Outlier, TestStat};
 
 /// Rate per day for each group (at most `max` groups, the ones with most runs).
 fn per_day(days: &[String], groups: &[Group], max: usize) -> Vec<(String, Vec<Option<f64>>)> {
@@ -27,12 +27,9 @@ fn per_day(days: &[String], groups: &[Group], max: usize) -> Vec<(String, Vec<Op
         .collect()
 }
 
-/// The fleet's test results as HTML: success rate over time (fleet, per node, per branch,
-/// per suite) as inline SVG, and tables of flaky, failing and slow tests.
-pub(crate) fn results(r: &FleetResults) -> maud::Markup {
-    use super::charts::{lines, percent};
-    use maud::html;
-    // The whole window on the time axis (days without runs have no point), unless it is long.
+/// The days on the time axis: the whole window (days without runs have no point), unless it
+/// is long or unreadable, then the days with runs.
+fn time_axis(r: &FleetResults) -> Vec<String> {
     let window = match (
         chrono::NaiveDate::parse_from_str(&r.from, "%Y-%m-%d"),
         chrono::NaiveDate::parse_from_str(&r.to, "%Y-%m-%d"),
@@ -44,108 +41,174 @@ pub(crate) fn results(r: &FleetResults) -> maud::Markup {
             .collect(),
         _ => Vec::new(),
     };
-    let days: Vec<String> = if window.is_empty() {
+    if window.is_empty() {
         r.days.iter().map(|d| d.date.clone()).collect()
     } else {
         window
-    };
+    }
+}
+
+/// The fleet's success rate on each of `days`, as the one series of a chart.
+fn fleet_per_day(r: &FleetResults, days: &[String]) -> Vec<(String, Vec<Option<f64>>)> {
     let fleet_by: HashMap<&str, Option<f64>> = r
         .days
         .iter()
         .map(|d| (d.date.as_str(), d.rates.success_rate))
         .collect();
-    let fleet = vec![(
+    vec![(
         "fleet".to_string(),
         days.iter()
             .map(|d| fleet_by.get(d.as_str()).copied().flatten())
             .collect::<Vec<_>>(),
-    )];
-    let pct = |v: f64| format!("{:.0}%", v * 100.0);
-    let table = |groups: &[Group], what: &str| {
-        html! {
-            table {
-                thead { tr { th { (what) } th class="n" { "runs" } th class="n" { "passed" } th class="n" { "success" } th class="n" { "tests" } th class="n" { "pass rate" } } }
-                tbody {
-                    @for g in groups {
-                        tr {
-                            td { (g.name) }
-                            td class="n" { (g.rates.runs) }
-                            td class="n" { (g.rates.runs_passed) }
-                            td class="n" { (percent(g.rates.success_rate)) }
-                            td class="n" { (g.rates.tests) }
-                            td class="n" { (percent(g.rates.pass_rate)) }
-                        }
+    )]
+}
+
+/// A rate as a whole percentage (the charts' axis labels).
+fn pct(v: f64) -> String {
+    format!("{:.0}%", v * 100.0)
+}
+
+/// The heading and the totals line of the section.
+fn summary(r: &FleetResults) -> maud::Markup {
+    use super::charts::percent;
+    use maud::html;
+    html! {
+        h2 { "Test results " (r.from) " – " (r.to) @if let Some(b) = &r.branch { " on branch " (b) } }
+        p {
+            (r.totals.runs) " runs with tests, " (r.totals.runs_passed) " passed ("
+            (percent(r.totals.success_rate)) "); " (r.totals.tests) " tests, "
+            (percent(r.totals.pass_rate)) " passed"
+            @if r.runs_without_tests > 0 { "; " (r.runs_without_tests) " runs without tests" }
+            @if r.unreadable_junit_files > 0 { "; JUnit files the nodes could not parse: " (r.unreadable_junit_files) }
+        }
+    }
+}
+
+/// The nodes that stand out, as recommendations (nothing when none does).
+fn outliers(outliers: &[Outlier]) -> maud::Markup {
+    use super::charts::percent;
+    use maud::html;
+    html! {
+        @if !outliers.is_empty() {
+            div class="recs" {
+                ul {
+                    @for n in outliers {
+                        li { "node " (n.node) " stands out: " (percent(Some(n.failure_rate))) " of its "
+                            (n.runs) " runs failed, against " (percent(Some(n.fleet_failure_rate)))
+                            " for the rest of the fleet" }
                     }
                 }
             }
         }
-    };
-    let tests = |list: &[TestStat]| {
-        html! {
-            table {
-                thead { tr { th { "test" } th { "suite" } th class="n" { "runs" } th class="n" { "failed" } th class="n" { "failure rate" } th class="n" { "mean" } th class="n" { "max" } } }
-                tbody {
-                    @for t in list {
-                        tr {
-                            td { (t.class) "::" (t.name) }
-                            td { (t.suite) }
-                            td class="n" { (t.runs) }
-                            td class="n" { (t.failed) }
-                            td class="n" { (percent(t.failure_rate)) }
-                            td class="n" { (t.mean_ms) " ms" }
-                            td class="n" { (t.max_ms) " ms" }
-                        }
+    }
+}
+
+/// The charts of the run success rate per day: the fleet's, and per node, branch and suite.
+fn charts(r: &FleetResults) -> maud::Markup {
+    use super::charts::lines;
+    use maud::html;
+    let days = time_axis(r);
+    let fleet = fleet_per_day(r, &days);
+    html! {
+        (lines("Run success rate per day: fleet", &days, &fleet, 1.0, &pct))
+        (lines("Run success rate per day, per node", &days, &per_day(&days, &r.nodes, 8), 1.0, &pct))
+        (lines("Run success rate per day, per branch", &days, &per_day(&days, &r.branches, 8), 1.0, &pct))
+        (lines("Run success rate per day, per suite", &days, &per_day(&days, &r.suites, 8), 1.0, &pct))
+    }
+}
+
+/// The table of rates of each group (`what`: node, branch or suite).
+fn groups_table(groups: &[Group], what: &str) -> maud::Markup {
+    use super::charts::percent;
+    use maud::html;
+    html! {
+        table {
+            thead { tr { th { (what) } th class="n" { "runs" } th class="n" { "passed" } th class="n" { "success" } th class="n" { "tests" } th class="n" { "pass rate" } } }
+            tbody {
+                @for g in groups {
+                    tr {
+                        td { (g.name) }
+                        td class="n" { (g.rates.runs) }
+                        td class="n" { (g.rates.runs_passed) }
+                        td class="n" { (percent(g.rates.success_rate)) }
+                        td class="n" { (g.rates.tests) }
+                        td class="n" { (percent(g.rates.pass_rate)) }
                     }
                 }
             }
         }
-    };
+    }
+}
+
+/// A table of tests with their runs, failures and times.
+fn tests_table(list: &[TestStat]) -> maud::Markup {
+    use super::charts::percent;
+    use maud::html;
+    html! {
+        table {
+            thead { tr { th { "test" } th { "suite" } th class="n" { "runs" } th class="n" { "failed" } th class="n" { "failure rate" } th class="n" { "mean" } th class="n" { "max" } } }
+            tbody {
+                @for t in list {
+                    tr {
+                        td { (t.class) "::" (t.name) }
+                        td { (t.suite) }
+                        td class="n" { (t.runs) }
+                        td class="n" { (t.failed) }
+                        td class="n" { (percent(t.failure_rate)) }
+                        td class="n" { (t.mean_ms) " ms" }
+                        td class="n" { (t.max_ms) " ms" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The table of flaky tests with the commits they flaked on ("none" when there are none).
+fn flaky_table(flaky: &[Flaky]) -> maud::Markup {
+    use maud::html;
+    html! {
+        @if flaky.is_empty() { p { "none" } } @else {
+            table {
+                thead { tr { th { "test" } th { "suite" } th class="n" { "revisions" } th { "commits" } } }
+                tbody {
+                    @for f in flaky {
+                        tr { td { (f.class) "::" (f.name) } td { (f.suite) } td class="n" { (f.revisions) } td { (f.commits.join(", ")) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The run records that could not be read (nothing when all could).
+fn unreadable(unreadable: &[BadRecord]) -> maud::Markup {
+    use maud::html;
+    html! {
+        @if !unreadable.is_empty() {
+            h3 { "Unreadable run records" }
+            ul { @for u in unreadable { li { (u.key) ": " (u.error) } } }
+        }
+    }
+}
+
+/// The fleet's test results as HTML: success rate over time (fleet, per node, per branch,
+/// per suite) as inline SVG, and tables of flaky, failing and slow tests.
+pub(crate) fn results(r: &FleetResults) -> maud::Markup {
+    use maud::html;
     html! {
         section {
-            h2 { "Test results " (r.from) " – " (r.to) @if let Some(b) = &r.branch { " on branch " (b) } }
-            p {
-                (r.totals.runs) " runs with tests, " (r.totals.runs_passed) " passed ("
-                (percent(r.totals.success_rate)) "); " (r.totals.tests) " tests, "
-                (percent(r.totals.pass_rate)) " passed"
-                @if r.runs_without_tests > 0 { "; " (r.runs_without_tests) " runs without tests" }
-                @if r.unreadable_junit_files > 0 { "; JUnit files the nodes could not parse: " (r.unreadable_junit_files) }
-            }
-            @if !r.outlier_nodes.is_empty() {
-                div class="recs" {
-                    ul {
-                        @for n in &r.outlier_nodes {
-                            li { "node " (n.node) " stands out: " (percent(Some(n.failure_rate))) " of its "
-                                (n.runs) " runs failed, against " (percent(Some(n.fleet_failure_rate)))
-                                " for the rest of the fleet" }
-                        }
-                    }
-                }
-            }
-            (lines("Run success rate per day: fleet", &days, &fleet, 1.0, &pct))
-            (lines("Run success rate per day, per node", &days, &per_day(&days, &r.nodes, 8), 1.0, &pct))
-            (lines("Run success rate per day, per branch", &days, &per_day(&days, &r.branches, 8), 1.0, &pct))
-            (lines("Run success rate per day, per suite", &days, &per_day(&days, &r.suites, 8), 1.0, &pct))
-            h3 { "Nodes" } (table(&r.nodes, "node"))
-            h3 { "Branches" } (table(&r.branches, "branch"))
-            h3 { "Suites" } (table(&r.suites, "suite"))
-            h3 { "Flaky tests" }
-            @if r.flaky.is_empty() { p { "none" } } @else {
-                table {
-                    thead { tr { th { "test" } th { "suite" } th class="n" { "revisions" } th { "commits" } } }
-                    tbody {
-                        @for f in &r.flaky {
-                            tr { td { (f.class) "::" (f.name) } td { (f.suite) } td class="n" { (f.revisions) } td { (f.commits.join(", ")) } }
-                        }
-                    }
-                }
-            }
-            h3 { "Consistently failing" } (tests(&r.consistently_failing))
-            h3 { "Most often failing" } (tests(&r.most_failing))
-            h3 { "Slowest (mean)" } (tests(&r.slowest))
-            @if !r.unreadable.is_empty() {
-                h3 { "Unreadable run records" }
-                ul { @for u in &r.unreadable { li { (u.key) ": " (u.error) } } }
-            }
+            (summary(r))
+            (outliers(&r.outlier_nodes))
+            (charts(r))
+            h3 { "Nodes" } (groups_table(&r.nodes, "node"))
+            h3 { "Branches" } (groups_table(&r.branches, "branch"))
+            h3 { "Suites" } (groups_table(&r.suites, "suite"))
+            h3 { "Flaky tests" } (flaky_table(&r.flaky))
+            h3 { "Consistently failing" } (tests_table(&r.consistently_failing))
+            h3 { "Most often failing" } (tests_table(&r.most_failing))
+            h3 { "Slowest (mean)" } (tests_table(&r.slowest))
+            (unreadable(&r.unreadable))
         }
     }
 }

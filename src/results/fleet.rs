@@ -35,7 +35,7 @@ use crate::format::fleet::{
     BadRecord, Capped, Day, Flaky, FleetResults, Group, Outlier, Rates, TestStat,
 };
 use crate::format::layout::RUNS_PREFIX;
-use crate::format::record::{RECORD_SCHEMA, RunRecord, date_of};
+use crate::format::record::{RECORD_SCHEMA, RecordCase, RunRecord, date_of};
 use crate::format::results::Outcome;
 
 /// The largest record object read; larger ones are reported as unreadable, never downloaded.
@@ -97,6 +97,11 @@ impl Counts {
         self.failed = self.failed.saturating_add(o.failed);
         self.errors = self.errors.saturating_add(o.errors);
         self.skipped = self.skipped.saturating_add(o.skipped);
+    }
+
+    /// Runs that failed.
+    fn failed_runs(&self) -> u64 {
+        self.runs.saturating_sub(self.runs_passed)
     }
 
     fn rates(&self) -> Rates {
@@ -188,8 +193,120 @@ fn add_to(g: &mut GroupAcc, date: &str, c: &Counts, cells: &mut usize) {
     }
 }
 
+impl TestAcc {
+    /// Count one case of this test (the time of a skipped case is not counted).
+    fn count(&mut self, c: &RecordCase) {
+        self.runs += 1;
+        match c.status {
+            Outcome::Passed => self.passed += 1,
+            Outcome::Skipped => self.skipped += 1,
+            Outcome::Failed | Outcome::Error => self.failed += 1,
+        }
+        if c.status != Outcome::Skipped {
+            self.total_ms = self.total_ms.saturating_add(c.duration_ms);
+            self.max_ms = self.max_ms.max(c.duration_ms);
+        }
+    }
+
+    /// This test's line in the test lists.
+    fn stat(&self) -> TestStat {
+        let ran = self.runs.saturating_sub(self.skipped);
+        TestStat {
+            suite: self.suite.clone(),
+            class: self.class.clone(),
+            name: self.name.clone(),
+            runs: self.runs,
+            passed: self.passed,
+            failed: self.failed,
+            skipped: self.skipped,
+            failure_rate: (ran > 0).then(|| self.failed as f64 / ran as f64),
+            mean_ms: self.total_ms.checked_div(ran).unwrap_or(0),
+            max_ms: self.max_ms,
+        }
+    }
+}
+
+/// The flaky-check bits of a case's outcome (none for a skipped case).
+fn outcome_bits(c: &RecordCase) -> u8 {
+    match c.status {
+        Outcome::Passed if c.flaky => PASS | RETRIED,
+        Outcome::Passed => PASS,
+        Outcome::Failed | Outcome::Error => FAIL,
+        Outcome::Skipped => 0,
+    }
+}
+
+/// The rates of each day of a per-day map.
+fn day_rates(m: &BTreeMap<String, Counts>) -> Vec<Day> {
+    m.iter()
+        .map(|(d, c)| Day {
+            date: d.clone(),
+            rates: c.rates(),
+        })
+        .collect()
+}
+
+/// The rates of each group, in total and per day.
+fn group_rates(m: &BTreeMap<String, GroupAcc>) -> Vec<Group> {
+    m.iter()
+        .map(|(name, g)| Group {
+            name: name.clone(),
+            rates: g.total.rates(),
+            days: day_rates(&g.days),
+        })
+        .collect()
+}
+
+/// Node `name` (its counts `node`) against the rest of the fleet (`totals` less the node): an
+/// [`Outlier`] when its run failure rate stands out.
+fn outlier(name: &str, node: &Counts, totals: &Counts) -> Option<Outlier> {
+    let n = node.runs;
+    if n < OUTLIER_MIN_RUNS || name == "(other)" {
+        return None;
+    }
+    let rest_runs = totals.runs.saturating_sub(n);
+    if rest_runs == 0 {
+        return None;
+    }
+    let rest_failed = totals.failed_runs().saturating_sub(node.failed_runs());
+    let p = node.failed_runs() as f64 / n as f64;
+    let p0 = rest_failed as f64 / rest_runs as f64;
+    let clamped = p0.clamp(0.05, 0.95);
+    let z = (p - p0) / (clamped * (1.0 - clamped) / n as f64).sqrt();
+    (p - p0 >= 0.25 && z >= 2.0).then(|| Outlier {
+        node: name.to_string(),
+        runs: n,
+        failure_rate: p,
+        fleet_failure_rate: p0,
+        z: (z * 100.0).round() / 100.0,
+    })
+}
+
+/// Tests by (class, name).
+fn by_name(a: &TestStat, b: &TestStat) -> std::cmp::Ordering {
+    (&a.class, &a.name).cmp(&(&b.class, &b.name))
+}
+
 impl Aggregate {
+    /// Add one run record written by `node`.
     fn add(&mut self, node: &str, r: RunRecord) {
+        self.count_record(&r);
+        if r.tests == 0 {
+            self.runs_without_tests = self.runs_without_tests.saturating_add(1);
+            return;
+        }
+        let date = date_of(r.sealed_ms);
+        self.add_run(node, &r, &date);
+        self.add_suites(&r.cases, &date);
+        // Per test, and the flaky check per (revision, test).
+        let rev = self.revision_id(node, &r);
+        for c in &r.cases {
+            self.add_case(rev, c);
+        }
+    }
+
+    /// Count a record, with the JUnit files and cases its writer reports as left out.
+    fn count_record(&mut self, r: &RunRecord) {
         self.records = self.records.saturating_add(1);
         self.unreadable_junit_files = self
             .unreadable_junit_files
@@ -198,10 +315,10 @@ impl Aggregate {
             .capped
             .cases_omitted_by_writers
             .saturating_add(r.cases_omitted);
-        if r.tests == 0 {
-            self.runs_without_tests = self.runs_without_tests.saturating_add(1);
-            return;
-        }
+    }
+
+    /// Add a run with results to the totals and the day, its node's and its branch's.
+    fn add_run(&mut self, node: &str, r: &RunRecord, date: &str) {
         let passed_run = r.failed == 0 && r.errors == 0;
         let run = Counts {
             runs: 1,
@@ -212,19 +329,21 @@ impl Aggregate {
             errors: r.errors,
             skipped: r.skipped,
         };
-        let date = date_of(r.sealed_ms);
         self.totals.add(&run);
         // One cell per day of the window at most (the window is bounded).
-        self.days.entry(date.clone()).or_default().add(&run);
+        self.days.entry(date.to_string()).or_default().add(&run);
         for (map, name) in [
             (&mut self.nodes, node),
             (&mut self.branches, r.branch.as_deref().unwrap_or("(none)")),
         ] {
-            add_to(group(map, name), &date, &run, &mut self.day_cells);
+            add_to(group(map, name), date, &run, &mut self.day_cells);
         }
-        // Per suite, from the cases.
+    }
+
+    /// Add a run to each suite of its cases (passed when none of them failed or erred).
+    fn add_suites(&mut self, cases: &[RecordCase], date: &str) {
         let mut suites: BTreeMap<&str, Counts> = BTreeMap::new();
-        for c in &r.cases {
+        for c in cases {
             let s = suites.entry(c.suite.as_str()).or_default();
             s.tests += 1;
             match c.status {
@@ -237,19 +356,17 @@ impl Aggregate {
         for (name, mut s) in suites {
             s.runs = 1;
             s.runs_passed = u64::from(s.failed == 0 && s.errors == 0);
-            add_to(
-                group(&mut self.suites, name),
-                &date,
-                &s,
-                &mut self.day_cells,
-            );
+            add_to(group(&mut self.suites, name), date, &s, &mut self.day_cells);
         }
-        // Per test, and the flaky check per (revision, test).
+    }
+
+    /// The id of a run's revision (its commit, else the run itself), interned while names fit.
+    fn revision_id(&mut self, node: &str, r: &RunRecord) -> Option<u32> {
         let revision = clip(&match r.commit.as_deref().filter(|c| !c.is_empty()) {
             Some(c) => c.to_string(),
             None => format!("run:{node}/{}", r.run),
         });
-        let rev = match self.revisions.get(&revision) {
+        match self.revisions.get(&revision) {
             Some(&i) => Some(i),
             None if self.name_bytes < MAX_NAME_BYTES => {
                 let i = self.revision_names.len() as u32;
@@ -259,116 +376,77 @@ impl Aggregate {
                 Some(i)
             }
             None => None,
-        };
-        for c in r.cases {
-            let key = (clip(&c.class), clip(&c.name));
-            let id = match self.test_ids.get(&key) {
-                Some(&i) => i,
-                None if self.tests.len() < MAX_TESTS && self.name_bytes < MAX_NAME_BYTES => {
-                    let i = self.tests.len() as u32;
-                    let suite = clip(&c.suite);
-                    self.name_bytes += suite.len() + 2 * (key.0.len() + key.1.len());
-                    self.tests.push(TestAcc {
-                        suite,
-                        class: key.0.clone(),
-                        name: key.1.clone(),
-                        ..Default::default()
-                    });
-                    self.test_ids.insert(key, i);
-                    i
-                }
-                None => {
-                    self.capped.cases_of_untracked_tests += 1;
-                    continue;
-                }
-            };
-            let t = &mut self.tests[id as usize];
-            t.runs += 1;
-            match c.status {
-                Outcome::Passed => t.passed += 1,
-                Outcome::Skipped => t.skipped += 1,
-                Outcome::Failed | Outcome::Error => t.failed += 1,
-            }
-            if c.status != Outcome::Skipped {
-                t.total_ms = t.total_ms.saturating_add(c.duration_ms);
-                t.max_ms = t.max_ms.max(c.duration_ms);
-            }
-            let bits = match c.status {
-                Outcome::Passed if c.flaky => PASS | RETRIED,
-                Outcome::Passed => PASS,
-                Outcome::Failed | Outcome::Error => FAIL,
-                Outcome::Skipped => 0,
-            };
-            if bits == 0 {
-                continue;
-            }
-            let tracked = rev
-                .filter(|rev| self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&(*rev, id)));
-            match tracked {
-                Some(rev) => *self.pairs.entry((rev, id)).or_default() |= bits,
-                None => self.capped.cases_not_checked_for_flakiness += 1,
-            }
         }
     }
 
+    /// The id of a case's test, interned while there are slots and its names fit.
+    fn test_id(&mut self, c: &RecordCase) -> Option<u32> {
+        let key = (clip(&c.class), clip(&c.name));
+        match self.test_ids.get(&key) {
+            Some(&i) => Some(i),
+            None if self.tests.len() < MAX_TESTS && self.name_bytes < MAX_NAME_BYTES => {
+                let i = self.tests.len() as u32;
+                let suite = clip(&c.suite);
+                self.name_bytes += suite.len() + 2 * (key.0.len() + key.1.len());
+                self.tests.push(TestAcc {
+                    suite,
+                    class: key.0.clone(),
+                    name: key.1.clone(),
+                    ..Default::default()
+                });
+                self.test_ids.insert(key, i);
+                Some(i)
+            }
+            None => None,
+        }
+    }
+
+    /// Add a case of revision `rev` to its test and to the flaky check (or count it as left out).
+    fn add_case(&mut self, rev: Option<u32>, c: &RecordCase) {
+        let Some(id) = self.test_id(c) else {
+            self.capped.cases_of_untracked_tests += 1;
+            return;
+        };
+        self.tests[id as usize].count(c);
+        let bits = outcome_bits(c);
+        if bits == 0 {
+            return;
+        }
+        let tracked =
+            rev.filter(|rev| self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&(*rev, id)));
+        match tracked {
+            Some(rev) => *self.pairs.entry((rev, id)).or_default() |= bits,
+            None => self.capped.cases_not_checked_for_flakiness += 1,
+        }
+    }
+
+    /// Write the rates, the outlier nodes and the test lists into `out`.
     fn finish(self, out: &mut FleetResults) {
-        let days = |m: &BTreeMap<String, Counts>| -> Vec<Day> {
-            m.iter()
-                .map(|(d, c)| Day {
-                    date: d.clone(),
-                    rates: c.rates(),
-                })
-                .collect()
-        };
-        let groups = |m: &BTreeMap<String, GroupAcc>| -> Vec<Group> {
-            m.iter()
-                .map(|(name, g)| Group {
-                    name: name.clone(),
-                    rates: g.total.rates(),
-                    days: days(&g.days),
-                })
-                .collect()
-        };
         out.records = self.records;
         out.runs_without_tests = self.runs_without_tests;
         out.unreadable_junit_files = self.unreadable_junit_files;
         out.totals = self.totals.rates();
-        out.days = days(&self.days);
-        out.nodes = groups(&self.nodes);
-        out.branches = groups(&self.branches);
-        out.suites = groups(&self.suites);
+        out.days = day_rates(&self.days);
+        out.nodes = group_rates(&self.nodes);
+        out.branches = group_rates(&self.branches);
+        out.suites = group_rates(&self.suites);
+        self.add_outliers(&mut out.outlier_nodes);
+        out.flaky = self.flaky();
+        (out.most_failing, out.consistently_failing) = self.failing();
+        out.slowest = self.slowest();
         out.capped = self.capped;
+    }
 
-        // Outliers: each node against the rest of the fleet.
+    /// Add the nodes that stand out against the rest of the fleet to `out`, highest z first.
+    fn add_outliers(&self, out: &mut Vec<Outlier>) {
         for (name, g) in &self.nodes {
-            let n = g.total.runs;
-            if n < OUTLIER_MIN_RUNS || name == "(other)" {
-                continue;
-            }
-            let failed = |c: &Counts| c.runs.saturating_sub(c.runs_passed);
-            let rest_runs = self.totals.runs.saturating_sub(n);
-            if rest_runs == 0 {
-                continue;
-            }
-            let rest_failed = failed(&self.totals).saturating_sub(failed(&g.total));
-            let p = failed(&g.total) as f64 / n as f64;
-            let p0 = rest_failed as f64 / rest_runs as f64;
-            let clamped = p0.clamp(0.05, 0.95);
-            let z = (p - p0) / (clamped * (1.0 - clamped) / n as f64).sqrt();
-            if p - p0 >= 0.25 && z >= 2.0 {
-                out.outlier_nodes.push(Outlier {
-                    node: name.clone(),
-                    runs: n,
-                    failure_rate: p,
-                    fleet_failure_rate: p0,
-                    z: (z * 100.0).round() / 100.0,
-                });
-            }
+            out.extend(outlier(name, &g.total, &self.totals));
         }
-        out.outlier_nodes
-            .sort_by(|a, b| b.z.total_cmp(&a.z).then(a.node.cmp(&b.node)));
+        out.sort_by(|a, b| b.z.total_cmp(&a.z).then(a.node.cmp(&b.node)));
+    }
 
-        // Flaky: both outcomes for one revision, or a pass on retry.
+    /// The flaky tests (both outcomes for one revision, or a pass on retry), most revisions first.
+    fn flaky(&self) -> Vec<Flaky> {
         let mut flaky: HashMap<u32, (u64, Vec<u32>)> = HashMap::new();
         for (&(rev, id), &bits) in &self.pairs {
             if bits & (PASS | FAIL) == PASS | FAIL || bits & RETRIED != 0 {
@@ -377,21 +455,6 @@ impl Aggregate {
                 e.1.push(rev);
             }
         }
-        let stat = |t: &TestAcc| {
-            let ran = t.runs.saturating_sub(t.skipped);
-            TestStat {
-                suite: t.suite.clone(),
-                class: t.class.clone(),
-                name: t.name.clone(),
-                runs: t.runs,
-                passed: t.passed,
-                failed: t.failed,
-                skipped: t.skipped,
-                failure_rate: (ran > 0).then(|| t.failed as f64 / ran as f64),
-                mean_ms: t.total_ms.checked_div(ran).unwrap_or(0),
-                max_ms: t.max_ms,
-            }
-        };
         let mut flaky: Vec<Flaky> = flaky
             .into_iter()
             .map(|(id, (revisions, mut revs))| {
@@ -417,26 +480,30 @@ impl Aggregate {
                 .then_with(|| (&a.class, &a.name).cmp(&(&b.class, &b.name)))
         });
         flaky.truncate(TOP * 5);
-        out.flaky = flaky;
+        flaky
+    }
 
-        let by_name = |a: &TestStat, b: &TestStat| (&a.class, &a.name).cmp(&(&b.class, &b.name));
+    /// The most often failing tests and, of those, the ones that never passed ([`TOP`] each).
+    fn failing(&self) -> (Vec<TestStat>, Vec<TestStat>) {
         let mut failing: Vec<TestStat> = self
             .tests
             .iter()
             .filter(|t| t.failed > 0)
-            .map(stat)
+            .map(TestAcc::stat)
             .collect();
         failing.sort_by(|a, b| b.failed.cmp(&a.failed).then_with(|| by_name(a, b)));
-        out.consistently_failing = failing
+        let consistently_failing = failing
             .iter()
             .filter(|t| t.failed >= 2 && t.passed == 0)
             .take(TOP)
             .cloned()
             .collect();
         failing.truncate(TOP);
-        out.most_failing = failing;
+        (failing, consistently_failing)
+    }
 
-        // The slowest: a bounded selection, never a sort of every test.
+    /// The slowest tests by mean time: a bounded selection, never a sort of every test.
+    fn slowest(&self) -> Vec<TestStat> {
         let mut slowest: Vec<TestStat> = Vec::with_capacity(TOP + 1);
         for t in &self.tests {
             let ran = t.runs.saturating_sub(t.skipped);
@@ -444,12 +511,12 @@ impl Aggregate {
                 continue;
             };
             if slowest.len() < TOP || slowest.last().is_some_and(|s| mean > s.mean_ms) {
-                slowest.push(stat(t));
+                slowest.push(t.stat());
                 slowest.sort_by(|a, b| b.mean_ms.cmp(&a.mean_ms).then_with(|| by_name(a, b)));
                 slowest.truncate(TOP);
             }
         }
-        out.slowest = slowest;
+        slowest
     }
 }
 
