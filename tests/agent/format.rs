@@ -55,6 +55,9 @@ fn tricky_tree() -> Vec<Spec> {
         ("dup/b.bin", text("same"), 0o644),
         ("naïve résumé.txt", text("accents"), 0o644),
         ("日本語/ログ.log", text("cjk"), 0o644),
+        // A file store's staging form (object_store refused to write it as-is) and its escape.
+        ("x/weird#1", text("hash"), 0o644),
+        ("x/weird#1.asis", b"escaped".to_vec(), 0o644),
     ]
     .into_iter()
     .map(|(n, d, m)| (n.to_string(), d, m))
