@@ -17,6 +17,25 @@ use crate::error::UsageError;
 use crate::index::Index;
 use crate::sync::Progress;
 
+/// `print!` for command output: a closed stdout (`| head`) ends the output quietly instead of
+/// panicking, as `ls | head` does (see [`render::write_out`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::render::write_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for command output, as [`out!`].
+macro_rules! outln {
+    () => {
+        out!("\n")
+    };
+    ($($arg:tt)*) => {{
+        out!($($arg)*);
+        out!("\n");
+    }};
+}
+
 mod args;
 mod render;
 
@@ -437,7 +456,7 @@ fn keygen(out: Option<&std::path::Path>) -> Exit {
     };
     match out {
         None => {
-            println!("{}", key.to_hex());
+            outln!("{}", key.to_hex());
             Exit::Success
         }
         Some(path) => match key.write_new(path) {

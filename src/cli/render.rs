@@ -12,6 +12,26 @@ use crate::format::units::{human, now_secs};
 use crate::html::run_page as page;
 use crate::runs::State;
 
+/// Whether stdout was found closed (a reader that stopped: `| head`); later output is dropped.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write command output to stdout. A closed pipe ends the output quietly: the command still
+/// finishes and exits with its own code (a panic was exit 101). Any other write error is
+/// reported once on stderr, naming stdout.
+pub(super) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("panoptic-sync: cannot write to stdout: {e}");
+        }
+    }
+}
+
 impl Done {
     /// Print the result: data on stdout, what went wrong on stderr.
     pub(super) fn render(&self) -> anyhow::Result<()> {
@@ -20,52 +40,52 @@ impl Done {
             Done::Sealed(s) => render_seal(s),
             Done::Runs { runs, json } => {
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(runs)?);
+                    outln!("{}", serde_json::to_string_pretty(runs)?);
                 } else {
-                    print!("{}", runs_table(runs));
+                    out!("{}", runs_table(runs));
                 }
             }
             Done::RunRestored { report, run, to } => render_run_restore(report, run, to),
             Done::Run { manifest, json } => {
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(manifest)?);
+                    outln!("{}", serde_json::to_string_pretty(manifest)?);
                 } else {
-                    print!("{}", manifest_text(manifest));
+                    out!("{}", manifest_text(manifest));
                 }
             }
             Done::Synced(s) => render_sync(s),
             Done::Flushed(s) => render_flush(s),
             Done::Status { status, json } => {
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(status)?);
+                    outln!("{}", serde_json::to_string_pretty(status)?);
                 } else {
-                    print!("{}", status_text(status));
+                    out!("{}", status_text(status));
                 }
             }
             Done::Restored { summary, to } => render_restore(summary, to),
             Done::Verified { report, deep } => render_verify(report, *deep),
             Done::Fleet { fleet, json } => {
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(fleet)?);
+                    outln!("{}", serde_json::to_string_pretty(fleet)?);
                 } else {
-                    print!("{}", fleet_text(fleet));
+                    out!("{}", fleet_text(fleet));
                 }
             }
             Done::Report { report, json } => {
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(report)?);
+                    outln!("{}", serde_json::to_string_pretty(report)?);
                 } else {
-                    print!("{}", report_text(report));
+                    out!("{}", report_text(report));
                 }
             }
-            Done::WroteHtml(path) => println!("wrote {}", path.display()),
+            Done::WroteHtml(path) => outln!("wrote {}", path.display()),
             Done::Pruned { report, dry_run } => render_prune(report, *dry_run),
-            Done::Link(link) => println!("{link}"),
+            Done::Link(link) => outln!("{link}"),
             Done::Checked(Ok(lines)) => {
                 for l in lines {
-                    println!("{l}");
+                    outln!("{l}");
                 }
-                println!("configuration is valid");
+                outln!("configuration is valid");
             }
             Done::Checked(Err(e)) => eprintln!("panoptic-sync: {e:#}"),
         }
@@ -81,7 +101,7 @@ fn render_sync(summary: &crate::sync::SyncSummary) {
         );
     }
     for d in &summary.destinations {
-        println!(
+        outln!(
             "{}: {} stored, {} missing{}",
             d.name,
             d.stored,
@@ -110,7 +130,7 @@ fn render_unstored(s: &crate::sync::FlushSummary) {
 
 fn render_flush(s: &crate::sync::FlushSummary) {
     render_unstored(s);
-    println!(
+    outln!(
         "{} files stored, {} failed, {} not stored yet",
         s.stored,
         s.failed.len(),
@@ -125,7 +145,7 @@ fn render_restore(s: &crate::restore::RestoreSummary, to: &std::path::Path) {
     for key in &s.superseded {
         eprintln!("skipped (a newer object maps to the same file): {key}");
     }
-    println!(
+    outln!(
         "{} files restored to {}, {} objects failed",
         s.restored,
         to.display(),
@@ -137,7 +157,7 @@ fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
     for p in &r.problems {
         eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
     }
-    println!(
+    outln!(
         "{} objects checked{}, {} problems",
         r.checked,
         if deep { " deeply" } else { "" },
@@ -147,7 +167,7 @@ fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
 
 fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
     for run in &r.runs {
-        println!(
+        outln!(
             "{}run {} ({}): {}",
             if dry_run { "would delete " } else { "deleted " },
             crate::destination::printable(&run.run),
@@ -156,7 +176,7 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
         );
     }
     for x in &r.expired {
-        println!(
+        outln!(
             "{}{}: {}",
             if dry_run { "would delete " } else { "deleted " },
             x.dest,
@@ -169,7 +189,7 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
     for f in &r.failed {
         eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
     }
-    println!(
+    outln!(
         "{} runs, {} objects {}",
         r.runs.len(),
         r.expired.len(),
@@ -191,15 +211,17 @@ fn render_seal(s: &crate::seal::Sealed) {
             notifications,
             record_problems,
         } => {
-            println!(
+            outln!(
                 "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
-                manifest.run, manifest.totals.files, manifest.totals.bytes
+                manifest.run,
+                manifest.totals.files,
+                manifest.totals.bytes
             );
             if let Some(page) = page_key {
-                println!("page: {page}");
+                outln!("page: {page}");
             }
             if let Some(t) = &manifest.tests {
-                println!("tests: {} ({})", t.verdict(), t.counts_line());
+                outln!("tests: {} ({})", t.verdict(), t.counts_line());
                 for bad in &t.unreadable {
                     eprintln!(
                         "{}",
@@ -215,7 +237,7 @@ fn render_seal(s: &crate::seal::Sealed) {
             }
             for n in notifications {
                 match &n.error {
-                    None => println!("notify {}: sent", n.notifier),
+                    None => outln!("notify {}: sent", n.notifier),
                     Some(e) => eprintln!(
                         "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",
                         n.notifier
@@ -244,7 +266,7 @@ fn render_run_restore(r: &crate::runs::RunRestore, run: &str, to: &std::path::Pa
             crate::destination::printable(&format!("failed: {path}: {e}"))
         );
     }
-    println!(
+    outln!(
         "run {run}: {} files restored to {} from manifest {}, {} failed",
         r.restored,
         to.display(),
