@@ -67,10 +67,10 @@ pub(crate) async fn seal(
 ) -> anyhow::Result<Sealed> {
     let started = std::time::Instant::now();
     let (run, root, _sealing) = claim(config, dir)?;
-    let (flushed, index) = crate::sync::flush_under(config, timeout, true, Some(&run.path)).await?;
-    if !flushed.complete() {
-        return Ok(Sealed::Incomplete(flushed));
-    }
+    let (flushed, index) = match wait_for_files(config, &run, timeout).await? {
+        Ok(done) => done,
+        Err(incomplete) => return Ok(Sealed::Incomplete(incomplete)),
+    };
     let ci = ci_context(|k| std::env::var(k).ok());
     let described = describe(config, &run, &root, flushed.files, ci, labels, index).await?;
     let Described {
@@ -121,6 +121,68 @@ pub(crate) async fn seal(
         notifications,
         record_problems,
     })
+}
+
+/// Step 2: wait until every file now under the run is in every destination and none is still
+/// being written: a file modified within the watch's settle time (`settle_ms`) is waited for
+/// (the flush again after it settles), and one still changing when `timeout` ends fails the
+/// seal, named. A partly written file is never sealed.
+async fn wait_for_files(
+    config: &Config,
+    run: &RunDir,
+    timeout: Duration,
+) -> anyhow::Result<Result<(FlushSummary, Arc<Index>), FlushSummary>> {
+    let deadline = std::time::Instant::now() + timeout;
+    let settle = config.watch[run.watch].settle;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (flushed, index) =
+            crate::sync::flush_under(config, left, true, Some(&run.path)).await?;
+        if !flushed.complete() {
+            return Ok(Err(flushed));
+        }
+        let now_ns = crate::format::units::now_ns();
+        let writing = still_written(&flushed.files, settle, now_ns);
+        if writing.is_empty() {
+            return Ok(Ok((flushed, index)));
+        }
+        if std::time::Instant::now() >= deadline {
+            let names: Vec<String> = writing
+                .iter()
+                .map(|f| relative_str(&f.path, &run.path).unwrap_or("?").to_string())
+                .collect();
+            anyhow::bail!(
+                "{} of run {} still being written (modified within the last {} ms): {}; seal again once the job has finished writing",
+                if names.len() == 1 { "a file" } else { "files" },
+                run.name,
+                settle.as_millis(),
+                names.join(", ")
+            );
+        }
+        // Until the newest of them has been quiet for the settle time (then flushed again).
+        let newest = writing
+            .iter()
+            .map(|f| f.stat.mtime_ns)
+            .max()
+            .unwrap_or(now_ns);
+        let wait = Duration::from_nanos((newest + settle.as_nanos() as i64 - now_ns).max(0) as u64)
+            .clamp(
+                Duration::from_millis(50),
+                settle.max(Duration::from_millis(50)),
+            );
+        tokio::time::sleep(wait.min(deadline.saturating_duration_since(std::time::Instant::now())))
+            .await;
+    }
+}
+
+/// The files modified within `settle` of `now_ns` (a writer may still be at them). A file
+/// from the future (a clock set back, an archive's mtimes) is not waited for.
+fn still_written(files: &[Flushed], settle: Duration, now_ns: i64) -> Vec<&Flushed> {
+    let since = now_ns.saturating_sub(settle.as_nanos() as i64);
+    files
+        .iter()
+        .filter(|f| f.stat.mtime_ns > since && f.stat.mtime_ns <= now_ns + 1_000_000_000)
+        .collect()
 }
 
 /// Step 1: the run at `dir`, its root, and its sealing lock, held until the seal ends (or the

@@ -286,6 +286,7 @@ pub async fn flush_under(
     };
     // Later passes look again, since a file may have changed (or gone) while it waited.
     let mut first = !daemon_running;
+    let mut synced = Instant::now();
     loop {
         if !first {
             if present.is_empty() {
@@ -296,6 +297,12 @@ pub async fn flush_under(
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            if !daemon_running && synced.elapsed() >= RESYNC {
+                // No daemon uploads what changed since the last pass (a file still being
+                // written when it ran): run another.
+                sync(config, &mut NoProgress).await?;
+                synced = Instant::now();
+            }
         }
         let look_again = !std::mem::take(&mut first);
         let (i, d, r) = (index.clone(), dests.clone(), roots.clone());
@@ -310,6 +317,9 @@ pub async fn flush_under(
     }
     Ok((summary, index))
 }
+
+/// Without a daemon, how often a flush that still waits for files runs another sync pass.
+const RESYNC: Duration = Duration::from_secs(1);
 
 /// What one pass of a flush found.
 #[derive(Default)]

@@ -359,6 +359,100 @@ async fn no_ci_value_of_an_encrypted_run_is_stored_in_the_clear() {
     }
 }
 
+/// Appends a line to `path` every `every` for `times` times, on a thread of its own.
+fn slow_writer(path: PathBuf, every: Duration, times: usize) -> std::thread::JoinHandle<u64> {
+    use std::io::Write as _;
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for i in 0..times {
+            std::thread::sleep(every);
+            writeln!(f, "line {i} of a slow job's log").unwrap();
+        }
+        std::fs::metadata(&path).unwrap().len()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seal_waits_for_a_file_still_being_written_or_fails_naming_it() {
+    // Reproduced: sealing while a job still wrote `slow.log` sealed a 56-byte partial file
+    // with no warning, and the run read "changed after seal" seconds later. The watch settles
+    // files for 300 ms; the writer appends every 50 ms.
+    let env = run_env();
+    write_run(&env, "r1");
+    env.write("r1/slow.log", b"started\n");
+    let writer = slow_writer(env.watch.join("r1/slow.log"), Duration::from_millis(50), 20);
+    assert_ok(&seal(&env, "r1", &[]), "seal r1 while slow.log is written");
+    let final_size = writer.join().unwrap();
+    let m = check_manifest(&env, "r1");
+    let slow = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "slow.log")
+        .unwrap();
+    assert_eq!(
+        slow["size"], final_size,
+        "the whole file, not a part: {slow}"
+    );
+    assert_eq!(runs_json(&env)["r1"]["state"], "sealed");
+
+    // A file still written when the timeout ends fails the seal, named.
+    write_run(&env, "r2");
+    env.write("r2/slow.log", b"started\n");
+    let writer = slow_writer(
+        env.watch.join("r2/slow.log"),
+        Duration::from_millis(50),
+        120,
+    );
+    let dir = env.watch.join("r2");
+    let out = env.cli(&["seal", dir.to_str().unwrap(), "--timeout", "2s"]);
+    writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("slow.log"), "{err}");
+    assert_ne!(runs_json(&env)["r2"]["state"], "sealed", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    // Reproduced: `report --run X --json | head -1` panicked ("failed printing to stdout:
+    // Broken pipe", exit 101). The manifest of 800 files is far larger than a pipe's buffer,
+    // so the writer is still writing when the reader goes away.
+    let env = run_env();
+    for i in 0..800 {
+        env.write(
+            &format!("big/logs/{i:04}-a-rather-long-file-name-of-a-test.log"),
+            b"x",
+        );
+    }
+    assert_ok(&seal(&env, "big", &[]), "seal big");
+    for args in [
+        &["report", "--run", "big", "--json"][..],
+        &["report", "--run", "big"][..],
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(env.config_path())
+            .args(args)
+            .env("PANOPTIC_SYNC_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 100];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: quietly: {err}");
+    }
+}
+
 #[test]
 fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     let env = run_env();
