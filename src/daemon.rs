@@ -358,6 +358,12 @@ pub async fn run_with_reload(
     let mut config = prepared.parts.config.clone();
     let mut primary = prepared.primary.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    metrics.init_destinations(
+        &config
+            .destinations()
+            .map(|d| d.name.clone())
+            .collect::<Vec<_>>(),
+    );
     let mut running = Running::start(prepared, index.clone(), metrics.clone())?;
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let metrics_stop = CancellationToken::new();

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub notifications_pending: Gauge,
     /// Notifications given up.
     pub notifications_given_up: Gauge,
+    /// Notifications delivered, whoever sent them (from the index).
+    pub notifications_sent: Gauge,
 }
 
 impl Default for Metrics {
@@ -114,8 +116,13 @@ impl Metrics {
             notifications: Family::default(),
             notifications_pending: Gauge::default(),
             notifications_given_up: Gauge::default(),
+            notifications_sent: Gauge::default(),
             registry: Registry::default(),
         };
+        // Present at 0 from the first scrape, not only after the first increment.
+        for result in ["sent", "failed", "given_up"] {
+            drop(m.notifications.get_or_create(&NotifyResult { result }));
+        }
         registry.register(
             "notifications",
             "Run notification attempts by the daemon, by result (sent, failed and retried, given_up)",
@@ -125,6 +132,11 @@ impl Metrics {
             "notifications_pending",
             "Run notifications not delivered yet (including those failing and retried)",
             m.notifications_pending.clone(),
+        );
+        registry.register(
+            "notifications_sent",
+            "Run notifications delivered, by any process (the daemon, or `seal` itself), as the index records them",
+            m.notifications_sent.clone(),
         );
         registry.register(
             "notifications_given_up",
@@ -246,6 +258,18 @@ impl Metrics {
             .inc_by(waited.as_secs_f64());
     }
 
+    /// Create every destination's counters at 0, so they are present from the first scrape.
+    pub fn init_destinations(&self, names: &[String]) {
+        for name in names {
+            let d = dest(name);
+            drop(self.uploaded.get_or_create(&d));
+            drop(self.deduplicated.get_or_create(&d));
+            drop(self.failed.get_or_create(&d));
+            drop(self.bytes_original.get_or_create(&d));
+            drop(self.bytes_stored.get_or_create(&d));
+        }
+    }
+
     /// Record a notification attempt: `sent`, `failed` or `given_up`.
     pub fn notification(&self, result: &'static str) {
         self.notifications
@@ -276,6 +300,7 @@ impl Metrics {
         if let Ok(n) = index.notify_status() {
             self.notifications_pending.set(n.pending as i64);
             self.notifications_given_up.set(n.given_up as i64);
+            self.notifications_sent.set(n.sent as i64);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -376,6 +376,13 @@ async fn a_notification_queued_before_a_kill_9_is_sent_once_after_restart() {
         1.0
     );
     assert_eq!(get("panoptic_sync_notifications_pending"), 0.0);
+    // Reproduced: the counters were absent until their first increment, and nothing counted
+    // deliveries made by `seal` itself. The index's count covers every sender.
+    assert_eq!(
+        get("panoptic_sync_notifications_total{result=\"given_up\"}"),
+        0.0
+    );
+    assert_eq!(get("panoptic_sync_notifications_sent"), 1.0);
     assert!(daemon.terminate().await.success());
     let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap();
     // The daemon sent it: once answered 500 and retried, then delivered.
