@@ -157,14 +157,51 @@ pub fn run_once(
             }
         }
     }
-    if report.deleted > 0 {
+    let dirs = tidy_finished_runs(index, roots)?;
+    if report.deleted > 0 || dirs > 0 {
         tracing::info!(
             deleted = report.deleted,
             bytes = report.bytes,
+            directories = dirs,
             "local cleanup"
         );
     }
     Ok(report)
+}
+
+/// Remove the empty directories left of finished runs: a run sealed (or pruned) with no file
+/// of it indexed any more (cleanup deleted them all) goes, directory by empty directory; a run
+/// still holding anything keeps it. Open runs are never touched (their job may still create
+/// files in them). Returns the directories removed.
+fn tidy_finished_runs(index: &Index, roots: &[Root]) -> anyhow::Result<u64> {
+    let mut removed = 0;
+    for root in roots.iter().filter(|r| r.runs) {
+        let Some(dir) = root.tree.dir() else { continue };
+        let Ok(names) = dir.subdirectories() else {
+            continue;
+        };
+        let mut finished: std::collections::HashSet<String> = index
+            .sealed_runs(&root.path)?
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        finished.extend(index.pruned_runs(&root.path)?.into_iter().map(|(n, _)| n));
+        for name in names {
+            let Some(run) = name.to_str().filter(|n| finished.contains(*n)) else {
+                continue;
+            };
+            if index.has_files_under(&root.path.join(run))? {
+                continue;
+            }
+            match dir.remove_empty_dirs(Path::new(run)) {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    tracing::warn!(run, error = %e, "cannot remove the empty directories of a finished run")
+                }
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// How often the daemon runs a cleanup pass.

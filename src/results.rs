@@ -26,10 +26,10 @@ use quick_xml::events::{BytesStart, Event};
 
 use crate::config::Watch;
 use crate::destination::{self, Destination};
-use crate::format::record::{RunRecord, record_key};
+use crate::format::record::{MAX_RECORD_CASES, RunRecord, record_key};
 use crate::format::results::{
-    BadFile, Case, Collected, Failure, MAX_FAILURES, MAX_FILES, MAX_MESSAGE, MAX_RECORD_CASES,
-    Outcome, SLOWEST, SuiteTotals, TestSummary, Timed,
+    BadFile, Case, Collected, Failure, MAX_FAILURES, MAX_FILES, MAX_MESSAGE, Outcome, SLOWEST,
+    SuiteTotals, TestSummary, Timed,
 };
 use crate::runs::RunDir;
 use crate::scan::Root;

@@ -300,6 +300,20 @@ impl RootDir {
         Ok(true)
     }
 
+    /// Remove the directory `rel` and every directory under it that holds no file, deepest
+    /// first, each by `unlinkat(AT_REMOVEDIR)` on its parent's handle (reached from the root's
+    /// handle without following links). A directory that holds anything else stays, and so do
+    /// its parents: `rmdir` never deletes a file. Returns the directories removed.
+    pub fn remove_empty_dirs(&self, rel: &Path) -> io::Result<u64> {
+        let (parent, name) = split(rel)?;
+        let parent = match self.open_dir(parent) {
+            Ok(d) => d,
+            Err(e) if is_escape(&e) || e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        remove_empty_at(&parent, name, 0)
+    }
+
     /// The names of the real directories (not links) directly under the root.
     pub fn subdirectories(&self) -> io::Result<Vec<std::ffi::OsString>> {
         let fd = self.open_dir(Path::new(""))?;
@@ -540,6 +554,40 @@ impl Tree {
                 None
             }
         }
+    }
+}
+
+/// Deepest directories nested under a run that [`RootDir::remove_empty_dirs`] descends into.
+const MAX_EMPTY_DEPTH: usize = 256;
+
+/// Remove the directory `name` in `parent` if, once its own empty subdirectories are gone, it
+/// is empty. Links are never followed (`O_NOFOLLOW` on every open).
+fn remove_empty_at(parent: &OwnedFd, name: &OsStr, depth: usize) -> io::Result<u64> {
+    if depth > MAX_EMPTY_DEPTH {
+        return Ok(0);
+    }
+    let dir = match rfs::openat(parent, name, DIR_FLAGS, rfs::Mode::empty()) {
+        Ok(d) => d,
+        // Gone, a link, or not a directory: nothing to remove.
+        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut subdirs = Vec::new();
+    for entry in rfs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let n = OsStr::from_bytes(entry.file_name().to_bytes());
+        if entry.file_type() == rfs::FileType::Directory && n != "." && n != ".." {
+            subdirs.push(n.to_os_string());
+        }
+    }
+    let mut removed = 0;
+    for sub in subdirs {
+        removed += remove_empty_at(&dir, &sub, depth + 1)?;
+    }
+    match rfs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
+        Ok(()) => Ok(removed + 1),
+        Err(Errno::NOTEMPTY | Errno::EXIST | Errno::NOENT | Errno::BUSY) => Ok(removed),
+        Err(e) => Err(e.into()),
     }
 }
 

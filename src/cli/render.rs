@@ -317,12 +317,18 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
             .filter(|d| d.missing > 0)
             .map(|d| format!("{} missing {}", d.name, d.missing))
             .collect();
+        // A sealed run counts what its manifest holds; local cleanup may have deleted the
+        // files on disk since (they are in every destination).
+        let (files, bytes) = match (r.state, r.sealed_files, r.sealed_bytes) {
+            (State::Sealed, Some(f), Some(b)) => (f, b),
+            _ => (r.files, r.bytes),
+        };
         let _ = write!(
             out,
             "{}: {state}, {} files, {} bytes, {}",
             r.name,
-            r.files,
-            r.bytes,
+            files,
+            bytes,
             match r.pruned_ms {
                 Some(ms) => format!(
                     "deleted from every destination by retention on {}",
@@ -332,6 +338,9 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
                 None => missing.join(", "),
             }
         );
+        if r.state == State::Sealed && r.files < files {
+            let _ = write!(out, " ({} on disk)", r.files);
+        }
         if let Some(t) = &r.tests {
             let _ = write!(out, "; tests {} ({})", t.verdict(), t.counts_line());
         }

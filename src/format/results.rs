@@ -4,8 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use super::record::MAX_RECORD_CASES;
-
 /// JUnit files parsed per run; more are counted, not parsed.
 pub(crate) const MAX_FILES: usize = 1000;
 /// Failures listed in a summary (all are counted).
@@ -194,7 +192,7 @@ impl TestSummary {
 pub(crate) struct Collected {
     /// The summary (None when the run has no JUnit file at all).
     pub summary: Option<TestSummary>,
-    /// The test cases, at most [`MAX_RECORD_CASES`].
+    /// The test cases, at most the record's cap.
     pub cases: Vec<Case>,
     /// Cases not kept.
     pub cases_omitted: u64,

@@ -17,6 +17,10 @@ pub(super) const FILES_UNDER: &str = "SELECT f.path, f.size, f.mtime_ns, f.sha25
         f.indexed_ms
      FROM files f WHERE f.path >= ?1 AND f.path < ?2";
 
+/// Whether a file is indexed under a directory (a range of `path`).
+pub(super) const ANY_FILE_UNDER: &str =
+    "SELECT 1 FROM files WHERE path >= ?1 AND path < ?2 LIMIT 1";
+
 /// The identity of a file's state on disk: unchanged identity means unchanged content.
 /// Equal when the identity is (size, mtime, inode, device); the mode is carried along, not
 /// compared.
@@ -289,6 +293,19 @@ impl Index {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether any file under `dir/` is indexed (one step of the path index).
+    pub fn has_files_under(&self, dir: &Path) -> anyhow::Result<bool> {
+        let mut lo = path_bytes(dir).to_vec();
+        lo.push(b'/');
+        let mut hi = lo.clone();
+        if let Some(last) = hi.last_mut() {
+            *last = b'0';
+        }
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(ANY_FILE_UNDER)?;
+        Ok(s.exists(params![lo, hi])?)
     }
 
     /// A page of indexed paths greater than `after` in byte order (files of one directory

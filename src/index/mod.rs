@@ -38,7 +38,7 @@ pub use notifications::{
     NewNotification, NotifyOutcome, NotifyState, NotifyStatus, PendingNotification, RunNotification,
 };
 pub use objects::{Method, ObjectRow, ObjectUse, StoredAs};
-pub use queue::{Claimed, FinishAndClaim, FlushState, Job, Outcome, UploadState};
+pub use queue::{Claimed, FinishAndClaim, FlushState, Job, Outcome};
 pub use runs::{SealedRun, pack_manifest};
 pub use stats::{DestStatus, ErrorCount, Status, UploadSpan};
 
@@ -49,8 +49,38 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rusqlite::Connection;
+use rusqlite::types::{FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 
 pub use crate::format::units::{backoff, now_ms};
+
+/// The state of one file's upload to one destination (the `uploads.state` column, stored as
+/// its integer; bound as a parameter, never spelled in SQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadState {
+    /// Waiting in the queue (including failing and being retried).
+    Pending = 0,
+    /// The current generation is in the destination.
+    Done = 1,
+    /// Cannot ever be uploaded as it is (e.g. a name that is not UTF-8); not retried.
+    Failed = 2,
+}
+
+impl rusqlite::ToSql for UploadState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(*self as i64))
+    }
+}
+
+impl rusqlite::types::FromSql for UploadState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_i64()? {
+            0 => Ok(UploadState::Pending),
+            1 => Ok(UploadState::Done),
+            2 => Ok(UploadState::Failed),
+            n => Err(FromSqlError::OutOfRange(n)),
+        }
+    }
+}
 
 /// The index database. One connection behind a mutex: SQLite serialises writers anyway, and
 /// every batch is a single short transaction.
@@ -352,7 +382,7 @@ mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::files::FILES_UNDER;
+    use super::files::{ANY_FILE_UNDER, FILES_UNDER};
     use super::notifications::{
         DUE_NOTIFICATIONS, LEASE_NOTIFICATION, NEXT_NOTIFICATION, NOTIFICATIONS_OF_RUN,
     };
@@ -381,6 +411,7 @@ mod tests {
             "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
             "SELECT size FROM files WHERE path = ?1",
             FILES_UNDER,
+            ANY_FILE_UNDER,
             SEALED_RUNS,
             PRUNED_RUNS,
             SEALED_MS,

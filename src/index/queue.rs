@@ -4,43 +4,13 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::objects::{INSERT_OBJECT, object_params};
 use super::{
-    Index, Method, ObjectRow, Stat, StoredAs, StoredFile, backoff, bytes_path, now_ms, path_bytes,
-    sha_from, stat_at,
+    Index, Method, ObjectRow, Stat, StoredAs, StoredFile, UploadState, backoff, bytes_path, now_ms,
+    path_bytes, sha_from, stat_at,
 };
-
-/// The state of one file's upload to one destination (the `uploads.state` column, stored as
-/// its integer; bound as a parameter, never spelled in SQL).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UploadState {
-    /// Waiting in the queue (including failing and being retried).
-    Pending = 0,
-    /// The current generation is in the destination.
-    Done = 1,
-    /// Cannot ever be uploaded as it is (e.g. a name that is not UTF-8); not retried.
-    Failed = 2,
-}
-
-impl ToSql for UploadState {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::from(*self as i64))
-    }
-}
-
-impl FromSql for UploadState {
-    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        match value.as_i64()? {
-            0 => Ok(UploadState::Pending),
-            1 => Ok(UploadState::Done),
-            2 => Ok(UploadState::Failed),
-            n => Err(FromSqlError::OutOfRange(n)),
-        }
-    }
-}
 
 /// The next due jobs of a destination, oldest first (walks `uploads_queue`, never sorts).
 pub(super) const CLAIM: &str =

@@ -773,6 +773,22 @@ async fn local_cleanup_can_wait_for_a_runs_seal() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Reproduced: an empty directory skeleton was left for every run. Once the sealed run's
+    // files are gone, a later pass removes its empty directories too.
+    wait_until(
+        Duration::from_secs(30),
+        "the sealed run's empty directories to go",
+        || !sealed.exists(),
+    )
+    .await;
+    // And it still reads as what it is: sealed, with the files its manifest holds (reproduced:
+    // "0 files, 0 bytes" once cleanup had deleted them).
+    let table = env.cli(&["runs"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("sealed: sealed, 4 files, ") && table.contains("(0 on disk)"),
+        "{table}"
+    );
     // The passes that deleted them saw the other run's files (stored earlier) and kept them.
     assert!(env.watch.join("waiting/logs/test.log").exists());
     assert!(env.watch.join("waiting/shots/a.png").exists());
