@@ -132,6 +132,17 @@ fn capped<'de, T: Deserialize<'de>, const N: usize, D: serde::Deserializer<'de>>
 }
 
 impl RunRecord {
+    /// The record's counts.
+    pub(crate) fn counts(&self) -> super::results::TestCounts {
+        super::results::TestCounts {
+            tests: self.tests,
+            passed: self.passed,
+            failed: self.failed,
+            errors: self.errors,
+            skipped: self.skipped,
+        }
+    }
+
     /// The record of a sealed run.
     pub(crate) fn new(m: &Manifest, collected: &Collected) -> RunRecord {
         let ci = m.ci.clone().unwrap_or_default();

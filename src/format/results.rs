@@ -150,10 +150,57 @@ pub(crate) struct TestSummary {
     pub suites: Vec<SuiteTotals>,
 }
 
-impl TestSummary {
-    /// No failure and no error among at least one test.
+/// The counts of a set of test cases (a run, a suite of a run): what the summary, the run
+/// record and the fleet's rates each count, and the one rule of a passed run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TestCounts {
+    /// Test cases.
+    pub tests: u64,
+    /// Passed (retried ones included).
+    pub passed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Skipped.
+    pub skipped: u64,
+}
+
+impl TestCounts {
+    /// Count one case.
+    pub(crate) fn count(&mut self, outcome: Outcome) {
+        self.tests = self.tests.saturating_add(1);
+        let n = match outcome {
+            Outcome::Passed => &mut self.passed,
+            Outcome::Skipped => &mut self.skipped,
+            Outcome::Failed => &mut self.failed,
+            Outcome::Error => &mut self.errors,
+        };
+        *n = n.saturating_add(1);
+    }
+
+    /// The rule of a passed run, everywhere (summary, run page, report, fleet, DuckDB in
+    /// docs/OPERATIONS.md): at least one test, and none failed or erred.
     pub(crate) fn passed_run(&self) -> bool {
         self.tests > 0 && self.failed == 0 && self.errors == 0
+    }
+}
+
+impl TestSummary {
+    /// The summary's counts.
+    pub(crate) fn counts(&self) -> TestCounts {
+        TestCounts {
+            tests: self.tests,
+            passed: self.passed,
+            failed: self.failed,
+            errors: self.errors,
+            skipped: self.skipped,
+        }
+    }
+
+    /// No failure and no error among at least one test ([`TestCounts::passed_run`]).
+    pub(crate) fn passed_run(&self) -> bool {
+        self.counts().passed_run()
     }
 
     /// `passed`, `FAILED` or `no tests`, for one-line listings.

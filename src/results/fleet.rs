@@ -36,7 +36,7 @@ use crate::format::fleet::{
 };
 use crate::format::layout::RUNS_PREFIX;
 use crate::format::record::{RECORD_SCHEMA, RecordCase, RunRecord, date_of};
-use crate::format::results::Outcome;
+use crate::format::results::{Outcome, TestCounts};
 
 /// The largest record object read; larger ones are reported as unreadable, never downloaded.
 pub(crate) const MAX_RECORD_BYTES: u64 = 16 << 20;
@@ -319,10 +319,9 @@ impl Aggregate {
 
     /// Add a run with results to the totals and the day, its node's and its branch's.
     fn add_run(&mut self, node: &str, r: &RunRecord, date: &str) {
-        let passed_run = r.failed == 0 && r.errors == 0;
         let run = Counts {
             runs: 1,
-            runs_passed: u64::from(passed_run),
+            runs_passed: u64::from(r.counts().passed_run()),
             tests: r.tests,
             passed: r.passed,
             failed: r.failed,
@@ -342,20 +341,20 @@ impl Aggregate {
 
     /// Add a run to each suite of its cases (passed when none of them failed or erred).
     fn add_suites(&mut self, cases: &[RecordCase], date: &str) {
-        let mut suites: BTreeMap<&str, Counts> = BTreeMap::new();
+        let mut suites: BTreeMap<&str, TestCounts> = BTreeMap::new();
         for c in cases {
-            let s = suites.entry(c.suite.as_str()).or_default();
-            s.tests += 1;
-            match c.status {
-                Outcome::Passed => s.passed += 1,
-                Outcome::Skipped => s.skipped += 1,
-                Outcome::Failed => s.failed += 1,
-                Outcome::Error => s.errors += 1,
-            }
+            suites.entry(c.suite.as_str()).or_default().count(c.status);
         }
-        for (name, mut s) in suites {
-            s.runs = 1;
-            s.runs_passed = u64::from(s.failed == 0 && s.errors == 0);
+        for (name, t) in suites {
+            let s = Counts {
+                runs: 1,
+                runs_passed: u64::from(t.passed_run()),
+                tests: t.tests,
+                passed: t.passed,
+                failed: t.failed,
+                errors: t.errors,
+                skipped: t.skipped,
+            };
             add_to(group(&mut self.suites, name), date, &s, &mut self.day_cells);
         }
     }
