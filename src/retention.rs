@@ -136,10 +136,7 @@ fn expired_runs<'a>(
     max_age: Option<Duration>,
     now: i64,
 ) -> Vec<(&'a SealedRun, String)> {
-    let ci = |r: &SealedRun| -> Option<crate::format::ci::Ci> {
-        r.ci.as_deref()
-            .and_then(|c| serde_json::from_str::<crate::format::ci::Ci>(c).ok())
-    };
+    let ci = |r: &SealedRun| -> Option<crate::format::ci::Ci> { r.ci.clone() };
     let older = |r: &SealedRun, d: Duration| now.saturating_sub(r.sealed_ms) > d.as_millis() as i64;
     // The newest runs of each branch, for the branch rule.
     let mut by_branch: std::collections::HashMap<String, Vec<(i64, &str)>> = Default::default();
@@ -296,7 +293,7 @@ mod tests {
             manifest_sha256: vec![],
             files: 0,
             bytes: 0,
-            ci: (!ci.is_null()).then(|| ci.to_string()),
+            ci: (!ci.is_null()).then(|| serde_json::from_value(ci).unwrap()),
             ..Default::default()
         }
     }

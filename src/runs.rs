@@ -23,7 +23,6 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, Runs};
 use crate::destination::{self, Destination};
 use crate::error::UsageError;
-use crate::format::ci::Ci;
 use crate::format::layout;
 use crate::format::manifest::{
     MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, RunSummary,
@@ -627,9 +626,7 @@ pub(crate) fn latest(config: &Config, index: &Index, n: usize) -> anyhow::Result
         .into_iter()
         .take(n)
         .map(|r| {
-            let ci =
-                r.ci.as_deref()
-                    .and_then(|c| serde_json::from_str::<Ci>(c).ok());
+            let ci = r.ci;
             RunSummary {
                 duration_secs: r
                     .last_file_ms
@@ -653,11 +650,8 @@ pub(crate) fn each_sealed_summary(
 ) -> anyhow::Result<()> {
     for (_, w) in run_watches(config) {
         for r in index.sealed_runs(&w.path)? {
-            let tests = r.tests.as_deref();
-            if let Some(Ok(t)) =
-                tests.map(serde_json::from_str::<crate::format::results::TestSummary>)
-            {
-                f(r.sealed_ms, &t);
+            if let Some(t) = &r.tests {
+                f(r.sealed_ms, t);
             }
         }
     }

@@ -402,18 +402,10 @@ async fn record(
         manifest_sha256: encoded.sha256.clone(),
         files: manifest.totals.files,
         bytes: manifest.totals.bytes,
-        ci: manifest
-            .ci
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?,
+        ci: manifest.ci.clone(),
         first_file_ms: manifest.first_file_ms,
         last_file_ms: manifest.last_file_ms,
-        tests: manifest
-            .tests
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?,
+        tests: manifest.tests.clone(),
     };
     let (i, q) = (index.clone(), queued.clone());
     tokio::task::spawn_blocking(move || i.record_run(&run, &packed, &q)).await??;

@@ -7,10 +7,30 @@ use anyhow::Context;
 use rusqlite::types::ValueRef;
 use rusqlite::{OptionalExtension, params};
 
+use crate::format::ci::Ci;
+use crate::format::results::TestSummary;
+
 use super::{Index, NewNotification, NotifyState, now_ms, path_bytes};
 
 /// The pruned runs of one watch.
 pub(super) const PRUNED_RUNS: &str = "SELECT name, pruned_ms FROM pruned_runs WHERE watch = ?1";
+
+/// A column of a run's row decoded once, here: one that does not decode (a damaged row) is
+/// named in the log and read as absent, so one run's damage never hides the others.
+fn decoded<T: serde::de::DeserializeOwned>(
+    run: &str,
+    column: &str,
+    json: Option<String>,
+) -> Option<T> {
+    let json = json?;
+    match serde_json::from_str(&json) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(run, column, error = %e, "a sealed run's recorded field does not decode; read as absent");
+            None
+        }
+    }
+}
 
 /// The sealed runs of one watch.
 pub(super) const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes,
@@ -40,14 +60,14 @@ pub struct SealedRun {
     pub files: u64,
     /// Their bytes.
     pub bytes: u64,
-    /// The manifest's CI context (its JSON), if any.
-    pub ci: Option<String>,
+    /// The manifest's CI context, if any.
+    pub(crate) ci: Option<Ci>,
     /// The manifest's earliest and latest file modification times (ms).
     pub first_file_ms: Option<i64>,
     /// See `first_file_ms`.
     pub last_file_ms: Option<i64>,
-    /// The manifest's test summary (its JSON), if any.
-    pub tests: Option<String>,
+    /// The manifest's test summary, if any.
+    pub(crate) tests: Option<TestSummary>,
 }
 
 /// A manifest as the index keeps it: zstd at its fastest level (about 6x smaller for a
@@ -82,10 +102,10 @@ impl Index {
                 run.manifest_sha256,
                 run.files as i64,
                 run.bytes as i64,
-                run.ci,
+                run.ci.as_ref().map(serde_json::to_string).transpose()?,
                 run.first_file_ms,
                 run.last_file_ms,
-                run.tests
+                run.tests.as_ref().map(serde_json::to_string).transpose()?
             ],
         )?;
         tx.execute(
@@ -186,17 +206,20 @@ impl Index {
         let conn = self.conn();
         let mut s = conn.prepare_cached(SEALED_RUNS)?;
         let rows = s.query_map(params![path_bytes(watch)], |r| {
+            let name: String = r.get(0)?;
+            let ci = decoded(&name, "ci", r.get::<_, Option<String>>(5)?);
+            let tests = decoded(&name, "tests", r.get::<_, Option<String>>(8)?);
             Ok(SealedRun {
                 watch: watch.to_path_buf(),
-                name: r.get(0)?,
+                name,
                 sealed_ms: r.get(1)?,
                 manifest_sha256: r.get(2)?,
                 files: r.get::<_, i64>(3)? as u64,
                 bytes: r.get::<_, i64>(4)? as u64,
-                ci: r.get(5)?,
+                ci,
                 first_file_ms: r.get(6)?,
                 last_file_ms: r.get(7)?,
-                tests: r.get(8)?,
+                tests,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
