@@ -138,8 +138,13 @@ fn expired_runs<'a>(
 ) -> Vec<(&'a SealedRun, String)> {
     let ci = |r: &SealedRun| -> Option<crate::format::ci::Ci> { r.ci.clone() };
     let older = |r: &SealedRun, d: Duration| now.saturating_sub(r.sealed_ms) > d.as_millis() as i64;
-    // The newest runs of each branch, for the branch rule.
-    let mut by_branch: std::collections::HashMap<String, Vec<(i64, &str)>> = Default::default();
+    // The newest runs of each branch of each repository, for the branch rule: a job of
+    // another repository naming the same branch does not push these out.
+    let branch_of = |c: &crate::format::ci::Ci, b: &str| -> (String, String) {
+        (c.repository.clone().unwrap_or_default(), b.to_string())
+    };
+    let mut by_branch: std::collections::HashMap<(String, String), Vec<(i64, &str)>> =
+        Default::default();
     let contexts: Vec<Option<crate::format::ci::Ci>> = sealed.iter().map(ci).collect();
     for (r, c) in sealed.iter().zip(&contexts) {
         if let Some(c) = c
@@ -148,7 +153,7 @@ fn expired_runs<'a>(
             && let Some(b) = &c.branch
         {
             by_branch
-                .entry(b.clone())
+                .entry(branch_of(c, b))
                 .or_default()
                 .push((r.sealed_ms, &r.name));
         }
@@ -171,8 +176,8 @@ fn expired_runs<'a>(
                 .filter(|_| c.is_some_and(|c| c.tag.is_none() && c.pull_request.is_none())),
             rules.keep_latest_per_branch,
         ) {
-            let rank = by_branch
-                .get(b)
+            let rank = c
+                .and_then(|c| by_branch.get(&branch_of(c, b)))
                 .and_then(|v| v.iter().position(|(_, name)| *name == r.name))
                 .unwrap_or(0);
             (rank >= n).then(|| format!("not among the {n} newest runs of branch {b}"))
@@ -301,6 +306,33 @@ mod tests {
     fn ci(branch: Option<&str>, tag: Option<&str>, pr: Option<&str>) -> serde_json::Value {
         serde_json::json!({"provider": "github-actions", "branch": branch, "tag": tag,
             "pull_request": pr})
+    }
+
+    #[test]
+    fn the_newest_runs_of_a_branch_are_counted_per_repository() {
+        // Reproduced: an attacker's job sealed two runs as `attacker/fork` `main`, and the
+        // branch rule pushed out another repository's runs of `main`.
+        let repo = |r: &str| serde_json::json!({"provider": "github-actions", "branch": "main", "repository": r});
+        let runs = vec![
+            run("ours-1", 10, repo("acme/widgets")),
+            run("evil-1", 2, repo("attacker/fork")),
+            run("evil-2", 1, repo("attacker/fork")),
+        ];
+        let rules = RunRetention {
+            keep_tags: true,
+            keep_latest_per_branch: Some(1),
+            pull_requests: None,
+            max_age: None,
+        };
+        let gone: Vec<&str> = expired_runs(&runs, &rules, None, 100 * DAY)
+            .into_iter()
+            .map(|(r, _)| r.name.as_str())
+            .collect();
+        assert_eq!(
+            gone,
+            ["evil-1"],
+            "acme/widgets keeps its newest run of main"
+        );
     }
 
     #[test]

@@ -67,6 +67,16 @@ fn valid_name(name: &str) -> bool {
 
 /// The run `dir` is, or why it is none.
 pub(crate) fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> {
+    // A link to a run is not the run: a job could name another project's run through one.
+    if dir
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        return Err(UsageError(format!(
+            "{} is a symbolic link; name the run directory itself",
+            dir.display()
+        )));
+    }
     let real = dir
         .canonicalize()
         .map_err(|e| UsageError(format!("{}: {e}", dir.display())))?;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use std::sync::Mutex;
 
 use crate::config::{Config, Filter};
+use crate::format::manifest::RUN_DIR;
 use crate::index::{Index, Observation, Stat};
 use crate::tree::{self, Id, Kind, RootDir, Tree};
 
@@ -110,11 +111,24 @@ impl Root {
     }
 
     /// Whether a file at `path` is one to upload (inside the root, not inside a nested root,
-    /// and matching the filters).
+    /// not in a run's reserved directory, and matching the filters).
     pub fn wants(&self, path: &Path) -> bool {
         self.relative(path).is_some_and(|r| {
-            self.filter.matches(r) && !self.nested.iter().any(|n| r.starts_with(n))
+            self.filter.matches(r)
+                && !self.reserved(r)
+                && !self.nested.iter().any(|n| r.starts_with(n))
         }) && !self.own.iter().any(|o| within(path, o))
+    }
+
+    /// Whether `rel` lies in a run's reserved directory (`<run>/_run/…` of a `runs = "dir"`
+    /// watch): only `seal` writes there, through its own path, so a file the tree holds there
+    /// is never uploaded (it would land on the key of the run's manifest or page).
+    pub fn reserved(&self, rel: &Path) -> bool {
+        self.runs
+            && rel
+                .components()
+                .nth(1)
+                .is_some_and(|c| c.as_os_str() == RUN_DIR)
     }
 
     fn dir_and_rel<'a>(&self, path: &'a Path) -> std::io::Result<(Arc<RootDir>, &'a Path)> {
@@ -195,7 +209,7 @@ impl Root {
             &self.own_ids(),
             &self.nested,
             &mut |rel, stat| {
-                if !self.filter.matches(&rel) {
+                if !self.filter.matches(&rel) || self.reserved(&rel) {
                     return true;
                 }
                 let path = self.path.join(&rel);

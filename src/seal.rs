@@ -71,7 +71,13 @@ pub(crate) async fn seal(
         Ok(done) => done,
         Err(incomplete) => return Ok(Sealed::Incomplete(incomplete)),
     };
-    let ci = ci_context(|k| std::env::var(k).ok());
+    let ci = first_context(
+        &index,
+        &root.path,
+        &run.name,
+        ci_context(|k| std::env::var(k).ok()),
+    )
+    .await?;
     let described = describe(config, &run, &root, flushed.files, ci, labels, index).await?;
     let Described {
         index,
@@ -183,6 +189,32 @@ fn still_written(files: &[Flushed], settle: Duration, now_ns: i64) -> Vec<&Flush
         .iter()
         .filter(|f| f.stat.mtime_ns > since && f.stat.mtime_ns <= now_ns + 1_000_000_000)
         .collect()
+}
+
+/// The CI context a seal records: the one of the run's first seal when that one had a context
+/// (a re-seal, from whatever job, cannot move a run to another repository, branch or pull
+/// request, which retention acts on), else the one of this job's environment.
+async fn first_context(
+    index: &Arc<Index>,
+    watch: &Path,
+    run: &str,
+    now: Option<Ci>,
+) -> anyhow::Result<Option<Ci>> {
+    let (w, name) = (watch.to_path_buf(), run.to_string());
+    let earlier = index
+        .call(move |i| Ok(i.sealed_runs(&w)?.into_iter().find(|r| r.name == name)))
+        .await?;
+    // Never sealed, or sealed without a context (by `seal_after`, outside any job).
+    let Some(earlier) = earlier.filter(|r| r.ci.is_some()) else {
+        return Ok(now);
+    };
+    if earlier.ci != now {
+        tracing::warn!(
+            run,
+            "the run keeps the CI context of its first seal; this job's differs"
+        );
+    }
+    Ok(earlier.ci)
 }
 
 /// Step 1: the run at `dir`, its root, and its sealing lock, held until the seal ends (or the

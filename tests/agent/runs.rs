@@ -453,6 +453,89 @@ async fn output_into_a_closed_pipe_ends_quietly() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_written_into_the_tree_after_the_seal_is_never_uploaded() {
+    // Reproduced: `<run>/_run/manifest.json` written after the seal went through the pipeline
+    // to the manifest's own key, overwrote the genuine one in both stores, and `restore --run`
+    // then wrote another job's payload as `build.sh`.
+    let mut env = run_env();
+    let key = env.keygen("key");
+    env.pipeline = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    write_run(&env, "r1");
+    assert_ok(&seal(&env, "r1", &[]), "seal r1");
+    let stored = env
+        .nas
+        .join(format!("ci/{NODE}/r1/_run/manifest.json.zst.enc"));
+    let genuine = std::fs::read(&stored).unwrap();
+    env.write(
+        "r1/_run/manifest.json",
+        br#"{"format":1,"run":"r1","files":[]}"#,
+    );
+    env.write("r1/_run/index.html", b"<h1>forged page</h1>");
+    assert_ok(
+        &env.cli(&["sync"]),
+        "sync with a forged manifest in the tree",
+    );
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        genuine,
+        "the manifest is untouched"
+    );
+    let names: Vec<String> = std::fs::read_dir(stored.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["manifest.json.zst.enc".to_string()],
+        "nothing else in _run/"
+    );
+    let out = env.tmp.path().join("out");
+    assert_ok(&restore_run(&env, "r1", Some("nas"), &out), "restore r1");
+    let mut want = tree(&env.watch.join("r1"));
+    want.retain(|k, _| !k.starts_with("_run/"));
+    assert_eq!(tree(&out), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_seal_keeps_the_first_ci_context_and_a_link_to_a_run_is_refused() {
+    // Reproduced: another job re-sealed a project's release run as a pull request, and
+    // retention then deleted it; a seal through a symlinked path sealed the target run.
+    let mut env = run_env();
+    write_run(&env, "release");
+    env.cmd_env = github_push_env("main");
+    assert_ok(&seal(&env, "release", &[]), "first seal");
+    env.write("release/logs/late.log", b"added later");
+    env.cmd_env = github_env();
+    assert_ok(
+        &seal(&env, "release", &[]),
+        "re-seal from a pull request's job",
+    );
+    let out = env.cli(&["report", "--run", "release", "--json"]);
+    assert_ok(&out, "report --run");
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["ci"]["branch"], "main", "{}", m["ci"]);
+    assert!(m["ci"]["pull_request"].is_null(), "{}", m["ci"]);
+    assert!(
+        m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["path"] == "logs/late.log"),
+        "the re-seal lists the new file"
+    );
+
+    let link = env.tmp.path().join("link-to-release");
+    std::os::unix::fs::symlink(env.watch.join("release"), &link).unwrap();
+    let out = env.cli(&["seal", link.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+}
+
 #[test]
 fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     let env = run_env();
