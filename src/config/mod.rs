@@ -776,7 +776,7 @@ impl Config {
             source_name: source_name.to_string(),
             message,
         };
-        let mut config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| err(toml_error(text, &e)))?;
         config.lines = Lines::of(text);
         for (i, n) in config.notify.iter_mut().enumerate() {
             n.get_mut()
@@ -924,6 +924,49 @@ fn resolve_existing(path: &Path) -> PathBuf {
             _ => return path.to_path_buf(),
         }
     }
+}
+
+/// A TOML error by line, column and key, never quoting the line: values may be secrets (a
+/// header token, a secret access key), and errors reach the journal on reload.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let line = line_of(text, span.start);
+    let line_start = text
+        .get(..span.start)
+        .and_then(|s| s.rfind('\n'))
+        .map_or(0, |i| i + 1);
+    let column = text
+        .get(line_start..span.start)
+        .map_or(1, |s| s.chars().count() + 1);
+    // The key of the line, if it is a `key = value` line (its value is not shown).
+    let key = text
+        .get(line_start..)
+        .and_then(|l| l.lines().next())
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['))
+        .map(|k| format!(", key {k}"))
+        .unwrap_or_default();
+    format!(
+        "line {line}, column {column}{key}: {}",
+        without_value(e.message().trim_end())
+    )
+}
+
+/// serde's "invalid type: string \"…\", expected …" without the value it quotes (the
+/// type and what was expected stay).
+fn without_value(message: &str) -> String {
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(lead)
+            && let Some((found, expected)) = rest.split_once(", expected ")
+        {
+            let kind = found.split([' ', '`', '"']).next().unwrap_or(found);
+            return format!("{lead}{kind}, expected {expected}");
+        }
+    }
+    message.to_string()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -407,6 +407,13 @@ fn config_errors_exit_2_naming_key_and_line() {
             "line 3",
         ),
         ("[pipeline]\ncompression = \"lz5\"\n", "lz5", "line 2"),
+        // Reproduced: the error quoted the line, and serde the value: a secret reached the
+        // terminal and, on reload, the journal. The key and line are named, the value never.
+        (
+            "[[watch]]\npath = \"/a\"\n[[notify]]\nurl = \"https://h/x\"\nheaders = \"Bearer s3cr3t-t0ken\"\n",
+            "headers",
+            "line 5",
+        ),
         (
             "[[watch]]\npath = \"/a\"\n[[destination]]\nname = \"x\"\nurl = \"ftp://h/p\"\n",
             "ftp",
@@ -425,6 +432,7 @@ fn config_errors_exit_2_naming_key_and_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text}: {err}");
         assert!(err.contains(word) && err.contains(line), "{text}: {err}");
+        assert!(!err.contains("s3cr3t"), "{text}: {err}");
     }
     // A config file named explicitly must exist.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
