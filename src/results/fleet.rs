@@ -537,8 +537,17 @@ fn dates(from_ms: i64, to_ms: i64) -> Vec<String> {
 }
 
 /// The node of a record's key: its `node=` segment.
+/// The node of a record at exactly `…/_panoptic-sync/runs/date=<D>/node=<N>/<run>.json`
+/// (the documented shape, nothing deeper): identity comes from the key, never from a
+/// `node=` segment planted at another depth.
 fn node_of(key: &str) -> Option<&str> {
-    key.split('/').find_map(|s| s.strip_prefix("node="))
+    let mut parts = key.rsplitn(4, '/');
+    let (file, node, date, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let node = node.strip_prefix("node=").filter(|n| !n.is_empty())?;
+    (file.ends_with(".json")
+        && date.starts_with("date=")
+        && (rest == RUNS_PREFIX || rest.ends_with(&format!("/{RUNS_PREFIX}"))))
+    .then_some(node)
 }
 
 /// Read one record object (at most [`MAX_RECORD_BYTES`], streamed: the read stops past the
@@ -795,6 +804,17 @@ mod tests {
             node_of("base/_panoptic-sync/runs/date=x/node=n-1/r.json"),
             Some("n-1")
         );
+        assert_eq!(node_of("_panoptic-sync/runs/date=x/node=n-1/r.json"), Some("n-1"));
+        // Reproduced: a record planted deeper framed node-1 with another node's segment.
+        for planted in [
+            "_panoptic-sync/runs/date=x/node=node-1/x/node=evil/r.json",
+            "_panoptic-sync/runs/date=x/node=/r.json",
+            "_panoptic-sync/runs/node=evil/r.json",
+            "elsewhere/date=x/node=evil/r.json",
+            "_panoptic-sync/runs/date=x/node=n/r.txt",
+        ] {
+            assert_eq!(node_of(planted), None, "{planted}");
+        }
         // Hostile counts saturate.
         let mut agg = Aggregate::default();
         let mut r = record("r", "c", "b", &[("t", Outcome::Passed, false)]);
