@@ -63,6 +63,8 @@ fn valid_name(name: &str) -> bool {
         && !name.contains('/')
         && !name.contains('\0')
         && name != crate::format::layout::INTERNAL_PREFIX
+        // A run named like an option (`-h`, `--log=…`) would reach a notify command as one.
+        && !name.starts_with('-')
 }
 
 /// The run `dir` is, or why it is none.
@@ -87,7 +89,7 @@ pub(crate) fn locate(config: &Config, dir: &Path) -> Result<RunDir, UsageError> 
         (Some(p), Some(n)) if valid_name(n) => (p, n),
         _ => {
             return Err(UsageError(format!(
-                "{} cannot be a run (its name must be one UTF-8 path segment)",
+                "{} cannot be a run (its name must be one UTF-8 path segment, not starting with \"-\")",
                 dir.display()
             )));
         }
@@ -715,7 +717,7 @@ mod tests {
     fn labels_and_names() {
         assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_label("=x").is_err() && parse_label("x").is_err());
-        for bad in ["", ".", "..", "a/b", "_panoptic-sync"] {
+        for bad in ["", ".", "..", "a/b", "_panoptic-sync", "-h", "--log=x"] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }

@@ -540,10 +540,13 @@ async fn a_re_seal_keeps_the_first_ci_context_and_a_link_to_a_run_is_refused() {
 fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     let env = run_env();
     write_run(&env, "r");
+    // Reproduced: a run named `-h` reached a notify command as an option.
+    write_run(&env, "-h");
     let not_runs = [
         env.watch.clone(),
         env.watch.join("r/logs"),
         env.tmp.path().to_path_buf(),
+        env.watch.join("-h"),
     ];
     for dir in not_runs {
         let out = env.cli(&["seal", dir.to_str().unwrap()]);
