@@ -109,13 +109,24 @@ impl MasterKey {
     }
 
     /// Load a key file: 64 hex digits (whitespace ignored). Refused if group or others have
-    /// any access to it.
+    /// any access to it, or if it belongs to another user than this process's (or root): its
+    /// owner can replace it.
     pub fn load(path: &Path) -> Result<MasterKey, CryptoError> {
         let err = |message: String| CryptoError::KeyFile {
             path: path.display().to_string(),
             message,
         };
         let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let (owner, me) = (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            rustix::process::geteuid().as_raw(),
+        );
+        if owner != me && owner != 0 {
+            return Err(err(format!(
+                "belongs to user id {owner}, not to this process's user ({me}) or root: its owner could replace the key; run: chown {me} {}",
+                path.display()
+            )));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(err(format!(
@@ -440,6 +451,28 @@ pub fn decrypt_all(keys: Vec<MasterKey>, bound: &str, data: &[u8]) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_of_another_user_is_refused() {
+        // Reproduced: a 0600 key owned by `nobody` was accepted by an agent running as root
+        // (its owner can replace the key). Needs root to give the file away, as CI runs.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "00".repeat(32)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        assert!(MasterKey::load(&path).is_ok(), "our own key");
+        if rustix::process::geteuid().as_raw() != 0 {
+            eprintln!("not root: cannot give the key file to another user; skipped");
+            return;
+        }
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let e = match MasterKey::load(&path) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a key of another user was accepted"),
+        };
+        assert!(e.contains("belongs to user id 65534"), "{e}");
+    }
 
     fn key(b: u8) -> MasterKey {
         MasterKey::from_bytes([b; 32])

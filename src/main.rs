@@ -19,7 +19,9 @@ fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info,notify=error",
         1 => "panoptic_sync=debug,info,notify=error",
-        _ => "trace",
+        // The agent's own trace; dependencies stay at info (at trace, HTTP clients log
+        // request headers, credentials among them). PANOPTIC_SYNC_LOG overrides.
+        _ => "panoptic_sync=trace,info,notify=error",
     };
     let filter =
         EnvFilter::try_from_env("PANOPTIC_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
