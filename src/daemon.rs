@@ -353,6 +353,7 @@ pub async fn run_with_reload(
     mut reloads: tokio::sync::mpsc::Receiver<anyhow::Result<Config>>,
 ) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state_dir)?;
+    raise_open_files_limit();
     let index = open_index(&config)?;
     let prepared = Prepared::open(config)?;
     let mut config = prepared.parts.config.clone();
@@ -452,6 +453,23 @@ pub async fn run_with_reload(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raise the soft limit of open files to the hard one: the services' default soft limit of
+/// 1,024 let idle connections to the metrics port starve the uploads of descriptors.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(limit = ?limit.maximum, "open files limit raised"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+        }
+    }
 }
 
 /// A configuration sent on reload, opened before anything running stops; `None` (logged)
