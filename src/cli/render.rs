@@ -212,13 +212,14 @@ fn render_seal(s: &crate::seal::Sealed) {
             record_problems,
         } => {
             outln!(
-                "sealed run {}: {} files, {} bytes; manifest {stored_key} in every destination",
-                manifest.run,
+                "sealed run {}: {} files, {} bytes; manifest {} in every destination",
+                destination::printable(&manifest.run),
                 manifest.totals.files,
-                manifest.totals.bytes
+                manifest.totals.bytes,
+                destination::printable(stored_key)
             );
             if let Some(page) = page_key {
-                outln!("page: {page}");
+                outln!("page: {}", destination::printable(page));
             }
             if let Some(t) = &manifest.tests {
                 outln!("tests: {} ({})", t.verdict(), t.counts_line());
@@ -267,10 +268,11 @@ fn render_run_restore(r: &crate::runs::RunRestore, run: &str, to: &std::path::Pa
         );
     }
     outln!(
-        "run {run}: {} files restored to {} from manifest {}, {} failed",
+        "run {}: {} files restored to {} from manifest {}, {} failed",
+        destination::printable(run),
         r.restored,
-        to.display(),
-        r.manifest_key,
+        destination::printable(&to.display().to_string()),
+        destination::printable(&r.manifest_key),
         r.failed.len()
     );
 }
@@ -326,7 +328,7 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
         let _ = write!(
             out,
             "{}: {state}, {} files, {} bytes, {}",
-            r.name,
+            destination::printable(&r.name),
             files,
             bytes,
             match r.pruned_ms {
@@ -350,7 +352,7 @@ fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
                 crate::index::NotifyState::Sent => "sent",
                 crate::index::NotifyState::GivenUp => "given up",
             };
-            let _ = write!(out, "; notify {}: {state}", n.name);
+            let _ = write!(out, "; notify {}: {state}", destination::printable(&n.name));
         }
         out.push('\n');
     }
@@ -509,7 +511,7 @@ fn status_text(view: &crate::status::StatusView) -> String {
             n.sent, n.pending, n.failing, n.given_up
         );
         if let Some(e) = &n.last_error {
-            let _ = writeln!(out, "  last error: {e}");
+            let _ = writeln!(out, "  last error: {}", destination::printable(e));
         }
     }
     for d in &status.destinations {
@@ -523,7 +525,7 @@ fn status_text(view: &crate::status::StatusView) -> String {
         }
         out.push('\n');
         if let Some(e) = &d.last_error {
-            let _ = writeln!(out, "  last error: {e}");
+            let _ = writeln!(out, "  last error: {}", destination::printable(e));
         }
     }
     out

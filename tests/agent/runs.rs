@@ -558,6 +558,15 @@ fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Reproduced: a run named with a newline forged a line of `runs`; control characters
+    // reached the terminal.
+    env.write("nl\nrelease-1: sealed, 999 files\u{1b}[2J/x.log", b"x");
+    assert_ok(&env.cli(&["sync"]), "sync");
+    let table = env.cli(&["runs"]);
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(!table.contains("\nrelease-1"), "{table}");
+    assert!(!table.contains('\u{1b}'), "{table}");
+    assert!(table.contains("nl\\u{a}release-1"), "{table}");
     let plain = Env::new();
     std::fs::create_dir_all(plain.watch.join("r")).unwrap();
     let out = plain.cli(&["seal", plain.watch.join("r").to_str().unwrap()]);
