@@ -67,6 +67,7 @@ pub(crate) async fn seal(
 ) -> anyhow::Result<Sealed> {
     let started = std::time::Instant::now();
     let (run, root, _sealing) = claim(config, dir)?;
+    let identity = run_identity(&root, &run)?;
     let (flushed, index) = match wait_for_files(config, &run, timeout).await? {
         Ok(done) => done,
         Err(incomplete) => return Ok(Sealed::Incomplete(incomplete)),
@@ -85,6 +86,13 @@ pub(crate) async fn seal(
         collected,
         earlier_ms,
     } = described;
+    // The manifest describes the directory claimed, or nothing is sealed.
+    if run_identity(&root, &run).ok() != Some(identity) {
+        anyhow::bail!(
+            "the run directory {} was replaced while it was being sealed; nothing was sealed",
+            run.path.display()
+        );
+    }
     let pipeline = Pipeline::from_config(config)?;
     let encoded = encode(&pipeline, &root, &run, &manifest)?;
     let manifest = Arc::new(manifest);
@@ -215,6 +223,22 @@ async fn first_context(
         );
     }
     Ok(earlier.ci)
+}
+
+/// The identity (device, inode) of the run's directory, opened through the root's handle
+/// without following links: a directory exchanged with a link or another directory during
+/// the seal has another, or none.
+fn run_identity(root: &Root, run: &RunDir) -> anyhow::Result<(u64, u64)> {
+    let dir = root
+        .tree
+        .dir()
+        .with_context(|| format!("the watch root {} is gone", root.path.display()))?;
+    let fd = dir
+        .open_dir(Path::new(&run.name))
+        .with_context(|| format!("opening the run directory {}", run.path.display()))?;
+    let st = rustix::fs::fstat(&fd)
+        .with_context(|| format!("looking at the run directory {}", run.path.display()))?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// Step 1: the run at `dir`, its root, and its sealing lock, held until the seal ends (or the

@@ -536,6 +536,37 @@ async fn a_re_seal_keeps_the_first_ci_context_and_a_link_to_a_run_is_refused() {
     assert!(err.contains("symbolic link"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_directory_exchanged_with_a_link_during_the_seal_is_not_sealed() {
+    // Reproduced: a run directory exchanged with a symlink during `seal` gave exit 0 with a
+    // manifest of 0 files. The writer keeps the seal waiting while the directory is swapped.
+    let env = run_env();
+    write_run(&env, "r1");
+    env.write("r1/slow.log", b"started\n");
+    let writer = slow_writer(env.watch.join("r1/slow.log"), Duration::from_millis(50), 40);
+    let dir = env.watch.join("r1");
+    let args = ["seal", dir.to_str().unwrap(), "--timeout", "60s"].map(str::to_string);
+    let config = env.config_path();
+    let sealing = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("PANOPTIC_SYNC_LOG", "warn")
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let elsewhere = env.tmp.path().join("r1-elsewhere");
+    std::fs::rename(&dir, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+    writer.join().unwrap();
+    let out = sealing.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(!manifest_path(&env, "r1").exists(), "no manifest: {err}");
+}
+
 #[test]
 fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     let env = run_env();
