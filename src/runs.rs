@@ -174,7 +174,10 @@ pub(crate) async fn restore_run(
     };
     let pipeline = Pipeline::from_config(config)?;
     let roots = Root::from_config(config);
-    // Every place the manifest may be (one per run watch), newest first.
+    // Every place the manifest may be (one per run watch). With a key configured only an
+    // encrypted (authenticated) object is a candidate at all, and an encrypted one is always
+    // preferred to a plain one, then the newest: a planted plain object can neither deny the
+    // restore nor supersede the genuine manifest.
     let mut found = Vec::new();
     for (i, _) in run_watches(config) {
         let root = &roots[i];
@@ -186,13 +189,13 @@ pub(crate) async fn restore_run(
         for meta in listing.objects {
             let rel = dest.relative(meta.location.as_ref());
             let p = layout::parse(rel);
-            if p.logical == logical && !p.long {
-                found.push((meta.last_modified, rel.to_string()));
+            if p.logical == logical && !p.long && (p.plan.encrypt || pipeline.key.is_none()) {
+                found.push((p.plan.encrypt, meta.last_modified, rel.to_string()));
             }
         }
     }
     found.sort();
-    let Some((_, manifest_key)) = found.pop() else {
+    let Some((_, _, manifest_key)) = found.pop() else {
         anyhow::bail!(
             "no manifest of run {name:?} in {}: is it sealed?",
             dest.name

@@ -276,6 +276,21 @@ async fn an_encrypted_manifest_restores_and_a_flipped_byte_fails_naming_it() {
     assert_ok(&restore_run(&env, "r1", Some("nas"), &out), "restore r1");
     assert_eq!(tree(&out), tree(&env.watch.join("r1")));
 
+    // Reproduced: a planted plain manifest, newer than the genuine one, was picked first and
+    // refused, so the restore was denied. Only authenticated candidates count.
+    std::fs::write(
+        dir.join("manifest.json"),
+        br#"{"format":1,"run":"r1","files":[]}"#,
+    )
+    .unwrap();
+    let out = env.tmp.path().join("out-planted");
+    assert_ok(
+        &restore_run(&env, "r1", Some("nas"), &out),
+        "restore r1 beside a planted plain manifest",
+    );
+    assert_eq!(tree(&out), tree(&env.watch.join("r1")));
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+
     let mut bad = data.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 1;
