@@ -109,7 +109,7 @@ fn render_sync(summary: &crate::sync::SyncSummary) {
             d.last_error
                 .as_deref()
                 .filter(|_| d.missing > 0)
-                .map(|e| format!(" (last error: {e})"))
+                .map(|e| format!(" (last error: {})", destination::printable(e)))
                 .unwrap_or_default()
         );
     }
@@ -118,10 +118,16 @@ fn render_sync(summary: &crate::sync::SyncSummary) {
 /// The files a flush or seal found failed or not stored yet (at most 20 of the latter).
 fn render_unstored(s: &crate::sync::FlushSummary) {
     for (p, e) in &s.failed {
-        eprintln!("failed: {}: {e}", p.display());
+        eprintln!(
+            "failed: {}",
+            destination::printable(&format!("{}: {e}", p.display()))
+        );
     }
     for p in s.waiting.iter().take(20) {
-        eprintln!("not stored yet: {}", p.display());
+        eprintln!(
+            "not stored yet: {}",
+            destination::printable(&p.display().to_string())
+        );
     }
     if s.waiting.len() > 20 {
         eprintln!("... and {} more not stored yet", s.waiting.len() - 20);

@@ -607,7 +607,14 @@ fn seal_refuses_what_is_not_a_run_directory_with_exit_2() {
     // Reproduced: a run named with a newline forged a line of `runs`; control characters
     // reached the terminal.
     env.write("nl\nrelease-1: sealed, 999 files\u{1b}[2J/x.log", b"x");
-    assert_ok(&env.cli(&["sync"]), "sync");
+    // Such a name cannot be an object key: sync names it, escaped.
+    let out = env.cli(&["sync"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !said.contains('\u{1b}') && said.contains("cannot be an object key"),
+        "{said}"
+    );
     let table = env.cli(&["runs"]);
     let table = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(!table.contains("\nrelease-1"), "{table}");
