@@ -1,6 +1,5 @@
 //! The `panoptic-sync` binary: parse the command line, set up logging, hand over to the library.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -27,13 +26,45 @@ fn init_logging(verbose: u8, format: LogFormat) {
         EnvFilter::try_from_env("PANOPTIC_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| EscapingStderr)
+        // Colours would be escaped like any control character (see `EscapingStderr`).
+        .with_ansi(false);
     // Under journald, the journal adds its own timestamps.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, journald) {
         (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
-        // Colours only on a terminal, never in a log file.
-        (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Text, false) => builder.init(),
+    }
+}
+
+/// The log's writer: stderr, with every control character of a line escaped but its final
+/// newline. Logged values come from trees, CI jobs and servers (run names, paths, errors): a
+/// newline or an escape sequence in one must not forge a line or drive the terminal.
+struct EscapingStderr;
+
+impl std::io::Write for EscapingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.strip_suffix(b"\n") {
+            Some(b) => (b, &b"\n"[..]),
+            None => (buf, &b""[..]),
+        };
+        let text = String::from_utf8_lossy(body);
+        let mut out = String::with_capacity(text.len() + 1);
+        for c in text.chars() {
+            if c.is_control() {
+                out.extend(c.escape_unicode());
+            } else {
+                out.push(c);
+            }
+        }
+        let mut err = std::io::stderr().lock();
+        err.write_all(out.as_bytes())?;
+        err.write_all(end)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
