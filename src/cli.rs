@@ -273,7 +273,10 @@ async fn dispatch(
             dir,
             timeout,
             labels,
-        } => Done::Sealed(crate::seal::seal(&config, &dir, timeout, labels).await?),
+        } => {
+            let dests = crate::destination::open_all(&config)?;
+            Done::Sealed(crate::seal::seal(&config, &dests, &dir, timeout, labels).await?)
+        }
         Command::Runs { json } => {
             let c = config.clone();
             let runs =
@@ -345,7 +348,12 @@ async fn dispatch(
             }
         }
         Command::Prune { dry_run } => Done::Pruned {
-            report: crate::retention::prune(&config, dry_run).await?,
+            report: crate::retention::prune(
+                &config,
+                &crate::destination::open_all(&config)?,
+                dry_run,
+            )
+            .await?,
             dry_run,
         },
         Command::Url {

@@ -130,7 +130,12 @@ async fn cleanup_loop(
 
 /// `seal_after`: seal quiet runs, checking a few times per the shortest `seal_after`
 /// (between 1 s and a minute apart).
-async fn seal_loop(config: Config, index: Arc<Index>, cancel: CancellationToken) -> &'static str {
+async fn seal_loop(
+    config: Config,
+    dests: Vec<Destination>,
+    index: Arc<Index>,
+    cancel: CancellationToken,
+) -> &'static str {
     let shortest = config
         .watch
         .iter()
@@ -145,7 +150,7 @@ async fn seal_loop(config: Config, index: Arc<Index>, cancel: CancellationToken)
         }
         tokio::select! {
             _ = cancel.cancelled() => return "seal",
-            r = crate::seal::seal_quiet(&config, &index) => {
+            r = crate::seal::seal_quiet(&config, &dests, &index) => {
                 if let Err(e) = r {
                     tracing::error!(error = %format!("{e:#}"), "sealing quiet runs failed");
                 }
@@ -155,7 +160,11 @@ async fn seal_loop(config: Config, index: Arc<Index>, cancel: CancellationToken)
 }
 
 /// Remote retention every [`crate::retention::INTERVAL`].
-async fn prune_loop(config: Config, cancel: CancellationToken) -> &'static str {
+async fn prune_loop(
+    config: Config,
+    dests: Vec<Destination>,
+    cancel: CancellationToken,
+) -> &'static str {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return "prune",
@@ -163,7 +172,7 @@ async fn prune_loop(config: Config, cancel: CancellationToken) -> &'static str {
         }
         tokio::select! {
             _ = cancel.cancelled() => return "prune",
-            r = crate::retention::prune(&config, false) => match r {
+            r = crate::retention::prune(&config, &dests, false) => match r {
                 Ok(r) => tracing::info!(
                     pruned = r.expired.len(),
                     failed = r.failed.len(),
@@ -219,6 +228,8 @@ impl Running {
             .any(|w| w.seal_after.is_some())
             .then(|| parts.config.clone());
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
+        // The loops use the stores opened for this configuration, never their own.
+        let dests = parts.dests.clone();
         let agent = Agent::start(parts, index, None, metrics.clone())?;
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -254,10 +265,15 @@ impl Running {
             ));
         }
         if let Some(config) = prune_config {
-            loops.spawn(prune_loop(config, tasks_cancel.clone()));
+            loops.spawn(prune_loop(config, dests.clone(), tasks_cancel.clone()));
         }
         if let Some(config) = seal_config {
-            loops.spawn(seal_loop(config, agent.index.clone(), tasks_cancel.clone()));
+            loops.spawn(seal_loop(
+                config,
+                dests.clone(),
+                agent.index.clone(),
+                tasks_cancel.clone(),
+            ));
         }
         // Also without `[[notify]]` entries: notifications queued under an earlier
         // configuration are still tried (and fail, named, until given up).

@@ -76,10 +76,14 @@ pub(crate) fn enabled(config: &Config) -> bool {
         || config.watch.iter().any(|w| w.remote_max_age.is_some())
 }
 
-/// Apply retention now (or only list with `dry_run`).
-pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<PruneReport> {
+/// Apply retention now (or only list with `dry_run`) in `dests`, the configuration's stores
+/// as the caller opened them.
+pub(crate) async fn prune(
+    config: &Config,
+    dests: &[Destination],
+    dry_run: bool,
+) -> anyhow::Result<PruneReport> {
     let index = Arc::new(Index::open(&config.state_dir)?);
-    let dests = destination::open_all(config)?;
     let mut report = PruneReport::default();
     let now = now_ms() as f64 / 1000.0;
     for watch in &config.watch {
@@ -107,7 +111,7 @@ pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<Prun
             for (run, rule) in expired_runs(&sealed, &rules, max_age, now_ms()) {
                 prune_run(
                     &index,
-                    &dests,
+                    dests,
                     watch,
                     &prefix,
                     run,
@@ -121,7 +125,7 @@ pub(crate) async fn prune(config: &Config, dry_run: bool) -> anyhow::Result<Prun
         }
         let Some(age) = age else { continue };
         let cutoff = now - age.as_secs_f64();
-        for dest in &dests {
+        for dest in dests {
             prune_prefix(&index, dest, &prefix, cutoff, dry_run, &mut report).await?;
         }
     }

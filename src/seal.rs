@@ -61,6 +61,7 @@ pub(crate) enum Sealed {
 /// the manifest to every destination and record the seal.
 pub(crate) async fn seal(
     config: &Config,
+    dests: &[Destination],
     dir: &Path,
     timeout: Duration,
     labels: Vec<(String, String)>,
@@ -96,15 +97,14 @@ pub(crate) async fn seal(
     let pipeline = Pipeline::from_config(config)?;
     let encoded = encode(&pipeline, &root, &run, &manifest)?;
     let manifest = Arc::new(manifest);
-    let dests = destination::open_all(config)?;
     // Packed for the index while the manifest is stored.
     let text = encoded.text.clone();
     let packed = tokio::task::spawn_blocking(move || crate::index::pack_manifest(&text));
     let page_key =
-        store_manifest_and_page(&dests, &manifest, &encoded, pipeline.key.is_none()).await?;
+        store_manifest_and_page(dests, &manifest, &encoded, pipeline.key.is_none()).await?;
     let record_problems = if config.writes_run_records() {
         let record = crate::format::record::RunRecord::new(&manifest, &collected);
-        crate::results::write_record(&dests, &record, earlier_ms).await
+        crate::results::write_record(dests, &record, earlier_ms).await
     } else {
         Vec::new()
     };
@@ -636,7 +636,11 @@ fn quiet(r: &RunInfo, after: Duration, now: i64) -> bool {
 /// `seal_after`: seal every run that has been quiet that long and is complete everywhere
 /// (open, or changed after its seal), as `seal DIR` would. Returns the runs sealed; a run
 /// that cannot be sealed now is named in the log and tried again on the next pass.
-pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn seal_quiet(
+    config: &Config,
+    dests: &[Destination],
+    index: &Arc<Index>,
+) -> anyhow::Result<Vec<String>> {
     let quiet_after: HashMap<PathBuf, Duration> = run_watches(config)
         .filter_map(|(_, w)| w.seal_after.map(|d| (w.path.clone(), d)))
         .collect();
@@ -660,7 +664,7 @@ pub(crate) async fn seal_quiet(config: &Config, index: &Arc<Index>) -> anyhow::R
             continue;
         }
         let dir = r.watch.join(&r.name);
-        match seal(config, &dir, Duration::from_secs(10), Vec::new()).await {
+        match seal(config, dests, &dir, Duration::from_secs(10), Vec::new()).await {
             Ok(Sealed::Done { .. }) => {
                 tracing::info!(run = %r.name, "sealed a quiet run (seal_after)");
                 sealed.push(r.name);

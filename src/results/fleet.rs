@@ -804,7 +804,10 @@ mod tests {
             node_of("base/_panoptic-sync/runs/date=x/node=n-1/r.json"),
             Some("n-1")
         );
-        assert_eq!(node_of("_panoptic-sync/runs/date=x/node=n-1/r.json"), Some("n-1"));
+        assert_eq!(
+            node_of("_panoptic-sync/runs/date=x/node=n-1/r.json"),
+            Some("n-1")
+        );
         // Reproduced: a record planted deeper framed node-1 with another node's segment.
         for planted in [
             "_panoptic-sync/runs/date=x/node=node-1/x/node=evil/r.json",
