@@ -192,7 +192,10 @@ async fn read_back(
             .get_opts(&meta.location, opts)
             .await
             .with_context(|| format!("reading the metadata of {}", meta.location))?;
-        let Some(sha) = got.attributes.get(&Attribute::Metadata("sha256".into())) else {
+        let Some(sha) = got
+            .attributes
+            .get(&Attribute::Metadata(crate::format::metadata::SHA256.into()))
+        else {
             return Ok(None);
         };
         (

@@ -28,6 +28,7 @@ use crate::crypto::MasterKey;
 use crate::destination::{self, Destination};
 use crate::format::layout;
 use crate::format::layout::Plan;
+use crate::format::metadata;
 use crate::index::Index;
 use crate::pipeline::{self, Pipeline};
 use rustix::fd::OwnedFd;
@@ -92,11 +93,11 @@ fn attr_expect(get: &GetResult) -> Expect {
             .map(|v| v.as_ref().to_string())
     };
     Expect {
-        size: meta("size").and_then(|v| v.parse().ok()),
-        sha256: meta("sha256"),
-        mtime_ns: meta("mtimens").and_then(|v| v.parse().ok()),
-        mode: meta("mode").and_then(|v| u32::from_str_radix(&v, 8).ok()),
-        long_name: meta("longname")
+        size: meta(metadata::SIZE).and_then(|v| v.parse().ok()),
+        sha256: meta(metadata::SHA256),
+        mtime_ns: meta(metadata::MTIME_NS).and_then(|v| v.parse().ok()),
+        mode: meta(metadata::MODE).and_then(|v| u32::from_str_radix(&v, 8).ok()),
+        long_name: meta(metadata::LONG_NAME)
             .and_then(|v| hex::decode(v).ok())
             .and_then(|v| String::from_utf8(v).ok()),
     }

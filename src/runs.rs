@@ -286,7 +286,7 @@ async fn read_manifest(
     // A plain manifest in S3, GCS or Azure carries its SHA-256 like any plain object.
     let recorded = get
         .attributes
-        .get(&Attribute::Metadata("sha256".into()))
+        .get(&Attribute::Metadata(crate::format::metadata::SHA256.into()))
         .map(|v| v.as_ref().to_string());
     // Streamed, never held whole: the decoded manifest is capped below, so an object of any
     // size costs no more memory than the cap.

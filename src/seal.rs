@@ -29,6 +29,7 @@ use crate::format::layout;
 use crate::format::manifest::{
     MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, Totals,
 };
+use crate::format::metadata;
 use crate::format::results::Collected;
 use crate::html::run_page as page;
 use crate::index::Index;
@@ -584,10 +585,10 @@ async fn put_own(
         }
         if !plan.encrypt {
             for (k, v) in [
-                ("sha256", meta.sha256.clone()),
-                ("mtimens", meta.mtime_ns.to_string()),
-                ("mode", "644".to_string()),
-                ("size", meta.size.to_string()),
+                (metadata::SHA256, meta.sha256.clone()),
+                (metadata::MTIME_NS, meta.mtime_ns.to_string()),
+                (metadata::MODE, "644".to_string()),
+                (metadata::SIZE, meta.size.to_string()),
             ] {
                 attributes.insert(Attribute::Metadata(k.into()), v.into());
             }

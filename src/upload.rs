@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::destination::{Destination, StoreError};
 use crate::format::layout;
 use crate::format::layout::Plan;
+use crate::format::metadata;
 use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outcome};
 use crate::pipeline::Pipeline;
 use crate::scan::{Candidate, Feeder, Root};
@@ -487,8 +488,8 @@ impl Worker {
                 .get(&Attribute::Metadata(k.into()))
                 .map(|v| v.to_string())
         };
-        attr("mtimens") == Some(job.stat.mtime_ns.to_string())
-            && attr("mode") == Some(format!("{mode:o}"))
+        attr(metadata::MTIME_NS) == Some(job.stat.mtime_ns.to_string())
+            && attr(metadata::MODE) == Some(format!("{mode:o}"))
     }
 
     /// Read the file once through the pipeline and store it.

@@ -7,6 +7,7 @@
 //! - [`ci`]: the CI context of a run, read from the job's environment.
 //! - [`results`]: test results as a manifest carries them.
 //! - [`record`]: the run summary record, one NDJSON line per sealed run.
+//! - [`metadata`]: the metadata names of plain objects.
 //! - [`node_status`]: the status object each node publishes for the fleet view.
 //! - [`report`] and [`fleet`]: the node report and the fleet view as `report --json` writes them.
 //! - [`units`]: sizes, durations and "now", spelled one way everywhere.
@@ -15,6 +16,7 @@ pub(crate) mod ci;
 pub(crate) mod fleet;
 pub mod layout;
 pub(crate) mod manifest;
+pub mod metadata;
 pub(crate) mod node_status;
 pub(crate) mod record;
 pub(crate) mod report;

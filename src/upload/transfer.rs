@@ -21,6 +21,7 @@ use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, mpsc};
 use crate::destination::{Destination, StoreError};
 use crate::format::layout;
 use crate::format::layout::Plan;
+use crate::format::metadata;
 use crate::index::{Job, Stat};
 use crate::pipeline::{self, Finish, Meta, Pipeline};
 use crate::scan::Root;
@@ -301,13 +302,16 @@ fn attributes(dest: &Destination, plan: Plan, job: &Job, mode: u32) -> Attribute
     let mut meta = |k: &'static str, v: String| {
         attrs.insert(Attribute::Metadata(k.into()), v.into());
     };
-    meta("sha256", hex::encode(job.sha256));
-    meta("mtimens", job.stat.mtime_ns.to_string());
-    meta("mode", format!("{mode:o}"));
-    meta("size", job.stat.size.to_string());
+    meta(metadata::SHA256, hex::encode(job.sha256));
+    meta(metadata::MTIME_NS, job.stat.mtime_ns.to_string());
+    meta(metadata::MODE, format!("{mode:o}"));
+    meta(metadata::SIZE, job.stat.size.to_string());
     if layout::parse(&layout::stored_key(&job.key, plan)).long {
         // Header values are ASCII: the name as hex.
-        meta("longname", hex::encode(layout::file_name(&job.key)));
+        meta(
+            metadata::LONG_NAME,
+            hex::encode(layout::file_name(&job.key)),
+        );
     }
     attrs
 }
