@@ -170,7 +170,8 @@ fn finish_decoding(
                 let why = if d.expect.size == Some(limit) {
                     "the size recorded with the object"
                 } else {
-                    "--max-size"
+                    "--max-size; for a compressed object that records no size it is 1,024 times \
+                     the stored size (at least 64 MiB) unless given"
                 };
                 return Err(invalid(format!(
                     "decodes to more than {limit} bytes ({why}); stopped there"
@@ -470,6 +471,13 @@ pub(crate) async fn get_retrying(
     }
 }
 
+/// The most a compressed object of `stored` bytes that records no size may decode to, unless
+/// `--max-size` says otherwise: 1,024 times its size (logs compress 10 to 50 times), at least
+/// 64 MiB.
+fn default_decode_cap(stored: u64) -> u64 {
+    stored.saturating_mul(1024).max(64 << 20)
+}
+
 /// Restore one object to `rel` (its logical key relative to the restore prefix).
 async fn restore_one(
     dest: &Destination,
@@ -502,7 +510,15 @@ async fn restore_one(
     }
     let fallback_mtime = meta.last_modified.into();
     let reader = download(get);
-    let (keys, rel, opts) = (keys.to_vec(), rel.to_string(), opts.clone());
+    // A plain compressed object that records no size (a `file://` store's) is bounded all the
+    // same: a few KB of zstd can decode to gigabytes.
+    let max_size = opts.max_size.or_else(|| {
+        (!plan.encrypt
+            && expect.size.is_none()
+            && plan.compression != crate::format::layout::Compression::None)
+            .then(|| default_decode_cap(meta.size))
+    });
+    let (keys, rel) = (keys.to_vec(), rel.to_string());
     tokio::task::spawn_blocking(move || {
         write_object(
             &root,
@@ -514,7 +530,7 @@ async fn restore_one(
             reader,
             expect,
             fallback_mtime,
-            opts.max_size,
+            max_size,
             None,
         )
     })

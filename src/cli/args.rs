@@ -108,7 +108,8 @@ pub enum Command {
         #[arg(long)]
         allow_plaintext: bool,
         /// Write at most this much per file (e.g. "2GiB"); objects that decode to more fail.
-        /// Bounds objects without a recorded size (plain compressed objects in file://).
+        /// A plain compressed object without a recorded size (in file://) is bounded anyway,
+        /// by default to 1,024 times its stored size (at least 64 MiB).
         #[arg(long, value_parser = parse_size)]
         max_size: Option<u64>,
     },

@@ -292,3 +292,42 @@ async fn after_a_key_rotation_old_and_new_objects_restore_with_old_key_files() {
     assert_ok(&restore(&env, "nas", &to), "restore across keys");
     assert_eq!(tree(&to), tree(&env.watch));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_plain_object_that_decodes_to_gigabytes_is_stopped_unless_allowed() {
+    // Reproduced: without a key, a 33 KB `.zst` object in a `file://` store (which records no
+    // size) restored to 1 GiB. 100 MiB of zeros compress to a few KB.
+    let env = Env::new();
+    let bomb = zstd::bulk::compress(&vec![0u8; 100 << 20], 19).unwrap();
+    assert!(bomb.len() < 100_000, "{}", bomb.len());
+    let dir = env.nas.join(format!("ci/{NODE}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("zeros.log.zst"), &bomb).unwrap();
+    let to = env.tmp.path().join("out");
+    let out = restore(&env, "nas", &to);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("zeros.log") && err.contains("--max-size"),
+        "{err}"
+    );
+    assert!(!to.join("zeros.log").exists(), "nothing left behind");
+    // Asked for, it restores whole.
+    let to = env.tmp.path().join("out2");
+    let out = env.cli(&[
+        "restore",
+        "--from",
+        "nas",
+        "--to",
+        to.to_str().unwrap(),
+        "--prefix",
+        &format!("ci/{NODE}"),
+        "--max-size",
+        "200MiB",
+    ]);
+    assert_ok(&out, "restore with --max-size");
+    assert_eq!(
+        std::fs::metadata(to.join("zeros.log")).unwrap().len(),
+        100 << 20
+    );
+}
