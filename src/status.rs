@@ -15,6 +15,20 @@ pub(crate) struct StatusView {
     /// Run notifications by state; absent without `[[notify]]` entries or queued ones.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notifications: Option<crate::index::NotifyStatus>,
+    /// Per destination, the objects it holds by the index's record and their original
+    /// bytes: what was ever stored, local copies deleted by cleanup included.
+    pub held: Vec<Held>,
+}
+
+/// What one destination holds, by the index's record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Held {
+    /// Destination name.
+    pub name: String,
+    /// Objects.
+    pub objects: u64,
+    /// Their original bytes.
+    pub bytes: u64,
 }
 
 /// Read the status of every configured destination from the index.
@@ -31,9 +45,21 @@ pub(crate) fn read(config: &Config) -> anyhow::Result<StatusView> {
     let n = index.notify_status()?;
     let notifications =
         (!config.notify.is_empty() || n.pending + n.sent + n.given_up > 0).then_some(n);
+    let held = names
+        .iter()
+        .map(|name| {
+            let (objects, bytes) = index.held_totals(name)?;
+            anyhow::Ok(Held {
+                name: name.clone(),
+                objects,
+                bytes,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok(StatusView {
         status,
         open_runs,
         notifications,
+        held,
     })
 }

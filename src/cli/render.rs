@@ -529,6 +529,11 @@ fn status_text(view: &crate::status::StatusView) -> String {
         if let Some(age) = d.oldest_pending_secs {
             let _ = write!(out, ", oldest pending {age} s");
         }
+        // Done counts the files still indexed; after local cleanup, what the destination
+        // holds is more.
+        if let Some(h) = view.held.iter().find(|h| h.name == d.name) {
+            let _ = write!(out, "; holds {} objects, {}", h.objects, human(h.bytes));
+        }
         out.push('\n');
         if let Some(e) = &d.last_error {
             let _ = writeln!(out, "  last error: {}", destination::printable(e));

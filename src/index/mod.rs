@@ -386,7 +386,7 @@ mod tests {
     use super::notifications::{
         DUE_NOTIFICATIONS, LEASE_NOTIFICATION, NEXT_NOTIFICATION, NOTIFICATIONS_OF_RUN,
     };
-    use super::objects::{FORGET_STORED, OBJECT_WITH, OBJECTS_WITH_METHOD};
+    use super::objects::{FORGET_STORED, HELD_TOTALS, OBJECT_WITH, OBJECTS_WITH_METHOD};
     use super::queue::{AWAITING_ELSEWHERE, CLAIM, NEXT_DUE};
     use super::queue::{INDEX_TOTALS, UPLOAD_TOTALS};
     use super::runs::{PRUNED_RUNS, RUN_MANIFEST, SEALED_MS, SEALED_RUNS};
@@ -408,6 +408,7 @@ mod tests {
             NEXT_DUE,
             OBJECT_WITH,
             FORGET_STORED,
+            HELD_TOTALS,
             "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
             "SELECT size FROM files WHERE path = ?1",
             FILES_UNDER,

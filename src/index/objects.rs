@@ -138,7 +138,21 @@ pub struct ObjectUse {
     pub method: Option<Method>,
 }
 
+/// The objects a destination holds by this index's record, and their original bytes.
+pub(super) const HELD_TOTALS: &str =
+    "SELECT count(*), coalesce(sum(size), 0) FROM objects WHERE dest = ?1";
+
 impl Index {
+    /// How many objects `dest` holds by this index's record, and their original bytes: what
+    /// was stored, whether or not the local files still exist (local cleanup deletes those).
+    pub fn held_totals(&self, dest: &str) -> anyhow::Result<(u64, u64)> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(HELD_TOTALS)?;
+        Ok(s.query_row(params![dest], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?)
+    }
+
     /// The object known to be at logical `key` in `dest`.
     pub fn object_at(&self, dest: &str, key: &str) -> anyhow::Result<Option<ObjectRow>> {
         let conn = self.conn();

@@ -937,6 +937,13 @@ async fn local_cleanup_can_wait_for_a_runs_seal() {
         table.contains("sealed: sealed, 4 files, ") && table.contains("(0 on disk)"),
         "{table}"
     );
+    // Reproduced: `status` then read as if nothing was ever uploaded. It says what each
+    // destination holds, deleted local copies included: both runs' 4 files.
+    let held = env.status()["held"].clone();
+    assert_eq!(held.as_array().unwrap().len(), 2, "{held}");
+    for h in held.as_array().unwrap() {
+        assert_eq!(h["objects"], 8, "{held}");
+    }
     // The passes that deleted them saw the other run's files (stored earlier) and kept them.
     assert!(env.watch.join("waiting/logs/test.log").exists());
     assert!(env.watch.join("waiting/shots/a.png").exists());
