@@ -435,6 +435,14 @@ impl Decryptor {
         if self.buf.len() < TAG_LEN {
             return Err(CryptoError::Auth(self.counter as u64));
         }
+        // The last chunk is empty only when the whole plaintext is (docs/FORMAT.md): a
+        // plaintext of whole chunks ends with a full one, so an empty chunk after full ones
+        // is no object this format writes.
+        if self.buf.len() == TAG_LEN && self.counter > 0 {
+            return Err(CryptoError::Format(
+                "an empty final chunk after full chunks".into(),
+            ));
+        }
         self.open(self.buf.len(), true, out)
     }
 }
@@ -482,6 +490,31 @@ mod tests {
         let mut e = Encryptor::new(k, "k/x.enc", Vec::new()).unwrap();
         e.write_all(data).unwrap();
         e.finish().unwrap()
+    }
+
+    #[test]
+    fn an_empty_final_chunk_after_full_chunks_is_refused() {
+        // Reproduced: an independent decoder written from FORMAT.md refused it, the binary
+        // accepted it. FORMAT.md: the last chunk is empty only when the whole plaintext is.
+        let k = key(3);
+        let data = vec![7u8; 65536];
+        let mut e = Encryptor::new(&k, "k/x.enc", Vec::new()).unwrap();
+        e.write_all(&data).unwrap();
+        e.seal(false).unwrap(); // the full chunk, not last
+        e.seal(true).unwrap(); // then an empty last chunk
+        let crafted = e.inner;
+        let err = decrypt_all(vec![k.clone()], "k/x.enc", &crafted).unwrap_err();
+        assert!(err.to_string().contains("empty final chunk"), "{err}");
+        // The canonical form of the same plaintext, and an empty plaintext, still decode.
+        assert_eq!(
+            decrypt_all(vec![k.clone()], "k/x.enc", &encrypt(&k, &data)).unwrap(),
+            data
+        );
+        assert!(
+            decrypt_all(vec![k.clone()], "k/x.enc", &encrypt(&k, &[]))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

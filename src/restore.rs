@@ -119,6 +119,28 @@ pub(crate) fn download(get: GetResult) -> Download {
     ))
 }
 
+/// Whether an encrypted record's `path` is the logical key of `stored_key` (for a shortened
+/// long name: the same directory, and a last segment that hashes to the key's). A writer
+/// always records its own key; a record that names another is refused (docs/FORMAT.md,
+/// reader conformance).
+pub(crate) fn record_path_matches(stored_key: &str, path: &str) -> bool {
+    let p = layout::parse(stored_key);
+    if !p.long {
+        return p.logical == path;
+    }
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, path),
+    };
+    let key_dir = p.logical.rsplit_once('/').map(|(d, _)| d);
+    dir == key_dir && layout::long_name_matches(p.logical, name)
+}
+
+/// Whether two SHA-256 hex digests are the same (readers accept either case of hex).
+pub(crate) fn same_sha256(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -140,6 +162,13 @@ fn start_decoding<'a>(
 ) -> io::Result<Decoding<'a>> {
     let (r, meta) = pipeline::decoder(plan, keys, stored_key, reader)?;
     if let Some(m) = meta {
+        if let Some(path) = m.path.as_deref()
+            && !record_path_matches(stored_key, path)
+        {
+            return Err(invalid(format!(
+                "its record names another key ({path:?}) than the one it is stored under"
+            )));
+        }
         expect = Expect {
             size: Some(m.size),
             sha256: Some(m.sha256),
@@ -189,7 +218,7 @@ fn finish_decoding(
         )));
     }
     if let Some(want) = &d.expect.sha256
-        && *want != hex::encode(sha)
+        && !same_sha256(want, &hex::encode(sha))
     {
         return Err(invalid(
             "content does not match the SHA-256 recorded with the object".into(),
@@ -727,6 +756,30 @@ async fn check_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_must_name_its_own_key_and_hex_case_does_not_matter() {
+        // Reproduced: the binary accepted a record whose `path` names another key (an
+        // independent decoder refused it) and refused an upper-case SHA-256 (the decoder
+        // accepted it). FORMAT.md's reader conformance table decides both.
+        assert!(record_path_matches("ci/n/a.log.zst.enc", "ci/n/a.log"));
+        assert!(!record_path_matches("ci/n/a.log.zst.enc", "ci/n/b.log"));
+        assert!(!record_path_matches("ci/n/a.log.enc", "ci/m/a.log"));
+        assert!(record_path_matches("ci/n/x.gz.asis.enc", "ci/n/x.gz"));
+        let long = "L".repeat(250);
+        let stored = layout::stored_key(
+            &format!("ci/n/{long}"),
+            Plan {
+                compression: crate::format::layout::Compression::Zstd,
+                encrypt: true,
+            },
+        );
+        assert!(record_path_matches(&stored, &format!("ci/n/{long}")));
+        assert!(!record_path_matches(&stored, &format!("ci/m/{long}")));
+        assert!(!record_path_matches(&stored, &format!("ci/n/{long}x")));
+        assert!(same_sha256("ABCDEF01", "abcdef01"));
+        assert!(!same_sha256("abcdef01", "abcdef02"));
+    }
 
     #[test]
     fn targets_never_escape() {

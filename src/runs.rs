@@ -302,7 +302,7 @@ async fn read_manifest(
         );
         if let Some(want) = meta.map(|m| m.sha256).or(recorded) {
             anyhow::ensure!(
-                want == hex::encode(Sha256::digest(&body)),
+                crate::restore::same_sha256(&want, &hex::encode(Sha256::digest(&body))),
                 "content does not match the SHA-256 recorded with it"
             );
         }
