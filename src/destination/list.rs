@@ -542,9 +542,10 @@ fn service_account_base_url(b: &GoogleCloudStorageBuilder) -> Result<Option<Stri
 ///
 /// `LocalFileSystem::list` walks the directory and converts each file's path into a `Path`;
 /// the first name it cannot convert (a control character, bytes that are not UTF-8) ends the
-/// walk with an error. This walks the same way (walkdir,
-/// symbolic links followed, broken ones and vanished files skipped, object_store's staging
-/// files `name#<digits>` skipped) but converts the names one by one. `e_tag` is left out:
+/// walk with an error. This walks the same tree (walkdir; vanished files and object_store's
+/// staging files `name#<digits>` skipped) but converts the names one by one, and never
+/// follows a symbolic link: one planted in the store (`etclink -> /etc`) would make a restore
+/// copy whatever it points at, so each is named as a bad key instead. `e_tag` is left out:
 /// object_store makes one from inode, mtime and size, and no caller of a listing reads it.
 pub(super) struct LocalLister {
     /// The store's directory, canonicalised as `LocalFileSystem::new_with_prefix` does.
@@ -571,7 +572,7 @@ impl LocalLister {
         let mut dir = self.root.clone();
         dir.extend(prefix.split('/').filter(|s| !s.is_empty()));
         let (mut objects, mut bad_keys) = (Vec::new(), Vec::new());
-        for entry in walkdir::WalkDir::new(&dir).min_depth(1).follow_links(true) {
+        for entry in walkdir::WalkDir::new(&dir).min_depth(1).follow_links(false) {
             let entry = match entry {
                 Ok(entry) => entry,
                 // Gone since the directory was read (a staging file renamed, a file deleted).
@@ -583,8 +584,19 @@ impl LocalLister {
                 Err(e) => return Err(format!("walking {}: {e}", dir.display())),
             };
             let path = entry.path();
-            // `is_file` follows links: directories, broken links and other kinds are skipped.
-            if !path.is_file() {
+            if entry.file_type().is_symlink() {
+                let raw = path
+                    .strip_prefix(&self.root)
+                    .unwrap_or(path)
+                    .to_string_lossy();
+                bad_keys.push(BadKey::with_reason(
+                    &raw,
+                    "a symbolic link in the store: never followed, not an object",
+                ));
+                continue;
+            }
+            // Directories and other kinds (FIFOs, sockets) are no objects.
+            if !entry.file_type().is_file() {
                 continue;
             }
             let Ok(rel) = path.strip_prefix(&self.root) else {

@@ -331,3 +331,35 @@ async fn a_small_plain_object_that_decodes_to_gigabytes_is_stopped_unless_allowe
         100 << 20
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symbolic_links_planted_in_a_file_store_are_never_followed_by_restore() {
+    // Reproduced: a restore without a key copied `/etc/shadow`, a 0600 root file and all of
+    // `/etc` through `etclink -> /etc` planted in the `file://` store. Here the outside is a
+    // directory of the test's own.
+    let env = Env::new();
+    let outside = env.tmp.path().join("outside");
+    std::fs::create_dir_all(outside.join("deep")).unwrap();
+    std::fs::write(outside.join("secret.txt"), b"not for the bucket").unwrap();
+    std::fs::write(outside.join("deep/more.txt"), b"nor this").unwrap();
+    let dir = env.nas.join(format!("ci/{NODE}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("genuine.txt"), b"a real object").unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("etclink")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), dir.join("shadow")).unwrap();
+    let to = env.tmp.path().join("out");
+    let out = restore(&env, "nas", &to);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        std::fs::read(to.join("genuine.txt")).unwrap(),
+        b"a real object",
+        "{said}"
+    );
+    let got = tree(&to);
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["genuine.txt"], "{said}");
+    assert!(
+        said.contains("etclink") && said.contains("shadow"),
+        "named: {said}"
+    );
+}
