@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::path::Path;
+use std::sync::Arc;
 
 use globset::GlobSet;
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
@@ -76,8 +77,8 @@ impl Accumulator {
         if c.outcome.is_failure() {
             if s.failures.len() < MAX_FAILURES {
                 s.failures.push(Failure {
-                    suite: c.suite.clone(),
-                    class: c.class.clone(),
+                    suite: c.suite.to_string(),
+                    class: c.class.to_string(),
                     name: c.name.clone(),
                     outcome: c.outcome,
                     message: c.message.clone(),
@@ -94,8 +95,8 @@ impl Accumulator {
                     .is_some_and(|t| c.duration_ms > t.duration_ms);
             if slower {
                 s.slowest.push(Timed {
-                    suite: c.suite.clone(),
-                    class: c.class.clone(),
+                    suite: c.suite.to_string(),
+                    class: c.class.to_string(),
                     name: c.name.clone(),
                     duration_ms: c.duration_ms,
                 });
@@ -103,8 +104,8 @@ impl Accumulator {
                 s.slowest.truncate(SLOWEST);
             }
         }
-        let key = if self.suites.len() < MAX_SUITES || self.suites.contains_key(&c.suite) {
-            c.suite.clone()
+        let key = if self.suites.len() < MAX_SUITES || self.suites.contains_key(&*c.suite) {
+            c.suite.to_string()
         } else {
             OTHER_SUITES.to_string()
         };
@@ -330,7 +331,9 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
     let mut reader = quick_xml::Reader::from_reader(reader);
     let mut buf = Vec::new();
     let mut depth = 0usize;
-    let mut suites: Vec<(usize, String)> = Vec::new();
+    let mut suites: Vec<(usize, Arc<str>)> = Vec::new();
+    // The class of the case before: consecutive cases of one class share its name.
+    let mut last_class: Option<Arc<str>> = None;
     let mut open: Option<Open> = None;
     let mut seen_root = false;
     let start_len = out.len();
@@ -359,14 +362,21 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                 match (tag, open.as_mut()) {
                     (b"testsuite", None) if !empty => {
                         let name = attr(e, b"name").unwrap_or_default();
-                        suites.push((depth, truncate(&name, MAX_NAME)));
+                        suites.push((depth, Arc::from(truncate(&name, MAX_NAME))));
                     }
                     (b"testcase", None) => {
                         let suite = suites.last().map(|s| s.1.clone()).unwrap_or_default();
-                        let class = attr(e, b"classname")
-                            .filter(|c| !c.is_empty())
-                            .map(|c| truncate(&c, MAX_NAME))
-                            .unwrap_or_else(|| suite.clone());
+                        let class = match attr(e, b"classname").filter(|c| !c.is_empty()) {
+                            Some(c) => {
+                                let c = truncate(&c, MAX_NAME);
+                                match &last_class {
+                                    Some(last) if **last == *c => last.clone(),
+                                    _ => Arc::from(c),
+                                }
+                            }
+                            None => suite.clone(),
+                        };
+                        last_class = Some(class.clone());
                         let name = attr(e, b"name")
                             .filter(|n| !n.is_empty())
                             .map(|n| truncate(&n, MAX_NAME))
@@ -571,6 +581,33 @@ mod tests {
     }
 
     #[test]
+    fn many_cases_of_one_long_named_suite_hold_its_name_once() {
+        // Reproduced: 200,000 empty `<testcase/>` inheriting a 300-character suite name (a
+        // 2.2 MB file) took a seal to 627 MB: every case held its own copies of the names.
+        let suite = "S".repeat(300);
+        let mut xml = format!("<testsuite name=\"{suite}\">");
+        for _ in 0..50_000 {
+            xml.push_str("<testcase/>");
+        }
+        xml.push_str(
+            "<testcase classname=\"k\" name=\"a\"/><testcase classname=\"k\" name=\"b\"/>",
+        );
+        xml.push_str("</testsuite>");
+        let cases = parse_str(&xml).unwrap();
+        assert_eq!(cases.len(), 50_002);
+        let (first, last) = (&cases[0], &cases[49_999]);
+        assert!(Arc::ptr_eq(&first.suite, &last.suite), "one suite name");
+        assert!(
+            Arc::ptr_eq(&first.suite, &last.class),
+            "the class is the suite's name"
+        );
+        assert!(
+            Arc::ptr_eq(&cases[50_000].class, &cases[50_001].class),
+            "a repeated class"
+        );
+    }
+
+    #[test]
     fn decimal_commas_and_thousands_separators() {
         // Reproduced: every comma was dropped, so "1,5" became 15 s and "0,051" 51 s.
         for (time, ms) in [
@@ -605,8 +642,8 @@ mod tests {
         assert_eq!(c.len(), 3);
         assert_eq!(
             (
-                c[0].suite.as_str(),
-                c[0].class.as_str(),
+                &*c[0].suite,
+                &*c[0].class,
                 c[0].name.as_str(),
                 c[0].duration_ms
             ),
@@ -640,9 +677,9 @@ mod tests {
         // gotestsum: nested suites per package; nextest: rerunFailure then failure.
         let go = r#"<testsuites tests="2"><testsuite name="example.com/api" tests="2"><testsuite name="inner"><testcase classname="example.com/api" name="TestGet" time="0.010"></testcase></testsuite><testcase classname="" name="TestPut" time="0.020"><failure message="Failed" type="">=== RUN TestPut</failure></testcase></testsuite></testsuites>"#;
         let c = parse_str(go).unwrap();
-        assert_eq!(c[0].suite, "inner");
+        assert_eq!(&*c[0].suite, "inner");
         assert_eq!(
-            (c[1].suite.as_str(), c[1].class.as_str()),
+            (&*c[1].suite, &*c[1].class),
             ("example.com/api", "example.com/api")
         );
         let nextest = r#"<testsuites name="nextest-run"><testsuite name="widgets::bin/widgets"><testcase name="tests::slow" classname="widgets::bin/widgets" timestamp="2024-01-01T00:00:00Z" time="3.5"><rerunFailure type="test failure" message="thread panicked"/><failure type="test failure" message="thread panicked again"/></testcase></testsuite></testsuites>"#;
@@ -689,7 +726,7 @@ mod tests {
         for i in 0..(MAX_FAILURES as u64 + 10) {
             acc.add(
                 Case {
-                    suite: format!("s{}", i % 3),
+                    suite: format!("s{}", i % 3).into(),
                     class: "c".into(),
                     name: format!("t{i}"),
                     outcome: Outcome::Failed,

@@ -182,8 +182,8 @@ impl RunRecord {
                 .cases
                 .iter()
                 .map(|c| RecordCase {
-                    suite: c.suite.clone(),
-                    class: c.class.clone(),
+                    suite: c.suite.to_string(),
+                    class: c.class.to_string(),
                     name: c.name.clone(),
                     status: c.outcome,
                     duration_ms: c.duration_ms,

@@ -40,10 +40,11 @@ impl Outcome {
 /// One test case as parsed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Case {
-    /// The innermost `<testsuite>`'s name.
-    pub suite: String,
-    /// `classname` (the suite's name when absent).
-    pub class: String,
+    /// The innermost `<testsuite>`'s name (shared by the suite's cases: a file of 200,000
+    /// cases of one long-named suite holds the name once).
+    pub suite: std::sync::Arc<str>,
+    /// `classname` (the suite's name when absent; shared while cases repeat it).
+    pub class: std::sync::Arc<str>,
     /// `name`.
     pub name: String,
     /// What happened.
