@@ -10,7 +10,7 @@
 //! What comes out: a [`TestSummary`] for the manifest (counts, duration, the first failures
 //! with their messages truncated, the slowest tests, totals per suite), the notification and
 //! the run page; and the run's test cases for its summary record ([`RunRecord`]), written in
-//! the clear under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/<run>.json` for
+//! the clear under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/<run>~<hash>.json` for
 //! `report --fleet` ([`fleet`]) and for query engines (schema in docs/FORMAT.md).
 //!
 //! A test is identified by its class (`classname`, or the suite's name when there is none) and
@@ -526,9 +526,14 @@ pub(crate) async fn write_record(
         Err(e) => return vec![format!("cannot encode the run's record: {e}")],
     };
     line.push(b'\n');
-    let key = record_key(&record.node_id, &record.run, record.sealed_ms);
+    let key = record_key(
+        &record.node_id,
+        &record.key_prefix,
+        &record.run,
+        record.sealed_ms,
+    );
     let earlier = earlier_sealed_ms
-        .map(|ms| record_key(&record.node_id, &record.run, ms))
+        .map(|ms| record_key(&record.node_id, &record.key_prefix, &record.run, ms))
         .filter(|k| *k != key);
     let body = bytes::Bytes::from(line);
     for dest in dests {
@@ -750,8 +755,17 @@ mod tests {
         assert_eq!(millis(Some("-3")), 0);
         assert_eq!(millis(Some("1e300")), u64::MAX);
         assert_eq!(
-            record_key("n", "r", 0),
-            "_panoptic-sync/runs/date=1970-01-01/node=n/r.json"
+            record_key("n", "ci/r", "r", 0),
+            "_panoptic-sync/runs/date=1970-01-01/node=n/r~e779fe13e7aecbad.json"
         );
+        // Reproduced: two run watches with a run of one name wrote one record, and a
+        // 255-byte run name got none (its key's last segment was longer than a file name).
+        assert_ne!(
+            record_key("n", "a/r", "r", 0),
+            record_key("n", "b/r", "r", 0)
+        );
+        let long = "é".repeat(127) + "x";
+        let key = record_key("n", &format!("ci/{long}"), &long, 0);
+        assert!(key.rsplit('/').next().unwrap().len() <= 255, "{key}");
     }
 }

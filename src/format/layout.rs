@@ -31,7 +31,7 @@ pub const INTERNAL_PREFIX: &str = internal_key!("");
 /// Where each node publishes its status object (`<node_id>.json`).
 pub const NODES_PREFIX: &str = internal_key!("/nodes");
 /// Where sealed runs' summary records go, Hive-partitioned:
-/// `date=YYYY-MM-DD/node=<node_id>/<run>.json` (see [`crate::results`]).
+/// `date=YYYY-MM-DD/node=<node_id>/<run>~<hash>.json` (see [`crate::results`]).
 pub const RUNS_PREFIX: &str = internal_key!("/runs");
 /// Where `check-config` writes its probe objects.
 pub const PROBE_PREFIX: &str = internal_key!("/probe");

@@ -1,5 +1,5 @@
 //! The run summary record: one line of newline-delimited JSON per sealed run, written in the
-//! clear under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/<run>.json` for `report --fleet`
+//! clear under `_panoptic-sync/runs/date=YYYY-MM-DD/node=<id>/<run>~<hash>.json` for `report --fleet`
 //! and for query engines (schema 1 in docs/FORMAT.md).
 
 use serde::{Deserialize, Serialize};
@@ -202,11 +202,25 @@ pub(crate) fn date_of(ms: i64) -> String {
         .unwrap_or_else(|| "1970-01-01".into())
 }
 
-/// The record's key (relative to a destination base).
-pub(crate) fn record_key(node: &str, run: &str, sealed_ms: i64) -> String {
+/// Bytes of a run's name kept readable in its record's key.
+const RECORD_NAME_KEEP: usize = 100;
+
+/// The record's key (relative to a destination base):
+/// `…/date=<D>/node=<N>/<run, at most 100 bytes>~<16 hex of SHA-256(key_prefix)>.json`. The
+/// run's key prefix (the watch's prefix and the run) makes it unique when two run watches hold
+/// a run of the same name, and the cut keeps every name within 255 bytes.
+pub(crate) fn record_key(node: &str, key_prefix: &str, run: &str, sealed_ms: i64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut cut = RECORD_NAME_KEEP.min(run.len());
+    while !run.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = Sha256::digest(key_prefix.as_bytes());
     format!(
-        "{}/date={}/node={node}/{run}.json",
+        "{}/date={}/node={node}/{}~{}.json",
         crate::format::layout::RUNS_PREFIX,
-        date_of(sealed_ms)
+        date_of(sealed_ms),
+        &run[..cut],
+        hex::encode(&digest[..8])
     )
 }
