@@ -143,9 +143,9 @@ pub(crate) async fn read_status(
         buf.extend_from_slice(&chunk);
     }
     let mut status: NodeStatus = serde_json::from_slice(&buf).context("not a status object")?;
-    if status.node_id.is_empty() {
-        let name = meta.location.filename().unwrap_or_default();
-        status.node_id = name.strip_suffix(".json").unwrap_or(name).to_string();
-    }
+    // The node is the one whose key this is: each node writes its own object, and a
+    // self-declared `node_id` that differs (another node's, or escape sequences) is not believed.
+    let name = meta.location.filename().unwrap_or_default();
+    status.node_id = name.strip_suffix(".json").unwrap_or(name).to_string();
     Ok(status)
 }

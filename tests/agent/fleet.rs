@@ -228,7 +228,7 @@ async fn status_objects_of_other_versions_read_each_other() {
     // A newer node: a field this version does not know, at the top and in a destination.
     plant_status(
         &env,
-        "newer.json",
+        "newer-node.json",
         &format!(
             r#"{{"format": 3, "node_id": "newer-node", "version": "9.0.0", "last_seen": {now},
                 "files": 5, "bytes": 50, "success_rate": 0.5, "gpu_temperature": {{"c": 71}},
@@ -239,13 +239,13 @@ async fn status_objects_of_other_versions_read_each_other() {
     // An older or smaller writer: optional fields missing.
     plant_status(
         &env,
-        "sparse.json",
+        "sparse-node.json",
         &format!(r#"{{"format": 2, "node_id": "sparse-node", "last_seen": {now}, "files": 7}}"#),
     );
     // Format 1 (before this change): destinations as positional arrays, no `format`.
     plant_status(
         &env,
-        "v1.json",
+        "v1-node.json",
         &format!(
             r#"{{"node_id": "v1-node", "version": "0.1.0", "last_seen": {now}, "files": 11,
                 "bytes": 110, "destinations": [["primary", 4, 1, 1, 0]],
@@ -312,10 +312,11 @@ async fn node_ids_with_terminal_escapes_are_shown_without_control_characters() {
         !text.chars().any(|c| c.is_control() && c != '\n'),
         "control characters reach the terminal: {text:?}"
     );
-    assert!(text.contains("evil\\u{1b}]0;owned"), "{text}");
-    // JSON output keeps the id exactly (JSON escapes it).
+    // Reproduced: a status object's self-declared `node_id` beat its key, so any node could
+    // publish as another. The node is the object's name; the body's claim is not shown.
+    assert!(!text.contains("owned"), "{text}");
     let f = fleet_json(&env);
-    assert_eq!(f["nodes"][0]["node_id"], evil);
+    assert_eq!(f["nodes"][0]["node_id"], "evil");
 }
 
 /// Runs `panoptic-sync` with `args` and returns (exit status, stdout, peak RSS in KiB) of that
