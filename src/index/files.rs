@@ -21,6 +21,18 @@ pub(super) const FILES_UNDER: &str = "SELECT f.path, f.size, f.mtime_ns, f.sha25
 pub(super) const ANY_FILE_UNDER: &str =
     "SELECT 1 FROM files WHERE path >= ?1 AND path < ?2 LIMIT 1";
 
+/// The range of `path` values under `dir/`: they sort between `dir/` and `dir0` ('0' follows
+/// '/').
+fn range_under(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let mut lo = path_bytes(dir).to_vec();
+    lo.push(b'/');
+    let mut hi = lo.clone();
+    if let Some(last) = hi.last_mut() {
+        *last = b'0';
+    }
+    (lo, hi)
+}
+
 /// The identity of a file's state on disk: unchanged identity means unchanged content.
 /// Equal when the identity is (size, mtime, inode, device); the mode is carried along, not
 /// compared.
@@ -270,13 +282,7 @@ impl Index {
     /// Every indexed file under the directory `dir`, with the destinations holding its
     /// current content (one range scan of the path index).
     pub fn files_under(&self, dir: &Path) -> anyhow::Result<Vec<FileUnder>> {
-        // Paths under `dir/` sort between `dir/` and `dir0` ('0' follows '/').
-        let mut lo = path_bytes(dir).to_vec();
-        lo.push(b'/');
-        let mut hi = lo.clone();
-        if let Some(last) = hi.last_mut() {
-            *last = b'0';
-        }
+        let (lo, hi) = range_under(dir);
         let conn = self.conn();
         let mut s = conn.prepare_cached(FILES_UNDER)?;
         let rows = s.query_map(params![lo, hi, UploadState::Done], |r| {
@@ -297,12 +303,7 @@ impl Index {
 
     /// Whether any file under `dir/` is indexed (one step of the path index).
     pub fn has_files_under(&self, dir: &Path) -> anyhow::Result<bool> {
-        let mut lo = path_bytes(dir).to_vec();
-        lo.push(b'/');
-        let mut hi = lo.clone();
-        if let Some(last) = hi.last_mut() {
-            *last = b'0';
-        }
+        let (lo, hi) = range_under(dir);
         let conn = self.conn();
         let mut s = conn.prepare_cached(ANY_FILE_UNDER)?;
         Ok(s.exists(params![lo, hi])?)

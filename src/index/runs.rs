@@ -153,20 +153,6 @@ impl Index {
             })?)
     }
 
-    /// Forget a sealed run (retention deleted it).
-    pub fn forget_run(&self, watch: &Path, name: &str) -> anyhow::Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for table in ["runs", "run_manifests"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE watch = ?1 AND name = ?2"),
-                params![path_bytes(watch), name],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
     /// Record that retention deleted the objects of the run sealed at `sealed_ms`: its seal
     /// is forgotten and the run reads as pruned (`pruned_ms`) from now on.
     pub fn record_pruned(

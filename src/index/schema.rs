@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(idx.run_manifest(Path::new("/w"), "r1").unwrap(), Some(big));
         assert_eq!(idx.sealed_ms(Path::new("/w"), "r1").unwrap(), Some(7));
         assert_eq!(idx.run_manifest(Path::new("/w"), "r2").unwrap(), None);
-        idx.forget_run(Path::new("/w"), "r1").unwrap();
+        idx.record_pruned(Path::new("/w"), "r1", 7, 8).unwrap();
         assert_eq!(idx.run_manifest(Path::new("/w"), "r1").unwrap(), None);
         assert_eq!(idx.sealed_ms(Path::new("/w"), "r1").unwrap(), None);
     }
