@@ -52,6 +52,17 @@ fn run_env() -> Env {
     env
 }
 
+/// A runs setup whose pipeline compresses with zstd and encrypts with a new key.
+fn encrypted_run_env() -> Env {
+    let mut env = run_env();
+    let key = env.keygen("key");
+    env.pipeline = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    env
+}
+
 fn write_run(env: &Env, run: &str) {
     env.write(
         &format!("{run}/logs/test.log"),
@@ -253,12 +264,7 @@ async fn sealed_runs_list_every_file_restore_exactly_and_fail_named_when_tampere
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encrypted_manifest_restores_and_a_flipped_byte_fails_naming_it() {
-    let mut env = run_env();
-    let key = env.keygen("key");
-    env.pipeline = format!(
-        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
-        key.display()
-    );
+    let mut env = encrypted_run_env();
     write_run(&env, "r1");
     env.cmd_env = github_env();
     assert_ok(&seal(&env, "r1", &[]), "seal r1");
@@ -328,12 +334,7 @@ async fn no_ci_value_of_an_encrypted_run_is_stored_in_the_clear() {
     // Reproduced: the node status object carried `latest_runs[].branch` in plain JSON while
     // encryption was on. Every CI value of an encrypted run is searched for in every byte of
     // both stores (names and contents), after the node's status object is published.
-    let mut env = run_env();
-    let key = env.keygen("key");
-    env.pipeline = format!(
-        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
-        key.display()
-    );
+    let mut env = encrypted_run_env();
     write_run(&env, "r1");
     env.cmd_env = github_env();
     assert_ok(&seal(&env, "r1", &[]), "seal r1");
@@ -473,12 +474,7 @@ async fn a_manifest_written_into_the_tree_after_the_seal_is_never_uploaded() {
     // Reproduced: `<run>/_run/manifest.json` written after the seal went through the pipeline
     // to the manifest's own key, overwrote the genuine one in both stores, and `restore --run`
     // then wrote another job's payload as `build.sh`.
-    let mut env = run_env();
-    let key = env.keygen("key");
-    env.pipeline = format!(
-        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
-        key.display()
-    );
+    let env = encrypted_run_env();
     write_run(&env, "r1");
     assert_ok(&seal(&env, "r1", &[]), "seal r1");
     let stored = env
