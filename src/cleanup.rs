@@ -82,8 +82,7 @@ pub fn run_once(
     let mut sealed: Vec<(&Path, std::collections::HashSet<String>)> = Vec::new();
     if retention.local_runs_sealed_only {
         for root in roots.iter().filter(|r| r.runs) {
-            let names = index.sealed_runs(&root.path)?.into_iter().map(|r| r.name);
-            sealed.push((&root.path, names.collect()));
+            sealed.push((&root.path, index.sealed_names(&root.path)?));
         }
     }
     let releasable = |path: &Path| {
@@ -180,12 +179,7 @@ fn tidy_finished_runs(index: &Index, roots: &[Root]) -> anyhow::Result<u64> {
         let Ok(names) = dir.subdirectories() else {
             continue;
         };
-        let mut finished: std::collections::HashSet<String> = index
-            .sealed_runs(&root.path)?
-            .into_iter()
-            .map(|r| r.name)
-            .collect();
-        finished.extend(index.pruned_runs(&root.path)?.into_iter().map(|(n, _)| n));
+        let finished = index.finished_names(&root.path)?;
         for name in names {
             let Some(run) = name.to_str().filter(|n| finished.contains(*n)) else {
                 continue;

@@ -681,13 +681,8 @@ pub(crate) fn count_open(config: &Config, index: &Index) -> anyhow::Result<u64> 
     let mut open = 0;
     for (_, w) in run_watches(config) {
         let names = run_dirs(w);
-        let mut sealed: std::collections::HashSet<String> = index
-            .sealed_runs(&w.path)?
-            .into_iter()
-            .map(|r| r.name)
-            .collect();
         // A pruned run is not open either.
-        sealed.extend(index.pruned_runs(&w.path)?.into_iter().map(|(n, _)| n));
+        let sealed = index.finished_names(&w.path)?;
         open += names
             .iter()
             .filter(|n| !sealed.contains(*n) && !SealingLock::held(config, &w.path, n))

@@ -389,7 +389,9 @@ mod tests {
     use super::objects::{FORGET_STORED, HELD_TOTALS, OBJECT_WITH, OBJECTS_WITH_METHOD};
     use super::queue::{AWAITING_ELSEWHERE, CLAIM, NEXT_DUE};
     use super::queue::{INDEX_TOTALS, UPLOAD_TOTALS};
-    use super::runs::{PRUNED_RUNS, RUN_MANIFEST, SEALED_MS, SEALED_RUNS};
+    use super::runs::{
+        FINISHED_NAMES, PRUNED_RUNS, RUN_MANIFEST, SEALED_MS, SEALED_NAMES, SEALED_RUNS,
+    };
     use super::stats::{
         CURRENT_ERRORS, LAST_ERROR, LATENCIES, LATENCIES_BY_TIME, OLDEST_PENDING, UPLOAD_SPAN,
     };
@@ -414,6 +416,8 @@ mod tests {
             FILES_UNDER,
             ANY_FILE_UNDER,
             SEALED_RUNS,
+            SEALED_NAMES,
+            FINISHED_NAMES,
             PRUNED_RUNS,
             SEALED_MS,
             RUN_MANIFEST,

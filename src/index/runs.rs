@@ -1,6 +1,7 @@
 //! Sealed runs: one row per seal with the few manifest fields read without the manifest, and
 //! the manifest itself apart (zstd-packed).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -33,6 +34,13 @@ fn decoded<T: serde::de::DeserializeOwned>(
 }
 
 /// The sealed runs of one watch.
+/// The names of one watch's sealed runs (nothing decoded).
+pub(super) const SEALED_NAMES: &str = "SELECT name FROM runs WHERE watch = ?1";
+
+/// The names of one watch's finished runs: sealed, or pruned after their seal (a name in
+/// both comes twice; the set takes it once).
+pub(super) const FINISHED_NAMES: &str = "SELECT name FROM runs WHERE watch = ?1 UNION ALL SELECT name FROM pruned_runs WHERE watch = ?1";
+
 pub(super) const SEALED_RUNS: &str = "SELECT name, sealed_ms, manifest_sha256, files, bytes,
         ci, first_file_ms, last_file_ms, tests
      FROM runs WHERE watch = ?1";
@@ -177,6 +185,25 @@ impl Index {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The names of the sealed runs of the watch rooted at `watch`: what cleanup and the
+    /// open-run count need, every few seconds, without decoding each run's fields.
+    pub fn sealed_names(&self, watch: &Path) -> anyhow::Result<HashSet<String>> {
+        self.names(SEALED_NAMES, watch)
+    }
+
+    /// The names of the runs of the watch rooted at `watch` that are finished: sealed, or
+    /// pruned by retention after their seal (neither is open).
+    pub fn finished_names(&self, watch: &Path) -> anyhow::Result<HashSet<String>> {
+        self.names(FINISHED_NAMES, watch)
+    }
+
+    fn names(&self, sql: &str, watch: &Path) -> anyhow::Result<HashSet<String>> {
+        let conn = self.conn();
+        let mut s = conn.prepare_cached(sql)?;
+        let rows = s.query_map(params![path_bytes(watch)], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The runs of the watch rooted at `watch` that retention pruned: name and when.
