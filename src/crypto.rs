@@ -323,12 +323,23 @@ impl<W: Write> Write for Encryptor<W> {
     }
 }
 
+/// What a manifest's container is bound to instead of its bare key: the key behind a prefix
+/// that no file's key can carry (no path holds a NUL byte). A file object stored at a
+/// manifest's key therefore never authenticates as a manifest (`docs/FORMAT.md`).
+pub fn manifest_binding(stored_key: &str) -> String {
+    format!("\0manifest\0{stored_key}")
+}
+
 /// Streaming decryptor: push ciphertext in, get authenticated plaintext out.
 pub struct Decryptor {
     keys: Vec<MasterKey>,
-    bound: Vec<u8>,
+    /// The bindings accepted, in order of preference; the first chunk picks one.
+    bounds: Vec<Vec<u8>>,
     version: u8,
-    state: Option<(ChunkCipher, [u8; 7], usize)>,
+    /// One cipher per binding until the first chunk authenticates under one of them.
+    state: Option<(Vec<ChunkCipher>, [u8; 7], usize)>,
+    /// Which of `bounds` the object turned out to be bound to.
+    chosen: Option<usize>,
     counter: u32,
     buf: Vec<u8>,
 }
@@ -338,14 +349,26 @@ impl Decryptor {
     /// under the key `bound` (relative to the destination base; version 2 objects written for
     /// another key fail).
     pub fn new(keys: Vec<MasterKey>, bound: &str) -> Decryptor {
+        Self::with_bindings(keys, &[bound])
+    }
+
+    /// A decryptor that accepts an object bound to any one of `bounds` (a version 1 object
+    /// binds nothing and is accepted under any). [`Decryptor::binding`] then says which.
+    pub fn with_bindings(keys: Vec<MasterKey>, bounds: &[&str]) -> Decryptor {
         Decryptor {
             keys,
-            bound: bound.as_bytes().to_vec(),
+            bounds: bounds.iter().map(|b| b.as_bytes().to_vec()).collect(),
             version: 0,
             state: None,
+            chosen: None,
             counter: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// The index (in the bindings given) of the binding the first chunk authenticated under.
+    pub fn binding(&self) -> Option<usize> {
+        self.chosen
     }
 
     /// The container version, once the header has been read (0 before).
@@ -382,29 +405,56 @@ impl Decryptor {
             .ok_or_else(|| CryptoError::UnknownKey(hex::encode(id)))?;
         let mut prefix = [0u8; 7];
         prefix.copy_from_slice(&header[50..57]);
-        self.state = Some((
-            key.object_cipher(&header, &self.bound)?,
-            prefix,
-            1usize << log2,
-        ));
+        // A version 1 object binds nothing: one cipher serves every binding.
+        let ciphers = if header[8] == VERSION_1 {
+            vec![key.object_cipher(&header, b"")?]
+        } else {
+            self.bounds
+                .iter()
+                .map(|b| key.object_cipher(&header, b))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        self.state = Some((ciphers, prefix, 1usize << log2));
         self.version = header[8];
         Ok(true)
     }
 
     fn open(&mut self, len: usize, last: bool, out: &mut Vec<u8>) -> Result<(), CryptoError> {
-        let Some((cipher, prefix, _)) = &self.state else {
+        let Some((ciphers, prefix, _)) = &mut self.state else {
             return Err(CryptoError::Format("missing header".into()));
         };
-        let mut chunk: Vec<u8> = self.buf.drain(..len).collect();
-        cipher
-            .open(nonce(prefix, self.counter, last), &mut chunk)
-            .map_err(|()| {
-                if self.counter == 0 && self.version == VERSION {
-                    CryptoError::Misplaced
-                } else {
-                    CryptoError::Auth(self.counter as u64)
+        let n = nonce(prefix, self.counter, last);
+        let mut sealed: Vec<u8> = self.buf.drain(..len).collect();
+        let mut opened = None;
+        if let [cipher] = &ciphers[..] {
+            if cipher.open(n, &mut sealed).is_ok() {
+                opened = Some((0, sealed));
+            }
+        } else {
+            for (i, cipher) in ciphers.iter().enumerate() {
+                // Tried on a copy: a failed open may leave the buffer changed.
+                let mut chunk = sealed.clone();
+                if cipher.open(n, &mut chunk).is_ok() {
+                    opened = Some((i, chunk));
+                    break;
                 }
-            })?;
+            }
+        }
+        let Some((i, chunk)) = opened else {
+            return Err(if self.counter == 0 && self.version == VERSION {
+                CryptoError::Misplaced
+            } else {
+                CryptoError::Auth(self.counter as u64)
+            });
+        };
+        if ciphers.len() > 1 {
+            // The first chunk has chosen: every later chunk must be under the same binding.
+            let keep = ciphers.swap_remove(i);
+            *ciphers = vec![keep];
+            self.chosen = Some(i);
+        } else if self.chosen.is_none() {
+            self.chosen = Some(if self.version == VERSION_1 { 0 } else { i });
+        }
         out.extend_from_slice(&chunk);
         self.counter = self.counter.wrapping_add(1);
         Ok(())
@@ -581,6 +631,35 @@ mod tests {
             decrypt_all(vec![k], "k/x.enc", b"plain text"),
             Err(CryptoError::Format(_))
         ));
+    }
+
+    #[test]
+    fn a_file_object_never_authenticates_as_a_manifest() {
+        let k = key(7);
+        let seal = |bound: &str| {
+            let mut e = Encryptor::new(&k, bound, Vec::new()).unwrap();
+            e.write_all(&vec![3u8; 200_000]).unwrap();
+            e.finish().unwrap()
+        };
+        let at = "ci/n/r1/_run/manifest.json.zst.enc";
+        let manifest = manifest_binding(at);
+        let file = seal(at);
+        let only_manifest = Decryptor::with_bindings(vec![k.clone()], &[&manifest]);
+        let mut out = Vec::new();
+        let mut d = only_manifest;
+        assert!(matches!(
+            d.push(&file, &mut out),
+            Err(CryptoError::Misplaced)
+        ));
+        // A reader of bytes accepts either and says which it was, for every chunk.
+        for (object, want) in [(seal(&manifest), 1), (file, 0)] {
+            let mut d = Decryptor::with_bindings(vec![k.clone()], &[at, &manifest]);
+            let mut out = Vec::new();
+            d.push(&object, &mut out).unwrap();
+            d.finish(&mut out).unwrap();
+            assert_eq!(out.len(), 200_000);
+            assert_eq!(d.binding(), Some(want));
+        }
     }
 
     #[test]

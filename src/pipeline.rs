@@ -45,6 +45,8 @@ pub struct Pipeline {
     /// Files never compressed (`[pipeline] uncompressed`), so that they keep their own
     /// names in the store: the pages, styles and scripts of a browsable HTML report.
     pub uncompressed: globset::GlobSet,
+    /// Accept manifests bound like files (sealed by 0.1.0; `[pipeline] legacy_manifests`).
+    pub legacy_manifests: bool,
 }
 
 impl Pipeline {
@@ -81,6 +83,7 @@ impl Pipeline {
             key,
             keys,
             uncompressed: uncompressed_globs(&p.uncompressed),
+            legacy_manifests: p.legacy_manifests,
         })
     }
 
@@ -92,6 +95,7 @@ impl Pipeline {
             key: None,
             keys: Vec::new(),
             uncompressed: globset::GlobSet::empty(),
+            legacy_manifests: false,
         }
     }
 
@@ -242,8 +246,8 @@ impl Finish for flate2::write::GzEncoder<Box<dyn Finish>> {
 }
 
 /// Build the encoding chain for `plan` in front of `sink`; when encrypting, binds the
-/// container to `stored_key` (the object's key relative to the destination base) and writes
-/// the metadata record first.
+/// container to `stored_key` (the object's key relative to the destination base, or for a
+/// manifest [`crypto::manifest_binding`] of it) and writes the metadata record first.
 pub fn encoder(
     pipeline: &Pipeline,
     plan: Plan,
@@ -289,9 +293,14 @@ pub struct DecryptReader<R: Read> {
 impl<R: Read> DecryptReader<R> {
     /// Decrypt `inner`, stored under `stored_key`, with any of `keys`.
     pub fn new(inner: R, keys: Vec<MasterKey>, stored_key: &str) -> Self {
+        Self::with_bindings(inner, keys, &[stored_key])
+    }
+
+    /// Decrypt `inner`, bound to one of `bounds`, with any of `keys`.
+    pub fn with_bindings(inner: R, keys: Vec<MasterKey>, bounds: &[&str]) -> Self {
         DecryptReader {
             inner,
-            dec: Decryptor::new(keys, stored_key),
+            dec: Decryptor::with_bindings(keys, bounds),
             out: Vec::new(),
             pos: 0,
             done: false,
@@ -327,16 +336,62 @@ impl<R: Read> Read for DecryptReader<R> {
 /// Build the decoding chain for an object stored under `stored_key` (relative to the
 /// destination base) whose key says `plan`: returns the plaintext reader and, for encrypted
 /// objects, the metadata record.
+///
+/// This reads bytes, not meaning: a manifest's object (bound as a manifest, see
+/// [`crypto::manifest_binding`]) decodes here too. Only [`manifest_decoder`] may be trusted
+/// to say that an object is a manifest.
 pub fn decoder<'a, R: Read + 'a>(
     plan: Plan,
     keys: &[MasterKey],
     stored_key: &str,
     inner: R,
 ) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
+    if is_manifest_key(stored_key) {
+        let manifest = crypto::manifest_binding(stored_key);
+        decode_bound(plan, keys, &[stored_key, &manifest], inner)
+    } else {
+        decode_bound(plan, keys, &[stored_key], inner)
+    }
+}
+
+/// The decoding chain for a run's manifest stored under `stored_key`: it authenticates only
+/// as a manifest, never as a file stored at the same key. `legacy` also accepts a manifest
+/// sealed before manifests had their own binding (`[pipeline] legacy_manifests`).
+pub fn manifest_decoder<'a, R: Read + 'a>(
+    plan: Plan,
+    keys: &[MasterKey],
+    stored_key: &str,
+    legacy: bool,
+    inner: R,
+) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
+    let manifest = crypto::manifest_binding(stored_key);
+    if legacy {
+        decode_bound(plan, keys, &[&manifest, stored_key], inner)
+    } else {
+        decode_bound(plan, keys, &[&manifest], inner)
+    }
+}
+
+/// Whether `stored_key` names a run's manifest (`…/_run/manifest.json` and its suffixes).
+pub fn is_manifest_key(stored_key: &str) -> bool {
+    let logical = crate::format::layout::parse(stored_key).logical;
+    logical
+        .strip_suffix(crate::format::manifest::MANIFEST_NAME)
+        .and_then(|r| r.strip_suffix('/'))
+        .and_then(|r| r.strip_suffix(crate::format::manifest::RUN_DIR))
+        .is_some_and(|r| r.is_empty() || r.ends_with('/'))
+}
+
+fn decode_bound<'a, R: Read + 'a>(
+    plan: Plan,
+    keys: &[MasterKey],
+    bounds: &[&str],
+    inner: R,
+) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
     let mut meta = None;
     let mut r: Box<dyn Read + 'a> = Box::new(inner);
     if plan.encrypt {
-        let mut d = DecryptReader::new(r, keys.to_vec(), stored_key);
+        let mut d = DecryptReader::with_bindings(r, keys.to_vec(), bounds);
         let mut len = [0u8; 4];
         d.read_exact(&mut len)?;
         let len = u32::from_be_bytes(len) as usize;
@@ -429,6 +484,7 @@ mod tests {
             key: encrypt.then(|| key.clone()),
             keys: vec![key],
             uncompressed: globset::GlobSet::empty(),
+            legacy_manifests: false,
         }
     }
 

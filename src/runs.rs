@@ -292,8 +292,9 @@ async fn read_manifest(
     // size costs no more memory than the cap.
     let raw = crate::restore::download(get);
     let (keys, key) = (pipeline.keys.clone(), stored_key.to_string());
+    let legacy = pipeline.legacy_manifests;
     let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-        let (r, meta) = pipeline::decoder(plan, &keys, &key, raw)?;
+        let (r, meta) = pipeline::manifest_decoder(plan, &keys, &key, legacy, raw)?;
         let mut body = Vec::new();
         r.take(MAX_MANIFEST + 1).read_to_end(&mut body)?;
         anyhow::ensure!(

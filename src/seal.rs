@@ -354,7 +354,9 @@ fn encode(
         path: Some(logical.clone()),
     };
     let sink = Buffer::default();
-    let mut w = pipeline::encoder(pipeline, plan, &meta, &stored_key, Box::new(sink.clone()))?;
+    // Bound as a manifest: no file object at this key can ever pass for it.
+    let bound = crate::crypto::manifest_binding(&stored_key);
+    let mut w = pipeline::encoder(pipeline, plan, &meta, &bound, Box::new(sink.clone()))?;
     w.write_all(body)?;
     w.finish()?;
     let object = bytes::Bytes::from(std::mem::take(

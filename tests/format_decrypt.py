@@ -64,6 +64,10 @@ def short_name(name: str) -> str:
 def main() -> int:
     keyfile, key = sys.argv[1], sys.argv[2]
     bound = key
+    # A run's manifest is bound to its key behind "\0manifest\0" (no file's key can be).
+    logical = key.removesuffix(".enc").removesuffix(".zst").removesuffix(".gz")
+    if logical == "_run/manifest.json" or logical.endswith("/_run/manifest.json"):
+        bound = "\0manifest\0" + key
     data = sys.stdin.buffer.read()
     record = None
     if key.endswith(".enc"):

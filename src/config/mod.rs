@@ -360,6 +360,11 @@ pub struct Pipeline {
     /// report's pages, styles and scripts stay browsable from a run's page).
     #[serde(default, deserialize_with = "de_globs")]
     pub uncompressed: Vec<String>,
+    /// Also read run manifests sealed by 0.1.0, before manifests had their own binding:
+    /// such a manifest cannot be told from a file object at its key written by such an older
+    /// agent. Off by default.
+    #[serde(default)]
+    pub legacy_manifests: bool,
 }
 
 /// Encryption applied before upload.

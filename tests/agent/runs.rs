@@ -512,6 +512,89 @@ async fn a_manifest_written_into_the_tree_after_the_seal_is_never_uploaded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_object_at_a_manifests_key_never_passes_for_the_manifest() {
+    // Reproduced: a file stored at `<run>/_run/manifest.json` with the node's own key was
+    // accepted by `restore --run` as the run's manifest. Manifests have their own binding, so
+    // even a file object written there by the node itself (here through a second
+    // configuration whose watch maps onto the run's `_run/`) does not authenticate as one.
+    let env = encrypted_run_env();
+    write_run(&env, "r1");
+    assert_ok(&seal(&env, "r1", &[]), "seal r1");
+    let stored = env
+        .nas
+        .join(format!("ci/{NODE}/r1/_run/manifest.json.zst.enc"));
+
+    // The independent decoder of docs/FORMAT.md reads the genuine manifest under the
+    // manifest binding.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/format_decrypt.py");
+    let key = env.tmp.path().join("key");
+    let decode = |bound: &str| {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&key)
+            .arg(bound)
+            .stdin(std::fs::File::open(&stored).unwrap())
+            .output()
+            .unwrap()
+    };
+    let out = decode(&format!("ci/{NODE}/r1/_run/manifest.json.zst.enc"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["run"], "r1");
+
+    let forged_tree = env.tmp.path().join("forged");
+    std::fs::create_dir_all(&forged_tree).unwrap();
+    // Padded so that it compresses, and lands at the genuine manifest's `.zst.enc` key.
+    let mut forged = br#"{"format":1,"run":"r1","files":[]}"#.to_vec();
+    forged.extend_from_slice(&[b' '; 8192]);
+    std::fs::write(forged_tree.join("manifest.json"), forged).unwrap();
+    let forged_config = env
+        .config_text()
+        .replace(
+            &format!("path = \"{}\"", env.watch.display()),
+            &format!("path = \"{}\"", forged_tree.display()),
+        )
+        .replace("prefix = \"ci/{node}\"", "prefix = \"ci/{node}/r1/_run\"")
+        .replace("runs = \"dir\"", "")
+        .replace(
+            &format!("state_dir = \"{}\"", env.state.display()),
+            &format!(
+                "state_dir = \"{}\"",
+                env.tmp.path().join("forged-state").display()
+            ),
+        );
+    let forged_path = env.tmp.path().join("forged.toml");
+    std::fs::write(&forged_path, forged_config).unwrap();
+    let genuine = std::fs::read(&stored).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+        .arg("--config")
+        .arg(&forged_path)
+        .arg("sync")
+        .output()
+        .unwrap();
+    assert_ok(&out, "sync of the forging configuration");
+    assert_ne!(
+        std::fs::read(&stored).unwrap(),
+        genuine,
+        "the object was replaced"
+    );
+
+    let to = env.tmp.path().join("out");
+    let out = restore_run(&env, "r1", Some("nas"), &to);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "refused: {err}");
+    assert!(
+        err.contains("_run/manifest.json.zst.enc") && err.contains("another key"),
+        "names the manifest and why: {err}"
+    );
+    assert!(!to.exists() || tree(&to).is_empty(), "nothing restored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_seal_keeps_the_first_ci_context_and_a_link_to_a_run_is_refused() {
     // Reproduced: another job re-sealed a project's release run as a pull request, and
     // retention then deleted it; a seal through a symlinked path sealed the target run.
