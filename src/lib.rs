@@ -35,6 +35,7 @@ pub(crate) mod error;
 pub(crate) mod filemeta;
 pub mod format;
 pub(crate) mod html;
+pub mod httpd;
 pub mod index;
 pub mod ingest;
 pub(crate) mod links;

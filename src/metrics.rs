@@ -321,9 +321,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let listener = crate::httpd::bind(addr, "metrics").await?;
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -357,8 +355,13 @@ pub async fn serve(
             }),
         );
     tracing::info!(%addr, "serving /metrics and /healthz");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics server on {addr}: {e}"))
+    crate::httpd::serve(
+        listener,
+        app,
+        crate::httpd::Limits::METRICS,
+        "metrics",
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

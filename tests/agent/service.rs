@@ -224,3 +224,65 @@ async fn sighup_picks_up_a_new_watch_root_and_rejects_a_broken_config() {
     signal(&child.0, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child.0).await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_metrics_port_are_capped_and_timed_out() {
+    // Reproduced: 1,100 idle connections to the metrics port took the daemon's descriptors
+    // at the default soft limit of 1,024, and new files were not stored.
+    let mut env = Env::new();
+    let port = free_port();
+    env.tail = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let daemon = env.spawn_run();
+    let pid = daemon.0.id();
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    wait_until(Duration::from_secs(30), "/healthz answers", || {
+        http_get(&healthz).0 == 200
+    })
+    .await;
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Over the next 3 s (the daemon accepts them from its backlog meanwhile), the
+    // descriptors it holds stay near the cap of 64, never one per client.
+    let window = Instant::now() + Duration::from_secs(3);
+    let mut most = before;
+    while Instant::now() < window {
+        most = most.max(fds());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        most < before + 64 + 16,
+        "{most} descriptors with 300 idle connections ({before} before)"
+    );
+    // Files are still stored.
+    env.write("during/idle.log", b"stored while 300 clients idle");
+    wait_until(Duration::from_secs(30), "the file stored", || {
+        env.nas
+            .join(format!("ci/{}/during/idle.log", env.node))
+            .is_file()
+    })
+    .await;
+    // An idle connection is closed at the header deadline, and /healthz answers again.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let closed = match std::io::Read::read(&mut first, &mut buf) {
+        Ok(0) => true,
+        Ok(_) => true, // an answer (408) then the close
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "the idle connection was closed by the daemon");
+    wait_until(Duration::from_secs(30), "/healthz answers again", || {
+        http_get(&healthz).0 == 200
+    })
+    .await;
+    drop(idle);
+}
