@@ -26,9 +26,11 @@ use object_store::{ClientConfigKey, ObjectMeta, ObjectStore, RetryConfig};
 
 use crate::config::{self, Kind, kind_of};
 
+mod confined;
 mod durable;
 mod list;
 
+use confined::ConfinedLocal;
 use durable::{Durability, Ticket};
 use list::{Lister, LocalLister, RemoteLister};
 
@@ -239,7 +241,10 @@ impl Destination {
                     }
                     let lister = LocalLister::new(&dir)
                         .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
-                    (fs, None, Lister::Local(Arc::new(lister)))
+                    let confined = ConfinedLocal::new(fs, &dir).map_err(|e| {
+                        anyhow::anyhow!("destination {name:?}: cannot open {}: {e}", dir.display())
+                    })?;
+                    (Arc::new(confined), None, Lister::Local(Arc::new(lister)))
                 }
                 // object_store parses the URL only in build(): the bucket or container of an
                 // `s3://`, `gs://` or `az://` URL is its host. Other URL forms (an account or

@@ -26,7 +26,7 @@ pub(crate) struct FileMeta {
 /// mtime or full name that `restore` applies (a store syncing in batches covers them with its
 /// next `syncfs`).
 pub(crate) fn apply(path: &Path, meta: &FileMeta, sync: bool) -> std::io::Result<()> {
-    let file = std::fs::File::open(path)?;
+    let file = open_stored(path)?;
     if let Some(name) = &meta.long_name {
         rustix::fs::fsetxattr(
             &file,
@@ -56,7 +56,7 @@ pub(crate) fn apply(path: &Path, meta: &FileMeta, sync: bool) -> std::io::Result
 
 /// Read back what [`apply`] recorded on the stored file at `path`.
 pub(crate) fn read(path: &Path) -> std::io::Result<FileMeta> {
-    let file = std::fs::File::open(path)?;
+    let file = open_stored(path)?;
     let m = file.metadata()?;
     let mut buf = vec![0u8; 1024];
     let long_name = match rustix::fs::fgetxattr(&file, LONGNAME_XATTR, &mut buf) {
@@ -68,4 +68,21 @@ pub(crate) fn read(path: &Path) -> std::io::Result<FileMeta> {
         mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
         long_name,
     })
+}
+
+/// Open a stored object without following a link in its place (a link swapped in after the
+/// write must not lend its target our mode and mtime), and only if it is a regular file.
+fn open_stored(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} in the store is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
 }

@@ -363,3 +363,70 @@ async fn symbolic_links_planted_in_a_file_store_are_never_followed_by_restore() 
         "named: {said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symbolic_links_planted_in_a_file_store_never_redirect_an_upload() {
+    // Reproduced: a symlink in the `file://` store redirected an upload to write outside it.
+    let env = Env::new();
+    let outside = env.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep.txt"), b"outside").unwrap();
+    std::fs::set_permissions(
+        outside.join("keep.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mtime = || {
+        std::fs::metadata(outside.join("keep.txt"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = mtime();
+    let dir = env.nas.join(format!("ci/{NODE}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("logs")).unwrap();
+    // A link at an object's own key, to an outside file the upload must not touch.
+    std::os::unix::fs::symlink(outside.join("keep.txt"), dir.join("top.txt")).unwrap();
+    env.write("logs/a.log", b"must not land outside");
+    env.write("top.txt", b"replaces the link, never its target");
+    env.write("other/b.log", b"stored as usual");
+    let out = env.cli(&["sync"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the redirected file failed: {said}"
+    );
+    assert!(said.contains("logs/a.log"), "named: {said}");
+    let got = tree(&outside);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["keep.txt"],
+        "nothing written outside: {said}"
+    );
+    assert_eq!(got["keep.txt"], b"outside");
+    let mode = std::fs::metadata(outside.join("keep.txt"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600,
+        "the target's mode untouched"
+    );
+    assert_eq!(mtime(), before, "the target's mtime untouched");
+    assert_eq!(
+        std::fs::read(dir.join("other/b.log")).unwrap(),
+        b"stored as usual"
+    );
+    let top = std::fs::symlink_metadata(dir.join("top.txt")).unwrap();
+    assert!(
+        top.is_file(),
+        "the link at the key was replaced by the object"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("top.txt")).unwrap(),
+        b"replaces the link, never its target"
+    );
+}
