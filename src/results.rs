@@ -613,6 +613,49 @@ mod tests {
     }
 
     #[test]
+    fn entities_nesting_and_the_case_cap_are_refused_or_harmless() {
+        // Entity expansion: a billion laughs is never expanded (the names stay as written,
+        // or the file is refused); an external entity is never read.
+        let laughs = r#"<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<testsuite name="s"><testcase classname="c" name="&lol3;"/></testsuite>"#;
+        match parse_str(laughs) {
+            Ok(cases) => assert!(cases.iter().all(|c| c.name.len() < 100), "not expanded"),
+            Err(e) => assert!(!e.is_empty()),
+        }
+        let secret = std::env::temp_dir().join(format!("xxe-{}", std::process::id()));
+        std::fs::write(&secret, "SECRET-CONTENT").unwrap();
+        let xxe = format!(
+            r#"<?xml version="1.0"?><!DOCTYPE t [<!ENTITY x SYSTEM "file://{}">]>
+<testsuite name="s"><testcase classname="c" name="n"><failure message="&x;">&x;</failure></testcase></testsuite>"#,
+            secret.display()
+        );
+        let got = format!("{:?}", parse_str(&xxe));
+        let _ = std::fs::remove_file(&secret);
+        assert!(
+            !got.contains("SECRET-CONTENT"),
+            "external entity read: {got}"
+        );
+        // 100,000 nested elements: parsed without recursion (or refused), never a crash.
+        let mut deep = String::from("<testsuites>");
+        deep.push_str(&"<x>".repeat(100_000));
+        deep.push_str(&"</x>".repeat(100_000));
+        deep.push_str(
+            "<testsuite name=\"s\"><testcase classname=\"c\" name=\"n\"/></testsuite></testsuites>",
+        );
+        let _ = parse_str(&deep);
+        // One case over the cap: refused while parsing, before more cases are built.
+        let mut over = String::from("<testsuite name=\"s\">");
+        for _ in 0..=MAX_FILE_CASES {
+            over.push_str("<testcase/>");
+        }
+        over.push_str("</testsuite>");
+        let err = parse_str(&over).unwrap_err();
+        assert!(err.contains("more than 200000 test cases"), "{err}");
+    }
+
+    #[test]
     fn decimal_commas_and_thousands_separators() {
         // Reproduced: every comma was dropped, so "1,5" became 15 s and "0,051" 51 s.
         for (time, ms) in [
