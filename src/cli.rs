@@ -314,6 +314,22 @@ async fn dispatch(
                 crate::restore::restore(&config, &from, &to, prefix.as_deref(), &opts).await?;
             Done::Restored { summary, to }
         }
+        Command::Serve {
+            listen,
+            token_file,
+            from,
+        } => {
+            let dest = match from {
+                Some(f) => crate::restore::find_destination(&config, &f)?,
+                None => crate::destination::open_primary(&config)?,
+            };
+            let pipeline = crate::pipeline::Pipeline::from_config(&config)?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone())?;
+            let opts = crate::serve::Options { listen, token_file };
+            crate::serve::run(dest, pipeline, &opts, shutdown).await?;
+            Done::Ran
+        }
         Command::Verify { dest, deep } => Done::Verified {
             report: crate::restore::verify(&config, dest.as_deref(), deep).await?,
             deep,

@@ -30,6 +30,13 @@ impl Limits {
         header_timeout: Duration::from_secs(5),
         connection_timeout: Duration::from_secs(30),
     };
+
+    /// For `serve`: pages and files, some large (a 4 GiB log streams for a while).
+    pub const GATEWAY: Limits = Limits {
+        connections: 256,
+        header_timeout: Duration::from_secs(10),
+        connection_timeout: Duration::from_secs(6 * 3600),
+    };
 }
 
 /// Counts of what the server refused, for tests and logs.

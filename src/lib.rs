@@ -25,6 +25,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod agent;
+pub(crate) mod catalog;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
@@ -51,6 +52,7 @@ pub(crate) mod retention;
 pub(crate) mod runs;
 pub mod scan;
 pub(crate) mod seal;
+pub(crate) mod serve;
 pub(crate) mod status;
 pub mod sync;
 pub(crate) mod throttle;

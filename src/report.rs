@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::config::Config;
-use crate::destination::{self};
+use crate::destination::{self, Destination};
 use crate::format::layout::Compression;
 use crate::format::report::{
     Backlog, DayUsage, DestReport, Fleet, FleetNode, Report, TestDay, Unreadable, Usage,
@@ -293,6 +293,14 @@ pub(crate) async fn fleet(
     query: &crate::results::fleet::Query,
 ) -> anyhow::Result<Fleet> {
     let primary = destination::open_primary(config)?;
+    fleet_in(&primary, query).await
+}
+
+/// Read every node status object and the window's run records from `primary`.
+pub(crate) async fn fleet_in(
+    primary: &Destination,
+    query: &crate::results::fleet::Query,
+) -> anyhow::Result<Fleet> {
     let listing = primary.list_under(NODES_PREFIX).await?;
     let mut fleet = Fleet::default();
     for bad in listing.bad_keys {
@@ -303,12 +311,9 @@ pub(crate) async fn fleet(
     }
     let now = now_secs();
     let reads: Vec<_> = futures::stream::iter(listing.objects)
-        .map(|meta| {
-            let primary = &primary;
-            async move {
-                let res = read_status(primary, &meta).await;
-                (meta, res)
-            }
+        .map(|meta| async move {
+            let res = read_status(primary, &meta).await;
+            (meta, res)
         })
         .buffer_unordered(8)
         .collect()
@@ -335,6 +340,6 @@ pub(crate) async fn fleet(
         .nodes
         .sort_by(|a, b| a.status.node_id.cmp(&b.status.node_id));
     fleet.unreadable.sort_by(|a, b| a.key.cmp(&b.key));
-    fleet.results = crate::results::fleet::read(&primary, query).await?;
+    fleet.results = crate::results::fleet::read(primary, query).await?;
     Ok(fleet)
 }

@@ -60,7 +60,7 @@ pub fn find_destination(config: &Config, name: &str) -> anyhow::Result<Destinati
 
 /// An object's bytes as a blocking `Read`, for the decoder running under `spawn_blocking`:
 /// each read waits on the download stream through the runtime's handle.
-type Download =
+pub(crate) type Download =
     SyncIoBridge<tokio::io::Take<StreamReader<BoxStream<'static, io::Result<Bytes>>, Bytes>>>;
 
 /// How `restore` treats what the destination holds.

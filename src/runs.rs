@@ -266,7 +266,7 @@ pub(crate) async fn restore_run(
 
 /// Download, decode and parse a manifest. With a key configured, only an encrypted (and so
 /// authenticated) manifest is accepted.
-async fn read_manifest(
+pub(crate) async fn read_manifest(
     dest: &Destination,
     pipeline: &Pipeline,
     stored_key: &str,

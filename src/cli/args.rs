@@ -164,6 +164,20 @@ pub enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         expires: Duration,
     },
+    /// A read-only HTTP gateway over a destination: runs' files decoded and verified on the
+    /// fly, runs' pages, the runs under a prefix, the fleet page, /latest/BRANCH.
+    Serve {
+        /// Address to listen on (without --token-file, loopback addresses only).
+        #[arg(long, default_value = "127.0.0.1:8480")]
+        listen: std::net::SocketAddr,
+        /// File whose first line is the token every request must bear
+        /// (`Authorization: Bearer TOKEN`).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Destination to serve (default: the primary).
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// Write a new 256-bit encryption key (mode 0600), or print it.
     Keygen {
         /// File to create (never overwritten); without it the key is printed.

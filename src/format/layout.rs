@@ -212,12 +212,84 @@ impl Plan {
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
+/// What CI writes as text under names no media-type table knows: shown as text in a browser.
+const TEXT_EXTENSIONS: &[&str] = &[
+    "log",
+    "out",
+    "err",
+    "stdout",
+    "stderr",
+    "trace",
+    "tap",
+    "txt",
+    "text",
+    "diff",
+    "patch",
+    "cfg",
+    "conf",
+    "ini",
+    "properties",
+    "env",
+    "lock",
+    "sum",
+    "mod",
+    "gradle",
+    "kts",
+    "cmake",
+    "mk",
+    "make",
+    "dockerfile",
+    "gitignore",
+    "tf",
+    "hcl",
+    "proto",
+    "graphql",
+    "sql",
+    "rst",
+    "adoc",
+    "org",
+    "tex",
+    "bib",
+    "po",
+    "pot",
+];
+
 /// The media type of `path` by its extension (`application/octet-stream` if unknown), read
-/// from the table as it is (parsing it into a `Mime` for every file showed in profiles).
+/// from the table as it is (parsing it into a `Mime` for every file showed in profiles). Text
+/// types say `charset=utf-8`, and the logs and outputs CI writes (`.log`, `.out`, `.trace`, …)
+/// are `text/plain`, so a browser shows them instead of downloading them.
 pub fn guess_type(path: &Path) -> &'static str {
-    mime_guess::from_path(path)
-        .first_raw()
-        .unwrap_or(OCTET_STREAM)
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if ext.as_deref().is_some_and(|e| TEXT_EXTENSIONS.contains(&e)) {
+        return "text/plain; charset=utf-8";
+    }
+    match mime_guess::from_path(path).first_raw() {
+        Some("text/plain") => "text/plain; charset=utf-8",
+        Some("text/html") => "text/html; charset=utf-8",
+        Some("text/css") => "text/css; charset=utf-8",
+        Some("text/csv") => "text/csv; charset=utf-8",
+        Some("text/markdown") | Some("text/x-markdown") => "text/markdown; charset=utf-8",
+        Some("text/xml") | Some("application/xml") => "application/xml; charset=utf-8",
+        Some("application/json") => "application/json; charset=utf-8",
+        Some("text/javascript") | Some("application/javascript") => {
+            "text/javascript; charset=utf-8"
+        }
+        Some(t) if t.starts_with("text/") => "text/plain; charset=utf-8",
+        Some(t) => t,
+        None => OCTET_STREAM,
+    }
+}
+
+/// The media type without parameters (`text/html; charset=utf-8` → `text/html`).
+pub fn essence(content_type: &str) -> &str {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or(content_type)
+        .trim()
 }
 
 fn compression_suffix(c: Compression) -> &'static str {

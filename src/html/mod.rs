@@ -2,6 +2,7 @@
 //! configuration). Every value from outside is escaped by maud's templates.
 //!
 //! - [`run_page`]: a sealed run's browsable page (`<run>/_run/index.html`);
+//! - [`runs`]: the pages above a run (the runs under a prefix);
 //! - [`report`]: the node report and the fleet page;
 //! - [`fleet`]: the fleet's test results section;
 //! - [`charts`]: inline SVG charts shared by both.
@@ -10,3 +11,4 @@ pub(crate) mod charts;
 pub(crate) mod fleet;
 pub(crate) mod report;
 pub(crate) mod run_page;
+pub(crate) mod runs;

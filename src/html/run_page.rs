@@ -15,6 +15,7 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
+use crate::format::layout::essence;
 use crate::format::manifest::{Manifest, ManifestFile, RUN_DIR};
 use crate::format::units::human;
 
@@ -73,14 +74,7 @@ fn href(manifest: &Manifest, up: &str, stored_key: &str) -> String {
         .strip_prefix(&manifest.key_prefix)
         .and_then(|k| k.strip_prefix('/'))
         .unwrap_or(stored_key);
-    let mut out = String::from(up);
-    for (i, segment) in below.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
-        out.extend(utf8_percent_encode(segment, SEGMENT));
-    }
-    out
+    format!("{up}{}", encode_path(below))
 }
 
 /// Whether `f` is stored under its own name (neither compressed nor encrypted nor escaped),
@@ -107,20 +101,101 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1000px;marg
      p.pass{background:#dcfce7;padding:.4em 1em}p.fail{background:#fee2e2;padding:.4em 1em}\
      pre{white-space:pre-wrap;margin:0;font-size:.85em}";
 
+/// How a page links to a run's files.
+enum Links<'a> {
+    /// To the stored objects, relative to the page (`up` leads back to the run's directory);
+    /// `encrypted`: they cannot be opened from a browser.
+    Stored {
+        manifest_key: &'a str,
+        up: &'a str,
+        encrypted: bool,
+    },
+    /// To the files by their paths in the run, as `serve` answers them (decoded).
+    Served,
+}
+
+impl Links<'_> {
+    fn file(&self, m: &Manifest, f: &ManifestFile) -> String {
+        match self {
+            Links::Stored { up, .. } => href(m, up, &f.stored_key),
+            Links::Served => encode_path(&f.path),
+        }
+    }
+
+    fn manifest(&self, m: &Manifest) -> String {
+        match self {
+            Links::Stored {
+                up, manifest_key, ..
+            } => href(m, up, manifest_key),
+            Links::Served => format!("{RUN_DIR}/manifest.json"),
+        }
+    }
+
+    fn encrypted(&self) -> bool {
+        matches!(
+            self,
+            Links::Stored {
+                encrypted: true,
+                ..
+            }
+        )
+    }
+
+    /// Whether `f` opens in a browser from this page.
+    fn readable(&self, m: &Manifest, f: &ManifestFile) -> bool {
+        match self {
+            Links::Stored { encrypted, .. } => !encrypted && as_is(m, f),
+            Links::Served => true,
+        }
+    }
+}
+
+/// `path`'s segments percent-encoded, for a relative link.
+fn encode_path(path: &str) -> String {
+    let mut out = String::new();
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.extend(utf8_percent_encode(segment, SEGMENT));
+    }
+    out
+}
+
 /// The page of `manifest`, whose own object is at `manifest_key`. `up` leads from the page
 /// back to the run's directory (see [`location`]). `encrypted`: the objects cannot be opened
 /// from a browser (the page is rendered locally by `report --run --html`), so nothing is
 /// previewed.
 pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypted: bool) -> String {
+    page(
+        manifest,
+        &Links::Stored {
+            manifest_key,
+            up,
+            encrypted,
+        },
+    )
+}
+
+/// The page of `manifest` as `serve` shows it at `/<prefix>/<run>/`: every link leads to a
+/// file by its path, which the gateway decodes, and images are previewed whatever the store.
+pub(crate) fn render_served(manifest: &Manifest) -> String {
+    page(manifest, &Links::Served)
+}
+
+fn page(manifest: &Manifest, links: &Links<'_>) -> String {
+    let encrypted = links.encrypted();
     let reports: Vec<&ManifestFile> = manifest
         .files
         .iter()
-        .filter(|f| f.content_type == "text/html" && (encrypted || as_is(manifest, f)))
+        .filter(|f| {
+            essence(&f.content_type) == "text/html" && (encrypted || links.readable(manifest, f))
+        })
         .collect();
     let images: Vec<&ManifestFile> = manifest
         .files
         .iter()
-        .filter(|f| !encrypted && f.content_type.starts_with("image/") && as_is(manifest, f))
+        .filter(|f| f.content_type.starts_with("image/") && links.readable(manifest, f))
         .collect();
     let title = format!("run {}", manifest.run);
     html! {
@@ -149,7 +224,7 @@ pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypte
                     h2 { "Reports" }
                     ul {
                         @for f in &reports {
-                            li { a href=(href(manifest, up, &f.stored_key)) { (f.path) } }
+                            li { a href=(links.file(manifest, f)) { (f.path) } }
                         }
                     }
                 }
@@ -157,7 +232,7 @@ pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypte
                     h2 { "Images" }
                     div class="shots" {
                         @for f in &images {
-                            @let link = href(manifest, up, &f.stored_key);
+                            @let link = links.file(manifest, f);
                             figure {
                                 a href=(link) { img src=(link) alt=(f.path) loading="lazy"; }
                                 figcaption { (f.path) }
@@ -166,10 +241,10 @@ pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypte
                     }
                 }
                 h2 { "Files" }
-                (files(manifest, up))
+                (files(manifest, links))
                 p {
                     small {
-                        a href=(href(manifest, up, manifest_key)) { "manifest" }
+                        a href=(links.manifest(manifest)) { "manifest" }
                         " · sealed by panoptic-sync"
                     }
                 }
@@ -273,7 +348,7 @@ fn tests(t: &crate::format::results::TestSummary) -> Markup {
 }
 
 /// Every file, grouped under a row per directory (the manifest is sorted by path).
-fn files(m: &Manifest, up: &str) -> Markup {
+fn files(m: &Manifest, links: &Links<'_>) -> Markup {
     let mut last_dir = None;
     let rows: Vec<(Option<&str>, &str, &ManifestFile)> = m
         .files
@@ -294,7 +369,7 @@ fn files(m: &Manifest, up: &str) -> Markup {
                         tr class="dir" { td colspan="3" { (dir) "/" } }
                     }
                     tr {
-                        td { a href=(href(m, up, &f.stored_key)) title=(f.path) { (name) } }
+                        td { a href=(links.file(m, f)) title=(f.path) { (name) } }
                         td { (f.content_type) }
                         td class="n" { (human(f.size)) }
                     }
