@@ -123,3 +123,107 @@ impl Manifests {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// The newest manifest of run `run` sealed by node `node` in `dest`: its stored key and the
+/// manifest, read and authenticated.
+pub(crate) async fn find(
+    dest: &Destination,
+    pipeline: &Pipeline,
+    node: &str,
+    run: &str,
+) -> anyhow::Result<(String, Manifest)> {
+    let runs = list(dest, pipeline).await?;
+    let mut best: Option<(String, Manifest)> = None;
+    let mut errors = Vec::new();
+    for e in runs.values().filter(|e| e.run() == run) {
+        match crate::runs::read_manifest(dest, pipeline, &e.manifest_key).await {
+            Ok(m) if m.node == node && m.run == run && m.key_prefix == e.key_prefix => {
+                if best.as_ref().is_none_or(|(_, b)| m.sealed_ms > b.sealed_ms) {
+                    best = Some((e.manifest_key.clone(), m));
+                }
+            }
+            Ok(_) => {}
+            Err(err) => errors.push(format!("manifest {}: {err:#}", e.manifest_key)),
+        }
+    }
+    match best {
+        Some(found) => Ok(found),
+        None if !errors.is_empty() => anyhow::bail!(
+            "no readable manifest of run {run:?} of node {node:?} in {}: {}",
+            dest.name,
+            errors.join("; ")
+        ),
+        None => anyhow::bail!(
+            "no manifest of run {run:?} of node {node:?} in {}: is it sealed?",
+            dest.name
+        ),
+    }
+}
+
+/// A sealed run of any node, as `runs --fleet` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct FleetRun {
+    /// The node that sealed it.
+    pub node: String,
+    /// The run's name.
+    pub run: String,
+    /// Its key prefix in the destination.
+    pub key_prefix: String,
+    /// When it was sealed (ms since the epoch).
+    pub sealed_ms: i64,
+    /// Its CI branch and commit.
+    pub branch: Option<String>,
+    /// Its commit.
+    pub commit: Option<String>,
+    /// Whether its tests passed (absent without test results).
+    pub passed: Option<bool>,
+    /// Files and bytes.
+    pub files: u64,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// Why its manifest could not be read (the other fields are then empty).
+    pub error: Option<String>,
+}
+
+/// Every sealed run in `dest`, newest first.
+pub(crate) async fn fleet_runs(
+    dest: &Destination,
+    pipeline: &Pipeline,
+) -> anyhow::Result<Vec<FleetRun>> {
+    use futures::StreamExt;
+    let runs = list(dest, pipeline).await?;
+    let mut out: Vec<FleetRun> = futures::stream::iter(runs.into_values())
+        .map(|e| async move {
+            match crate::runs::read_manifest(dest, pipeline, &e.manifest_key).await {
+                Ok(m) => FleetRun {
+                    node: m.node.clone(),
+                    run: m.run.clone(),
+                    key_prefix: e.key_prefix,
+                    sealed_ms: m.sealed_ms,
+                    branch: m.ci.as_ref().and_then(|c| c.branch.clone()),
+                    commit: m.ci.as_ref().and_then(|c| c.commit.clone()),
+                    passed: m.tests.as_ref().map(|t| t.passed_run()),
+                    files: m.totals.files,
+                    bytes: m.totals.bytes,
+                    error: None,
+                },
+                Err(err) => FleetRun {
+                    node: String::new(),
+                    run: e.run().to_string(),
+                    key_prefix: e.key_prefix.clone(),
+                    sealed_ms: 0,
+                    branch: None,
+                    commit: None,
+                    passed: None,
+                    files: 0,
+                    bytes: 0,
+                    error: Some(format!("manifest {}: {err:#}", e.manifest_key)),
+                },
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    out.sort_by_key(|r| std::cmp::Reverse(r.sealed_ms));
+    Ok(out)
+}

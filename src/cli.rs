@@ -214,6 +214,11 @@ enum Done {
         runs: Vec<crate::runs::RunInfo>,
         json: bool,
     },
+    /// `runs --fleet`.
+    FleetRuns {
+        runs: Vec<crate::catalog::FleetRun>,
+        json: bool,
+    },
     /// `report --run` (text or JSON).
     Run {
         manifest: Box<crate::format::manifest::Manifest>,
@@ -250,6 +255,7 @@ impl Done {
             | Done::WroteHtml(_)
             | Done::Link(_)
             | Done::Runs { .. }
+            | Done::FleetRuns { .. }
             | Done::Run { .. }
             | Done::Checked(Ok(_))
             | Done::Nothing => Exit::Success,
@@ -262,6 +268,14 @@ async fn dispatch(
     config: Config,
     config_path: Option<PathBuf>,
 ) -> anyhow::Result<Done> {
+    if config.watch.is_empty() && needs_watch(&command) {
+        return Err(UsageError(
+            "this command needs a [[watch]] table; a configuration without one serves only \
+             the commands that read (report, restore, serve, verify, runs --fleet, check-config)"
+                .into(),
+        )
+        .into());
+    }
     Ok(match command {
         Command::Run { rebuild_index } => run_daemon(config, config_path, rebuild_index).await?,
         Command::Sync { rebuild_index } => sync_once(&config, rebuild_index).await?,
@@ -277,7 +291,13 @@ async fn dispatch(
             let dests = crate::destination::open_all(&config)?;
             Done::Sealed(crate::seal::seal(&config, &dests, &dir, timeout, labels).await?)
         }
-        Command::Runs { json } => {
+        Command::Runs { json, fleet: true } => {
+            let primary = crate::destination::open_primary(&config)?;
+            let pipeline = crate::pipeline::Pipeline::from_config(&config)?;
+            let runs = crate::catalog::fleet_runs(&primary, &pipeline).await?;
+            Done::FleetRuns { runs, json }
+        }
+        Command::Runs { json, fleet: false } => {
             let c = config.clone();
             let runs =
                 Index::open_and(&config.state_dir, move |i| crate::runs::list(&c, i)).await?;
@@ -419,11 +439,24 @@ async fn report_run(
     json: bool,
     html: Option<PathBuf>,
 ) -> anyhow::Result<Done> {
-    let c = config.clone();
-    let manifest = Index::open_and(&config.state_dir, move |i| {
-        crate::runs::sealed_manifest(&c, i, &run)
-    })
-    .await?;
+    let manifest = if run.contains('/') || config.watch.is_empty() {
+        // Any node's run (NODE/RUN), or this node's from a config that only reads: from the
+        // primary, by its manifest.
+        let (node, name) = run
+            .split_once('/')
+            .unwrap_or((config.node_id.as_str(), run.as_str()));
+        let primary = crate::destination::open_primary(config)?;
+        let pipeline = crate::pipeline::Pipeline::from_config(config)?;
+        crate::catalog::find(&primary, &pipeline, node, name)
+            .await?
+            .1
+    } else {
+        let c = config.clone();
+        Index::open_and(&config.state_dir, move |i| {
+            crate::runs::sealed_manifest(&c, i, &run)
+        })
+        .await?
+    };
     let Some(path) = html else {
         return Ok(Done::Run {
             manifest: Box::new(manifest),
@@ -465,6 +498,20 @@ async fn report_fleet(
             json,
         }),
     }
+}
+
+/// Whether `command` works on the watched trees (and so needs a `[[watch]]`).
+fn needs_watch(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Run { .. }
+            | Command::Sync { .. }
+            | Command::Flush { .. }
+            | Command::Seal { .. }
+            | Command::Runs { fleet: false, .. }
+            | Command::Prune { .. }
+            | Command::Url { .. }
+    )
 }
 
 /// Write a rendered page for `--html PATH`.

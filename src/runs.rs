@@ -162,17 +162,36 @@ pub(crate) async fn restore_run(
     from: Option<&str>,
     to: &Path,
 ) -> anyhow::Result<RunRestore> {
-    if !valid_name(name) {
-        return Err(UsageError(format!("{name:?} cannot name a run")).into());
-    }
-    if run_watches(config).next().is_none() {
-        return Err(UsageError("no watch has runs = \"dir\"".into()).into());
+    let (node, run) = match name.split_once('/') {
+        Some((node, run)) => (Some(node), run),
+        None => (None, name),
+    };
+    if !valid_name(run) || node.is_some_and(|n| !valid_name(n)) {
+        return Err(UsageError(format!("{name:?} cannot name a run (RUN or NODE/RUN)")).into());
     }
     let dest = match from {
         Some(f) => crate::restore::find_destination(config, f)?,
         None => destination::open_primary(config)?,
     };
     let pipeline = Pipeline::from_config(config)?;
+    let (manifest_key, manifest) = match node {
+        // Any node's run, found by listing the destination (no watch of our own needed).
+        Some(node) => crate::catalog::find(&dest, &pipeline, node, run).await?,
+        None if run_watches(config).next().is_none() => {
+            crate::catalog::find(&dest, &pipeline, &config.node_id, run).await?
+        }
+        None => own_manifest(config, &dest, &pipeline, run).await?,
+    };
+    restore_manifest(&dest, pipeline, manifest_key, manifest, to).await
+}
+
+/// This node's run `name`: its manifest where this node's run watches put it.
+async fn own_manifest(
+    config: &Config,
+    dest: &Destination,
+    pipeline: &Pipeline,
+    name: &str,
+) -> anyhow::Result<(String, Manifest)> {
     let roots = Root::from_config(config);
     // Every place the manifest may be (one per run watch). With a key configured only an
     // encrypted (authenticated) object is a candidate at all, and an encrypted one is always
@@ -201,7 +220,7 @@ pub(crate) async fn restore_run(
             dest.name
         );
     };
-    let manifest = read_manifest(&dest, &pipeline, &manifest_key)
+    let manifest = read_manifest(dest, pipeline, &manifest_key)
         .await
         .with_context(|| format!("manifest {manifest_key} in {}", dest.name))?;
     if manifest.run != name {
@@ -211,6 +230,17 @@ pub(crate) async fn restore_run(
             manifest.run
         );
     }
+    Ok((manifest_key, manifest))
+}
+
+/// Restore exactly the files of `manifest` (stored at `manifest_key`) into `to`.
+async fn restore_manifest(
+    dest: &Destination,
+    pipeline: Pipeline,
+    manifest_key: String,
+    manifest: Manifest,
+    to: &Path,
+) -> anyhow::Result<RunRestore> {
     let root = crate::restore::open_target(to)?;
     let keys = Arc::new(pipeline.keys);
     let mut out = RunRestore {

@@ -82,6 +82,9 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Every node's sealed runs in the primary, from their manifests (no index needed).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Show the index: files, and per destination pending, failing and done.
     Status {

@@ -45,6 +45,13 @@ impl Done {
                     out!("{}", runs_table(runs));
                 }
             }
+            Done::FleetRuns { runs, json } => {
+                if *json {
+                    outln!("{}", serde_json::to_string_pretty(runs)?);
+                } else {
+                    out!("{}", fleet_runs_table(runs));
+                }
+            }
             Done::RunRestored { report, run, to } => render_run_restore(report, run, to),
             Done::Run { manifest, json } => {
                 if *json {
@@ -305,6 +312,44 @@ pub(super) fn render_rebuilt(r: &crate::rebuild::Rebuilt) {
 }
 
 /// A human-readable table of runs.
+fn fleet_runs_table(runs: &[crate::catalog::FleetRun]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if runs.is_empty() {
+        out.push_str("no sealed runs in the primary\n");
+    }
+    for r in runs {
+        let p = destination::printable;
+        if let Some(e) = &r.error {
+            let _ = writeln!(out, "{}: unreadable: {}", p(&r.key_prefix), p(e));
+            continue;
+        }
+        let tests = match r.passed {
+            Some(true) => ", tests passed",
+            Some(false) => ", tests FAILED",
+            None => "",
+        };
+        let _ = writeln!(
+            out,
+            "{}/{}: sealed {}, {} files, {} bytes{}{}{tests}",
+            p(&r.node),
+            p(&r.run),
+            crate::html::run_page::time(r.sealed_ms),
+            r.files,
+            r.bytes,
+            r.branch
+                .as_deref()
+                .map(|b| format!(", branch {}", p(b)))
+                .unwrap_or_default(),
+            r.commit
+                .as_deref()
+                .map(|c| format!(", commit {}", p(&c.chars().take(12).collect::<String>())))
+                .unwrap_or_default(),
+        );
+    }
+    out
+}
+
 fn runs_table(runs: &[crate::runs::RunInfo]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();

@@ -12,9 +12,6 @@ impl Config {
                 self.node_id
             ));
         }
-        if self.watch.is_empty() {
-            return Err("at least one [[watch]] table is required".into());
-        }
         for (i, w) in self.watch.iter().enumerate() {
             let prefix = w.prefix.replace("{node}", &self.node_id);
             if !prefix.is_empty() && object_store::path::Path::parse(&prefix).is_err() {
