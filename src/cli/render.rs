@@ -244,6 +244,10 @@ fn render_seal(s: &crate::seal::Sealed) {
             }
             for n in notifications {
                 match &n.error {
+                    None if n.left_out => outln!(
+                        "notify {}: not sent (only = \"failures\", and the run did not fail)",
+                        n.notifier
+                    ),
                     None => outln!("notify {}: sent", n.notifier),
                     Some(e) => eprintln!(
                         "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",
