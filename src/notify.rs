@@ -216,6 +216,88 @@ pub(crate) fn left_out(config: &Config, manifest: &Manifest) -> Vec<Delivery> {
         .collect()
 }
 
+/// `check-config`'s look at each `[[notify]]` entry, in order, without sending anything: a
+/// `command`'s program exists and may be executed (looked up in `PATH` when it names no
+/// directory, as starting it does); a `url`'s host accepts a TCP connection on its port
+/// (connected to and closed at once: nothing is sent, so no request reaches the receiver).
+/// `Ok` says what was found, `Err` what is wrong; both name the entry. Neither the URL's path
+/// and query nor a header value is shown (they may hold tokens).
+pub(crate) async fn check(config: &Config) -> Vec<Result<String, String>> {
+    let one = |n: &Notify| {
+        let n = n.clone();
+        async move {
+            let at = format!("[[notify]] {:?}", n.name());
+            match (&n.url, &n.command) {
+                (Some(url), _) => check_url(url, n.timeout).await,
+                (None, Some(argv)) => check_program(argv.first().map(String::as_str)),
+                (None, None) => Err("neither url nor command configured".into()),
+            }
+            .map(|ok| format!("{at}: {ok}"))
+            .map_err(|e| format!("{at}: {e}"))
+        }
+    };
+    futures::future::join_all(config.notify.iter().map(|n| one(n.get_ref()))).await
+}
+
+/// A webhook's host and port take a TCP connection within `timeout` (at most 10 s).
+async fn check_url(url: &url::Url, timeout: Duration) -> Result<String, String> {
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url.port_or_known_default().unwrap_or(443);
+    // `host` of an IPv6 address keeps its brackets, which a socket address does not want.
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let connect = tokio::net::TcpStream::connect((bare.as_str(), port));
+    match tokio::time::timeout(timeout.min(Duration::from_secs(10)), connect).await {
+        Ok(Ok(_stream)) => Ok(format!(
+            "webhook host {host} port {port} accepts connections (nothing was sent)"
+        )),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to webhook host {host} port {port}: {e}"
+        )),
+        Err(_) => Err(format!(
+            "webhook host {host} port {port} did not accept a connection within {}",
+            humantime::format_duration(timeout.min(Duration::from_secs(10)))
+        )),
+    }
+}
+
+/// A command's program exists, is a file, and this user may execute it.
+fn check_program(program: Option<&str>) -> Result<String, String> {
+    let Some(program) = program else {
+        return Err("empty command".into());
+    };
+    let runnable = |p: &std::path::Path| {
+        p.is_file() && rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok()
+    };
+    if program.contains('/') {
+        let path = std::path::Path::new(program);
+        return if !path.exists() {
+            Err(format!("command {program:?} does not exist"))
+        } else if runnable(path) {
+            Ok(format!("command {program:?} is executable"))
+        } else {
+            Err(format!(
+                "command {program:?} is not an executable file (for this user)"
+            ))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+    {
+        Some(found) => Ok(format!(
+            "command {program:?} is executable ({} on this PATH)",
+            found.display()
+        )),
+        None => Err(format!(
+            "command {program:?} is not found on PATH, or not executable"
+        )),
+    }
+}
+
 /// Why one attempt failed.
 #[derive(Debug)]
 struct Failure {
@@ -811,6 +893,49 @@ mod tests {
         let slack: serde_json::Value = serde_json::from_str(&q[0].payload).unwrap();
         assert_eq!(slack["blocks"].as_array().unwrap().len(), 1, "{slack:#}");
         assert!(!q[0].payload.contains("file:"), "{}", q[0].payload);
+    }
+
+    #[tokio::test]
+    async fn check_names_each_entry_and_what_is_wrong() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_port = open.local_addr().unwrap().port();
+        let text = format!(
+            "node_id = \"n1\"\n[[watch]]\npath = \"/a\"\n\
+            [[destination]]\nname = \"p\"\nurl = \"file:///x\"\n\
+            [[notify]]\nname = \"up\"\nurl = \"http://127.0.0.1:{open_port}/T/secret\"\n\
+            [[notify]]\nname = \"down\"\nurl = \"http://127.0.0.1:{port}/T/secret\"\n\
+            [[notify]]\nname = \"sh\"\ncommand = [\"sh\", \"-c\", \"true\"]\n\
+            [[notify]]\nname = \"gone\"\ncommand = [\"/nonexistent/announce\"]\n\
+            [[notify]]\nname = \"dir\"\ncommand = [\"/\"]\n"
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        let got = check(&config).await;
+        assert_eq!(got.len(), 5);
+        let ok = |i: usize| got[i].as_ref().unwrap().clone();
+        let err = |i: usize| got[i].as_ref().unwrap_err().clone();
+        assert!(
+            ok(0).starts_with("[[notify]] \"up\": webhook host 127.0.0.1 port"),
+            "{}",
+            ok(0)
+        );
+        assert!(
+            err(1).starts_with("[[notify]] \"down\": cannot connect"),
+            "{}",
+            err(1)
+        );
+        assert!(ok(2).contains("\"sh\" is executable"), "{}", ok(2));
+        assert!(
+            err(3).contains("\"gone\"") && err(3).contains("does not exist"),
+            "{}",
+            err(3)
+        );
+        assert!(err(4).contains("not an executable file"), "{}", err(4));
+        for line in got.iter().map(|r| r.clone().unwrap_or_else(|e| e)) {
+            assert!(!line.contains("secret"), "{line}");
+        }
     }
 
     #[test]

@@ -700,3 +700,49 @@ async fn only_failures_notifies_a_failing_run_and_not_a_passing_one() {
         "{n}"
     );
 }
+
+#[test]
+fn check_config_online_names_a_missing_command_and_a_closed_port() {
+    let receiver = Receiver::start(0, 0);
+    let closed = free_port();
+    let mut env = notify_env("");
+    env.tail = format!(
+        "[[notify]]\nname = \"gone\"\ncommand = [\"/nonexistent/announce-run\", \"{{run}}\"]\n\
+         [[notify]]\nname = \"here\"\ncommand = [\"true\"]\n\
+         [[notify]]\nname = \"closed\"\nurl = \"http://127.0.0.1:{closed}/hooks/{PATH_SECRET}\"\n\
+         [[notify]]\nname = \"open\"\nurl = \"{}\"\n",
+        receiver.url()
+    );
+    let out = env.cli(&["check-config"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr
+            .contains("[[notify]] \"gone\": command \"/nonexistent/announce-run\" does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "[[notify]] \"closed\": cannot connect to webhook host 127.0.0.1 port {closed}"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("[[notify]] \"here\": command \"true\" is executable"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[[notify]] \"open\": webhook host 127.0.0.1 port"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("configuration is valid"), "{stdout}");
+    assert_no_secret("check-config", &output_text(&out));
+    // Connected to, never sent a request.
+    assert!(receiver.hits().is_empty(), "{:#?}", receiver.hits());
+    // Offline, nothing is looked at: valid.
+    let out = env.cli(&["check-config", "--offline"]);
+    assert_ok(&out, "check-config --offline");
+}
