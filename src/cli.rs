@@ -230,8 +230,14 @@ enum Done {
         run: String,
         to: PathBuf,
     },
-    /// `check-config`: what was checked, or why the configuration is not usable.
-    Checked(anyhow::Result<Vec<String>>),
+    /// `check-config`: what was checked, or why the configuration is not usable; and each
+    /// `[[notify]]` entry's look (online only).
+    Checked {
+        /// The configuration, key files and destinations.
+        result: anyhow::Result<Vec<String>>,
+        /// One line per `[[notify]]` entry: what was found, or what is wrong.
+        notifiers: Vec<Result<String, String>>,
+    },
     /// Handled before the configuration is loaded.
     Nothing,
 }
@@ -245,7 +251,13 @@ impl Done {
             Done::Restored { summary, .. } => Exit::unless_failures(summary.failed.is_empty()),
             Done::Verified { report, .. } => Exit::unless_failures(report.problems.is_empty()),
             Done::Pruned { report, .. } => Exit::unless_failures(report.failed.is_empty()),
-            Done::Checked(Err(_)) => Exit::Usage,
+            Done::Checked { result, notifiers } => {
+                if result.is_err() || notifiers.iter().any(Result::is_err) {
+                    Exit::Usage
+                } else {
+                    Exit::Success
+                }
+            }
             Done::Sealed(s) => Exit::unless_failures(matches!(s, crate::seal::Sealed::Done { .. })),
             Done::RunRestored { report, .. } => Exit::unless_failures(report.failed.is_empty()),
             Done::Ran
@@ -257,7 +269,6 @@ impl Done {
             | Done::Runs { .. }
             | Done::FleetRuns { .. }
             | Done::Run { .. }
-            | Done::Checked(Ok(_))
             | Done::Nothing => Exit::Success,
         }
     }
@@ -398,9 +409,14 @@ async fn dispatch(
             expires,
         } => Done::Link(crate::links::link(&config, &path, dest.as_deref(), expires).await?),
         Command::Keygen { .. } => Done::Nothing,
-        Command::CheckConfig { offline } => {
-            Done::Checked(crate::agent::check_config(&config, offline).await)
-        }
+        Command::CheckConfig { offline } => Done::Checked {
+            result: crate::agent::check_config(&config, offline).await,
+            notifiers: if offline {
+                Vec::new()
+            } else {
+                crate::notify::check(&config).await
+            },
+        },
     })
 }
 

@@ -17,6 +17,11 @@
 //!
 //! URLs and header values may hold secrets: neither is ever logged or recorded as an error;
 //! logs name the `[[notify]]` entry and the run.
+//!
+//! The body is built when the seal queues it: the JSON document ([`Payload`]), or for a
+//! `format = "slack" | "teams" | "google-chat"` webhook that service's message ([`chat`]).
+//! An entry with `only = "failures"` gets nothing queued for a run that did not fail
+//! ([`chat::failed`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -25,7 +30,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Notify};
+pub(crate) mod chat;
+
+use crate::config::{Config, Notify, NotifyOnly};
 use crate::format::ci::Ci;
 use crate::format::manifest::Manifest;
 use crate::index::{Index, NewNotification, NotifyOutcome, PendingNotification};
@@ -123,9 +130,26 @@ pub(crate) fn queue(
             None => None,
         }
     });
+    // A chat message links the page only where anyone can open it: a public http(s) base.
+    let chat_link = page_key.and_then(|key| {
+        let base = primary?.public_base_url.as_deref()?;
+        chat::page_link(base, key)
+    });
+    let ci = manifest.ci.as_ref();
+    let facts = chat::RunFacts {
+        run: &manifest.run,
+        node: &manifest.node,
+        tests: manifest.tests.as_ref(),
+        branch: ci.and_then(|c| c.branch.as_deref().or(c.tag.as_deref())),
+        commit: ci.and_then(|c| c.commit.as_deref()),
+        page_url: chat_link.as_deref(),
+    };
     let mut out = Vec::new();
     for n in &config.notify {
         let n = n.get_ref();
+        if !wants(n, manifest) {
+            continue;
+        }
         let mut raw = [0u8; 16];
         getrandom::fill(&mut raw)
             .map_err(|e| anyhow::anyhow!("cannot make a notification id: {e}"))?;
@@ -153,15 +177,125 @@ pub(crate) fn queue(
             page_url: page_url.clone(),
             tests: manifest.tests.as_ref(),
         };
+        let body = match chat::body(n.format, &facts) {
+            Some(message) => serde_json::to_string(&message)?,
+            None => serde_json::to_string(&payload)?,
+        };
         out.push(NewNotification {
             notifier: n.name().to_string(),
-            payload: serde_json::to_string(&payload)?,
+            payload: body,
             idempotency_key: id,
             manifest_key: manifest_key.to_string(),
             lease_until_ms,
         });
     }
     Ok(out)
+}
+
+/// Whether `notifier` announces this seal (its `only` rule).
+pub(crate) fn wants(notifier: &Notify, manifest: &Manifest) -> bool {
+    match notifier.only {
+        NotifyOnly::All => true,
+        NotifyOnly::Failures => chat::failed(manifest.tests.as_ref()),
+    }
+}
+
+/// The entries whose `only` rule leaves this seal out (nothing is queued for them), as
+/// [`Delivery`]s for `seal` to report.
+pub(crate) fn left_out(config: &Config, manifest: &Manifest) -> Vec<Delivery> {
+    config
+        .notify
+        .iter()
+        .map(|n| n.get_ref())
+        .filter(|n| !wants(n, manifest))
+        .map(|n| Delivery {
+            notifier: n.name().to_string(),
+            error: None,
+            left_out: true,
+        })
+        .collect()
+}
+
+/// `check-config`'s look at each `[[notify]]` entry, in order, without sending anything: a
+/// `command`'s program exists and may be executed (looked up in `PATH` when it names no
+/// directory, as starting it does); a `url`'s host accepts a TCP connection on its port
+/// (connected to and closed at once: nothing is sent, so no request reaches the receiver).
+/// `Ok` says what was found, `Err` what is wrong; both name the entry. Neither the URL's path
+/// and query nor a header value is shown (they may hold tokens).
+pub(crate) async fn check(config: &Config) -> Vec<Result<String, String>> {
+    let one = |n: &Notify| {
+        let n = n.clone();
+        async move {
+            let at = format!("[[notify]] {:?}", n.name());
+            match (&n.url, &n.command) {
+                (Some(url), _) => check_url(url, n.timeout).await,
+                (None, Some(argv)) => check_program(argv.first().map(String::as_str)),
+                (None, None) => Err("neither url nor command configured".into()),
+            }
+            .map(|ok| format!("{at}: {ok}"))
+            .map_err(|e| format!("{at}: {e}"))
+        }
+    };
+    futures::future::join_all(config.notify.iter().map(|n| one(n.get_ref()))).await
+}
+
+/// A webhook's host and port take a TCP connection within `timeout` (at most 10 s).
+async fn check_url(url: &url::Url, timeout: Duration) -> Result<String, String> {
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url.port_or_known_default().unwrap_or(443);
+    // `host` of an IPv6 address keeps its brackets, which a socket address does not want.
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let connect = tokio::net::TcpStream::connect((bare.as_str(), port));
+    match tokio::time::timeout(timeout.min(Duration::from_secs(10)), connect).await {
+        Ok(Ok(_stream)) => Ok(format!(
+            "webhook host {host} port {port} accepts connections (nothing was sent)"
+        )),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to webhook host {host} port {port}: {e}"
+        )),
+        Err(_) => Err(format!(
+            "webhook host {host} port {port} did not accept a connection within {}",
+            humantime::format_duration(timeout.min(Duration::from_secs(10)))
+        )),
+    }
+}
+
+/// A command's program exists, is a file, and this user may execute it.
+fn check_program(program: Option<&str>) -> Result<String, String> {
+    let Some(program) = program else {
+        return Err("empty command".into());
+    };
+    let runnable = |p: &std::path::Path| {
+        p.is_file() && rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok()
+    };
+    if program.contains('/') {
+        let path = std::path::Path::new(program);
+        return if !path.exists() {
+            Err(format!("command {program:?} does not exist"))
+        } else if runnable(path) {
+            Ok(format!("command {program:?} is executable"))
+        } else {
+            Err(format!(
+                "command {program:?} is not an executable file (for this user)"
+            ))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+    {
+        Some(found) => Ok(format!(
+            "command {program:?} is executable ({} on this PATH)",
+            found.display()
+        )),
+        None => Err(format!(
+            "command {program:?} is not found on PATH, or not executable"
+        )),
+    }
 }
 
 /// Why one attempt failed.
@@ -440,8 +574,10 @@ async fn record(index: &Arc<Index>, n: &PendingNotification, outcome: NotifyOutc
 pub(crate) struct Delivery {
     /// The `[[notify]]` entry.
     pub notifier: String,
-    /// Why it is not delivered yet (`None`: delivered).
+    /// Why it is not delivered yet (`None`: delivered, or left out).
     pub error: Option<String>,
+    /// Not queued at all: the entry's `only` rule leaves this seal out.
+    pub left_out: bool,
 }
 
 /// Right after a seal: try each of the seal's notifications (leased to this process until
@@ -460,6 +596,7 @@ pub(crate) async fn after_seal(
             .map(|n| Delivery {
                 notifier: n.notifier.clone(),
                 error: Some(format!("not tried: {e:#}")),
+                left_out: false,
             })
             .collect(),
     }
@@ -501,6 +638,7 @@ async fn try_after_seal(
                         return Delivery {
                             notifier: n.notifier.clone(),
                             error: None,
+                            left_out: false,
                         };
                     }
                     Err(f) => last = Some(f),
@@ -524,6 +662,7 @@ async fn try_after_seal(
             Delivery {
                 notifier: n.notifier.clone(),
                 error: Some(error),
+                left_out: false,
             }
         }
     };
@@ -645,6 +784,158 @@ mod tests {
         );
         assert_eq!(expand("{x} {", "r", "m", "n"), "{x} {");
         assert_eq!(expand("plain", "r", "m", "n"), "plain");
+    }
+
+    fn manifest_with(tests: Option<crate::format::results::TestSummary>) -> Manifest {
+        Manifest {
+            format: 1,
+            run: "<!channel> r1".into(),
+            key_prefix: "n1/<!channel> r1".into(),
+            node: "n1".into(),
+            ci: Some(Ci {
+                provider: "github-actions".into(),
+                branch: Some("main".into()),
+                commit: Some("0123abcd".into()),
+                ..Default::default()
+            }),
+            labels: BTreeMap::new(),
+            first_file_ms: None,
+            last_file_ms: None,
+            sealed_ms: 3,
+            files: Vec::new(),
+            totals: crate::format::manifest::Totals { files: 1, bytes: 1 },
+            tests,
+        }
+    }
+
+    #[test]
+    fn each_format_is_queued_as_its_service_wants_and_only_failures_skips_passed_runs() {
+        let text = "node_id = \"n1\"\n[[watch]]\npath = \"/a\"\nruns = \"dir\"\n\
+            [[destination]]\nname = \"p\"\nurl = \"file:///x\"\npublic_base_url = \"https://cdn.example/b/\"\n\
+            [[notify]]\nname = \"doc\"\nurl = \"https://h.example/doc\"\n\
+            [[notify]]\nname = \"slack\"\nurl = \"https://hooks.slack.example/x\"\nformat = \"slack\"\n\
+            [[notify]]\nname = \"teams\"\nurl = \"https://teams.example/x\"\nformat = \"teams\"\n\
+            [[notify]]\nname = \"gchat\"\nurl = \"https://chat.example/x\"\nformat = \"google-chat\"\nonly = \"failures\"\n";
+        let config = Config::parse(text, "t").unwrap();
+        let passed = crate::format::results::TestSummary {
+            tests: 1,
+            passed: 1,
+            ..Default::default()
+        };
+        let failing = crate::format::results::TestSummary {
+            tests: 2,
+            passed: 1,
+            failed: 1,
+            ..Default::default()
+        };
+        let key = "n1/<!channel> r1/_run/manifest.json";
+        let page = Some("n1/<!channel> r1/index.html");
+        // A passed run: the `only = "failures"` entry gets nothing, and says so.
+        let m = manifest_with(Some(passed));
+        let q = queue(&config, &m, "n1", key, page, 9).unwrap();
+        let names: Vec<&str> = q.iter().map(|n| n.notifier.as_str()).collect();
+        assert_eq!(names, ["doc", "slack", "teams"]);
+        let left = left_out(&config, &m);
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            (left[0].notifier.as_str(), left[0].left_out, &left[0].error),
+            ("gchat", true, &None)
+        );
+        // The JSON document is today's.
+        let doc: serde_json::Value = serde_json::from_str(&q[0].payload).unwrap();
+        assert_eq!(
+            (doc["format"].as_u64(), doc["event"].as_str()),
+            (Some(1), Some("run.sealed"))
+        );
+        // Slack: its blocks, the run name escaped, the page linked percent-encoded.
+        let slack: serde_json::Value = serde_json::from_str(&q[1].payload).unwrap();
+        assert_eq!(slack.as_object().unwrap().len(), 2, "{slack:#}");
+        let main = slack["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert!(
+            main.starts_with(":white_check_mark: *Run &lt;!channel&gt; r1 on n1 passed*"),
+            "{main}"
+        );
+        assert!(main.ends_with("branch main, commit 0123abcd"), "{main}");
+        assert_eq!(
+            slack["blocks"][1]["text"]["text"],
+            "<https://cdn.example/b/n1/%3C%21channel%3E%20r1/index.html|Open the run page>"
+        );
+        let teams: serde_json::Value = serde_json::from_str(&q[2].payload).unwrap();
+        assert_eq!(teams["type"], "message");
+        assert_eq!(
+            teams["attachments"][0]["content"]["actions"][0]["url"],
+            "https://cdn.example/b/n1/%3C%21channel%3E%20r1/index.html"
+        );
+        // A failing run: every entry, Google Chat's text among them.
+        let m = manifest_with(Some(failing));
+        let q = queue(&config, &m, "n1", key, page, 9).unwrap();
+        assert_eq!(q.len(), 4);
+        assert!(left_out(&config, &m).is_empty());
+        let chat: serde_json::Value = serde_json::from_str(&q[3].payload).unwrap();
+        let text = chat["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("*Run ‹!channel› r1 on n1 failed*\n2 tests: 1 passed, 1 failed"),
+            "{text}"
+        );
+        // A run without JUnit XML did not fail.
+        let m = manifest_with(None);
+        assert_eq!(queue(&config, &m, "n1", key, page, 9).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_file_store_page_is_not_linked_from_a_chat_message() {
+        let text = "node_id = \"n1\"\n[[watch]]\npath = \"/a\"\nruns = \"dir\"\n\
+            [[destination]]\nname = \"p\"\nurl = \"file:///x\"\n\
+            [[notify]]\nurl = \"https://hooks.slack.example/x\"\nformat = \"slack\"\n";
+        let config = Config::parse(text, "t").unwrap();
+        let m = manifest_with(None);
+        let q = queue(&config, &m, "n1", "k", Some("n1/r/index.html"), 9).unwrap();
+        let slack: serde_json::Value = serde_json::from_str(&q[0].payload).unwrap();
+        assert_eq!(slack["blocks"].as_array().unwrap().len(), 1, "{slack:#}");
+        assert!(!q[0].payload.contains("file:"), "{}", q[0].payload);
+    }
+
+    #[tokio::test]
+    async fn check_names_each_entry_and_what_is_wrong() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_port = open.local_addr().unwrap().port();
+        let text = format!(
+            "node_id = \"n1\"\n[[watch]]\npath = \"/a\"\n\
+            [[destination]]\nname = \"p\"\nurl = \"file:///x\"\n\
+            [[notify]]\nname = \"up\"\nurl = \"http://127.0.0.1:{open_port}/T/secret\"\n\
+            [[notify]]\nname = \"down\"\nurl = \"http://127.0.0.1:{port}/T/secret\"\n\
+            [[notify]]\nname = \"sh\"\ncommand = [\"sh\", \"-c\", \"true\"]\n\
+            [[notify]]\nname = \"gone\"\ncommand = [\"/nonexistent/announce\"]\n\
+            [[notify]]\nname = \"dir\"\ncommand = [\"/\"]\n"
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        let got = check(&config).await;
+        assert_eq!(got.len(), 5);
+        let ok = |i: usize| got[i].as_ref().unwrap().clone();
+        let err = |i: usize| got[i].as_ref().unwrap_err().clone();
+        assert!(
+            ok(0).starts_with("[[notify]] \"up\": webhook host 127.0.0.1 port"),
+            "{}",
+            ok(0)
+        );
+        assert!(
+            err(1).starts_with("[[notify]] \"down\": cannot connect"),
+            "{}",
+            err(1)
+        );
+        assert!(ok(2).contains("\"sh\" is executable"), "{}", ok(2));
+        assert!(
+            err(3).contains("\"gone\"") && err(3).contains("does not exist"),
+            "{}",
+            err(3)
+        );
+        assert!(err(4).contains("not an executable file"), "{}", err(4));
+        for line in got.iter().map(|r| r.clone().unwrap_or_else(|e| e)) {
+            assert!(!line.contains("secret"), "{line}");
+        }
     }
 
     #[test]

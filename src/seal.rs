@@ -128,7 +128,8 @@ pub(crate) async fn seal(
         lease_until_ms,
     )
     .await?;
-    let notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
+    let mut notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
+    notifications.extend(crate::notify::left_out(config, &manifest));
     Ok(Sealed::Done {
         manifest: Box::new(Arc::unwrap_or_clone(manifest)),
         stored_key: encoded.stored_key,

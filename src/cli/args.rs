@@ -187,9 +187,11 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Validate the configuration; without --offline also the key files and every destination.
+    /// Validate the configuration; without --offline also the key files, every destination and
+    /// every [[notify]] entry (its program exists and is executable; its webhook's host accepts a
+    /// TCP connection, nothing sent).
     CheckConfig {
-        /// Do not contact destinations.
+        /// Do not contact destinations or webhook hosts, nor look for notify programs.
         #[arg(long)]
         offline: bool,
     },

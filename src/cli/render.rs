@@ -88,13 +88,26 @@ impl Done {
             Done::WroteHtml(path) => outln!("wrote {}", path.display()),
             Done::Pruned { report, dry_run } => render_prune(report, *dry_run),
             Done::Link(link) => outln!("{link}"),
-            Done::Checked(Ok(lines)) => {
-                for l in lines {
-                    outln!("{l}");
+            Done::Checked { result, notifiers } => {
+                if let Ok(lines) = result {
+                    for l in lines {
+                        outln!("{l}");
+                    }
                 }
-                outln!("configuration is valid");
+                for n in notifiers {
+                    match n {
+                        Ok(l) => outln!("{l}"),
+                        Err(e) => eprintln!("panoptic-sync: {e}"),
+                    }
+                }
+                match result {
+                    Err(e) => eprintln!("panoptic-sync: {e:#}"),
+                    Ok(_) if notifiers.iter().any(Result::is_err) => {
+                        eprintln!("panoptic-sync: a [[notify]] entry failed its check")
+                    }
+                    Ok(_) => outln!("configuration is valid"),
+                }
             }
-            Done::Checked(Err(e)) => eprintln!("panoptic-sync: {e:#}"),
         }
         Ok(())
     }
@@ -251,6 +264,10 @@ fn render_seal(s: &crate::seal::Sealed) {
             }
             for n in notifications {
                 match &n.error {
+                    None if n.left_out => outln!(
+                        "notify {}: not sent (only = \"failures\", and the run did not fail)",
+                        n.notifier
+                    ),
                     None => outln!("notify {}: sent", n.notifier),
                     Some(e) => eprintln!(
                         "notify {}: not delivered yet ({e}); queued in the index, the daemon (`run`) retries it",

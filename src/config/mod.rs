@@ -445,6 +445,50 @@ pub struct Notify {
         deserialize_with = "de_notify_timeout"
     )]
     pub timeout: Duration,
+    /// The body a `url` is sent: our JSON document, or a chat service's message.
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// Which seals are announced.
+    #[serde(default)]
+    pub only: NotifyOnly,
+}
+
+/// The body of a `[[notify]]` POST (`format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyFormat {
+    /// Our JSON document (`"format": 1`, docs/FORMAT.md); the only one a `command` gets.
+    #[default]
+    Json,
+    /// A Slack incoming-webhook message (`text` and `blocks`).
+    Slack,
+    /// A Microsoft Teams message holding an Adaptive Card (incoming webhook or Workflows).
+    Teams,
+    /// A Google Chat incoming-webhook message (`text`).
+    GoogleChat,
+}
+
+impl NotifyFormat {
+    /// The name as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyFormat::Json => "json",
+            NotifyFormat::Slack => "slack",
+            NotifyFormat::Teams => "teams",
+            NotifyFormat::GoogleChat => "google-chat",
+        }
+    }
+}
+
+/// Which seals a `[[notify]]` entry announces (`only`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyOnly {
+    /// Every seal.
+    #[default]
+    All,
+    /// Only runs whose tests failed (docs/OPERATIONS.md has the rule).
+    Failures,
 }
 
 impl Notify {
@@ -480,6 +524,8 @@ impl fmt::Debug for Notify {
                 &self.headers().keys().cloned().collect::<Vec<String>>(),
             )
             .field("timeout", &self.timeout)
+            .field("format", &self.format)
+            .field("only", &self.only)
             .finish()
     }
 }
@@ -1090,6 +1136,24 @@ mod tests {
             (Duration::from_secs(10), Duration::from_secs(30))
         );
         assert_eq!(a.headers()["Authorization"], "Bearer t");
+        assert_eq!(
+            (a.format, a.only, b.format, b.only),
+            (
+                NotifyFormat::Json,
+                NotifyOnly::All,
+                NotifyFormat::Json,
+                NotifyOnly::All
+            )
+        );
+        let chat = format!(
+            "{BASE}[[notify]]\nurl = \"https://chat.example/v1/x\"\nformat = \"google-chat\"\nonly = \"failures\"\n"
+        );
+        let c = Config::parse(&chat, "t.toml").unwrap();
+        let n = c.notify[0].get_ref();
+        assert_eq!(
+            (n.format, n.only),
+            (NotifyFormat::GoogleChat, NotifyOnly::Failures)
+        );
         let debug = format!("{a:?}");
         assert!(
             !debug.contains("Bearer") && !debug.contains("/T/x"),
@@ -1135,6 +1199,17 @@ mod tests {
             ),
             ("url = \"https://h/x\"\ntimeout = \"0s\"\n", "timeout", 8),
             ("url = \"https://h/x\"\nmethod = \"PUT\"\n", "method", 8),
+            (
+                "command = [\"true\"]\nformat = \"slack\"\n",
+                "applies to a `url` only",
+                6,
+            ),
+            (
+                "url = \"https://h/x\"\nformat = \"discord\"\n",
+                "google-chat",
+                8,
+            ),
+            ("url = \"https://h/x\"\nonly = \"passes\"\n", "failures", 8),
         ] {
             let text = format!("{BASE}[[notify]]\n{entry}");
             let e = Config::parse(&text, "t.toml").unwrap_err().to_string();

@@ -108,6 +108,13 @@ impl Config {
                     line_of(text, h.span().start)
                 ));
             }
+            if notify.command.is_some() && notify.format != NotifyFormat::Json {
+                return Err(format!(
+                    "{at}: format = {:?} applies to a `url` only; a `command` always gets the \
+                     JSON document on its standard input",
+                    notify.format.as_str()
+                ));
+            }
             if name.is_empty() || name.chars().any(char::is_control) || !names.insert(name) {
                 return Err(format!("{at}: name {name:?} is empty or used twice"));
             }

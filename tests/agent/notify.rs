@@ -79,6 +79,11 @@ impl Receiver {
         format!("http://127.0.0.1:{}/hooks/{PATH_SECRET}", self.port)
     }
 
+    /// A URL of this receiver ending in `/path`.
+    pub fn url_for(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+
     pub fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
     }
@@ -468,6 +473,11 @@ fn notify_entries_with_both_or_neither_target_exit_2_naming_the_keys() {
             "[[notify]]\nname = \"lonely\"\ntimeout = \"5s\"\n",
             "one of `url`",
         ),
+        // A chat message is for a webhook; a command always gets the JSON document.
+        (
+            "[[notify]]\nname = \"cmd\"\ncommand = [\"true\"]\nformat = \"slack\"\n",
+            "applies to a `url` only",
+        ),
     ];
     for (entry, want) in cases {
         let path = env.tmp.path().join("bad.toml");
@@ -508,4 +518,231 @@ fn check_config(path: &Path) -> Output {
         .args(["check-config", "--offline"])
         .output()
         .unwrap()
+}
+
+/// The run's page as a chat message links it: the public base, then the key percent-encoded.
+const CDN: &str = "https://cdn.example/runs";
+
+/// A primary S3 table like the default one, with a `public_base_url`.
+fn primary_with_public_base(env: &Env) -> String {
+    format!(
+        "[[destination]]\nname = \"primary\"\nurl = \"s3://{}/base\"\npublic_base_url = \"{CDN}/\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", access_key_id = \"{}\", secret_access_key = \"{}\", region = \"us-east-1\", metadata_endpoint = \"http://127.0.0.1:9\" }}\n",
+        env.bucket, env.s3_endpoint, env.s3_key, env.s3_secret
+    )
+}
+
+/// A run whose JUnit file has one passed and one failed test case.
+fn write_failing_run(env: &Env, run: &str) {
+    env.write(&format!("{run}/logs/test.log"), b"boom\n");
+    env.write(
+        &format!("{run}/junit.xml"),
+        b"<testsuite name=\"unit\"><testcase classname=\"c\" name=\"ok\"/>\
+          <testcase classname=\"c\" name=\"&lt;!here&gt; breaks\"><failure message=\"no\"/></testcase></testsuite>",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_format_posts_the_body_its_service_takes_and_a_hostile_run_name_stays_text() {
+    let receiver = Receiver::start(0, 0);
+    let tail: String = ["json", "slack", "teams", "google-chat"]
+        .iter()
+        .map(|f| {
+            format!(
+                "[[notify]]\nname = \"{f}\"\nurl = \"{}\"\nformat = \"{f}\"\ntimeout = \"5s\"\n",
+                receiver.url_for(f)
+            )
+        })
+        .collect();
+    let mut env = notify_env(&tail);
+    env.primary = Some(primary_with_public_base(&env));
+    env.cmd_env = vec![
+        ("GITHUB_ACTIONS".into(), "true".into()),
+        ("GITHUB_REF_TYPE".into(), "branch".into()),
+        ("GITHUB_REF_NAME".into(), "feat/<@U1>".into()),
+        ("GITHUB_SHA".into(), "0123abcd".into()),
+    ];
+    // Chosen by the CI job: a Slack broadcast, were it not escaped.
+    let run = "<!channel> x";
+    write_run(&env, run);
+    let out = seal(&env, run).await;
+    assert_ok(&out, "seal");
+    let hits = receiver.delivered();
+    assert_eq!(hits.len(), 4, "{hits:#?}");
+    let by_path: BTreeMap<String, Hit> = hits.into_iter().map(|h| (h.path.clone(), h)).collect();
+    for h in by_path.values() {
+        assert_eq!(h.headers["content-type"], "application/json");
+        assert_eq!(h.headers["idempotency-key"].len(), 32);
+    }
+    let page = format!("{CDN}/ci/{NODE}/%3C%21channel%3E%20x/index.html");
+
+    // json: today's document, unchanged.
+    let doc = &by_path["/json"].body;
+    assert_eq!(
+        (doc["format"].as_u64(), doc["run"].as_str()),
+        (Some(1), Some(run))
+    );
+    assert_eq!(doc["page_key"], format!("ci/{NODE}/{run}/index.html"));
+
+    // slack: `text` and `blocks`, every section verbatim mrkdwn, names escaped.
+    let slack = &by_path["/slack"].body;
+    let keys: Vec<&String> = slack.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["blocks", "text"]);
+    assert_eq!(
+        slack["text"],
+        format!(
+            "Run &lt;!channel&gt; x on {NODE} passed: 1 tests: 1 passed, 0 failed, 0 errors, 0 skipped"
+        )
+    );
+    let section = |text: String| serde_json::json!({"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": true}});
+    assert_eq!(
+        slack["blocks"],
+        serde_json::json!([
+            section(format!(
+                ":white_check_mark: *Run &lt;!channel&gt; x on {NODE} passed*\n\
+                 1 tests: 1 passed, 0 failed, 0 errors, 0 skipped\n\
+                 branch feat/&lt;@U1&gt;, commit 0123abcd"
+            )),
+            section(format!("<{page}|Open the run page>")),
+        ])
+    );
+    // The only `<` Slack gets opens the link it was meant to.
+    assert_eq!(slack.to_string().matches('<').count(), 1, "{slack:#}");
+
+    // teams: an Adaptive Card in a message; names only in plain TextRuns.
+    let teams = &by_path["/teams"].body;
+    assert_eq!(teams["type"], "message");
+    let attachments = teams["attachments"].as_array().unwrap();
+    assert_eq!(attachments.len(), 1);
+    assert_eq!(
+        attachments[0]["contentType"],
+        "application/vnd.microsoft.card.adaptive"
+    );
+    let card = &attachments[0]["content"];
+    assert_eq!(
+        (card["type"].as_str(), card["version"].as_str()),
+        (Some("AdaptiveCard"), Some("1.2"))
+    );
+    assert_eq!(card["body"][0]["text"], "Run passed");
+    assert_eq!(
+        card["body"][1],
+        serde_json::json!({"type": "RichTextBlock", "inlines": [
+            {"type": "TextRun", "text": "Run: ", "weight": "Bolder"},
+            {"type": "TextRun", "text": run},
+        ]})
+    );
+    assert_eq!(
+        card["actions"],
+        serde_json::json!([{"type": "Action.OpenUrl", "title": "Open the run page", "url": page}])
+    );
+
+    // google-chat: `{"text": …}`; Chat has no escape, so no `<` of a name reaches it.
+    let chat = &by_path["/google-chat"].body;
+    assert_eq!(chat.as_object().unwrap().len(), 1, "{chat:#}");
+    assert_eq!(
+        chat["text"],
+        format!(
+            "*Run ‹!channel› x on {NODE} passed*\n1 tests: 1 passed, 0 failed, 0 errors, 0 skipped\n\
+             branch feat/‹@U1›, commit 0123abcd\n<{page}|Open the run page>"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_failures_notifies_a_failing_run_and_not_a_passing_one() {
+    let receiver = Receiver::start(0, 0);
+    let env = notify_env(&format!(
+        "[[notify]]\nname = \"failures\"\nurl = \"{}\"\nonly = \"failures\"\nformat = \"slack\"\ntimeout = \"5s\"\n",
+        receiver.url_for("failures")
+    ));
+    // Passed: nothing queued, and `seal` says why.
+    write_run(&env, "r1-passed");
+    let out = seal(&env, "r1-passed").await;
+    assert_ok(&out, "seal r1-passed");
+    let text = output_text(&out);
+    assert!(
+        text.contains("notify failures: not sent (only = \"failures\", and the run did not fail)"),
+        "{text}"
+    );
+    // Failed: sent. Nothing before it may arrive, so it must be the only request.
+    write_failing_run(&env, "r2-failed");
+    let out = seal(&env, "r2-failed").await;
+    assert_ok(&out, "seal r2-failed");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("notify failures: sent"),
+        "{}",
+        output_text(&out)
+    );
+    wait_until(Duration::from_secs(30), "the failing run's message", || {
+        !receiver.delivered().is_empty()
+    })
+    .await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 1, "{hits:#?}");
+    let main = hits[0].body["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        main.starts_with(&format!(
+            ":x: *Run r2-failed on {NODE} failed*\n2 tests: 1 passed, 1 failed"
+        )),
+        "{main}"
+    );
+    assert_eq!(
+        hits[0].body["blocks"][1]["text"]["text"],
+        "*Failed tests*\n• c::&lt;!here&gt; breaks"
+    );
+    // The index holds one notification, sent; none for the passed run.
+    let n = notifications(&env);
+    assert_eq!(
+        (n["sent"].as_u64(), n["pending"].as_u64()),
+        (Some(1), Some(0)),
+        "{n}"
+    );
+}
+
+#[test]
+fn check_config_online_names_a_missing_command_and_a_closed_port() {
+    let receiver = Receiver::start(0, 0);
+    let closed = free_port();
+    let mut env = notify_env("");
+    env.tail = format!(
+        "[[notify]]\nname = \"gone\"\ncommand = [\"/nonexistent/announce-run\", \"{{run}}\"]\n\
+         [[notify]]\nname = \"here\"\ncommand = [\"true\"]\n\
+         [[notify]]\nname = \"closed\"\nurl = \"http://127.0.0.1:{closed}/hooks/{PATH_SECRET}\"\n\
+         [[notify]]\nname = \"open\"\nurl = \"{}\"\n",
+        receiver.url()
+    );
+    let out = env.cli(&["check-config"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr
+            .contains("[[notify]] \"gone\": command \"/nonexistent/announce-run\" does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "[[notify]] \"closed\": cannot connect to webhook host 127.0.0.1 port {closed}"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("[[notify]] \"here\": command \"true\" is executable"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[[notify]] \"open\": webhook host 127.0.0.1 port"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("configuration is valid"), "{stdout}");
+    assert_no_secret("check-config", &output_text(&out));
+    // Connected to, never sent a request.
+    assert!(receiver.hits().is_empty(), "{:#?}", receiver.hits());
+    // Offline, nothing is looked at: valid.
+    let out = env.cli(&["check-config", "--offline"]);
+    assert_ok(&out, "check-config --offline");
 }
