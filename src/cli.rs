@@ -377,8 +377,9 @@ async fn dispatch(
             fleet: true,
             since,
             branch,
+            publish,
             run: None,
-        } => report_fleet(&config, since, branch, json, html).await?,
+        } => report_fleet(&config, since, branch, json, html, publish).await?,
         Command::Report {
             json,
             html,
@@ -500,6 +501,7 @@ async fn report_fleet(
     branch: Option<String>,
     json: bool,
     html: Option<PathBuf>,
+    publish: bool,
 ) -> anyhow::Result<Done> {
     let query = crate::results::fleet::Query {
         since,
@@ -507,8 +509,17 @@ async fn report_fleet(
         now_ms: crate::format::units::now_ms(),
     };
     let fleet = crate::report::fleet(config, &query).await?;
+    if publish {
+        let primary = crate::destination::open_primary(config)?;
+        let key = crate::report::publish_fleet(&primary, &fleet).await?;
+        eprintln!(
+            "published the fleet page to {} at {}",
+            primary.name,
+            crate::destination::printable(&key)
+        );
+    }
     match html {
-        Some(path) => write_page(path, &crate::html::report::fleet_page(&fleet)),
+        Some(path) => write_page(path, &crate::html::report::fleet_page(&fleet, None)),
         None => Ok(Done::Fleet {
             fleet: Box::new(fleet),
             json,

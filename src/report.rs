@@ -343,3 +343,32 @@ pub(crate) async fn fleet_in(
     fleet.results = crate::results::fleet::read(primary, query).await?;
     Ok(fleet)
 }
+
+/// Store the fleet page in `primary` at `_panoptic-sync/fleet/index.html`, linked to the runs (two directories
+/// below the store's root). Returns its key.
+pub(crate) async fn publish_fleet(primary: &Destination, fleet: &Fleet) -> anyhow::Result<String> {
+    use object_store::{Attribute, Attributes, PutOptions, PutPayload};
+    let page = crate::html::report::fleet_page(fleet, Some("../../"));
+    let location = primary.path(crate::format::layout::FLEET_PAGE)?;
+    let mut attributes = Attributes::new();
+    if primary.supports_attributes {
+        attributes.insert(Attribute::ContentType, "text/html; charset=utf-8".into());
+        attributes.insert(Attribute::CacheControl, "no-cache".into());
+    }
+    let opts = PutOptions {
+        attributes,
+        ..Default::default()
+    };
+    primary
+        .store
+        .put_opts(&location, PutPayload::from(page.into_bytes()), opts)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "writing the fleet page {location} to {}: {}",
+                primary.name,
+                destination::error_chain(&e)
+            )
+        })?;
+    Ok(crate::format::layout::FLEET_PAGE.to_string())
+}

@@ -120,15 +120,20 @@ impl Root {
         }) && !self.own.iter().any(|o| within(path, o))
     }
 
-    /// Whether `rel` lies in a run's reserved directory (`<run>/_run/…` of a `runs = "dir"`
-    /// watch): only `seal` writes there, through its own path, so a file the tree holds there
-    /// is never uploaded (it would land on the key of the run's manifest or page).
+    /// Whether `rel` lies where only `seal` writes in a `runs = "dir"` watch: a run's reserved
+    /// directory (`<run>/_run/…`: the run's manifest and page), the watch's run list
+    /// (`index.html` at the top) and its latest-of-branch pages (`_panoptic-sync/…`). A file
+    /// the tree holds there is never uploaded (it would land on the key of such a page).
     pub fn reserved(&self, rel: &Path) -> bool {
-        self.runs
-            && rel
-                .components()
-                .nth(1)
-                .is_some_and(|c| c.as_os_str() == RUN_DIR)
+        if !self.runs {
+            return false;
+        }
+        let mut parts = rel.components();
+        let first = parts.next().map(|c| c.as_os_str());
+        let second = parts.next().map(|c| c.as_os_str());
+        second.is_some_and(|c| c == RUN_DIR)
+            || first.is_some_and(|c| c == crate::format::layout::INTERNAL_PREFIX)
+            || (second.is_none() && first.is_some_and(|c| c == "index.html"))
     }
 
     fn dir_and_rel<'a>(&self, path: &'a Path) -> std::io::Result<(Arc<RootDir>, &'a Path)> {

@@ -128,6 +128,10 @@ pub(crate) async fn seal(
         lease_until_ms,
     )
     .await?;
+    let mut record_problems = record_problems;
+    if pipeline.key.is_none() {
+        record_problems.extend(publish_pages(dests, &index, &root, &manifest).await);
+    }
     let mut notifications = crate::notify::after_seal(config, index, &queued, lease_until_ms).await;
     notifications.extend(crate::notify::left_out(config, &manifest));
     Ok(Sealed::Done {
@@ -137,6 +141,94 @@ pub(crate) async fn seal(
         notifications,
         record_problems,
     })
+}
+
+/// Where the pages above a run go, under its watch's prefix: the run list, and each
+/// branch's latest run (see [`Root::reserved`]: the tree cannot write there).
+const LIST_PAGE: &str = "index.html";
+const LATEST_DIR: &str = "_panoptic-sync/latest";
+
+/// Step 7 (stores without encryption): the pages above the run, for static hosting. The
+/// watch's run list at `<prefix>/index.html` (newest first, from the index), and for the
+/// run's branch a page at `<prefix>/_panoptic-sync/latest/<branch>/index.html` that leads to
+/// its newest run. A failure is returned as text; the seal stands.
+async fn publish_pages(
+    dests: &[Destination],
+    index: &Arc<Index>,
+    root: &Root,
+    manifest: &Manifest,
+) -> Vec<String> {
+    let Some((prefix, _)) = manifest.key_prefix.rsplit_once('/') else {
+        return Vec::new();
+    };
+    let (idx, watch) = (index.clone(), root.path.clone());
+    let runs = match tokio::task::spawn_blocking(move || idx.sealed_runs(&watch)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return vec![format!("the run list: reading the index: {e:#}")],
+        Err(e) => return vec![format!("the run list: {e}")],
+    };
+    let mut rows: Vec<crate::html::runs::Row> = runs
+        .iter()
+        .map(|r| crate::html::runs::Row {
+            run: r.name.clone(),
+            sealed_ms: r.sealed_ms,
+            branch: r.ci.as_ref().and_then(|c| c.branch.clone()),
+            commit: r.ci.as_ref().and_then(|c| c.commit.clone()),
+            tests: r.tests.as_ref().map(|t| {
+                (
+                    t.passed_run(),
+                    format!("{} · {}", t.verdict(), t.counts_line()),
+                )
+            }),
+            files: r.files,
+            bytes: r.bytes,
+            error: None,
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.sealed_ms));
+    let mut pages = vec![(
+        format!("{prefix}/{LIST_PAGE}"),
+        crate::html::runs::list_page(prefix, &rows, None),
+    )];
+    let branch = manifest.ci.as_ref().and_then(|c| c.branch.as_deref());
+    if let Some(branch) = branch.filter(|b| {
+        b.split('/')
+            .all(|s| !s.is_empty() && s != "." && s != ".." && !s.chars().any(char::is_control))
+    }) && let Some(newest) = rows.iter().find(|r| r.branch.as_deref() == Some(branch))
+    {
+        let depth = LATEST_DIR.split('/').count() + branch.split('/').count();
+        pages.push((
+            format!("{prefix}/{LATEST_DIR}/{branch}/{LIST_PAGE}"),
+            crate::html::runs::latest_page(branch, &newest.run, depth),
+        ));
+    }
+    let mut problems = Vec::new();
+    for (logical, html) in pages {
+        let key = layout::stored_key(&logical, layout::Plan::STORED);
+        let html = bytes::Bytes::from(html);
+        let meta = Meta {
+            size: html.len() as u64,
+            mtime_ns: manifest.sealed_ms * 1_000_000,
+            sha256: hex::encode(Sha256::digest(&html)),
+            mode: Some(0o644),
+            path: Some(logical.clone()),
+        };
+        for dest in dests {
+            if let Err(e) = put_own(
+                dest,
+                &key,
+                html.clone(),
+                layout::Plan::STORED,
+                &meta,
+                LIST_PAGE,
+            )
+            .await
+            {
+                problems.push(format!("{e:#}"));
+            }
+        }
+    }
+    problems
 }
 
 /// Step 2: wait until every file now under the run is in every destination and none is still

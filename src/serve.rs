@@ -268,7 +268,7 @@ async fn run_path(
 fn encode(path: &str) -> String {
     path.split('/')
         .map(|s| {
-            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+            percent_encoding::utf8_percent_encode(s, crate::html::run_page::SEGMENT).to_string()
         })
         .collect::<Vec<_>>()
         .join("/")
@@ -469,7 +469,7 @@ async fn fleet_page(gw: &Gateway) -> anyhow::Result<Response> {
     let fleet = crate::report::fleet_in(&gw.dest, &query).await?;
     let runs = runs(gw).await?;
     let prefixes: std::collections::BTreeSet<&str> = runs.values().map(Entry::parent).collect();
-    let page = crate::html::report::fleet_page(&fleet);
+    let page = crate::html::report::fleet_page(&fleet, Some("/"));
     // The run lists, linked from the top of the fleet page.
     let nav = crate::html::runs::prefix_links(prefixes.into_iter());
     Ok(html(page.replacen("<body>", &format!("<body>{nav}"), 1)))
@@ -489,7 +489,7 @@ async fn run_list(gw: &Gateway, prefix: &str, mut under: Vec<&Entry>) -> anyhow:
         }
     }
     rows.sort_by_key(|r| std::cmp::Reverse(r.sealed_ms));
-    Ok(html(crate::html::runs::list_page(prefix, &rows)))
+    Ok(html(crate::html::runs::list_page(prefix, &rows, Some("/"))))
 }
 
 async fn latest(gw: &Gateway, branch: &str) -> anyhow::Result<Response> {

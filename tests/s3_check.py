@@ -2,7 +2,8 @@
 """Independent check of an S3 bucket for the tests: lists every object under a prefix with
 boto3 (not object_store), downloads it, and prints {key: sha256 hex} as JSON.
 With a sixth argument DIR, each object's raw bytes are also written to DIR/<key>.
-With the arguments `put KEY FILE` instead, uploads FILE's bytes under KEY (crafted objects)."""
+With the arguments `put KEY FILE` instead, uploads FILE's bytes under KEY (crafted objects);
+with `head KEY`, prints the object's ContentType, ContentEncoding and ContentLength."""
 import os
 import hashlib
 import json
@@ -21,6 +22,10 @@ s3 = boto3.client(
     region_name="us-east-1",
     config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
 )
+if prefix == "head":
+    h = s3.head_object(Bucket=bucket, Key=rest[0])
+    print(json.dumps({k: h.get(k) for k in ("ContentType", "ContentEncoding", "ContentLength")}))
+    sys.exit(0)
 if prefix == "put":
     s3.put_object(Bucket=bucket, Key=rest[0], Body=open(rest[1], "rb").read())
     print("{}")

@@ -143,6 +143,10 @@ pub enum Command {
         /// With --fleet: test results of this branch only.
         #[arg(long, requires = "fleet")]
         branch: Option<String>,
+        /// With --fleet: also store the fleet page in the primary, at
+        /// `_panoptic-sync/fleet/index.html`, its tests, nodes and branches linked to runs.
+        #[arg(long, requires = "fleet")]
+        publish: bool,
         /// One sealed run of this node, from its manifest (--html writes the run's page, as
         /// sealing stores it when encryption is off).
         #[arg(long, value_name = "RUN")]

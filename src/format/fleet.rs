@@ -48,6 +48,9 @@ pub(crate) struct Group {
     pub rates: Rates,
     /// Per day, oldest first (days without runs left out).
     pub days: Vec<Day>,
+    /// The key prefix of its newest run (nodes and branches), where it can be seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_run: Option<String>,
 }
 
 /// A test in the top lists.
@@ -73,6 +76,9 @@ pub(crate) struct TestStat {
     pub mean_ms: u64,
     /// Longest time, ms.
     pub max_ms: u64,
+    /// The key prefix of the newest run in which it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_in: Option<String>,
 }
 
 /// A flaky test.
@@ -88,6 +94,9 @@ pub(crate) struct Flaky {
     pub revisions: u64,
     /// Some of those commits (`run:<node>/<run>` for a run without one).
     pub commits: Vec<String>,
+    /// The key prefix of the newest run in which it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_in: Option<String>,
 }
 
 /// A node whose failure rate stands out.

@@ -28,6 +28,31 @@ pub(crate) fn lines(
     y_max: f64,
     fmt: &dyn Fn(f64) -> String,
 ) -> Markup {
+    // The axis spans the days that have a point: five days of data in a 30-day window
+    // would otherwise sit squeezed in its right-most sixth.
+    let has = |j: usize| {
+        series
+            .iter()
+            .any(|(_, v)| v.get(j).copied().flatten().is_some())
+    };
+    let (lo, hi) = match (
+        (0..x.len()).find(|&j| has(j)),
+        (0..x.len()).rfind(|&j| has(j)),
+    ) {
+        (Some(lo), Some(hi)) => (lo, hi + 1),
+        _ => (0, x.len()),
+    };
+    let x = &x[lo..hi];
+    let series: Vec<(String, Vec<Option<f64>>)> = series
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.get(lo..hi.min(v.len())).unwrap_or(&[]).to_vec(),
+            )
+        })
+        .collect();
+    let series = &series[..];
     let y_max = if y_max > 0.0 && y_max.is_finite() {
         y_max
     } else {
@@ -58,13 +83,9 @@ pub(crate) fn lines(
                     line x1=(LEFT) x2=(LEFT + PLOT_W) y1=(format!("{y:.1}")) y2=(format!("{y:.1}")) stroke="#e5e7eb" {}
                     text x=(LEFT - 6.0) y=(format!("{:.1}", y + 4.0)) font-size="11" text-anchor="end" { (fmt(t * y_max)) }
                 }
-                @if let Some(first) = x.first() {
-                    text x=(LEFT) y=(TOP + PLOT_H + 16.0) font-size="11" { (first) }
-                }
-                @if x.len() > 1 {
-                    @if let Some(last) = x.last() {
-                        text x=(LEFT + PLOT_W) y=(TOP + PLOT_H + 16.0) font-size="11" text-anchor="end" { (last) }
-                    }
+                @for j in label_indices(x.len()) {
+                    @let anchor = if j == 0 && x.len() > 1 { "start" } else if j + 1 == x.len() && x.len() > 1 { "end" } else { "middle" };
+                    text x=(format!("{:.1}", px(j))) y=(TOP + PLOT_H + 16.0) font-size="11" text-anchor=(anchor) { (x[j]) }
                 }
                 @for (i, (_, values)) in series.iter().enumerate() {
                     @let points: Vec<String> = values.iter().enumerate()
@@ -123,13 +144,8 @@ pub(crate) fn columns(
                         }
                     }
                 }
-                @if let Some(first) = x.first() {
-                    text x=(LEFT) y=(TOP + PLOT_H + 16.0) font-size="11" { (first) }
-                }
-                @if x.len() > 1 {
-                    @if let Some(last) = x.last() {
-                        text x=(LEFT + PLOT_W) y=(TOP + PLOT_H + 16.0) font-size="11" text-anchor="end" { (last) }
-                    }
+                @for j in label_indices(x.len()) {
+                    text x=(format!("{:.1}", LEFT + slot * (j as f64 + 0.5))) y=(TOP + PLOT_H + 16.0) font-size="11" text-anchor="middle" { (x[j]) }
                 }
                 @for (i, (name, _)) in series.iter().enumerate() {
                     @let y = HEIGHT + 18.0 * i as f64 - 8.0;
@@ -141,8 +157,57 @@ pub(crate) fn columns(
     }
 }
 
+/// Which of `n` days get a date under the axis: about six, evenly spaced, the last always.
+fn label_indices(n: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let every = n.div_ceil(6).max(1);
+    let mut out: Vec<usize> = (0..n).step_by(every).collect();
+    if out.last() != Some(&(n - 1)) {
+        // The last date replaces a label too close before it.
+        if out.len() > 1 && n - 1 - out[out.len() - 1] < every.div_ceil(2) {
+            out.pop();
+        }
+        out.push(n - 1);
+    }
+    out
+}
+
 /// A rate as a percentage with one decimal, or `–`.
 pub(crate) fn percent(rate: Option<f64>) -> String {
     rate.map(|r| format!("{:.1}%", r * 100.0))
         .unwrap_or_else(|| "–".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn about_six_dates_label_an_axis() {
+        assert_eq!(label_indices(0), Vec::<usize>::new());
+        assert_eq!(label_indices(1), vec![0]);
+        assert_eq!(label_indices(5), vec![0, 1, 2, 3, 4]);
+        let l = label_indices(30);
+        assert!((5..=7).contains(&l.len()), "{l:?}");
+        assert_eq!((l[0], *l.last().unwrap()), (0, 29));
+    }
+
+    #[test]
+    fn a_line_chart_spans_only_the_days_with_points() {
+        let x: Vec<String> = (1..=30).map(|d| format!("2026-11-{d:02}")).collect();
+        let mut v = vec![None; 30];
+        for (j, slot) in v.iter_mut().enumerate().skip(25) {
+            *slot = Some(j as f64 / 30.0);
+        }
+        let svg = lines("t", &x, &[("s".into(), v)], 1.0, &|v| v.to_string()).into_string();
+        assert!(
+            !svg.contains("2026-11-01"),
+            "empty days are not on the axis"
+        );
+        assert!(svg.contains("2026-11-26") && svg.contains("2026-11-30"));
+        // The first point sits at the left of the plot.
+        assert!(svg.contains(&format!("cx=\"{LEFT:.1}\"")), "{svg}");
+    }
 }

@@ -117,8 +117,37 @@ fn charts(r: &FleetResults) -> maud::Markup {
     }
 }
 
-/// The table of rates of each group (`what`: node, branch or suite).
-fn groups_table(groups: &[Group], what: &str) -> maud::Markup {
+/// The link to the run at `key_prefix` (its page), from a page whose way to the store's root
+/// is `base` (`/` on `serve`, `../../` from the published fleet page).
+pub(crate) fn run_href(base: &str, key_prefix: &str) -> String {
+    let encoded: Vec<String> = key_prefix
+        .split('/')
+        .map(|s| percent_encoding::utf8_percent_encode(s, super::run_page::SEGMENT).to_string())
+        .collect();
+    format!("{base}{}/", encoded.join("/"))
+}
+
+/// The link to the run list holding the run at `key_prefix`.
+pub(crate) fn list_href(base: &str, key_prefix: &str) -> String {
+    run_href(base, key_prefix.rsplit_once('/').map_or("", |(p, _)| p))
+}
+
+/// A name, linked to `href` when there is a base to link from and a place to link to.
+fn linked(
+    text: maud::Markup,
+    base: Option<&str>,
+    href: impl Fn(&str) -> Option<String>,
+) -> maud::Markup {
+    use maud::html;
+    match base.and_then(href) {
+        Some(h) => html! { a href=(h) { (text) } },
+        None => text,
+    }
+}
+
+/// The table of rates of each group (`what`: node, branch or suite): a node links to its run
+/// list, a branch to its newest run.
+fn groups_table(groups: &[Group], what: &str, base: Option<&str>) -> maud::Markup {
     use super::charts::percent;
     use maud::html;
     html! {
@@ -127,7 +156,11 @@ fn groups_table(groups: &[Group], what: &str) -> maud::Markup {
             tbody {
                 @for g in groups {
                     tr {
-                        td { (g.name) }
+                        td { (linked(html! { (g.name) }, base, |b| g.latest_run.as_deref().and_then(|k| match what {
+                            "node" => Some(list_href(b, k)),
+                            "branch" => Some(run_href(b, k)),
+                            _ => None,
+                        }))) }
                         td class="n" { (g.rates.runs) }
                         td class="n" { (g.rates.runs_passed) }
                         td class="n" { (percent(g.rates.success_rate)) }
@@ -140,8 +173,9 @@ fn groups_table(groups: &[Group], what: &str) -> maud::Markup {
     }
 }
 
-/// A table of tests with their runs, failures and times.
-fn tests_table(list: &[TestStat]) -> maud::Markup {
+/// A table of tests with their runs, failures and times; a test links to the newest run in
+/// which it failed.
+fn tests_table(list: &[TestStat], base: Option<&str>) -> maud::Markup {
     use super::charts::percent;
     use maud::html;
     html! {
@@ -150,7 +184,7 @@ fn tests_table(list: &[TestStat]) -> maud::Markup {
             tbody {
                 @for t in list {
                     tr {
-                        td { (t.class) "::" (t.name) }
+                        td { (linked(html! { (t.class) "::" (t.name) }, base, |b| t.failed_in.as_deref().map(|k| run_href(b, k)))) }
                         td { (t.suite) }
                         td class="n" { (t.runs) }
                         td class="n" { (t.failed) }
@@ -164,8 +198,9 @@ fn tests_table(list: &[TestStat]) -> maud::Markup {
     }
 }
 
-/// The table of flaky tests with the commits they flaked on ("none" when there are none).
-fn flaky_table(flaky: &[Flaky]) -> maud::Markup {
+/// The table of flaky tests with the commits they flaked on ("none" when there are none);
+/// each links to the newest run in which it failed.
+fn flaky_table(flaky: &[Flaky], base: Option<&str>) -> maud::Markup {
     use maud::html;
     html! {
         @if flaky.is_empty() { p { "none" } } @else {
@@ -173,7 +208,7 @@ fn flaky_table(flaky: &[Flaky]) -> maud::Markup {
                 thead { tr { th { "test" } th { "suite" } th class="n" { "revisions" } th { "commits" } } }
                 tbody {
                     @for f in flaky {
-                        tr { td { (f.class) "::" (f.name) } td { (f.suite) } td class="n" { (f.revisions) } td { (f.commits.join(", ")) } }
+                        tr { td { (linked(html! { (f.class) "::" (f.name) }, base, |b| f.failed_in.as_deref().map(|k| run_href(b, k)))) } td { (f.suite) } td class="n" { (f.revisions) } td { (f.commits.join(", ")) } }
                     }
                 }
             }
@@ -194,20 +229,21 @@ fn unreadable(unreadable: &[BadRecord]) -> maud::Markup {
 
 /// The fleet's test results as HTML: success rate over time (fleet, per node, per branch,
 /// per suite) as inline SVG, and tables of flaky, failing and slow tests.
-pub(crate) fn results(r: &FleetResults) -> maud::Markup {
+/// `base`: the way from the page to the store's root, when runs can be linked.
+pub(crate) fn results(r: &FleetResults, base: Option<&str>) -> maud::Markup {
     use maud::html;
     html! {
         section {
             (summary(r))
             (outliers(&r.outlier_nodes))
             (charts(r))
-            h3 { "Nodes" } (groups_table(&r.nodes, "node"))
-            h3 { "Branches" } (groups_table(&r.branches, "branch"))
-            h3 { "Suites" } (groups_table(&r.suites, "suite"))
-            h3 { "Flaky tests" } (flaky_table(&r.flaky))
-            h3 { "Consistently failing" } (tests_table(&r.consistently_failing))
-            h3 { "Most often failing" } (tests_table(&r.most_failing))
-            h3 { "Slowest (mean)" } (tests_table(&r.slowest))
+            h3 { "Nodes" } (groups_table(&r.nodes, "node", base))
+            h3 { "Branches" } (groups_table(&r.branches, "branch", base))
+            h3 { "Suites" } (groups_table(&r.suites, "suite", base))
+            h3 { "Flaky tests" } (flaky_table(&r.flaky, base))
+            h3 { "Consistently failing" } (tests_table(&r.consistently_failing, base))
+            h3 { "Most often failing" } (tests_table(&r.most_failing, base))
+            h3 { "Slowest (mean)" } (tests_table(&r.slowest, base))
             (unreadable(&r.unreadable))
         }
     }

@@ -10,13 +10,16 @@ use crate::format::units::{human, now_secs};
 use super::charts;
 
 /// The page's style sheet (static, no user data).
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;color:#111}\
-     figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}\
-     .recs{background:#fef9c3;padding:.5em 1.5em;border-radius:6px}";
+/// Wide tables scroll inside their own box and long names wrap, so no page is wider than
+/// the screen (checked in Chromium at 1280 and 390 px by the browse tests).
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;\
+     padding:0 1em;color:#111}figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}\
+     svg{max-width:100%;height:auto}.recs{background:#fef9c3;padding:.5em 1.5em;border-radius:6px}";
 
 /// Tables of the fleet page (static).
-const TABLE_STYLE: &str = "table{border-collapse:collapse;width:100%;margin:.5em 0 1em}\
-     td,th{text-align:left;padding:.15em .6em;border-bottom:1px solid #eee}td.n,th.n{text-align:right}";
+const TABLE_STYLE: &str = "table{border-collapse:collapse;display:block;overflow-x:auto;\
+     max-width:100%;margin:.5em 0 1em}td,th{text-align:left;padding:.15em .6em;\
+     border-bottom:1px solid #eee;overflow-wrap:anywhere}td.n,th.n{text-align:right}";
 
 /// Horizontal bars as inline SVG: (label, value, text shown).
 fn bars(title: &str, items: &[(String, u64, String)]) -> Markup {
@@ -25,7 +28,8 @@ fn bars(title: &str, items: &[(String, u64, String)]) -> Markup {
     html! {
         figure {
             figcaption { (title) }
-            svg xmlns="http://www.w3.org/2000/svg" width="720" height=(height) role="img" {
+            svg xmlns="http://www.w3.org/2000/svg" width="720" height=(height)
+                viewBox=(format!("0 0 720 {height}")) role="img" {
                 @for (i, (label, v, shown)) in items.iter().enumerate() {
                     @let y = 10 + i * 24;
                     @let w = (*v as f64 / max * 330.0).max(1.0);
@@ -147,18 +151,21 @@ fn destination_html(d: &DestReport) -> Markup {
 pub(crate) fn node_page(r: &Report) -> String {
     html! {
         (DOCTYPE)
-        html {
+        html lang="en" {
             head {
                 meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
                 title { "panoptic-sync report: " (r.node_id) }
-                style { (PreEscaped(STYLE)) }
+                style { (PreEscaped(STYLE)) (PreEscaped(TABLE_STYLE)) }
             }
             body {
                 h1 { "panoptic-sync report: " (r.node_id) }
                 p { (r.files) " files, " (human(r.bytes)) " indexed" }
-                div class="recs" {
-                    h2 { "Recommendations" }
-                    ul { @for rec in &r.recommendations { li { (rec) } } }
+                @if !r.recommendations.is_empty() {
+                    div class="recs" {
+                        h2 { "Recommendations" }
+                        ul { @for rec in &r.recommendations { li { (rec) } } }
+                    }
                 }
                 @for d in &r.destinations { (destination_html(d)) }
                 @if !r.test_days.is_empty() {
@@ -204,13 +211,16 @@ pub(crate) fn node_page(r: &Report) -> String {
 
 /// The fleet as one self-contained HTML page: the nodes, and the test results with inline
 /// SVG charts. Every value is escaped by the template (all of it was written by other nodes).
-pub(crate) fn fleet_page(f: &Fleet) -> String {
+/// `base`: the way from the page to the store's root (`/` on `serve`, `../../` where
+/// `report --fleet --publish` stores it), so tests, nodes and branches link to runs.
+pub(crate) fn fleet_page(f: &Fleet, base: Option<&str>) -> String {
     let now = now_secs();
     html! {
         (DOCTYPE)
-        html {
+        html lang="en" {
             head {
                 meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
                 title { "panoptic-sync fleet" }
                 style { (PreEscaped(STYLE)) (PreEscaped(TABLE_STYLE)) }
             }
@@ -224,8 +234,14 @@ pub(crate) fn fleet_page(f: &Fleet) -> String {
                     thead { tr { th { "node" } th class="n" { "files" } th class="n" { "bytes" } th class="n" { "pending" } th class="n" { "failing" } th class="n" { "upload success" } th { "state" } } }
                     tbody {
                         @for FleetNode { status: n, stale } in &f.nodes {
+                            @let runs_at = f.results.nodes.iter().find(|g| g.name == n.node_id).and_then(|g| g.latest_run.as_deref());
                             tr {
-                                td { (n.node_id) }
+                                td {
+                                    @match (base, runs_at) {
+                                        (Some(b), Some(k)) => a href=(super::fleet::list_href(b, k)) { (n.node_id) },
+                                        _ => (n.node_id),
+                                    }
+                                }
                                 td class="n" { (n.files) }
                                 td class="n" { (human(n.bytes)) }
                                 td class="n" { (n.pending()) }
@@ -237,7 +253,7 @@ pub(crate) fn fleet_page(f: &Fleet) -> String {
                     }
                 }
                 @for u in &f.unreadable { p { "unreadable status object: " (u.key) ": " (u.error) } }
-                (super::fleet::results(&f.results))
+                (super::fleet::results(&f.results, base))
             }
         }
     }

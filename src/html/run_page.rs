@@ -25,7 +25,7 @@ pub(crate) const PAGE_NAME: &str = "index.html";
 /// What must be escaped in one path segment of a relative URL (everything but unreserved
 /// characters and a few safe sub-delimiters), so that `#`, `?`, `%` and `:` in a file name
 /// stay part of the name.
-const SEGMENT: &AsciiSet = &CONTROLS
+pub(crate) const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')
@@ -99,7 +99,8 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1000px;marg
      .shots figure{margin:0;max-width:300px}.shots img{max-width:300px;max-height:200px;\
      border:1px solid #ddd}.note{background:#fef9c3;padding:.5em 1em;border-radius:6px}\
      p.pass{background:#dcfce7;padding:.4em 1em}p.fail{background:#fee2e2;padding:.4em 1em}\
-     pre{white-space:pre-wrap;margin:0;font-size:.85em}";
+     pre{white-space:pre-wrap;margin:0;font-size:.85em}td,dd,pre,h1,figcaption{overflow-wrap:anywhere}\
+     .scroll{overflow-x:auto;max-width:100%}dd{min-width:0}";
 
 /// How a page links to a run's files.
 enum Links<'a> {
@@ -313,7 +314,7 @@ fn tests(t: &crate::format::results::TestSummary) -> Markup {
         }
         @if !t.failures.is_empty() {
             h3 { "Failures" }
-            table {
+            div class="scroll" { table {
                 thead { tr { th { "Test" } th { "Suite" } th { "Message" } } }
                 tbody {
                     @for f in &t.failures {
@@ -326,6 +327,7 @@ fn tests(t: &crate::format::results::TestSummary) -> Markup {
                     }
                 }
             }
+            }
             @if t.failures_omitted > 0 {
                 p { "… and " (t.failures_omitted) " more" }
             }
@@ -336,13 +338,13 @@ fn tests(t: &crate::format::results::TestSummary) -> Markup {
         }
         @if !t.slowest.is_empty() {
             h3 { "Slowest tests" }
-            table {
+            div class="scroll" { table {
                 tbody {
                     @for s in &t.slowest {
                         tr { td { (s.class) "::" (s.name) } td class="n" { (s.duration_ms) " ms" } }
                     }
                 }
-            }
+            } }
         }
     }
 }
@@ -361,7 +363,7 @@ fn files(m: &Manifest, links: &Links<'_>) -> Markup {
         })
         .collect();
     html! {
-        table {
+        div class="scroll" { table {
             thead { tr { th { "Path" } th { "Type" } th class="n" { "Size" } } }
             tbody {
                 @for (new_dir, name, f) in rows {
@@ -375,6 +377,6 @@ fn files(m: &Manifest, links: &Links<'_>) -> Markup {
                     }
                 }
             }
-        }
+        } }
     }
 }

@@ -3,7 +3,7 @@
 //! fleet page to those lists. Everything shown comes from manifests, so it is escaped.
 
 use maud::{DOCTYPE, PreEscaped, html};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::utf8_percent_encode;
 
 use crate::format::manifest::Manifest;
 use crate::format::units::human;
@@ -71,11 +71,12 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;marg
      td.n{text-align:right}.pass{color:#166534}.fail{color:#991b1b}code{font-size:.9em}";
 
 fn segment(s: &str) -> String {
-    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+    utf8_percent_encode(s, crate::html::run_page::SEGMENT).to_string()
 }
 
-/// The page listing `rows`, the runs under `prefix`; each links to `<run>/`.
-pub(crate) fn list_page(prefix: &str, rows: &[Row]) -> String {
+/// The page listing `rows`, the runs under `prefix`; each links to `<run>/`. `fleet`: a link
+/// to the fleet page, where there is one (`serve`).
+pub(crate) fn list_page(prefix: &str, rows: &[Row], fleet: Option<&str>) -> String {
     let title = format!("runs under {prefix}");
     html! {
         (DOCTYPE)
@@ -87,7 +88,9 @@ pub(crate) fn list_page(prefix: &str, rows: &[Row]) -> String {
                 style { (PreEscaped(STYLE)) }
             }
             body {
-                p { a href="/" { "fleet" } }
+                @if let Some(f) = fleet {
+                    p { a href=(f) { "fleet" } }
+                }
                 h1 { (title) }
                 @if rows.is_empty() {
                     p { "No sealed run yet." }
@@ -140,6 +143,29 @@ pub(crate) fn prefix_links<'a>(prefixes: impl Iterator<Item = &'a str>) -> Strin
             @for (i, p) in prefixes.iter().enumerate() {
                 @if i > 0 { " · " }
                 a href=(format!("/{}/", p.split('/').map(segment).collect::<Vec<_>>().join("/"))) { (p) }
+            }
+        }
+    }
+    .into_string()
+}
+
+/// A stable page for a branch's newest run: it leads there at once (and says where). It lies
+/// `depth` directories below the run list.
+pub(crate) fn latest_page(branch: &str, run: &str, depth: usize) -> String {
+    let target = format!("{}{}/", "../".repeat(depth), segment(run));
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta http-equiv="refresh" content=(format!("0; url={target}"));
+                title { "latest run of " (branch) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "latest run of " (branch) }
+                p { a href=(target) { (run) } }
             }
         }
     }

@@ -25,6 +25,7 @@
 //!   (binomial, the rest's rate clamped to 5–95 % so a clean fleet still needs evidence).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -127,6 +128,8 @@ impl Counts {
 struct GroupAcc {
     total: Counts,
     days: BTreeMap<String, Counts>,
+    /// The newest run counted (sealed ms, key prefix): where the group can be seen.
+    latest: Option<(i64, Arc<str>)>,
 }
 
 #[derive(Default)]
@@ -140,6 +143,15 @@ struct TestAcc {
     skipped: u64,
     total_ms: u64,
     max_ms: u64,
+    /// The newest run in which it failed (sealed ms, key prefix).
+    failed_in: Option<(i64, Arc<str>)>,
+}
+
+/// Keep the newer of `slot` and (`ms`, `at`).
+fn newer(slot: &mut Option<(i64, Arc<str>)>, ms: i64, at: &Arc<str>) {
+    if slot.as_ref().is_none_or(|(m, _)| ms >= *m) {
+        *slot = Some((ms, at.clone()));
+    }
 }
 
 const PASS: u8 = 1;
@@ -195,12 +207,15 @@ fn add_to(g: &mut GroupAcc, date: &str, c: &Counts, cells: &mut usize) {
 
 impl TestAcc {
     /// Count one case of this test (the time of a skipped case is not counted).
-    fn count(&mut self, c: &RecordCase) {
+    fn count(&mut self, c: &RecordCase, run: (i64, &Arc<str>)) {
         self.runs += 1;
         match c.status {
             Outcome::Passed => self.passed += 1,
             Outcome::Skipped => self.skipped += 1,
-            Outcome::Failed | Outcome::Error => self.failed += 1,
+            Outcome::Failed | Outcome::Error => {
+                self.failed += 1;
+                newer(&mut self.failed_in, run.0, run.1);
+            }
         }
         if c.status != Outcome::Skipped {
             self.total_ms = self.total_ms.saturating_add(c.duration_ms);
@@ -222,6 +237,7 @@ impl TestAcc {
             failure_rate: (ran > 0).then(|| self.failed as f64 / ran as f64),
             mean_ms: self.total_ms.checked_div(ran).unwrap_or(0),
             max_ms: self.max_ms,
+            failed_in: self.failed_in.as_ref().map(|(_, k)| k.to_string()),
         }
     }
 }
@@ -253,6 +269,7 @@ fn group_rates(m: &BTreeMap<String, GroupAcc>) -> Vec<Group> {
             name: name.clone(),
             rates: g.total.rates(),
             days: day_rates(&g.days),
+            latest_run: g.latest.as_ref().map(|(_, k)| k.to_string()),
         })
         .collect()
 }
@@ -300,8 +317,17 @@ impl Aggregate {
         self.add_suites(&r.cases, &date);
         // Per test, and the flaky check per (revision, test).
         let rev = self.revision_id(node, &r);
+        let at: Arc<str> = Arc::from(clip(&r.key_prefix));
+        for (map, name) in [
+            (&mut self.nodes, node),
+            (&mut self.branches, r.branch.as_deref().unwrap_or("(none)")),
+        ] {
+            if let Some(g) = map.get_mut(&clip(name)) {
+                newer(&mut g.latest, r.sealed_ms, &at);
+            }
+        }
         for c in &r.cases {
-            self.add_case(rev, c);
+            self.add_case(rev, c, (r.sealed_ms, &at));
         }
     }
 
@@ -401,12 +427,12 @@ impl Aggregate {
     }
 
     /// Add a case of revision `rev` to its test and to the flaky check (or count it as left out).
-    fn add_case(&mut self, rev: Option<u32>, c: &RecordCase) {
+    fn add_case(&mut self, rev: Option<u32>, c: &RecordCase, run: (i64, &Arc<str>)) {
         let Some(id) = self.test_id(c) else {
             self.capped.cases_of_untracked_tests += 1;
             return;
         };
-        self.tests[id as usize].count(c);
+        self.tests[id as usize].count(c, run);
         let bits = outcome_bits(c);
         if bits == 0 {
             return;
@@ -470,6 +496,7 @@ impl Aggregate {
                     name: t.name.clone(),
                     revisions,
                     commits,
+                    failed_in: t.failed_in.as_ref().map(|(_, k)| k.to_string()),
                 }
             })
             .collect();

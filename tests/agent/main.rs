@@ -8,6 +8,7 @@
 
 mod util;
 
+mod browse;
 mod clouds;
 mod confined;
 mod core;

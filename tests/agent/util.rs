@@ -124,6 +124,22 @@ impl S3 {
         self.boto(bucket, &["put", key, f.path().to_str().unwrap()]);
     }
 
+    /// An object's ContentType, ContentEncoding and ContentLength, read with boto3.
+    pub fn head(&self, bucket: &str, key: &str) -> serde_json::Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_check.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args([&self.endpoint, &self.key, &self.secret, bucket, "head", key])
+            .output()
+            .expect("running python3 tests/s3_check.py");
+        assert!(
+            out.status.success(),
+            "head {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     fn boto(&self, bucket: &str, args: &[&str]) -> BTreeMap<String, String> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_check.py");
         let out = Command::new("python3")
