@@ -488,7 +488,12 @@ async fn report_run(
         crate::format::manifest::MANIFEST_NAME
     );
     let encrypted = config.pipeline.encryption != crate::config::Encryption::None;
-    let page = crate::html::run_page::render(&manifest, &manifest_key, up, encrypted);
+    let stories = match crate::destination::open_primary(config) {
+        Ok(p) => crate::seal::failure_stories(std::slice::from_ref(&p), &manifest).await,
+        Err(_) => None,
+    };
+    let page =
+        crate::html::run_page::render(&manifest, &manifest_key, up, encrypted, stories.as_ref());
     let done = write_page(path, &page)?;
     tracing::debug!(page = %logical, "rendered the run's page locally");
     Ok(done)

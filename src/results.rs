@@ -29,8 +29,8 @@ use crate::config::Watch;
 use crate::destination::{self, Destination};
 use crate::format::record::{MAX_RECORD_CASES, RunRecord, record_key};
 use crate::format::results::{
-    BadFile, Case, Collected, Failure, MAX_FAILURES, MAX_FILES, MAX_MESSAGE, Outcome, SLOWEST,
-    SuiteTotals, TestSummary, Timed,
+    BadFile, Case, Collected, Failure, MAX_FAILURES, MAX_FILES, MAX_MESSAGE, MAX_TRACE, Outcome,
+    SLOWEST, SuiteTotals, TestSummary, Timed,
 };
 use crate::runs::RunDir;
 use crate::scan::Root;
@@ -73,6 +73,14 @@ impl Accumulator {
         }
         if c.flaky && c.outcome == Outcome::Passed {
             s.flaky += 1;
+            if s.retried.len() < MAX_FAILURES {
+                s.retried.push(Timed {
+                    suite: c.suite.to_string(),
+                    class: c.class.to_string(),
+                    name: c.name.clone(),
+                    duration_ms: c.duration_ms,
+                });
+            }
         }
         if c.outcome.is_failure() {
             if s.failures.len() < MAX_FAILURES {
@@ -83,6 +91,7 @@ impl Accumulator {
                     outcome: c.outcome,
                     message: c.message.clone(),
                     file: file.to_string(),
+                    trace: c.trace.clone(),
                 });
             } else {
                 s.failures_omitted += 1;
@@ -309,8 +318,11 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Option<String> {
 /// The test case being read.
 struct Open {
     case: Case,
-    /// Collecting the text of a `<failure>`/`<error>` without a `message` attribute.
+    /// Collecting the text of a `<failure>`/`<error>`: as its message (without a `message`
+    /// attribute), or as its trace.
     collecting: bool,
+    /// The text collected is the trace (the message came from the attribute).
+    into_trace: bool,
     /// Nesting depth of the `<testcase>` element.
     depth: usize,
 }
@@ -394,6 +406,7 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                             open = Some(Open {
                                 case,
                                 collecting: false,
+                                into_trace: false,
                                 depth,
                             });
                         }
@@ -412,11 +425,10 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                             }
                             if outcome.is_failure() && o.case.message.is_none() {
                                 let message = attr(e, b"message").filter(|m| !m.trim().is_empty());
-                                match message {
-                                    Some(m) => {
-                                        o.case.message = Some(truncate(m.trim(), MAX_MESSAGE))
-                                    }
-                                    None => o.collecting = !empty,
+                                o.into_trace = message.is_some();
+                                o.collecting = !empty;
+                                if let Some(m) = message {
+                                    o.case.message = Some(truncate(m.trim(), MAX_MESSAGE));
                                 }
                             }
                         } else if matches!(tag, b"flakyFailure" | b"flakyError") {
@@ -439,8 +451,13 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                             let m = m.trim();
                             o.case.message = (!m.is_empty()).then(|| truncate(m, MAX_MESSAGE));
                         }
+                        if let Some(t) = o.case.trace.take() {
+                            let t = t.trim();
+                            o.case.trace = (!t.is_empty()).then(|| truncate(t, MAX_TRACE));
+                        }
                         if !o.case.outcome.is_failure() {
                             o.case.message = None;
+                            o.case.trace = None;
                         }
                         push(out, o.case, start_len)?;
                     }
@@ -453,13 +470,13 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
             Event::Text(ref t) => {
                 if let Some(o) = open.as_mut().filter(|o| o.collecting) {
                     let text = t.decode().unwrap_or_default();
-                    append_message(&mut o.case, &text);
+                    append_message(o, &text);
                 }
             }
             Event::CData(ref t) => {
                 if let Some(o) = open.as_mut().filter(|o| o.collecting) {
                     let text = String::from_utf8_lossy(t.as_ref()).into_owned();
-                    append_message(&mut o.case, &text);
+                    append_message(o, &text);
                 }
             }
             Event::GeneralRef(ref r) => {
@@ -476,7 +493,7 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                         },
                     };
                     if let Some(c) = c {
-                        append_message(&mut o.case, &c.to_string());
+                        append_message(o, &c.to_string());
                     }
                 }
             }
@@ -494,11 +511,15 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
     Ok(())
 }
 
-fn append_message(case: &mut Case, text: &str) {
-    let m = case.message.get_or_insert_with(String::new);
+fn append_message(o: &mut Open, text: &str) {
+    let (m, cap) = if o.into_trace {
+        (o.case.trace.get_or_insert_with(String::new), MAX_TRACE)
+    } else {
+        (o.case.message.get_or_insert_with(String::new), MAX_MESSAGE)
+    };
     // Enough to truncate later; the rest of a long stack trace is not kept.
-    if m.chars().count() <= MAX_MESSAGE {
-        m.push_str(&truncate(text, MAX_MESSAGE + 1));
+    if m.chars().count() <= cap {
+        m.push_str(&truncate(text, cap + 1));
     }
 }
 
@@ -781,6 +802,7 @@ mod tests {
                     duration_ms: i,
                     message: Some("m".into()),
                     flaky: false,
+                    trace: None,
                 },
                 "junit.xml",
             );

@@ -101,8 +101,16 @@ pub(crate) async fn seal(
     // Packed for the index while the manifest is stored.
     let text = encoded.text.clone();
     let packed = tokio::task::spawn_blocking(move || crate::index::pack_manifest(&text));
+    // The page tells the story of the run's failures from the fleet's records, where they
+    // are written (best effort: a seal never fails for want of history).
+    let stories = if pipeline.key.is_none() && config.writes_run_records() {
+        failure_stories(dests, &manifest).await
+    } else {
+        None
+    };
     let page_key =
-        store_manifest_and_page(dests, &manifest, &encoded, pipeline.key.is_none()).await?;
+        store_manifest_and_page(dests, &manifest, &encoded, pipeline.key.is_none(), stories)
+            .await?;
     let record_problems = if config.writes_run_records() {
         let record = crate::format::record::RunRecord::new(&manifest, &collected);
         crate::results::write_record(dests, &record, earlier_ms).await
@@ -141,6 +149,32 @@ pub(crate) async fn seal(
         notifications,
         record_problems,
     })
+}
+
+/// How far back a run page's failure history looks.
+pub(crate) const HISTORY: Duration = Duration::from_secs(30 * 86_400);
+
+/// The stories of `manifest`'s failures from the primary's run records, or `None` (logged)
+/// when there are no failures or the records cannot be read.
+pub(crate) async fn failure_stories(
+    dests: &[Destination],
+    manifest: &Manifest,
+) -> Option<crate::format::fleet::Stories> {
+    let primary = dests.first()?;
+    if manifest
+        .tests
+        .as_ref()
+        .is_none_or(|t| t.failures.is_empty())
+    {
+        return None;
+    }
+    match crate::results::fleet::stories(primary, manifest, HISTORY).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(run = %manifest.run, error = %format!("{e:#}"), "the history of the run's failures could not be read");
+            None
+        }
+    }
 }
 
 /// Where the pages above a run go, under its watch's prefix: the run list, and each
@@ -473,12 +507,14 @@ async fn store_manifest_and_page(
     manifest: &Arc<Manifest>,
     encoded: &Encoded,
     with_page: bool,
+    stories: Option<crate::format::fleet::Stories>,
 ) -> anyhow::Result<Option<String>> {
     let page = with_page.then(|| {
         let (manifest, stored_key) = (manifest.clone(), encoded.stored_key.clone());
         tokio::task::spawn_blocking(move || {
             let (logical, up) = page::location(&manifest);
-            (logical, page::render(&manifest, &stored_key, up, false))
+            let html = page::render(&manifest, &stored_key, up, false, stories.as_ref());
+            (logical, html)
         })
     });
     let manifest_stored = async {

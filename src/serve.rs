@@ -247,7 +247,11 @@ async fn run_path(
     let manifest = gw.manifests.get(&gw.dest, &gw.pipeline, entry).await?;
     let file = rest.trim_start_matches('/');
     if file.is_empty() {
-        return Ok(html(crate::html::run_page::render_served(&manifest)));
+        let stories = crate::seal::failure_stories(std::slice::from_ref(&gw.dest), &manifest).await;
+        return Ok(html(crate::html::run_page::render_served(
+            &manifest,
+            stories.as_ref(),
+        )));
     }
     if file == format!("{RUN_DIR}/manifest.json") {
         let body = serde_json::to_vec_pretty(&*manifest)?;

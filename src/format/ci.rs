@@ -25,6 +25,9 @@ pub(crate) struct Ci {
     pub job: Option<String>,
     /// Link to the job or build.
     pub url: Option<String>,
+    /// For a pull or merge request: the branch it would merge into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 /// The CI context from environment variables (`var` reads one; empty counts as unset), or
@@ -86,6 +89,7 @@ fn github_actions(v: &impl Fn(&str) -> Option<String>) -> Ci {
         build: v("GITHUB_RUN_ID"),
         job: v("GITHUB_JOB"),
         url,
+        base: v("GITHUB_BASE_REF"),
     }
 }
 
@@ -101,6 +105,7 @@ fn gitlab_ci(v: &impl Fn(&str) -> Option<String>) -> Ci {
         build: v("CI_PIPELINE_ID"),
         job: v("CI_JOB_NAME"),
         url: v("CI_JOB_URL"),
+        base: v("CI_MERGE_REQUEST_TARGET_BRANCH_NAME"),
     }
 }
 
@@ -120,6 +125,8 @@ fn buildkite(v: &impl Fn(&str) -> Option<String>) -> Ci {
         build: v("BUILDKITE_BUILD_NUMBER"),
         job: v("BUILDKITE_LABEL"),
         url,
+        base: v("BUILDKITE_PULL_REQUEST_BASE_BRANCH")
+            .filter(|_| v("BUILDKITE_PULL_REQUEST").is_some_and(|p| p != "false")),
     }
 }
 
@@ -142,6 +149,8 @@ fn circleci(v: &impl Fn(&str) -> Option<String>) -> Ci {
         build: v("CIRCLE_BUILD_NUM"),
         job: v("CIRCLE_JOB"),
         url: v("CIRCLE_BUILD_URL"),
+        // CircleCI does not name a pull request's base branch.
+        base: None,
     }
 }
 
@@ -159,6 +168,7 @@ fn jenkins(v: &impl Fn(&str) -> Option<String>) -> Ci {
         build: v("BUILD_NUMBER"),
         job: v("JOB_NAME"),
         url: v("BUILD_URL"),
+        base: v("CHANGE_TARGET"),
     }
 }
 

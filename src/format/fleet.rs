@@ -178,3 +178,58 @@ pub(crate) struct FleetResults {
     /// What caps left out.
     pub capped: Capped,
 }
+
+/// What the fleet's records say about one failing test of a run.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub(crate) struct Story {
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// Which story.
+    pub kind: StoryKind,
+    /// For `new_failure`: the commit of the last run on the branch, where it passed; for
+    /// `failing_since`: the oldest commit of the run of failures.
+    pub commit: Option<String>,
+    /// For `failing_since`: runs failed in a row, this one included; for `known_flaky`: the
+    /// commits it both failed and passed on.
+    pub runs: u64,
+}
+
+/// The story of a failing test.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StoryKind {
+    /// Failed and passed on one commit (or passed on a retry) somewhere in the window.
+    KnownFlaky,
+    /// Passed in the branch's previous run.
+    NewFailure,
+    /// Failed in the branch's previous runs too.
+    FailingSince,
+    /// Not seen on the branch before (in the window).
+    FirstSeen,
+}
+
+/// A pull request's failures against its base branch's newest run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub(crate) struct BaseDiff {
+    /// The base branch.
+    pub branch: String,
+    /// The key prefix of its newest run.
+    pub run: String,
+    /// Failures that the base branch's run does not have.
+    pub new: Vec<String>,
+    /// Failures the base branch's run has too.
+    pub already: Vec<String>,
+}
+
+/// The stories of a run's failures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Stories {
+    /// One per listed failure.
+    pub tests: Vec<Story>,
+    /// For a pull request whose base branch has a run.
+    pub base: Option<BaseDiff>,
+    /// Records that could not be read.
+    pub unreadable: u64,
+}

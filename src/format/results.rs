@@ -55,7 +55,13 @@ pub(crate) struct Case {
     pub flaky: bool,
     /// The failure's message (truncated), for failures and errors.
     pub message: Option<String>,
+    /// The failure's text (a stack trace) when the message came from its `message`
+    /// attribute, truncated to [`MAX_TRACE`] characters.
+    pub trace: Option<String>,
 }
+
+/// Characters of a failure's trace kept for the run's page.
+pub(crate) const MAX_TRACE: usize = 2000;
 
 /// A failure or error listed in a [`TestSummary`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +79,9 @@ pub(crate) struct Failure {
     pub message: Option<String>,
     /// The JUnit file it came from, relative to the run.
     pub file: String,
+    /// Its trace, when it has one besides the message (at most [`MAX_TRACE`] characters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// A test listed among the slowest of a run.
@@ -133,6 +142,9 @@ pub(crate) struct TestSummary {
     pub skipped: u64,
     /// Passed only after a retry.
     pub flaky: u64,
+    /// The first [`MAX_FAILURES`] of those, by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retried: Vec<Timed>,
     /// Sum of the cases' times, milliseconds.
     pub duration_ms: u64,
     /// JUnit files parsed, relative to the run.

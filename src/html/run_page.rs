@@ -15,6 +15,7 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
+use crate::format::fleet::{BaseDiff, Stories, Story, StoryKind};
 use crate::format::layout::essence;
 use crate::format::manifest::{Manifest, ManifestFile, RUN_DIR};
 use crate::format::units::human;
@@ -132,6 +133,16 @@ impl Links<'_> {
         }
     }
 
+    /// The way from the page to the store's root (to link other runs).
+    fn root(&self, m: &Manifest) -> String {
+        match self {
+            Links::Stored { up, .. } => {
+                format!("{up}{}", "../".repeat(m.key_prefix.split('/').count()))
+            }
+            Links::Served => "/".into(),
+        }
+    }
+
     fn encrypted(&self) -> bool {
         matches!(
             self,
@@ -167,7 +178,14 @@ fn encode_path(path: &str) -> String {
 /// back to the run's directory (see [`location`]). `encrypted`: the objects cannot be opened
 /// from a browser (the page is rendered locally by `report --run --html`), so nothing is
 /// previewed.
-pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypted: bool) -> String {
+/// `stories`: what the fleet's records say about its failures, when they could be read.
+pub(crate) fn render(
+    manifest: &Manifest,
+    manifest_key: &str,
+    up: &str,
+    encrypted: bool,
+    stories: Option<&Stories>,
+) -> String {
     page(
         manifest,
         &Links::Stored {
@@ -175,16 +193,17 @@ pub(crate) fn render(manifest: &Manifest, manifest_key: &str, up: &str, encrypte
             up,
             encrypted,
         },
+        stories,
     )
 }
 
 /// The page of `manifest` as `serve` shows it at `/<prefix>/<run>/`: every link leads to a
 /// file by its path, which the gateway decodes, and images are previewed whatever the store.
-pub(crate) fn render_served(manifest: &Manifest) -> String {
-    page(manifest, &Links::Served)
+pub(crate) fn render_served(manifest: &Manifest, stories: Option<&Stories>) -> String {
+    page(manifest, &Links::Served, stories)
 }
 
-fn page(manifest: &Manifest, links: &Links<'_>) -> String {
+fn page(manifest: &Manifest, links: &Links<'_>, stories: Option<&Stories>) -> String {
     let encrypted = links.encrypted();
     let reports: Vec<&ManifestFile> = manifest
         .files
@@ -219,7 +238,7 @@ fn page(manifest: &Manifest, links: &Links<'_>) -> String {
                 }
                 (summary(manifest))
                 @if let Some(t) = &manifest.tests {
-                    (tests(t))
+                    (tests(t, stories, &links.root(manifest)))
                 }
                 @if !reports.is_empty() {
                     h2 { "Reports" }
@@ -304,25 +323,32 @@ fn summary(m: &Manifest) -> Markup {
 
 /// The run's test results: counts, failures with their messages, the slowest tests, the
 /// JUnit files left out.
-fn tests(t: &crate::format::results::TestSummary) -> Markup {
+fn tests(t: &crate::format::results::TestSummary, stories: Option<&Stories>, root: &str) -> Markup {
     let class = if t.passed_run() { "pass" } else { "fail" };
+    let story = |class: &str, name: &str| {
+        stories.and_then(|s| s.tests.iter().find(|x| x.class == class && x.name == name))
+    };
     html! {
         h2 { "Tests" }
         p class=(class) {
             strong { (t.verdict()) } " · " (t.counts_line()) " · "
             (format!("{:.1}", t.duration_ms as f64 / 1000.0)) " s"
         }
+        @if let Some(base) = stories.and_then(|s| s.base.as_ref()) {
+            (against_base(base, root))
+        }
         @if !t.failures.is_empty() {
             h3 { "Failures" }
             div class="scroll" { table {
-                thead { tr { th { "Test" } th { "Suite" } th { "Message" } } }
+                thead { tr { th { "Test" } th { "History" } th { "Suite" } th { "Message" } } }
                 tbody {
                     @for f in &t.failures {
                         tr {
                             td { (f.class) "::" (f.name)
                                 @if f.outcome == crate::format::results::Outcome::Error { " (error)" } }
+                            td { (story_text(story(&f.class, &f.name), stories.is_some())) }
                             td { (f.suite) }
-                            td { pre { (f.message.as_deref().unwrap_or("")) } }
+                            td { (folded(f.message.as_deref().unwrap_or(""), f.trace.as_deref())) }
                         }
                     }
                 }
@@ -330,6 +356,15 @@ fn tests(t: &crate::format::results::TestSummary) -> Markup {
             }
             @if t.failures_omitted > 0 {
                 p { "… and " (t.failures_omitted) " more" }
+            }
+        }
+        @if !t.retried.is_empty() {
+            h3 { "Passed on retry" }
+            ul {
+                @for r in &t.retried { li { (r.class) "::" (r.name) " (" (r.suite) ")" } }
+                @if t.flaky > t.retried.len() as u64 {
+                    li { "… and " (t.flaky - t.retried.len() as u64) " more" }
+                }
             }
         }
         @if !t.unreadable.is_empty() {
@@ -345,6 +380,74 @@ fn tests(t: &crate::format::results::TestSummary) -> Markup {
                     }
                 }
             } }
+        }
+    }
+}
+
+/// A failure's history in words.
+fn story_text(story: Option<&Story>, known: bool) -> String {
+    let short = |c: &Option<String>| {
+        c.as_deref()
+            .map(|c| c.chars().take(12).collect::<String>())
+            .unwrap_or_default()
+    };
+    match story {
+        None if known => "no earlier run of its branch".into(),
+        None => String::new(),
+        Some(s) => match s.kind {
+            StoryKind::KnownFlaky => {
+                format!(
+                    "known flaky: failed and passed on {} commit{}",
+                    s.runs,
+                    if s.runs == 1 { "" } else { "s" }
+                )
+            }
+            StoryKind::NewFailure => format!("new failure: passed at {}", short(&s.commit)),
+            StoryKind::FailingSince => {
+                format!("failing since {} ({} runs)", short(&s.commit), s.runs)
+            }
+            StoryKind::FirstSeen => "first seen on this branch".into(),
+        },
+    }
+}
+
+/// A message folded after its first line, with the trace (if any) under it.
+fn folded(message: &str, trace: Option<&str>) -> Markup {
+    let (first, rest) = message.split_once('\n').unwrap_or((message, ""));
+    let first = if first.trim().is_empty() {
+        "(no message)"
+    } else {
+        first
+    };
+    let rest = match trace {
+        Some(t) if rest.trim().is_empty() => t.to_string(),
+        Some(t) => format!("{rest}\n{t}"),
+        None => rest.to_string(),
+    };
+    html! {
+        @if rest.trim().is_empty() {
+            pre { (first) }
+        } @else {
+            details { summary { (first) } pre { (rest) } }
+        }
+    }
+}
+
+/// A pull request's failures against its base branch's newest run.
+fn against_base(base: &BaseDiff, root: &str) -> Markup {
+    let href = crate::html::fleet::run_href(root, &base.run);
+    html! {
+        h3 { "Against " (base.branch) }
+        p { "Compared with the newest run of " a href=(href) { (base.branch) } "." }
+        @if base.new.is_empty() {
+            p { "No new failure." }
+        } @else {
+            p class="fail" { strong { "New failures (" (base.new.len()) ")" } }
+            ul { @for n in &base.new { li { (n) } } }
+        }
+        @if !base.already.is_empty() {
+            p { "Already failing on " (base.branch) " (" (base.already.len()) ")" }
+            ul { @for n in &base.already { li { (n) } } }
         }
     }
 }

@@ -33,7 +33,8 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::destination::{self, Destination};
 use crate::format::fleet::{
-    BadRecord, Capped, Day, Flaky, FleetResults, Group, Outlier, Rates, TestStat,
+    BadRecord, BaseDiff, Capped, Day, Flaky, FleetResults, Group, Outlier, Rates, Stories, Story,
+    StoryKind, TestStat,
 };
 use crate::format::layout::RUNS_PREFIX;
 use crate::format::record::{RECORD_SCHEMA, RecordCase, RunRecord, date_of};
@@ -633,7 +634,32 @@ pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<Fle
         partitions: days.len() as u64,
         ..Default::default()
     };
-    let listings: Vec<_> = futures::stream::iter(days)
+    let mut agg = Aggregate::default();
+    each_record(primary, &days, &mut out.unreadable, |node, r| {
+        if r.sealed_ms < since_ms
+            || q.branch
+                .as_ref()
+                .is_some_and(|b| r.branch.as_ref() != Some(b))
+        {
+            return;
+        }
+        agg.add(node, r);
+    })
+    .await?;
+    out.unreadable.sort_by(|a, b| a.key.cmp(&b.key));
+    agg.finish(&mut out);
+    Ok(out)
+}
+
+/// Every run record in the `date=` partitions `days` of `primary`, with the node its key
+/// names; what cannot be read is added to `unreadable`.
+async fn each_record(
+    primary: &Destination,
+    days: &[String],
+    unreadable: &mut Vec<BadRecord>,
+    mut f: impl FnMut(&str, RunRecord),
+) -> anyhow::Result<()> {
+    let listings: Vec<_> = futures::stream::iter(days.to_vec())
         .map(|d| async move {
             let prefix = format!("{RUNS_PREFIX}/date={d}");
             (prefix.clone(), primary.list_under(&prefix).await)
@@ -646,7 +672,7 @@ pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<Fle
         match listing {
             Ok(l) => {
                 for bad in l.bad_keys {
-                    out.unreadable.push(BadRecord {
+                    unreadable.push(BadRecord {
                         key: bad.key,
                         error: bad.reason,
                     });
@@ -657,7 +683,6 @@ pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<Fle
         }
     }
     objects.sort_by(|a, b| a.location.cmp(&b.location));
-    let mut agg = Aggregate::default();
     let mut reads = futures::stream::iter(objects)
         .map(|meta| async move {
             let res = read_record(primary, &meta).await;
@@ -667,7 +692,7 @@ pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<Fle
     while let Some((meta, res)) = reads.next().await {
         let key = primary.relative(meta.location.as_ref()).to_string();
         let Some(node) = node_of(&key).map(str::to_string) else {
-            out.unreadable.push(BadRecord {
+            unreadable.push(BadRecord {
                 key: destination::printable(&key),
                 error: "not under a node= partition".into(),
             });
@@ -676,24 +701,144 @@ pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<Fle
         match res {
             Ok(records) => {
                 for r in records {
-                    if r.sealed_ms < since_ms
-                        || q.branch
-                            .as_ref()
-                            .is_some_and(|b| r.branch.as_ref() != Some(b))
-                    {
-                        continue;
-                    }
-                    agg.add(&node, r);
+                    f(&node, r);
                 }
             }
-            Err(e) => out.unreadable.push(BadRecord {
+            Err(e) => unreadable.push(BadRecord {
                 key: destination::printable(&key),
                 error: destination::printable(&format!("{e:#}")),
             }),
         }
     }
-    out.unreadable.sort_by(|a, b| a.key.cmp(&b.key));
-    agg.finish(&mut out);
+    Ok(())
+}
+
+/// What the fleet's records of the last `since` say about the failures of the run of
+/// `manifest` (which must not be counted itself): per failing test, whether it is a known
+/// flake, a new failure, or failing since some commit; and for a pull request with a base
+/// branch, which failures are new against the base branch's newest run.
+pub(crate) async fn stories(
+    primary: &Destination,
+    manifest: &crate::format::manifest::Manifest,
+    since: Duration,
+) -> anyhow::Result<Stories> {
+    let Some(t) = &manifest.tests else {
+        return Ok(Stories::default());
+    };
+    let failing: HashMap<(String, String), usize> = t
+        .failures
+        .iter()
+        .enumerate()
+        .map(|(i, f)| ((f.class.clone(), f.name.clone()), i))
+        .collect();
+    if failing.is_empty() {
+        return Ok(Stories::default());
+    }
+    let ci = manifest.ci.clone().unwrap_or_default();
+    let since_ms = manifest
+        .sealed_ms
+        .saturating_sub(since.as_millis().min(i64::MAX as u128) as i64);
+    let days = dates(since_ms.max(0), manifest.sealed_ms);
+    // Per failing test: executions on this branch before this run (sealed ms, commit,
+    // failed), and the outcome bits per commit anywhere in the repository.
+    let mut history: Vec<Vec<(i64, String, bool)>> = vec![Vec::new(); t.failures.len()];
+    let mut per_commit: HashMap<(usize, String), u8> = HashMap::new();
+    // The base branch's newest run: (sealed ms, key prefix, its failing tests among ours).
+    let mut base: Option<(i64, String, Vec<bool>)> = None;
+    let mut unreadable = Vec::new();
+    each_record(primary, &days, &mut unreadable, |node, r| {
+        let this = node == manifest.node && r.run == manifest.run;
+        if this || r.sealed_ms > manifest.sealed_ms || r.sealed_ms < since_ms {
+            return;
+        }
+        if ci.repository.is_some() && r.repository != ci.repository {
+            return;
+        }
+        let same_branch = ci.branch.is_some() && r.branch == ci.branch;
+        let on_base = ci.base.is_some() && r.branch == ci.base;
+        let mut failed_here = vec![false; t.failures.len()];
+        for c in &r.cases {
+            let Some(&i) = failing.get(&(c.class.clone(), c.name.clone())) else {
+                continue;
+            };
+            let failed = c.status.is_failure();
+            failed_here[i] |= failed;
+            if c.status != Outcome::Skipped {
+                let commit = r
+                    .commit
+                    .clone()
+                    .unwrap_or_else(|| format!("run:{node}/{}", r.run));
+                *per_commit.entry((i, commit.clone())).or_default() |= if failed {
+                    FAIL
+                } else if c.flaky {
+                    PASS | RETRIED
+                } else {
+                    PASS
+                };
+                if same_branch {
+                    history[i].push((r.sealed_ms, commit, failed));
+                }
+            }
+        }
+        if on_base && base.as_ref().is_none_or(|(ms, _, _)| r.sealed_ms > *ms) {
+            base = Some((r.sealed_ms, r.key_prefix.clone(), failed_here));
+        }
+    })
+    .await?;
+    let mut flaky_commits = vec![0u64; t.failures.len()];
+    for ((i, _), bits) in &per_commit {
+        if bits & (PASS | FAIL) == PASS | FAIL || bits & RETRIED != 0 {
+            flaky_commits[*i] += 1;
+        }
+    }
+    let mut out = Stories::default();
+    for (i, f) in t.failures.iter().enumerate() {
+        let h = &mut history[i];
+        h.sort_by_key(|(ms, _, _)| std::cmp::Reverse(*ms));
+        let streak = h.iter().take_while(|(_, _, failed)| *failed).count();
+        let (kind, commit, runs) = if flaky_commits[i] > 0 {
+            (StoryKind::KnownFlaky, None, flaky_commits[i])
+        } else if h.is_empty() {
+            (StoryKind::FirstSeen, None, 0)
+        } else if streak == 0 {
+            (
+                StoryKind::NewFailure,
+                h.first().map(|(_, c, _)| c.clone()),
+                0,
+            )
+        } else {
+            let oldest = &h[streak - 1];
+            (
+                StoryKind::FailingSince,
+                Some(oldest.1.clone()),
+                streak as u64 + 1,
+            )
+        };
+        out.tests.push(Story {
+            class: f.class.clone(),
+            name: f.name.clone(),
+            kind,
+            commit,
+            runs,
+        });
+    }
+    if let (Some(branch), Some((_, run, failed))) = (ci.base.clone(), base) {
+        let mut diff = BaseDiff {
+            branch,
+            run,
+            ..Default::default()
+        };
+        for (i, f) in t.failures.iter().enumerate() {
+            let name = format!("{}::{}", f.class, f.name);
+            if failed[i] {
+                diff.already.push(name);
+            } else {
+                diff.new.push(name);
+            }
+        }
+        out.base = Some(diff);
+    }
+    out.unreadable = unreadable.len() as u64;
     Ok(out)
 }
 

@@ -263,3 +263,175 @@ async fn a_plain_zstd_log_on_s3_says_it_is_text_and_how_it_is_encoded() {
     );
     assert!(again.contains_key(&format!("base/ci/{NODE}/index.html")));
 }
+
+fn junit(a_fails: bool, b_fails: bool) -> String {
+    let case = |name: &str, fails: bool| {
+        if fails {
+            format!(
+                r#"<testcase classname="c" name="{name}" time="0.1"><failure message="{name} broke">first line of {name}
+  at frame one
+  at frame two</failure></testcase>"#
+            )
+        } else {
+            format!(r#"<testcase classname="c" name="{name}" time="0.1"/>"#)
+        }
+    };
+    format!(
+        r#"<testsuite name="s">{}{}<testcase classname="c" name="R" time="0.1"><flakyFailure message="once"/></testcase></testsuite>"#,
+        case("A", a_fails),
+        case("B", b_fails)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_requests_page_separates_new_failures_and_the_fleet_page_links_flaky_tests() {
+    let mut env = Env::new();
+    env.watch_extra = "runs = \"dir\"\n".into();
+    env.pipeline = "[pipeline]\ncompression = \"zstd\"\n".into();
+    let seal = |env: &Env, run: &str| {
+        let dir = env.watch.join(run);
+        assert_ok(
+            &env.cli(&["seal", dir.to_str().unwrap(), "--timeout", "90s"]),
+            &format!("seal {run}"),
+        );
+    };
+    // main, one commit, twice: A fails, then passes (a flake); B passes.
+    env.cmd_env = push_env("main");
+    env.write("m1/junit.xml", junit(true, false).as_bytes());
+    seal(&env, "m1");
+    env.write("m2/junit.xml", junit(false, false).as_bytes());
+    seal(&env, "m2");
+    env.write("m3/junit.xml", junit(true, false).as_bytes());
+    seal(&env, "m3");
+    // A pull request into main: A fails (as on main's newest run), B fails (new).
+    env.cmd_env = push_env("feature/x")
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "GITHUB_SHA" => (k, "feedfacefeedfacefeedfacefeedfacefeedface".into()),
+            "GITHUB_REF" => (k, "refs/pull/7/merge".into()),
+            _ => (k, v),
+        })
+        .chain([
+            ("GITHUB_HEAD_REF".to_string(), "feature/x".to_string()),
+            ("GITHUB_BASE_REF".to_string(), "main".to_string()),
+        ])
+        .collect();
+    env.write("pr/junit.xml", junit(true, true).as_bytes());
+    seal(&env, "pr");
+
+    let page = std::fs::read_to_string(env.nas.join(format!("ci/{NODE}/pr/index.html"))).unwrap();
+    let new_at = page.find("New failures (1)").expect(&page);
+    let already_at = page.find("Already failing on main (1)").expect(&page);
+    let b_at = page[new_at..]
+        .find("c::B")
+        .map(|i| i + new_at)
+        .expect(&page);
+    let a_at = page[already_at..]
+        .find("c::A")
+        .map(|i| i + already_at)
+        .expect(&page);
+    assert!(
+        new_at < b_at && b_at < already_at && already_at < a_at,
+        "{page}"
+    );
+    // The base branch's run is linked, from the page up to the store's root.
+    assert!(
+        page.contains("href=\"../../../ci/test-node/m3/\""),
+        "{page}"
+    );
+    // A is a known flake (failed and passed on main's commit); retried tests are named;
+    // the trace is folded under its first line.
+    assert!(
+        page.contains("known flaky: failed and passed on 1 commit<"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Passed on retry") && page.contains("c::R"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<details><summary>B broke</summary><pre>first line of B\n  at frame one"),
+        "{page}"
+    );
+
+    // The fleet page, published to the primary, links the flaky test to a run where it failed.
+    assert_ok(
+        &env.cli(&["report", "--fleet", "--publish"]),
+        "report --fleet --publish",
+    );
+    let dump = env.tmp.path().join("dump");
+    shared_s3().dump(&env.bucket, "base/_panoptic-sync/fleet/", &dump);
+    let fleet = std::fs::read_to_string(dump.join("base/_panoptic-sync/fleet/index.html")).unwrap();
+    let flaky_at = fleet.find("Flaky tests").expect(&fleet);
+    let row = &fleet[flaky_at..];
+    assert!(
+        row.contains("<a href=\"../../ci/test-node/pr/\">c::A</a>"),
+        "the flaky test links to the newest run where it failed: {fleet}"
+    );
+    assert!(
+        fleet.contains("<a href=\"../../ci/test-node/\">test-node</a>"),
+        "the node links to its run list: {fleet}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_without_a_watch_finds_any_nodes_run() {
+    // Reproduced: `restore --run` and `report --run` found only this node's runs, and a
+    // config without a [[watch]] (a laptop that only reads) was refused.
+    let mut env = Env::new();
+    env.watch_extra = "runs = \"dir\"\n".into();
+    env.cmd_env = push_env("main");
+    let log = write_browsable_run(&env, "r1");
+    let dir = env.watch.join("r1");
+    assert_ok(
+        &env.cli(&["seal", dir.to_str().unwrap(), "--timeout", "90s"]),
+        "seal",
+    );
+    // The reader: same destinations, another node id, another state directory, no watch.
+    let text = env.config_text();
+    let (head, rest) = text.split_once("[[watch]]").unwrap();
+    let rest = &rest[rest.find("[[destination]]").unwrap()..];
+    let reader = format!("{head}{rest}")
+        .replace(&format!("node_id = \"{NODE}\""), "node_id = \"laptop\"")
+        .replace(
+            &env.state.display().to_string(),
+            &env.tmp.path().join("reader-state").display().to_string(),
+        );
+    assert!(!reader.contains("[[watch]]"));
+    let path = env.tmp.path().join("reader.toml");
+    std::fs::write(&path, reader).unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_ok(&cli(&["check-config", "--offline"]), "check-config");
+    let out = cli(&["runs", "--fleet", "--json"]);
+    assert_ok(&out, "runs --fleet");
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs[0]["node"], NODE, "{runs}");
+    assert_eq!(runs[0]["run"], "r1", "{runs}");
+    assert_eq!(runs[0]["branch"], "main", "{runs}");
+    let to = env.tmp.path().join("restored");
+    let out = cli(&[
+        "restore",
+        "--run",
+        &format!("{NODE}/r1"),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "restore --run NODE/RUN");
+    assert_eq!(std::fs::read(to.join("logs/test.log")).unwrap(), log);
+    assert_eq!(tree(&to), tree(&dir));
+    let out = cli(&["report", "--run", &format!("{NODE}/r1"), "--json"]);
+    assert_ok(&out, "report --run NODE/RUN");
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["run"], "r1");
+    // What works on trees says why it cannot.
+    let out = cli(&["sync"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a [[watch]]"));
+}
