@@ -542,7 +542,6 @@ fn needs_watch(command: &Command) -> bool {
             | Command::Seal { .. }
             | Command::Runs { fleet: false, .. }
             | Command::Prune { .. }
-            | Command::Url { .. }
     )
 }
 

@@ -1,5 +1,5 @@
 //! `url PATH`: a link to a local file's object, or to a sealed run's page when PATH is a run
-//! directory. With `public_base_url` (the CDN case) it is that base plus the object's key;
+//! directory or `NODE/RUN` (any node's run, found by its manifest in the store). With `public_base_url` (the CDN case) it is that base plus the object's key;
 //! otherwise a presigned GET URL (S3, GCS, Azure) valid for a limited time (a presigned page
 //! opens, but its relative links need public or website access to the bucket). Presigned URLs
 //! are printed for the user only, never logged.
@@ -24,6 +24,31 @@ pub(crate) async fn link(
         Some(name) => crate::restore::find_destination(config, name)?,
         None => crate::destination::open_primary(config)?,
     };
+    // `NODE/RUN` (no such local path): any node's sealed run, by its manifest in the store.
+    if !path.exists()
+        && let Some((node, run)) = path.to_str().and_then(|p| p.split_once('/'))
+        && !node.is_empty()
+        && !run.is_empty()
+        && !run.contains('/')
+        && !path.is_absolute()
+    {
+        let pipeline = crate::pipeline::Pipeline::from_config(config)?;
+        let (_, manifest) = crate::catalog::find(&dest, &pipeline, node, run).await?;
+        if pipeline.key.is_some() {
+            anyhow::bail!(
+                "run {node}/{run} is encrypted, so no page is stored; browse it through `panoptic-sync serve`, or render it with `report --run {node}/{run} --html FILE`"
+            );
+        }
+        let (key, _) = crate::html::run_page::stored_location(&manifest);
+        return link_to(&dest, &key, expires).await;
+    }
+    if config.watch.is_empty() {
+        return Err(crate::error::UsageError(format!(
+            "{}: no such file, and not NODE/RUN; a link to a local file needs a [[watch]]",
+            path.display()
+        ))
+        .into());
+    }
     let path =
         std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
     if let Some(run) = crate::runs::run_at(config, &path) {

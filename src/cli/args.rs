@@ -162,7 +162,7 @@ pub enum Command {
     },
     /// Print a link to a local file's object: public_base_url + key, or a presigned URL.
     Url {
-        /// The local file, or a run directory (its page).
+        /// The local file, a run directory (its page), or NODE/RUN (any node's run page).
         path: PathBuf,
         /// Destination (default: the primary).
         #[arg(long)]

@@ -430,6 +430,14 @@ async fn a_reader_without_a_watch_finds_any_nodes_run() {
     assert_ok(&out, "report --run NODE/RUN");
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["run"], "r1");
+    // `url NODE/RUN`: the run's page, presigned.
+    let out = cli(&["url", &format!("{NODE}/r1")]);
+    assert_ok(&out, "url NODE/RUN");
+    let link = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        link.contains(&format!("ci/{NODE}/r1/index.html")) && link.contains("X-Amz-Signature"),
+        "{link}"
+    );
     // What works on trees says why it cannot.
     let out = cli(&["sync"]);
     assert_eq!(out.status.code(), Some(2));
