@@ -43,7 +43,7 @@ def main() -> int:
                     scrollWidth: document.documentElement.scrollWidth,
                     innerWidth: window.innerWidth,
                     viewportMeta: !!document.querySelector('meta[name=viewport]'),
-                    emptySections: [...document.querySelectorAll('section, div.box, .card')]
+                    emptySections: [...document.querySelectorAll('section, div.box, .card, .recs, ul, table')]
                         .filter(e => e.innerText.trim() === '').length,
                     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
                     wide: [...document.querySelectorAll('body *')]
@@ -52,12 +52,14 @@ def main() -> int:
                         .slice(0, 5).map(e => e.tagName + ' ' + e.textContent.slice(0, 60)),
                     images: [...document.images].map(i => ({src: i.src, ok: i.complete && i.naturalWidth > 0})),
                 })""")
-                info["status"] = resp.status if resp else 0
+                # file:// pages have no HTTP status: 200 when they loaded.
+                info["status"] = resp.status if resp and resp.status else 200
                 result["pages"][f"{path}@{width}"] = info
                 if width != 1280:
                     continue
                 for link in info["links"]:
-                    if urlparse(link).netloc != origin or link in result["links"]:
+                    if (urlparse(link).scheme not in ("http", "https")
+                            or urlparse(link).netloc != origin or link in result["links"]):
                         continue
                     target = link.split("#")[0]
                     rec = {}

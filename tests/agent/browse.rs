@@ -201,6 +201,29 @@ async fn an_encrypted_run_is_browsed_through_serve_in_chromium() {
     assert!(links.keys().any(|k| k.ends_with("/report/index.html")));
     assert!(links.keys().any(|k| k.ends_with("/junit.xml")));
 
+    // A damaged object never completes: the response breaks (curl sees a short body).
+    let object = env.nas.join(format!("ci/{NODE}/r1/logs/test.log.zst.enc"));
+    let mut bytes = std::fs::read(&object).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&object, bytes).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "-",
+            "-H",
+            &auth,
+            &format!("{base}{run}logs/test.log"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "curl completed a damaged object");
+    assert!(
+        out.stdout.len() < log.len(),
+        "the last bytes were held back"
+    );
+
     // Nothing in the clear on disk: not in the store, not in the gateway's temporary directory.
     assert!(files_containing(&env.nas, MARKER.as_bytes()).is_empty());
     assert!(files_containing(&tmp, MARKER.as_bytes()).is_empty());
@@ -372,6 +395,45 @@ async fn a_pull_requests_page_separates_new_failures_and_the_fleet_page_links_fl
         fleet.contains("<a href=\"../../ci/test-node/\">test-node</a>"),
         "the node links to its run list: {fleet}"
     );
+
+    // The node report and the fleet page as files, in Chromium: no overflow at 1280 or
+    // 390 px, a viewport meta tag, no empty section.
+    let pages = env.tmp.path().join("pages");
+    std::fs::create_dir_all(&pages).unwrap();
+    let node_html = pages.join("node.html");
+    let fleet_html = pages.join("fleet.html");
+    assert_ok(
+        &env.cli(&["report", "--html", node_html.to_str().unwrap()]),
+        "report --html",
+    );
+    assert_ok(
+        &env.cli(&["report", "--fleet", "--html", fleet_html.to_str().unwrap()]),
+        "report --fleet --html",
+    );
+    let out_json = env.tmp.path().join("browse.json");
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browse.py"))
+        .arg(format!("file://{}/", pages.display()))
+        .arg("-")
+        .arg(&out_json)
+        .args(["node.html", "fleet.html"])
+        .env("TMPDIR", env.tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browse.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_json).unwrap()).unwrap();
+    for (page, info) in b["pages"].as_object().unwrap() {
+        assert!(
+            info["scrollWidth"].as_u64() <= info["innerWidth"].as_u64(),
+            "{page} overflows: {info}"
+        );
+        assert_eq!(info["viewportMeta"], true, "{page}");
+        assert_eq!(info["emptySections"], 0, "{page}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
