@@ -27,7 +27,7 @@ use quick_xml::events::{BytesStart, Event};
 
 use crate::config::Watch;
 use crate::destination::{self, Destination};
-use crate::format::record::{MAX_RECORD_CASES, RunRecord, record_key};
+use crate::format::record::{MAX_RECORD_CASES, RunRecord, record_key, test_records_key};
 use crate::format::results::{
     BadFile, Case, Collected, Failure, MAX_FAILURES, MAX_FILES, MAX_MESSAGE, MAX_TRACE, Outcome,
     SLOWEST, SuiteTotals, TestSummary, Timed,
@@ -252,13 +252,7 @@ fn parse_path(root: &Root, path: &Path) -> Result<Vec<Case>, String> {
     Ok(cases)
 }
 
-/// `s` cut to `max` characters (an ellipsis marks the cut).
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
+pub(crate) use crate::format::results::truncate;
 
 /// JUnit's `time` (seconds) in milliseconds; 0 when absent or not a finite positive number.
 /// Decimal commas and thousands separators are read by [`decimal_seconds`]' rule.
@@ -433,6 +427,9 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                             }
                         } else if matches!(tag, b"flakyFailure" | b"flakyError") {
                             o.case.flaky = true;
+                            o.case.earlier_failures = o.case.earlier_failures.saturating_add(1);
+                        } else if matches!(tag, b"rerunFailure" | b"rerunError") {
+                            o.case.earlier_failures = o.case.earlier_failures.saturating_add(1);
                         }
                     }
                     _ => {}
@@ -534,32 +531,50 @@ fn push(out: &mut Vec<Case>, case: Case, start: usize) -> Result<(), String> {
 }
 
 /// Write the run's record to every destination, and delete the record of an earlier seal of
-/// the same run when it lies in another date's partition (so a run is counted once). A
-/// failure is logged and returned as text (the seal stands: the manifest is what proves it).
+/// the same run when it lies in another date's partition (so a run is counted once). With
+/// `tests` (the run's per-test records, NDJSON), the same for those under
+/// `_panoptic-sync/tests/`. A failure is logged and returned as text (the seal stands: the
+/// manifest is what proves it).
 pub(crate) async fn write_record(
     dests: &[Destination],
     record: &RunRecord,
+    tests: Option<Vec<u8>>,
     earlier_sealed_ms: Option<i64>,
 ) -> Vec<String> {
-    let mut problems = Vec::new();
     let mut line = match serde_json::to_vec(record) {
         Ok(l) => l,
         Err(e) => return vec![format!("cannot encode the run's record: {e}")],
     };
     line.push(b'\n');
-    let key = record_key(
-        &record.node_id,
-        &record.key_prefix,
-        &record.run,
-        record.sealed_ms,
-    );
-    let earlier = earlier_sealed_ms
-        .map(|ms| record_key(&record.node_id, &record.key_prefix, &record.run, ms))
-        .filter(|k| *k != key);
-    let body = bytes::Bytes::from(line);
+    let (node, prefix, run) = (&record.node_id, &record.key_prefix, &record.run);
+    let key = record_key(node, prefix, run, record.sealed_ms);
+    let earlier = earlier_sealed_ms.map(|ms| record_key(node, prefix, run, ms));
+    let mut problems = write_ndjson(dests, &key, line, earlier, &record.run, "record").await;
+    if let Some(body) = tests.filter(|b| !b.is_empty()) {
+        let key = test_records_key(node, prefix, run, record.sealed_ms);
+        let earlier = earlier_sealed_ms.map(|ms| test_records_key(node, prefix, run, ms));
+        problems.extend(
+            write_ndjson(dests, &key, body, earlier, &record.run, "per-test records").await,
+        );
+    }
+    problems
+}
+
+/// Store `body` at `key` in every destination, then delete `earlier` (when it is another key).
+async fn write_ndjson(
+    dests: &[Destination],
+    key: &str,
+    body: Vec<u8>,
+    earlier: Option<String>,
+    run: &str,
+    what: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let earlier = earlier.filter(|k| k != key);
+    let body = bytes::Bytes::from(body);
     for dest in dests {
         let res = async {
-            let location = dest.path(&key)?;
+            let location = dest.path(key)?;
             let mut attributes = Attributes::new();
             if dest.supports_attributes {
                 attributes.insert(Attribute::ContentType, "application/x-ndjson".into());
@@ -573,14 +588,14 @@ pub(crate) async fn write_record(
                 .put_opts(&location, PutPayload::from_bytes(body.clone()), opts)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", destination::error_chain(&e)))?;
-            // Durable before the earlier record goes.
+            // Durable before the earlier one goes.
             dest.persist(ticket).await?;
             if let Some(old) = &earlier {
                 let old = dest.path(old)?;
                 match dest.store.delete(&old).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => anyhow::bail!(
-                        "deleting the earlier record {old}: {}",
+                        "deleting the earlier {what} {old}: {}",
                         destination::error_chain(&e)
                     ),
                 }
@@ -589,8 +604,8 @@ pub(crate) async fn write_record(
         }
         .await;
         if let Err(e) = res {
-            let msg = format!("writing the run's record {key} to {}: {e:#}", dest.name);
-            tracing::warn!(run = %destination::printable(&record.run), error = %msg, "run record not written");
+            let msg = format!("writing the run's {what} {key} to {}: {e:#}", dest.name);
+            tracing::warn!(run = %destination::printable(run), error = %msg, "run record not written");
             problems.push(msg);
         }
     }
@@ -803,6 +818,7 @@ mod tests {
                     message: Some("m".into()),
                     flaky: false,
                     trace: None,
+                    earlier_failures: 0,
                 },
                 "junit.xml",
             );

@@ -112,8 +112,10 @@ pub(crate) async fn seal(
         store_manifest_and_page(dests, &manifest, &encoded, pipeline.key.is_none(), stories)
             .await?;
     let record_problems = if config.writes_run_records() {
-        let record = crate::format::record::RunRecord::new(&manifest, &collected);
-        crate::results::write_record(dests, &record, earlier_ms).await
+        let record =
+            crate::format::record::RunRecord::new(&manifest, &collected, page_key.as_deref());
+        let tests = crate::format::record::test_records(&manifest, &collected);
+        crate::results::write_record(dests, &record, Some(tests), earlier_ms).await
     } else {
         Vec::new()
     };

@@ -33,6 +33,8 @@ pub const NODES_PREFIX: &str = internal_key!("/nodes");
 /// Where sealed runs' summary records go, Hive-partitioned:
 /// `date=YYYY-MM-DD/node=<node_id>/<run>~<hash>.json` (see [`crate::results`]).
 pub const RUNS_PREFIX: &str = internal_key!("/runs");
+/// Where sealed runs' per-test records go, partitioned like [`RUNS_PREFIX`].
+pub const TESTS_PREFIX: &str = internal_key!("/tests");
 /// Where `report --fleet --publish` stores the fleet page.
 pub const FLEET_PAGE: &str = internal_key!("/fleet/index.html");
 /// Where `check-config` writes its probe objects.

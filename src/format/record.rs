@@ -101,6 +101,14 @@ pub(crate) struct RunRecord {
     pub cases: Vec<RecordCase>,
     /// Cases not listed.
     pub cases_omitted: u64,
+    /// The CI job's web page.
+    pub job_url: Option<String>,
+    /// The run page's key, when one was stored (relative to the destination base).
+    pub page_key: Option<String>,
+    /// Files in the run.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// Labels a reader keeps per record.
@@ -143,8 +151,8 @@ impl RunRecord {
         }
     }
 
-    /// The record of a sealed run.
-    pub(crate) fn new(m: &Manifest, collected: &Collected) -> RunRecord {
+    /// The record of a sealed run whose page (if any) is at `page_key`.
+    pub(crate) fn new(m: &Manifest, collected: &Collected, page_key: Option<&str>) -> RunRecord {
         let ci = m.ci.clone().unwrap_or_default();
         let s = collected.summary.clone().unwrap_or_default();
         RunRecord {
@@ -191,8 +199,116 @@ impl RunRecord {
                 })
                 .collect(),
             cases_omitted: collected.cases_omitted,
+            job_url: m.ci.as_ref().and_then(|c| c.url.clone()),
+            page_key: page_key.map(str::to_string),
+            files: m.totals.files,
+            bytes: m.totals.bytes,
         }
     }
+}
+
+/// Version of the per-test records; readers refuse versions they do not know.
+pub(crate) const TEST_RECORD_SCHEMA: u32 = 1;
+/// Characters of a failure message a per-test record keeps.
+pub(crate) const TEST_RECORD_MESSAGE: usize = 500;
+
+/// One execution of one test: a line of a run's per-test records
+/// (`_panoptic-sync/tests/date=D/node=N/<run>~<hash>.json`, NDJSON; docs/FORMAT.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct TestRecord {
+    /// [`TEST_RECORD_SCHEMA`].
+    pub schema: u32,
+    /// The node that sealed the run.
+    pub node: String,
+    /// The run.
+    pub run: String,
+    /// The run's key prefix (where its page and files are).
+    pub key_prefix: String,
+    /// When the run was sealed, ms since the epoch.
+    pub sealed_at: i64,
+    /// CI provider, repository, branch, commit and pull request, when sealed in CI.
+    pub provider: Option<String>,
+    /// Repository.
+    pub repository: Option<String>,
+    /// Branch.
+    pub branch: Option<String>,
+    /// Commit.
+    pub commit: Option<String>,
+    /// Pull request.
+    pub pull_request: Option<String>,
+    /// The CI job's web page.
+    pub job_url: Option<String>,
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// The stable id: `class::name` (the identity every report uses).
+    pub test: String,
+    /// `passed`, `failed`, `error` or `skipped`: the last try's outcome.
+    pub outcome: Outcome,
+    /// The outcome of each try, in order (one entry when it was not retried).
+    pub attempts: Vec<Outcome>,
+    /// Its time, ms.
+    pub duration_ms: u64,
+    /// The failure's message, at most [`TEST_RECORD_MESSAGE`] characters.
+    pub message: Option<String>,
+}
+
+/// The per-test records of a sealed run, one NDJSON line each (at most [`MAX_RECORD_CASES`]).
+pub(crate) fn test_records(m: &Manifest, collected: &Collected) -> Vec<u8> {
+    let ci = m.ci.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    for c in collected.cases.iter().take(MAX_RECORD_CASES) {
+        let failed = if c.outcome == Outcome::Error {
+            Outcome::Error
+        } else {
+            Outcome::Failed
+        };
+        let mut attempts = vec![failed; usize::from(c.earlier_failures)];
+        attempts.push(c.outcome);
+        let r = TestRecord {
+            schema: TEST_RECORD_SCHEMA,
+            node: m.node.clone(),
+            run: m.run.clone(),
+            key_prefix: m.key_prefix.clone(),
+            sealed_at: m.sealed_ms,
+            provider: m.ci.as_ref().map(|c| c.provider.clone()),
+            repository: ci.repository.clone(),
+            branch: ci.branch.clone(),
+            commit: ci.commit.clone(),
+            pull_request: ci.pull_request.clone(),
+            job_url: ci.url.clone(),
+            suite: c.suite.to_string(),
+            class: c.class.to_string(),
+            name: c.name.clone(),
+            test: format!("{}::{}", c.class, c.name),
+            outcome: c.outcome,
+            attempts,
+            duration_ms: c.duration_ms,
+            message: c
+                .message
+                .as_deref()
+                .map(|m| super::results::truncate(m, TEST_RECORD_MESSAGE)),
+        };
+        if serde_json::to_writer(&mut out, &r).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// The key of a run's per-test records: as [`record_key`], under `_panoptic-sync/tests`.
+pub(crate) fn test_records_key(node: &str, key_prefix: &str, run: &str, sealed_ms: i64) -> String {
+    let key = record_key(node, key_prefix, run, sealed_ms);
+    format!(
+        "{}{}",
+        crate::format::layout::TESTS_PREFIX,
+        key.strip_prefix(crate::format::layout::RUNS_PREFIX)
+            .unwrap_or(&key)
+    )
 }
 
 /// The UTC date (`YYYY-MM-DD`) of a time in ms since the epoch.

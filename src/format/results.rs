@@ -53,6 +53,9 @@ pub(crate) struct Case {
     pub duration_ms: u64,
     /// Passed after failing first (surefire's and nextest's `<flakyFailure>`/`<flakyError>`).
     pub flaky: bool,
+    /// Failed tries before the one whose outcome this is (`<flakyFailure>`, `<flakyError>`,
+    /// `<rerunFailure>`, `<rerunError>` elements).
+    pub earlier_failures: u16,
     /// The failure's message (truncated), for failures and errors.
     pub message: Option<String>,
     /// The failure's text (a stack trace) when the message came from its `message`
@@ -256,4 +259,12 @@ pub(crate) struct Collected {
     pub cases: Vec<Case>,
     /// Cases not kept.
     pub cases_omitted: u64,
+}
+
+/// `s` cut to `max` characters (an ellipsis marks the cut).
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }

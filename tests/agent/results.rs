@@ -614,3 +614,75 @@ async fn a_huge_or_symlinked_junit_file_is_named_and_the_seal_goes_on() {
     assert_eq!(t["files"], serde_json::json!(["junit.xml"]));
     assert_eq!(t["unreadable"].as_array().unwrap().len(), 1, "{t}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_test_records_carry_every_try_and_run_records_link_the_run() {
+    // Issue 30: one NDJSON line per test execution beside the run records, with the outcome
+    // of each try (Surefire's flakyFailure, nextest's rerunFailure), the job URL and the page.
+    let mut env = runs_env(NODE);
+    env.cmd_env = push_env("main", "c0ffee", "unit");
+    env.write("r/surefire.xml", surefire(true).as_bytes());
+    env.write(
+        "r/nextest.xml",
+        br#"<testsuites name="nextest-run"><testsuite name="widgets::bin/widgets"><testcase name="tests::slow" classname="widgets::bin/widgets" time="3.5"><rerunFailure type="test failure" message="thread panicked"/><failure type="test failure" message="thread panicked again"/></testcase></testsuite></testsuites>"#,
+    );
+    env.write("r/gotestsum.xml", GOTESTSUM.as_bytes());
+    assert_ok(&seal(&env, "r"), "seal");
+    let partition = |prefix: &str| {
+        let root = env.nas.join(format!("_panoptic-sync/{prefix}"));
+        let files: Vec<(String, Vec<u8>)> = tree(&root).into_iter().collect();
+        assert_eq!(
+            files.len(),
+            1,
+            "{prefix}: {:?}",
+            files.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        let (name, body) = files.into_iter().next().unwrap();
+        assert!(
+            name.starts_with("date=") && name.contains(&format!("/node={NODE}/r~")),
+            "{name}"
+        );
+        (name, String::from_utf8(body).unwrap())
+    };
+    let (run_key, run_record) = partition("runs");
+    let (test_key, lines) = partition("tests");
+    assert_eq!(run_key, test_key, "the same partition and name");
+    let rows: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3 + 1 + 2, "one line per test execution");
+    let by_test = |id: &str| {
+        rows.iter()
+            .find(|r| r["test"] == id)
+            .unwrap_or_else(|| panic!("{id} in {lines}"))
+    };
+    let adds = by_test("com.acme.CartTest::adds");
+    assert_eq!(adds["outcome"], "passed");
+    assert_eq!(adds["attempts"], serde_json::json!(["failed", "passed"]));
+    let slow = by_test("widgets::bin/widgets::tests::slow");
+    assert_eq!(slow["attempts"], serde_json::json!(["failed", "failed"]));
+    assert_eq!(slow["message"], "thread panicked again");
+    let broken = by_test("example.com/widgets/api::TestAlwaysBroken");
+    assert_eq!(broken["attempts"], serde_json::json!(["failed"]));
+    for r in &rows {
+        assert_eq!(r["schema"], 1);
+        assert_eq!(r["node"], NODE);
+        assert_eq!(r["run"], "r");
+        assert_eq!(r["branch"], "main");
+        assert_eq!(r["commit"], "c0ffee");
+        assert_eq!(r["repository"], "acme/widgets");
+        assert!(r["job_url"].as_str().unwrap().ends_with("/actions/runs/77"));
+        assert!(r["sealed_at"].as_i64().unwrap() > 0);
+    }
+    let record: serde_json::Value = serde_json::from_str(run_record.trim()).unwrap();
+    assert_eq!(record["page_key"], format!("ci/{NODE}/r/index.html"));
+    assert_eq!(record["files"], 3);
+    assert!(record["bytes"].as_u64().unwrap() > 1000);
+    assert!(
+        record["job_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/actions/runs/77")
+    );
+}
