@@ -47,6 +47,8 @@ const MAX_SUITES: usize = 200;
 const OTHER_SUITES: &str = "(other suites)";
 /// Characters of a suite, class or test name kept.
 pub(crate) const MAX_NAME: usize = 300;
+/// The name of a case without one.
+const UNNAMED: &str = "(unnamed)";
 /// Bytes read from an `.xml` file to find its root element.
 const SNIFF_BYTES: u64 = 4096;
 
@@ -329,8 +331,61 @@ pub(crate) fn parse(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), Str
     let res = parse_inner(reader, out);
     if res.is_err() {
         out.truncate(start);
+    } else {
+        merge_retries(out, start);
     }
     res
+}
+
+/// One test written several times in one document is one test tried several times
+/// (gotestsum `--rerun-fails`, Jest and other runners that repeat a `<testcase>` per try):
+/// the tries of a (class, name) become one case, in document order, whose outcome is the last
+/// try's, whose earlier tries that failed are counted, and which passed on a retry when the
+/// last try passed after a failed one. Its time is the sum of the tries'.
+fn merge_retries(out: &mut Vec<Case>, start: usize) {
+    let mut first: std::collections::HashMap<(Arc<str>, String), usize> =
+        std::collections::HashMap::new();
+    let mut keep = vec![true; out.len() - start];
+    for i in start..out.len() {
+        if out[i].name == UNNAMED {
+            continue; // cases without a name are not one test
+        }
+        let key = (out[i].class.clone(), out[i].name.clone());
+        match first.get(&key) {
+            None => {
+                first.insert(key, i);
+            }
+            Some(&j) => {
+                let later = std::mem::take(&mut out[i]);
+                let earlier = &mut out[j];
+                let failed_before = u16::from(earlier.outcome.is_failure());
+                earlier.earlier_failures = earlier
+                    .earlier_failures
+                    .saturating_add(failed_before)
+                    .saturating_add(later.earlier_failures);
+                earlier.duration_ms = earlier.duration_ms.saturating_add(later.duration_ms);
+                if later.outcome != Outcome::Skipped || earlier.outcome == Outcome::Skipped {
+                    earlier.outcome = later.outcome;
+                    earlier.message = later.message;
+                    earlier.trace = later.trace;
+                }
+                earlier.flaky = earlier.outcome == Outcome::Passed && earlier.earlier_failures > 0;
+                keep[i - start] = false;
+            }
+        }
+    }
+    let mut k = keep.into_iter();
+    let head = out.len().min(start);
+    let mut idx = 0usize;
+    out.retain(|_| {
+        let r = if idx < head {
+            true
+        } else {
+            k.next().unwrap_or(true)
+        };
+        idx += 1;
+        r
+    });
 }
 
 fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> {
@@ -386,7 +441,7 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                         let name = attr(e, b"name")
                             .filter(|n| !n.is_empty())
                             .map(|n| truncate(&n, MAX_NAME))
-                            .unwrap_or_else(|| "(unnamed)".into());
+                            .unwrap_or_else(|| UNNAMED.into());
                         let case = Case {
                             suite,
                             class,
@@ -428,8 +483,12 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                         } else if matches!(tag, b"flakyFailure" | b"flakyError") {
                             o.case.flaky = true;
                             o.case.earlier_failures = o.case.earlier_failures.saturating_add(1);
-                        } else if matches!(tag, b"rerunFailure" | b"rerunError") {
+                        } else if matches!(tag, b"rerunFailure" | b"rerunError" | b"rerun") {
+                            // Surefire's and nextest's reruns; pytest-rerunfailures' <rerun>.
                             o.case.earlier_failures = o.case.earlier_failures.saturating_add(1);
+                            if o.case.outcome == Outcome::Passed && tag == b"rerun" {
+                                o.case.flaky = true;
+                            }
                         }
                     }
                     _ => {}
@@ -456,6 +515,8 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                             o.case.message = None;
                             o.case.trace = None;
                         }
+                        // Passed on a retry only if the last try passed.
+                        o.case.flaky &= o.case.outcome == Outcome::Passed;
                         push(out, o.case, start_len)?;
                     }
                 }
@@ -645,6 +706,44 @@ mod tests {
         assert!(
             Arc::ptr_eq(&cases[50_000].class, &cases[50_001].class),
             "a repeated class"
+        );
+    }
+
+    #[test]
+    fn a_test_written_once_per_try_is_one_test_with_its_tries() {
+        // gotestsum --rerun-fails (go-junit-report's shape): a failed try, then the rerun that
+        // passed, as two <testcase> of one name; a test that failed on every try; pytest's
+        // rerunfailures <rerun> elements; a skipped try does not hide a later outcome.
+        let xml = r#"<testsuites><testsuite name="pkg">
+<testcase classname="pkg" name="TestFlaky" time="0.5"><failure message="boom">x</failure></testcase>
+<testcase classname="pkg" name="TestOk" time="0.1"></testcase>
+<testcase classname="pkg" name="TestFlaky" time="0.25"></testcase>
+<testcase classname="pkg" name="TestBroken" time="1"><failure message="one"/></testcase>
+<testcase classname="pkg" name="TestBroken" time="1"><failure message="two"/></testcase>
+<testcase classname="pkg" name="TestBroken" time="1"><failure message="three"/></testcase>
+<testcase classname="t.py" name="test_rr" time="0.3"><rerun message="first"/><rerun message="second"/></testcase>
+</testsuite></testsuites>"#;
+        let c = parse_str(xml).unwrap();
+        let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["TestFlaky", "TestOk", "TestBroken", "test_rr"]);
+        assert_eq!(
+            (
+                c[0].outcome,
+                c[0].flaky,
+                c[0].earlier_failures,
+                c[0].duration_ms
+            ),
+            (Outcome::Passed, true, 1, 750)
+        );
+        assert_eq!(c[0].message, None);
+        assert_eq!(
+            (c[2].outcome, c[2].flaky, c[2].earlier_failures),
+            (Outcome::Failed, false, 2)
+        );
+        assert_eq!(c[2].message.as_deref(), Some("three"));
+        assert_eq!(
+            (c[3].outcome, c[3].flaky, c[3].earlier_failures),
+            (Outcome::Passed, true, 2)
         );
     }
 
