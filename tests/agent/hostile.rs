@@ -264,6 +264,11 @@ async fn a_rename_storm_in_one_run_never_stalls_another() {
         primary.display()
     ));
     env.nas_extra = "concurrency = 4\n".into();
+    // The shutdown's steps are logged at debug.
+    env.cmd_env.push((
+        "PANOPTIC_SYNC_LOG".into(),
+        "info,notify=error,panoptic_sync::daemon=debug,panoptic_sync::watch=debug".into(),
+    ));
     let outside = env.tmp.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("x.txt"), b"outside").unwrap();
@@ -389,6 +394,14 @@ async fn a_rename_storm_in_one_run_never_stalls_another() {
     })
     .await;
     let exit = term.elapsed();
+    // How the shutdown went, for the record.
+    let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("SIGTERM") || l.contains("shutdown:"))
+    {
+        eprintln!("{line}");
+    }
     if status.is_none() {
         // Where each thread waits, for the diagnosis.
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter();
@@ -396,7 +409,6 @@ async fn a_rename_storm_in_one_run_never_stalls_another() {
             let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
             eprintln!("thread {}: {}", read("comm").trim(), read("wchan"));
         }
-        let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default();
         eprintln!("daemon log:\n{log}");
     }
     stop.store(true, Ordering::Relaxed);
