@@ -324,8 +324,11 @@ impl Running {
         // may be unwritable: state disk full), so shutdown never hangs on it.
         self.agent.feeder.close();
         let _ = self.watcher.await;
+        tracing::debug!("shutdown: the watcher stopped");
         while self.loops.join_next().await.is_some() {}
+        tracing::debug!("shutdown: the loops stopped");
         self.agent.stop().await;
+        tracing::debug!("shutdown: the workers and the ingest thread stopped");
     }
 }
 

@@ -70,10 +70,24 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Handle candidates until every sender is gone. Blocking; run on its own thread.
+    /// The next candidate, waiting for one; `None` once every sender is gone, or once the
+    /// queue is closed (shutdown) with nothing in it: a sender that outlives the shutdown (a
+    /// walker waiting for notify, say) must not hold the exit.
+    fn receive(&self, rx: &mut mpsc::Receiver<Candidate>) -> Option<Candidate> {
+        futures::executor::block_on(async {
+            tokio::select! {
+                biased;
+                c = rx.recv() => c,
+                _ = self.closed.cancelled() => rx.try_recv().ok(),
+            }
+        })
+    }
+
+    /// Handle candidates until every sender is gone, or the queue is closed and empty.
+    /// Blocking; run on its own thread.
     pub fn run(self, mut rx: mpsc::Receiver<Candidate>) {
         let mut batch = Vec::with_capacity(BATCH);
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = self.receive(&mut rx) {
             // At shutdown what is still queued is left to the next catch-up scan: draining a
             // queue filled by rescans could hold the exit for minutes.
             if self.closed.is_cancelled() {

@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use crate::config::{Config, Filter};
 use crate::format::manifest::RUN_DIR;
 use crate::index::{Index, Observation, Stat};
-use crate::tree::{self, Id, Kind, RootDir, Tree};
+use crate::tree::{self, Id, Kind, RootDir, Tree, Visit};
 
 /// S3's limit on key length, in bytes.
 const MAX_KEY_BYTES: usize = 1024;
@@ -198,6 +198,25 @@ impl Root {
         visit: &mut dyn FnMut(PathBuf, Stat) -> bool,
         listed: &mut dyn FnMut(&Path),
     ) {
+        self.walk_with(dir, &mut |_| true, Some(visit), listed);
+    }
+
+    /// Every directory under `dir` (itself included), each passed to `entering` (absolute)
+    /// before it is read; no file is looked at. `entering` returns false to stop. Blocking.
+    pub fn walk_dirs(&self, dir: &Path, entering: &mut dyn FnMut(&Path) -> bool) {
+        self.walk_with(dir, entering, None, &mut |_| {});
+    }
+
+    /// The walk of [`Root::walk_listed`], also calling `entering` with each directory
+    /// (absolute) before it is read (false stops the walk); without `visit` only the
+    /// directories are walked.
+    fn walk_with(
+        &self,
+        dir: &Path,
+        entering: &mut dyn FnMut(&Path) -> bool,
+        visit: Option<&mut dyn FnMut(PathBuf, Stat) -> bool>,
+        listed: &mut dyn FnMut(&Path),
+    ) {
         let Some(handle) = self.tree.dir() else {
             return;
         };
@@ -209,21 +228,16 @@ impl Root {
                 None => return,
             }
         };
-        handle.walk(
+        handle.walk_with(
             rel,
             &self.own_ids(),
             &self.nested,
-            &mut |rel, stat| {
-                if !self.filter.matches(&rel) || self.reserved(&rel) {
-                    return true;
-                }
-                let path = self.path.join(&rel);
-                if self.own.iter().any(|o| within(&path, o)) {
-                    return true;
-                }
-                visit(path, stat)
+            &mut RootVisit {
+                root: self,
+                entering: &mut *entering,
+                visit: visit.map(|v| v as &mut dyn FnMut(PathBuf, Stat) -> bool),
+                listed: &mut *listed,
             },
-            &mut |rel| listed(&self.path.join(rel)),
         );
     }
 
@@ -270,6 +284,40 @@ fn within(path: &Path, dir: &Path) -> bool {
     let (p, d) = (path.as_os_str().as_bytes(), dir.as_os_str().as_bytes());
     let d = d.strip_suffix(b"/").unwrap_or(d);
     p.starts_with(d) && matches!(p.get(d.len()), None | Some(b'/'))
+}
+
+/// A walk of one root told in absolute paths, with the root's filters applied to files.
+struct RootVisit<'a> {
+    root: &'a Root,
+    entering: &'a mut dyn FnMut(&Path) -> bool,
+    visit: Option<&'a mut dyn FnMut(PathBuf, Stat) -> bool>,
+    listed: &'a mut dyn FnMut(&Path),
+}
+
+impl Visit for RootVisit<'_> {
+    fn entering(&mut self, dir: &Path) -> bool {
+        (self.entering)(&self.root.path.join(dir))
+    }
+
+    fn wants_files(&self) -> bool {
+        self.visit.is_some()
+    }
+
+    fn file(&mut self, rel: PathBuf, stat: Stat) -> bool {
+        let r = self.root;
+        if !r.filter.matches(&rel) || r.reserved(&rel) {
+            return true;
+        }
+        let path = r.path.join(&rel);
+        if r.own.iter().any(|o| within(&path, o)) {
+            return true;
+        }
+        self.visit.as_mut().is_none_or(|v| v(path, stat))
+    }
+
+    fn listed(&mut self, dir: &Path) {
+        (self.listed)(&self.root.path.join(dir))
+    }
 }
 
 /// The most specific root `path` lies in (nested roots own their files).
@@ -468,12 +516,32 @@ impl Walked {
 /// scan ([`Index::files_in_dir`]), instead of one lookup per file in the ingest stage (which
 /// would find them unchanged). Files gone from disk are [`sweep_deleted`]'s. Blocking.
 pub fn walk(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder) -> Walked {
+    walk_entering(dir, root_idx, root, feeder, &mut |_| true)
+}
+
+/// [`walk`], also calling `entering` with each directory (absolute) before it is read: the
+/// watcher adds the directory's watch there, so what is created in it later has an event.
+/// `entering` returns false to stop the walk (cancelled). Blocking.
+pub fn walk_entering(
+    dir: &Path,
+    root_idx: usize,
+    root: &Root,
+    feeder: &Feeder,
+    entering: &mut dyn FnMut(&Path) -> bool,
+) -> Walked {
     let mut out = Walked::new();
-    walk_into(dir, root_idx, root, feeder, &mut out);
+    walk_into(dir, root_idx, root, feeder, entering, &mut out);
     out
 }
 
-fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mut Walked) {
+fn walk_into(
+    dir: &Path,
+    root_idx: usize,
+    root: &Root,
+    feeder: &Feeder,
+    entering: &mut dyn FnMut(&Path) -> bool,
+    out: &mut Walked,
+) {
     // The wanted files of the directory being listed.
     let files: std::cell::RefCell<Vec<(PathBuf, Stat)>> = Default::default();
     let send = |path: PathBuf, stat: Stat, out: &mut Walked| -> bool {
@@ -486,12 +554,14 @@ fn walk_into(dir: &Path, root_idx: usize, root: &Root, feeder: &Feeder, out: &mu
         out.complete &= sent;
         sent
     };
-    root.walk_listed(
+    root.walk_with(
         dir,
-        &mut |path, stat| {
+        entering,
+        Some(&mut |path, stat| {
             files.borrow_mut().push((path, stat));
-            true
-        },
+            // Closed (shutdown): stop at once, not at the end of the tree.
+            !feeder.closed.is_cancelled()
+        }),
         &mut |listed| {
             let mut files = files.borrow_mut();
             if !out.complete {
@@ -548,7 +618,7 @@ pub fn walk_all(roots: &[Root], feeder: &Feeder) -> Walked {
     let mut out = Walked::new();
     for (i, r) in roots.iter().enumerate() {
         if r.refresh().is_some() {
-            walk_into(&r.path, i, r, feeder, &mut out);
+            walk_into(&r.path, i, r, feeder, &mut |_| true, &mut out);
         }
     }
     out

@@ -345,6 +345,12 @@ impl RootDir {
         visit: &mut dyn FnMut(PathBuf, Stat) -> bool,
         listed: &mut dyn FnMut(&Path),
     ) {
+        self.walk_with(rel, own, skip, &mut Closures { visit, listed });
+    }
+
+    /// [`RootDir::walk`], told to a [`Visit`]: also as each directory is entered (before it
+    /// is read), and with the files left out when they are not wanted.
+    pub fn walk_with(&self, rel: &Path, own: &[Id], skip: &[PathBuf], v: &mut dyn Visit) {
         let start = match self.open_dir(rel) {
             Ok(fd) => fd,
             Err(e) => {
@@ -354,8 +360,12 @@ impl RootDir {
                 return;
             }
         };
+        let files = v.wants_files();
         let mut stack = vec![(start, rel.to_path_buf())];
         while let Some((fd, dir_rel)) = stack.pop() {
+            if !v.entering(&dir_rel) {
+                return;
+            }
             let entries = match rfs::Dir::read_from(&fd) {
                 Ok(d) => d,
                 Err(e) => {
@@ -395,13 +405,14 @@ impl RootDir {
                         }
                         stack.push((sub, child));
                     }
+                    rfs::FileType::RegularFile if !files => {}
                     rfs::FileType::RegularFile | rfs::FileType::Unknown => {
                         let Ok(x) = statx_at(&fd, name) else { continue };
                         if let Kind::File(stat) = kind_of(&x) {
-                            if own.contains(&(stat.dev, stat.inode)) {
+                            if !files || own.contains(&(stat.dev, stat.inode)) {
                                 continue;
                             }
-                            if !visit(child, stat) {
+                            if !v.file(child, stat) {
                                 return;
                             }
                         } else if matches!(kind_of(&x), Kind::Dir) {
@@ -423,9 +434,44 @@ impl RootDir {
                 }
             }
             if complete {
-                listed(&dir_rel);
+                v.listed(&dir_rel);
             }
         }
+    }
+}
+
+/// What a walk ([`RootDir::walk_with`]) tells as it goes; every path is relative to the root.
+pub trait Visit {
+    /// The directory `dir` is open and about to be read: what is created in it from now on
+    /// is read by this walk or comes after. False stops the walk (a cancelled walk).
+    fn entering(&mut self, _dir: &Path) -> bool {
+        true
+    }
+    /// Whether regular files are wanted (a `statx` each); without them only the directories
+    /// are walked.
+    fn wants_files(&self) -> bool {
+        true
+    }
+    /// A regular file and its identity; false stops the walk.
+    fn file(&mut self, _rel: PathBuf, _stat: Stat) -> bool {
+        true
+    }
+    /// Every entry of `dir` was read (its wanted files were visited just before).
+    fn listed(&mut self, _dir: &Path) {}
+}
+
+/// The two closures of [`RootDir::walk`] as a [`Visit`].
+struct Closures<'a> {
+    visit: &'a mut dyn FnMut(PathBuf, Stat) -> bool,
+    listed: &'a mut dyn FnMut(&Path),
+}
+
+impl Visit for Closures<'_> {
+    fn file(&mut self, rel: PathBuf, stat: Stat) -> bool {
+        (self.visit)(rel, stat)
+    }
+    fn listed(&mut self, dir: &Path) {
+        (self.listed)(dir)
     }
 }
 

@@ -2,27 +2,39 @@
 //!
 //! - close-write and rename-into-place complete a file at once; any other change makes it
 //!   complete after the root's `settle` time of quiet;
-//! - a new directory is walked as soon as it appears, so files created in it before its watch
-//!   existed are not missed;
+//! - every directory has a watch of its own (not recursive: notify's recursive mode walks
+//!   each tree moved in on its event thread, a `statx` per entry, every time it moves); our
+//!   walks ([`walks`]) add them, each before reading its directory, so a file created in a
+//!   new directory before its watch existed is read by the walk and one created later has an
+//!   event. A directory created or moved in is walked as soon as its event arrives; a watch
+//!   of a directory deleted or moved away is dropped by notify and the kernel;
+//! - a job renaming directories in a loop (a rename storm) costs CPU, not threads or other
+//!   runs' time: a directory waits for at most one walk, at once a few walker threads of our
+//!   own walk, first come first served, and a walk stops between two entries at shutdown;
 //! - the notify callback never blocks: a full event queue, a kernel queue overflow or an
-//!   inotify limit (ENOSPC/EMFILE) triggers a full rescan and a warning naming the sysctl;
-//! - a missing root is waited for (checked every second), and a root that is deleted and
+//!   inotify limit (ENOSPC/EMFILE) triggers a full rescan and a warning naming the sysctl
+//!   (lost events: at most once a minute); after lost events the trees are walked for their
+//!   watches first, then rescanned;
+//! - a missing root is waited for (checked every 2 s), and a root that is deleted and
 //!   recreated is watched again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::scan::{self, Candidate, Feeder, Root};
 use crate::tree::{Id, Kind};
+
+mod walks;
+
+use walks::{Countdown, Walks, What};
 
 /// How often settling files are checked while there are any.
 const SETTLE_TICK: Duration = Duration::from_millis(50);
@@ -78,6 +90,32 @@ fn is_limit_error(e: &notify::Error) -> bool {
     }
 }
 
+/// Events lost (a full queue, or the kernel's): said at most once a minute, with how often,
+/// so a job renaming in a loop (which overflows every queue) does not flood the log.
+#[derive(Default)]
+struct Lost {
+    said: Option<Instant>,
+    since: u64,
+}
+
+impl Lost {
+    fn note(&mut self) {
+        self.since += 1;
+        if self.said.is_none_or(|at| at.elapsed() >= LOST_SAID_EVERY) {
+            tracing::warn!(
+                times = self.since,
+                advice = LIMIT_ADVICE,
+                "file events were lost; rescanning every watched tree"
+            );
+            self.said = Some(Instant::now());
+            self.since = 0;
+        }
+    }
+}
+
+/// How often lost events are said at most.
+const LOST_SAID_EVERY: Duration = Duration::from_secs(60);
+
 struct RootState {
     /// The identity of the root directory being watched (the agent holds it open, so its
     /// inode cannot be reused while watched).
@@ -98,7 +136,7 @@ impl WatchTask {
         let (tx, mut rx) = mpsc::channel::<notify::Result<Event>>(EVENT_QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
         let overflow_cb = overflow.clone();
-        let mut watcher = RecommendedWatcher::new(
+        let watcher = RecommendedWatcher::new(
             move |ev: notify::Result<Event>| {
                 // notify 8 watches IN_OPEN and IN_CLOSE_NOWRITE too: every read of a watched
                 // file (ours included: hashing, uploading) would wake the watcher and take
@@ -116,6 +154,19 @@ impl WatchTask {
             notify::Config::default().with_follow_symlinks(false),
         )
         .map_err(|e| anyhow::anyhow!("cannot start inotify: {e} ({LIMIT_ADVICE})"))?;
+        // Shared with the walks, which add the watches of the directories they enter.
+        let watcher = Arc::new(Mutex::new(watcher));
+        let walks = Walks::start(
+            walks::Parts {
+                roots: self.roots.clone(),
+                feeder: self.feeder.clone(),
+                watcher: watcher.clone(),
+                degraded: self.degraded.clone(),
+                rescan: self.rescan.clone(),
+            },
+            cancel.child_token(),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot start the walker threads: {e}"))?;
 
         let mut states: Vec<RootState> = self
             .roots
@@ -123,9 +174,6 @@ impl WatchTask {
             .map(|_| RootState { watched: None })
             .collect();
         let mut settling: HashMap<PathBuf, (usize, Instant)> = HashMap::new();
-        // Walks of new and re-watched directories: owned here, reaped as they end, awaited at
-        // shutdown (they end at once once the ingest queue is closed).
-        let mut walks: JoinSet<()> = JoinSet::new();
         // When to rescan after a directory was renamed inside a tree (see `handle`).
         let mut rescan_at: Option<Instant> = None;
         // The tick runs every 50 ms only while something is settling or events were lost;
@@ -134,6 +182,7 @@ impl WatchTask {
         let mut next_tick = tokio::time::Instant::now();
         let mut last_supervise = Instant::now() - Duration::from_secs(10);
         let mut first = true;
+        let mut lost = Lost::default();
 
         loop {
             tokio::select! {
@@ -145,7 +194,7 @@ impl WatchTask {
                         last_supervise = Instant::now() - SUPERVISE_IDLE;
                         next_tick = tokio::time::Instant::now();
                     }
-                    self.handle(ev, &mut settling, &overflow, &mut walks, &mut rescan_at).await;
+                    self.handle(ev, &mut settling, &overflow, &walks, &mut rescan_at).await;
                     if !settling.is_empty() || overflow.load(Ordering::Relaxed) {
                         next_tick = next_tick.min(tokio::time::Instant::now() + SETTLE_TICK);
                     }
@@ -155,8 +204,8 @@ impl WatchTask {
                 }
                 _ = tokio::time::sleep_until(next_tick) => {
                     if overflow.swap(false, Ordering::SeqCst) {
-                        tracing::warn!(advice = LIMIT_ADVICE, "file events were lost; rescanning every watched tree");
-                        self.rescan.notify_one();
+                        lost.note();
+                        self.rewatch(&states, &walks);
                     }
                     let now = Instant::now();
                     if rescan_at.is_some_and(|at| at <= now) {
@@ -175,13 +224,19 @@ impl WatchTask {
                     }
                     if now.duration_since(last_supervise) >= supervise_every(&states) {
                         last_supervise = now;
-                        self.supervise(&mut watcher, &mut states, first, &mut walks);
-                        if first {
+                        let watched = self.supervise(&watcher, &mut states);
+                        // At start only the watches: the catch-up scan, waiting for them,
+                        // reads the files. A root watched anew later is walked whole.
+                        let (what, done) = if first {
                             first = false;
-                            self.watching.notify_one();
+                            (What::Watch, Some(Countdown::new(watched.len(), self.watching.clone())))
+                        } else {
+                            (What::Files, None)
+                        };
+                        for i in watched {
+                            walks.request(self.roots[i].path.clone(), i, what, done.clone());
                         }
                     }
-                    while walks.try_join_next().is_some() {}
                     next_tick = tokio::time::Instant::now()
                         + if settling.is_empty() { supervise_every(&states) } else { SETTLE_TICK };
                     if let Some(at) = rescan_at {
@@ -190,22 +245,38 @@ impl WatchTask {
                 }
             }
         }
+        walks.stop().await;
         drop(watcher);
-        while walks.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// After lost events: walk every watched tree for the watches of directories whose
+    /// events were lost, then rescan (the scanner reads the files and drops deleted ones).
+    fn rewatch(&self, states: &[RootState], walks: &Walks) {
+        let watched: Vec<usize> = (0..states.len())
+            .filter(|&i| states[i].watched.is_some())
+            .collect();
+        let done = Countdown::new(watched.len(), self.rescan.clone());
+        for i in watched {
+            walks.request(
+                self.roots[i].path.clone(),
+                i,
+                What::Watch,
+                Some(done.clone()),
+            );
+        }
     }
 
     /// Start watching roots that appeared, stop watching roots that vanished or were
     /// replaced (by another directory: watched anew; by a symlink: never followed, waited
-    /// for). A root watched anew is walked, except at start (`initial`), where the catch-up
-    /// scan walks it.
+    /// for). Returns the roots watched anew: their trees are for the walks to watch.
     fn supervise(
         &self,
-        watcher: &mut RecommendedWatcher,
+        watcher: &Mutex<RecommendedWatcher>,
         states: &mut [RootState],
-        initial: bool,
-        walks: &mut JoinSet<()>,
-    ) {
+    ) -> Vec<usize> {
+        let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
+        let mut anew = Vec::new();
         for (i, (root, st)) in self.roots.iter().zip(states.iter_mut()).enumerate() {
             let id = root.refresh().map(|d| d.id());
             if st.watched.is_some() && id != st.watched {
@@ -218,7 +289,7 @@ impl WatchTask {
             let Some(id) = id else {
                 continue;
             };
-            match watcher.watch(&root.path, RecursiveMode::Recursive) {
+            match watcher.watch(&root.path, RecursiveMode::NonRecursive) {
                 Ok(()) => {}
                 Err(e) if is_limit_error(&e) => {
                     tracing::warn!(root = %root.path.display(), error = %e, advice = LIMIT_ADVICE, "inotify limit reached");
@@ -232,10 +303,9 @@ impl WatchTask {
             }
             st.watched = Some(id);
             tracing::info!(root = %root.path.display(), "watching");
-            if !initial {
-                self.walk_in_background(root.path.clone(), i, walks);
-            }
+            anew.push(i);
         }
+        anew
     }
 
     /// Whether `ev` says a root itself was removed, moved or replaced.
@@ -248,51 +318,6 @@ impl WatchTask {
             .paths
             .iter()
             .any(|p| self.roots.iter().any(|r| &r.path == p))
-    }
-
-    fn walk_in_background(&self, dir: PathBuf, root: usize, walks: &mut JoinSet<()>) {
-        let roots = self.roots.clone();
-        let feeder = self.feeder.clone();
-        walks.spawn_blocking(move || {
-            scan::walk(&dir, root, &roots[root], &feeder);
-        });
-    }
-
-    /// Walk a directory that just appeared, now and twice more: notify reports a new
-    /// directory before it adds the watch on it, so a file written in between has no event,
-    /// and a walk done before it was written does not see it either. The pauses are timers,
-    /// not sleeping threads (a job creating thousands of directories costs no threads), and
-    /// end at shutdown.
-    fn walk_new_dir(&self, dir: PathBuf, root: usize, walks: &mut JoinSet<()>) {
-        let roots = self.roots.clone();
-        let feeder = self.feeder.clone();
-        walks.spawn(async move {
-            let closed = feeder.closed();
-            for pause in [
-                Duration::ZERO,
-                Duration::from_millis(300),
-                Duration::from_secs(2),
-            ] {
-                tokio::select! {
-                    _ = closed.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                let (roots, feeder, dir) = (roots.clone(), feeder.clone(), dir.clone());
-                let walked = tokio::task::spawn_blocking(move || {
-                    // Looked at through the root's handle: a directory swapped for a
-                    // symlink is not walked.
-                    if !matches!(roots[root].kind(&dir), Ok(Kind::Dir)) {
-                        return false;
-                    }
-                    scan::walk(&dir, root, &roots[root], &feeder);
-                    true
-                })
-                .await;
-                if !matches!(walked, Ok(true)) {
-                    return;
-                }
-            }
-        });
     }
 
     fn root_of(&self, path: &Path) -> Option<usize> {
@@ -308,7 +333,7 @@ impl WatchTask {
         ev: notify::Result<Event>,
         settling: &mut HashMap<PathBuf, (usize, Instant)>,
         overflow: &AtomicBool,
-        walks: &mut JoinSet<()>,
+        walks: &Walks,
         rescan_at: &mut Option<Instant>,
     ) {
         let ev = match ev {
@@ -342,7 +367,7 @@ impl WatchTask {
             EventKind::Create(CreateKind::Folder) => {
                 for p in ev.paths {
                     if let Some(root) = self.root_of(&p) {
-                        self.walk_new_dir(p, root, walks);
+                        walks.request(p, root, What::Files, None);
                     }
                 }
             }
@@ -358,7 +383,7 @@ impl WatchTask {
                     if let Some(root) = self.root_of(&p) {
                         settling.remove(&p);
                         if self.is_dir(&p, root) {
-                            self.walk_new_dir(p, root, walks);
+                            walks.request(p, root, What::Files, None);
                             // notify keeps the old paths for the watches under a renamed
                             // directory, so events from inside it may name paths that no
                             // longer lead there (through a symlink that took its place, say):
@@ -386,7 +411,7 @@ impl WatchTask {
                         continue;
                     };
                     if ev.kind == EventKind::Create(CreateKind::Any) && self.is_dir(&p, root) {
-                        self.walk_new_dir(p, root, walks);
+                        walks.request(p, root, What::Files, None);
                     } else {
                         settling.insert(p, (root, now));
                     }

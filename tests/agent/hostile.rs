@@ -213,3 +213,230 @@ async fn a_tiny_inotify_watch_limit_degrades_to_rescans_and_loses_nothing() {
     }
     assert_eq!(env.nas_objects().len(), 80);
 }
+
+/// The daemon's thread count, from /proc.
+fn threads_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Poll `f` until it is true or `timeout` passed; whether it became true.
+async fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A rename storm (issue 28 item 3): a job swaps fresh 2,000-file run directories with a
+/// symlink (`renameat2(RENAME_EXCHANGE)`) in a loop, four seconds each. Each swap moves a
+/// whole tree in under another name; walking each one anew on a blocking thread (three times)
+/// once parked 512 threads and stalled every other run for minutes, and SIGTERM for minutes
+/// more. The storm may cost CPU, but a file of another run (in its directory, and in a
+/// directory created during the storm) is stored within 20 s, the daemon never runs 64
+/// threads, and SIGTERM in the middle of the storm ends it within 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_storm_in_one_run_never_stalls_another() {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Instant;
+    // Loops of four seconds each, until the test stops the storm (at most this many).
+    const LOOPS: usize = 10;
+    let _heavy = heavy().await;
+    let mut env = Env::new();
+    // Few uploads in flight (each may hold a blocking thread while it reads or stores), so
+    // the thread count measures the walks.
+    let primary = env.tmp.path().join("primary-store");
+    env.primary = Some(format!(
+        "[[destination]]\nname = \"primary\"\nurl = \"file://{}\"\nconcurrency = 4\n",
+        primary.display()
+    ));
+    env.nas_extra = "concurrency = 4\n".into();
+    // The shutdown's steps are logged at debug.
+    env.cmd_env.push((
+        "PANOPTIC_SYNC_LOG".into(),
+        "info,notify=error,panoptic_sync::daemon=debug,panoptic_sync::watch=debug".into(),
+    ));
+    let outside = env.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("x.txt"), b"outside").unwrap();
+    let link = env.watch.join("storm-link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    env.write("other/before.txt", b"before the storm");
+    let mut daemon = env.spawn_run();
+    let pid = daemon.0.id();
+    let stored = |rel: &str| env.nas.join(format!("ci/{NODE}/{rel}")).exists();
+    wait_until(
+        Duration::from_secs(30),
+        "the other run's first file",
+        || stored("other/before.txt"),
+    )
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // Ends the storm also when an assertion fails.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop = Stop(stop.clone());
+    // The loop the storm is in (1-based; 0 before it starts).
+    let progress = Arc::new(AtomicUsize::new(0));
+    let storm = {
+        let (stop, progress, watch, link) = (
+            stop.clone(),
+            progress.clone(),
+            env.watch.clone(),
+            link.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            for i in 0..LOOPS {
+                let dir = watch.join(format!("storm-{i}"));
+                std::fs::create_dir(&dir).unwrap();
+                // Ten files to upload, the rest excluded (`*.tmp`): each is walked all the
+                // same, while the other runs' files need not queue behind 8,000 uploads.
+                for f in 0..2000 {
+                    let ext = if f % 200 == 0 { "log" } else { "tmp" };
+                    std::fs::write(dir.join(format!("{f}.{ext}")), format!("storm {i} {f}"))
+                        .unwrap();
+                }
+                progress.store(i + 1, Ordering::SeqCst);
+                let end = Instant::now() + Duration::from_secs(4);
+                while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+                    renameat_with(CWD, &dir, CWD, &link, RenameFlags::EXCHANGE).unwrap();
+                    swaps += 1;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            swaps
+        })
+    };
+    // The most threads seen, and what they were.
+    let mut max_threads = 0;
+    let mut names = BTreeMap::<String, u32>::new();
+    let mut sample = || {
+        if let Some(n) = threads_of(pid).filter(|&n| n > max_threads) {
+            max_threads = n;
+            names.clear();
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter();
+            for t in tasks.flatten().flatten() {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                *names.entry(comm.trim().to_string()).or_default() += 1;
+            }
+        }
+    };
+
+    // (a) In the second loop: a file in the other run's directory, and one in a directory
+    // of another run created now, each stored within 20 s.
+    wait_until(Duration::from_secs(20), "the storm's second loop", || {
+        sample();
+        progress.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let written = Instant::now();
+    env.write("other/during.txt", b"during the storm");
+    env.write(
+        "fresh-run/logs/during.txt",
+        b"in a new directory during the storm",
+    );
+    let mut latency = [None, None];
+    within(Duration::from_secs(20), || {
+        sample();
+        for (i, rel) in ["other/during.txt", "fresh-run/logs/during.txt"]
+            .iter()
+            .enumerate()
+        {
+            if latency[i].is_none() && stored(rel) {
+                latency[i] = Some(written.elapsed());
+            }
+        }
+        latency.iter().all(Option::is_some)
+    })
+    .await;
+
+    // (c) In the storm's third loop or later, SIGTERM: the daemon exits within 20 s.
+    within(Duration::from_secs(20), || {
+        sample();
+        progress.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sample();
+    let storming = !storm.is_finished();
+    let term = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut status = None;
+    within(Duration::from_secs(20), || {
+        status = daemon.0.try_wait().unwrap();
+        status.is_none().then(&mut sample);
+        status.is_some()
+    })
+    .await;
+    let exit = term.elapsed();
+    // How the shutdown went, for the record.
+    let log = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap_or_default();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("SIGTERM") || l.contains("shutdown:"))
+    {
+        eprintln!("{line}");
+    }
+    if status.is_none() {
+        // Where each thread waits, for the diagnosis.
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter();
+        for t in tasks.flatten().flatten() {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+            eprintln!("thread {}: {}", read("comm").trim(), read("wchan"));
+        }
+        eprintln!("daemon log:\n{log}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = storm.join().unwrap();
+    eprintln!(
+        "rename storm: {swaps} swaps; stored after {:?} (the other run's directory) and {:?} \
+         (a new directory); at most {max_threads} threads; {:?} from SIGTERM to {} (storm \
+         running: {storming})",
+        latency[0],
+        latency[1],
+        exit,
+        if status.is_some() {
+            "exit"
+        } else {
+            "giving up"
+        },
+    );
+    assert!(
+        latency.iter().all(Option::is_some),
+        "the other runs' files were not stored within 20 s"
+    );
+    assert!(
+        max_threads < 64,
+        "the daemon ran {max_threads} threads: {names:?}"
+    );
+    assert!(storming, "SIGTERM came after the storm");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit within 20 s of SIGTERM: {status:?}"
+    );
+}

@@ -217,6 +217,8 @@ pub struct Env {
     pub cmd_env: Vec<(String, String)>,
     /// TOML appended at the end (e.g. `[retention]`, `[metrics]`).
     pub tail: String,
+    /// Extra TOML for the file:// backup's `[[destination]]` table (e.g. `concurrency`).
+    pub nas_extra: String,
     /// This setup's node id.
     pub node: String,
 }
@@ -249,6 +251,7 @@ impl Env {
             primary: None,
             cmd_env: Vec::new(),
             tail: String::new(),
+            nas_extra: String::new(),
             node: NODE.to_string(),
         };
         std::fs::create_dir_all(&env.watch).unwrap();
@@ -286,6 +289,7 @@ settle_ms = 300
 [[destination]]
 name = "nas"
 url = "file://{nas}"
+{nas_extra}
 
 {tail}
 "#,
@@ -296,6 +300,7 @@ url = "file://{nas}"
             watch = self.watch.display(),
             extra = self.watch_extra,
             nas = self.nas.display(),
+            nas_extra = self.nas_extra,
         )
     }
 
