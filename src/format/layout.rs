@@ -35,6 +35,8 @@ pub const NODES_PREFIX: &str = internal_key!("/nodes");
 pub const RUNS_PREFIX: &str = internal_key!("/runs");
 /// Where `report --fleet --publish` stores the fleet page.
 pub const FLEET_PAGE: &str = internal_key!("/fleet/index.html");
+/// The quarantine list's logical key (see [`crate::format::quarantine`]).
+pub const QUARANTINE_KEY: &str = internal_key!("/quarantine.json");
 /// Where `check-config` writes its probe objects.
 pub const PROBE_PREFIX: &str = internal_key!("/probe");
 
