@@ -39,7 +39,7 @@ macro_rules! outln {
 mod args;
 mod render;
 
-pub use args::{Cli, Command, LogFormat};
+pub use args::{Cli, Command, LogFormat, QuarantineAction};
 use render::render_rebuilt;
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -238,6 +238,23 @@ enum Done {
         /// One line per `[[notify]]` entry: what was found, or what is wrong.
         notifiers: Vec<Result<String, String>>,
     },
+    /// `gate`: the failures judged by the quarantine list.
+    Gate {
+        gate: crate::quarantine::Gate,
+        json: bool,
+    },
+    /// `quarantine list`.
+    QuarantineList {
+        listed: crate::quarantine::Listed,
+        json: bool,
+    },
+    /// `quarantine add` or `remove`.
+    QuarantineChanged(crate::quarantine::Changed),
+    /// `quarantine propose`.
+    Proposed {
+        proposed: crate::quarantine::Proposed,
+        json: bool,
+    },
     /// Handled before the configuration is loaded.
     Nothing,
 }
@@ -260,6 +277,7 @@ impl Done {
             }
             Done::Sealed(s) => Exit::unless_failures(matches!(s, crate::seal::Sealed::Done { .. })),
             Done::RunRestored { report, .. } => Exit::unless_failures(report.failed.is_empty()),
+            Done::Gate { gate, .. } => Exit::unless_failures(gate.passed()),
             Done::Ran
             | Done::Status { .. }
             | Done::Fleet { .. }
@@ -269,6 +287,9 @@ impl Done {
             | Done::Runs { .. }
             | Done::FleetRuns { .. }
             | Done::Run { .. }
+            | Done::QuarantineList { .. }
+            | Done::QuarantineChanged(_)
+            | Done::Proposed { .. }
             | Done::Nothing => Exit::Success,
         }
     }
@@ -409,6 +430,11 @@ async fn dispatch(
             dest,
             expires,
         } => Done::Link(crate::links::link(&config, &path, dest.as_deref(), expires).await?),
+        Command::Gate { junit, json } => Done::Gate {
+            gate: crate::quarantine::gate(&config, &junit).await?,
+            json,
+        },
+        Command::Quarantine { action } => quarantine(&config, action).await?,
         Command::Keygen { .. } => Done::Nothing,
         Command::CheckConfig { offline } => Done::Checked {
             result: crate::agent::check_config(&config, offline).await,
@@ -530,6 +556,45 @@ async fn report_fleet(
             json,
         }),
     }
+}
+
+/// `quarantine add|remove|list|propose`: the list in the primary.
+async fn quarantine(config: &Config, action: QuarantineAction) -> anyhow::Result<Done> {
+    use crate::quarantine as q;
+    let store = q::ListStore::open(config)?;
+    Ok(match action {
+        QuarantineAction::Add {
+            test,
+            reason,
+            expires,
+        } => Done::QuarantineChanged(q::add(&store, &test, &reason, &expires).await?),
+        QuarantineAction::Remove { test } => {
+            Done::QuarantineChanged(q::remove(&store, &test).await?)
+        }
+        QuarantineAction::List { json } => Done::QuarantineList {
+            listed: store.read().await?,
+            json,
+        },
+        QuarantineAction::Propose {
+            since,
+            branch,
+            add,
+            expires,
+            reason,
+            json,
+        } => {
+            let query = crate::results::fleet::Query {
+                since,
+                branch,
+                now_ms: crate::format::units::now_ms(),
+            };
+            let add = add.then_some((expires.as_str(), reason.as_deref()));
+            Done::Proposed {
+                proposed: q::propose(&store, &query, add).await?,
+                json,
+            }
+        }
+    })
 }
 
 /// Whether `command` works on the watched trees (and so needs a `[[watch]]`).

@@ -330,6 +330,13 @@ pub fn manifest_binding(stored_key: &str) -> String {
     format!("\0manifest\0{stored_key}")
 }
 
+/// What the quarantine list's container is bound to: its key behind a prefix of its own, so
+/// neither a file object nor a manifest stored at that key passes for the list
+/// (`docs/FORMAT.md`).
+pub fn quarantine_binding(stored_key: &str) -> String {
+    format!("\0quarantine\0{stored_key}")
+}
+
 /// Streaming decryptor: push ciphertext in, get authenticated plaintext out.
 pub struct Decryptor {
     keys: Vec<MasterKey>,

@@ -16,7 +16,8 @@
 //!    [`agent`] opens the parts and runs them, [`sync`] is one pass or a wait (`flush`).
 //! 4. **Features**: [`runs`] (run directories, their state, `restore --run`), [`results`]
 //!    (JUnit parsing, run records, fleet aggregation), [`seal`], [`notify`], [`retention`],
-//!    [`restore`], [`rebuild`], [`report`], [`node_status`], [`status`], [`links`].
+//!    [`restore`], [`rebuild`], [`report`], [`node_status`], [`status`], [`links`],
+//!    [`quarantine`] (the flaky-test quarantine list and `gate`).
 //! 5. **Daemon**: [`daemon`], the long-running loops wired together.
 //! 6. **Command line**: [`cli`], parsing, dispatch, text rendering and exit codes; `main.rs`
 //!    only calls it.
@@ -44,6 +45,7 @@ pub mod metrics;
 pub(crate) mod node_status;
 pub(crate) mod notify;
 pub mod pipeline;
+pub(crate) mod quarantine;
 pub(crate) mod rebuild;
 pub(crate) mod report;
 pub mod restore;

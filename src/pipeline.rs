@@ -281,6 +281,44 @@ pub fn encoder(
     })
 }
 
+/// Encode a small object held in memory (`body`) as `plan`, bound to `bound` (see
+/// [`encoder`]): the quarantine list.
+pub fn encode_bytes(
+    pipeline: &Pipeline,
+    plan: Plan,
+    meta: &Meta,
+    bound: &str,
+    body: &[u8],
+) -> io::Result<Vec<u8>> {
+    /// The encoder's sink: a buffer shared with the caller.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Finish for Shared {
+        fn finish(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Shared::default();
+    let mut w = encoder(pipeline, plan, meta, bound, Box::new(sink.clone()))?;
+    w.write_all(body)?;
+    w.finish()?;
+    Ok(std::mem::take(
+        &mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()),
+    ))
+}
+
 /// A `Read` that decrypts a stream of our container format.
 pub struct DecryptReader<R: Read> {
     inner: R,
@@ -370,6 +408,18 @@ pub fn manifest_decoder<'a, R: Read + 'a>(
     } else {
         decode_bound(plan, keys, &[&manifest], inner)
     }
+}
+
+/// The decoding chain for the quarantine list stored under `stored_key`: it authenticates
+/// only as the list ([`crypto::quarantine_binding`]), never as a file or a manifest.
+pub fn quarantine_decoder<'a, R: Read + 'a>(
+    plan: Plan,
+    keys: &[MasterKey],
+    stored_key: &str,
+    inner: R,
+) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
+    let bound = crypto::quarantine_binding(stored_key);
+    decode_bound(plan, keys, &[&bound], inner)
 }
 
 /// Whether `stored_key` names a run's manifest (`…/_run/manifest.json` and its suffixes).

@@ -240,10 +240,31 @@ fn parse_path(root: &Root, path: &Path) -> Result<Vec<Case>, String> {
     let (file, stat) = root
         .open_file(path)
         .map_err(|e| format!("cannot open: {e}"))?;
-    if stat.size > MAX_FILE_BYTES {
+    parse_capped(file, stat.size)
+}
+
+/// Open and parse a JUnit file named on the command line (`gate`): a local path its caller
+/// chose, read by path, capped like a run's files; anything but a regular file is refused
+/// (a FIFO would block the open).
+pub(crate) fn parse_local(path: &Path) -> Result<Vec<Case>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let size = file
+        .metadata()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    parse_capped(file, size)
+}
+
+/// Parse an opened JUnit file of `size` bytes, refusing one over [`MAX_FILE_BYTES`].
+fn parse_capped(file: impl Read, size: u64) -> Result<Vec<Case>, String> {
+    if size > MAX_FILE_BYTES {
         return Err(format!(
             "{} bytes, larger than the {} MiB a JUnit file may have; not parsed",
-            stat.size,
+            size,
             MAX_FILE_BYTES >> 20
         ));
     }

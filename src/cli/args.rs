@@ -185,6 +185,25 @@ pub enum Command {
         #[arg(long)]
         from: Option<String>,
     },
+    /// The flaky-test quarantine in the primary (`_panoptic-sync/quarantine.json`): the failing
+    /// tests `gate` lets pass until their entries expire. A test is CLASS::NAME (its JUnit
+    /// `classname`, or its suite's name without one, and its `name`).
+    Quarantine {
+        /// What to do with the list.
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+    /// Exit 0 only when every failed or errored test case in the JUnit files is quarantined and
+    /// unexpired; 1 when one is not, when a file cannot be read, or when the files hold no test
+    /// at all. Decides from the copy in the state directory when the primary cannot be read.
+    Gate {
+        /// JUnit XML files written by the tests.
+        #[arg(required = true, value_name = "JUNIT_FILE")]
+        junit: Vec<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a new 256-bit encryption key (mode 0600), or print it.
     Keygen {
         /// File to create (never overwritten); without it the key is printed.
@@ -198,5 +217,55 @@ pub enum Command {
         /// Do not contact destinations or webhook hosts, nor look for notify programs.
         #[arg(long)]
         offline: bool,
+    },
+}
+
+/// `quarantine` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineAction {
+    /// Quarantine a test (or replace its entry).
+    Add {
+        /// The test: CLASS::NAME.
+        test: String,
+        /// Why (a ticket, a note); required.
+        #[arg(long)]
+        reason: String,
+        /// Until when: a date (YYYY-MM-DD, held through that day, UTC) or a duration from now
+        /// ("14d"); at most 90 days ahead. Required: every entry expires.
+        #[arg(long)]
+        expires: String,
+    },
+    /// Take a test out of the quarantine.
+    Remove {
+        /// The test: CLASS::NAME.
+        test: String,
+    },
+    /// Show the list (expired entries marked).
+    List {
+        /// Print JSON (the list as stored).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Propose the fleet's flaky tests (those of `report --fleet`) that the list does not
+    /// quarantine; --add adds them.
+    Propose {
+        /// Test results of runs sealed this long ago or later (e.g. "7d").
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        since: Duration,
+        /// Test results of this branch only.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Add the proposed tests to the list.
+        #[arg(long)]
+        add: bool,
+        /// With --add: until when (a date or a duration, as for `add`).
+        #[arg(long, requires = "add", default_value = "14d")]
+        expires: String,
+        /// With --add: the reason recorded (default: the evidence, from the fleet's results).
+        #[arg(long, requires = "add")]
+        reason: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }

@@ -60,6 +60,40 @@ impl Done {
                     out!("{}", manifest_text(manifest));
                 }
             }
+            Done::Gate { gate, json } => {
+                if *json {
+                    outln!("{}", serde_json::to_string_pretty(gate)?);
+                } else {
+                    out!("{}", gate_text(gate));
+                }
+                render_gate_problems(gate);
+            }
+            Done::QuarantineList { listed, json } => {
+                render_source(&listed.source);
+                if *json {
+                    outln!("{}", serde_json::to_string_pretty(&listed.list)?);
+                } else {
+                    out!("{}", quarantine_text(listed));
+                }
+            }
+            Done::QuarantineChanged(c) => {
+                for e in &c.entries {
+                    outln!(
+                        "{} {} (expires {}) in {}",
+                        c.action,
+                        destination::printable(&e.test),
+                        e.expires.format("%Y-%m-%d %H:%M UTC"),
+                        destination::printable(&c.key)
+                    );
+                }
+            }
+            Done::Proposed { proposed, json } => {
+                if *json {
+                    outln!("{}", serde_json::to_string_pretty(proposed)?);
+                } else {
+                    out!("{}", proposed_text(proposed));
+                }
+            }
             Done::Synced(s) => render_sync(s),
             Done::Flushed(s) => render_flush(s),
             Done::Status { status, json } => {
@@ -911,4 +945,152 @@ fn write_outliers(o: &mut String, outliers: &[crate::format::fleet::Outlier]) {
             pc(Some(n.fleet_failure_rate))
         );
     }
+}
+
+/// Where the list came from, on stderr when it was not the primary.
+fn render_source(source: &crate::quarantine::Source) {
+    if let crate::quarantine::Source::Cache {
+        why,
+        path,
+        cached_ms,
+    } = source
+    {
+        eprintln!(
+            "panoptic-sync: the primary could not be read ({}); deciding from the copy of the \
+             quarantine list kept at {} ({})",
+            destination::printable(why),
+            path.display(),
+            page::time(*cached_ms)
+        );
+    }
+}
+
+/// `gate`'s verdict on each failure, and the outcome.
+fn gate_text(g: &crate::quarantine::Gate) -> String {
+    use crate::quarantine::Verdict;
+    let mut o = String::new();
+    for f in &g.failures {
+        let until = f
+            .expires
+            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_default();
+        let (word, tail) = match f.verdict {
+            Verdict::Quarantined => ("quarantined", format!(" (until {until})")),
+            Verdict::Expired => ("EXPIRED", format!(" (quarantine expired {until})")),
+            Verdict::NotQuarantined => ("NOT QUARANTINED", String::new()),
+        };
+        let _ = writeln!(
+            o,
+            "{word} {}{tail}  [{}]",
+            destination::printable(&f.test),
+            destination::printable(&f.file.display().to_string())
+        );
+    }
+    let unexcused = g
+        .failures
+        .iter()
+        .filter(|f| f.verdict != Verdict::Quarantined)
+        .count();
+    let _ = writeln!(
+        o,
+        "gate {}: {} test{}, {} failure{}, {} not quarantined",
+        if g.passed() { "passed" } else { "failed" },
+        g.tests,
+        if g.tests == 1 { "" } else { "s" },
+        g.failures.len(),
+        if g.failures.len() == 1 { "" } else { "s" },
+        unexcused
+    );
+    o
+}
+
+/// Why `gate` failed, and where its list came from, on stderr.
+fn render_gate_problems(g: &crate::quarantine::Gate) {
+    render_source(&g.source);
+    for b in &g.bad_files {
+        eprintln!(
+            "panoptic-sync: {}: {}",
+            b.path.display(),
+            destination::printable(&b.error)
+        );
+    }
+    if g.tests == 0 && g.bad_files.is_empty() {
+        eprintln!(
+            "panoptic-sync: no test case in the JUnit files given: the job may have stopped \
+             before writing its results"
+        );
+    }
+}
+
+/// The quarantine list as a table (expired entries marked).
+fn quarantine_text(l: &crate::quarantine::Listed) -> String {
+    let p = destination::printable;
+    let mut o = String::new();
+    if l.list.entries.is_empty() {
+        let _ = writeln!(o, "the quarantine list is empty ({})", p(&l.key));
+        return o;
+    }
+    let width = l
+        .list
+        .entries
+        .iter()
+        .map(|e| p(&e.test).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let _ = writeln!(
+        o,
+        "{:<width$}  {:<20}  {:<16}  REASON",
+        "TEST", "EXPIRES", "ADDED BY"
+    );
+    for e in &l.list.entries {
+        let expires = e.expires.format("%Y-%m-%d %H:%M").to_string();
+        let expires = if e.active(l.now_ms) {
+            expires
+        } else {
+            format!("{expires} expired")
+        };
+        let _ = writeln!(
+            o,
+            "{:<width$}  {:<20}  {:<16}  {}",
+            p(&e.test),
+            expires,
+            p(&e.added_by),
+            p(&e.reason)
+        );
+    }
+    o
+}
+
+/// `quarantine propose`: the flaky tests not quarantined, and what was added.
+fn proposed_text(r: &crate::quarantine::Proposed) -> String {
+    let p = destination::printable;
+    let mut o = String::new();
+    if r.proposals.is_empty() {
+        let _ = writeln!(
+            o,
+            "no flaky test to propose ({} quarantined already)",
+            r.already
+        );
+    }
+    for t in &r.proposals {
+        let _ = writeln!(
+            o,
+            "{} ({}): flaky on {} revision{}: {}",
+            p(&t.test),
+            p(&t.suite),
+            t.revisions,
+            if t.revisions == 1 { "" } else { "s" },
+            p(&t.commits.join(", "))
+        );
+    }
+    for e in &r.added {
+        let _ = writeln!(
+            o,
+            "added {} (expires {})",
+            p(&e.test),
+            e.expires.format("%Y-%m-%d %H:%M UTC")
+        );
+    }
+    o
 }

@@ -37,6 +37,8 @@ pub const RUNS_PREFIX: &str = internal_key!("/runs");
 pub const TESTS_PREFIX: &str = internal_key!("/tests");
 /// Where `report --fleet --publish` stores the fleet page.
 pub const FLEET_PAGE: &str = internal_key!("/fleet/index.html");
+/// The quarantine list's logical key (see [`crate::format::quarantine`]).
+pub const QUARANTINE_KEY: &str = internal_key!("/quarantine.json");
 /// Where `check-config` writes its probe objects.
 pub const PROBE_PREFIX: &str = internal_key!("/probe");
 

@@ -9,6 +9,7 @@
 //! - [`record`]: the run summary record, one NDJSON line per sealed run.
 //! - [`metadata`]: the metadata names of plain objects.
 //! - [`node_status`]: the status object each node publishes for the fleet view.
+//! - [`quarantine`]: the list of quarantined tests that `gate` enforces.
 //! - [`report`] and [`fleet`]: the node report and the fleet view as `report --json` writes them.
 //! - [`units`]: sizes, durations and "now", spelled one way everywhere.
 
@@ -18,6 +19,7 @@ pub mod layout;
 pub(crate) mod manifest;
 pub mod metadata;
 pub(crate) mod node_status;
+pub(crate) mod quarantine;
 pub(crate) mod record;
 pub(crate) mod report;
 pub(crate) mod results;

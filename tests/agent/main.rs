@@ -16,6 +16,7 @@ mod fleet;
 mod format;
 mod hostile;
 mod notify;
+mod quarantine;
 mod reliability;
 mod restore;
 mod results;
