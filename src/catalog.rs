@@ -11,10 +11,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use crate::destination::Destination;
+use std::io::Read;
+
+use anyhow::Context;
+use object_store::{Attribute, ObjectStoreExt};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::destination::{self, Destination};
 use crate::format::layout;
-use crate::format::manifest::{MANIFEST_NAME, Manifest, RUN_DIR};
-use crate::pipeline::Pipeline;
+use crate::format::manifest::{MANIFEST_FORMAT, MANIFEST_NAME, Manifest, RUN_DIR};
+use crate::pipeline::{self, Pipeline};
 
 /// Manifests kept in memory.
 const CACHED_MANIFESTS: usize = 512;
@@ -100,7 +107,7 @@ impl Manifests {
             return Ok(m.clone());
         }
         let m = Arc::new(
-            crate::runs::read_manifest(dest, pipeline, &entry.manifest_key)
+            read_manifest(dest, pipeline, &entry.manifest_key)
                 .await
                 .map_err(|e| anyhow::anyhow!("manifest {}: {e:#}", entry.manifest_key))?,
         );
@@ -136,7 +143,7 @@ pub(crate) async fn find(
     let mut best: Option<(String, Manifest)> = None;
     let mut errors = Vec::new();
     for e in runs.values().filter(|e| e.run() == run) {
-        match crate::runs::read_manifest(dest, pipeline, &e.manifest_key).await {
+        match read_manifest(dest, pipeline, &e.manifest_key).await {
             Ok(m) if m.node == node && m.run == run && m.key_prefix == e.key_prefix => {
                 if best.as_ref().is_none_or(|(_, b)| m.sealed_ms > b.sealed_ms) {
                     best = Some((e.manifest_key.clone(), m));
@@ -194,7 +201,7 @@ pub(crate) async fn fleet_runs(
     let runs = list(dest, pipeline).await?;
     let mut out: Vec<FleetRun> = futures::stream::iter(runs.into_values())
         .map(|e| async move {
-            match crate::runs::read_manifest(dest, pipeline, &e.manifest_key).await {
+            match read_manifest(dest, pipeline, &e.manifest_key).await {
                 Ok(m) => FleetRun {
                     node: m.node.clone(),
                     run: m.run.clone(),
@@ -226,4 +233,66 @@ pub(crate) async fn fleet_runs(
         .await;
     out.sort_by_key(|r| std::cmp::Reverse(r.sealed_ms));
     Ok(out)
+}
+
+/// Largest manifest `restore --run` reads.
+const MAX_MANIFEST: u64 = 256 * 1024 * 1024;
+
+/// Download, decode and parse a manifest. With a key configured, only an encrypted (and so
+/// authenticated) manifest is accepted.
+pub(crate) async fn read_manifest(
+    dest: &Destination,
+    pipeline: &Pipeline,
+    stored_key: &str,
+) -> anyhow::Result<Manifest> {
+    let plan = layout::parse(stored_key).plan;
+    if pipeline.key.is_some() && !plan.encrypt {
+        anyhow::bail!(
+            "not encrypted although a key is configured: refused (anyone who can write to the bucket can plant it)"
+        );
+    }
+    let location = dest.path(stored_key)?;
+    let get = dest
+        .store
+        .get(&location)
+        .await
+        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
+    // A plain manifest in S3, GCS or Azure carries its SHA-256 like any plain object.
+    let recorded = get
+        .attributes
+        .get(&Attribute::Metadata(crate::format::metadata::SHA256.into()))
+        .map(|v| v.as_ref().to_string());
+    // Streamed, never held whole: the decoded manifest is capped below, so an object of any
+    // size costs no more memory than the cap.
+    let raw = crate::restore::download(get);
+    let (keys, key) = (pipeline.keys.clone(), stored_key.to_string());
+    let legacy = pipeline.legacy_manifests;
+    let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+        let (r, meta) = pipeline::manifest_decoder(plan, &keys, &key, legacy, raw)?;
+        let mut body = Vec::new();
+        r.take(MAX_MANIFEST + 1).read_to_end(&mut body)?;
+        anyhow::ensure!(
+            body.len() as u64 <= MAX_MANIFEST,
+            "larger than {MAX_MANIFEST} bytes"
+        );
+        if let Some(want) = meta.map(|m| m.sha256).or(recorded) {
+            anyhow::ensure!(
+                crate::restore::same_sha256(&want, &hex::encode(Sha256::digest(&body))),
+                "content does not match the SHA-256 recorded with it"
+            );
+        }
+        Ok(body)
+    })
+    .await??;
+    #[derive(Deserialize)]
+    struct Version {
+        format: u32,
+    }
+    let v: Version = serde_json::from_slice(&body).context("not a manifest")?;
+    anyhow::ensure!(
+        v.format == MANIFEST_FORMAT,
+        "manifest format {} is not known to this build (it reads {MANIFEST_FORMAT})",
+        v.format
+    );
+    serde_json::from_slice(&body).context("not a valid manifest")
 }

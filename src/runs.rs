@@ -10,29 +10,23 @@
 //! compares the index with the manifest kept in the index to show runs changed after a seal.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
-use object_store::{Attribute, ObjectStoreExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Runs};
 use crate::destination::{self, Destination};
 use crate::error::UsageError;
 use crate::format::layout;
-use crate::format::manifest::{
-    MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, RunSummary,
-};
+use crate::format::manifest::{MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, RunSummary};
 use crate::index::Index;
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::scan::Root;
 
-/// Largest manifest `restore --run` reads.
-const MAX_MANIFEST: u64 = 256 * 1024 * 1024;
 /// Files restored at once.
 const CONCURRENCY: usize = 8;
 
@@ -220,7 +214,7 @@ async fn own_manifest(
             dest.name
         );
     };
-    let manifest = read_manifest(dest, pipeline, &manifest_key)
+    let manifest = crate::catalog::read_manifest(dest, pipeline, &manifest_key)
         .await
         .with_context(|| format!("manifest {manifest_key} in {}", dest.name))?;
     if manifest.run != name {
@@ -292,65 +286,6 @@ async fn restore_manifest(
     }
     out.failed.sort();
     Ok(out)
-}
-
-/// Download, decode and parse a manifest. With a key configured, only an encrypted (and so
-/// authenticated) manifest is accepted.
-pub(crate) async fn read_manifest(
-    dest: &Destination,
-    pipeline: &Pipeline,
-    stored_key: &str,
-) -> anyhow::Result<Manifest> {
-    let plan = layout::parse(stored_key).plan;
-    if pipeline.key.is_some() && !plan.encrypt {
-        anyhow::bail!(
-            "not encrypted although a key is configured: refused (anyone who can write to the bucket can plant it)"
-        );
-    }
-    let location = dest.path(stored_key)?;
-    let get = dest
-        .store
-        .get(&location)
-        .await
-        .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
-    // A plain manifest in S3, GCS or Azure carries its SHA-256 like any plain object.
-    let recorded = get
-        .attributes
-        .get(&Attribute::Metadata(crate::format::metadata::SHA256.into()))
-        .map(|v| v.as_ref().to_string());
-    // Streamed, never held whole: the decoded manifest is capped below, so an object of any
-    // size costs no more memory than the cap.
-    let raw = crate::restore::download(get);
-    let (keys, key) = (pipeline.keys.clone(), stored_key.to_string());
-    let legacy = pipeline.legacy_manifests;
-    let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-        let (r, meta) = pipeline::manifest_decoder(plan, &keys, &key, legacy, raw)?;
-        let mut body = Vec::new();
-        r.take(MAX_MANIFEST + 1).read_to_end(&mut body)?;
-        anyhow::ensure!(
-            body.len() as u64 <= MAX_MANIFEST,
-            "larger than {MAX_MANIFEST} bytes"
-        );
-        if let Some(want) = meta.map(|m| m.sha256).or(recorded) {
-            anyhow::ensure!(
-                crate::restore::same_sha256(&want, &hex::encode(Sha256::digest(&body))),
-                "content does not match the SHA-256 recorded with it"
-            );
-        }
-        Ok(body)
-    })
-    .await??;
-    #[derive(Deserialize)]
-    struct Version {
-        format: u32,
-    }
-    let v: Version = serde_json::from_slice(&body).context("not a manifest")?;
-    anyhow::ensure!(
-        v.format == MANIFEST_FORMAT,
-        "manifest format {} is not known to this build (it reads {MANIFEST_FORMAT})",
-        v.format
-    );
-    serde_json::from_slice(&body).context("not a valid manifest")
 }
 
 /// A run's state in `runs`.

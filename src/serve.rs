@@ -271,9 +271,7 @@ async fn run_path(
 /// `path` with each segment percent-encoded.
 fn encode(path: &str) -> String {
     path.split('/')
-        .map(|s| {
-            percent_encoding::utf8_percent_encode(s, crate::html::run_page::SEGMENT).to_string()
-        })
+        .map(|s| percent_encoding::utf8_percent_encode(s, crate::html::href::SEGMENT).to_string())
         .collect::<Vec<_>>()
         .join("/")
 }

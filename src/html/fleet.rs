@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::href::{list_href, run_href};
 use crate::format::fleet::{BadRecord, Flaky, FleetResults, Group, Outlier, TestStat};
 
 /// Rate per day for each group (at most `max` groups, the ones with most runs).
@@ -115,21 +116,6 @@ fn charts(r: &FleetResults) -> maud::Markup {
         (lines("Run success rate per day, per branch", &days, &per_day(&days, &r.branches, 8), 1.0, &pct))
         (lines("Run success rate per day, per suite", &days, &per_day(&days, &r.suites, 8), 1.0, &pct))
     }
-}
-
-/// The link to the run at `key_prefix` (its page), from a page whose way to the store's root
-/// is `base` (`/` on `serve`, `../../` from the published fleet page).
-pub(crate) fn run_href(base: &str, key_prefix: &str) -> String {
-    let encoded: Vec<String> = key_prefix
-        .split('/')
-        .map(|s| percent_encoding::utf8_percent_encode(s, super::run_page::SEGMENT).to_string())
-        .collect();
-    format!("{base}{}/", encoded.join("/"))
-}
-
-/// The link to the run list holding the run at `key_prefix`.
-pub(crate) fn list_href(base: &str, key_prefix: &str) -> String {
-    run_href(base, key_prefix.rsplit_once('/').map_or("", |(p, _)| p))
 }
 
 /// A name, linked to `href` when there is a base to link from and a place to link to.

@@ -5,10 +5,12 @@
 //! - [`runs`]: the pages above a run (the runs under a prefix);
 //! - [`report`]: the node report and the fleet page;
 //! - [`fleet`]: the fleet's test results section;
-//! - [`charts`]: inline SVG charts shared by both.
+//! - [`charts`]: inline SVG charts shared by both;
+//! - [`href`]: the links between them.
 
 pub(crate) mod charts;
 pub(crate) mod fleet;
+pub(crate) mod href;
 pub(crate) mod report;
 pub(crate) mod run_page;
 pub(crate) mod runs;

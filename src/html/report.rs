@@ -238,7 +238,7 @@ pub(crate) fn fleet_page(f: &Fleet, base: Option<&str>) -> String {
                             tr {
                                 td {
                                     @match (base, runs_at) {
-                                        (Some(b), Some(k)) => a href=(super::fleet::list_href(b, k)) { (n.node_id) },
+                                        (Some(b), Some(k)) => a href=(super::href::list_href(b, k)) { (n.node_id) },
                                         _ => (n.node_id),
                                     }
                                 }

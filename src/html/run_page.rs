@@ -13,8 +13,8 @@
 //! escapes all of it, and link targets are percent-encoded segment by segment.
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
-use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
+use super::href::{encode_path, run_href};
 use crate::format::fleet::{BaseDiff, Stories, Story, StoryKind};
 use crate::format::layout::essence;
 use crate::format::manifest::{Manifest, ManifestFile, RUN_DIR};
@@ -22,29 +22,6 @@ use crate::format::units::human;
 
 /// The page's name.
 pub(crate) const PAGE_NAME: &str = "index.html";
-
-/// What must be escaped in one path segment of a relative URL (everything but unreserved
-/// characters and a few safe sub-delimiters), so that `#`, `?`, `%` and `:` in a file name
-/// stay part of the name.
-pub(crate) const SEGMENT: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}')
-    .add(b'/')
-    .add(b':')
-    .add(b'\\')
-    .add(b'^')
-    .add(b'|')
-    .add(b'[')
-    .add(b']')
-    .add(b'\'');
 
 /// Where the page of `manifest` goes: its logical key (relative to the destination base) and
 /// the relative path from the page back to the run's directory.
@@ -160,18 +137,6 @@ impl Links<'_> {
             Links::Served => true,
         }
     }
-}
-
-/// `path`'s segments percent-encoded, for a relative link.
-fn encode_path(path: &str) -> String {
-    let mut out = String::new();
-    for (i, segment) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
-        out.extend(utf8_percent_encode(segment, SEGMENT));
-    }
-    out
 }
 
 /// The page of `manifest`, whose own object is at `manifest_key`. `up` leads from the page
@@ -435,7 +400,7 @@ fn folded(message: &str, trace: Option<&str>) -> Markup {
 
 /// A pull request's failures against its base branch's newest run.
 fn against_base(base: &BaseDiff, root: &str) -> Markup {
-    let href = crate::html::fleet::run_href(root, &base.run);
+    let href = run_href(root, &base.run);
     html! {
         h3 { "Against " (base.branch) }
         p { "Compared with the newest run of " a href=(href) { (base.branch) } "." }

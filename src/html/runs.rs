@@ -71,7 +71,7 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;marg
      td.n{text-align:right}.pass{color:#166534}.fail{color:#991b1b}code{font-size:.9em}";
 
 fn segment(s: &str) -> String {
-    utf8_percent_encode(s, crate::html::run_page::SEGMENT).to_string()
+    utf8_percent_encode(s, crate::html::href::SEGMENT).to_string()
 }
 
 /// The page listing `rows`, the runs under `prefix`; each links to `<run>/`. `fleet`: a link
