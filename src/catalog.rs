@@ -160,10 +160,12 @@ pub(crate) async fn find(
             dest.name,
             errors.join("; ")
         ),
-        None => anyhow::bail!(
+        // No such run: the command line asked for what is not there (exit 2).
+        None => Err(crate::error::UsageError(format!(
             "no manifest of run {run:?} of node {node:?} in {}: is it sealed?",
             dest.name
-        ),
+        ))
+        .into()),
     }
 }
 

@@ -214,6 +214,11 @@ enum Done {
         runs: Vec<crate::runs::RunInfo>,
         json: bool,
     },
+    /// `report --test`.
+    TestHistory {
+        history: Box<crate::format::fleet::TestHistory>,
+        json: bool,
+    },
     /// `runs --fleet`.
     FleetRuns {
         runs: Vec<crate::catalog::FleetRun>,
@@ -286,6 +291,7 @@ impl Done {
             | Done::Link(_)
             | Done::Runs { .. }
             | Done::FleetRuns { .. }
+            | Done::TestHistory { .. }
             | Done::Run { .. }
             | Done::QuarantineList { .. }
             | Done::QuarantineChanged(_)
@@ -388,6 +394,25 @@ async fn dispatch(
         },
         Command::Report {
             json,
+            test: Some(test),
+            since,
+            ..
+        } => {
+            let primary = crate::destination::open_primary(&config)?;
+            let history = crate::results::history::read(
+                &primary,
+                &test,
+                since,
+                crate::format::units::now_ms(),
+            )
+            .await?;
+            Done::TestHistory {
+                history: Box::new(history),
+                json,
+            }
+        }
+        Command::Report {
+            json,
             html,
             run: Some(run),
             ..
@@ -400,6 +425,7 @@ async fn dispatch(
             branch,
             publish,
             run: None,
+            test: None,
         } => report_fleet(&config, since, branch, json, html, publish).await?,
         Command::Report {
             json,

@@ -36,6 +36,7 @@ use crate::runs::RunDir;
 use crate::scan::Root;
 
 pub(crate) mod fleet;
+pub(crate) mod history;
 
 /// A JUnit file larger than this is named and not parsed.
 pub(crate) const MAX_FILE_BYTES: u64 = 32 << 20;

@@ -137,9 +137,13 @@ pub enum Command {
         /// of every node's sealed runs, from their summary records.
         #[arg(long, conflicts_with = "run")]
         fleet: bool,
-        /// With --fleet: test results of runs sealed this long ago or later (e.g. "7d").
-        #[arg(long, requires = "fleet", default_value = "30d", value_parser = parse_duration)]
+        /// With --fleet or --test: runs sealed this long ago or later (e.g. "7d").
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
         since: Duration,
+        /// One test's history (`class::name`) from every node's per-test records: executions,
+        /// rates, the commits it flaked on, its nodes, its first and last failure.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["fleet", "run", "html"])]
+        test: Option<String>,
         /// With --fleet: test results of this branch only.
         #[arg(long, requires = "fleet")]
         branch: Option<String>,

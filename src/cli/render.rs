@@ -45,6 +45,13 @@ impl Done {
                     out!("{}", runs_table(runs));
                 }
             }
+            Done::TestHistory { history, json } => {
+                if *json {
+                    outln!("{}", serde_json::to_string_pretty(history)?);
+                } else {
+                    out!("{}", test_history_text(history));
+                }
+            }
             Done::FleetRuns { runs, json } => {
                 if *json {
                     outln!("{}", serde_json::to_string_pretty(runs)?);
@@ -363,6 +370,69 @@ pub(super) fn render_rebuilt(r: &crate::rebuild::Rebuilt) {
 }
 
 /// A human-readable table of runs.
+fn test_history_text(h: &crate::format::fleet::TestHistory) -> String {
+    use std::fmt::Write as _;
+    let p = destination::printable;
+    let mut out = String::new();
+    let _ = writeln!(out, "test {} ({} – {})", p(&h.test), h.from, h.to);
+    if h.runs == 0 {
+        out.push_str("  no execution in the window's per-test records\n");
+    }
+    let rate = h
+        .failure_rate
+        .map(|r| format!("{:.1}%", r * 100.0))
+        .unwrap_or_else(|| "–".into());
+    let _ = writeln!(
+        out,
+        "  {} executions: {} passed ({} on a retry), {} failed, {} skipped; failure rate {rate}",
+        h.runs, h.passed, h.passed_on_retry, h.failed, h.skipped
+    );
+    if !h.flaky_commits.is_empty() {
+        let shown: Vec<String> = h.flaky_commits.iter().take(10).map(|c| p(c)).collect();
+        let _ = writeln!(
+            out,
+            "  flaky on {} commits: {}",
+            h.flaky_commits.len(),
+            shown.join(", ")
+        );
+    }
+    for n in &h.nodes {
+        let _ = writeln!(
+            out,
+            "  node {}: {} runs, {} failed",
+            p(&n.node),
+            n.runs,
+            n.failed
+        );
+    }
+    for (what, e) in [
+        ("first failure", &h.first_failure),
+        ("last failure", &h.last_failure),
+    ] {
+        if let Some(e) = e {
+            let _ = writeln!(
+                out,
+                "  {what}: {}/{} at {}{}{}",
+                p(&e.node),
+                p(&e.run),
+                crate::html::run_page::time(e.sealed_at),
+                e.commit
+                    .as_deref()
+                    .map(|c| format!(", commit {}", p(&c.chars().take(12).collect::<String>())))
+                    .unwrap_or_default(),
+                e.message
+                    .as_deref()
+                    .map(|m| format!(": {}", p(m.lines().next().unwrap_or(""))))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    for b in &h.unreadable {
+        let _ = writeln!(out, "  unreadable: {}: {}", b.key, b.error);
+    }
+    out
+}
+
 fn fleet_runs_table(runs: &[crate::catalog::FleetRun]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();

@@ -233,3 +233,74 @@ pub(crate) struct Stories {
     /// Records that could not be read.
     pub unreadable: u64,
 }
+
+/// One execution of a test, as `report --test` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub(crate) struct Execution {
+    /// The node.
+    pub node: String,
+    /// The run.
+    pub run: String,
+    /// The run's key prefix (where its page is).
+    pub key_prefix: String,
+    /// When the run was sealed (ms since the epoch).
+    pub sealed_at: i64,
+    /// Branch and commit, when sealed in CI.
+    pub branch: Option<String>,
+    /// Commit.
+    pub commit: Option<String>,
+    /// The last try's outcome.
+    pub outcome: super::results::Outcome,
+    /// Every try's outcome.
+    pub attempts: Vec<super::results::Outcome>,
+    /// Its time, ms.
+    pub duration_ms: u64,
+    /// The failure's message.
+    pub message: Option<String>,
+}
+
+/// Per node: executions and failures of one test.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub(crate) struct NodeCount {
+    /// The node.
+    pub node: String,
+    /// Executions (skips included).
+    pub runs: u64,
+    /// Failed or erred.
+    pub failed: u64,
+}
+
+/// One test's history from the per-test records (`report --test ID`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct TestHistory {
+    /// The test id (`class::name`).
+    pub test: String,
+    /// The window's first and last day.
+    pub from: String,
+    /// Its last day.
+    pub to: String,
+    /// Executions in the window (skips included).
+    pub runs: u64,
+    /// Passed (on a retry included).
+    pub passed: u64,
+    /// Failed or erred.
+    pub failed: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Passed only on a retry.
+    pub passed_on_retry: u64,
+    /// failed / (runs − skipped).
+    pub failure_rate: Option<f64>,
+    /// Commits on which it both failed and passed (or passed on a retry), newest first.
+    pub flaky_commits: Vec<String>,
+    /// Per node, by name.
+    pub nodes: Vec<NodeCount>,
+    /// The oldest and newest failures in the window.
+    pub first_failure: Option<Execution>,
+    /// The newest failure.
+    pub last_failure: Option<Execution>,
+    /// The newest executions, newest first (at most 100).
+    pub executions: Vec<Execution>,
+    /// Record objects that could not be read.
+    pub unreadable: Vec<BadRecord>,
+}

@@ -43,7 +43,7 @@ use crate::format::results::{Outcome, TestCounts};
 /// The largest record object read; larger ones are reported as unreadable, never downloaded.
 pub(crate) const MAX_RECORD_BYTES: u64 = 16 << 20;
 /// Records downloaded at once.
-const READERS: usize = 4;
+pub(super) const READERS: usize = 4;
 /// Partition listings at once.
 const LISTERS: usize = 8;
 /// Distinct tests tracked (slowest, most failing, flaky).
@@ -548,7 +548,7 @@ impl Aggregate {
 }
 
 /// Every `YYYY-MM-DD` from `from_ms`'s day to `to_ms`'s day (UTC).
-fn dates(from_ms: i64, to_ms: i64) -> Vec<String> {
+pub(super) fn dates(from_ms: i64, to_ms: i64) -> Vec<String> {
     let day = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.date_naive());
     let (Some(mut d), Some(last)) = (day(from_ms), day(to_ms)) else {
         return Vec::new();
@@ -564,25 +564,31 @@ fn dates(from_ms: i64, to_ms: i64) -> Vec<String> {
     out
 }
 
-/// The node of a record's key: its `node=` segment.
-/// The node of a record at exactly `…/_panoptic-sync/runs/date=<D>/node=<N>/<run>.json`
-/// (the documented shape, nothing deeper): identity comes from the key, never from a
-/// `node=` segment planted at another depth.
 fn node_of(key: &str) -> Option<&str> {
+    node_in(key, RUNS_PREFIX)
+}
+
+/// The node a record key under `prefix` names (`…/<prefix>/date=D/node=N/<name>.json`).
+pub(super) fn node_in<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
     let mut parts = key.rsplitn(4, '/');
     let (file, node, date, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let node = node.strip_prefix("node=").filter(|n| !n.is_empty())?;
     (file.ends_with(".json")
         && date.starts_with("date=")
-        && (rest == RUNS_PREFIX || rest.ends_with(&format!("/{RUNS_PREFIX}"))))
+        && (rest == prefix || rest.ends_with(&format!("/{prefix}"))))
     .then_some(node)
 }
 
 /// Read one record object (at most [`MAX_RECORD_BYTES`], streamed: the read stops past the
-/// cap) and parse its lines.
-async fn read_record(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result<Vec<RunRecord>> {
+/// cap).
+pub(super) async fn read_capped(
+    primary: &Destination,
+    meta: &ObjectMeta,
+) -> anyhow::Result<Vec<u8>> {
     let too_big = || {
-        anyhow::anyhow!("larger than the {MAX_RECORD_BYTES} bytes a run record may have; not read")
+        anyhow::anyhow!(
+            "larger than the {MAX_RECORD_BYTES} bytes a record object may have; not read"
+        )
     };
     if meta.size > MAX_RECORD_BYTES {
         return Err(too_big());
@@ -601,23 +607,39 @@ async fn read_record(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result
         }
         buf.extend_from_slice(&chunk);
     }
+    Ok(buf)
+}
+
+/// The lines of an NDJSON record object, each parsed, with its schema number checked.
+pub(super) fn parse_lines<T: serde::de::DeserializeOwned>(
+    buf: &[u8],
+    what: &str,
+    known: u32,
+    schema: impl Fn(&T) -> u32,
+) -> anyhow::Result<Vec<T>> {
     let mut out = Vec::new();
     for (i, line) in buf.split(|b| *b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let r: RunRecord = serde_json::from_slice(line)
-            .map_err(|e| anyhow::anyhow!("line {}: not a run record: {e}", i + 1))?;
-        if r.schema != RECORD_SCHEMA {
+        let r: T = serde_json::from_slice(line)
+            .map_err(|e| anyhow::anyhow!("line {}: not a {what}: {e}", i + 1))?;
+        if schema(&r) != known {
             anyhow::bail!(
-                "line {}: record schema {} is not known to this build (it reads {RECORD_SCHEMA})",
+                "line {}: {what} schema {} is not known to this build (it reads {known})",
                 i + 1,
-                r.schema
+                schema(&r)
             );
         }
         out.push(r);
     }
     Ok(out)
+}
+
+/// Read one run record object and parse its lines.
+async fn read_record(primary: &Destination, meta: &ObjectMeta) -> anyhow::Result<Vec<RunRecord>> {
+    let buf = read_capped(primary, meta).await?;
+    parse_lines(&buf, "run record", RECORD_SCHEMA, |r: &RunRecord| r.schema)
 }
 
 /// Read the records of the window from `primary` and aggregate them.
@@ -651,17 +673,17 @@ pub(crate) async fn read(primary: &Destination, q: &Query) -> anyhow::Result<Fle
     Ok(out)
 }
 
-/// Every run record in the `date=` partitions `days` of `primary`, with the node its key
-/// names; what cannot be read is added to `unreadable`.
-async fn each_record(
+/// Every object in the `date=` partitions `days` under `prefix` of `primary`, sorted by
+/// key; keys object_store cannot parse are added to `unreadable`.
+pub(super) async fn list_partitions(
     primary: &Destination,
+    prefix: &str,
     days: &[String],
     unreadable: &mut Vec<BadRecord>,
-    mut f: impl FnMut(&str, RunRecord),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<ObjectMeta>> {
     let listings: Vec<_> = futures::stream::iter(days.to_vec())
         .map(|d| async move {
-            let prefix = format!("{RUNS_PREFIX}/date={d}");
+            let prefix = format!("{prefix}/date={d}");
             (prefix.clone(), primary.list_under(&prefix).await)
         })
         .buffer_unordered(LISTERS)
@@ -683,6 +705,18 @@ async fn each_record(
         }
     }
     objects.sort_by(|a, b| a.location.cmp(&b.location));
+    Ok(objects)
+}
+
+/// Every run record in the `date=` partitions `days` of `primary`, with the node its key
+/// names; what cannot be read is added to `unreadable`.
+async fn each_record(
+    primary: &Destination,
+    days: &[String],
+    unreadable: &mut Vec<BadRecord>,
+    mut f: impl FnMut(&str, RunRecord),
+) -> anyhow::Result<()> {
+    let objects = list_partitions(primary, RUNS_PREFIX, days, unreadable).await?;
     let mut reads = futures::stream::iter(objects)
         .map(|meta| async move {
             let res = read_record(primary, &meta).await;

@@ -675,6 +675,40 @@ async fn per_test_records_carry_every_try_and_run_records_link_the_run() {
         assert!(r["job_url"].as_str().unwrap().ends_with("/actions/runs/77"));
         assert!(r["sealed_at"].as_i64().unwrap() > 0);
     }
+    // `report --test ID`: one test's history across runs, from these records.
+    env.write("r2/surefire.xml", surefire(false).as_bytes());
+    assert_ok(&seal(&env, "r2"), "seal r2");
+    let out = env.cli(&["report", "--test", "com.acme.CartTest::adds", "--json"]);
+    assert_ok(&out, "report --test");
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            &h["runs"],
+            &h["passed"],
+            &h["passed_on_retry"],
+            &h["failed"]
+        ),
+        (&2.into(), &2.into(), &1.into(), &0.into()),
+        "{h}"
+    );
+    assert_eq!(h["flaky_commits"], serde_json::json!(["c0ffee"]), "{h}");
+    assert_eq!(
+        h["nodes"],
+        serde_json::json!([{"node": NODE, "runs": 2, "failed": 0}])
+    );
+    assert_eq!(h["executions"][0]["run"], "r2", "newest first: {h}");
+    let out = env.cli(&[
+        "report",
+        "--test",
+        "example.com/widgets/api::TestAlwaysBroken",
+    ]);
+    assert_ok(&out, "report --test (text)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 executions: 0 passed (0 on a retry), 1 failed")
+            && text.contains(&format!("last failure: {NODE}/r at")),
+        "{text}"
+    );
     let record: serde_json::Value = serde_json::from_str(run_record.trim()).unwrap();
     assert_eq!(record["page_key"], format!("ci/{NODE}/r/index.html"));
     assert_eq!(record["files"], 3);
