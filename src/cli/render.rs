@@ -862,6 +862,7 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
     write_fleet_groups(&mut o, r);
     write_flaky(&mut o, &r.flaky);
     write_failing(&mut o, r);
+    write_node_specific(&mut o, &r.node_specific);
     write_slowest(&mut o, &r.slowest);
     write_outliers(&mut o, &r.outlier_nodes);
     if r.unreadable_junit_files > 0 {
@@ -964,6 +965,10 @@ fn write_failing(o: &mut String, r: &crate::format::fleet::FleetResults) {
     let p = destination::printable;
     let pc = crate::html::charts::percent;
     for (what, list) in [
+        (
+            "broken (failed every time on its last 3 commits)",
+            &r.broken,
+        ),
         ("consistently failing", &r.consistently_failing),
         ("most often failing", &r.most_failing),
     ] {
@@ -982,6 +987,29 @@ fn write_failing(o: &mut String, r: &crate::format::fleet::FleetResults) {
                 pc(t.failure_rate)
             );
         }
+    }
+}
+
+/// The fleet's test results: tests failing on one node far more often than elsewhere.
+fn write_node_specific(o: &mut String, list: &[crate::format::fleet::NodeSpecific]) {
+    let p = destination::printable;
+    if list.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "  node-specific (failing on one node far more often):");
+    for n in list {
+        let _ = writeln!(
+            o,
+            "    {} on {}: failed {} of {} ({:.0}%), elsewhere {} of {} ({:.0}%)",
+            test_id(&n.class, &n.name),
+            p(&n.node),
+            n.failed,
+            n.runs,
+            n.failure_rate * 100.0,
+            n.other_failed,
+            n.other_runs,
+            n.other_failure_rate * 100.0
+        );
     }
 }
 

@@ -167,6 +167,10 @@ pub(crate) struct FleetResults {
     pub flaky: Vec<Flaky>,
     /// Tests that failed every time they ran (at least twice).
     pub consistently_failing: Vec<TestStat>,
+    /// Broken: failed on every execution of each of its last 3 commits.
+    pub broken: Vec<TestStat>,
+    /// Failing on one node far more often than on the rest of the fleet.
+    pub node_specific: Vec<NodeSpecific>,
     /// Most often failing tests.
     pub most_failing: Vec<TestStat>,
     /// Slowest tests by mean time.
@@ -303,4 +307,29 @@ pub(crate) struct TestHistory {
     pub executions: Vec<Execution>,
     /// Record objects that could not be read.
     pub unreadable: Vec<BadRecord>,
+}
+
+/// A test failing on one node far more often than on the rest of the fleet.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct NodeSpecific {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// The node.
+    pub node: String,
+    /// Executions on the node (skips left out).
+    pub runs: u64,
+    /// Failures there.
+    pub failed: u64,
+    /// failed / runs on the node.
+    pub failure_rate: f64,
+    /// Executions on the rest of the fleet.
+    pub other_runs: u64,
+    /// Failures there.
+    pub other_failed: u64,
+    /// Their rate.
+    pub other_failure_rate: f64,
 }

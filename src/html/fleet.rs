@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use super::href::{list_href, run_href};
-use crate::format::fleet::{BadRecord, Flaky, FleetResults, Group, Outlier, TestStat};
+use crate::format::fleet::{
+    BadRecord, Flaky, FleetResults, Group, NodeSpecific, Outlier, TestStat,
+};
 
 /// Rate per day for each group (at most `max` groups, the ones with most runs).
 fn per_day(days: &[String], groups: &[Group], max: usize) -> Vec<(String, Vec<Option<f64>>)> {
@@ -202,6 +204,29 @@ fn flaky_table(flaky: &[Flaky], base: Option<&str>) -> maud::Markup {
     }
 }
 
+/// Tests failing on one node far more often than on the rest ("none" when there are none).
+fn node_specific_table(list: &[NodeSpecific]) -> maud::Markup {
+    use super::charts::percent;
+    use maud::html;
+    html! {
+        @if list.is_empty() { p { "none" } } @else {
+            table {
+                thead { tr { th { "test" } th { "node" } th class="n" { "failed there" } th class="n" { "elsewhere" } } }
+                tbody {
+                    @for n in list {
+                        tr {
+                            td { (n.class) "::" (n.name) }
+                            td { (n.node) }
+                            td class="n" { (n.failed) "/" (n.runs) " (" (percent(Some(n.failure_rate))) ")" }
+                            td class="n" { (n.other_failed) "/" (n.other_runs) " (" (percent(Some(n.other_failure_rate))) ")" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The run records that could not be read (nothing when all could).
 fn unreadable(unreadable: &[BadRecord]) -> maud::Markup {
     use maud::html;
@@ -227,6 +252,8 @@ pub(crate) fn results(r: &FleetResults, base: Option<&str>) -> maud::Markup {
             h3 { "Branches" } (groups_table(&r.branches, "branch", base))
             h3 { "Suites" } (groups_table(&r.suites, "suite", base))
             h3 { "Flaky tests" } (flaky_table(&r.flaky, base))
+            h3 { "Broken (failed every time on its last 3 commits)" } (tests_table(&r.broken, base))
+            h3 { "Node-specific" } (node_specific_table(&r.node_specific))
             h3 { "Consistently failing" } (tests_table(&r.consistently_failing, base))
             h3 { "Most often failing" } (tests_table(&r.most_failing, base))
             h3 { "Slowest (mean)" } (tests_table(&r.slowest, base))

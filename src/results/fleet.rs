@@ -33,8 +33,8 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::destination::{self, Destination};
 use crate::format::fleet::{
-    BadRecord, BaseDiff, Capped, Day, Flaky, FleetResults, Group, Outlier, Rates, Stories, Story,
-    StoryKind, TestStat,
+    BadRecord, BaseDiff, Capped, Day, Flaky, FleetResults, Group, NodeSpecific, Outlier, Rates,
+    Stories, Story, StoryKind, TestStat,
 };
 use crate::format::layout::RUNS_PREFIX;
 use crate::format::record::{RECORD_SCHEMA, RecordCase, RunRecord, date_of};
@@ -61,6 +61,16 @@ const MAX_DAY_CELLS: usize = 200_000;
 const MAX_NAME_BYTES: usize = 48 << 20;
 /// Tests listed in each top list.
 const TOP: usize = 20;
+/// *Broken*: failed on every execution of its last this many commits.
+pub(crate) const BROKEN_COMMITS: usize = 3;
+/// *Node-specific*: at least this many executions on the node and on the rest of the fleet,
+pub(crate) const NODE_SPECIFIC_MIN_RUNS: u32 = 4;
+/// a failure rate on the node of at least this,
+pub(crate) const NODE_SPECIFIC_MIN_RATE: f64 = 0.3;
+/// and at least this many times the rest of the fleet's rate.
+pub(crate) const NODE_SPECIFIC_RATIO: f64 = 3.0;
+/// Recent commits remembered per test for the broken rule.
+const RECENT_COMMITS: usize = 2 * BROKEN_COMMITS;
 /// Commits named per flaky test.
 const FLAKY_COMMITS: usize = 5;
 /// Runs a node needs before it can stand out.
@@ -146,6 +156,8 @@ struct TestAcc {
     max_ms: u64,
     /// The newest run in which it failed (sealed ms, key prefix).
     failed_in: Option<(i64, Arc<str>)>,
+    /// Its newest commits: (newest sealed ms, revision id, failed on every execution).
+    recent: Vec<(i64, u32, bool)>,
 }
 
 /// Keep the newer of `slot` and (`ms`, `at`).
@@ -175,6 +187,10 @@ struct Aggregate {
     revisions: HashMap<String, u32>,
     revision_names: Vec<String>,
     pairs: HashMap<(u32, u32), u8>,
+    /// Per (test, node): executions and failures (skips left out).
+    test_nodes: HashMap<(u32, u16), (u32, u32)>,
+    node_ids: HashMap<String, u16>,
+    node_names: Vec<String>,
     capped: Capped,
     name_bytes: usize,
     day_cells: usize,
@@ -221,6 +237,21 @@ impl TestAcc {
         if c.status != Outcome::Skipped {
             self.total_ms = self.total_ms.saturating_add(c.duration_ms);
             self.max_ms = self.max_ms.max(c.duration_ms);
+        }
+    }
+
+    /// Remember an execution of commit `rev` sealed at `ms` for the broken rule (the newest
+    /// [`RECENT_COMMITS`] commits are kept).
+    fn remember(&mut self, ms: i64, rev: u32, failed: bool) {
+        if let Some(e) = self.recent.iter_mut().find(|e| e.1 == rev) {
+            e.0 = e.0.max(ms);
+            e.2 &= failed;
+            return;
+        }
+        self.recent.push((ms, rev, failed));
+        if self.recent.len() > RECENT_COMMITS {
+            self.recent.sort_by_key(|e| std::cmp::Reverse(e.0));
+            self.recent.truncate(RECENT_COMMITS);
         }
     }
 
@@ -327,8 +358,9 @@ impl Aggregate {
                 newer(&mut g.latest, r.sealed_ms, &at);
             }
         }
+        let node_id = self.node_id(node);
         for c in &r.cases {
-            self.add_case(rev, c, (r.sealed_ms, &at));
+            self.add_case(rev, c, (r.sealed_ms, &at), node_id);
         }
     }
 
@@ -405,6 +437,17 @@ impl Aggregate {
         }
     }
 
+    /// The id of a node, interned (at most 65,536 nodes).
+    fn node_id(&mut self, node: &str) -> Option<u16> {
+        if let Some(&i) = self.node_ids.get(node) {
+            return Some(i);
+        }
+        let i = u16::try_from(self.node_names.len()).ok()?;
+        self.node_names.push(node.to_string());
+        self.node_ids.insert(node.to_string(), i);
+        Some(i)
+    }
+
     /// The id of a case's test, interned while there are slots and its names fit.
     fn test_id(&mut self, c: &RecordCase) -> Option<u32> {
         let key = (clip(&c.class), clip(&c.name));
@@ -428,12 +471,31 @@ impl Aggregate {
     }
 
     /// Add a case of revision `rev` to its test and to the flaky check (or count it as left out).
-    fn add_case(&mut self, rev: Option<u32>, c: &RecordCase, run: (i64, &Arc<str>)) {
+    fn add_case(
+        &mut self,
+        rev: Option<u32>,
+        c: &RecordCase,
+        run: (i64, &Arc<str>),
+        node: Option<u16>,
+    ) {
         let Some(id) = self.test_id(c) else {
             self.capped.cases_of_untracked_tests += 1;
             return;
         };
         self.tests[id as usize].count(c, run);
+        if c.status != Outcome::Skipped {
+            let failed = c.status.is_failure();
+            if let Some(rev) = rev {
+                self.tests[id as usize].remember(run.0, rev, failed);
+            }
+            if let Some(n) = node
+                && (self.test_nodes.len() < MAX_PAIRS || self.test_nodes.contains_key(&(id, n)))
+            {
+                let e = self.test_nodes.entry((id, n)).or_default();
+                e.0 += 1;
+                e.1 += u32::from(failed);
+            }
+        }
         let bits = outcome_bits(c);
         if bits == 0 {
             return;
@@ -459,6 +521,8 @@ impl Aggregate {
         self.add_outliers(&mut out.outlier_nodes);
         out.flaky = self.flaky();
         (out.most_failing, out.consistently_failing) = self.failing();
+        out.broken = self.broken();
+        out.node_specific = self.node_specific();
         out.slowest = self.slowest();
         out.capped = self.capped;
     }
@@ -527,6 +591,68 @@ impl Aggregate {
             .collect();
         failing.truncate(TOP);
         (failing, consistently_failing)
+    }
+
+    /// *Broken*: failed on every execution of each of its last [`BROKEN_COMMITS`] commits.
+    fn broken(&self) -> Vec<TestStat> {
+        let mut out: Vec<TestStat> = self
+            .tests
+            .iter()
+            .filter(|t| {
+                let mut recent = t.recent.clone();
+                recent.sort_by_key(|e| std::cmp::Reverse(e.0));
+                recent.len() >= BROKEN_COMMITS
+                    && recent[..BROKEN_COMMITS].iter().all(|(_, _, all)| *all)
+            })
+            .map(TestAcc::stat)
+            .collect();
+        out.sort_by(|a, b| b.failed.cmp(&a.failed).then_with(|| by_name(a, b)));
+        out.truncate(TOP * 5);
+        out
+    }
+
+    /// *Node-specific*: failing on one node far more often than on the rest of the fleet (the
+    /// thresholds are [`NODE_SPECIFIC_MIN_RUNS`], [`NODE_SPECIFIC_MIN_RATE`] and
+    /// [`NODE_SPECIFIC_RATIO`]).
+    fn node_specific(&self) -> Vec<NodeSpecific> {
+        let mut totals: HashMap<u32, (u32, u32)> = HashMap::new();
+        for (&(id, _), &(runs, failed)) in &self.test_nodes {
+            let t = totals.entry(id).or_default();
+            t.0 += runs;
+            t.1 += failed;
+        }
+        let mut out = Vec::new();
+        for (&(id, node), &(runs, failed)) in &self.test_nodes {
+            let (all_runs, all_failed) = totals[&id];
+            let (other_runs, other_failed) = (all_runs - runs, all_failed - failed);
+            if runs < NODE_SPECIFIC_MIN_RUNS || other_runs < NODE_SPECIFIC_MIN_RUNS {
+                continue;
+            }
+            let rate = f64::from(failed) / f64::from(runs);
+            let other = f64::from(other_failed) / f64::from(other_runs);
+            if rate >= NODE_SPECIFIC_MIN_RATE && rate >= NODE_SPECIFIC_RATIO * other {
+                let t = &self.tests[id as usize];
+                out.push(NodeSpecific {
+                    suite: t.suite.clone(),
+                    class: t.class.clone(),
+                    name: t.name.clone(),
+                    node: self.node_names[usize::from(node)].clone(),
+                    runs: u64::from(runs),
+                    failed: u64::from(failed),
+                    failure_rate: rate,
+                    other_runs: u64::from(other_runs),
+                    other_failed: u64::from(other_failed),
+                    other_failure_rate: other,
+                });
+            }
+        }
+        out.sort_by(|a, b| {
+            b.failure_rate
+                .total_cmp(&a.failure_rate)
+                .then_with(|| (&a.class, &a.name, &a.node).cmp(&(&b.class, &b.name, &b.node)))
+        });
+        out.truncate(TOP * 5);
+        out
     }
 
     /// The slowest tests by mean time: a bounded selection, never a sort of every test.
@@ -908,6 +1034,65 @@ mod tests {
             });
         }
         r
+    }
+
+    #[test]
+    fn broken_and_node_specific_tests_follow_their_stated_rules() {
+        use Outcome::*;
+        let mut agg = Aggregate::default();
+        // `wobbly` fails 3 of 4 runs on node n1 and 1 of 10 on the others (75 % against
+        // 10 %: node-specific); `steady` fails 1 of 4 everywhere (not); `dead` fails on every
+        // execution of its last three commits after passing on the first (broken); `mostly`
+        // fails on its last two commits only (not broken).
+        for i in 0..4 {
+            let mut r = record(
+                &format!("n1-{i}"),
+                &format!("c{i}"),
+                "main",
+                &[
+                    ("wobbly", if i < 3 { Failed } else { Passed }, false),
+                    ("steady", if i == 0 { Failed } else { Passed }, false),
+                    ("dead", if i == 0 { Passed } else { Failed }, false),
+                    ("mostly", if i < 2 { Passed } else { Failed }, false),
+                ],
+            );
+            r.sealed_ms += i64::from(i) * 1000;
+            agg.add("n1", r);
+        }
+        for i in 0..10 {
+            let node = if i % 2 == 0 { "n2" } else { "n3" };
+            agg.add(
+                node,
+                record(
+                    &format!("{node}-{i}"),
+                    &format!("c{}", i % 4),
+                    "main",
+                    &[
+                        ("wobbly", if i == 0 { Failed } else { Passed }, false),
+                        (
+                            "steady",
+                            if i == 1 || i == 4 { Failed } else { Passed },
+                            false,
+                        ),
+                    ],
+                ),
+            );
+        }
+        let mut out = FleetResults::default();
+        agg.finish(&mut out);
+        let specific: Vec<(&str, &str)> = out
+            .node_specific
+            .iter()
+            .map(|n| (n.name.as_str(), n.node.as_str()))
+            .collect();
+        assert_eq!(specific, [("wobbly", "n1")]);
+        let n = &out.node_specific[0];
+        assert_eq!(
+            (n.runs, n.failed, n.other_runs, n.other_failed),
+            (4, 3, 10, 1)
+        );
+        let broken: Vec<&str> = out.broken.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(broken, ["dead"]);
     }
 
     #[test]
