@@ -437,6 +437,38 @@ async fn three_nodes_five_runs_give_exact_fleet_rates_flaky_tests_and_the_same_n
         })
         .collect();
     assert_eq!(sql_flaky, flaky);
+    // Broken and node-specific tests: the documented SQL gives report --fleet's sets.
+    let names = |v: &serde_json::Value, node: bool| -> Vec<String> {
+        let mut out: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let (class, name) = match (t.get("class_name"), t.get("class")) {
+                    (Some(c), _) => (c, &t["test_name"]),
+                    (None, Some(c)) => (c, &t["name"]),
+                    _ => panic!("{t}"),
+                };
+                let mut id = format!("{}::{}", class.as_str().unwrap(), name.as_str().unwrap());
+                if node {
+                    id = format!("{id}@{}", t["node"].as_str().unwrap());
+                }
+                id
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(names(&sql["broken"], false), names(&r["broken"], false));
+    assert_eq!(
+        names(&r["broken"], false),
+        ["example.com/widgets/api::TestAlwaysBroken"],
+        "{r}"
+    );
+    assert_eq!(
+        names(&sql["node_specific"], true),
+        names(&r["node_specific"], true)
+    );
 
     // The HTML report renders in Chromium: the charts and the flaky test are on the page.
     let page = a.tmp.path().join("fleet.html");
