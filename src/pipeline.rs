@@ -282,7 +282,7 @@ pub fn encoder(
 }
 
 /// Encode a small object held in memory (`body`) as `plan`, bound to `bound` (see
-/// [`encoder`]): the quarantine list.
+/// [`encoder`]): a run's manifest, the quarantine list.
 pub fn encode_bytes(
     pipeline: &Pipeline,
     plan: Plan,

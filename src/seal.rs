@@ -12,9 +12,8 @@
 //! 7. the notifications tried ([`crate::notify::after_seal`]).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -33,7 +32,7 @@ use crate::format::metadata;
 use crate::format::results::Collected;
 use crate::html::run_page as page;
 use crate::index::Index;
-use crate::pipeline::{self, Finish, Meta, Pipeline};
+use crate::pipeline::{self, Meta, Pipeline};
 use crate::runs::{RunDir, RunInfo, SealingLock, State, list, locate, relative_str, run_watches};
 use crate::scan::Root;
 use crate::sync::{FlushSummary, Flushed};
@@ -240,31 +239,42 @@ async fn publish_pages(
     }
     let mut problems = Vec::new();
     for (logical, html) in pages {
-        let key = layout::stored_key(&logical, layout::Plan::STORED);
-        let html = bytes::Bytes::from(html);
-        let meta = Meta {
-            size: html.len() as u64,
-            mtime_ns: manifest.sealed_ms * 1_000_000,
-            sha256: hex::encode(Sha256::digest(&html)),
-            mode: Some(0o644),
-            path: Some(logical.clone()),
-        };
-        for dest in dests {
-            if let Err(e) = put_own(
-                dest,
-                &key,
-                html.clone(),
-                layout::Plan::STORED,
-                &meta,
-                LIST_PAGE,
-            )
-            .await
-            {
-                problems.push(format!("{e:#}"));
-            }
+        if let Err(e) = store_page(dests, logical, html, manifest.sealed_ms).await {
+            problems.push(format!("{e:#}"));
         }
     }
     problems
+}
+
+/// Store an HTML page of the run's at `logical` in every destination, as it is (never
+/// compressed, never encrypted); returns its stored key.
+async fn store_page(
+    dests: &[Destination],
+    logical: String,
+    html: String,
+    sealed_ms: i64,
+) -> anyhow::Result<String> {
+    let key = layout::stored_key(&logical, layout::Plan::STORED);
+    let html = bytes::Bytes::from(html);
+    let meta = Meta {
+        size: html.len() as u64,
+        mtime_ns: sealed_ms * 1_000_000,
+        sha256: hex::encode(Sha256::digest(&html)),
+        mode: Some(0o644),
+        path: Some(logical),
+    };
+    for dest in dests {
+        put_own(
+            dest,
+            &key,
+            html.clone(),
+            layout::Plan::STORED,
+            &meta,
+            page::PAGE_NAME,
+        )
+        .await?;
+    }
+    Ok(key)
 }
 
 /// Step 2: wait until every file now under the run is in every destination and none is still
@@ -482,15 +492,9 @@ fn encode(
         mode: Some(0o644),
         path: Some(logical.clone()),
     };
-    let sink = Buffer::default();
     // Bound as a manifest: no file object at this key can ever pass for it.
     let bound = crate::crypto::manifest_binding(&stored_key);
-    let mut w = pipeline::encoder(pipeline, plan, &meta, &bound, Box::new(sink.clone()))?;
-    w.write_all(body)?;
-    w.finish()?;
-    let object = bytes::Bytes::from(std::mem::take(
-        &mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()),
-    ));
+    let object = bytes::Bytes::from(pipeline::encode_bytes(pipeline, plan, &meta, &bound, body)?);
     Ok(Encoded {
         text,
         sha256: body_sha.to_vec(),
@@ -538,27 +542,8 @@ async fn store_manifest_and_page(
             return anyhow::Ok(None);
         };
         let (logical, html) = page.await.context("rendering the run's page failed")?;
-        let page_key = layout::stored_key(&logical, layout::Plan::STORED);
-        let html = bytes::Bytes::from(html);
-        let meta = Meta {
-            size: html.len() as u64,
-            mtime_ns: manifest.sealed_ms * 1_000_000,
-            sha256: hex::encode(Sha256::digest(&html)),
-            mode: Some(0o644),
-            path: Some(logical),
-        };
-        for dest in dests {
-            put_own(
-                dest,
-                &page_key,
-                html.clone(),
-                layout::Plan::STORED,
-                &meta,
-                page::PAGE_NAME,
-            )
-            .await?;
-        }
-        Ok(Some(page_key))
+        let key = store_page(dests, logical, html, manifest.sealed_ms).await?;
+        Ok(Some(key))
     };
     let ((), page_key) = tokio::try_join!(manifest_stored, page_stored)?;
     Ok(page_key)
@@ -669,29 +654,6 @@ fn build_manifest(
             bytes: files.iter().map(|f| f.size).sum(),
         },
         files,
-    }
-}
-
-/// The encoded object collects here.
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Finish for Buffer {
-    fn finish(self: Box<Self>) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

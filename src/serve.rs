@@ -432,7 +432,14 @@ fn stream_file(
         hasher.update(chunk);
         let (from, to) = (pos, pos + n as u64);
         pos = to;
-        if to <= start || (f.size > 0 && from > end) {
+        if pos > f.size {
+            // Never decode past the listed size (a decompression bomb costs nothing more).
+            return fail(format!(
+                "object {} decodes to more than the {} bytes the manifest lists",
+                f.stored_key, f.size
+            ));
+        }
+        if to <= start {
             continue;
         }
         let a = start.saturating_sub(from) as usize;
