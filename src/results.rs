@@ -35,6 +35,7 @@ use crate::format::results::{
 use crate::runs::RunDir;
 use crate::scan::Root;
 
+pub(crate) mod evidence;
 pub(crate) mod fleet;
 pub(crate) mod history;
 
@@ -61,6 +62,8 @@ struct Accumulator {
     cases: Vec<Case>,
     cases_omitted: u64,
     any_file: bool,
+    /// The attachments of each failure in `summary.failures`, resolved at the end.
+    attachments: Vec<Vec<String>>,
 }
 
 impl Accumulator {
@@ -95,7 +98,9 @@ impl Accumulator {
                     message: c.message.clone(),
                     file: file.to_string(),
                     trace: c.trace.clone(),
+                    evidence: Vec::new(),
                 });
+                self.attachments.push(c.attachments.clone());
             } else {
                 s.failures_omitted += 1;
             }
@@ -143,7 +148,8 @@ impl Accumulator {
         }
     }
 
-    fn finish(mut self) -> Collected {
+    fn finish(mut self, run_files: &[String]) -> Collected {
+        evidence::resolve(&mut self.summary.failures, &self.attachments, run_files);
         let any =
             self.any_file || !self.summary.unreadable.is_empty() || self.summary.files_omitted > 0;
         self.summary.suites = self.suites.into_values().collect();
@@ -171,10 +177,12 @@ pub(crate) fn collect(
     let globs = junit_globs(watch);
     let mut acc = Accumulator::default();
     let mut candidates: Vec<(&Path, String, bool)> = Vec::new();
+    let mut run_files: Vec<String> = Vec::with_capacity(files.len());
     for path in files.iter().map(|f| &f.path) {
         let Some(rel_str) = crate::runs::relative_str(path, &run.path) else {
             continue;
         };
+        run_files.push(rel_str.to_string());
         let by_glob = globs.is_match(rel_str);
         let xml = rel_str.to_ascii_lowercase().ends_with(".xml");
         if by_glob || (watch.junit_sniff && xml) {
@@ -211,7 +219,7 @@ pub(crate) fn collect(
             }
         }
     }
-    acc.finish()
+    acc.finish(&run_files)
 }
 
 /// Whether the `.xml` file at `path` starts with a JUnit root element.
@@ -347,6 +355,8 @@ struct Open {
     failures: u16,
     /// Tries a failure's text names as retries (Playwright's `Retry #N ───` sections).
     retries_named: u16,
+    /// Inside the case's `<system-out>` or `<system-err>`.
+    in_output: bool,
 }
 
 /// Playwright's JUnit reporter writes every try of a failed test into one `<failure>`, each
@@ -410,6 +420,13 @@ fn merge_retries(out: &mut Vec<Case>, start: usize) {
                     .saturating_add(failed_before)
                     .saturating_add(later.earlier_failures);
                 earlier.duration_ms = earlier.duration_ms.saturating_add(later.duration_ms);
+                for a in later.attachments {
+                    if earlier.attachments.len() < crate::format::results::MAX_EVIDENCE
+                        && !earlier.attachments.contains(&a)
+                    {
+                        earlier.attachments.push(a);
+                    }
+                }
                 if later.outcome != Outcome::Skipped || earlier.outcome == Outcome::Skipped {
                     earlier.outcome = later.outcome;
                     earlier.message = later.message;
@@ -505,6 +522,7 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                                 depth,
                                 failures: 0,
                                 retries_named: 0,
+                                in_output: false,
                             });
                         }
                     }
@@ -536,6 +554,8 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                                     o.case.message = Some(truncate(m.trim(), MAX_MESSAGE));
                                 }
                             }
+                        } else if matches!(tag, b"system-out" | b"system-err") && !empty {
+                            o.in_output = true;
                         } else if matches!(tag, b"flakyFailure" | b"flakyError") {
                             o.case.flaky = true;
                             o.case.earlier_failures = o.case.earlier_failures.saturating_add(1);
@@ -556,6 +576,9 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                 if let Some(o) = open.as_mut() {
                     if matches!(tag, b"failure" | b"error") {
                         o.collecting = false;
+                    }
+                    if matches!(tag, b"system-out" | b"system-err") {
+                        o.in_output = false;
                     }
                     if tag == b"testcase" && depth == o.depth {
                         let mut o = open.take().ok_or("unbalanced <testcase>")?;
@@ -586,6 +609,10 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                 depth = depth.saturating_sub(1);
             }
             Event::Text(ref t) => {
+                if let Some(o) = open.as_mut().filter(|o| o.in_output) {
+                    let text = t.decode().unwrap_or_default();
+                    evidence::attachments_in(&text, &mut o.case.attachments);
+                }
                 if let Some(o) = open.as_mut().filter(|o| o.collecting) {
                     let text = t.decode().unwrap_or_default();
                     o.retries_named = o.retries_named.saturating_add(retries_named(&text));
@@ -593,6 +620,10 @@ fn parse_inner(reader: impl BufRead, out: &mut Vec<Case>) -> Result<(), String> 
                 }
             }
             Event::CData(ref t) => {
+                if let Some(o) = open.as_mut().filter(|o| o.in_output) {
+                    let text = String::from_utf8_lossy(t.as_ref());
+                    evidence::attachments_in(&text, &mut o.case.attachments);
+                }
                 if let Some(o) = open.as_mut().filter(|o| o.collecting) {
                     let text = String::from_utf8_lossy(t.as_ref()).into_owned();
                     o.retries_named = o.retries_named.saturating_add(retries_named(&text));
@@ -1041,11 +1072,12 @@ mod tests {
                     flaky: false,
                     trace: None,
                     earlier_failures: 0,
+                    attachments: Vec::new(),
                 },
                 "junit.xml",
             );
         }
-        let s = acc.finish().summary.unwrap();
+        let s = acc.finish(&[]).summary.unwrap();
         assert_eq!((s.tests, s.failed), (60, 60));
         assert_eq!(s.failures.len(), MAX_FAILURES);
         assert_eq!(s.failures_omitted, 10);

@@ -9,7 +9,15 @@
 //! on an unsealed run: `[retention.runs]` rules (see [`crate::config::RunRetention`]) pick the
 //! sealed runs of this node to delete, from the manifests kept in the index, and each is
 //! deleted entirely (its objects, manifest and page) from every destination, then forgotten.
+//!
+//! With `keep_failures = N`, a run that holds one of the newest N failures of some test (on
+//! this node, by seal time, from the failures its manifest lists) is thinned instead: its
+//! manifest and the evidence of those failures (their JUnit files and the files listed as
+//! their `evidence`) stay, byte for byte, and everything else of the run goes. The run stays
+//! in the index as sealed, so the next `prune` looks at it again and deletes the rest once its
+//! failures are no longer among the newest N.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +25,7 @@ use object_store::ObjectStoreExt;
 
 use crate::config::{Config, RunRetention};
 use crate::destination::{self, Destination};
+use crate::format::results::Failure;
 use crate::format::units::now_ms;
 use crate::index::{Index, SealedRun};
 
@@ -47,6 +56,10 @@ pub(crate) struct PrunedRun {
     pub sealed_ms: i64,
     /// Why: the rule that let it go.
     pub rule: String,
+    /// With `keep_failures`: the files of the run kept as evidence of its failures (relative
+    /// to the run; its manifest is kept with them). Empty when the whole run went.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<String>,
 }
 
 /// An object retention deleted (or would delete).
@@ -104,18 +117,23 @@ pub(crate) async fn prune(
                 keep_latest_per_branch: None,
                 pull_requests: None,
                 max_age: None,
+                keep_failures: None,
             });
             let max_age = rules.max_age.or(age);
             let (i, w) = (index.clone(), watch.path.clone());
             let sealed = tokio::task::spawn_blocking(move || i.sealed_runs(&w)).await??;
+            let keep = rules
+                .keep_failures
+                .map(|n| kept_failures(&sealed, n))
+                .unwrap_or_default();
             for (run, rule) in expired_runs(&sealed, &rules, max_age, now_ms()) {
+                let kept = keep.get(run.name.as_str());
                 prune_run(
                     &index,
                     dests,
                     watch,
                     &prefix,
-                    run,
-                    rule,
+                    (run, rule, kept),
                     dry_run,
                     &mut report,
                 )
@@ -197,15 +215,61 @@ fn expired_runs<'a>(
     out
 }
 
-/// Delete one sealed run entirely from every destination (or only list it), then forget it.
-#[allow(clippy::too_many_arguments)]
+/// Per run (by name): the files kept as evidence of the newest `n` failures of each test
+/// among `sealed` (each failure's JUnit file and evidence, relative to the run).
+fn kept_failures(sealed: &[SealedRun], n: usize) -> HashMap<&str, BTreeSet<&str>> {
+    /// A failure of a test: when its run was sealed, the run, the failure.
+    type Seen<'a> = (i64, &'a str, &'a Failure);
+    let mut by_test: HashMap<(&str, &str), Vec<Seen<'_>>> = HashMap::new();
+    for r in sealed {
+        for f in r.tests.iter().flat_map(|t| &t.failures) {
+            by_test
+                .entry((f.class.as_str(), f.name.as_str()))
+                .or_default()
+                .push((r.sealed_ms, r.name.as_str(), f));
+        }
+    }
+    let mut out: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    for mut failures in by_test.into_values() {
+        failures.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        for (_, run, f) in failures.into_iter().take(n) {
+            let files = out.entry(run).or_default();
+            files.insert(f.file.as_str());
+            files.extend(f.evidence.iter().map(String::as_str));
+        }
+    }
+    out
+}
+
+/// Whether the object at `rel` (relative to the run's prefix, as stored) is the run's
+/// manifest or one of the files `kept`.
+fn is_kept(rel: &str, kept: &BTreeSet<&str>) -> bool {
+    let parsed = crate::format::layout::parse(rel);
+    let manifest = format!(
+        "{}/{}",
+        crate::format::manifest::RUN_DIR,
+        crate::format::manifest::MANIFEST_NAME
+    );
+    if parsed.logical == manifest || kept.contains(parsed.logical) {
+        return true;
+    }
+    // A long name is stored shortened: it is kept when it stands for a kept file's name.
+    parsed.long
+        && kept.iter().any(|k| {
+            let (dir, name) = k.rsplit_once('/').unwrap_or(("", k));
+            let (short_dir, _) = parsed.logical.rsplit_once('/').unwrap_or(("", ""));
+            dir == short_dir && crate::format::layout::long_name_matches(parsed.logical, name)
+        })
+}
+
+/// Delete one sealed run entirely from every destination (or only list it), then forget it;
+/// or, with files `kept` as evidence, delete everything of it but those and its manifest.
 async fn prune_run(
     index: &Arc<Index>,
     dests: &[Destination],
     watch: &crate::config::Watch,
     prefix: &str,
-    run: &SealedRun,
-    rule: String,
+    (run, rule, kept): (&SealedRun, String, Option<&BTreeSet<&str>>),
     dry_run: bool,
     report: &mut PruneReport,
 ) -> anyhow::Result<()> {
@@ -215,6 +279,22 @@ async fn prune_run(
         format!("{prefix}/{}", run.name)
     };
     let failed_before = report.failed.len();
+    if let Some(kept) = kept {
+        for dest in dests {
+            thin_run(index, dest, &key_prefix, kept, dry_run, report).await?;
+        }
+        if report.failed.len() == failed_before && !dry_run {
+            tracing::info!(run = %run.name, prefix = %key_prefix, rule = %rule, kept = kept.len(), "pruned run, keeping the evidence of its failures");
+        }
+        report.runs.push(PrunedRun {
+            key_prefix,
+            run: run.name.clone(),
+            sealed_ms: run.sealed_ms,
+            rule,
+            kept: kept.iter().map(|k| k.to_string()).collect(),
+        });
+        return Ok(());
+    }
     for dest in dests {
         // A cutoff in the future: everything under the run's prefix goes.
         prune_prefix(index, dest, &key_prefix, f64::INFINITY, dry_run, report).await?;
@@ -233,7 +313,63 @@ async fn prune_run(
         run: run.name.clone(),
         sealed_ms: run.sealed_ms,
         rule,
+        kept: Vec::new(),
     });
+    Ok(())
+}
+
+/// Delete every object under a run's `key_prefix` in `dest` but its manifest and the files
+/// `kept` (or only list them with `dry_run`).
+async fn thin_run(
+    index: &Arc<Index>,
+    dest: &Destination,
+    key_prefix: &str,
+    kept: &BTreeSet<&str>,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> anyhow::Result<()> {
+    let listing = dest
+        .list_under(key_prefix)
+        .await
+        .map_err(anyhow::Error::from)?;
+    for bad in listing.bad_keys {
+        tracing::warn!(dest = %dest.name, key = %bad.key, reason = %bad.reason, "cannot prune");
+        report.failed.push(PruneFailure {
+            dest: dest.name.clone(),
+            key: bad.key,
+            error: format!("cannot delete: {}", bad.reason),
+        });
+    }
+    let run_prefix = format!("{key_prefix}/");
+    for meta in listing.objects {
+        let key = meta.location.to_string();
+        let rel = dest.relative(&key).to_string();
+        let in_run = rel.strip_prefix(&run_prefix).unwrap_or(&rel);
+        if rel.starts_with(crate::format::layout::INTERNAL_PREFIX) || is_kept(in_run, kept) {
+            continue;
+        }
+        if !dry_run {
+            match dest.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    let (i, d, r) = (index.clone(), dest.name.clone(), rel.clone());
+                    tokio::task::spawn_blocking(move || i.forget_stored(&d, &r)).await??;
+                    tracing::info!(dest = %dest.name, key = %key, "pruned");
+                }
+                Err(e) => {
+                    report.failed.push(PruneFailure {
+                        dest: dest.name.clone(),
+                        key: key.clone(),
+                        error: destination::error_chain(&e),
+                    });
+                    continue;
+                }
+            }
+        }
+        report.expired.push(Expired {
+            dest: dest.name.clone(),
+            key,
+        });
+    }
     Ok(())
 }
 
@@ -327,6 +463,7 @@ mod tests {
             keep_latest_per_branch: Some(1),
             pull_requests: None,
             max_age: None,
+            keep_failures: None,
         };
         let gone: Vec<&str> = expired_runs(&runs, &rules, None, 100 * DAY)
             .into_iter()
@@ -357,6 +494,7 @@ mod tests {
             keep_latest_per_branch: Some(2),
             pull_requests: Some(Duration::from_secs(7 * 86_400)),
             max_age: Some(Duration::from_secs(30 * 86_400)),
+            keep_failures: None,
         };
         let gone: Vec<(&str, String)> = expired_runs(&runs, &rules, rules.max_age, 100 * DAY)
             .into_iter()

@@ -241,6 +241,16 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
             crate::destination::printable(&run.key_prefix),
             run.rule
         );
+        if !run.kept.is_empty() {
+            outln!(
+                "  kept its manifest and the evidence of failures among the newest of their tests: {}",
+                run.kept
+                    .iter()
+                    .map(|k| crate::destination::printable(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     for x in &r.expired {
         outln!(
@@ -425,6 +435,9 @@ fn test_history_text(h: &crate::format::fleet::TestHistory) -> String {
                     .map(|m| format!(": {}", p(m.lines().next().unwrap_or(""))))
                     .unwrap_or_default(),
             );
+            for f in &e.evidence {
+                let _ = writeln!(out, "    evidence: {}/{}", p(&e.key_prefix), p(f));
+            }
         }
     }
     for b in &h.unreadable {
@@ -616,6 +629,9 @@ fn write_run_tests(out: &mut String, t: &crate::format::results::TestSummary) {
                 .map(|m| format!(": {}", p(&m.replace('\n', " "))))
                 .unwrap_or_default()
         );
+        for e in &f.evidence {
+            let _ = writeln!(out, "           evidence: {}", p(e));
+        }
     }
     if t.failures_omitted > 0 {
         let _ = writeln!(out, "    ... and {} more failures", t.failures_omitted);

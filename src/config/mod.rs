@@ -191,6 +191,11 @@ pub struct RunRetention {
     /// Keep every other run this long after its seal.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub max_age: Option<Duration>,
+    /// When a run is pruned, keep its manifest and the evidence of its failures (their JUnit
+    /// files and the files the manifest lists as their `evidence`) while the failure is among
+    /// the newest this many failures of its test on this node.
+    #[serde(default)]
+    pub keep_failures: Option<usize>,
 }
 
 /// The `[metrics]` table.

@@ -261,6 +261,9 @@ pub(crate) struct Execution {
     pub duration_ms: u64,
     /// The failure's message.
     pub message: Option<String>,
+    /// The files of the run that document the failure (relative to the run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
 }
 
 /// Per node: executions and failures of one test.

@@ -255,11 +255,22 @@ pub(crate) struct TestRecord {
     pub duration_ms: u64,
     /// The failure's message, at most [`TEST_RECORD_MESSAGE`] characters.
     pub message: Option<String>,
+    /// For a failure listed in the manifest: the files of the run that document it
+    /// (relative to the run; see the manifest's `evidence`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
 }
 
 /// The per-test records of a sealed run, one NDJSON line each (at most [`MAX_RECORD_CASES`]).
 pub(crate) fn test_records(m: &Manifest, collected: &Collected) -> Vec<u8> {
     let ci = m.ci.clone().unwrap_or_default();
+    let evidence: std::collections::HashMap<(&str, &str), &Vec<String>> = m
+        .tests
+        .iter()
+        .flat_map(|t| &t.failures)
+        .filter(|f| !f.evidence.is_empty())
+        .map(|f| ((f.class.as_str(), f.name.as_str()), &f.evidence))
+        .collect();
     let mut out = Vec::new();
     for c in collected.cases.iter().take(MAX_RECORD_CASES) {
         let failed = if c.outcome == Outcome::Error {
@@ -292,6 +303,13 @@ pub(crate) fn test_records(m: &Manifest, collected: &Collected) -> Vec<u8> {
                 .message
                 .as_deref()
                 .map(|m| super::results::truncate(m, TEST_RECORD_MESSAGE)),
+            evidence: match c.outcome.is_failure() {
+                true => evidence
+                    .get(&(&*c.class, c.name.as_str()))
+                    .map(|e| e.to_vec())
+                    .unwrap_or_default(),
+                false => Vec::new(),
+            },
         };
         if serde_json::to_writer(&mut out, &r).is_ok() {
             out.push(b'\n');

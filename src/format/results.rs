@@ -61,6 +61,9 @@ pub(crate) struct Case {
     /// The failure's text (a stack trace) when the message came from its `message`
     /// attribute, truncated to [`MAX_TRACE`] characters.
     pub trace: Option<String>,
+    /// Paths its `<system-out>`/`<system-err>` names as `[[ATTACHMENT|path]]`, as written
+    /// (at most [`MAX_EVIDENCE`]).
+    pub attachments: Vec<String>,
 }
 
 /// Characters of a failure's trace kept for the run's page.
@@ -85,7 +88,15 @@ pub(crate) struct Failure {
     /// Its trace, when it has one besides the message (at most [`MAX_TRACE`] characters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// Files of the run that document it, relative to the run, sorted (at most
+    /// [`MAX_EVIDENCE`]): attachments its JUnit output names, paths its message or trace
+    /// names, and the files under a directory named after the test.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
 }
+
+/// Evidence files kept per failure (and attachments read per case).
+pub(crate) const MAX_EVIDENCE: usize = 20;
 
 /// A test listed among the slowest of a run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -203,7 +203,7 @@ fn page(manifest: &Manifest, links: &Links<'_>, stories: Option<&Stories>) -> St
                 }
                 (summary(manifest))
                 @if let Some(t) = &manifest.tests {
-                    (tests(t, stories, &links.root(manifest)))
+                    (tests(manifest, links, t, stories))
                 }
                 @if !reports.is_empty() {
                     h2 { "Reports" }
@@ -288,7 +288,13 @@ fn summary(m: &Manifest) -> Markup {
 
 /// The run's test results: counts, failures with their messages, the slowest tests, the
 /// JUnit files left out.
-fn tests(t: &crate::format::results::TestSummary, stories: Option<&Stories>, root: &str) -> Markup {
+fn tests(
+    m: &Manifest,
+    links: &Links<'_>,
+    t: &crate::format::results::TestSummary,
+    stories: Option<&Stories>,
+) -> Markup {
+    let root = &links.root(m);
     let class = if t.passed_run() { "pass" } else { "fail" };
     let story = |class: &str, name: &str| {
         stories.and_then(|s| s.tests.iter().find(|x| x.class == class && x.name == name))
@@ -313,7 +319,12 @@ fn tests(t: &crate::format::results::TestSummary, stories: Option<&Stories>, roo
                                 @if f.outcome == crate::format::results::Outcome::Error { " (error)" } }
                             td { (story_text(story(&f.class, &f.name), stories.is_some())) }
                             td { (f.suite) }
-                            td { (folded(f.message.as_deref().unwrap_or(""), f.trace.as_deref())) }
+                            td {
+                                (folded(f.message.as_deref().unwrap_or(""), f.trace.as_deref()))
+                                @if !f.evidence.is_empty() {
+                                    (evidence(m, links, &f.evidence))
+                                }
+                            }
                         }
                     }
                 }
@@ -373,6 +384,22 @@ fn story_text(story: Option<&Story>, known: bool) -> String {
             }
             StoryKind::FirstSeen => "first seen on this branch".into(),
         },
+    }
+}
+
+/// The files documenting a failure, each linked where the run's file list links it.
+fn evidence(m: &Manifest, links: &Links<'_>, paths: &[String]) -> Markup {
+    html! {
+        div class="evidence" {
+            "Evidence: "
+            @for (i, p) in paths.iter().enumerate() {
+                @if i > 0 { " · " }
+                @match m.files.binary_search_by(|f| f.path.as_str().cmp(p)).ok().map(|i| &m.files[i]) {
+                    Some(f) => a href=(links.file(m, f)) { (p) },
+                    None => span { (p) },
+                }
+            }
+        }
     }
 }
 

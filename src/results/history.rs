@@ -107,6 +107,7 @@ pub(crate) async fn read(
                 attempts: r.attempts,
                 duration_ms: r.duration_ms,
                 message: r.message,
+                evidence: r.evidence,
             });
         }
     }

@@ -1245,3 +1245,131 @@ async fn a_run_being_sealed_shows_as_sealing_and_a_second_seal_is_refused() {
     })
     .await;
 }
+
+/// A run whose JUnit file has `checkout` failing (with a screenshot it names as an attachment
+/// and a directory named after the test) or passing.
+fn write_junit_run(env: &Env, run: &str, fail: bool) {
+    write_run(env, run);
+    let case = if fail {
+        r#"<testcase classname="shop.Cart" name="checkout" time="1.5"><failure message="total was 0, see logs/checkout.log">at Cart.checkout</failure><system-out>[[ATTACHMENT|shots/checkout-fail.png]]</system-out></testcase>"#
+    } else {
+        r#"<testcase classname="shop.Cart" name="checkout" time="1.5"/>"#
+    };
+    env.write(
+        &format!("{run}/junit.xml"),
+        format!(r#"<testsuite name="shop">{case}<testcase classname="shop.Cart" name="adds" time="0.1"/></testsuite>"#).as_bytes(),
+    );
+    if fail {
+        env.write(
+            &format!("{run}/logs/checkout.log"),
+            format!("{run}: total 0\n").as_bytes(),
+        );
+        env.write(
+            &format!("{run}/shots/checkout-fail.png"),
+            &[run.len() as u8; 3000],
+        );
+        env.write(
+            &format!("{run}/artifacts/checkout/trace.zip"),
+            run.as_bytes(),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_failures_keeps_the_newest_failures_evidence_and_manifest_and_nothing_else() {
+    let mut env = run_env();
+    env.tail = "[retention.runs]\nkeep_latest_per_branch = 1\nkeep_failures = 3\n".into();
+    env.cmd_env = github_push_env("main");
+    // Five runs where `checkout` fails, then twenty where it passes, oldest first.
+    let runs: Vec<String> = (0..25).map(|i| format!("r{i:02}")).collect();
+    for (i, run) in runs.iter().enumerate() {
+        write_junit_run(&env, run, i < 5);
+        assert_ok(&seal(&env, run, &[]), run);
+    }
+    // The seal recorded each failure's evidence in the manifest.
+    let m = check_manifest(&env, "r04");
+    let f = &m["tests"]["failures"][0];
+    assert_eq!(f["name"], "checkout");
+    assert_eq!(
+        f["evidence"],
+        serde_json::json!([
+            "artifacts/checkout/trace.zip",
+            "logs/checkout.log",
+            "shots/checkout-fail.png"
+        ]),
+        "{f}"
+    );
+    let before = (env.s3_objects(shared_s3()), env.nas_objects());
+
+    let out = env.cli(&["prune"]);
+    assert_ok(&out, "prune");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("kept its manifest and the evidence"),
+        "{text}"
+    );
+    let after = (env.s3_objects(shared_s3()), env.nas_objects());
+    let kept_files = [
+        "_run/manifest.json",
+        "junit.xml",
+        "artifacts/checkout/trace.zip",
+        "logs/checkout.log",
+        "shots/checkout-fail.png",
+    ];
+    for (name, before, after) in [("s3", &before.0, &after.0), ("nas", &before.1, &after.1)] {
+        for run in &runs {
+            let prefix = format!("ci/{NODE}/{run}/");
+            let left: BTreeMap<&str, &String> = after
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v)))
+                .collect();
+            let had: BTreeMap<&str, &String> = before
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v)))
+                .collect();
+            match run.as_str() {
+                // The three newest failures: their manifest and evidence, byte-identical.
+                "r02" | "r03" | "r04" => {
+                    let names: Vec<&str> = left.keys().copied().collect();
+                    let mut want = kept_files.to_vec();
+                    want.sort();
+                    assert_eq!(names, want, "{name} {run}");
+                    for (k, v) in &left {
+                        assert_eq!(Some(v), had.get(k), "{name} {run}/{k} is unchanged");
+                    }
+                }
+                // The newest run of the branch stays whole.
+                "r24" => assert_eq!(left, had, "{name} {run}"),
+                _ => assert!(left.is_empty(), "{name} {run}: {left:?}"),
+            }
+        }
+    }
+    // A second prune deletes nothing more; after newer failures push them out, the rest goes.
+    assert_ok(&env.cli(&["prune"]), "prune again");
+    assert_eq!(env.s3_objects(shared_s3()), after.0);
+    for i in 25..28 {
+        let run = format!("r{i:02}");
+        write_junit_run(&env, &run, true);
+        assert_ok(&seal(&env, &run, &[]), &run);
+    }
+    assert_ok(&env.cli(&["prune"]), "prune after newer failures");
+    let s3 = env.s3_objects(shared_s3());
+    for run in ["r02", "r03", "r04", "r24"] {
+        let prefix = format!("ci/{NODE}/{run}/");
+        assert!(
+            !s3.keys().any(|k| k.starts_with(&prefix)),
+            "{run} is gone once three newer failures exist"
+        );
+    }
+    // The newest failure's page links its evidence; `report --test` names it.
+    let page = std::fs::read_to_string(env.nas.join(format!("ci/{NODE}/r27/index.html"))).unwrap();
+    assert!(page.contains("Evidence: "), "{page}");
+    assert!(page.contains("href=\"shots/checkout-fail.png\""), "{page}");
+    let out = env.cli(&["report", "--test", "shop.Cart::checkout"]);
+    assert_ok(&out, "report --test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("evidence: ci/{NODE}/r27/shots/checkout-fail.png")),
+        "{text}"
+    );
+}
