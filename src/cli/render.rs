@@ -879,6 +879,7 @@ fn fleet_results_text(r: &crate::format::fleet::FleetResults) -> String {
     write_flaky(&mut o, &r.flaky);
     write_failing(&mut o, r);
     write_node_specific(&mut o, &r.node_specific);
+    write_branch_rules(&mut o, r);
     write_slowest(&mut o, &r.slowest);
     write_outliers(&mut o, &r.outlier_nodes);
     if r.unreadable_junit_files > 0 {
@@ -1026,6 +1027,54 @@ fn write_node_specific(o: &mut String, list: &[crate::format::fleet::NodeSpecifi
             n.other_runs,
             n.other_failure_rate * 100.0
         );
+    }
+}
+
+/// The fleet's test results: new failures, fixed and flipping tests per branch.
+fn write_branch_rules(o: &mut String, r: &crate::format::fleet::FleetResults) {
+    let p = destination::printable;
+    let short = |c: &str| p(&c.chars().take(12).collect::<String>());
+    for (title, list) in [
+        (
+            "new failures (failed on the newest commit, passed on the one before)",
+            &r.new_failures,
+        ),
+        (
+            "fixed (passed on the newest commit, failed on the one before)",
+            &r.fixed,
+        ),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let _ = writeln!(o, "  {title}:");
+        for c in list {
+            let _ = writeln!(
+                o,
+                "    {} on {}: {} after {}",
+                test_id(&c.class, &c.name),
+                p(&c.branch),
+                short(&c.commit),
+                short(&c.previous_commit)
+            );
+        }
+    }
+    if !r.flipping.is_empty() {
+        let _ = writeln!(
+            o,
+            "  flipping (pass/fail changes over the last executions on a branch):"
+        );
+        for f in &r.flipping {
+            let _ = writeln!(
+                o,
+                "    {} on {}: {} flips in {} executions ({:.0}%)",
+                test_id(&f.class, &f.name),
+                p(&f.branch),
+                f.flips,
+                f.executions,
+                f.flip_rate * 100.0
+            );
+        }
     }
 }
 

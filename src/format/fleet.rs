@@ -132,6 +132,8 @@ pub(crate) struct Capped {
     pub cases_not_checked_for_flakiness: u64,
     /// Cases the writing nodes left out of their records (counted in the totals).
     pub cases_omitted_by_writers: u64,
+    /// Cases past the cap on (branch, test) pairs left out of the branch rules.
+    pub cases_not_checked_on_branches: u64,
 }
 
 /// The fleet's test results (`results` in `report --fleet --json`).
@@ -171,6 +173,14 @@ pub(crate) struct FleetResults {
     pub broken: Vec<TestStat>,
     /// Failing on one node far more often than on the rest of the fleet.
     pub node_specific: Vec<NodeSpecific>,
+    /// New failures: on a branch, failed on every execution of its newest commit after
+    /// passing on every execution of the commit before.
+    pub new_failures: Vec<BranchChange>,
+    /// Fixed: on a branch, passed on every execution (first tries) of its newest commit after
+    /// failing on every execution of the commit before.
+    pub fixed: Vec<BranchChange>,
+    /// Flipping between pass and fail over its last executions on a branch.
+    pub flipping: Vec<Flipping>,
     /// Most often failing tests.
     pub most_failing: Vec<TestStat>,
     /// Slowest tests by mean time.
@@ -310,6 +320,42 @@ pub(crate) struct TestHistory {
     pub executions: Vec<Execution>,
     /// Record objects that could not be read.
     pub unreadable: Vec<BadRecord>,
+}
+
+/// A test whose state changed on a branch between its last two commits.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub(crate) struct BranchChange {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// The branch.
+    pub branch: String,
+    /// The newest commit it ran on there.
+    pub commit: String,
+    /// The commit before.
+    pub previous_commit: String,
+}
+
+/// A test flipping between pass and fail on a branch.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct Flipping {
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// The branch.
+    pub branch: String,
+    /// Its last executions there (at most 20; skips left out).
+    pub executions: u64,
+    /// Changes between passed and failed from one execution to the next among them.
+    pub flips: u64,
+    /// flips / (executions − 1).
+    pub flip_rate: f64,
 }
 
 /// A test failing on one node far more often than on the rest of the fleet.

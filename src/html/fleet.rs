@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::href::{list_href, run_href};
 use crate::format::fleet::{
-    BadRecord, Flaky, FleetResults, Group, NodeSpecific, Outlier, TestStat,
+    BadRecord, BranchChange, Flaky, FleetResults, Flipping, Group, NodeSpecific, Outlier, TestStat,
 };
 
 /// Rate per day for each group (at most `max` groups, the ones with most runs).
@@ -227,6 +227,52 @@ fn node_specific_table(list: &[NodeSpecific]) -> maud::Markup {
     }
 }
 
+/// Tests whose state changed between a branch's last two commits ("none" when there are none).
+fn changes_table(list: &[BranchChange]) -> maud::Markup {
+    use maud::html;
+    let short = |c: &str| c.chars().take(12).collect::<String>();
+    html! {
+        @if list.is_empty() { p { "none" } } @else {
+            table {
+                thead { tr { th { "test" } th { "branch" } th { "commit" } th { "after" } } }
+                tbody {
+                    @for c in list {
+                        tr {
+                            td { (c.class) "::" (c.name) }
+                            td { (c.branch) }
+                            td { code title=(c.commit) { (short(&c.commit)) } }
+                            td { code title=(c.previous_commit) { (short(&c.previous_commit)) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tests flipping between pass and fail on a branch ("none" when there are none).
+fn flipping_table(list: &[Flipping]) -> maud::Markup {
+    use super::charts::percent;
+    use maud::html;
+    html! {
+        @if list.is_empty() { p { "none" } } @else {
+            table {
+                thead { tr { th { "test" } th { "branch" } th class="n" { "flips" } th class="n" { "rate" } } }
+                tbody {
+                    @for f in list {
+                        tr {
+                            td { (f.class) "::" (f.name) }
+                            td { (f.branch) }
+                            td class="n" { (f.flips) "/" (f.executions.saturating_sub(1)) }
+                            td class="n" { (percent(Some(f.flip_rate))) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The run records that could not be read (nothing when all could).
 fn unreadable(unreadable: &[BadRecord]) -> maud::Markup {
     use maud::html;
@@ -254,6 +300,12 @@ pub(crate) fn results(r: &FleetResults, base: Option<&str>) -> maud::Markup {
             h3 { "Flaky tests" } (flaky_table(&r.flaky, base))
             h3 { "Broken (failed every time on its last 3 commits)" } (tests_table(&r.broken, base))
             h3 { "Node-specific" } (node_specific_table(&r.node_specific))
+            h3 { "New failures (failed on a branch's newest commit, passed on the one before)" }
+            (changes_table(&r.new_failures))
+            h3 { "Fixed (passed on a branch's newest commit, failed on the one before)" }
+            (changes_table(&r.fixed))
+            h3 { "Flipping (pass/fail changes over the last executions on a branch)" }
+            (flipping_table(&r.flipping))
             h3 { "Consistently failing" } (tests_table(&r.consistently_failing, base))
             h3 { "Most often failing" } (tests_table(&r.most_failing, base))
             h3 { "Slowest (mean)" } (tests_table(&r.slowest, base))

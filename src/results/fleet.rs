@@ -20,6 +20,14 @@
 //! - a test is (class, name); a revision is the commit, or for a run without one the run itself
 //!   (node and name). A test is *flaky* when for one revision it both failed (or erred) and
 //!   passed, across retries, shards or nodes, or passed only on a retry (`flaky` in a case).
+//! - on a branch, a test's *commit state* is *failed* when every execution of that commit
+//!   failed or erred, *clean* when every one passed on its first try. A *new failure*: its
+//!   newest commit on the branch is failed and the one before clean; *fixed*: the newest is
+//!   clean and the one before failed (commits ordered by their newest seal). Its *flip rate*:
+//!   over its last [`FLIP_WINDOW`] executions on the branch (by seal time, then run), the
+//!   changes between passed and failed from one to the next, divided by executions − 1; a
+//!   test is *flipping* with at least [`FLIP_MIN_RUNS`] executions and a rate of at least
+//!   [`FLIP_MIN_RATE`]. Runs without a branch are in none of these.
 //! - a node *stands out* with at least [`OUTLIER_MIN_RUNS`] runs when its run failure rate is
 //!   at least 25 points above the rest of the fleet's and at least two standard errors above it
 //!   (binomial, the rest's rate clamped to 5–95 % so a clean fleet still needs evidence).
@@ -33,8 +41,8 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 
 use crate::destination::{self, Destination};
 use crate::format::fleet::{
-    BadRecord, BaseDiff, Capped, Day, Flaky, FleetResults, Group, NodeSpecific, Outlier, Rates,
-    Stories, Story, StoryKind, TestStat,
+    BadRecord, BaseDiff, BranchChange, Capped, Day, Flaky, FleetResults, Flipping, Group,
+    NodeSpecific, Outlier, Rates, Stories, Story, StoryKind, TestStat,
 };
 use crate::format::layout::RUNS_PREFIX;
 use crate::format::record::{RECORD_SCHEMA, RecordCase, RunRecord, date_of};
@@ -69,6 +77,16 @@ pub(crate) const NODE_SPECIFIC_MIN_RUNS: u32 = 4;
 pub(crate) const NODE_SPECIFIC_MIN_RATE: f64 = 0.3;
 /// and at least this many times the rest of the fleet's rate.
 pub(crate) const NODE_SPECIFIC_RATIO: f64 = 3.0;
+/// Executions per (branch, test) the flip rate looks at.
+pub(crate) const FLIP_WINDOW: usize = 20;
+/// *Flipping*: at least this many executions in the window,
+pub(crate) const FLIP_MIN_RUNS: usize = 5;
+/// and a flip rate of at least this.
+pub(crate) const FLIP_MIN_RATE: f64 = 0.2;
+/// Commits remembered per (branch, test) for the new-failure and fixed rules.
+const BRANCH_COMMITS: usize = 4;
+/// (branch, test) pairs tracked for the branch rules (at most about 450 bytes each).
+pub(crate) const MAX_BRANCH_PAIRS: usize = 200_000;
 /// Recent commits remembered per test for the broken rule.
 const RECENT_COMMITS: usize = 2 * BROKEN_COMMITS;
 /// Commits named per flaky test.
@@ -171,6 +189,15 @@ const PASS: u8 = 1;
 const FAIL: u8 = 2;
 const RETRIED: u8 = 4;
 
+/// A test on one branch: its newest commits and executions there.
+#[derive(Default)]
+struct BranchAcc {
+    /// (newest sealed ms, revision id, every execution failed, every one passed first try).
+    commits: Vec<(i64, u32, bool, bool)>,
+    /// (sealed ms, run id, failed), the newest [`FLIP_WINDOW`].
+    executions: Vec<(i64, u32, bool)>,
+}
+
 /// The streaming aggregate.
 #[derive(Default)]
 struct Aggregate {
@@ -191,6 +218,13 @@ struct Aggregate {
     test_nodes: HashMap<(u32, u16), (u32, u32)>,
     node_ids: HashMap<String, u16>,
     node_names: Vec<String>,
+    /// Per (branch id, test id): what the branch rules need.
+    branch_tests: HashMap<(u32, u32), BranchAcc>,
+    branch_ids: HashMap<String, u32>,
+    branch_names: Vec<String>,
+    /// Runs by key prefix, to order executions sealed in the same millisecond.
+    run_ids: HashMap<Arc<str>, u32>,
+    run_names: Vec<Arc<str>>,
     capped: Capped,
     name_bytes: usize,
     day_cells: usize,
@@ -359,8 +393,16 @@ impl Aggregate {
             }
         }
         let node_id = self.node_id(node);
+        let on_branch = r
+            .branch
+            .as_deref()
+            .filter(|b| !b.is_empty())
+            .and_then(|b| Some((self.branch_id(b)?, self.run_id(&at)?)));
         for c in &r.cases {
-            self.add_case(rev, c, (r.sealed_ms, &at), node_id);
+            let id = self.add_case(rev, c, (r.sealed_ms, &at), node_id);
+            if let (Some(rev), Some((branch, run)), Some(id)) = (rev, on_branch, id) {
+                self.add_branch_case(branch, id, c, (r.sealed_ms, rev, run));
+            }
         }
     }
 
@@ -437,6 +479,148 @@ impl Aggregate {
         }
     }
 
+    /// The id of a branch, interned while names fit.
+    fn branch_id(&mut self, branch: &str) -> Option<u32> {
+        let branch = clip(branch);
+        if let Some(&i) = self.branch_ids.get(&branch) {
+            return Some(i);
+        }
+        if self.name_bytes >= MAX_NAME_BYTES {
+            return None;
+        }
+        let i = self.branch_names.len() as u32;
+        self.name_bytes += 2 * branch.len();
+        self.branch_names.push(branch.clone());
+        self.branch_ids.insert(branch, i);
+        Some(i)
+    }
+
+    /// The id of a run (its key prefix), interned while names fit.
+    fn run_id(&mut self, at: &Arc<str>) -> Option<u32> {
+        if let Some(&i) = self.run_ids.get(at) {
+            return Some(i);
+        }
+        if self.name_bytes >= MAX_NAME_BYTES {
+            return None;
+        }
+        let i = self.run_names.len() as u32;
+        self.name_bytes += at.len();
+        self.run_names.push(at.clone());
+        self.run_ids.insert(at.clone(), i);
+        Some(i)
+    }
+
+    /// Add a case of a run on a branch to its (branch, test): the commit's state and the
+    /// execution (skips are in neither).
+    fn add_branch_case(&mut self, branch: u32, id: u32, c: &RecordCase, run: (i64, u32, u32)) {
+        if c.status == Outcome::Skipped {
+            return;
+        }
+        let key = (branch, id);
+        if self.branch_tests.len() >= MAX_BRANCH_PAIRS && !self.branch_tests.contains_key(&key) {
+            self.capped.cases_not_checked_on_branches += 1;
+            return;
+        }
+        let (ms, rev, run_id) = run;
+        let failed = c.status.is_failure();
+        let clean = c.status == Outcome::Passed && !c.flaky;
+        let names = &self.revision_names;
+        let runs = &self.run_names;
+        let acc = self.branch_tests.entry(key).or_default();
+        match acc.commits.iter_mut().find(|e| e.1 == rev) {
+            Some(e) => {
+                e.0 = e.0.max(ms);
+                e.2 &= failed;
+                e.3 &= clean;
+            }
+            None => {
+                acc.commits.push((ms, rev, failed, clean));
+                if acc.commits.len() > BRANCH_COMMITS {
+                    acc.commits.sort_by(|a, b| {
+                        (b.0, &names[b.1 as usize]).cmp(&(a.0, &names[a.1 as usize]))
+                    });
+                    acc.commits.truncate(BRANCH_COMMITS);
+                }
+            }
+        }
+        acc.executions.push((ms, run_id, failed));
+        if acc.executions.len() > FLIP_WINDOW {
+            // Drop the oldest: an execution older than the window's never comes back in.
+            let oldest = acc
+                .executions
+                .iter()
+                .enumerate()
+                .min_by(|(_, a), (_, b)| {
+                    (a.0, &runs[a.1 as usize]).cmp(&(b.0, &runs[b.1 as usize]))
+                })
+                .map(|(i, _)| i);
+            if let Some(i) = oldest {
+                acc.executions.swap_remove(i);
+            }
+        }
+    }
+
+    /// New failures, fixed tests and flipping tests, from the branch rules.
+    fn branch_rules(&self) -> (Vec<BranchChange>, Vec<BranchChange>, Vec<Flipping>) {
+        let (mut new, mut fixed, mut flipping) = (Vec::new(), Vec::new(), Vec::new());
+        let names = &self.revision_names;
+        for (&(branch, id), acc) in &self.branch_tests {
+            let t = &self.tests[id as usize];
+            let branch = &self.branch_names[branch as usize];
+            let mut commits = acc.commits.clone();
+            commits.sort_by(|a, b| (b.0, &names[b.1 as usize]).cmp(&(a.0, &names[a.1 as usize])));
+            if let [last, before, ..] = commits.as_slice() {
+                let change = || BranchChange {
+                    suite: t.suite.clone(),
+                    class: t.class.clone(),
+                    name: t.name.clone(),
+                    branch: branch.clone(),
+                    commit: names[last.1 as usize].clone(),
+                    previous_commit: names[before.1 as usize].clone(),
+                };
+                if last.2 && before.3 {
+                    new.push(change());
+                } else if last.3 && before.2 {
+                    fixed.push(change());
+                }
+            }
+            let mut runs = acc.executions.clone();
+            runs.sort_by(|a, b| {
+                (a.0, &self.run_names[a.1 as usize]).cmp(&(b.0, &self.run_names[b.1 as usize]))
+            });
+            let flips = runs.windows(2).filter(|w| w[0].2 != w[1].2).count();
+            if runs.len() >= FLIP_MIN_RUNS {
+                let rate = flips as f64 / (runs.len() - 1) as f64;
+                if rate >= FLIP_MIN_RATE {
+                    flipping.push(Flipping {
+                        suite: t.suite.clone(),
+                        class: t.class.clone(),
+                        name: t.name.clone(),
+                        branch: branch.clone(),
+                        executions: runs.len() as u64,
+                        flips: flips as u64,
+                        flip_rate: rate,
+                    });
+                }
+            }
+        }
+        let order = |a: &BranchChange, b: &BranchChange| {
+            (&a.branch, &a.class, &a.name).cmp(&(&b.branch, &b.class, &b.name))
+        };
+        new.sort_by(order);
+        fixed.sort_by(order);
+        flipping.sort_by(|a, b| {
+            b.flip_rate
+                .total_cmp(&a.flip_rate)
+                .then_with(|| (&a.branch, &a.class, &a.name).cmp(&(&b.branch, &b.class, &b.name)))
+        });
+        for list in [&mut new, &mut fixed] {
+            list.truncate(TOP * 5);
+        }
+        flipping.truncate(TOP * 5);
+        (new, fixed, flipping)
+    }
+
     /// The id of a node, interned (at most 65,536 nodes).
     fn node_id(&mut self, node: &str) -> Option<u16> {
         if let Some(&i) = self.node_ids.get(node) {
@@ -470,17 +654,18 @@ impl Aggregate {
         }
     }
 
-    /// Add a case of revision `rev` to its test and to the flaky check (or count it as left out).
+    /// Add a case of revision `rev` to its test and to the flaky check (or count it as left out);
+    /// returns the test's id.
     fn add_case(
         &mut self,
         rev: Option<u32>,
         c: &RecordCase,
         run: (i64, &Arc<str>),
         node: Option<u16>,
-    ) {
+    ) -> Option<u32> {
         let Some(id) = self.test_id(c) else {
             self.capped.cases_of_untracked_tests += 1;
-            return;
+            return None;
         };
         self.tests[id as usize].count(c, run);
         if c.status != Outcome::Skipped {
@@ -498,7 +683,7 @@ impl Aggregate {
         }
         let bits = outcome_bits(c);
         if bits == 0 {
-            return;
+            return Some(id);
         }
         let tracked =
             rev.filter(|rev| self.pairs.len() < MAX_PAIRS || self.pairs.contains_key(&(*rev, id)));
@@ -506,6 +691,7 @@ impl Aggregate {
             Some(rev) => *self.pairs.entry((rev, id)).or_default() |= bits,
             None => self.capped.cases_not_checked_for_flakiness += 1,
         }
+        Some(id)
     }
 
     /// Write the rates, the outlier nodes and the test lists into `out`.
@@ -523,6 +709,7 @@ impl Aggregate {
         (out.most_failing, out.consistently_failing) = self.failing();
         out.broken = self.broken();
         out.node_specific = self.node_specific();
+        (out.new_failures, out.fixed, out.flipping) = self.branch_rules();
         out.slowest = self.slowest();
         out.capped = self.capped;
     }
@@ -1093,6 +1280,79 @@ mod tests {
         );
         let broken: Vec<&str> = out.broken.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(broken, ["dead"]);
+    }
+
+    #[test]
+    fn new_failures_fixed_and_flipping_tests_follow_their_stated_rules() {
+        use Outcome::*;
+        let mut agg = Aggregate::default();
+        // On main, six commits, two runs each (the records arrive newest first, as a
+        // listing may give them): `breaks` passes until the last commit, where it fails on
+        // both runs (new failure); `heals` fails until the last commit and passes there
+        // (fixed); `half` fails on one run of the last commit (neither: its state is mixed);
+        // `flips` alternates run by run (flipping: 11 flips over 12 executions);
+        // `retried` passes on a retry on the last commit after failing before (not fixed).
+        for i in (0..12).rev() {
+            let commit = i / 2;
+            let last = commit == 5;
+            let mut r = record(
+                &format!("r{i:02}"),
+                &format!("c{commit}"),
+                "main",
+                &[
+                    ("breaks", if last { Failed } else { Passed }, false),
+                    ("heals", if last { Passed } else { Failed }, false),
+                    (
+                        "half",
+                        if last && i % 2 == 0 { Failed } else { Passed },
+                        false,
+                    ),
+                    ("flips", if i % 2 == 0 { Failed } else { Passed }, false),
+                    ("retried", if last { Passed } else { Failed }, last),
+                ],
+            );
+            r.sealed_ms += i64::from(i) * 1000;
+            agg.add("n1", r);
+        }
+        // Another branch where `breaks` only ever passed: nothing there.
+        agg.add(
+            "n2",
+            record("o1", "x1", "other", &[("breaks", Passed, false)]),
+        );
+        agg.add(
+            "n2",
+            record("o2", "x2", "other", &[("breaks", Passed, false)]),
+        );
+        let mut out = FleetResults::default();
+        agg.finish(&mut out);
+        let names = |l: &[BranchChange]| -> Vec<(String, String, String, String)> {
+            l.iter()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        c.branch.clone(),
+                        c.commit.clone(),
+                        c.previous_commit.clone(),
+                    )
+                })
+                .collect()
+        };
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            names(&out.new_failures),
+            [(s("breaks"), s("main"), s("c5"), s("c4"))]
+        );
+        assert_eq!(
+            names(&out.fixed),
+            [(s("heals"), s("main"), s("c5"), s("c4"))]
+        );
+        let flipping: Vec<(&str, u64, u64)> = out
+            .flipping
+            .iter()
+            .map(|f| (f.name.as_str(), f.executions, f.flips))
+            .collect();
+        // `half` flips twice in its last 20 (rate 2/11 < 0.2); `flips` 11 times.
+        assert_eq!(flipping, [("flips", 12, 11)]);
     }
 
     #[test]

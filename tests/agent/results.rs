@@ -752,3 +752,187 @@ async fn per_test_records_carry_every_try_and_run_records_link_the_run() {
             .ends_with("/actions/runs/77")
     );
 }
+
+/// Runs the DuckDB queries of docs/OPERATIONS.md over the `file://` store at `store`.
+fn duckdb_queries(store: &Path) -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("tests/duckdb_queries.py"))
+        .arg(root.join("docs/OPERATIONS.md"))
+        .arg(store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "duckdb (scripts/test installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_failures_fixed_and_flipping_tests_are_the_same_in_duckdb_and_report_fleet() {
+    // Run records as two nodes write them, straight into a file:// primary: on main, six
+    // commits of two runs each (one per node); on `other`, two commits.
+    let mut env = runs_env("node-a");
+    let store = env.tmp.path().join("store");
+    env.primary = Some(format!(
+        "[[destination]]\nname = \"primary\"\nurl = \"file://{}\"\n",
+        store.display()
+    ));
+    let now = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let today = chrono::DateTime::from_timestamp_millis(now)
+        .unwrap()
+        .format("%Y-%m-%d")
+        .to_string();
+    let case = |name: &str, status: &str, flaky: bool| {
+        serde_json::json!({"suite": "s", "class": "app.Cart", "name": name, "status": status,
+            "duration_ms": 5, "flaky": flaky})
+    };
+    let write = |node: &str,
+                     run: &str,
+                     branch: &str,
+                     commit: &str,
+                     ms: i64,
+                     cases: Vec<serde_json::Value>| {
+        let failed = cases.iter().filter(|c| c["status"] == "failed").count();
+        let record = serde_json::json!({"schema": 1, "run": run, "node_id": node,
+            "sealed_ms": ms, "key_prefix": format!("ci/{node}/{run}"), "branch": branch,
+            "commit": commit, "tests": cases.len(), "passed": cases.len() - failed,
+            "failed": failed, "errors": 0, "skipped": 0, "flaky": 0, "duration_ms": 5,
+            "junit_files": 1, "unreadable_files": 0, "cases": cases, "cases_omitted": 0});
+        let dir = store.join(format!("_panoptic-sync/runs/date={today}/node={node}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{run}~0000000000000000.json")),
+            format!("{record}\n"),
+        )
+        .unwrap();
+    };
+    for i in 0..12i64 {
+        let commit = format!("{:040x}", i / 2);
+        let last = i / 2 == 5;
+        let node = if i % 2 == 0 { "node-a" } else { "node-b" };
+        let st = |failed: bool| if failed { "failed" } else { "passed" };
+        write(
+            node,
+            &format!("r{i:02}"),
+            "main",
+            &commit,
+            now - 60_000 + i * 1000,
+            vec![
+                case("breaks", st(last), false),
+                case("heals", st(!last), false),
+                case("half", st(last && i % 2 == 0), false),
+                case("flips", st(i % 2 == 0), false),
+                case("retried", st(!last), false),
+                case("steady", "passed", false),
+            ]
+            .into_iter()
+            .map(|mut c| {
+                if last && c["name"] == "retried" {
+                    c["flaky"] = true.into();
+                }
+                c
+            })
+            .collect(),
+        );
+    }
+    write(
+        "node-b",
+        "o1",
+        "other",
+        &format!("{:040x}", 100),
+        now - 30_000,
+        vec![case("breaks", "failed", false)],
+    );
+    write(
+        "node-b",
+        "o2",
+        "other",
+        &format!("{:040x}", 101),
+        now - 20_000,
+        vec![case("breaks", "passed", false)],
+    );
+
+    let r = fleet_json(&env, &["--since", "2d"]);
+    assert_eq!(r["records"], 14, "{r:#}");
+    let sql = duckdb_queries(&store);
+    let changes = |v: &serde_json::Value, sql: bool| -> Vec<String> {
+        let mut out: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let (class, name) = if sql {
+                    (&t["class_name"], &t["test_name"])
+                } else {
+                    (&t["class"], &t["name"])
+                };
+                format!(
+                    "{}::{}@{} {}<-{}",
+                    class.as_str().unwrap(),
+                    name.as_str().unwrap(),
+                    t["branch"].as_str().unwrap(),
+                    &t["commit"].as_str().unwrap()[38..],
+                    &t["previous_commit"].as_str().unwrap()[38..]
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        changes(&r["new_failures"], false),
+        ["app.Cart::breaks@main 05<-04"]
+    );
+    assert_eq!(
+        changes(&r["fixed"], false),
+        [
+            "app.Cart::breaks@other 65<-64",
+            "app.Cart::heals@main 05<-04"
+        ]
+    );
+    assert_eq!(
+        changes(&sql["new_failures"], true),
+        changes(&r["new_failures"], false)
+    );
+    assert_eq!(changes(&sql["fixed"], true), changes(&r["fixed"], false));
+    let flipping = |v: &serde_json::Value, sql: bool| -> Vec<(String, u64, u64)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let name = if sql { &t["test_name"] } else { &t["name"] };
+                (
+                    format!(
+                        "{}@{}",
+                        name.as_str().unwrap(),
+                        t["branch"].as_str().unwrap()
+                    ),
+                    t["executions"].as_u64().unwrap(),
+                    t["flips"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        flipping(&r["flipping"], false),
+        [("flips@main".to_string(), 12, 11)]
+    );
+    assert_eq!(
+        flipping(&sql["flipping"], true),
+        flipping(&r["flipping"], false)
+    );
+    // The text report names them.
+    let out = env.cli(&["report", "--fleet", "--since", "2d"]);
+    assert_ok(&out, "report --fleet");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "new failures",
+        "app.Cart::heals on main",
+        "11 flips in 12 executions",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+}
