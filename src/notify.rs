@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) mod chat;
 
-use crate::config::{Config, Notify, NotifyOnly};
+use crate::config::{Config, Notify, NotifyEvent, NotifyOnly};
 use crate::format::ci::Ci;
 use crate::format::manifest::Manifest;
 use crate::index::{Index, NewNotification, NotifyOutcome, PendingNotification};
@@ -187,13 +187,206 @@ pub(crate) fn queue(
             idempotency_key: id,
             manifest_key: manifest_key.to_string(),
             lease_until_ms,
+            once: false,
         });
     }
     Ok(out)
 }
 
-/// Whether `notifier` announces this seal (its `only` rule).
+/// The document sent for a test's change of state (`"format": 1`, see docs/FORMAT.md).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct EventPayload<'a> {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// `test.flaky`, `test.broken`, `test.fixed` or `quarantine.expiring`.
+    pub event: &'static str,
+    /// The same for every node that announces this change (see [`event_id`]); also the
+    /// `Idempotency-Key` header.
+    pub id: &'a str,
+    /// The `[[notify]]` entry it is for.
+    pub notifier: &'a str,
+    /// The test id, `class::name`.
+    pub test: &'a str,
+    /// The change (`test.*`), with the commits it concerns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<&'a crate::format::fleet::TestChange>,
+    /// The quarantine entry (`quarantine.expiring`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<&'a crate::format::quarantine::Entry>,
+    /// The repository of the run whose seal found it.
+    pub repository: Option<&'a str>,
+    /// That run.
+    pub run: &'a str,
+    /// Its node.
+    pub node: &'a str,
+    /// Its key prefix.
+    pub key_prefix: &'a str,
+    /// Its page, as in `run.sealed`.
+    pub page_url: Option<String>,
+}
+
+/// Whether any `[[notify]]` entry asks for `event`.
+pub(crate) fn any_wants(config: &Config, event: NotifyEvent) -> bool {
+    config
+        .notify
+        .iter()
+        .any(|n| n.get_ref().events.contains(&event))
+}
+
+/// The id of an announcement of `event` about `test` at `at` (a commit, or a quarantine
+/// entry's expiry) to the `[[notify]]` entry `notifier`: the same on every node and in every seal that finds the same change, so
+/// the index queues it once and a receiver drops what another node sent.
+pub(crate) fn event_id(
+    notifier: &str,
+    event: NotifyEvent,
+    repository: Option<&str>,
+    branch: Option<&str>,
+    test: &str,
+    at: &str,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        "panoptic-sync event",
+        notifier,
+        event.as_str(),
+        repository.unwrap_or(""),
+        branch.unwrap_or(""),
+        test,
+        at,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The notifications of the state changes a seal found (`changes`) and of the quarantine
+/// entries of its tests that expire soon or have expired (`expiring`), one per entry and
+/// `[[notify]]` entry that asks for that event.
+pub(crate) fn queue_events(
+    config: &Config,
+    manifest: &Manifest,
+    changes: &[crate::format::fleet::TestChange],
+    expiring: &[crate::format::quarantine::Entry],
+    page_key: Option<&str>,
+    manifest_key: &str,
+    lease_until_ms: i64,
+) -> anyhow::Result<Vec<NewNotification>> {
+    use crate::format::fleet::ChangeKind;
+    let primary = config.destinations().next();
+    let page_url = page_key.and_then(|key| {
+        let base = primary?.public_base_url.as_deref()?;
+        Some(crate::destination::public_url(base, key))
+    });
+    let chat_link =
+        page_key.and_then(|key| chat::page_link(primary?.public_base_url.as_deref()?, key));
+    let ci = manifest.ci.as_ref();
+    let repository = ci.and_then(|c| c.repository.as_deref());
+    let mut out = Vec::new();
+    let mut push = |n: &Notify,
+                    event: NotifyEvent,
+                    test: &str,
+                    at: &str,
+                    branch: Option<&str>,
+                    change: Option<&crate::format::fleet::TestChange>,
+                    entry: Option<&crate::format::quarantine::Entry>,
+                    facts: chat::EventFacts<'_>|
+     -> anyhow::Result<()> {
+        let id = event_id(n.name(), event, repository, branch, test, at);
+        let payload = EventPayload {
+            format: FORMAT,
+            event: event.as_str(),
+            id: &id,
+            notifier: n.name(),
+            test,
+            change,
+            quarantine: entry,
+            repository,
+            run: &manifest.run,
+            node: &manifest.node,
+            key_prefix: &manifest.key_prefix,
+            page_url: page_url.clone(),
+        };
+        let body = match chat::event_body(n.format, &facts) {
+            Some(message) => serde_json::to_string(&message)?,
+            None => serde_json::to_string(&payload)?,
+        };
+        out.push(NewNotification {
+            notifier: n.name().to_string(),
+            payload: body,
+            idempotency_key: id,
+            manifest_key: manifest_key.to_string(),
+            lease_until_ms,
+            once: true,
+        });
+        Ok(())
+    };
+    for n in &config.notify {
+        let n = n.get_ref();
+        for c in changes {
+            let (event, headline) = match c.kind {
+                ChangeKind::Flaky => (NotifyEvent::TestFlaky, "Test became flaky"),
+                ChangeKind::Broken => (NotifyEvent::TestBroken, "Test broken"),
+                ChangeKind::Fixed => (NotifyEvent::TestFixed, "Test fixed"),
+            };
+            if !n.events.contains(&event) {
+                continue;
+            }
+            let test = format!("{}::{}", c.class, c.name);
+            let mut facts = Vec::new();
+            if let Some(b) = &c.branch {
+                facts.push(("Branch", b.clone()));
+            }
+            facts.push(("Commit", c.commit.chars().take(12).collect()));
+            facts.push(("Run", format!("{} on {}", manifest.run, manifest.node)));
+            let facts = chat::EventFacts {
+                headline,
+                test: &test,
+                facts,
+                page_url: chat_link.as_deref(),
+            };
+            // A flake is announced once per test and repository; the others per branch.
+            let branch = match c.kind {
+                ChangeKind::Flaky => None,
+                _ => c.branch.as_deref(),
+            };
+            let at = match c.kind {
+                ChangeKind::Flaky => "",
+                _ => c.commit.as_str(),
+            };
+            push(n, event, &test, at, branch, Some(c), None, facts)?;
+        }
+        if n.events.contains(&NotifyEvent::QuarantineExpiring) {
+            for e in expiring {
+                let expires = e.expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                let facts = chat::EventFacts {
+                    headline: "Quarantine expiring",
+                    test: &e.test,
+                    facts: vec![("Expires", expires.clone()), ("Reason", e.reason.clone())],
+                    page_url: chat_link.as_deref(),
+                };
+                push(
+                    n,
+                    NotifyEvent::QuarantineExpiring,
+                    &e.test,
+                    &expires,
+                    None,
+                    None,
+                    Some(e),
+                    facts,
+                )?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `notifier` announces this seal (its `events` and its `only` rule).
 pub(crate) fn wants(notifier: &Notify, manifest: &Manifest) -> bool {
+    if !notifier.events.contains(&NotifyEvent::RunSealed) {
+        return false;
+    }
     match notifier.only {
         NotifyOnly::All => true,
         NotifyOnly::Failures => chat::failed(manifest.tests.as_ref()),

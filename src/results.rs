@@ -35,6 +35,7 @@ use crate::format::results::{
 use crate::runs::RunDir;
 use crate::scan::Root;
 
+pub(crate) mod changes;
 pub(crate) mod evidence;
 pub(crate) mod fleet;
 pub(crate) mod history;

@@ -110,6 +110,10 @@ pub(crate) async fn seal(
     let page_key =
         store_manifest_and_page(dests, &manifest, &encoded, pipeline.key.is_none(), stories)
             .await?;
+    // What the run changed in its tests' states, for the `[[notify]]` entries that ask
+    // (judged before its own record is written; best effort, like the stories).
+    let changes = test_changes(config, dests, &manifest, &collected.cases).await;
+    let expiring = expiring_quarantine(config).await;
     let record_problems = if config.writes_run_records() {
         let record =
             crate::format::record::RunRecord::new(&manifest, &collected, page_key.as_deref());
@@ -126,6 +130,15 @@ pub(crate) async fn seal(
         .await
         .context("packing the manifest for the index panicked")?
         .context("packing the manifest for the index")?;
+    let events = crate::notify::queue_events(
+        config,
+        &manifest,
+        &changes,
+        &expiring,
+        page_key.as_deref(),
+        &encoded.stored_key,
+        lease_until_ms,
+    )?;
     let queued = record(
         config,
         &index,
@@ -135,6 +148,7 @@ pub(crate) async fn seal(
         page_key.as_deref(),
         packed,
         lease_until_ms,
+        events,
     )
     .await?;
     let mut record_problems = record_problems;
@@ -150,6 +164,64 @@ pub(crate) async fn seal(
         notifications,
         record_problems,
     })
+}
+
+/// A quarantine entry is announced as expiring this long before it expires.
+const EXPIRY_NOTICE: Duration = Duration::from_secs(3 * 86_400);
+
+/// The state changes of the run's tests, when a `[[notify]]` entry asks for a `test.*` event
+/// and the primary has the fleet's records; empty otherwise or when they cannot be read
+/// (logged).
+async fn test_changes(
+    config: &Config,
+    dests: &[Destination],
+    manifest: &Manifest,
+    cases: &[crate::format::results::Case],
+) -> Vec<crate::format::fleet::TestChange> {
+    use crate::config::NotifyEvent::{TestBroken, TestFixed, TestFlaky};
+    let wanted = [TestFlaky, TestBroken, TestFixed]
+        .into_iter()
+        .any(|e| crate::notify::any_wants(config, e));
+    let Some(primary) = dests
+        .first()
+        .filter(|_| wanted && config.writes_run_records())
+    else {
+        return Vec::new();
+    };
+    match crate::results::changes::state_changes(primary, manifest, cases, HISTORY).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(run = %manifest.run, error = %format!("{e:#}"), "the tests' changes of state could not be judged; none is announced");
+            Vec::new()
+        }
+    }
+}
+
+/// The quarantine entries that expire within [`EXPIRY_NOTICE`] or have expired, when a
+/// `[[notify]]` entry asks for `quarantine.expiring` (the list as `gate` reads it: the
+/// primary's, else the cached copy); empty when it cannot be read (logged).
+async fn expiring_quarantine(config: &Config) -> Vec<crate::format::quarantine::Entry> {
+    if !crate::notify::any_wants(config, crate::config::NotifyEvent::QuarantineExpiring) {
+        return Vec::new();
+    }
+    let listed = match crate::quarantine::ListStore::open(config) {
+        Ok(store) => store.read().await,
+        Err(e) => Err(e),
+    };
+    match listed {
+        Ok(l) => {
+            let soon = l.now_ms + EXPIRY_NOTICE.as_millis() as i64;
+            l.list
+                .entries
+                .into_iter()
+                .filter(|e| e.expires.timestamp_millis() <= soon)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the quarantine could not be read; no expiry is announced");
+            Vec::new()
+        }
+    }
 }
 
 /// How far back a run page's failure history looks.
@@ -561,8 +633,9 @@ async fn record(
     page_key: Option<&str>,
     packed: Vec<u8>,
     lease_until_ms: i64,
+    events: Vec<crate::index::NewNotification>,
 ) -> anyhow::Result<Vec<crate::index::NewNotification>> {
-    let queued = crate::notify::queue(
+    let mut queued = crate::notify::queue(
         config,
         manifest,
         &root.prefix,
@@ -582,6 +655,7 @@ async fn record(
         last_file_ms: manifest.last_file_ms,
         tests: manifest.tests.clone(),
     };
+    queued.extend(events);
     let (i, q) = (index.clone(), queued.clone());
     tokio::task::spawn_blocking(move || i.record_run(&run, &packed, &q)).await??;
     Ok(queued)

@@ -456,6 +456,49 @@ pub struct Notify {
     /// Which seals are announced.
     #[serde(default)]
     pub only: NotifyOnly,
+    /// What is announced: sealed runs and, from the fleet's records, tests changing state.
+    #[serde(default = "default_events")]
+    pub events: Vec<NotifyEvent>,
+}
+
+fn default_events() -> Vec<NotifyEvent> {
+    vec![NotifyEvent::RunSealed]
+}
+
+/// An event a `[[notify]]` entry announces (`events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum NotifyEvent {
+    /// A run was sealed.
+    #[serde(rename = "run.sealed")]
+    RunSealed,
+    /// A test of the sealed run became flaky (failed and passed on one commit, or passed on a
+    /// retry, with no flaky commit before in the window).
+    #[serde(rename = "test.flaky")]
+    TestFlaky,
+    /// A test of the sealed run became broken on its branch (failed on every execution of the
+    /// branch's last 3 commits).
+    #[serde(rename = "test.broken")]
+    TestBroken,
+    /// A test of the sealed run passed cleanly on a commit after failing on every execution
+    /// of the branch's commit before.
+    #[serde(rename = "test.fixed")]
+    TestFixed,
+    /// A quarantine entry of a test in the sealed run expires within 3 days, or has expired.
+    #[serde(rename = "quarantine.expiring")]
+    QuarantineExpiring,
+}
+
+impl NotifyEvent {
+    /// The name as written in the configuration and the document's `event`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::RunSealed => "run.sealed",
+            NotifyEvent::TestFlaky => "test.flaky",
+            NotifyEvent::TestBroken => "test.broken",
+            NotifyEvent::TestFixed => "test.fixed",
+            NotifyEvent::QuarantineExpiring => "quarantine.expiring",
+        }
+    }
 }
 
 /// The body of a `[[notify]]` POST (`format`).
@@ -531,6 +574,7 @@ impl fmt::Debug for Notify {
             .field("timeout", &self.timeout)
             .field("format", &self.format)
             .field("only", &self.only)
+            .field("events", &self.events)
             .finish()
     }
 }

@@ -382,3 +382,36 @@ pub(crate) struct NodeSpecific {
     /// Their rate.
     pub other_failure_rate: f64,
 }
+
+/// A change of a test's state that the seal of a run brought (announced through `[[notify]]`
+/// as a `test.*` event).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub(crate) struct TestChange {
+    /// Which change.
+    pub kind: ChangeKind,
+    /// Suite.
+    pub suite: String,
+    /// Class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// The branch it happened on (broken, fixed), when the run has one.
+    pub branch: Option<String>,
+    /// The commit it happened on (the sealed run's, or the run's own id without one).
+    pub commit: String,
+    /// For `broken`: the commits it failed on, newest first; for `fixed`: the commit it
+    /// failed on before; for `flaky`: the commits it flaked on.
+    pub commits: Vec<String>,
+}
+
+/// The state a test entered.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ChangeKind {
+    /// Became flaky: no flaky commit in the window before this run.
+    Flaky,
+    /// Became broken on its branch: failed on every execution of its last 3 commits.
+    Broken,
+    /// Fixed: passed on every execution of this commit, failed on every one of the one before.
+    Fixed,
+}

@@ -72,6 +72,9 @@ pub struct NewNotification {
     pub payload: String,
     /// Held by the sealing process until this time (ms since the epoch): it tries first.
     pub lease_until_ms: i64,
+    /// Queued only if no notification has this idempotency key yet (an announcement that
+    /// later seals find again); otherwise a second one with the key is an error.
+    pub once: bool,
 }
 
 /// A pending notification, as the sender reads it.
@@ -331,6 +334,7 @@ mod tests {
             notifier: "hook".into(),
             idempotency_key: key.into(),
             manifest_key: "m".into(),
+            once: false,
             payload: "{}".into(),
             lease_until_ms: now + 60_000,
         };

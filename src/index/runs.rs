@@ -132,8 +132,21 @@ impl Index {
                   lease_until_ms, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
+            // An announcement whose id is queued already (a change of a test's state found
+            // again by a later seal) is not queued twice.
+            let mut insert_once = tx.prepare_cached(
+                "INSERT OR IGNORE INTO notifications
+                 (notifier, idempotency_key, watch, run, sealed_ms, manifest_key, payload, state,
+                  lease_until_ms, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
             let now = now_ms();
             for n in notifications {
+                let insert = if n.once {
+                    &mut insert_once
+                } else {
+                    &mut insert
+                };
                 insert.execute(params![
                     n.notifier,
                     n.idempotency_key,

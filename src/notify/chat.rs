@@ -118,6 +118,85 @@ pub(crate) fn body(format: NotifyFormat, facts: &RunFacts<'_>) -> Option<Value> 
     }
 }
 
+/// What a chat message of a test's change of state says: a headline and facts (label, value),
+/// every value as written by some job (escaped here per service).
+pub(crate) struct EventFacts<'a> {
+    /// `Test became flaky`, `Test broken`, `Test fixed`, `Quarantine expiring`.
+    pub headline: &'a str,
+    /// The test id.
+    pub test: &'a str,
+    /// Further facts: branch, commit, run, reason, expiry.
+    pub facts: Vec<(&'static str, String)>,
+    /// The run's page, when anyone can open it.
+    pub page_url: Option<&'a str>,
+}
+
+/// The chat message of a test event for `format` (`None` for the JSON document).
+pub(crate) fn event_body(format: NotifyFormat, e: &EventFacts<'_>) -> Option<Value> {
+    let line = |esc: fn(&str) -> String| -> String {
+        let mut text = esc(&clip(e.test, MAX_TEST));
+        for (label, value) in &e.facts {
+            text.push_str(&format!("\n{label}: {}", esc(&clip(value, MAX_TEST))));
+        }
+        text
+    };
+    match format {
+        NotifyFormat::Json => None,
+        NotifyFormat::Slack => {
+            let mut blocks = vec![slack_section(format!(
+                "*{}*\n{}",
+                e.headline,
+                line(slack_escape)
+            ))];
+            if let Some(url) = e.page_url {
+                blocks.push(slack_section(format!(
+                    "<{}|{PAGE_LINK}>",
+                    slack_escape(url)
+                )));
+            }
+            Some(json!({
+                "text": format!("{}: {}", e.headline, slack_escape(&clip(e.test, MAX_TEST))),
+                "blocks": blocks,
+            }))
+        }
+        NotifyFormat::GoogleChat => {
+            let mut text = format!("*{}*\n{}", e.headline, line(chat_escape));
+            if let Some(url) = e.page_url {
+                text.push_str(&format!("\n<{url}|{PAGE_LINK}>"));
+            }
+            Some(json!({ "text": text }))
+        }
+        NotifyFormat::Teams => {
+            let mut body = vec![
+                json!({"type": "TextBlock", "text": e.headline, "weight": "Bolder",
+                       "size": "Medium", "wrap": true}),
+                teams_fact("Test", &clip(e.test, MAX_TEST)),
+            ];
+            for (label, value) in &e.facts {
+                body.push(teams_fact(label, &clip(value, MAX_TEST)));
+            }
+            let mut card = json!({
+                "type": "AdaptiveCard",
+                "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                "version": "1.2",
+                "body": body,
+            });
+            if let Some(url) = e.page_url {
+                card["actions"] =
+                    json!([{ "type": "Action.OpenUrl", "title": PAGE_LINK, "url": url }]);
+            }
+            Some(json!({
+                "type": "message",
+                "attachments": [{
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "contentUrl": null,
+                    "content": card,
+                }],
+            }))
+        }
+    }
+}
+
 /// `s` cut to `max` characters (an ellipsis marks the cut), control characters as spaces.
 fn clip(s: &str, max: usize) -> String {
     let mut out: String = s
@@ -588,5 +667,41 @@ mod tests {
         ] {
             assert!(body(format, &f).is_some());
         }
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    #[test]
+    fn a_test_event_reads_as_each_service_wants_and_escapes_names() {
+        let e = EventFacts {
+            headline: "Test broken",
+            test: "cart::<b>checkout</b>",
+            facts: vec![("Branch", "main".into())],
+            page_url: Some("https://cdn.example/b/run/index.html"),
+        };
+        assert!(event_body(NotifyFormat::Json, &e).is_none());
+        let slack = event_body(NotifyFormat::Slack, &e).unwrap();
+        assert_eq!(
+            slack["text"],
+            "Test broken: cart::&lt;b&gt;checkout&lt;/b&gt;"
+        );
+        assert_eq!(slack["blocks"].as_array().unwrap().len(), 2);
+        let chat = event_body(NotifyFormat::GoogleChat, &e).unwrap();
+        assert!(
+            chat["text"]
+                .as_str()
+                .unwrap()
+                .contains("cart::‹b›checkout‹/b›\nBranch: main")
+        );
+        let teams = event_body(NotifyFormat::Teams, &e).unwrap();
+        let card = &teams["attachments"][0]["content"];
+        assert_eq!(card["type"], "AdaptiveCard");
+        assert_eq!(
+            card["actions"][0]["url"],
+            "https://cdn.example/b/run/index.html"
+        );
     }
 }

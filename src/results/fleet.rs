@@ -185,9 +185,9 @@ fn newer(slot: &mut Option<(i64, Arc<str>)>, ms: i64, at: &Arc<str>) {
     }
 }
 
-const PASS: u8 = 1;
-const FAIL: u8 = 2;
-const RETRIED: u8 = 4;
+pub(super) const PASS: u8 = 1;
+pub(super) const FAIL: u8 = 2;
+pub(super) const RETRIED: u8 = 4;
 
 /// A test on one branch: its newest commits and executions there.
 #[derive(Default)]
@@ -1023,7 +1023,7 @@ pub(super) async fn list_partitions(
 
 /// Every run record in the `date=` partitions `days` of `primary`, with the node its key
 /// names; what cannot be read is added to `unreadable`.
-async fn each_record(
+pub(super) async fn each_record(
     primary: &Destination,
     days: &[String],
     unreadable: &mut Vec<BadRecord>,

@@ -746,3 +746,127 @@ fn check_config_online_names_a_missing_command_and_a_closed_port() {
     let out = env.cli(&["check-config", "--offline"]);
     assert_ok(&out, "check-config --offline");
 }
+
+/// A run on `main` at `commit` whose JUnit file holds `cart::checkout` (failing or passing)
+/// and `cart::adds` (passed on a retry when `retried`).
+fn write_state_run(env: &Env, run: &str, checkout_fails: bool, retried: bool) {
+    let checkout = if checkout_fails {
+        r#"<testcase classname="cart" name="checkout" time="1"><failure message="total 0"/></testcase>"#
+    } else {
+        r#"<testcase classname="cart" name="checkout" time="1"/>"#
+    };
+    let adds = if retried {
+        r#"<testcase classname="cart" name="adds" time="1"><flakyFailure message="timeout"/></testcase>"#
+    } else {
+        r#"<testcase classname="cart" name="adds" time="1"/>"#
+    };
+    env.write(
+        &format!("{run}/junit.xml"),
+        format!(r#"<testsuite name="unit">{checkout}{adds}</testsuite>"#).as_bytes(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tests_becoming_broken_fixed_or_flaky_and_an_expiring_quarantine_are_announced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("events.jsonl");
+    let script = format!(
+        "import sys; open({:?}, 'a').write(sys.stdin.read().replace('\\n', ' ') + '\\n')",
+        record.display().to_string()
+    );
+    let tail = format!(
+        "[[notify]]\nname = \"states\"\ncommand = [\"python3\", \"-c\", {}]\n\
+         events = [\"test.flaky\", \"test.broken\", \"test.fixed\", \"quarantine.expiring\"]\n",
+        toml_string(&script)
+    );
+    let mut env = notify_env(&tail);
+    let events = || -> Vec<(String, String, String)> {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert_eq!(v["format"], 1, "{v}");
+                let at = v["change"]["commit"].as_str().unwrap_or("").to_string();
+                (
+                    v["event"].as_str().unwrap().to_string(),
+                    v["test"].as_str().unwrap().to_string(),
+                    at,
+                )
+            })
+            .collect()
+    };
+    let s = |x: &str| x.to_string();
+    // (run, commit, checkout fails, adds passed on a retry, the events its seal announces)
+    #[allow(clippy::type_complexity)]
+    let steps: [(&str, &str, bool, bool, Vec<(String, String, String)>); 9] = [
+        ("r1", "c1", false, false, vec![]),
+        ("r2", "c2", true, false, vec![]),
+        ("r3", "c3", true, false, vec![]),
+        (
+            "r4",
+            "c4",
+            true,
+            false,
+            vec![(s("test.broken"), s("cart::checkout"), s("c4"))],
+        ),
+        ("r5", "c5", true, false, vec![]),
+        (
+            "r6",
+            "c6",
+            false,
+            false,
+            vec![(s("test.fixed"), s("cart::checkout"), s("c6"))],
+        ),
+        // The same commit again: fixed already announced.
+        ("r7", "c6", false, false, vec![]),
+        (
+            "r8",
+            "c7",
+            false,
+            true,
+            vec![(s("test.flaky"), s("cart::adds"), s("c7"))],
+        ),
+        ("r9", "c8", false, true, vec![]),
+    ];
+    let mut want = Vec::new();
+    for (run, commit, fails, retried, announced) in steps {
+        write_state_run(&env, run, fails, retried);
+        env.cmd_env = crate::results::push_env("main", commit, "unit");
+        assert_ok(&seal(&env, run).await, run);
+        want.extend(announced);
+        assert_eq!(events(), want, "after {run}");
+    }
+    // A quarantine entry expiring tomorrow is announced by the next seal, and only once.
+    env.cmd_env.clear();
+    assert_ok(
+        &env.cli(&[
+            "quarantine",
+            "add",
+            "cart::adds",
+            "--reason",
+            "TICKET-1",
+            "--expires",
+            "1d",
+        ]),
+        "quarantine add",
+    );
+    for run in ["r10", "r11"] {
+        write_state_run(&env, run, false, false);
+        env.cmd_env = crate::results::push_env("main", "c9", "unit");
+        assert_ok(&seal(&env, run).await, run);
+    }
+    let all = events();
+    let expiring: Vec<&(String, String, String)> = all
+        .iter()
+        .filter(|e| e.0 == "quarantine.expiring")
+        .collect();
+    assert_eq!(expiring.len(), 1, "{all:?}");
+    assert_eq!(expiring[0].1, "cart::adds");
+    // The run.sealed document is not sent to an entry that did not ask for it.
+    assert!(
+        !std::fs::read_to_string(&record)
+            .unwrap()
+            .contains("run.sealed")
+    );
+}

@@ -13,7 +13,7 @@ use crate::core::assert_ok;
 use crate::util::*;
 
 /// GitHub Actions' environment for a push of `commit` to `branch`, job `job`.
-fn push_env(branch: &str, commit: &str, job: &str) -> Vec<(String, String)> {
+pub(crate) fn push_env(branch: &str, commit: &str, job: &str) -> Vec<(String, String)> {
     [
         ("GITHUB_ACTIONS", "true"),
         ("GITHUB_REPOSITORY", "acme/widgets"),
@@ -790,11 +790,11 @@ async fn new_failures_fixed_and_flipping_tests_are_the_same_in_duckdb_and_report
             "duration_ms": 5, "flaky": flaky})
     };
     let write = |node: &str,
-                     run: &str,
-                     branch: &str,
-                     commit: &str,
-                     ms: i64,
-                     cases: Vec<serde_json::Value>| {
+                 run: &str,
+                 branch: &str,
+                 commit: &str,
+                 ms: i64,
+                 cases: Vec<serde_json::Value>| {
         let failed = cases.iter().filter(|c| c["status"] == "failed").count();
         let record = serde_json::json!({"schema": 1, "run": run, "node_id": node,
             "sealed_ms": ms, "key_prefix": format!("ci/{node}/{run}"), "branch": branch,
