@@ -161,6 +161,26 @@ fn retry_config() -> RetryConfig {
     }
 }
 
+/// Our S3 default where neither the environment nor the options chose: over TLS (AWS, or an
+/// `https://` endpoint) the body is sent as `UNSIGNED-PAYLOAD`, so each PUT hashes its body
+/// once less (TLS already protects it in transit, and every object is checked against its
+/// SHA-256, or its AEAD tag, when it is read back); over plain `http://` the payload stays
+/// signed, the only integrity check of the body on the wire. `unsigned_payload = "false"`
+/// signs it over TLS too.
+fn s3_defaults(b: AmazonS3Builder, chosen: bool) -> AmazonS3Builder {
+    if chosen {
+        return b;
+    }
+    let tls = b
+        .get_config_value(&AmazonS3ConfigKey::Endpoint)
+        .is_none_or(|e| e.to_ascii_lowercase().starts_with("https://"));
+    if tls {
+        b.with_config(AmazonS3ConfigKey::UnsignedPayload, "true")
+    } else {
+        b
+    }
+}
+
 impl Destination {
     /// Build the store for a configured destination.
     pub fn open(cfg: &config::Destination) -> anyhow::Result<Destination> {
@@ -169,6 +189,14 @@ impl Destination {
         let (kind, base) =
             kind_of(url).map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
         let options = config::Config::options_of(cfg);
+        // Whether the environment or the options chose how S3 bodies are signed.
+        let unsigned_chosen = std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some()
+            || options.keys().any(|k| {
+                matches!(
+                    k.to_ascii_lowercase().as_str(),
+                    "unsigned_payload" | "aws_unsigned_payload"
+                )
+            });
         let bad_option =
             |k: &str| anyhow::anyhow!("destination {name:?}: unknown {kind:?} option {k:?}");
         let built = |e: object_store::Error| anyhow::anyhow!("destination {name:?} ({url}): {e}");
@@ -180,7 +208,7 @@ impl Destination {
         // The three cloud builders share their API but no trait: from_env(), then the URL,
         // then the options, then our client defaults where nothing set them.
         macro_rules! cloud_store {
-            ($builder:ty, $key:ident, |$b:ident, $s:ident| $extra:expr) => {{
+            ($builder:ty, $key:ident, |$p:ident| $pre:expr, |$b:ident, $s:ident| $extra:expr) => {{
                 let mut b = <$builder>::from_env()
                     .with_retry(retry_config())
                     .with_url(url.as_str());
@@ -194,6 +222,10 @@ impl Destination {
                         b = b.with_config($key::Client(*key), *value);
                     }
                 }
+                let b = {
+                    let $p = b;
+                    $pre
+                };
                 let s = Arc::new(b.clone().build().map_err(built)?);
                 let extra = {
                     let ($b, $s) = (&b, &s);
@@ -249,28 +281,39 @@ impl Destination {
                 // object_store parses the URL only in build(): the bucket or container of an
                 // `s3://`, `gs://` or `az://` URL is its host. Other URL forms (an account or
                 // endpoint in the URL) keep object_store's listing.
-                Kind::S3 => cloud_store!(AmazonS3Builder, AmazonS3ConfigKey, |b, s| {
-                    match (url.scheme(), url.host_str()) {
-                        ("s3" | "s3a", Some(bucket)) => {
-                            remote(RemoteLister::s3(b, bucket, s.clone()))?
+                Kind::S3 => cloud_store!(
+                    AmazonS3Builder,
+                    AmazonS3ConfigKey,
+                    |b| s3_defaults(b, unsigned_chosen),
+                    |b, s| {
+                        match (url.scheme(), url.host_str()) {
+                            ("s3" | "s3a", Some(bucket)) => {
+                                remote(RemoteLister::s3(b, bucket, s.clone()))?
+                            }
+                            _ => Lister::Store,
                         }
-                        _ => Lister::Store,
                     }
-                }),
-                Kind::Gcs => cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |b, s| {
-                    match (url.scheme(), url.host_str()) {
-                        ("gs", Some(bucket)) => remote(RemoteLister::gcs(b, bucket, s.clone()))?,
-                        _ => Lister::Store,
-                    }
-                }),
-                Kind::Azure => cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |b, s| {
-                    match (url.scheme(), url.host_str(), url.username()) {
-                        ("az" | "adl" | "azure" | "abfs" | "abfss", Some(container), "") => {
-                            remote(RemoteLister::azure(b, container, s.clone()))?
+                ),
+                Kind::Gcs => {
+                    cloud_store!(GoogleCloudStorageBuilder, GoogleConfigKey, |b| b, |b, s| {
+                        match (url.scheme(), url.host_str()) {
+                            ("gs", Some(bucket)) => {
+                                remote(RemoteLister::gcs(b, bucket, s.clone()))?
+                            }
+                            _ => Lister::Store,
                         }
-                        _ => Lister::Store,
-                    }
-                }),
+                    })
+                }
+                Kind::Azure => {
+                    cloud_store!(MicrosoftAzureBuilder, AzureConfigKey, |b| b, |b, s| {
+                        match (url.scheme(), url.host_str(), url.username()) {
+                            ("az" | "adl" | "azure" | "abfs" | "abfss", Some(container), "") => {
+                                remote(RemoteLister::azure(b, container, s.clone()))?
+                            }
+                            _ => Lister::Store,
+                        }
+                    })
+                }
             };
         let base = if kind == Kind::Local {
             String::new()
@@ -497,6 +540,30 @@ pub(crate) fn open_all(cfg: &config::Config) -> anyhow::Result<Vec<Destination>>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn s3_bodies_go_unsigned_over_tls_only_unless_chosen() {
+        use super::{AmazonS3Builder, AmazonS3ConfigKey, s3_defaults};
+        let unsigned = |b: AmazonS3Builder| {
+            b.get_config_value(&AmazonS3ConfigKey::UnsignedPayload)
+                .unwrap()
+        };
+        let with = |e: Option<&str>| match e {
+            Some(e) => AmazonS3Builder::new().with_endpoint(e),
+            None => AmazonS3Builder::new(),
+        };
+        assert_eq!(unsigned(s3_defaults(with(None), false)), "true", "AWS");
+        assert_eq!(
+            unsigned(s3_defaults(with(Some("HTTPS://minio:9000")), false)),
+            "true"
+        );
+        assert_eq!(
+            unsigned(s3_defaults(with(Some("http://127.0.0.1:9000")), false)),
+            "false"
+        );
+        // Chosen by the options or the environment: left as chosen.
+        assert_eq!(unsigned(s3_defaults(with(None), true)), "false");
+    }
+
     use super::*;
 
     #[test]
