@@ -37,7 +37,9 @@ use rustix::io::Errno;
 use std::os::unix::fs::PermissionsExt;
 
 /// Keys under this prefix are the agent's own (status objects, probes), not artifacts.
-/// Objects restored or verified at once.
+/// Objects restored or verified at once: at least this many, or the destination's
+/// `concurrency` when it is larger (16 by default for a cloud store; a restore is bound by
+/// the round trip of each GET, as an upload by its PUT).
 const CONCURRENCY: usize = 8;
 
 /// The configured destination called `name`.
@@ -458,7 +460,7 @@ pub async fn restore(
                 (key, res)
             }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(CONCURRENCY.max(dest.concurrency))
         .collect()
         .await;
     for (key, res) in results {
@@ -699,7 +701,7 @@ pub async fn verify(
                         })
                 }
             })
-            .buffer_unordered(CONCURRENCY)
+            .buffer_unordered(CONCURRENCY.max(dest.concurrency))
             .collect()
             .await;
         report.problems.extend(problems.into_iter().flatten());

@@ -27,7 +27,7 @@ use crate::index::Index;
 use crate::pipeline::Pipeline;
 use crate::scan::Root;
 
-/// Files restored at once.
+/// Files restored at once: at least this many, or the destination's `concurrency`.
 const CONCURRENCY: usize = 8;
 
 /// A run directory of a `runs = "dir"` watch.
@@ -275,7 +275,7 @@ async fn restore_manifest(
                 (f.path, res)
             }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(CONCURRENCY.max(dest.concurrency))
         .collect()
         .await;
     for (path, res) in results {
