@@ -142,7 +142,13 @@ impl TailTask {
                 let Some(f) = followed.get_mut(&path) else {
                     continue;
                 };
-                if !self.follow(&path, f, &cancel).await {
+                // A store that hangs never holds the shutdown: a segment cut off here was not
+                // recorded, and is sent again under the same key.
+                let keep = tokio::select! {
+                    _ = cancel.cancelled() => return "tail",
+                    keep = self.follow(&path, f, &cancel) => keep,
+                };
+                if !keep {
                     followed.remove(&path);
                 }
             }
@@ -235,6 +241,7 @@ impl Step<'_> {
             None => false,
         };
         // Closed generations first: their segments go once their bytes are stored elsewhere.
+        // `left`: one waits for a file that may still be stored (its successor, or this one).
         let mut left = false;
         let path = self.path.to_path_buf();
         let dest_name = self.dest.name.clone();
@@ -247,11 +254,13 @@ impl Step<'_> {
             if self.closed_is_covered(&row, stored).await? {
                 self.remove(&row).await?;
             } else {
-                left = true;
+                left |= row.successor.is_some() || look.is_some();
             }
         }
         let Some(look) = look else {
-            // Gone: nothing more grows here; followed while a closed generation waits.
+            // Gone: nothing more grows here; followed while a closed generation waits for its
+            // successor. One with none keeps its segments (the only copy of those bytes) and
+            // is looked at again after a restart.
             return Ok(left);
         };
         if stored {

@@ -333,6 +333,14 @@ async fn rotation_keeps_every_byte_once(rotate: impl FnOnce(&Path, &Path, &mut s
     )
     .await;
     agent.terminate().await;
+    // The old generation's segments waited for the rotated file, found beside the log.
+    let log_text = std::fs::read_to_string(env.tmp.path().join("daemon.log")).unwrap();
+    assert!(
+        log_text
+            .lines()
+            .any(|l| l.contains("truncated or replaced") && l.contains("app.log.1")),
+        "{log_text}"
+    );
     for dest in ["primary", "nas"] {
         let (out, got) = restore(&env, dest, &format!("restored-{dest}"));
         assert!(!out.contains("partial"), "{out}");
