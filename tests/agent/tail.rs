@@ -46,15 +46,20 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// The segment keys in the primary (relative to the bucket), with their offsets.
+/// The segment keys in the primary (relative to the bucket), with their offsets. Read from
+/// the S3 server's own files (s3s-fs keeps each object as a file), so a segment deleted while
+/// the list is read does not fail it.
 fn primary_segments(env: &Env) -> Vec<(String, u64)> {
-    shared_s3()
-        .objects(&env.bucket, SEGMENTS)
-        .into_keys()
-        .map(|k| {
-            let name = k.rsplit('/').next().unwrap();
-            let offset = name.split('-').nth(2).unwrap()[..20].parse().unwrap();
-            (k, offset)
+    let bucket = shared_s3().root.join(&env.bucket);
+    walkdir::WalkDir::new(bucket.join(SEGMENTS))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| {
+            let key = e.path().strip_prefix(&bucket).ok()?.display().to_string();
+            let name = key.rsplit('/').next()?;
+            let offset = name.split('-').nth(2)?.get(..20)?.parse().ok()?;
+            Some((key, offset))
         })
         .collect()
 }
@@ -329,7 +334,7 @@ async fn rotation_keeps_every_byte_once(rotate: impl FnOnce(&Path, &Path, &mut s
     wait_until(
         Duration::from_secs(60),
         "both files settled and no segment",
-        || env.s3_objects(shared_s3()) == expected && no_segment_left(&env),
+        || no_segment_left(&env) && env.s3_objects(shared_s3()) == expected,
     )
     .await;
     agent.terminate().await;
