@@ -36,7 +36,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use std::os::unix::fs::PermissionsExt;
 
-mod partial;
+pub(crate) mod partial;
 
 /// Keys under this prefix are the agent's own (status objects, probes), not artifacts.
 /// Objects restored or verified at once.

@@ -220,6 +220,69 @@ async fn append(
     seg: Option<&SegmentKey>,
     file: &mut std::fs::File,
 ) -> anyhow::Result<(u64, Expect)> {
+    let (n, expect, _) = decode_into(dest, keys, location, seg, file.try_clone()?).await?;
+    Ok((n, expect))
+}
+
+/// The growing files under the logical prefix `prefix` of `dest`: each file whose newest
+/// generation's segments begin at offset 0 (it has no settled object they extend), with
+/// those segments, by logical key. For `serve`.
+pub(crate) async fn growing_under(
+    dest: &Destination,
+    prefix: &str,
+) -> anyhow::Result<BTreeMap<String, Chain>> {
+    chains(dest, &segment::prefix_for(prefix)).await
+}
+
+/// The growing file at `logical` (see [`growing_under`]), if it is one.
+pub(crate) async fn growing_file(
+    dest: &Destination,
+    logical: &str,
+) -> anyhow::Result<Option<Chain>> {
+    Ok(chains(dest, &segment::dir_of(logical))
+        .await?
+        .remove(logical))
+}
+
+/// The chains of segments listed under `list`, by logical key, each beginning at offset 0.
+async fn chains(dest: &Destination, list: &str) -> anyhow::Result<BTreeMap<String, Chain>> {
+    let listing = dest.list_under(list).await?;
+    let mut files: BTreeMap<String, Vec<SegmentKey>> = BTreeMap::new();
+    for meta in &listing.objects {
+        if let Some(seg) = SegmentKey::parse(dest.relative(meta.location.as_ref())) {
+            files.entry(seg.logical.clone()).or_default().push(seg);
+        }
+    }
+    Ok(files
+        .into_iter()
+        .filter_map(|(logical, keys)| Some((logical, segment::newest_chain(keys)?)))
+        .filter(|(_, chain)| chain.start == 0)
+        .collect())
+}
+
+/// One segment's bytes, decoded and checked as `restore` checks them (at most
+/// [`MAX_SEGMENT`]). For `serve`.
+pub(crate) async fn segment_bytes(
+    dest: &Destination,
+    keys: &[MasterKey],
+    seg: &SegmentKey,
+) -> anyhow::Result<Vec<u8>> {
+    let location = dest.path(&seg.key())?;
+    let (_, _, bytes) = decode_into(dest, keys, &location, Some(seg), Vec::new())
+        .await
+        .with_context(|| format!("segment {}", seg.key()))?;
+    Ok(bytes)
+}
+
+/// Decode one object (a segment when `seg` is given) into `out`; returns the bytes written,
+/// what the object said about itself, and `out`.
+async fn decode_into<W: Write + Send + 'static>(
+    dest: &Destination,
+    keys: &[MasterKey],
+    location: &object_store::path::Path,
+    seg: Option<&SegmentKey>,
+    mut out: W,
+) -> anyhow::Result<(u64, Expect, W)> {
     let stored_key = dest.relative(location.as_ref()).to_string();
     let get = get_retrying(dest, location)
         .await
@@ -229,8 +292,7 @@ async fn append(
     let reader = download(get);
     let keys = keys.to_vec();
     let seg = seg.cloned();
-    let mut out = file.try_clone()?;
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Expect)> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Expect, W)> {
         let mut d = match &seg {
             None => {
                 let plan = layout::parse(&stored_key).plan;
@@ -263,7 +325,8 @@ async fn append(
         let mut w = io::BufWriter::with_capacity(256 * 1024, &mut out);
         let (_, n) = finish_decoding(&mut d, &mut w, cap)?;
         w.flush()?;
-        Ok((n, d.expect))
+        drop(w);
+        Ok((n, d.expect, out))
     })
     .await?
 }

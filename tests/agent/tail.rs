@@ -390,3 +390,63 @@ async fn rename_rotation_keeps_every_byte_once() {
     })
     .await;
 }
+
+/// Issue 33 item 4: `serve` shows an open run's growing log with its durable size, and
+/// answers the log's durable prefix, while it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_lists_a_growing_log_and_answers_its_durable_prefix() {
+    let mut env = Env::new();
+    env.watch_extra = "tail = [\"*.log\"]\ntail_interval = \"1s\"".into();
+    let key = env.keygen("key");
+    env.pipeline = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    let log = env.watch.join("run-7/test.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let mut agent = env.spawn_run();
+    let mut writer = spawn_writer(&log, 0);
+    wait_until(Duration::from_secs(30), "segments in the primary", || {
+        primary_segments(&env).len() >= 2
+    })
+    .await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _serve = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(env.config_path())
+            .args(["serve", "--from", "primary", "--listen", &listen])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(env.tmp.path().join("serve.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port, Duration::from_secs(30));
+    let base = format!("http://{listen}/ci/{}/run-7", env.node);
+    let (code, page) = http_get(&format!("{base}/"));
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("test.log") && page.contains("durable bytes"),
+        "{page}"
+    );
+    let (code, body) = http_get(&format!("{base}/test.log"));
+    assert_eq!(code, 200, "{body}");
+    let now = std::fs::read(&log).unwrap();
+    assert!(!body.is_empty());
+    assert_eq!(
+        body.as_bytes(),
+        &now[..body.len()],
+        "not a prefix of the log"
+    );
+    // The page's size is what the log's durable prefix holds at least.
+    let listed: u64 = page
+        .split("<td>")
+        .filter_map(|c| c.split('<').next()?.trim().parse().ok())
+        .next()
+        .expect("a durable size on the page");
+    assert!(listed > 0 && listed <= now.len() as u64, "{listed}");
+    assert_eq!(http_get(&format!("{base}/nothing.log")).0, 404);
+    kill9(&mut writer.0);
+    agent.terminate().await;
+}
