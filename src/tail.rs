@@ -4,9 +4,10 @@
 //! encrypted and bound to the segment's own key); the index records how far each
 //! destination's segments reach only after they are durable (`tails`, migration 9).
 //!
-//! - The watcher tells the [`Tracker`] which tailed files changed; at start the files with
-//!   rows in the index are looked at again, so a restart continues at the last durable offset
-//!   and sends no byte twice.
+//! - The watcher tells the [`Tracker`] which tailed files changed; a file seen growing for an
+//!   interval gets its first segment (one written and closed sooner is stored whole, with
+//!   none); at start the files with rows in the index are looked at again, so a restart
+//!   continues at the last durable offset and sends no byte twice.
 //! - A generation is one run of content: a file that shrank, changed its first bytes or is
 //!   another file (inode) begins a new one; the old one is closed, and the file now holding
 //!   its bytes (a rotated copy, the renamed file: its *successor*, found in the same
@@ -99,6 +100,9 @@ struct Followed {
     root: usize,
     /// Per destination, when it may be tried again after a failure, and how many failures.
     retry: HashMap<usize, (Instant, i64)>,
+    /// When it was first seen changing (a file written and closed within one interval is
+    /// stored whole before it gets a segment).
+    since: Instant,
 }
 
 impl TailTask {
@@ -116,9 +120,13 @@ impl TailTask {
             Ok(rows) => {
                 for row in rows {
                     if let Some(root) = scan::root_of(&self.roots, &row.path) {
+                        // Followed before the restart: no wait for its next segment.
                         followed.entry(row.path).or_insert(Followed {
                             root,
                             retry: HashMap::new(),
+                            since: Instant::now()
+                                .checked_sub(interval)
+                                .unwrap_or_else(Instant::now),
                         });
                     }
                 }
@@ -132,6 +140,7 @@ impl TailTask {
                 followed.entry(path).or_insert(Followed {
                     root,
                     retry: HashMap::new(),
+                    since: Instant::now(),
                 });
             }
             let paths: Vec<PathBuf> = followed.keys().cloned().collect();
@@ -169,12 +178,14 @@ impl TailTask {
                 more = true;
                 continue;
             }
+            let root = &self.roots[f.root];
             let step = Step {
                 task: self,
-                root: &self.roots[f.root],
+                root,
                 path,
                 dest,
                 cancel,
+                young: f.since.elapsed() < root.tail_interval,
             };
             match step.run().await {
                 Ok(follow) => {
@@ -214,6 +225,8 @@ struct Step<'a> {
     path: &'a Path,
     dest: &'a Destination,
     cancel: &'a CancellationToken,
+    /// Seen growing for less than an interval: no new generation begins yet.
+    young: bool,
 }
 
 impl Step<'_> {
@@ -272,6 +285,8 @@ impl Step<'_> {
         }
         let row = match open {
             Some(row) => row,
+            // Written and closed within an interval, it is stored whole, with no segment.
+            None if self.young => return Ok(true),
             None => {
                 let logical = match self.root.key_for(self.path) {
                     Ok(k) if segment::tailable(&k) => k,
