@@ -230,7 +230,9 @@ impl Running {
         let dest_names: Vec<String> = parts.dests.iter().map(|d| d.name.clone()).collect();
         // The loops use the stores opened for this configuration, never their own.
         let dests = parts.dests.clone();
+        let pipeline = parts.pipeline.clone();
         let agent = Agent::start(parts, index, None, metrics.clone())?;
+        let tail = crate::tail::wanted(&agent.roots).then(crate::tail::Tracker::default);
         let rescan = Arc::new(Notify::new());
         let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks_cancel = CancellationToken::new();
@@ -241,9 +243,20 @@ impl Running {
             rescan: rescan.clone(),
             degraded: degraded.clone(),
             watching: watching.clone(),
+            tail: tail.clone(),
         };
         let watcher = tokio::spawn(watcher.run(tasks_cancel.clone()));
         let mut loops = tokio::task::JoinSet::new();
+        if let Some(tracker) = tail {
+            let task = crate::tail::TailTask {
+                index: agent.index.clone(),
+                roots: agent.roots.clone(),
+                dests: dests.clone(),
+                pipeline,
+                tracker,
+            };
+            loops.spawn(task.run(tasks_cancel.clone()));
+        }
         loops.spawn(scan_loop(
             ScanLoop {
                 roots: agent.roots.clone(),

@@ -12,7 +12,8 @@
 //!    encryption streams), [`destination`] (object stores, listing, durability), [`metrics`],
 //!    and [`html`] (pages rendered from formats alone).
 //! 3. **Engine**: [`scan`] and [`watch`] find candidate files, [`ingest`] hashes them into the
-//!    index, [`upload`] drains each destination's queue, [`cleanup`] frees local disk,
+//!    index, [`upload`] drains each destination's queue, [`tail`] sends growing files in
+//!    segments while they are written, [`cleanup`] frees local disk,
 //!    [`agent`] opens the parts and runs them, [`sync`] is one pass or a wait (`flush`).
 //! 4. **Features**: [`runs`] (run directories, their state, `restore --run`), [`results`]
 //!    (JUnit parsing, run records, fleet aggregation), [`seal`], [`notify`], [`retention`],
@@ -57,6 +58,7 @@ pub(crate) mod seal;
 pub(crate) mod serve;
 pub(crate) mod status;
 pub mod sync;
+pub(crate) mod tail;
 pub(crate) mod throttle;
 pub(crate) mod tree;
 pub(crate) mod upload;

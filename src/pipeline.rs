@@ -422,6 +422,19 @@ pub fn quarantine_decoder<'a, R: Read + 'a>(
     decode_bound(plan, keys, &[&bound], inner)
 }
 
+/// The decoding chain for a segment of a growing file stored under `stored_key`: it
+/// authenticates only as that segment ([`crate::format::segment::binding`]), never as a file,
+/// a manifest or another segment.
+pub fn segment_decoder<'a, R: Read + 'a>(
+    plan: Plan,
+    keys: &[MasterKey],
+    stored_key: &str,
+    inner: R,
+) -> io::Result<(Box<dyn Read + 'a>, Option<Meta>)> {
+    let bound = crate::format::segment::binding(stored_key);
+    decode_bound(plan, keys, &[&bound], inner)
+}
+
 /// Whether `stored_key` names a run's manifest (`…/_run/manifest.json` and its suffixes).
 pub fn is_manifest_key(stored_key: &str) -> bool {
     let logical = crate::format::layout::parse(stored_key).logical;

@@ -36,6 +36,8 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use std::os::unix::fs::PermissionsExt;
 
+pub(crate) mod partial;
+
 /// Keys under this prefix are the agent's own (status objects, probes), not artifacts.
 /// Objects restored or verified at once: at least this many, or the destination's
 /// `concurrency` when it is larger (16 by default for a cloud store; a restore is bound by
@@ -388,6 +390,10 @@ pub struct RestoreSummary {
     pub failed: Vec<(String, String)>,
     /// Objects not restored because a newer object maps to the same file.
     pub superseded: Vec<String>,
+    /// Files restored from segments because they were still being written (or grew after
+    /// they were stored): their path under the target, the bytes written (their durable
+    /// prefix) and, when it ended before the last segment, why.
+    pub partial: Vec<(String, u64, Option<String>)>,
 }
 
 /// Restore every object under `prefix` of destination `from` into `to`.
@@ -451,6 +457,27 @@ pub async fn restore(
         }
     }
 
+    // Files still being written: their segments (after their settled object, if any).
+    let partials = match partial::find(
+        &dest,
+        &prefix,
+        &mut chosen,
+        authenticated,
+        opts,
+        &mut summary,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let under = crate::format::segment::prefix_for(&prefix);
+            summary
+                .failed
+                .push((under, format!("listing segments: {e:#}")));
+            Vec::new()
+        }
+    };
+
     let results: Vec<(String, anyhow::Result<()>)> = futures::stream::iter(chosen)
         .map(|(rel, meta)| {
             let (dest, keys, root, opts) = (dest.clone(), keys.clone(), root.clone(), opts.clone());
@@ -469,6 +496,19 @@ pub async fn restore(
             Err(e) => {
                 tracing::warn!(key = %key, error = %format!("{e:#}"), "cannot restore object");
                 summary.failed.push((key, format!("{e:#}")));
+            }
+        }
+    }
+    for p in &partials {
+        match partial::write(&dest, &keys, root.clone(), p).await {
+            Ok((bytes, stopped)) => {
+                summary.restored += 1;
+                summary.partial.push((p.rel.clone(), bytes, stopped));
+            }
+            Err(e) => {
+                let dir = crate::format::segment::dir_of(&p.logical);
+                tracing::warn!(key = %dir, error = %format!("{e:#}"), "cannot restore a file from its segments");
+                summary.failed.push((dir, format!("{e:#}")));
             }
         }
     }

@@ -48,6 +48,10 @@ pub struct Root {
     pub tree: Arc<Tree>,
     /// `runs = "dir"`: each top-level directory is a run.
     pub runs: bool,
+    /// Files sent in segments while they grow (`tail`; `*` crosses `/`).
+    pub tail: globset::GlobSet,
+    /// How often a tailed file's new bytes become a segment.
+    pub tail_interval: std::time::Duration,
     own_ids: Arc<Mutex<Vec<Id>>>,
 }
 
@@ -79,6 +83,8 @@ impl Root {
                     .collect(),
                 tree: Arc::new(Tree::new(w.path.clone(), w.one_file_system)),
                 runs: w.runs == crate::config::Runs::Dir,
+                tail: crate::config::compile_globs(&w.tail_globs(), crate::config::Separator::Any),
+                tail_interval: w.tail_interval,
                 own_ids: Arc::default(),
             })
             .collect();
@@ -118,6 +124,11 @@ impl Root {
                 && !self.reserved(r)
                 && !self.nested.iter().any(|n| r.starts_with(n))
         }) && !self.own.iter().any(|o| within(path, o))
+    }
+
+    /// Whether a file at `path` (one this root [`Root::wants`]) is to be tailed while it grows.
+    pub fn tails(&self, path: &Path) -> bool {
+        !self.tail.is_empty() && self.relative(path).is_some_and(|r| self.tail.is_match(r))
     }
 
     /// Whether `rel` lies where only `seal` writes in a `runs = "dir"` watch: a run's reserved
@@ -723,6 +734,8 @@ mod tests {
             seal_after: None,
             junit: Vec::new(),
             junit_sniff: false,
+            tail: None,
+            tail_interval: std::time::Duration::from_secs(2),
         };
         Root {
             path: "/w".into(),
@@ -733,6 +746,8 @@ mod tests {
             nested: vec![],
             tree: Arc::new(Tree::new("/w".into(), true)),
             runs: false,
+            tail: globset::GlobSet::empty(),
+            tail_interval: std::time::Duration::from_secs(2),
             own_ids: Arc::default(),
         }
     }

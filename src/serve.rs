@@ -14,7 +14,8 @@
 //! is checked against the manifest's SHA-256 before its last bytes are sent: a damaged or
 //! swapped object ends in a broken response, never in a complete wrong one. Files are served
 //! with `Content-Security-Policy: sandbox` (scripts allowed, origin opaque), so a CI job's
-//! HTML report cannot read the gateway's other pages.
+//! HTML report cannot read the gateway's other pages. A path no sealed run holds but that has
+//! segments (an open run, a log still being written) answers what they hold ([`growing`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -36,6 +37,8 @@ use crate::format::layout;
 use crate::format::manifest::{Manifest, ManifestFile, RUN_DIR};
 use crate::httpd::Limits;
 use crate::pipeline::{self, Pipeline};
+
+mod growing;
 
 /// How long a listing of the store's runs is reused.
 const CATALOG_TTL: Duration = Duration::from_secs(5);
@@ -218,6 +221,10 @@ async fn route(gw: &Gateway, path: &str, headers: &HeaderMap) -> anyhow::Result<
             return Ok(redirect(&format!("{path}/")));
         }
         return run_list(gw, prefix, under).await;
+    }
+    // An open run, or a file still being written: what its segments hold.
+    if let Some(resp) = growing::respond(gw, rel, path.ends_with('/')).await? {
+        return Ok(resp);
     }
     Ok(text(StatusCode::NOT_FOUND, "no such run or file\n"))
 }

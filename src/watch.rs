@@ -73,6 +73,9 @@ pub(crate) struct WatchTask {
     /// catch-up scan waits for it, so one walk covers everything written before the watches
     /// existed, and events cover everything after.
     pub watching: Arc<Notify>,
+    /// Told of every change to a file the roots tail (`tail`), so its new bytes are sent
+    /// while it grows.
+    pub tail: Option<crate::tail::Tracker>,
 }
 
 /// The advice given whenever the kernel refuses more watches or drops events.
@@ -413,6 +416,12 @@ impl WatchTask {
                     if ev.kind == EventKind::Create(CreateKind::Any) && self.is_dir(&p, root) {
                         walks.request(p, root, What::Files, None);
                     } else {
+                        if let Some(tail) = &self.tail
+                            && self.roots[root].tails(&p)
+                            && self.roots[root].wants(&p)
+                        {
+                            tail.grew(p.clone(), root);
+                        }
                         settling.insert(p, (root, now));
                     }
                 }

@@ -6,6 +6,8 @@ OBJECT_KEY is the object's key relative to the destination's URL path (version 2
 are bound to it). Decrypts (for .enc, versions 1 and 2) and decompresses (.gz/.zst, via the
 gzip module and the `zstd` tool), checks the metadata record, and writes the original to
 stdout; with NAME_OUT, also writes the logical key recovered by the layout rule there.
+A segment of a growing file (a key under _panoptic-sync/segments/) is bound as a segment,
+its record must name its file, and NAME_OUT gets "<logical key> <generation> <seq> <offset>".
 Exit 1 on any failure."""
 import gzip
 import hashlib
@@ -61,9 +63,37 @@ def short_name(name: str) -> str:
     return raw[:cut].decode() + "~" + hashlib.sha256(raw).hexdigest()[:32] + ".long"
 
 
+SEGMENTS = "_panoptic-sync/segments/"
+
+
+def segment_of(key: str):
+    """(logical key, generation, seq, offset) of a segment's key, read from its end."""
+    rest = key[len(SEGMENTS):]
+    directory, name = rest.rsplit("/", 1)
+    if not directory.endswith("~tail") or len(directory) == len("~tail"):
+        raise ValueError("not a segment's key")
+    for suffix in (".enc", ".zst", ".gz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            if suffix == ".enc":
+                continue
+            break
+    if not name.endswith(".seg"):
+        raise ValueError("not a segment's key")
+    numbers = name[:-4].split("-")
+    widths = [len(n) for n in numbers]
+    if widths != [20, 10, 20] or not all(n.isdigit() for n in numbers):
+        raise ValueError("not a segment's key")
+    return (directory[: -len("~tail")],) + tuple(int(n) for n in numbers)
+
+
 def main() -> int:
     keyfile, key = sys.argv[1], sys.argv[2]
     bound = key
+    segment = segment_of(key) if key.startswith(SEGMENTS) else None
+    if segment is not None:
+        # A segment is bound to its key behind "\0segment\0".
+        bound = "\0segment\0" + key
     # A run's manifest is bound to its key behind "\0manifest\0" (no file's key can be).
     logical = key.removesuffix(".enc").removesuffix(".zst").removesuffix(".gz")
     if logical == "_run/manifest.json" or logical.endswith("/_run/manifest.json"):
@@ -87,6 +117,14 @@ def main() -> int:
     if record is not None:
         if record["size"] != len(data) or record["sha256"] != hashlib.sha256(data).hexdigest():
             raise ValueError("content does not match the metadata record")
+    if segment is not None:
+        if record is not None and record.get("path") != segment[0]:
+            raise ValueError(f"the record names {record.get('path')!r}, the key {segment[0]!r}")
+        if len(sys.argv) > 3:
+            with open(sys.argv[3], "w", encoding="utf-8") as f:
+                f.write(" ".join(str(x) for x in segment))
+        sys.stdout.buffer.write(data)
+        return 0
     # The layout rule: a shortened long name (full name in the record), or an escape.
     if key.endswith(".long"):
         if record is None or "path" not in record:

@@ -212,6 +212,16 @@ fn render_restore(s: &crate::restore::RestoreSummary, to: &std::path::Path) {
     for key in &s.superseded {
         eprintln!("skipped (a newer object maps to the same file): {key}");
     }
+    for (path, bytes, stopped) in &s.partial {
+        let why = stopped
+            .as_deref()
+            .map(|w| format!("; stopped early: {w}"))
+            .unwrap_or_default();
+        outln!(
+            "partial: {} ({bytes} bytes: the file was still being written; restored from its segments{why})",
+            crate::destination::printable(path)
+        );
+    }
     outln!(
         "{} files restored to {}, {} objects failed",
         s.restored,

@@ -45,6 +45,17 @@ pub(super) fn de_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D
     Ok(globs)
 }
 
+pub(super) fn de_opt_globs<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    let globs = Vec::<String>::deserialize(d)?;
+    for g in &globs {
+        glob(g, Separator::Any)
+            .map_err(|e| serde::de::Error::custom(format!("bad glob {g:?}: {e}")))?;
+    }
+    Ok(Some(globs))
+}
+
 /// Compiled include/exclude filters of one watch root.
 #[derive(Clone)]
 pub struct Filter {

@@ -20,8 +20,8 @@ use crate::format::layout::Compression;
 mod globs;
 mod validate;
 pub use globs::Filter;
-use globs::de_globs;
 pub(crate) use globs::{Separator, compile_globs};
+use globs::{de_globs, de_opt_globs};
 
 /// The configuration used when no config file exists: watch `./artifacts`, store to
 /// `./.panoptic-sync/store`, keep state in `./.panoptic-sync/state` (all under `cwd`).
@@ -207,6 +207,11 @@ pub struct Metrics {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s)
@@ -276,6 +281,28 @@ pub struct Watch {
     /// `<testsuites>` or `<testsuite>`.
     #[serde(default = "default_true")]
     pub junit_sniff: bool,
+    /// Globs of growing files sent in segments while they are written (`*` crosses `/`, so
+    /// `*.log` matches at any depth). Absent: [`DEFAULT_TAIL`] on a `runs = "dir"` watch,
+    /// none otherwise; `[]` turns tailing off.
+    #[serde(default, deserialize_with = "de_opt_globs")]
+    pub tail: Option<Vec<String>>,
+    /// How often the bytes a tailed file gained become a segment (`"2s"`).
+    #[serde(default = "default_tail_interval", deserialize_with = "de_duration")]
+    pub tail_interval: Duration,
+}
+
+/// What a `runs = "dir"` watch tails when it names no `tail`: the logs CI jobs write.
+pub const DEFAULT_TAIL: &[&str] = &["*.log", "*.out"];
+
+impl Watch {
+    /// The watch's tail globs, its default applied.
+    pub fn tail_globs(&self) -> Vec<String> {
+        match &self.tail {
+            Some(t) => t.clone(),
+            None if self.runs == Runs::Dir => DEFAULT_TAIL.iter().map(|s| s.to_string()).collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// The `[results]` table: what sealing does with the test results it parses.
@@ -694,6 +721,9 @@ fn default_prefix() -> String {
 }
 fn default_include() -> Vec<String> {
     vec!["**/*".to_string()]
+}
+fn default_tail_interval() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_settle() -> Duration {
     Duration::from_millis(2000)
@@ -1288,6 +1318,8 @@ mod tests {
             seal_after: None,
             junit: default_junit(),
             junit_sniff: true,
+            tail: None,
+            tail_interval: default_tail_interval(),
         };
         let f = Filter::new(&w);
         assert!(f.matches(Path::new("a/b/c.log")));

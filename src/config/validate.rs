@@ -25,6 +25,14 @@ impl Config {
                     "watch[{i}].seal_after needs runs = \"dir\" on the same watch"
                 ));
             }
+            if w.tail_interval < Duration::from_millis(100)
+                || w.tail_interval > Duration::from_secs(3600)
+            {
+                return Err(format!(
+                    "watch[{i}].tail_interval {:?} must be from 100ms to 1h",
+                    w.tail_interval
+                ));
+            }
             if w.settle > Duration::from_secs(24 * 3600) {
                 return Err(format!(
                     "watch[{i}].settle_ms {} is longer than a day",

@@ -39,6 +39,9 @@ pub const TESTS_PREFIX: &str = internal_key!("/tests");
 pub const FLEET_PAGE: &str = internal_key!("/fleet/index.html");
 /// The quarantine list's logical key (see [`crate::format::quarantine`]).
 pub const QUARANTINE_KEY: &str = internal_key!("/quarantine.json");
+/// Where the segments of growing files wait for their settled file (see
+/// [`crate::format::segment`]).
+pub const SEGMENTS_PREFIX: &str = internal_key!("/segments");
 /// Where `check-config` writes its probe objects.
 pub const PROBE_PREFIX: &str = internal_key!("/probe");
 

@@ -11,6 +11,7 @@
 //! - [`node_status`]: the status object each node publishes for the fleet view.
 //! - [`quarantine`]: the list of quarantined tests that `gate` enforces.
 //! - [`report`] and [`fleet`]: the node report and the fleet view as `report --json` writes them.
+//! - [`segment`]: the segments of a growing file, stored while it is written.
 //! - [`units`]: sizes, durations and "now", spelled one way everywhere.
 
 pub(crate) mod ci;
@@ -23,4 +24,5 @@ pub(crate) mod quarantine;
 pub(crate) mod record;
 pub(crate) mod report;
 pub(crate) mod results;
+pub mod segment;
 pub mod units;

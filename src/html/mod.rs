@@ -6,10 +6,12 @@
 //! - [`report`]: the node report and the fleet page;
 //! - [`fleet`]: the fleet's test results section;
 //! - [`charts`]: inline SVG charts shared by both;
-//! - [`href`]: the links between them.
+//! - [`href`]: the links between them;
+//! - [`growing`]: the files still being written under a prefix, for `serve`.
 
 pub(crate) mod charts;
 pub(crate) mod fleet;
+pub(crate) mod growing;
 pub(crate) mod href;
 pub(crate) mod report;
 pub(crate) mod run_page;

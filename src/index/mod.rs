@@ -23,7 +23,8 @@
 //!
 //! By concern: `schema` (migrations), `files` (the files table, as ingest records it),
 //! `queue` (upload rows: claimed, finished, stored where), `objects` (what destinations
-//! hold), `runs` (sealed runs), `notifications` (their queue), `stats` (status, reports).
+//! hold), `runs` (sealed runs), `notifications` (their queue), `stats` (status, reports),
+//! `tails` (how far each growing file's segments are durable).
 
 mod files;
 mod notifications;
@@ -32,6 +33,7 @@ mod queue;
 mod runs;
 mod schema;
 mod stats;
+mod tails;
 
 pub use files::{FileUnder, Observation, Stat, StoredFile};
 pub use notifications::{
@@ -41,6 +43,7 @@ pub use objects::{Method, ObjectRow, ObjectUse, StoredAs};
 pub use queue::{Claimed, FinishAndClaim, FlushState, Job, Outcome};
 pub use runs::{SealedRun, pack_manifest};
 pub use stats::{DestStatus, ErrorCount, Status, UploadSpan};
+pub use tails::{StoredVersion, TailRow};
 
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};

@@ -246,6 +246,29 @@ CREATE TABLE IF NOT EXISTS pruned_runs (
     PRIMARY KEY (watch, name)
 ) WITHOUT ROWID;
 "#,
+    // 9: growing files sent in segments (`tail`): per file, destination and generation, how
+    // far its segments are durable, and what identifies the content they hold (inode, device,
+    // a hash of its first bytes), so a restart continues where the segments end and a file
+    // truncated or replaced begins a new generation.
+    r#"
+CREATE TABLE IF NOT EXISTS tails (
+    path     BLOB NOT NULL,
+    dest     TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    logical  TEXT NOT NULL,
+    start    INTEGER NOT NULL,
+    end_offset INTEGER NOT NULL,
+    seq      INTEGER NOT NULL,
+    inode    INTEGER NOT NULL,
+    dev      INTEGER NOT NULL,
+    head_len INTEGER NOT NULL,
+    head_sha256 BLOB NOT NULL,
+    closed   INTEGER NOT NULL DEFAULT 0,
+    successor BLOB,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (path, dest, generation)
+) WITHOUT ROWID;
+"#,
 ];
 
 impl Index {

@@ -22,3 +22,4 @@ mod restore;
 mod results;
 mod runs;
 mod service;
+mod tail;
