@@ -266,7 +266,7 @@ pub(crate) async fn read_manifest(
         .map(|v| v.as_ref().to_string());
     // Streamed, never held whole: the decoded manifest is capped below, so an object of any
     // size costs no more memory than the cap.
-    let raw = crate::restore::download(get);
+    let raw = crate::restore::download(dest.store.clone(), get);
     let (keys, key) = (pipeline.keys.clone(), stored_key.to_string());
     let legacy = pipeline.legacy_manifests;
     let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {

@@ -114,14 +114,81 @@ fn attr_expect(get: &GetResult) -> Expect {
 /// a slow decoder can keep a large download open past the client's request timeout, and
 /// object_store then resumes with a Range starting at the object's end, which the server
 /// refuses (400), failing an object that was read whole.
-pub(crate) fn download(get: GetResult) -> Download {
+///
+/// A body that fails part-way (a request outlives the client's timeout while a large object
+/// is read slowly, or the connection drops) is resumed where it stopped, by a GET of the
+/// rest with `If-Match` on the first answer's ETag (so a replaced object is never spliced
+/// in), as often as each resume makes progress: a 4 GiB object is read in as many requests
+/// as it takes, each within the timeout. [`MAX_STALLED_RESUMES`] resumes in a row without a
+/// byte fail the download.
+pub(crate) fn download(store: Arc<dyn object_store::ObjectStore>, get: GetResult) -> Download {
     let size = get.meta.size;
-    let stream = get.into_stream().map_err(io::Error::other).boxed();
+    let location = get.meta.location.clone();
+    let e_tag = get.meta.e_tag.clone();
+    let first = get.into_stream().map_err(io::Error::other).boxed();
+    struct State {
+        body: BoxStream<'static, io::Result<Bytes>>,
+        offset: u64,
+        stalled: u32,
+    }
+    let state = State {
+        body: first,
+        offset: 0,
+        stalled: 0,
+    };
+    let stream = futures::stream::unfold(Some(state), move |state| {
+        let (store, location, e_tag) = (store.clone(), location.clone(), e_tag.clone());
+        async move {
+            let mut st = state?;
+            loop {
+                let failure = match st.body.next().await {
+                    Some(Ok(bytes)) => {
+                        st.offset += bytes.len() as u64;
+                        if !bytes.is_empty() {
+                            st.stalled = 0;
+                        }
+                        return Some((Ok(bytes), Some(st)));
+                    }
+                    None if st.offset >= size => return None,
+                    None => io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the body ended after {} of {size} bytes", st.offset),
+                    ),
+                    Some(Err(e)) => e,
+                };
+                if st.stalled >= MAX_STALLED_RESUMES {
+                    return Some((Err(failure), None));
+                }
+                st.stalled += 1;
+                tracing::debug!(key = %location, offset = st.offset, error = %failure, "download interrupted; resuming");
+                let opts = object_store::GetOptions {
+                    range: Some(object_store::GetRange::Offset(st.offset)),
+                    if_match: e_tag.clone(),
+                    ..Default::default()
+                };
+                match store.get_opts(&location, opts).await {
+                    Ok(rest) => st.body = rest.into_stream().map_err(io::Error::other).boxed(),
+                    Err(e) => {
+                        let e = io::Error::other(format!(
+                            "resuming at byte {}: {}",
+                            st.offset,
+                            destination::error_chain(&e)
+                        ));
+                        return Some((Err(e), None));
+                    }
+                }
+            }
+        }
+    })
+    .boxed();
     SyncIoBridge::new(tokio::io::AsyncReadExt::take(
         StreamReader::new(stream),
         size,
     ))
 }
+
+/// Resumes of one download in a row that bring no byte before it fails.
+const MAX_STALLED_RESUMES: u32 = 3;
 
 /// Whether an encrypted record's `path` is the logical key of `stored_key` (for a shortened
 /// long name: the same directory, and a last segment that hashes to the key's). A writer
@@ -580,7 +647,7 @@ async fn restore_one(
         }
     }
     let fallback_mtime = meta.last_modified.into();
-    let reader = download(get);
+    let reader = download(dest.store.clone(), get);
     // A plain compressed object that records no size (a `file://` store's) is bounded all the
     // same: a few KB of zstd can decode to gigabytes.
     let max_size = opts.max_size.or_else(|| {
@@ -650,7 +717,7 @@ pub async fn restore_pinned(
         long_name: None,
     };
     let fallback_mtime = get.meta.last_modified.into();
-    let reader = download(get);
+    let reader = download(dest.store.clone(), get);
     let (keys, rel, stored_key) = (keys.to_vec(), rel.to_string(), stored_key.to_string());
     tokio::task::spawn_blocking(move || {
         write_object(
@@ -781,7 +848,7 @@ async fn check_object(
         sha256: Some(hex::encode(row.sha256)),
         ..Default::default()
     };
-    let reader = download(get);
+    let reader = download(dest.store.clone(), get);
     let (keys, stored_key) = (keys.to_vec(), row.stored_key.clone());
     let res = tokio::task::spawn_blocking(move || {
         let mut d = start_decoding(plan, &keys, &stored_key, reader, expect.clone())?;

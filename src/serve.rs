@@ -349,7 +349,7 @@ async fn file_response(
             f.stored_key
         );
     }
-    let reader = crate::restore::download(get);
+    let reader = crate::restore::download(gw.dest.store.clone(), get);
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     let (keys, file) = (gw.pipeline.keys.clone(), f.clone());
     tokio::task::spawn_blocking(move || stream_file(reader, &keys, &file, range, &tx));

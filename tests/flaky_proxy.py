@@ -5,7 +5,9 @@ to the target port untouched.
 usage: flaky_proxy.py TARGET_PORT N [drop|5xx] [COUNT_FILE]
   drop  (default) close the connection at once, without a byte exchanged;
   5xx   read the first request's head, answer it with an S3-style 500 InternalError or
-        503 SlowDown (alternately), and close.
+        503 SlowDown (alternately), and close;
+  cut=B relay, but close the connection once B bytes of answers went back (a body cut
+        part-way, as a dropped link or a client timeout leaves it); counted when it cuts.
 Each injected fault appends a line to COUNT_FILE when given. Listens on a free loopback port
 and prints it on stdout once listening.
 """
@@ -26,6 +28,29 @@ def pipe(src, dst):
             data = src.recv(65536)
             if not data:
                 break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def pipe_cut(src, dst, limit):
+    sent = 0
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            if sent + len(data) > limit:
+                dst.sendall(data[: limit - sent])
+                fault()
+                break
+            sent += len(data)
             dst.sendall(data)
     except OSError:
         pass
@@ -76,6 +101,12 @@ count = 0
 while True:
     client, _ = server.accept()
     count += 1
+    if count % every == 0 and mode.startswith("cut="):
+        upstream = socket.create_connection(("127.0.0.1", target_port))
+        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=pipe_cut, args=(upstream, client, int(mode[4:])),
+                         daemon=True).start()
+        continue
     if count % every == 0:
         n = fault()
         if mode == "5xx":

@@ -289,7 +289,7 @@ async fn decode_into<W: Write + Send + 'static>(
         .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
     let stored_size = get.meta.size;
     let expect = attr_expect(&get);
-    let reader = download(get);
+    let reader = download(dest.store.clone(), get);
     let keys = keys.to_vec();
     let seg = seg.cloned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Expect, W)> {
