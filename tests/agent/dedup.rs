@@ -1,0 +1,292 @@
+//! Content-addressed destinations (`layout = "content"`): the same bytes stored once per
+//! destination across runs, mtimes and nodes; every file restorable by its path (`restore`,
+//! `restore --run`, `serve`); blobs collected only when nothing references them, never under
+//! a writer (a sweep racing uploads in another process); a planted blob refused, named.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::core::assert_ok;
+use crate::util::*;
+
+/// Stands for the 50 MB toolchain every run of a commit builds (scaled down for CI time; the
+/// full-size figure is in docs/PERFORMANCE.md).
+const TOOLCHAIN: usize = 2 << 20;
+/// Stands for the 20 MB of fixtures.
+const FIXTURES: usize = 1 << 20;
+/// Each run's own log.
+const LOG: usize = 24 << 10;
+/// Runs per node.
+const RUNS: usize = 10;
+
+/// Bytes that do not compress, the same for a given seed on every node.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// A node of a content setup: its own tree, state and id; the S3 bucket and the file://
+/// store of `shared` (or new ones), both `layout = "content"`.
+fn content_node(node: &str, shared: Option<&Env>, grace: &str) -> Env {
+    let mut env = Env::new();
+    if let Some(s) = shared {
+        env.bucket = s.bucket.clone();
+        env.nas = s.nas.clone();
+    }
+    env.node = node.to_string();
+    env.watch_extra = "runs = \"dir\"\n".into();
+    env.primary = Some(format!(
+        r#"[[destination]]
+name = "primary"
+url = "s3://{bucket}/base"
+options = {{ endpoint = "{endpoint}", allow_http = "true", access_key_id = "{key}", secret_access_key = "{secret}", region = "us-east-1", metadata_endpoint = "http://127.0.0.1:9" }}
+layout = "content"
+blob_grace = "{grace}"
+"#,
+        bucket = env.bucket,
+        endpoint = env.s3_endpoint,
+        key = env.s3_key,
+        secret = env.s3_secret,
+    ));
+    env.nas_extra = format!("layout = \"content\"\nblob_grace = \"{grace}\"\n");
+    env
+}
+
+/// Write run `run` of `env`: the shared toolchain (mode 0755) and fixtures, a log of its own,
+/// and a small file that stays at its key. Every file gets a fresh mtime, as a build does.
+fn write_run(env: &Env, run: &str, seed: u64) {
+    let tool = env.write(&format!("{run}/bin/toolchain"), &noise(1, TOOLCHAIN));
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write(&format!("{run}/fixtures/data.bin"), &noise(2, FIXTURES));
+    env.write(&format!("{run}/logs/test.log"), &noise(seed, LOG));
+    env.write(
+        &format!("{run}/small.txt"),
+        format!("{run} ok\n").as_bytes(),
+    );
+}
+
+fn seal(env: &Env, run: &str) {
+    let dir = env.watch.join(run);
+    assert_ok(
+        &env.cli(&["seal", dir.to_str().unwrap(), "--timeout", "120s"]),
+        &format!("seal {run} on {}", env.node),
+    );
+}
+
+/// Bytes a store keeps for files: blobs, pointers and objects at files' keys (manifests, run
+/// pages and the agent's status and records left out). `dir` is the store's root.
+fn file_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+        let internal =
+            rel.starts_with("_panoptic-sync/") && !rel.starts_with("_panoptic-sync/blobs/");
+        if internal || rel.contains("/_run/") || rel.ends_with("/index.html") {
+            continue;
+        }
+        total += e.metadata().unwrap().len();
+    }
+    total
+}
+
+/// Keys of the blobs in the store at `dir`.
+fn blobs(dir: &Path) -> BTreeSet<String> {
+    let root = dir.join("_panoptic-sync/blobs");
+    walkdir::WalkDir::new(&root)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().strip_prefix(dir).unwrap().display().to_string())
+        .collect()
+}
+
+/// Every file under `dir`: relative path → (SHA-256, mode, mtime ns).
+fn tree_meta(dir: &Path) -> BTreeMap<String, (String, u32, i64)> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_file() {
+            let m = e.metadata().unwrap();
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+            let sha = sha_hex(&std::fs::read(e.path()).unwrap());
+            out.insert(rel, (sha, m.mode() & 0o777, mtime));
+        }
+    }
+    out
+}
+
+/// The node report's figures for one destination: (original, stored, saved by dedup).
+fn report_figures(env: &Env, dest: &str) -> (u64, u64, u64) {
+    let out = env.cli(&["report", "--json"]);
+    assert_ok(&out, "report --json");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = r["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == dest)
+        .unwrap_or_else(|| panic!("no destination {dest} in {r}"));
+    (
+        d["usage"]["bytes_original"].as_u64().unwrap(),
+        d["usage"]["bytes_stored"].as_u64().unwrap(),
+        d["dedup_saved_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_store_shared_content_once_per_destination_and_every_run_restores() {
+    let _heavy = heavy().await;
+    let a = content_node("node-a", None, "24h");
+    // One bucket and one file:// store for the three.
+    let b = content_node("node-b", Some(&a), "24h");
+    let c = content_node("node-c", Some(&a), "24h");
+    let nodes = [&a, &b, &c];
+    let mut unique = (TOOLCHAIN + FIXTURES) as u64;
+    let mut seed = 100;
+    for n in nodes {
+        for r in 0..RUNS {
+            let run = format!("run-{r}");
+            seed += 1;
+            write_run(n, &run, seed);
+            unique += (LOG + format!("{run} ok\n").len()) as u64;
+            seal(n, &run);
+        }
+    }
+
+    // Per destination, stored bytes are at most 1.05 × the unique bytes.
+    let s3_dir = a.tmp.path().join("s3-dump");
+    shared_s3().dump(&a.bucket, "base/", &s3_dir);
+    for (name, dir) in [("primary", s3_dir.join("base")), ("nas", a.nas.clone())] {
+        let stored = file_bytes(&dir);
+        assert!(
+            stored as f64 <= unique as f64 * 1.05,
+            "{name}: {stored} bytes stored for {unique} unique bytes"
+        );
+        // One blob per content: toolchain, fixtures and every log.
+        assert_eq!(blobs(&dir).len(), 2 + 3 * RUNS, "{name}: {:?}", blobs(&dir));
+    }
+    // The toolchain crossed the network once overall: only the first node sent it.
+    let mut sent = 0;
+    for n in nodes {
+        let (original, stored, saved) = report_figures(n, "primary");
+        assert!(
+            original >= (RUNS * (TOOLCHAIN + FIXTURES + LOG)) as u64,
+            "{}",
+            n.node
+        );
+        sent += stored;
+        if n.node != "node-a" {
+            assert!(
+                stored < (TOOLCHAIN as u64),
+                "{} stored {stored} bytes: the toolchain was sent again",
+                n.node
+            );
+        }
+        assert!(
+            saved >= ((RUNS - 1) * (TOOLCHAIN + FIXTURES)) as u64,
+            "{}: saved {saved}",
+            n.node
+        );
+    }
+    assert!(
+        sent as f64 <= unique as f64 * 1.05,
+        "{sent} sent for {unique}"
+    );
+
+    // Every run restores byte-identical, with modes and mtimes, from each destination.
+    for n in nodes {
+        for r in [0, RUNS - 1] {
+            let run = format!("run-{r}");
+            let want = tree_meta(&n.watch.join(&run));
+            for dest in ["primary", "nas"] {
+                let to = n.tmp.path().join(format!("restored-{dest}-{run}"));
+                let out = n.cli(&[
+                    "restore",
+                    "--run",
+                    &run,
+                    "--from",
+                    dest,
+                    "--to",
+                    to.to_str().unwrap(),
+                ]);
+                assert_ok(&out, &format!("restore --run {run} on {}", n.node));
+                assert_eq!(tree_meta(&to), want, "{} {run} from {dest}", n.node);
+            }
+        }
+    }
+    // A prefix restore resolves pointers too.
+    let to = a.tmp.path().join("restored-prefix");
+    let out = a.cli(&[
+        "restore",
+        "--from",
+        "nas",
+        "--prefix",
+        "ci/node-a/run-3",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "restore --prefix");
+    let mut got = tree_meta(&to);
+    got.retain(|k, _| !k.starts_with("_run/") && k != "index.html");
+    assert_eq!(got, tree_meta(&a.watch.join("run-3")));
+    // verify --deep finds nothing wrong, and no orphaned blob.
+    let out = a.cli(&["verify", "--deep"]);
+    assert_ok(&out, "verify --deep");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("orphaned"));
+
+    // serve: the toolchain of another node's run, through the gateway, byte-identical.
+    let token_file = a.tmp.path().join("token");
+    std::fs::write(
+        &token_file,
+        "a-token-long-enough-for-the-gateway-0123456789\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _serve = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+            .arg("--config")
+            .arg(a.config_path())
+            .args([
+                "serve",
+                "--from",
+                "nas",
+                "--listen",
+                &listen,
+                "--token-file",
+            ])
+            .arg(&token_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(a.tmp.path().join("serve.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port, Duration::from_secs(30));
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-f",
+            "-H",
+            "Authorization: Bearer a-token-long-enough-for-the-gateway-0123456789",
+        ])
+        .arg(format!("http://{listen}/ci/node-a/run-2/bin/toolchain"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == noise(1, TOOLCHAIN),
+        "the served toolchain differs"
+    );
+}
