@@ -290,3 +290,243 @@ async fn three_nodes_store_shared_content_once_per_destination_and_every_run_res
         "the served toolchain differs"
     );
 }
+
+/// A GitHub Actions push to `branch`, as the seal reads it.
+fn push_env(branch: &str) -> Vec<(String, String)> {
+    [
+        ("GITHUB_ACTIONS", "true"),
+        ("GITHUB_REPOSITORY", "acme/widgets"),
+        ("GITHUB_REF", &format!("refs/heads/{branch}")),
+        ("GITHUB_REF_NAME", branch),
+        ("GITHUB_REF_TYPE", "branch"),
+        ("GITHUB_SHA", "0123456789abcdef0123456789abcdef01234567"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Keys of the copies a sweep set aside in the store at `dir`.
+fn set_aside(dir: &Path) -> BTreeSet<String> {
+    let root = dir.join("_panoptic-sync/trash");
+    walkdir::WalkDir::new(&root)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().strip_prefix(dir).unwrap().display().to_string())
+        .collect()
+}
+
+/// The blob key (relative to the store) a plain pointer file names.
+fn pointed(pointer_file: &Path) -> String {
+    let p: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pointer_file).unwrap()).unwrap();
+    p["blob"].as_str().unwrap().to_string()
+}
+
+fn prune(env: &Env) -> String {
+    let out = env.cli(&["prune"]);
+    assert_ok(&out, "prune");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_shared_blobs_until_their_last_reference_goes() {
+    let mut env = content_node(NODE, None, "1s");
+    env.cmd_env = push_env("main");
+    env.tail = "[retention.runs]\nkeep_latest_per_branch = 1\n".into();
+    for (i, run) in ["r0", "r1", "r2"].iter().enumerate() {
+        write_run(&env, run, 500 + i as u64);
+        seal(&env, run);
+    }
+    let tool = pointed(&env.nas.join(format!("ci/{NODE}/r2/bin/toolchain.ptr")));
+    let log = |run: &str| pointed(&env.nas.join(format!("ci/{NODE}/{run}/logs/test.log.ptr")));
+    let (log0, log1, log2) = (log("r0"), log("r1"), log("r2"));
+    assert_eq!(blobs(&env.nas).len(), 5, "toolchain, fixtures, three logs");
+
+    // Every run but the newest goes; their logs' blobs are collected once unreferenced for
+    // the grace period, twice (set aside, then deleted); the shared blobs stay.
+    let out = prune(&env);
+    assert!(out.contains("run r0") && out.contains("run r1"), "{out}");
+    wait_until(
+        Duration::from_secs(60),
+        "the pruned runs' blobs to be deleted",
+        || {
+            prune(&env);
+            let (b, t) = (blobs(&env.nas), set_aside(&env.nas));
+            !b.contains(&log0) && !b.contains(&log1) && t.is_empty()
+        },
+    )
+    .await;
+    let left = blobs(&env.nas);
+    assert!(left.contains(&tool) && left.contains(&log2), "{left:?}");
+    let to = env.tmp.path().join("restored-r2");
+    assert_ok(
+        &env.cli(&[
+            "restore",
+            "--run",
+            "r2",
+            "--from",
+            "nas",
+            "--to",
+            to.to_str().unwrap(),
+        ]),
+        "restore --run r2",
+    );
+    assert_eq!(tree_meta(&to), tree_meta(&env.watch.join("r2")));
+    // The same in S3.
+    let s3_blobs: BTreeSet<String> = shared_s3()
+        .objects(&env.bucket, "base/_panoptic-sync/blobs/")
+        .into_keys()
+        .map(|k| k.trim_start_matches("base/").to_string())
+        .collect();
+    assert_eq!(s3_blobs, left);
+
+    // The last run goes too: after the grace period nothing is left.
+    env.tail = "[retention.runs]\nmax_age = \"1ms\"\n".into();
+    let out = prune(&env);
+    assert!(out.contains("run r2"), "{out}");
+    wait_until(Duration::from_secs(60), "every blob to be deleted", || {
+        prune(&env);
+        blobs(&env.nas).is_empty() && set_aside(&env.nas).is_empty()
+    })
+    .await;
+    let s3_left = shared_s3().objects(&env.bucket, "base/_panoptic-sync/blobs/");
+    assert!(s3_left.is_empty(), "{s3_left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_blob_whose_bytes_do_not_match_its_key_fails_restore_and_verify_deep_named() {
+    let env = content_node(NODE, None, "24h");
+    env.write("r1/bin/tool", &noise(7, 64 << 10));
+    assert_ok(&env.cli(&["sync"]), "sync");
+    let blob = pointed(&env.nas.join(format!("ci/{NODE}/r1/bin/tool.ptr")));
+    // Same length, other bytes, in both stores.
+    std::fs::write(env.nas.join(&blob), noise(8, 64 << 10)).unwrap();
+    shared_s3().put_raw(&env.bucket, &format!("base/{blob}"), &noise(8, 64 << 10));
+    for dest in ["nas", "primary"] {
+        let to = env.tmp.path().join(format!("restored-{dest}"));
+        let out = env.cli(&["restore", "--from", dest, "--to", to.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{dest}: {err}");
+        assert!(
+            err.contains(&blob) && err.contains("SHA-256"),
+            "{dest}: {err}"
+        );
+        assert!(!to.join(format!("ci/{NODE}/r1/bin/tool")).exists());
+        let out = env.cli(&["verify", "--deep", "--dest", dest]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{dest}: {err}");
+        assert!(
+            err.contains(&blob) && err.contains("damaged"),
+            "{dest}: {err}"
+        );
+    }
+    // Gone altogether: a dangling reference, named with its blob.
+    std::fs::remove_file(env.nas.join(&blob)).unwrap();
+    let out = env.cli(&["verify", "--dest", "nas"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("dangling") && err.contains(&blob), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_racing_100_uploads_of_the_same_content_never_leaves_a_reference_to_a_missing_blob()
+{
+    let _heavy = heavy().await;
+    let writer = content_node("writer", None, "0s");
+    let sweeper = content_node("sweeper", Some(&writer), "0s");
+    let _daemon = writer.spawn_run();
+    // The second process: sweeps the shared stores again and again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sweeps = {
+        let (stop, config) = (stop.clone(), sweeper.config_path());
+        std::thread::spawn(move || {
+            let mut log = String::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(env!("CARGO_BIN_EXE_panoptic-sync"))
+                    .arg("--config")
+                    .arg(&config)
+                    .arg("prune")
+                    .output()
+                    .unwrap();
+                log.push_str(&String::from_utf8_lossy(&out.stdout));
+                log.push_str(&String::from_utf8_lossy(&out.stderr));
+            }
+            log
+        })
+    };
+    let content = noise(9, 64 << 10);
+    let mut last = String::new();
+    for round in 0..3 {
+        // 100 files of one content at once; all of them in both stores.
+        std::fs::create_dir_all(writer.watch.join(format!("round{round}"))).unwrap();
+        for i in 0..100 {
+            let path = writer.watch.join(format!("round{round}/f{i:03}.bin"));
+            write_preserved(&path, &content, 1_700_000_000 + i);
+        }
+        let out = flush_all(&writer, "120s").await;
+        assert_ok(&out, "flush");
+        last = format!("ci/writer/round{round}");
+        // Retention stands in: the pointers of this round go from the file:// store, so the
+        // blob is unreferenced there and the sweeper sets it aside before the next round.
+        if round < 2 {
+            for e in walkdir::WalkDir::new(writer.nas.join(&last))
+                .into_iter()
+                .flatten()
+            {
+                if e.file_type().is_file() {
+                    std::fs::remove_file(e.path()).unwrap();
+                }
+            }
+            wait_until(
+                Duration::from_secs(60),
+                "the sweeper to set the blob aside",
+                || blobs(&writer.nas).is_empty(),
+            )
+            .await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = sweeps.join().unwrap();
+    assert!(
+        log.contains("set aside"),
+        "the sweeper never collected: {log}"
+    );
+    // Every pointer in either store names a blob that is there.
+    let s3_dir = writer.tmp.path().join("s3-dump");
+    shared_s3().dump(&writer.bucket, "base/", &s3_dir);
+    for store in [writer.nas.clone(), s3_dir.join("base")] {
+        let mut pointers = 0;
+        for e in walkdir::WalkDir::new(store.join(&last))
+            .into_iter()
+            .flatten()
+        {
+            if e.path().extension().is_some_and(|x| x == "ptr") {
+                pointers += 1;
+                let blob = pointed(e.path());
+                assert!(
+                    store.join(&blob).is_file(),
+                    "{} names {blob}, which is missing",
+                    e.path().display()
+                );
+            }
+        }
+        assert_eq!(pointers, 100, "{}", store.display());
+    }
+    // And the last round restores whole from the file:// store.
+    let to = writer.tmp.path().join("restored");
+    let out = writer.cli(&[
+        "restore",
+        "--from",
+        "nas",
+        "--prefix",
+        &last,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "restore");
+    let restored = tree(&to);
+    assert_eq!(restored.len(), 100);
+    assert!(restored.values().all(|d| *d == content));
+}
