@@ -530,3 +530,105 @@ async fn a_sweep_racing_100_uploads_of_the_same_content_never_leaves_a_reference
     assert_eq!(restored.len(), 100);
     assert!(restored.values().all(|d| *d == content));
 }
+
+/// An encrypting pipeline with `key`, and the fleet's `dedup` key if given.
+fn encrypting(key: &Path, dedup: Option<&Path>) -> String {
+    let mut p = format!(
+        "[pipeline]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    if let Some(d) = dedup {
+        p.push_str(&format!("dedup_key_file = \"{}\"\n", d.display()));
+    }
+    p
+}
+
+/// The blob namespaces in the store at `dir`.
+fn namespaces(dir: &Path) -> BTreeSet<String> {
+    blobs(dir)
+        .iter()
+        .map(|b| b.split('/').nth(2).unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_blobs_dedup_per_node_key_and_across_nodes_with_a_fleet_key() {
+    let _heavy = heavy().await;
+    let tool_sha = sha_hex(&noise(1, TOOLCHAIN));
+    // Per-node keys: each node stores each content once, in its own namespace.
+    let mut a = content_node("node-a", None, "24h");
+    let mut b = content_node("node-b", Some(&a), "24h");
+    a.pipeline = encrypting(&a.keygen("key"), None);
+    b.pipeline = encrypting(&b.keygen("key"), None);
+    for (n, seed) in [(&a, 600), (&b, 700)] {
+        for r in 0..2 {
+            write_run(n, &format!("r{r}"), seed + r);
+            seal(n, &format!("r{r}"));
+        }
+    }
+    assert_eq!(namespaces(&a.nas).len(), 2, "{:?}", blobs(&a.nas));
+    assert_eq!(blobs(&a.nas).len(), 2 * 2 + 4, "{:?}", blobs(&a.nas));
+    // Keyed names: no blob is named by its content's SHA-256, no pointer is plaintext.
+    assert!(blobs(&a.nas).iter().all(|b| !b.contains(&tool_sha)));
+    let head = &noise(1, TOOLCHAIN)[..64];
+    for (path, data) in tree(&a.nas) {
+        assert!(
+            !data.windows(64).any(|w| w == head),
+            "{path} holds plaintext"
+        );
+        assert!(
+            !path.ends_with(".ptr"),
+            "{path}: a plain pointer under a key"
+        );
+    }
+    for n in [&a, &b] {
+        let to = n.tmp.path().join("restored");
+        let out = n.cli(&[
+            "restore",
+            "--run",
+            "r1",
+            "--from",
+            "nas",
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        assert_ok(&out, &format!("restore --run r1 on {}", n.node));
+        assert_eq!(tree_meta(&to), tree_meta(&n.watch.join("r1")));
+    }
+
+    // A fleet key: one namespace, the toolchain once for both nodes.
+    let mut c = content_node("node-c", None, "24h");
+    let mut d = content_node("node-d", Some(&c), "24h");
+    let fleet = c.keygen("fleet");
+    c.pipeline = encrypting(&c.keygen("key"), Some(&fleet));
+    d.pipeline = encrypting(&d.keygen("key"), Some(&fleet));
+    for (n, seed) in [(&c, 800), (&d, 900)] {
+        for r in 0..2 {
+            write_run(n, &format!("r{r}"), seed + r);
+            seal(n, &format!("r{r}"));
+        }
+    }
+    assert_eq!(namespaces(&c.nas).len(), 1, "{:?}", blobs(&c.nas));
+    assert_eq!(blobs(&c.nas).len(), 2 + 4, "{:?}", blobs(&c.nas));
+    let (_, stored_d, saved_d) = report_figures(&d, "nas");
+    assert!(
+        stored_d < TOOLCHAIN as u64,
+        "node-d sent the toolchain again: {stored_d}"
+    );
+    assert!(saved_d >= 2 * (TOOLCHAIN + FIXTURES) as u64, "{saved_d}");
+    // Any holder of the fleet key reads another node's files by their pointers.
+    let to = d.tmp.path().join("from-c");
+    let out = d.cli(&[
+        "restore",
+        "--from",
+        "nas",
+        "--prefix",
+        "ci/node-c/r0/bin",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "restore of node-c's files by node-d");
+    assert!(tree(&to)["toolchain"] == noise(1, TOOLCHAIN));
+    let out = c.cli(&["verify", "--deep"]);
+    assert_ok(&out, "verify --deep");
+}
