@@ -237,6 +237,11 @@ async fn three_nodes_store_shared_content_once_per_destination_and_every_run_res
     let mut got = tree_meta(&to);
     got.retain(|k, _| !k.starts_with("_run/") && k != "index.html");
     assert_eq!(got, tree_meta(&a.watch.join("run-3")));
+    // An independent decoder follows pointers to their blobs.
+    assert_eq!(
+        decoder_reads_pointers(&b, &a.nas, "ci/node-b/run-4", "-"),
+        3
+    );
     // verify --deep finds nothing wrong, and no orphaned blob.
     let out = a.cli(&["verify", "--deep"]);
     assert_ok(&out, "verify --deep");
@@ -322,6 +327,45 @@ fn pointed(pointer_file: &Path) -> String {
     let p: serde_json::Value =
         serde_json::from_slice(&std::fs::read(pointer_file).unwrap()).unwrap();
     p["blob"].as_str().unwrap().to_string()
+}
+
+/// Run the independent decoder (tests/format_decrypt.py, written from docs/FORMAT.md) on every
+/// pointer under `prefix` of the file:// store at `store`, with `key` (`-`: none): each must
+/// decode, through its blob, to the file of `env` it names.
+fn decoder_reads_pointers(env: &Env, store: &Path, prefix: &str, key: &str) -> usize {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/format_decrypt.py");
+    let mut seen = 0;
+    for e in walkdir::WalkDir::new(store.join(prefix))
+        .into_iter()
+        .flatten()
+    {
+        let rel = e.path().strip_prefix(store).unwrap().display().to_string();
+        if !(rel.ends_with(".ptr") || rel.ends_with(".ptr.enc")) {
+            continue;
+        }
+        let name_out = env.tmp.path().join("decoded-name");
+        let out = Command::new("python3")
+            .arg(&script)
+            .args([key, &rel])
+            .arg(&name_out)
+            .arg(store)
+            .stdin(std::fs::File::open(e.path()).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{rel}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let logical = std::fs::read_to_string(&name_out).unwrap();
+        let local = logical.split_once(&format!("ci/{}/", env.node)).unwrap().1;
+        assert!(
+            out.stdout == std::fs::read(env.watch.join(local)).unwrap(),
+            "{rel}"
+        );
+        seen += 1;
+    }
+    seen
 }
 
 fn prune(env: &Env) -> String {
@@ -581,6 +625,8 @@ async fn encrypted_blobs_dedup_per_node_key_and_across_nodes_with_a_fleet_key() 
             "{path}: a plain pointer under a key"
         );
     }
+    let key_a = a.tmp.path().join("key").display().to_string();
+    assert_eq!(decoder_reads_pointers(&a, &a.nas, "ci/node-a", &key_a), 6);
     for n in [&a, &b] {
         let to = n.tmp.path().join("restored");
         let out = n.cli(&[
@@ -629,6 +675,11 @@ async fn encrypted_blobs_dedup_per_node_key_and_across_nodes_with_a_fleet_key() 
     ]);
     assert_ok(&out, "restore of node-c's files by node-d");
     assert!(tree(&to)["toolchain"] == noise(1, TOOLCHAIN));
+    let fleet_key = fleet.display().to_string();
+    assert_eq!(
+        decoder_reads_pointers(&d, &c.nas, "ci/node-d", &fleet_key),
+        6
+    );
     let out = c.cli(&["verify", "--deep"]);
     assert_ok(&out, "verify --deep");
 }
