@@ -27,7 +27,7 @@ use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
 use crate::destination::{self, Destination};
 use crate::format::layout;
-use crate::format::layout::Plan;
+use crate::format::layout::{Compression, Plan};
 use crate::format::metadata;
 use crate::index::Index;
 use crate::pipeline::{self, Pipeline};
@@ -637,11 +637,17 @@ async fn get_pointed_blob(
 /// Download the file stored at `stored_key` (a manifest's `stored_key`): the object itself,
 /// or in a content destination the blob its pointer names. Returns the key the bytes are read
 /// (and bound) under. A missing object or blob is an error that says so.
+///
+/// A manifest names the key in the first destination that held the file; another destination
+/// with the other layout holds it under the key its own layout gives (`size` decides whether
+/// a content destination kept the file at its key): that key is read instead.
 pub(crate) async fn open_stored(
     dest: &Destination,
     keys: &[MasterKey],
     stored_key: &str,
+    size: u64,
 ) -> anyhow::Result<(String, GetResult)> {
+    let stored_key = &in_layout_of(dest, stored_key, size).await;
     if layout::parse(stored_key).pointer {
         let p = crate::content::read_pointer(dest, keys, stored_key).await?;
         return get_pointed_blob(dest, stored_key, &p.blob).await;
@@ -654,6 +660,44 @@ pub(crate) async fn open_stored(
         }
         Err(e) => anyhow::bail!("downloading {stored_key}: {}", destination::error_chain(&e)),
     }
+}
+
+/// The key under which `dest` holds the file a manifest lists at `stored_key`: the same key
+/// when the destination's layout gives it, else the key of its own layout that is there.
+async fn in_layout_of(dest: &Destination, stored_key: &str, size: u64) -> String {
+    use crate::config::Layout;
+    let parsed = layout::parse(stored_key);
+    let encrypt = parsed.plan.encrypt;
+    let candidates: Vec<String> = match (dest.layout, parsed.pointer) {
+        (Layout::Content, false) if size >= crate::format::pointer::INLINE_BELOW => {
+            vec![layout::pointer_key(parsed.logical, encrypt)]
+        }
+        (Layout::Path, true) => [Compression::Zstd, Compression::Gzip, Compression::None]
+            .into_iter()
+            .map(|compression| {
+                layout::stored_key(
+                    parsed.logical,
+                    Plan {
+                        compression,
+                        encrypt,
+                    },
+                )
+            })
+            .collect(),
+        _ => return stored_key.to_string(),
+    };
+    if parsed.long {
+        // A shortened name stands for its full name only inside the object: keep the key.
+        return stored_key.to_string();
+    }
+    for key in candidates {
+        if let Ok(path) = dest.path(&key)
+            && dest.store.head(&path).await.is_ok()
+        {
+            return key;
+        }
+    }
+    stored_key.to_string()
 }
 
 /// What a file restored from a manifest must be (see [`restore_pinned`]).
@@ -680,7 +724,7 @@ pub async fn restore_pinned(
     stored_key: &str,
     want: &Pinned,
 ) -> anyhow::Result<()> {
-    let (read_key, get) = open_stored(dest, keys, stored_key).await?;
+    let (read_key, get) = open_stored(dest, keys, stored_key, want.size).await?;
     let plan = layout::parse(&read_key).plan;
     let pinned = Expect {
         size: Some(want.size),

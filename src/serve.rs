@@ -332,7 +332,7 @@ async fn file_response(
     }
     // In a content destination the bytes are the blob's its pointer names.
     let (read_key, get) =
-        crate::restore::open_stored(&gw.dest, &gw.pipeline.keys, &f.stored_key).await?;
+        crate::restore::open_stored(&gw.dest, &gw.pipeline.keys, &f.stored_key, f.size).await?;
     let reader = crate::restore::download(get);
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     let (keys, file) = (gw.pipeline.keys.clone(), f.clone());

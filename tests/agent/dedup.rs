@@ -683,3 +683,35 @@ async fn encrypted_blobs_dedup_per_node_key_and_across_nodes_with_a_fleet_key() 
     let out = c.cli(&["verify", "--deep"]);
     assert_ok(&out, "verify --deep");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_restores_from_destinations_of_either_layout() {
+    // The primary keeps today's layout, the backup is content-addressed: the manifest names
+    // the primary's keys, and each destination is read in its own layout.
+    let mut env = Env::new();
+    env.watch_extra = "runs = \"dir\"\n".into();
+    env.nas_extra = "layout = \"content\"\n".into();
+    let key = env.keygen("key");
+    env.pipeline = encrypting(&key, None);
+    write_run(&env, "r1", 41);
+    seal(&env, "r1");
+    assert!(
+        env.nas
+            .join(format!("ci/{NODE}/r1/bin/toolchain.ptr.enc"))
+            .is_file()
+    );
+    for dest in ["primary", "nas"] {
+        let to = env.tmp.path().join(format!("restored-{dest}"));
+        let out = env.cli(&[
+            "restore",
+            "--run",
+            "r1",
+            "--from",
+            dest,
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        assert_ok(&out, &format!("restore --run from {dest}"));
+        assert_eq!(tree_meta(&to), tree_meta(&env.watch.join("r1")), "{dest}");
+    }
+}
