@@ -234,7 +234,9 @@ pub(crate) async fn sweep(
     for blob in &candidates {
         let aside = trash_key(blob, now_ms);
         match rename(dest, blob, &aside).await {
-            Ok(()) => r.set_aside.push(blob.clone()),
+            Ok(true) => r.set_aside.push(blob.clone()),
+            // Another sweep moved it first.
+            Ok(false) => {}
             Err(e) => r.failed.push((blob.clone(), e.to_string())),
         }
     }
@@ -265,9 +267,15 @@ async fn put_back(dest: &Destination, aside: &str, blob: &str, copy: bool, r: &m
     if copy {
         let res = async {
             let (from, to) = (dest.path(aside)?, dest.path(blob)?);
-            dest.store.copy(&from, &to).await.map_err(|e| {
-                StoreError::classify(format!("putting {blob} back in {}", dest.name), &e)
-            })
+            match dest.store.copy(&from, &to).await {
+                // Another sweep put it back or deleted its copy (a writer that needs it
+                // uploads it again after writing its pointer).
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(StoreError::classify(
+                    format!("putting {blob} back in {}", dest.name),
+                    &e,
+                )),
+            }
         }
         .await;
         if let Err(e) = res {
@@ -278,13 +286,18 @@ async fn put_back(dest: &Destination, aside: &str, blob: &str, copy: bool, r: &m
     delete(dest, aside, r).await;
 }
 
-/// Move `from` to `to` within `dest` (a rename where the store has one).
-async fn rename(dest: &Destination, from: &str, to: &str) -> Result<(), StoreError> {
+/// Move `from` to `to` within `dest` (a rename where the store has one); `false` when `from`
+/// is gone.
+async fn rename(dest: &Destination, from: &str, to: &str) -> Result<bool, StoreError> {
     let (a, b) = (dest.path(from)?, dest.path(to)?);
-    dest.store
-        .rename(&a, &b)
-        .await
-        .map_err(|e| StoreError::classify(format!("moving {from} to {to} in {}", dest.name), &e))
+    match dest.store.rename(&a, &b).await {
+        Ok(()) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(StoreError::classify(
+            format!("moving {from} to {to} in {}", dest.name),
+            &e,
+        )),
+    }
 }
 
 async fn delete(dest: &Destination, key: &str, r: &mut SweepReport) {
