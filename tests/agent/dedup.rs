@@ -200,6 +200,36 @@ async fn three_nodes_store_shared_content_once_per_destination_and_every_run_res
         sent as f64 <= unique as f64 * 1.05,
         "{sent} sent for {unique}"
     );
+    // The fleet view has the same figures, per node and destination, from the status objects
+    // each node publishes (at the end of a sync).
+    for n in nodes {
+        assert_ok(&n.cli(&["sync"]), "sync");
+    }
+    let out = a.cli(&["report", "--fleet", "--json"]);
+    assert_ok(&out, "report --fleet --json");
+    let fleet: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut fleet_stored = 0;
+    for node in fleet["nodes"].as_array().unwrap() {
+        let d = node["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "primary")
+            .unwrap();
+        assert!(d["logical_bytes"].as_u64().unwrap() >= (RUNS * (TOOLCHAIN + FIXTURES)) as u64);
+        let saved = d["dedup_saved_bytes"].as_u64().unwrap();
+        assert!(
+            saved >= ((RUNS - 1) * (TOOLCHAIN + FIXTURES)) as u64,
+            "{node}"
+        );
+        fleet_stored += d["stored_bytes"].as_u64().unwrap();
+    }
+    assert_eq!(
+        fleet_stored, sent,
+        "the fleet view and the node reports agree"
+    );
+    let out = a.cli(&["report", "--fleet"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("destination primary:"));
 
     // Every run restores byte-identical, with modes and mtimes, from each destination.
     for n in nodes {
