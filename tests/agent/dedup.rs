@@ -730,6 +730,11 @@ async fn a_run_restores_from_destinations_of_either_layout() {
             .join(format!("ci/{NODE}/r1/bin/toolchain.ptr.enc"))
             .is_file()
     );
+    // `url` leads to the bytes: the blob, not the pointer.
+    let tool = env.watch.join("r1/bin/toolchain");
+    let out = env.cli(&["url", tool.to_str().unwrap(), "--dest", "nas"]);
+    assert_ok(&out, "url");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_panoptic-sync/blobs/key-"));
     for dest in ["primary", "nas"] {
         let to = env.tmp.path().join(format!("restored-{dest}"));
         let out = env.cli(&[
