@@ -203,6 +203,19 @@ pub(crate) async fn sweep(
             r.deleted.push(blob.clone());
         }
     }
+    // Mark objects of sweeps that ended without removing theirs: what they set aside was
+    // handled above, so once a grace period old they are only litter.
+    for mark in &c.marks {
+        let started = mark
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_prefix("sweep-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|ms| ms.parse::<i64>().ok());
+        if !dry_run && started.is_some_and(|ms| ms.saturating_add(grace_ms) < now_ms) {
+            delete(dest, mark, &mut r).await;
+        }
+    }
     // Step 3: mark.
     let candidates: Vec<String> = c
         .blobs

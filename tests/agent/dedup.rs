@@ -750,3 +750,54 @@ async fn a_run_restores_from_destinations_of_either_layout() {
         assert_eq!(tree_meta(&to), tree_meta(&env.watch.join("r1")), "{dest}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_interrupted_after_setting_a_referenced_blob_aside_leaves_nothing_dangling() {
+    let env = content_node(NODE, None, "1s");
+    write_run(&env, "r1", 77);
+    seal(&env, "r1");
+    // What a sweep leaves when it dies between setting blobs aside and looking at the pointers
+    // again: a referenced blob in the trash, and its mark object.
+    let blob = pointed(&env.nas.join(format!("ci/{NODE}/r1/bin/toolchain.ptr")));
+    let aside = env
+        .nas
+        .join(blob.replacen("_panoptic-sync/blobs", "_panoptic-sync/trash", 1))
+        .join("1000");
+    std::fs::create_dir_all(aside.parent().unwrap()).unwrap();
+    std::fs::rename(env.nas.join(&blob), &aside).unwrap();
+    let mark = env.nas.join("_panoptic-sync/gc/sweep-1000-0badc0de.json");
+    std::fs::create_dir_all(mark.parent().unwrap()).unwrap();
+    std::fs::write(
+        &mark,
+        format!("{{\"started_ms\": 1000, \"candidates\": [\"{blob}\"]}}"),
+    )
+    .unwrap();
+
+    // Readers read it from the trash meanwhile; verify names it.
+    let to = env.tmp.path().join("restored");
+    let out = env.cli(&[
+        "restore",
+        "--run",
+        "r1",
+        "--from",
+        "nas",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "restore --run while the blob is set aside");
+    assert_eq!(tree_meta(&to), tree_meta(&env.watch.join("r1")));
+    let out = env.cli(&["verify", "--dest", "nas"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&blob) && err.contains("set aside"), "{err}");
+
+    // The next sweep puts it back and clears the mark; nothing is dangling.
+    let out = prune(&env);
+    assert!(out.contains("put back"), "{out}");
+    assert!(env.nas.join(&blob).is_file());
+    assert!(set_aside(&env.nas).is_empty() && !mark.exists());
+    assert_ok(
+        &env.cli(&["verify", "--deep", "--dest", "nas"]),
+        "verify --deep",
+    );
+}
