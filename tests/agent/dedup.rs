@@ -801,3 +801,27 @@ async fn a_sweep_interrupted_after_setting_a_referenced_blob_aside_leaves_nothin
         "verify --deep",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_index_knows_pointers_and_uploads_nothing_again() {
+    let env = content_node(NODE, None, "24h");
+    write_run(&env, "r1", 88);
+    assert_ok(&env.cli(&["sync"]), "sync");
+    let before = tree_meta(&env.nas);
+    // The index is lost with the machine's disk.
+    std::fs::remove_dir_all(&env.state).unwrap();
+    let out = env.cli(&["sync", "--rebuild-index"]);
+    assert_ok(&out, "sync --rebuild-index");
+    let (_, stored, saved) = report_figures(&env, "nas");
+    // Every file was found stored (its pointer read back): no blob was sent again, what the
+    // node holds there is its pointers and the small file.
+    assert!(stored < 4096, "{stored} bytes counted after the rebuild");
+    assert!(saved >= (TOOLCHAIN + FIXTURES) as u64, "{saved}");
+    let after = tree_meta(&env.nas);
+    let changed: Vec<&String> = after
+        .iter()
+        .filter(|(k, v)| !k.starts_with("_panoptic-sync/") && before.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(changed.is_empty(), "rewritten: {changed:?}");
+}
