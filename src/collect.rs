@@ -161,6 +161,107 @@ pub(crate) struct SweepReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// One sweep's settings: where, when, how long the grace period is, which namespaces.
+struct Sweep<'a> {
+    dest: &'a Destination,
+    keys: &'a [MasterKey],
+    grace_ms: i64,
+    now_ms: i64,
+    dry_run: bool,
+    namespaces: BTreeSet<String>,
+}
+
+impl Sweep<'_> {
+    /// Whether `blob` lies in a namespace this sweep may collect.
+    fn ours(&self, blob: &str) -> bool {
+        BlobKey::parse(blob).is_some_and(|b| self.namespaces.contains(b.namespace))
+    }
+
+    /// Step 2: put back what the trash holds that is referenced again; delete what stayed
+    /// unreferenced for the grace period; clear mark objects of sweeps that did not finish.
+    async fn tidy_trash(&self, c: &Census, r: &mut SweepReport) {
+        for (aside, blob, ms) in &c.aside {
+            if !self.ours(blob) {
+                continue;
+            }
+            if c.refs.contains_key(blob) {
+                if !self.dry_run {
+                    put_back(self.dest, aside, blob, !c.blobs.contains_key(blob), r).await;
+                }
+                r.put_back.push(blob.clone());
+            } else if ms.saturating_add(self.grace_ms) <= self.now_ms {
+                if !self.dry_run {
+                    delete(self.dest, aside, r).await;
+                }
+                r.deleted.push(blob.clone());
+            }
+        }
+        // What those sweeps set aside was handled above: once a grace period old, their mark
+        // objects are only litter.
+        for mark in &c.marks {
+            let started = mark
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.strip_prefix("sweep-"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|ms| ms.parse::<i64>().ok());
+            if !self.dry_run
+                && started.is_some_and(|ms| ms.saturating_add(self.grace_ms) < self.now_ms)
+            {
+                delete(self.dest, mark, r).await;
+            }
+        }
+    }
+
+    /// Step 3: blobs of our namespaces no pointer names, unmodified for the grace period.
+    fn candidates(&self, c: &Census) -> Vec<String> {
+        c.blobs
+            .iter()
+            .filter(|(blob, meta)| {
+                self.ours(blob)
+                    && !c.refs.contains_key(*blob)
+                    && meta
+                        .last_modified
+                        .timestamp_millis()
+                        .saturating_add(self.grace_ms)
+                        <= self.now_ms
+            })
+            .map(|(blob, _)| blob.clone())
+            .collect()
+    }
+
+    /// Steps 4 and 5: write the mark, set the candidates aside, read the pointers again and
+    /// put back every candidate one names now (all of them if a pointer cannot be read).
+    async fn set_aside(&self, candidates: Vec<String>, r: &mut SweepReport) -> anyhow::Result<()> {
+        let now_ms = self.now_ms;
+        let mark = format!("{GC_PREFIX}/sweep-{now_ms}-{:08x}.json", fastrand::u32(..));
+        let body = serde_json::json!({ "started_ms": now_ms, "candidates": candidates });
+        put(self.dest, &mark, body.to_string().into_bytes()).await?;
+        for blob in &candidates {
+            match rename(self.dest, blob, &trash_key(blob, now_ms)).await {
+                Ok(true) => r.set_aside.push(blob.clone()),
+                // Another sweep moved it first.
+                Ok(false) => {}
+                Err(e) => r.failed.push((blob.clone(), e.to_string())),
+            }
+        }
+        // An error here leaves the blobs in the trash, where readers find them and the next
+        // sweep puts back those that are referenced.
+        let again = census(self.dest, self.keys).await?;
+        let all = !again.unreadable.is_empty();
+        for blob in std::mem::take(&mut r.set_aside) {
+            if all || again.refs.contains_key(&blob) {
+                put_back(self.dest, &trash_key(&blob, now_ms), &blob, true, r).await;
+                r.put_back.push(blob);
+            } else {
+                r.set_aside.push(blob);
+            }
+        }
+        delete(self.dest, &mark, r).await;
+        Ok(())
+    }
+}
+
 /// Sweep `dest` (see the module's protocol) at `now_ms` with a grace period of `grace`.
 pub(crate) async fn sweep(
     dest: &Destination,
@@ -176,6 +277,11 @@ pub(crate) async fn sweep(
     let c = census(dest, keys).await?;
     r.logical_bytes = c.logical_bytes;
     r.blob_bytes = c.blob_bytes();
+    (r.referenced, r.referenced_bytes) = c
+        .blobs
+        .iter()
+        .filter(|(b, _)| c.refs.contains_key(*b))
+        .fold((0, 0), |(n, s), (_, m)| (n + 1, s + m.size));
     if let Some((key, why)) = c.unreadable.first() {
         r.skipped = Some(format!(
             "{} pointer(s) could not be read, so no blob is collected (first: {key}: {why})",
@@ -183,93 +289,21 @@ pub(crate) async fn sweep(
         ));
         return Ok(r);
     }
-    let grace_ms = grace.as_millis() as i64;
-    let namespaces = sweepable(keys);
-    let ours = |blob: &str| BlobKey::parse(blob).is_some_and(|b| namespaces.contains(b.namespace));
-    // Step 2: the trash.
-    for (aside, blob, ms) in &c.aside {
-        if !ours(blob) {
-            continue;
-        }
-        if c.refs.contains_key(blob) {
-            if !dry_run {
-                put_back(dest, aside, blob, !c.blobs.contains_key(blob), &mut r).await;
-            }
-            r.put_back.push(blob.clone());
-        } else if ms.saturating_add(grace_ms) <= now_ms {
-            if !dry_run {
-                delete(dest, aside, &mut r).await;
-            }
-            r.deleted.push(blob.clone());
-        }
-    }
-    // Mark objects of sweeps that ended without removing theirs: what they set aside was
-    // handled above, so once a grace period old they are only litter.
-    for mark in &c.marks {
-        let started = mark
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_prefix("sweep-"))
-            .and_then(|n| n.split('-').next())
-            .and_then(|ms| ms.parse::<i64>().ok());
-        if !dry_run && started.is_some_and(|ms| ms.saturating_add(grace_ms) < now_ms) {
-            delete(dest, mark, &mut r).await;
-        }
-    }
-    // Step 3: mark.
-    let candidates: Vec<String> = c
-        .blobs
-        .iter()
-        .filter(|(blob, meta)| {
-            ours(blob)
-                && !c.refs.contains_key(*blob)
-                && meta
-                    .last_modified
-                    .timestamp_millis()
-                    .saturating_add(grace_ms)
-                    <= now_ms
-        })
-        .map(|(blob, _)| blob.clone())
-        .collect();
-    (r.referenced, r.referenced_bytes) = c
-        .blobs
-        .iter()
-        .filter(|(b, _)| c.refs.contains_key(*b))
-        .fold((0, 0), |(n, s), (_, m)| (n + 1, s + m.size));
+    let s = Sweep {
+        dest,
+        keys,
+        grace_ms: grace.as_millis() as i64,
+        now_ms,
+        dry_run,
+        namespaces: sweepable(keys),
+    };
+    s.tidy_trash(&c, &mut r).await;
+    let candidates = s.candidates(&c);
     if dry_run || candidates.is_empty() {
         r.set_aside = candidates;
         return Ok(r);
     }
-    let mark = format!("{GC_PREFIX}/sweep-{now_ms}-{:08x}.json", fastrand::u32(..));
-    let body = serde_json::json!({ "started_ms": now_ms, "candidates": candidates });
-    put(dest, &mark, body.to_string().into_bytes()).await?;
-    // Step 4: set aside.
-    for blob in &candidates {
-        let aside = trash_key(blob, now_ms);
-        match rename(dest, blob, &aside).await {
-            Ok(true) => r.set_aside.push(blob.clone()),
-            // Another sweep moved it first.
-            Ok(false) => {}
-            Err(e) => r.failed.push((blob.clone(), e.to_string())),
-        }
-    }
-    // Step 5: whatever a pointer names now goes back.
-    let again = census(dest, keys).await?;
-    for blob in r.set_aside.clone() {
-        if again.refs.contains_key(&blob) {
-            put_back(dest, &trash_key(&blob, now_ms), &blob, true, &mut r).await;
-            r.put_back.push(blob.clone());
-            r.set_aside.retain(|b| *b != blob);
-        }
-    }
-    if !again.unreadable.is_empty() {
-        // A pointer that cannot be read may name a blob set aside: put them all back.
-        for blob in std::mem::take(&mut r.set_aside) {
-            put_back(dest, &trash_key(&blob, now_ms), &blob, true, &mut r).await;
-            r.put_back.push(blob);
-        }
-    }
-    delete(dest, &mark, &mut r).await;
+    s.set_aside(candidates, &mut r).await?;
     tracing::info!(dest = %dest.name, set_aside = r.set_aside.len(), put_back = r.put_back.len(), deleted = r.deleted.len(), "blob sweep done");
     Ok(r)
 }
