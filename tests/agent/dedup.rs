@@ -230,6 +230,13 @@ async fn three_nodes_store_shared_content_once_per_destination_and_every_run_res
     );
     let out = a.cli(&["report", "--fleet"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("destination primary:"));
+    let page = a.tmp.path().join("fleet.html");
+    assert_ok(
+        &a.cli(&["report", "--fleet", "--html", page.to_str().unwrap()]),
+        "fleet page",
+    );
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("saved by dedup") && html.contains("all nodes"));
 
     // Every run restores byte-identical, with modes and mtimes, from each destination.
     for n in nodes {
@@ -824,4 +831,57 @@ async fn a_rebuilt_index_knows_pointers_and_uploads_nothing_again() {
         .map(|(k, _)| k)
         .collect();
     assert!(changed.is_empty(), "rewritten: {changed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_destination_on_azure_stores_once_restores_and_collects() {
+    let azurite = test_var("PANOPTIC_TEST_AZURITE_ENDPOINT");
+    let mut env = Env::new();
+    cloud_check(&["azure", &azurite, "create", &env.bucket]);
+    env.cmd_env = vec![("AZURITE_BLOB_STORAGE_URL".into(), azurite.clone())];
+    env.primary = Some(format!(
+        "[[destination]]\nname = \"primary\"\nurl = \"az://{}/base\"\n\
+         options = {{ use_emulator = \"true\" }}\nlayout = \"content\"\nblob_grace = \"1s\"\n",
+        env.bucket
+    ));
+    let data = noise(12, 96 << 10);
+    for i in 0..6 {
+        // Six copies, each with its own mtime.
+        env.write(&format!("copies/{i}/tool.bin"), &data);
+    }
+    assert_ok(&env.cli(&["sync"]), "sync");
+    let listing = |prefix: &str| cloud_check(&["azure", &azurite, "list", &env.bucket, prefix]);
+    let blobs = listing("base/_panoptic-sync/blobs/");
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    assert_eq!(blobs.values().next().unwrap(), &sha_hex(&data));
+    let to = env.tmp.path().join("restored");
+    let out = env.cli(&[
+        "restore",
+        "--from",
+        "primary",
+        "--prefix",
+        &format!("ci/{NODE}"),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out, "restore");
+    assert_eq!(tree_meta(&to), tree_meta(&env.watch));
+    assert_ok(
+        &env.cli(&["verify", "--deep", "--dest", "primary"]),
+        "verify --deep",
+    );
+
+    // Every pointer expires; the blob is set aside (a copy and a delete on Azure), then deleted.
+    env.tail = "[retention]\nremote_max_age = \"1ms\"\n".into();
+    wait_until(
+        Duration::from_secs(60),
+        "the blob to be collected from Azure",
+        || {
+            prune(&env);
+            listing("base/_panoptic-sync/blobs/").is_empty()
+                && listing("base/_panoptic-sync/trash/").is_empty()
+        },
+    )
+    .await;
+    assert!(listing(&format!("base/ci/{NODE}/")).is_empty());
 }
