@@ -274,6 +274,31 @@ async fn three_nodes_store_shared_content_once_per_destination_and_every_run_res
     let mut got = tree_meta(&to);
     got.retain(|k, _| !k.starts_with("_run/") && k != "index.html");
     assert_eq!(got, tree_meta(&a.watch.join("run-3")));
+    // The run's page links to the blobs, which a static host serves as they are.
+    let page_dir = a.nas.join("ci/node-a/run-0");
+    let page = std::fs::read_to_string(page_dir.join("index.html")).unwrap();
+    let links: Vec<&str> = page
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|l| l.contains("_panoptic-sync/blobs/"))
+        .collect();
+    assert_eq!(links.len(), 3, "toolchain, fixtures, log: {page}");
+    for l in links {
+        let mut at = page_dir.clone();
+        for seg in l.split('/') {
+            if seg == ".." {
+                at.pop();
+            } else {
+                at.push(seg);
+            }
+        }
+        assert!(
+            at.is_file(),
+            "the page links to {l}, which is not {}",
+            at.display()
+        );
+    }
     // An independent decoder follows pointers to their blobs.
     assert_eq!(
         decoder_reads_pointers(&b, &a.nas, "ci/node-b/run-4", "-"),
