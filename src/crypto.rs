@@ -743,5 +743,10 @@ mod vectors {
             .unwrap();
             assert_eq!(pt, b"panoptic-sync test vector\n");
         }
+        // The keyed blob name of the empty content.
+        let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        let name = key.blob_name(&empty);
+        assert!(doc.contains(&format!("named `{name}`")), "{name}");
     }
 }
