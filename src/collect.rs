@@ -75,7 +75,9 @@ pub(crate) async fn census(dest: &Destination, keys: &[MasterKey]) -> anyhow::Re
         } else if let Some((blob, ms)) = parse_trash_key(&rel) {
             c.aside.push((rel, blob, ms));
         } else if rel.starts_with(GC_PREFIX) {
-            c.marks.push(rel);
+            if layout::file_name(&rel).starts_with("sweep-") {
+                c.marks.push(rel);
+            }
         } else if !rel.starts_with(INTERNAL_PREFIX) && layout::parse(&rel).pointer {
             pointers.push(rel);
         }
@@ -274,6 +276,20 @@ pub(crate) async fn sweep(
         dest: dest.name.clone(),
         ..Default::default()
     };
+    // Every node's hourly prune sweeps; one sweep per half grace period (at most an hour) is
+    // enough, so a sweep that finished since then makes this one skip the listing.
+    let window = (grace / 2).min(Duration::from_secs(3600)).as_millis() as i64;
+    if !dry_run
+        && let Some(last) = last_sweep_ms(dest).await
+        && now_ms.saturating_sub(last) < window
+    {
+        r.skipped = Some(format!(
+            "a sweep finished {} s ago; the next one is due {} s after it",
+            now_ms.saturating_sub(last) / 1000,
+            window / 1000
+        ));
+        return Ok(r);
+    }
     let c = census(dest, keys).await?;
     r.logical_bytes = c.logical_bytes;
     r.blob_bytes = c.blob_bytes();
@@ -299,13 +315,39 @@ pub(crate) async fn sweep(
     };
     s.tidy_trash(&c, &mut r).await;
     let candidates = s.candidates(&c);
-    if dry_run || candidates.is_empty() {
+    if dry_run {
         r.set_aside = candidates;
         return Ok(r);
     }
-    s.set_aside(candidates, &mut r).await?;
+    if !candidates.is_empty() {
+        s.set_aside(candidates, &mut r).await?;
+    }
+    let done = serde_json::json!({ "finished_ms": crate::format::units::now_ms() });
+    if let Err(e) = put(
+        dest,
+        &format!("{GC_PREFIX}/{LAST_SWEEP}"),
+        done.to_string().into_bytes(),
+    )
+    .await
+    {
+        tracing::warn!(dest = %dest.name, error = %format!("{e:#}"), "cannot record the sweep");
+    }
     tracing::info!(dest = %dest.name, set_aside = r.set_aside.len(), put_back = r.put_back.len(), deleted = r.deleted.len(), "blob sweep done");
     Ok(r)
+}
+
+/// The object (under [`GC_PREFIX`]) where a finished sweep records when it finished.
+const LAST_SWEEP: &str = "last-sweep.json";
+
+/// When the last sweep of `dest` finished (ms since the epoch), if one is recorded.
+async fn last_sweep_ms(dest: &Destination) -> Option<i64> {
+    let path = dest.path(&format!("{GC_PREFIX}/{LAST_SWEEP}")).ok()?;
+    let got = dest.store.get(&path).await.ok()?;
+    if got.meta.size > 4096 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&got.bytes().await.ok()?).ok()?;
+    v["finished_ms"].as_i64()
 }
 
 /// Copy the set-aside `aside` back to `blob` (when `copy`: the blob is not there), then
