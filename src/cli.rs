@@ -272,7 +272,9 @@ impl Done {
             Done::Flushed(s) => Exit::unless_failures(s.complete()),
             Done::Restored { summary, .. } => Exit::unless_failures(summary.failed.is_empty()),
             Done::Verified { report, .. } => Exit::unless_failures(report.problems.is_empty()),
-            Done::Pruned { report, .. } => Exit::unless_failures(report.failed.is_empty()),
+            Done::Pruned { report, .. } => Exit::unless_failures(
+                report.failed.is_empty() && report.blobs.iter().all(|b| b.failed.is_empty()),
+            ),
             Done::Checked { result, notifiers } => {
                 if result.is_err() || notifiers.iter().any(Result::is_err) {
                     Exit::Usage

@@ -30,6 +30,8 @@ pub const HEADER_LEN: usize = 8 + 1 + 1 + 8 + 32 + 7;
 pub const TAG_LEN: usize = 16;
 const HKDF_INFO: &[u8] = b"panoptic-sync v1 object key";
 const HKDF_INFO_V2: &[u8] = b"panoptic-sync v2 object key";
+/// The HKDF salt of blob names in a keyed namespace (`MasterKey::blob_name`).
+const BLOB_NAME_SALT: &[u8] = b"panoptic-sync blob name v1";
 const KEY_ID_CONTEXT: &[u8] = b"panoptic-sync key id v1";
 
 /// Why a key or an object could not be used.
@@ -160,6 +162,17 @@ impl MasterKey {
         writeln!(f, "{}", hex::encode(self.key))
             .and_then(|_| f.sync_all())
             .map_err(|e| err(format!("cannot write: {e}")))
+    }
+
+    /// The name of the blob holding content `sha256` in this key's namespace: 32 bytes of
+    /// HKDF-SHA256 (salt `panoptic-sync blob name v1`, IKM this key, info the SHA-256), as
+    /// hex. A keyed name: without the key, a name says nothing about the content.
+    pub fn blob_name(&self, sha256: &[u8; 32]) -> String {
+        let hk = Hkdf::<Sha256>::new(Some(BLOB_NAME_SALT), &self.key);
+        let mut okm = [0u8; 32];
+        // 32 bytes is always a valid HKDF-SHA256 output length.
+        let _ = hk.expand(sha256, &mut okm);
+        hex::encode(okm)
     }
 
     /// The key as hex (for `keygen` to stdout only).
@@ -335,6 +348,19 @@ pub fn manifest_binding(stored_key: &str) -> String {
 /// (`docs/FORMAT.md`).
 pub fn quarantine_binding(stored_key: &str) -> String {
     format!("\0quarantine\0{stored_key}")
+}
+
+/// What a blob's container is bound to: its key behind a prefix of its own, so a blob is
+/// bound to its content key (never to a file's path) and no file object or manifest passes
+/// for a blob (`docs/FORMAT.md`, "Content layout").
+pub fn blob_binding(stored_key: &str) -> String {
+    format!("\0blob\0{stored_key}")
+}
+
+/// What a pointer's container is bound to: its key behind a prefix of its own, so a file
+/// object stored at a pointer's key never passes for a pointer.
+pub fn pointer_binding(stored_key: &str) -> String {
+    format!("\0pointer\0{stored_key}")
 }
 
 /// Streaming decryptor: push ciphertext in, get authenticated plaintext out.
@@ -717,5 +743,10 @@ mod vectors {
             .unwrap();
             assert_eq!(pt, b"panoptic-sync test vector\n");
         }
+        // The keyed blob name of the empty content.
+        let key = MasterKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        let name = key.blob_name(&empty);
+        assert!(doc.contains(&format!("named `{name}`")), "{name}");
     }
 }

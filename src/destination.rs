@@ -127,6 +127,10 @@ pub struct Destination {
     pub signer: Option<Arc<dyn Signer>>,
     /// The destination's bandwidth cap (`max_rate`).
     pub limiter: Option<Arc<crate::throttle::Limiter>>,
+    /// How files are laid out (`layout`): at their own keys, or as blobs and pointers.
+    pub layout: config::Layout,
+    /// `layout = "content"`: how long an unreferenced blob is kept (`blob_grace`).
+    pub blob_grace: std::time::Duration,
     /// How listings are made (our own, tolerant of bad keys: see [`Destination::list_under`]).
     lister: Lister,
     /// `file://` with `sync = "batch"`: writes are made durable in groups (see
@@ -144,6 +148,10 @@ impl fmt::Debug for Destination {
             .finish()
     }
 }
+
+/// How long an unreferenced blob is kept unless `blob_grace` says otherwise.
+pub(crate) const DEFAULT_BLOB_GRACE: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
 
 /// Per-request limits (a hung server must never hold a worker forever), applied only where
 /// the environment or the options did not set them.
@@ -337,6 +345,8 @@ impl Destination {
             limiter: cfg
                 .max_rate
                 .map(|r| Arc::new(crate::throttle::Limiter::new(r))),
+            layout: cfg.layout,
+            blob_grace: cfg.blob_grace.unwrap_or(DEFAULT_BLOB_GRACE),
             lister,
             durability,
             local,

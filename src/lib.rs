@@ -9,7 +9,8 @@
 //! 2. **Stores and index**: [`config`] (the TOML configuration, validated before any work),
 //!    [`index`] (SQLite: files, queue, objects, runs, notifications, totals), [`tree`]
 //!    (confined access to watched trees), [`filemeta`], [`pipeline`] (compression and
-//!    encryption streams), [`destination`] (object stores, listing, durability), [`metrics`],
+//!    encryption streams), [`destination`] (object stores, listing, durability), [`content`]
+//!    (pointers and blobs of content-addressed destinations), [`metrics`],
 //!    and [`html`] (pages rendered from formats alone).
 //! 3. **Engine**: [`scan`] and [`watch`] find candidate files, [`ingest`] hashes them into the
 //!    index, [`upload`] drains each destination's queue, [`tail`] sends growing files in
@@ -17,6 +18,7 @@
 //!    [`agent`] opens the parts and runs them, [`sync`] is one pass or a wait (`flush`).
 //! 4. **Features**: [`runs`] (run directories, their state, `restore --run`), [`results`]
 //!    (JUnit parsing, run records, fleet aggregation), [`seal`], [`notify`], [`retention`],
+//!    [`collect`] (blobs of content destinations: the sweep, the audit),
 //!    [`restore`], [`rebuild`], [`report`], [`node_status`], [`status`], [`links`],
 //!    [`quarantine`] (the flaky-test quarantine list and `gate`).
 //! 5. **Daemon**: [`daemon`], the long-running loops wired together.
@@ -30,7 +32,9 @@ pub mod agent;
 pub(crate) mod catalog;
 pub mod cleanup;
 pub mod cli;
+pub(crate) mod collect;
 pub mod config;
+pub(crate) mod content;
 pub mod crypto;
 pub mod daemon;
 pub(crate) mod destination;

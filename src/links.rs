@@ -78,7 +78,10 @@ pub(crate) async fn link(
             dest.name
         )
     })?;
-    link_to(&dest, &object.stored_key, expires).await
+    // A content destination's file: the link opens its blob (the bytes; a plain blob carries
+    // the file's Content-Type and Content-Encoding), not the pointer.
+    let target = object.blob.as_ref().map_or(&object.stored_key, |b| &b.key);
+    link_to(&dest, target, expires).await
 }
 
 /// The link to the object at `stored_key` (relative to the destination's base).

@@ -237,6 +237,11 @@ impl Metrics {
             Method::Copy | Method::Skip => {
                 self.deduplicated.get_or_create(&d).inc();
             }
+            // Only the pointer was sent: deduplicated, and its bytes stored.
+            Method::Reuse => {
+                self.deduplicated.get_or_create(&d).inc();
+                self.bytes_stored.get_or_create(&d).inc_by(sent);
+            }
         }
         self.bytes_original.get_or_create(&d).inc_by(size);
         let now = std::time::SystemTime::now()

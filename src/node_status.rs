@@ -45,6 +45,7 @@ impl NodeStatus {
                     pending: d.pending,
                     failing: d.failing,
                     failed_permanently: d.failed_permanently,
+                    ..Default::default()
                 })
                 .collect(),
             oldest_pending_secs: s
@@ -90,10 +91,23 @@ pub(crate) async fn publish(
             run.branch = None;
         }
     }
-    let node = NodeStatus {
+    let names: Vec<String> = config.destinations().map(|d| d.name.clone()).collect();
+    let storage = index
+        .call(move |i| {
+            names
+                .iter()
+                .map(|n| i.storage_totals(n))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await?;
+    let mut node = NodeStatus {
         latest_runs,
         ..NodeStatus::from_status(config, &status)
     };
+    for (d, t) in node.destinations.iter_mut().zip(storage) {
+        (d.logical_bytes, d.stored_bytes, d.dedup_saved_bytes) =
+            (t.logical_bytes, t.stored_bytes, t.dedup_saved_bytes);
+    }
     let path = nodes_path(primary, Some(&format!("{}.json", config.node_id)))?;
     primary
         .store

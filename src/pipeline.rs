@@ -47,6 +47,9 @@ pub struct Pipeline {
     pub uncompressed: globset::GlobSet,
     /// Accept manifests bound like files (sealed by 0.1.0; `[pipeline] legacy_manifests`).
     pub legacy_manifests: bool,
+    /// The fleet's key for blobs of content destinations (`[pipeline] dedup_key_file`):
+    /// blobs named and encrypted with it dedup across nodes.
+    pub dedup_key: Option<MasterKey>,
 }
 
 impl Pipeline {
@@ -74,6 +77,13 @@ impl Pipeline {
         for old in &p.old_key_files {
             keys.push(MasterKey::load(old)?);
         }
+        let dedup_key = match &p.dedup_key_file {
+            Some(path) => Some(MasterKey::load(path)?),
+            None => None,
+        };
+        keys.extend(dedup_key.iter().cloned());
+        // Only with encryption on: a plain blob is named by its SHA-256 anyway.
+        let dedup_key = dedup_key.filter(|_| key.is_some());
         Ok(Pipeline {
             compression: p.compression,
             level: p.level.unwrap_or(match p.compression {
@@ -84,6 +94,7 @@ impl Pipeline {
             keys,
             uncompressed: uncompressed_globs(&p.uncompressed),
             legacy_manifests: p.legacy_manifests,
+            dedup_key,
         })
     }
 
@@ -96,6 +107,33 @@ impl Pipeline {
             keys: Vec::new(),
             uncompressed: globset::GlobSet::empty(),
             legacy_manifests: false,
+            dedup_key: None,
+        }
+    }
+
+    /// The pipeline that writes blobs and pointers of content destinations: the same
+    /// stages, encrypting with the fleet's dedup key when one is configured.
+    pub fn for_blobs(&self) -> Pipeline {
+        let mut p = self.clone();
+        if p.key.is_some() && p.dedup_key.is_some() {
+            p.key = p.dedup_key.clone();
+        }
+        p
+    }
+
+    /// The blob namespace and name of content `sha256` written by this pipeline (call on
+    /// [`Pipeline::for_blobs`]): `sha256` and the hex hash without encryption, else the key's
+    /// namespace and a keyed name (docs/FORMAT.md, "Content layout").
+    pub fn blob_name(&self, sha256: &[u8; 32]) -> (String, String) {
+        match &self.key {
+            None => (
+                crate::format::pointer::PLAIN_NAMESPACE.to_string(),
+                hex::encode(sha256),
+            ),
+            Some(k) => (
+                crate::format::pointer::key_namespace(&k.id_hex()),
+                k.blob_name(sha256),
+            ),
         }
     }
 
@@ -387,6 +425,11 @@ pub fn decoder<'a, R: Read + 'a>(
     if is_manifest_key(stored_key) {
         let manifest = crypto::manifest_binding(stored_key);
         decode_bound(plan, keys, &[stored_key, &manifest], inner)
+    } else if crate::format::pointer::BlobKey::parse(stored_key).is_some() {
+        // A blob is bound to its content key only (no file object passes for one).
+        decode_bound(plan, keys, &[&crypto::blob_binding(stored_key)], inner)
+    } else if crate::format::layout::parse(stored_key).pointer {
+        decode_bound(plan, keys, &[&crypto::pointer_binding(stored_key)], inner)
     } else {
         decode_bound(plan, keys, &[stored_key], inner)
     }
@@ -548,6 +591,7 @@ mod tests {
             keys: vec![key],
             uncompressed: globset::GlobSet::empty(),
             legacy_manifests: false,
+            dedup_key: None,
         }
     }
 

@@ -152,6 +152,11 @@ async fn read_back(
     stored_key: &str,
     meta: &ObjectMeta,
 ) -> anyhow::Result<Option<ObjectRow>> {
+    if crate::format::layout::parse(stored_key).pointer {
+        return read_back_pointer(dest, pipeline, stored_key, meta)
+            .await
+            .map(Some);
+    }
     let (plan, logical) = Plan::from_key(stored_key);
     let compression_ok =
         plan.compression == Compression::None || plan.compression == pipeline.compression;
@@ -223,5 +228,49 @@ async fn read_back(
         } else {
             "rebuilt:other".to_string()
         },
+        blob: None,
     }))
+}
+
+/// The index row for a content destination's pointer: the file's content, size and blob, as
+/// the pointer records them.
+async fn read_back_pointer(
+    dest: &Destination,
+    pipeline: &Pipeline,
+    stored_key: &str,
+    meta: &ObjectMeta,
+) -> anyhow::Result<ObjectRow> {
+    let p = crate::content::read_pointer(dest, &pipeline.keys, stored_key).await?;
+    let sha256 = hex::decode(&p.sha256)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .with_context(|| format!("pointer {stored_key}: bad SHA-256"))?;
+    let blob_plan = crate::format::layout::parse(&p.blob).plan;
+    let blobs = pipeline.for_blobs();
+    // Only a blob this pipeline would write counts as the same settings: otherwise the file
+    // is uploaded again under the current ones.
+    let (namespace, name) = blobs.blob_name(&sha256);
+    let same = p.blob.starts_with(&format!(
+        "{}/{namespace}/",
+        crate::format::layout::BLOBS_PREFIX
+    )) && p.blob.contains(&name)
+        && (blob_plan.compression == Compression::None
+            || blob_plan.compression == pipeline.compression);
+    Ok(ObjectRow {
+        key: p.path.clone(),
+        stored_key: stored_key.to_string(),
+        sha256,
+        size: p.size,
+        stored_size: meta.size,
+        pipeline: if same {
+            pipeline.identity()
+        } else {
+            "rebuilt:other".to_string()
+        },
+        blob: Some(crate::index::BlobRef {
+            key: p.blob,
+            stored_size: p.stored_size,
+            uploaded: false,
+        }),
+    })
 }

@@ -124,8 +124,9 @@ fn tally_objects(
             .entry(crate::format::record::date_of(o.stored_ms))
             .or_default();
         day.objects += 1;
+        let stored = o.sent_bytes();
         day.bytes_original = day.bytes_original.saturating_add(o.size);
-        day.bytes_stored = day.bytes_stored.saturating_add(o.stored_size);
+        day.bytes_stored = day.bytes_stored.saturating_add(stored);
         if o.method.is_some_and(Method::deduplicated) {
             day.deduplicated += 1;
         } else {
@@ -134,7 +135,7 @@ fn tally_objects(
         let add = |u: &mut Usage| {
             u.objects += 1;
             u.bytes_original += o.size;
-            u.bytes_stored += o.stored_size;
+            u.bytes_stored += stored;
         };
         add(&mut d.usage);
         add(d.by_type.entry(ext_of(&o.stored_key)).or_default());
@@ -145,7 +146,7 @@ fn tally_objects(
         if o.method.is_some_and(Method::deduplicated) {
             d.dedup_saved_bytes += o.size;
         } else {
-            d.compression_saved_bytes += o.size.saturating_sub(o.stored_size);
+            d.compression_saved_bytes += o.size.saturating_sub(o.encoded_bytes());
         }
     })?;
     Ok(days)

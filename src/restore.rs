@@ -27,7 +27,7 @@ use crate::config::{Config, ConfigError};
 use crate::crypto::MasterKey;
 use crate::destination::{self, Destination};
 use crate::format::layout;
-use crate::format::layout::Plan;
+use crate::format::layout::{Compression, Plan};
 use crate::format::metadata;
 use crate::index::Index;
 use crate::pipeline::{self, Pipeline};
@@ -396,6 +396,9 @@ fn write_object(
         d.expect.sha256.clone_from(&p.sha256);
         d.expect.mode = p.mode.or(d.expect.mode);
         d.expect.mtime_ns = p.mtime_ns.or(d.expect.mtime_ns);
+        if p.long_name.is_some() {
+            d.expect.long_name.clone_from(&p.long_name);
+        }
     }
     let parts = segments(rel).map_err(anyhow::Error::msg)?;
     let (name, dirs) = parts.split_last().context("empty key")?;
@@ -628,6 +631,9 @@ async fn restore_one(
     let stored_key = dest.relative(meta.location.as_ref()).to_string();
     let parsed = layout::parse(&stored_key);
     let (plan, long) = (parsed.plan, parsed.long);
+    if parsed.pointer {
+        return restore_by_pointer(dest, keys, root, rel, long, &stored_key).await;
+    }
     let get = get_retrying(dest, &meta.location)
         .await
         .map_err(|e| anyhow::anyhow!("downloading: {}", destination::error_chain(&e)))?;
@@ -676,6 +682,133 @@ async fn restore_one(
     .context("restore task failed")?
 }
 
+/// Restore the file whose pointer is at `stored_key` to `rel`: the pointer read and checked,
+/// then its blob (or the copy the collector set aside) decoded to exactly the pointer's size
+/// and SHA-256, with the pointer's mode and mtime.
+async fn restore_by_pointer(
+    dest: &Destination,
+    keys: &[MasterKey],
+    root: Arc<OwnedFd>,
+    rel: &str,
+    long: bool,
+    stored_key: &str,
+) -> anyhow::Result<()> {
+    let p = crate::content::read_pointer(dest, keys, stored_key).await?;
+    let pinned = Expect {
+        size: Some(p.size),
+        sha256: Some(p.sha256.clone()),
+        mtime_ns: Some(p.mtime_ns),
+        mode: Some(p.mode),
+        long_name: Some(layout::file_name(&p.path).to_string()),
+    };
+    let (blob, get) = get_pointed_blob(dest, stored_key, &p.blob).await?;
+    let plan = layout::parse(&blob).plan;
+    let fallback_mtime = get.meta.last_modified.into();
+    let reader = download(dest.store.clone(), get);
+    let (keys, rel, stored_key) = (keys.to_vec(), rel.to_string(), stored_key.to_string());
+    tokio::task::spawn_blocking(move || {
+        write_object(
+            &root,
+            &rel,
+            long,
+            plan,
+            &keys,
+            &blob,
+            reader,
+            pinned.clone(),
+            fallback_mtime,
+            None,
+            Some(&pinned),
+        )
+        .with_context(|| format!("blob {blob} (named by pointer {stored_key})"))
+    })
+    .await
+    .context("restore task failed")?
+}
+
+/// The blob a pointer at `pointer_key` names, as its key (the binding a blob is read with)
+/// and its download; a missing blob is an error naming both.
+async fn get_pointed_blob(
+    dest: &Destination,
+    pointer_key: &str,
+    blob: &str,
+) -> anyhow::Result<(String, GetResult)> {
+    match crate::content::get_blob(dest, blob).await {
+        Ok(Some((_, got))) => Ok((blob.to_string(), got)),
+        Ok(None) => anyhow::bail!(
+            "blob {blob} named by pointer {pointer_key} is missing from {}",
+            dest.name
+        ),
+        Err(e) => Err(anyhow::anyhow!(e)),
+    }
+}
+
+/// Download the file stored at `stored_key` (a manifest's `stored_key`): the object itself,
+/// or in a content destination the blob its pointer names. Returns the key the bytes are read
+/// (and bound) under. A missing object or blob is an error that says so.
+///
+/// A manifest names the key in the first destination that held the file; another destination
+/// with the other layout holds it under the key its own layout gives (`size` decides whether
+/// a content destination kept the file at its key): that key is read instead.
+pub(crate) async fn open_stored(
+    dest: &Destination,
+    keys: &[MasterKey],
+    stored_key: &str,
+    size: u64,
+) -> anyhow::Result<(String, GetResult)> {
+    let stored_key = &in_layout_of(dest, stored_key, size).await;
+    if layout::parse(stored_key).pointer {
+        let p = crate::content::read_pointer(dest, keys, stored_key).await?;
+        return get_pointed_blob(dest, stored_key, &p.blob).await;
+    }
+    let location = dest.path(stored_key)?;
+    match get_retrying(dest, &location).await {
+        Ok(g) => Ok((stored_key.to_string(), g)),
+        Err(object_store::Error::NotFound { .. }) => {
+            anyhow::bail!("object {stored_key} is missing from {}", dest.name)
+        }
+        Err(e) => anyhow::bail!("downloading {stored_key}: {}", destination::error_chain(&e)),
+    }
+}
+
+/// The key under which `dest` holds the file a manifest lists at `stored_key`: the same key
+/// when the destination's layout gives it, else the key of its own layout that is there.
+async fn in_layout_of(dest: &Destination, stored_key: &str, size: u64) -> String {
+    use crate::config::Layout;
+    let parsed = layout::parse(stored_key);
+    let encrypt = parsed.plan.encrypt;
+    let candidates: Vec<String> = match (dest.layout, parsed.pointer) {
+        (Layout::Content, false) if size >= crate::format::pointer::INLINE_BELOW => {
+            vec![layout::pointer_key(parsed.logical, encrypt)]
+        }
+        (Layout::Path, true) => [Compression::Zstd, Compression::Gzip, Compression::None]
+            .into_iter()
+            .map(|compression| {
+                layout::stored_key(
+                    parsed.logical,
+                    Plan {
+                        compression,
+                        encrypt,
+                    },
+                )
+            })
+            .collect(),
+        _ => return stored_key.to_string(),
+    };
+    if parsed.long {
+        // A shortened name stands for its full name only inside the object: keep the key.
+        return stored_key.to_string();
+    }
+    for key in candidates {
+        if let Ok(path) = dest.path(&key)
+            && dest.store.head(&path).await.is_ok()
+        {
+            return key;
+        }
+    }
+    stored_key.to_string()
+}
+
 /// What a file restored from a manifest must be (see [`restore_pinned`]).
 #[derive(Debug, Clone)]
 pub struct Pinned {
@@ -700,15 +833,8 @@ pub async fn restore_pinned(
     stored_key: &str,
     want: &Pinned,
 ) -> anyhow::Result<()> {
-    let plan = layout::parse(stored_key).plan;
-    let location = dest.path(stored_key)?;
-    let get = match get_retrying(dest, &location).await {
-        Ok(g) => g,
-        Err(object_store::Error::NotFound { .. }) => {
-            anyhow::bail!("object {stored_key} is missing from {}", dest.name)
-        }
-        Err(e) => anyhow::bail!("downloading {stored_key}: {}", destination::error_chain(&e)),
-    };
+    let (read_key, get) = open_stored(dest, keys, stored_key, want.size).await?;
+    let plan = layout::parse(&read_key).plan;
     let pinned = Expect {
         size: Some(want.size),
         sha256: Some(want.sha256.clone()),
@@ -718,7 +844,7 @@ pub async fn restore_pinned(
     };
     let fallback_mtime = get.meta.last_modified.into();
     let reader = download(dest.store.clone(), get);
-    let (keys, rel, stored_key) = (keys.to_vec(), rel.to_string(), stored_key.to_string());
+    let (keys, rel) = (keys.to_vec(), rel.to_string());
     tokio::task::spawn_blocking(move || {
         write_object(
             &root,
@@ -726,14 +852,14 @@ pub async fn restore_pinned(
             false,
             plan,
             &keys,
-            &stored_key,
+            &read_key,
             reader,
             pinned.clone(),
             fallback_mtime,
             None,
             Some(&pinned),
         )
-        .with_context(|| format!("object {stored_key}"))
+        .with_context(|| format!("object {read_key}"))
     })
     .await
     .context("restore task failed")?
@@ -774,6 +900,9 @@ pub struct VerifyReport {
     pub checked: u64,
     /// Missing or damaged objects.
     pub problems: Vec<Problem>,
+    /// Content destinations: blobs no pointer names (collected after the grace period),
+    /// as (destination, blob key).
+    pub orphaned: Vec<(String, String)>,
 }
 
 /// Check that every object the index says is stored is present with the expected size
@@ -812,8 +941,49 @@ pub async fn verify(
             .collect()
             .await;
         report.problems.extend(problems.into_iter().flatten());
+        if dest.layout == crate::config::Layout::Content {
+            audit_content(&dest, &keys, &mut report).await?;
+        }
     }
     Ok(report)
+}
+
+/// Add what the audit of a content destination finds: pointers naming missing blobs and
+/// pointers that cannot be read are problems; blobs no pointer names are listed.
+async fn audit_content(
+    dest: &Destination,
+    keys: &[MasterKey],
+    report: &mut VerifyReport,
+) -> anyhow::Result<()> {
+    let a = crate::collect::audit(dest, keys).await?;
+    for (pointer, blob, aside) in a.dangling {
+        let problem = if aside {
+            format!(
+                "dangling: blob {blob} is missing (a copy set aside by a sweep still holds it; the next sweep puts it back)"
+            )
+        } else {
+            format!("dangling: blob {blob} is missing")
+        };
+        report.problems.push(Problem {
+            dest: dest.name.clone(),
+            key: pointer,
+            problem,
+        });
+    }
+    for (pointer, why) in a.unreadable {
+        report.problems.push(Problem {
+            dest: dest.name.clone(),
+            key: pointer,
+            problem: format!("unreadable pointer: {why}"),
+        });
+    }
+    for mark in a.interrupted_sweeps {
+        tracing::info!(dest = %dest.name, mark = %mark, "a blob sweep did not finish; the next one completes it");
+    }
+    report
+        .orphaned
+        .extend(a.orphaned.into_iter().map(|b| (dest.name.clone(), b)));
+    Ok(())
 }
 
 async fn check_object(
@@ -834,22 +1004,40 @@ async fn check_object(
             head.size, row.stored_size
         ));
     }
+    if let Some(blob) = &row.blob {
+        // A content destination's file: its blob must be there too.
+        match crate::content::head_blob(dest, &blob.key).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("dangling: its blob {} is missing", blob.key)),
+            Err(e) => return Err(format!("cannot check blob {}: {e}", blob.key)),
+        }
+    }
     if !deep {
         return Ok(());
     }
-    let plan = layout::parse(&row.stored_key).plan;
-    let get = dest
-        .store
-        .get(&path)
-        .await
-        .map_err(|e| format!("cannot download: {}", destination::error_chain(&e)))?;
+    let (read_key, get) = if layout::parse(&row.stored_key).pointer {
+        let p = crate::content::read_pointer(dest, keys, &row.stored_key)
+            .await
+            .map_err(|e| format!("damaged: {e}"))?;
+        get_pointed_blob(dest, &row.stored_key, &p.blob)
+            .await
+            .map_err(|e| format!("{e:#}"))?
+    } else {
+        let got = dest
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| format!("cannot download: {}", destination::error_chain(&e)))?;
+        (row.stored_key.clone(), got)
+    };
+    let plan = layout::parse(&read_key).plan;
     let expect = Expect {
         size: Some(row.size),
         sha256: Some(hex::encode(row.sha256)),
         ..Default::default()
     };
     let reader = download(dest.store.clone(), get);
-    let (keys, stored_key) = (keys.to_vec(), row.stored_key.clone());
+    let (keys, stored_key) = (keys.to_vec(), read_key.clone());
     let res = tokio::task::spawn_blocking(move || {
         let mut d = start_decoding(plan, &keys, &stored_key, reader, expect.clone())?;
         // What the index knows wins over what the object says.
@@ -859,7 +1047,11 @@ async fn check_object(
     })
     .await
     .map_err(|e| format!("verify task failed: {e}"))?;
-    res.map_err(|e| format!("damaged: {e}"))
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if read_key != row.stored_key => Err(format!("damaged: blob {read_key}: {e}")),
+        Err(e) => Err(format!("damaged: {e}")),
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ pub(crate) struct PruneReport {
     pub skipped_prefixes: Vec<String>,
     /// Objects that could not be deleted, with the reason.
     pub failed: Vec<PruneFailure>,
+    /// The blob sweep of each content destination (`layout = "content"`).
+    pub blobs: Vec<crate::collect::SweepReport>,
 }
 
 /// A sealed run retention deleted (or would delete), and the rule that decided.
@@ -87,6 +89,9 @@ pub(crate) fn enabled(config: &Config) -> bool {
     config.retention.remote_max_age.is_some()
         || config.retention.runs.is_some()
         || config.watch.iter().any(|w| w.remote_max_age.is_some())
+        || config
+            .destinations()
+            .any(|d| d.layout == crate::config::Layout::Content)
 }
 
 /// Apply retention now (or only list with `dry_run`) in `dests`, the configuration's stores
@@ -147,7 +152,40 @@ pub(crate) async fn prune(
             prune_prefix(&index, dest, &prefix, cutoff, dry_run, &mut report).await?;
         }
     }
+    sweep_blobs(config, &index, dests, dry_run, &mut report).await?;
     Ok(report)
+}
+
+/// Collect the unreferenced blobs of every content destination (after the pointers that
+/// referenced them were pruned above); the blobs deleted leave the index too.
+async fn sweep_blobs(
+    config: &Config,
+    index: &Arc<Index>,
+    dests: &[Destination],
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> anyhow::Result<()> {
+    let content: Vec<&Destination> = dests
+        .iter()
+        .filter(|d| d.layout == crate::config::Layout::Content)
+        .collect();
+    if content.is_empty() {
+        return Ok(());
+    }
+    let keys = crate::pipeline::Pipeline::from_config(config)?.keys;
+    for dest in content {
+        let swept = crate::collect::sweep(dest, &keys, dest.blob_grace, now_ms(), dry_run).await?;
+        if !dry_run {
+            let gone: Vec<String> = swept.set_aside.clone();
+            let (i, name) = (index.clone(), dest.name.clone());
+            tokio::task::spawn_blocking(move || {
+                gone.iter().try_for_each(|b| i.forget_blob(&name, b))
+            })
+            .await??;
+        }
+        report.blobs.push(swept);
+    }
+    Ok(())
 }
 
 /// The sealed runs `rules` let go at `now`, each with the rule that decided. For each run the
@@ -250,7 +288,10 @@ fn is_kept(rel: &str, kept: &BTreeSet<&str>) -> bool {
         crate::format::manifest::RUN_DIR,
         crate::format::manifest::MANIFEST_NAME
     );
-    if parsed.logical == manifest || kept.contains(parsed.logical) {
+    // In a content destination a file's key holds its pointer (`<key>.ptr`): kept with the
+    // file (its blob is kept by the sweep while the pointer names it).
+    let file = parsed.logical.strip_suffix(".ptr").unwrap_or(parsed.logical);
+    if parsed.logical == manifest || kept.contains(parsed.logical) || kept.contains(file) {
         return true;
     }
     // A long name is stored shortened: it is kept when it stands for a kept file's name.

@@ -518,6 +518,8 @@ async fn describe(
         });
         let (mut manifest, collected) = (manifest?, collected?);
         manifest.tests = collected.summary.clone();
+        let first = config.destinations().next().map(|d| d.name.clone());
+        attach_blobs(&index, first.as_deref(), &mut manifest)?;
         let earlier_ms = index.sealed_ms(&root.path, &run.name)?;
         anyhow::Ok(Described {
             index,
@@ -661,6 +663,22 @@ async fn record(
     Ok(queued)
 }
 
+/// Name the blob of each file stored as a pointer in `dest` (the destination whose keys the
+/// manifest lists), from the index, so the run's page links to the bytes.
+fn attach_blobs(index: &Index, dest: Option<&str>, manifest: &mut Manifest) -> anyhow::Result<()> {
+    let Some(dest) = dest else { return Ok(()) };
+    for f in &mut manifest.files {
+        if layout::parse(&f.stored_key).pointer {
+            let key = format!("{}/{}", manifest.key_prefix, f.path);
+            f.blob = index
+                .object_at(dest, &key)?
+                .and_then(|o| o.blob)
+                .map(|b| b.key);
+        }
+    }
+    Ok(())
+}
+
 /// The manifest entries of the flushed files, as the flush found them stored: listed through
 /// the root's handle with the identity the index has, and every destination holding that
 /// content at the file's key. Nothing is read again: the flush's look is the one the manifest
@@ -692,6 +710,7 @@ fn manifest_files(run: &RunDir, files: &[Flushed]) -> anyhow::Result<Vec<Manifes
             mode: stat.mode,
             content_type: layout::guess_type(path).to_string(),
             stored_key: stored_key.cloned().unwrap_or_default(),
+            blob: None,
         });
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));

@@ -331,28 +331,19 @@ async fn file_response(
         Some(Ok(r)) => Some(r),
         None => None,
     };
-    let location = gw.dest.path(&f.stored_key)?;
-    let get = match crate::restore::get_retrying(&gw.dest, &location).await {
-        Ok(g) => g,
-        Err(object_store::Error::NotFound { .. }) => {
-            anyhow::bail!("object {} is missing from {}", f.stored_key, gw.dest.name)
-        }
-        Err(e) => anyhow::bail!(
-            "downloading {}: {}",
-            f.stored_key,
-            crate::destination::error_chain(&e)
-        ),
-    };
     if gw.pipeline.key.is_some() && !layout::parse(&f.stored_key).plan.encrypt {
         anyhow::bail!(
             "object {} is not encrypted although a key is configured: refused",
             f.stored_key
         );
     }
+    // In a content destination the bytes are the blob's its pointer names.
+    let (read_key, get) =
+        crate::restore::open_stored(&gw.dest, &gw.pipeline.keys, &f.stored_key, f.size).await?;
     let reader = crate::restore::download(gw.dest.store.clone(), get);
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     let (keys, file) = (gw.pipeline.keys.clone(), f.clone());
-    tokio::task::spawn_blocking(move || stream_file(reader, &keys, &file, range, &tx));
+    tokio::task::spawn_blocking(move || stream_file(reader, &keys, &file, &read_key, range, &tx));
     let body = Body::from_stream(tokio_stream_from(rx));
     let (status, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),
@@ -400,6 +391,7 @@ fn stream_file(
     reader: crate::restore::Download,
     keys: &[crate::crypto::MasterKey],
     f: &ManifestFile,
+    read_key: &str,
     range: Option<(u64, u64)>,
     tx: &tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
 ) {
@@ -407,10 +399,10 @@ fn stream_file(
         tracing::warn!(key = %f.stored_key, error = %msg, "serve: object refused");
         let _ = tx.blocking_send(Err(std::io::Error::other(msg)));
     };
-    let plan = layout::parse(&f.stored_key).plan;
-    let (mut r, meta) = match pipeline::decoder(plan, keys, &f.stored_key, reader) {
+    let plan = layout::parse(read_key).plan;
+    let (mut r, meta) = match pipeline::decoder(plan, keys, read_key, reader) {
         Ok(d) => d,
-        Err(e) => return fail(format!("object {}: {e}", f.stored_key)),
+        Err(e) => return fail(format!("object {read_key}: {e}")),
     };
     if let Some(m) = &meta
         && (m.size != f.size || !crate::restore::same_sha256(&m.sha256, &f.sha256))

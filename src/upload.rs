@@ -34,9 +34,10 @@ use crate::index::{Claimed, FinishAndClaim, Index, Job, Method, ObjectRow, Outco
 use crate::pipeline::Pipeline;
 use crate::scan::{Candidate, Feeder, Root};
 
+mod by_content;
 mod transfer;
 
-use transfer::{Link, Transferred};
+use transfer::{Link, Target, Transferred};
 
 /// Counters of one destination worker.
 #[derive(Debug, Default)]
@@ -283,15 +284,20 @@ impl Worker {
             Ok(Step::Done(method, object)) => {
                 let counter = match method {
                     Method::Copy => &self.stats.copied,
-                    Method::Skip => &self.stats.skipped,
+                    Method::Skip | Method::Reuse => &self.stats.skipped,
                     Method::Upload => &self.stats.uploaded,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                let blob_sent = object
+                    .blob
+                    .as_ref()
+                    .filter(|b| b.uploaded)
+                    .map_or(0, |b| b.stored_size);
                 self.metrics.stored(
                     &self.dest.name,
                     method,
                     job.stat.size,
-                    object.stored_size,
+                    object.stored_size + blob_sent,
                     job.stat.mtime_ns,
                 );
                 tracing::debug!(dest = %self.dest.name, key = %job.key, method = method.as_str(), ms = started.elapsed().as_millis() as u64, "stored");
@@ -338,6 +344,11 @@ impl Worker {
         here: Option<ObjectRow>,
         elsewhere: Option<ObjectRow>,
     ) -> Result<Step, StoreError> {
+        if self.dest.layout == crate::config::Layout::Content
+            && job.stat.size >= crate::format::pointer::INLINE_BELOW
+        {
+            return self.store_by_content(job, here).await;
+        }
         let identity = self.pipeline.identity();
         // A row written before the layout rule escaped its name (`x.gz` stored as-is as
         // `x.gz`) no longer matches its key: upload again (and delete the old object).
@@ -362,9 +373,18 @@ impl Worker {
         if let Step::Done(..) = step {
             self.dest.persist(ticket).await?;
         }
-        // A new version under a different stored key: remove the old one, so the destination
-        // (and a restore from it) holds only the last version.
-        if let (Step::Done(_, new), Some(old)) = (&step, &here)
+        self.delete_replaced(&step, here.as_ref()).await?;
+        Ok(step)
+    }
+
+    /// A new version under a different stored key: remove the old one, so the destination
+    /// (and a restore from it) holds only the last version.
+    async fn delete_replaced(
+        &self,
+        step: &Step,
+        here: Option<&ObjectRow>,
+    ) -> Result<(), StoreError> {
+        if let (Step::Done(_, new), Some(old)) = (step, here)
             && new.stored_key != old.stored_key
         {
             let path = self.dest.path(&old.stored_key)?;
@@ -375,7 +395,7 @@ impl Worker {
                 }
             }
         }
-        Ok(step)
+        Ok(())
     }
 
     /// Server-side copy of an object holding the same content; `None` if the source is gone
@@ -501,7 +521,8 @@ impl Worker {
             bytes: &self.stats.bytes,
             metrics: &self.metrics,
         };
-        match transfer::send(&link, job, self.roots.clone(), self.pipeline.clone()).await? {
+        let (roots, pipeline) = (self.roots.clone(), self.pipeline.clone());
+        match transfer::send(&link, job, roots, pipeline, Target::Path).await? {
             Transferred::Changed => Ok(Step::Changed),
             Transferred::Stored {
                 plan,
@@ -519,6 +540,7 @@ impl Worker {
                         size: job.stat.size,
                         stored_size,
                         pipeline: identity.to_string(),
+                        blob: None,
                     },
                 ))
             }

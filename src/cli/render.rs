@@ -234,6 +234,11 @@ fn render_verify(r: &crate::restore::VerifyReport, deep: bool) {
     for p in &r.problems {
         eprintln!("{}: {}: {}", p.dest, p.key, p.problem);
     }
+    for (dest, blob) in &r.orphaned {
+        outln!(
+            "{dest}: {blob}: orphaned blob (no pointer names it; collected after the grace period)"
+        );
+    }
     outln!(
         "{} objects checked{}, {} problems",
         r.checked,
@@ -276,6 +281,9 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
     for f in &r.failed {
         eprintln!("failed: {}: {}: {}", f.dest, f.key, f.error);
     }
+    for b in &r.blobs {
+        render_sweep(b, dry_run);
+    }
     outln!(
         "{} runs, {} objects {}",
         r.runs.len(),
@@ -285,6 +293,36 @@ fn render_prune(r: &crate::retention::PruneReport, dry_run: bool) {
         } else {
             "deleted"
         }
+    );
+}
+
+/// One content destination's blob sweep, within `prune`'s output.
+fn render_sweep(b: &crate::collect::SweepReport, dry_run: bool) {
+    if let Some(why) = &b.skipped {
+        eprintln!("{}: blobs not collected: {why}", b.dest);
+    }
+    let would = if dry_run { "would be " } else { "" };
+    for blob in &b.set_aside {
+        outln!("{}: {blob}: unreferenced, {would}set aside", b.dest);
+    }
+    for blob in &b.put_back {
+        outln!("{}: {blob}: referenced again, {would}put back", b.dest);
+    }
+    for blob in &b.deleted {
+        outln!("{}: {blob}: {would}deleted", b.dest);
+    }
+    for (key, e) in &b.failed {
+        eprintln!("failed: {}: {key}: {e}", b.dest);
+    }
+    outln!(
+        "{}: {} blobs referenced ({} stored for {} of files); {} set aside, {} put back, {} deleted",
+        b.dest,
+        b.referenced,
+        human(b.referenced_bytes),
+        human(b.logical_bytes),
+        b.set_aside.len(),
+        b.put_back.len(),
+        b.deleted.len()
     );
 }
 
@@ -853,6 +891,7 @@ fn fleet_text(f: &crate::format::report::Fleet) -> String {
             );
         }
     }
+    write_fleet_storage(&mut o, f);
     let t = &f.totals;
     let _ = writeln!(
         o,
@@ -873,6 +912,39 @@ fn fleet_text(f: &crate::format::report::Fleet) -> String {
     }
     o.push_str(&fleet_results_text(&f.results));
     o
+}
+
+/// Storage per destination and node: original bytes, bytes stored, saved by dedup (from
+/// each node's status object; nodes of versions that do not publish them show zeros).
+fn write_fleet_storage(o: &mut String, f: &crate::format::report::Fleet) {
+    let mut totals: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    for FleetNode { status: n, .. } in &f.nodes {
+        for d in &n.destinations {
+            let _ = writeln!(
+                o,
+                "  {} {}: {} of files, {} stored, {} saved by dedup",
+                destination::printable(&n.node_id),
+                destination::printable(&d.name),
+                human(d.logical_bytes),
+                human(d.stored_bytes),
+                human(d.dedup_saved_bytes)
+            );
+            let t = totals.entry(&d.name).or_default();
+            t.0 = t.0.saturating_add(d.logical_bytes);
+            t.1 = t.1.saturating_add(d.stored_bytes);
+            t.2 = t.2.saturating_add(d.dedup_saved_bytes);
+        }
+    }
+    for (name, (logical, stored, saved)) in totals {
+        let _ = writeln!(
+            o,
+            "destination {}: {} of files, {} stored, {} saved by dedup",
+            destination::printable(name),
+            human(logical),
+            human(stored),
+            human(saved)
+        );
+    }
 }
 
 /// A test's id for people: `class::name`, escaped.

@@ -397,6 +397,11 @@ pub struct Pipeline {
     /// agent. Off by default.
     #[serde(default)]
     pub legacy_manifests: bool,
+    /// A key shared by the fleet for content-addressed destinations (`layout = "content"`):
+    /// blobs are named and encrypted with it, so equal contents are stored once across
+    /// nodes (docs/FORMAT.md, "Content layout"). Without it, blobs dedup per node key.
+    #[serde(default)]
+    pub dedup_key_file: Option<PathBuf>,
 }
 
 /// Encryption applied before upload.
@@ -434,6 +439,27 @@ pub struct Destination {
     /// `file://` only: how an object is made durable before it counts as stored.
     #[serde(default)]
     pub sync: SyncMode,
+    /// `path` (a file's object at its own key) or `content` (its bytes once per destination
+    /// as a blob, a small pointer at its key; docs/FORMAT.md, "Content layout").
+    #[serde(default)]
+    pub layout: Layout,
+    /// `layout = "content"`: an unreferenced blob is deleted only after it has been
+    /// unreferenced, and unmodified, for this long (twice: once to be set aside, once more
+    /// before it is deleted). Default 24 hours.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub blob_grace: Option<Duration>,
+}
+
+/// How a destination lays out files (`[[destination]] layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Each file's object at its own key (docs/FORMAT.md, "Keys and suffixes").
+    #[default]
+    Path,
+    /// Each content once, as a blob under `_panoptic-sync/blobs/`, with a pointer at the
+    /// file's key; files under [`crate::format::pointer::INLINE_BELOW`] bytes stay at their key.
+    Content,
 }
 
 /// How a `file://` destination makes an object durable before it counts as stored.
@@ -1029,7 +1055,12 @@ impl Config {
             }
         }
         let p = &mut self.pipeline;
-        for f in p.key_file.iter_mut().chain(p.old_key_files.iter_mut()) {
+        for f in p
+            .key_file
+            .iter_mut()
+            .chain(p.old_key_files.iter_mut())
+            .chain(p.dedup_key_file.iter_mut())
+        {
             if f.is_relative() {
                 *f = base.join(&*f);
             }

@@ -44,13 +44,23 @@ pub const QUARANTINE_KEY: &str = internal_key!("/quarantine.json");
 pub const SEGMENTS_PREFIX: &str = internal_key!("/segments");
 /// Where `check-config` writes its probe objects.
 pub const PROBE_PREFIX: &str = internal_key!("/probe");
+/// Where a `layout = "content"` destination keeps each content once (see
+/// [`crate::format::pointer`]): `<namespace>/<2 hex>/<name>` plus stage suffixes.
+pub const BLOBS_PREFIX: &str = internal_key!("/blobs");
+/// Where the blob collector sets unreferenced blobs aside before deleting them:
+/// `<blob key below the internal prefix>/<ms set aside>`.
+pub const TRASH_PREFIX: &str = internal_key!("/trash");
+/// The blob collector's mark objects (one per sweep in progress).
+pub const GC_PREFIX: &str = internal_key!("/gc");
 
 /// Appended to names that end in a reserved ending.
 pub const ESCAPE: &str = ".asis";
 /// Ends a shortened long name.
 pub const LONG: &str = ".long";
+/// Ends a pointer's stored key (before `.enc`): the file's bytes are in a blob.
+pub const POINTER: &str = ".ptr";
 /// Endings a stored name never shows unescaped.
-const RESERVED: &[&str] = &[".gz", ".zst", ".enc", ESCAPE, LONG];
+const RESERVED: &[&str] = &[".gz", ".zst", ".enc", ESCAPE, LONG, POINTER];
 /// Longest stored last segment, suffixes included: 255 (Linux) minus room for temporary
 /// names that stores add (object_store's `file://` staging appends `#<number>`).
 pub const MAX_STORED_NAME: usize = 200;
@@ -90,8 +100,23 @@ pub fn short_name(name: &str) -> String {
 
 /// The stored key of `logical` encoded as `plan`.
 pub fn stored_key(logical: &str, plan: Plan) -> String {
+    with_suffix(logical, &plan.suffix())
+}
+
+/// The stored key of the pointer at `logical` (a `layout = "content"` destination): the
+/// escaped name, then `.ptr`, then `.enc` when encrypted.
+pub fn pointer_key(logical: &str, encrypt: bool) -> String {
+    let suffix = if encrypt {
+        format!("{POINTER}.enc")
+    } else {
+        POINTER.to_string()
+    };
+    with_suffix(logical, &suffix)
+}
+
+/// `logical` with its last segment escaped (or shortened), then `suffix`.
+fn with_suffix(logical: &str, suffix: &str) -> String {
     let (dir, name) = split(logical);
-    let suffix = plan.suffix();
     let mut stored = name.to_string();
     if RESERVED.iter().any(|r| name.ends_with(r)) || staging_form(name) {
         stored.push_str(ESCAPE);
@@ -111,6 +136,8 @@ pub struct Parsed<'a> {
     pub logical: &'a str,
     /// Whether the last segment is a shortened long name (the full name is in the object).
     pub long: bool,
+    /// Whether the object is a pointer to a blob (`.ptr`, then `.enc` when encrypted).
+    pub pointer: bool,
 }
 
 /// Read a stored key back: stage suffixes, escape, long-name marker.
@@ -119,7 +146,13 @@ pub fn parse(stored: &str) -> Parsed<'_> {
         Some(r) => (true, r),
         None => (false, stored),
     };
-    let (compression, rest) = if let Some(r) = rest.strip_suffix(".zst") {
+    let (pointer, rest) = match rest.strip_suffix(POINTER) {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    let (compression, rest) = if pointer {
+        (Compression::None, rest)
+    } else if let Some(r) = rest.strip_suffix(".zst") {
         (Compression::Zstd, r)
     } else if let Some(r) = rest.strip_suffix(".gz") {
         (Compression::Gzip, r)
@@ -135,12 +168,14 @@ pub fn parse(stored: &str) -> Parsed<'_> {
             plan,
             logical: rest,
             long: true,
+            pointer,
         };
     }
     Parsed {
         plan,
         logical: rest.strip_suffix(ESCAPE).unwrap_or(rest),
         long: false,
+        pointer,
     }
 }
 
@@ -149,6 +184,19 @@ pub fn parse(stored: &str) -> Parsed<'_> {
 pub fn long_name_matches(short: &str, name: &str) -> bool {
     let (_, short_last) = split(short);
     !name.is_empty() && !name.contains('/') && short_name(name) == short_last
+}
+
+/// Whether `path` (a full logical key recorded inside an object) is the logical key of
+/// `stored_key`: equal, or for a shortened long name, the same directory and a last segment
+/// that hashes to the key's.
+pub fn names_key(stored_key: &str, path: &str) -> bool {
+    let p = parse(stored_key);
+    if !p.long {
+        return p.logical == path;
+    }
+    let (dir, name) = split(path);
+    let (key_dir, _) = split(p.logical);
+    dir == key_dir && long_name_matches(p.logical, name)
 }
 
 /// Replace the shortened last segment of `short` by the full `name`.

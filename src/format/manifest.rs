@@ -31,8 +31,13 @@ pub(crate) struct ManifestFile {
     pub mode: u32,
     /// Content type guessed from the name.
     pub content_type: String,
-    /// The object's key relative to the destination base (stage suffixes included).
+    /// The object's key relative to the destination base (stage suffixes included); in a
+    /// content destination, the pointer's.
     pub stored_key: String,
+    /// In a content destination (`layout = "content"`), the blob holding the bytes, relative
+    /// to the destination base: what the run's page links to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
 }
 
 /// Totals of a manifest.

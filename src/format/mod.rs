@@ -8,6 +8,7 @@
 //! - [`results`]: test results as a manifest carries them.
 //! - [`record`]: the run summary record, one NDJSON line per sealed run.
 //! - [`metadata`]: the metadata names of plain objects.
+//! - [`pointer`]: the content layout: blob keys, the pointer at a file's key, the trash.
 //! - [`node_status`]: the status object each node publishes for the fleet view.
 //! - [`quarantine`]: the list of quarantined tests that `gate` enforces.
 //! - [`report`] and [`fleet`]: the node report and the fleet view as `report --json` writes them.
@@ -20,6 +21,7 @@ pub mod layout;
 pub(crate) mod manifest;
 pub mod metadata;
 pub(crate) mod node_status;
+pub mod pointer;
 pub(crate) mod quarantine;
 pub(crate) mod record;
 pub(crate) mod report;

@@ -75,6 +75,15 @@ pub(crate) struct DestStatus {
     pub failing: u64,
     /// Files failed permanently.
     pub failed_permanently: u64,
+    /// Original bytes of the files this node stored there.
+    #[serde(default)]
+    pub logical_bytes: u64,
+    /// Bytes this node added to the destination for them (objects, pointers, blobs it sent).
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Original bytes of files placed without sending their content (dedup).
+    #[serde(default)]
+    pub dedup_saved_bytes: u64,
 }
 
 /// What a destination entry may look like on the wire: named (format 2) or a format 1 array.
@@ -93,6 +102,9 @@ struct DestStatusNamed {
     pending: u64,
     failing: u64,
     failed_permanently: u64,
+    logical_bytes: u64,
+    stored_bytes: u64,
+    dedup_saved_bytes: u64,
 }
 
 impl From<DestStatusWire> for DestStatus {
@@ -104,6 +116,9 @@ impl From<DestStatusWire> for DestStatus {
                 pending: n.pending,
                 failing: n.failing,
                 failed_permanently: n.failed_permanently,
+                logical_bytes: n.logical_bytes,
+                stored_bytes: n.stored_bytes,
+                dedup_saved_bytes: n.dedup_saved_bytes,
             },
             DestStatusWire::V1(name, done, pending, failing, failed_permanently) => DestStatus {
                 name,
@@ -111,6 +126,7 @@ impl From<DestStatusWire> for DestStatus {
                 pending,
                 failing,
                 failed_permanently,
+                ..Default::default()
             },
         }
     }

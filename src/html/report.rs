@@ -252,12 +252,53 @@ pub(crate) fn fleet_page(f: &Fleet, base: Option<&str>) -> String {
                         }
                     }
                 }
+                (storage_table(f))
                 @for u in &f.unreadable { p { "unreadable status object: " (u.key) ": " (u.error) } }
                 (super::fleet::results(&f.results, base))
             }
         }
     }
     .into_string()
+}
+
+/// Storage per node and destination (from each node's status object): original bytes, bytes
+/// stored, saved by dedup; a total row per destination.
+fn storage_table(f: &Fleet) -> maud::Markup {
+    let mut totals: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    for FleetNode { status: n, .. } in &f.nodes {
+        for d in &n.destinations {
+            let t = totals.entry(d.name.as_str()).or_default();
+            t.0 = t.0.saturating_add(d.logical_bytes);
+            t.1 = t.1.saturating_add(d.stored_bytes);
+            t.2 = t.2.saturating_add(d.dedup_saved_bytes);
+        }
+    }
+    html! {
+        h2 { "Storage" }
+        table {
+            thead { tr { th { "node" } th { "destination" } th class="n" { "files' bytes" } th class="n" { "stored" } th class="n" { "saved by dedup" } } }
+            tbody {
+                @for FleetNode { status: n, .. } in &f.nodes {
+                    @for d in &n.destinations {
+                        tr {
+                            td { (n.node_id) } td { (d.name) }
+                            td class="n" { (human(d.logical_bytes)) }
+                            td class="n" { (human(d.stored_bytes)) }
+                            td class="n" { (human(d.dedup_saved_bytes)) }
+                        }
+                    }
+                }
+                @for (name, (logical, stored, saved)) in &totals {
+                    tr {
+                        td { b { "all nodes" } } td { (name) }
+                        td class="n" { (human(*logical)) }
+                        td class="n" { (human(*stored)) }
+                        td class="n" { (human(*saved)) }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

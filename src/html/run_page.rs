@@ -55,6 +55,16 @@ fn href(manifest: &Manifest, up: &str, stored_key: &str) -> String {
     format!("{up}{}", encode_path(below))
 }
 
+/// How many segments the run's key prefix has: the way from the run's directory up to the
+/// destination's base.
+fn depth(manifest: &Manifest) -> usize {
+    manifest
+        .key_prefix
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .count()
+}
+
 /// Whether `f` is stored under its own name (neither compressed nor encrypted nor escaped),
 /// so a browser can show it in place.
 fn as_is(manifest: &Manifest, f: &ManifestFile) -> bool {
@@ -96,7 +106,11 @@ enum Links<'a> {
 impl Links<'_> {
     fn file(&self, m: &Manifest, f: &ManifestFile) -> String {
         match self {
-            Links::Stored { up, .. } => href(m, up, &f.stored_key),
+            Links::Stored { up, .. } => match &f.blob {
+                // A content destination: the bytes are in the blob, below the base.
+                Some(blob) => format!("{up}{}{}", "../".repeat(depth(m)), encode_path(blob)),
+                None => href(m, up, &f.stored_key),
+            },
             Links::Served => encode_path(&f.path),
         }
     }

@@ -39,7 +39,7 @@ pub use files::{FileUnder, Observation, Stat, StoredFile};
 pub use notifications::{
     NewNotification, NotifyOutcome, NotifyState, NotifyStatus, PendingNotification, RunNotification,
 };
-pub use objects::{Method, ObjectRow, ObjectUse, StoredAs};
+pub use objects::{BlobRef, BlobTotals, Method, ObjectRow, ObjectUse, StorageTotals, StoredAs};
 pub use queue::{Claimed, FinishAndClaim, FlushState, Job, Outcome};
 pub use runs::{SealedRun, pack_manifest};
 pub use stats::{DestStatus, ErrorCount, Status, UploadSpan};
@@ -370,6 +370,7 @@ mod testing {
                 size: job.stat.size,
                 stored_size: 1,
                 pipeline: "none".into(),
+                blob: None,
             },
         }
     }
@@ -414,6 +415,8 @@ mod tests {
             OBJECT_WITH,
             FORGET_STORED,
             HELD_TOTALS,
+            objects::BLOB_KNOWN,
+            objects::BLOB_TOTALS,
             "SELECT key FROM objects WHERE dest = ?1 AND key = ?2",
             "SELECT size FROM files WHERE path = ?1",
             FILES_UNDER,
@@ -509,6 +512,7 @@ mod tests {
         let conn = idx.conn();
         for sql in [
             OBJECTS_WITH_METHOD,
+            objects::STORAGE_TOTALS,
             LATENCIES,
             LATENCIES_BY_TIME,
             UPLOAD_SPAN,

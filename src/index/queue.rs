@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::objects::{INSERT_OBJECT, object_params};
+use super::objects::{INSERT_OBJECT, UPSERT_BLOB, object_params, record_blob};
 use super::{
     Index, Method, ObjectRow, Stat, StoredAs, StoredFile, UploadState, backoff, bytes_path, now_ms,
     path_bytes, sha_from, stat_at,
@@ -245,6 +245,7 @@ impl Index {
                  WHERE file_id = ?1 AND dest = ?2 AND gen = ?3 AND key = ?7 AND sha256 = ?8",
             )?;
             let mut object = tx.prepare_cached(INSERT_OBJECT)?;
+            let mut blob = tx.prepare_cached(UPSERT_BLOB)?;
             let mut failed = tx.prepare_cached(
                 "UPDATE uploads SET attempts = attempts + 1, next_attempt_ms = ?4,
                  last_error = ?5, permanent = ?6
@@ -272,6 +273,7 @@ impl Index {
                             job.sha256
                         ])?;
                         object.execute(object_params(dest, o, now))?;
+                        record_blob(&mut blob, dest, o, now)?;
                     }
                     Outcome::Failed {
                         job,

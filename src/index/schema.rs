@@ -269,6 +269,22 @@ CREATE TABLE IF NOT EXISTS tails (
     PRIMARY KEY (path, dest, generation)
 ) WITHOUT ROWID;
 "#,
+    // 10: the content layout (`layout = "content"`). An object row whose file is stored as a
+    // pointer names its blob; `blobs` is what this node knows a destination to hold (looked up
+    // before a HEAD) and which of them it uploaded itself (for the report's stored bytes).
+    r#"
+ALTER TABLE objects ADD COLUMN blob TEXT;
+CREATE TABLE blobs (
+    dest        TEXT NOT NULL,
+    blob        TEXT NOT NULL,
+    sha256      BLOB NOT NULL,
+    size        INTEGER NOT NULL,
+    stored_size INTEGER NOT NULL,
+    uploaded_ms INTEGER,
+    seen_ms     INTEGER NOT NULL,
+    PRIMARY KEY (dest, blob)
+) WITHOUT ROWID;
+"#,
 ];
 
 impl Index {
@@ -301,9 +317,19 @@ impl Index {
     }
 }
 
-/// Put the `runs` table back as migrations 4 to 6 left it.
+/// Undo migration 10 (the content layout's column and table), for tests that rewind the
+/// schema version and migrate again.
+#[cfg(test)]
+pub(super) fn as_before_migration_10(conn: &rusqlite::Connection) {
+    conn.execute_batch("DROP TABLE blobs; ALTER TABLE objects DROP COLUMN blob;")
+        .unwrap();
+}
+
+/// Put the `runs` table back as migrations 4 to 6 left it (and undo the later ones that
+/// cannot run twice).
 #[cfg(test)]
 pub(super) fn runs_as_before_migration_7(conn: &rusqlite::Connection) {
+    as_before_migration_10(conn);
     conn.execute_batch("DROP TABLE run_manifests; DROP TABLE runs;")
         .unwrap();
     conn.execute_batch(MIGRATIONS[3]).unwrap();

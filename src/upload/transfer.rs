@@ -52,6 +52,61 @@ pub(super) enum Transferred {
     Changed,
 }
 
+/// Where a transfer's object goes.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    /// At the file's own key (`layout = "path"`).
+    Path,
+    /// As the blob `name` of `namespace` (`layout = "content"`): bound to its blob key; its
+    /// record names no path, mode or mtime (those are the pointers').
+    Blob {
+        /// The blob namespace (`sha256`, `key-<id>`).
+        namespace: String,
+        /// The blob's name.
+        name: String,
+    },
+}
+
+impl Target {
+    /// The stored key of `logical`'s object encoded as `plan`.
+    fn stored_key(&self, logical: &str, plan: Plan) -> String {
+        match self {
+            Target::Path => layout::stored_key(logical, plan),
+            Target::Blob { namespace, name } => {
+                crate::format::pointer::blob_key(namespace, name, plan)
+            }
+        }
+    }
+
+    /// What an encrypted object at `stored_key` is bound to.
+    fn binding(&self, stored_key: &str) -> String {
+        match self {
+            Target::Path => stored_key.to_string(),
+            Target::Blob { .. } => crate::crypto::blob_binding(stored_key),
+        }
+    }
+
+    /// The metadata record of an encrypted object.
+    fn record(&self, key: &str, stat: Stat, sha: [u8; 32], mode: u32) -> Meta {
+        match self {
+            Target::Path => Meta {
+                size: stat.size,
+                mtime_ns: stat.mtime_ns,
+                sha256: hex::encode(sha),
+                mode: Some(mode),
+                path: Some(key.to_string()),
+            },
+            Target::Blob { .. } => Meta {
+                size: stat.size,
+                mtime_ns: 0,
+                sha256: hex::encode(sha),
+                mode: None,
+                path: None,
+            },
+        }
+    }
+}
+
 /// What a transfer sends through: the destination, the caps and the counters.
 pub(super) struct Link<'a> {
     /// Where the object goes.
@@ -83,8 +138,9 @@ pub(super) async fn send(
     job: &Job,
     roots: Arc<Vec<Root>>,
     pipeline: Arc<Pipeline>,
+    target: Target,
 ) -> Result<Transferred, StoreError> {
-    let mut reader = Reader::spawn(job, roots, pipeline);
+    let mut reader = Reader::spawn(job, roots, pipeline, target.clone());
     let Some(Msg::Start(plan, mode, first)) = reader.rx.recv().await else {
         return match reader.finish(job).await? {
             false => Ok(Transferred::Changed),
@@ -94,9 +150,9 @@ pub(super) async fn send(
             ))),
         };
     };
-    let stored_key = layout::stored_key(&job.key, plan);
+    let stored_key = target.stored_key(&job.key, plan);
     let location = link.dest.path(&stored_key)?;
-    let attributes = attributes(link.dest, plan, job, mode);
+    let attributes = attributes(link.dest, plan, job, mode, &target);
     // Held until the end when the output filled two parts, even if it goes up in one PUT.
     let (head, slot) = gather_head(link, &mut reader.rx, first).await;
     let stored_size = if head.len() <= SINGLE_PUT_PARTS {
@@ -131,11 +187,17 @@ struct Reader {
 
 impl Reader {
     /// Start reading `job`'s file through `pipeline` on a blocking thread.
-    fn spawn(job: &Job, roots: Arc<Vec<Root>>, pipeline: Arc<Pipeline>) -> Self {
+    fn spawn(job: &Job, roots: Arc<Vec<Root>>, pipeline: Arc<Pipeline>, target: Target) -> Self {
         let (tx, rx) = mpsc::channel::<Msg>(1);
         let (path, key, stat, sha) = (job.path.clone(), job.key.clone(), job.stat, job.sha256);
         let task = tokio::task::spawn_blocking(move || {
-            produce(&roots, &path, &key, stat, sha, &pipeline, tx)
+            let file = FileJob {
+                path: &path,
+                key: &key,
+                stat,
+                sha,
+            };
+            produce(&roots, file, &pipeline, &target, tx)
         });
         Self { rx, task }
     }
@@ -287,7 +349,7 @@ async fn throttle(link: &Link<'_>, bytes: usize) {
 /// Content-Type, Content-Encoding and, for unencrypted objects only, the original's hash,
 /// size, mtime, mode and (when shortened) full name, which `restore` checks and applies.
 /// Encrypted objects carry these inside.
-fn attributes(dest: &Destination, plan: Plan, job: &Job, mode: u32) -> Attributes {
+fn attributes(dest: &Destination, plan: Plan, job: &Job, mode: u32, target: &Target) -> Attributes {
     let mut attrs = Attributes::new();
     if !dest.supports_attributes {
         return attrs;
@@ -303,9 +365,13 @@ fn attributes(dest: &Destination, plan: Plan, job: &Job, mode: u32) -> Attribute
         attrs.insert(Attribute::Metadata(k.into()), v.into());
     };
     meta(metadata::SHA256, hex::encode(job.sha256));
+    meta(metadata::SIZE, job.stat.size.to_string());
+    if let Target::Blob { .. } = target {
+        // A blob is shared by files of any mtime and mode: those are in the pointers.
+        return attrs;
+    }
     meta(metadata::MTIME_NS, job.stat.mtime_ns.to_string());
     meta(metadata::MODE, format!("{mode:o}"));
-    meta(metadata::SIZE, job.stat.size.to_string());
     if layout::parse(&layout::stored_key(&job.key, plan)).long {
         // Header values are ASCII: the name as hex.
         meta(
@@ -364,29 +430,34 @@ impl Finish for ChunkSink {
     }
 }
 
-/// Read, verify and encode a file into `tx`. `Ok(false)`: the file is gone or is no longer the
-/// indexed content, and nothing may be committed. Blocking.
-fn produce(
-    roots: &[Root],
-    path: &Path,
-    key: &str,
+/// The file a transfer reads, as the index has it.
+#[derive(Clone, Copy)]
+struct FileJob<'a> {
+    path: &'a Path,
+    key: &'a str,
     stat: Stat,
     sha: [u8; 32],
-    pipeline: &Pipeline,
-    tx: mpsc::Sender<Msg>,
-) -> std::io::Result<bool> {
+}
+
+/// The file of `job`, opened through its root and still the indexed file, with its first
+/// block read: `None` when it is gone or replaced. Blocking.
+fn open_probed(
+    roots: &[Root],
+    path: &Path,
+    stat: Stat,
+) -> std::io::Result<Option<(std::fs::File, Vec<u8>)>> {
     // Opened through its root's handle, never through a symlink; a path that no longer lies
     // in any root (a watch removed on reload) is gone.
     let Some(root) = crate::scan::root_of(roots, path).map(|i| &roots[i]) else {
-        return Ok(false);
+        return Ok(None);
     };
     let (mut file, now) = match root.open_file(path) {
         Ok(x) => x,
-        Err(e) if gone(&e) => return Ok(false),
+        Err(e) if gone(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
     if !now.same_file(&stat) {
-        return Ok(false);
+        return Ok(None);
     }
     // One byte more than the file's size is enough to see its end (no zeroed 64 KiB per file).
     let probe = (stat.size as usize)
@@ -395,6 +466,51 @@ fn produce(
     let mut first = vec![0u8; probe];
     let n = read_full(&mut file, &mut first)?;
     first.truncate(n);
+    Ok(Some((file, first)))
+}
+
+/// How `job`'s file would be encoded, and its permission bits, from its first block (the
+/// content layout names the blob before reading the rest): `None` when the file is gone or
+/// replaced. Blocking.
+pub(super) fn probe_plan(
+    roots: &[Root],
+    job: &Job,
+    pipeline: &Pipeline,
+) -> Result<Option<(Plan, u32)>, StoreError> {
+    let opened = match open_probed(roots, &job.path, job.stat) {
+        Ok(o) => o,
+        Err(e) if gone(&e) => None,
+        Err(e) => return Err(read_error(job, e)),
+    };
+    let Some((file, first)) = opened else {
+        return Ok(None);
+    };
+    let mode = file
+        .metadata()
+        .map_err(|e| read_error(job, e))?
+        .permissions();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777;
+    Ok(Some((pipeline.plan(&job.path, &first), mode)))
+}
+
+/// Read, verify and encode a file into `tx`. `Ok(false)`: the file is gone or is no longer the
+/// indexed content, and nothing may be committed. Blocking.
+fn produce(
+    roots: &[Root],
+    job: FileJob<'_>,
+    pipeline: &Pipeline,
+    target: &Target,
+    tx: mpsc::Sender<Msg>,
+) -> std::io::Result<bool> {
+    let FileJob {
+        path,
+        key,
+        stat,
+        sha,
+    } = job;
+    let Some((mut file, first)) = open_probed(roots, path, stat)? else {
+        return Ok(false);
+    };
     let plan = pipeline.plan(path, &first);
     let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions()) & 0o7777;
     // Small files (most of a CI tree) get a buffer of their size, not a whole part.
@@ -406,15 +522,10 @@ fn produce(
         buf: Vec::with_capacity(expected),
         start: Some((plan, mode)),
     };
-    let record = Meta {
-        size: stat.size,
-        mtime_ns: stat.mtime_ns,
-        sha256: hex::encode(sha),
-        mode: Some(mode),
-        path: Some(key.to_string()),
-    };
-    let stored_key = layout::stored_key(key, plan);
-    let mut out = pipeline::encoder(pipeline, plan, &record, &stored_key, Box::new(sink))?;
+    let record = target.record(key, stat, sha, mode);
+    let stored_key = target.stored_key(key, plan);
+    let bound = target.binding(&stored_key);
+    let mut out = pipeline::encoder(pipeline, plan, &record, &bound, Box::new(sink))?;
     // Hash and encode the whole file in one read: the probed first block, then the rest.
     let (digest, total) =
         pipeline::copy_hashed(&mut std::io::Cursor::new(first).chain(&mut file), &mut out)?;

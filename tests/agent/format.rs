@@ -214,6 +214,7 @@ async fn a_crafted_bucket_is_refused_by_name_while_every_genuine_file_restores()
         keys: vec![key],
         uncompressed: Default::default(),
         legacy_manifests: false,
+        dedup_key: None,
     };
     let meta = panoptic_sync::pipeline::Meta {
         size: 100,

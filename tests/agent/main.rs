@@ -12,6 +12,7 @@ mod browse;
 mod clouds;
 mod confined;
 mod core;
+mod dedup;
 mod fleet;
 mod format;
 mod hostile;
