@@ -290,7 +290,10 @@ fn is_kept(rel: &str, kept: &BTreeSet<&str>) -> bool {
     );
     // In a content destination a file's key holds its pointer (`<key>.ptr`): kept with the
     // file (its blob is kept by the sweep while the pointer names it).
-    let file = parsed.logical.strip_suffix(".ptr").unwrap_or(parsed.logical);
+    let file = parsed
+        .logical
+        .strip_suffix(".ptr")
+        .unwrap_or(parsed.logical);
     if parsed.logical == manifest || kept.contains(parsed.logical) || kept.contains(file) {
         return true;
     }
