@@ -235,6 +235,38 @@ fn compresses(path: &Path, first: &[u8]) -> bool {
     }
 }
 
+/// The attributes of an object encoded as `plan` from the file named `path` with `meta`, for
+/// a store that keeps attributes: its content type and encoding, and for an unencrypted object
+/// the original's metadata (an encrypted one carries it inside). Empty otherwise.
+pub(crate) fn object_attributes(
+    supports_attributes: bool,
+    plan: Plan,
+    path: &Path,
+    meta: &Meta,
+) -> object_store::Attributes {
+    use crate::format::metadata;
+    use object_store::Attribute;
+    let mut attributes = object_store::Attributes::new();
+    if !supports_attributes {
+        return attributes;
+    }
+    attributes.insert(Attribute::ContentType, plan.content_type(path).into());
+    if let Some(enc) = plan.content_encoding() {
+        attributes.insert(Attribute::ContentEncoding, enc.into());
+    }
+    if !plan.encrypt {
+        for (k, v) in [
+            (metadata::SHA256, meta.sha256.clone()),
+            (metadata::MTIME_NS, meta.mtime_ns.to_string()),
+            (metadata::MODE, format!("{:o}", meta.mode.unwrap_or(0o644))),
+            (metadata::SIZE, meta.size.to_string()),
+        ] {
+            attributes.insert(Attribute::Metadata(k.into()), v.into());
+        }
+    }
+    attributes
+}
+
 /// What an encrypted object says about its original, inside the encryption.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Meta {

@@ -372,56 +372,36 @@ async fn thin_run(
     dry_run: bool,
     report: &mut PruneReport,
 ) -> anyhow::Result<()> {
-    let listing = dest
-        .list_under(key_prefix)
-        .await
-        .map_err(anyhow::Error::from)?;
-    for bad in listing.bad_keys {
-        tracing::warn!(dest = %dest.name, key = %bad.key, reason = %bad.reason, "cannot prune");
-        report.failed.push(PruneFailure {
-            dest: dest.name.clone(),
-            key: bad.key,
-            error: format!("cannot delete: {}", bad.reason),
-        });
-    }
     let run_prefix = format!("{key_prefix}/");
-    for meta in listing.objects {
-        let key = meta.location.to_string();
-        let rel = dest.relative(&key).to_string();
-        let in_run = rel.strip_prefix(&run_prefix).unwrap_or(&rel);
-        if rel.starts_with(crate::format::layout::INTERNAL_PREFIX) || is_kept(in_run, kept) {
-            continue;
-        }
-        if !dry_run {
-            match dest.store.delete(&meta.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                    let (i, d, r) = (index.clone(), dest.name.clone(), rel.clone());
-                    tokio::task::spawn_blocking(move || i.forget_stored(&d, &r)).await??;
-                    tracing::info!(dest = %dest.name, key = %key, "pruned");
-                }
-                Err(e) => {
-                    report.failed.push(PruneFailure {
-                        dest: dest.name.clone(),
-                        key: key.clone(),
-                        error: destination::error_chain(&e),
-                    });
-                    continue;
-                }
-            }
-        }
-        report.expired.push(Expired {
-            dest: dest.name.clone(),
-            key,
-        });
-    }
-    Ok(())
+    let keep = |_: &object_store::ObjectMeta, rel: &str| {
+        is_kept(rel.strip_prefix(&run_prefix).unwrap_or(rel), kept)
+    };
+    delete_under(index, dest, key_prefix, keep, dry_run, report).await
 }
 
+/// Delete every object under `prefix` in `dest` last modified before `cutoff` (seconds since
+/// the epoch), or only list them with `dry_run`.
 async fn prune_prefix(
     index: &Arc<Index>,
     dest: &Destination,
     prefix: &str,
     cutoff: f64,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> anyhow::Result<()> {
+    let keep =
+        |meta: &object_store::ObjectMeta, _: &str| meta.last_modified.timestamp() as f64 >= cutoff;
+    delete_under(index, dest, prefix, keep, dry_run, report).await
+}
+
+/// Delete every object under `prefix` in `dest` that `keep` (given the object and its key
+/// relative to the destination) does not keep, and forget it in the index; or only list them
+/// with `dry_run`. The agent's own objects (`_panoptic-sync/`) are never touched.
+async fn delete_under(
+    index: &Arc<Index>,
+    dest: &Destination,
+    prefix: &str,
+    keep: impl Fn(&object_store::ObjectMeta, &str) -> bool,
     dry_run: bool,
     report: &mut PruneReport,
 ) -> anyhow::Result<()> {
@@ -435,12 +415,10 @@ async fn prune_prefix(
             error: format!("cannot delete: {}", bad.reason),
         });
     }
-    let objects = listing.objects;
-    for meta in objects {
-        let modified = meta.last_modified.timestamp() as f64;
+    for meta in listing.objects {
         let key = meta.location.to_string();
         let rel = dest.relative(&key).to_string();
-        if modified >= cutoff || rel.starts_with(crate::format::layout::INTERNAL_PREFIX) {
+        if rel.starts_with(crate::format::layout::INTERNAL_PREFIX) || keep(&meta, &rel) {
             continue;
         }
         if !dry_run {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use object_store::{Attribute, Attributes, PutOptions, PutPayload};
+use object_store::{PutOptions, PutPayload};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
@@ -28,7 +28,6 @@ use crate::format::layout;
 use crate::format::manifest::{
     MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ManifestFile, RUN_DIR, Totals,
 };
-use crate::format::metadata;
 use crate::format::results::Collected;
 use crate::html::run_page as page;
 use crate::index::Index;
@@ -762,26 +761,8 @@ async fn put_own(
     name: &str,
 ) -> anyhow::Result<()> {
     let location = dest.path(stored_key)?;
-    let mut attributes = Attributes::new();
-    if dest.supports_attributes {
-        attributes.insert(
-            Attribute::ContentType,
-            plan.content_type(Path::new(name)).into(),
-        );
-        if let Some(enc) = plan.content_encoding() {
-            attributes.insert(Attribute::ContentEncoding, enc.into());
-        }
-        if !plan.encrypt {
-            for (k, v) in [
-                (metadata::SHA256, meta.sha256.clone()),
-                (metadata::MTIME_NS, meta.mtime_ns.to_string()),
-                (metadata::MODE, "644".to_string()),
-                (metadata::SIZE, meta.size.to_string()),
-            ] {
-                attributes.insert(Attribute::Metadata(k.into()), v.into());
-            }
-        }
-    }
+    let attributes =
+        crate::pipeline::object_attributes(dest.supports_attributes, plan, Path::new(name), meta);
     let opts = PutOptions {
         attributes,
         ..Default::default()

@@ -30,14 +30,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutOptions, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::destination::Destination;
 use crate::format::layout::Plan;
-use crate::format::metadata;
 use crate::format::segment::{self, SegmentKey};
 use crate::format::units::{now_ms, retry_delay};
 use crate::index::{FlushState, Index, Stat, TailRow};
@@ -530,23 +529,8 @@ impl Step<'_> {
     async fn put(&self, key: &str, body: Vec<u8>, plan: Plan, meta: &Meta) -> anyhow::Result<()> {
         let dest = self.dest;
         let location = dest.path(key)?;
-        let mut attributes = Attributes::new();
-        if dest.supports_attributes {
-            attributes.insert(Attribute::ContentType, plan.content_type(self.path).into());
-            if let Some(enc) = plan.content_encoding() {
-                attributes.insert(Attribute::ContentEncoding, enc.into());
-            }
-            if !plan.encrypt {
-                for (k, v) in [
-                    (metadata::SHA256, meta.sha256.clone()),
-                    (metadata::MTIME_NS, meta.mtime_ns.to_string()),
-                    (metadata::MODE, format!("{:o}", meta.mode.unwrap_or(0o644))),
-                    (metadata::SIZE, meta.size.to_string()),
-                ] {
-                    attributes.insert(Attribute::Metadata(k.into()), v.into());
-                }
-            }
-        }
+        let attributes =
+            crate::pipeline::object_attributes(dest.supports_attributes, plan, self.path, meta);
         let opts = PutOptions {
             attributes,
             ..Default::default()

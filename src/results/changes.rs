@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::fleet::{BROKEN_COMMITS, FAIL, PASS, RETRIED, dates, each_record};
+use super::fleet::{BROKEN_COMMITS, FAIL, PASS, RETRIED, dates, each_record, outcome_bits as bits};
 use crate::destination::Destination;
 use crate::format::fleet::{ChangeKind, TestChange};
 use crate::format::manifest::Manifest;
@@ -63,16 +63,6 @@ fn broken(commits: &[BranchCommit]) -> bool {
     let mut sorted = commits.to_vec();
     sorted.sort_by_key(|e| std::cmp::Reverse(e.0));
     sorted.len() >= BROKEN_COMMITS && sorted[..BROKEN_COMMITS].iter().all(|e| e.2)
-}
-
-/// The outcome bits of a case (none for a skip).
-fn bits(c: Outcome, flaky: bool) -> u8 {
-    match c {
-        Outcome::Passed if flaky => PASS | RETRIED,
-        Outcome::Passed => PASS,
-        Outcome::Failed | Outcome::Error => FAIL,
-        Outcome::Skipped => 0,
-    }
 }
 
 /// Whether outcome bits make a commit flaky.

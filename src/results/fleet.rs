@@ -308,10 +308,11 @@ impl TestAcc {
     }
 }
 
-/// The flaky-check bits of a case's outcome (none for a skipped case).
-fn outcome_bits(c: &RecordCase) -> u8 {
-    match c.status {
-        Outcome::Passed if c.flaky => PASS | RETRIED,
+/// The flaky-check bits of a case's outcome, `flaky` when it passed on a retry (none for a
+/// skipped case).
+pub(super) fn outcome_bits(status: Outcome, flaky: bool) -> u8 {
+    match status {
+        Outcome::Passed if flaky => PASS | RETRIED,
         Outcome::Passed => PASS,
         Outcome::Failed | Outcome::Error => FAIL,
         Outcome::Skipped => 0,
@@ -681,7 +682,7 @@ impl Aggregate {
                 e.1 += u32::from(failed);
             }
         }
-        let bits = outcome_bits(c);
+        let bits = outcome_bits(c.status, c.flaky);
         if bits == 0 {
             return Some(id);
         }
@@ -1115,13 +1116,8 @@ pub(crate) async fn stories(
                     .commit
                     .clone()
                     .unwrap_or_else(|| format!("run:{node}/{}", r.run));
-                *per_commit.entry((i, commit.clone())).or_default() |= if failed {
-                    FAIL
-                } else if c.flaky {
-                    PASS | RETRIED
-                } else {
-                    PASS
-                };
+                *per_commit.entry((i, commit.clone())).or_default() |=
+                    outcome_bits(c.status, c.flaky);
                 if same_branch {
                     history[i].push((r.sealed_ms, commit, failed));
                 }
